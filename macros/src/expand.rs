@@ -1,0 +1,93 @@
+//! Pieces every expansion shares: error fallback, the function's id, running the user's body.
+
+use proc_macro2::{Ident, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{ItemFn, ReturnType, Stmt};
+
+/// Parses the item and runs `expand`; on error emits the user's function untouched next to the
+/// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
+pub fn with_fallback(item: TokenStream, expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>) -> TokenStream {
+    let parsed: ItemFn = match syn::parse2(item.clone()) {
+        Ok(parsed) => parsed,
+        Err(_) => {
+            let error = syn::Error::new_spanned(&item, "racefree's attributes go on a `fn` or `async fn`")
+                .to_compile_error();
+            return quote!(#item #error);
+        }
+    };
+    match expand(parsed.clone()) {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let error = error.to_compile_error();
+            quote!(#parsed #error)
+        }
+    }
+}
+
+/// A process-unique, build-independent name of the function: `module::path::name@line:column`.
+pub fn function_id(name: &Ident) -> TokenStream {
+    let text = name.to_string();
+    let line = quote_spanned!(name.span()=> ::core::line!());
+    let column = quote_spanned!(name.span()=> ::core::column!());
+    quote!(::core::concat!(::core::module_path!(), "::", #text, "@", #line, ":", #column))
+}
+
+/// A build-stable name of the function (no line numbers), for keys that outlive the process.
+pub fn function_path(name: &Ident) -> TokenStream {
+    let text = name.to_string();
+    quote!(::core::concat!(::core::module_path!(), "::", #text))
+}
+
+/// The user's body, to be run inside the generated code. `return` and `?` in it keep meaning
+/// what they meant: they leave the body, not the generated wrapper.
+pub struct Body {
+    stmts: Vec<Stmt>,
+    prelude: TokenStream,
+    output: TokenStream,
+    is_async: bool,
+}
+
+impl Body {
+    pub fn of(item: &ItemFn) -> Body {
+        let output = match &item.sig.output {
+            ReturnType::Default => quote!(()),
+            ReturnType::Type(_, ty) => ty.to_token_stream(),
+        };
+        Body { stmts: item.block.stmts.clone(), prelude: TokenStream::new(), output, is_async: item.sig.asyncness.is_some() }
+    }
+
+    /// Statements to run first inside the body's scope (e.g. binding a `Seq` parameter).
+    pub fn with_prelude(mut self, prelude: TokenStream) -> Body {
+        self.prelude = prelude;
+        self
+    }
+
+    /// An expression that runs the body and evaluates to its return value.
+    pub fn run(self) -> TokenStream {
+        let Body { stmts, prelude, output, is_async } = self;
+        let span = output.span();
+        if is_async {
+            // An async block has no return type annotation: this unreachable `return` pins it,
+            // so `?` and `return` in the body infer as they did in the function.
+            quote_spanned! {span=>
+                async move {
+                    #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return)]
+                    if false {
+                        let __racefree_unreachable: #output = loop {};
+                        return __racefree_unreachable;
+                    }
+                    #prelude
+                    #(#stmts)*
+                }.await
+            }
+        } else {
+            quote_spanned! {span=>
+                (move || -> #output {
+                    #prelude
+                    #(#stmts)*
+                })()
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The function-owned caches of `#[cached]`, reachable without naming their types.
+//!
+//! A `#[cached]` function without `store = …` keeps its cache in a `static`. The user never
+//! spells the key or value type, and a `static` must name its type, so the static holds a
+//! [`CacheHandle`]: a type-erased home for `Cache<K, V>` that creates the typed cache on first
+//! use, with `K` and `V` inferred at the call site. A generic function gets one cache per
+//! concrete `(K, V)` under the same handle. The generated `fn <name>_cache()` returns the same
+//! handle (both sides find it by the function's id in a process-wide registry, because an
+//! associated function cannot be told apart from a free one by the macro), so users can
+//! `invalidate`, `clear` and read `stats` without naming a type either.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Mutex, OnceLock, RwLock};
+
+use crate::cache::{Cache, CacheConfig};
+use crate::stats::CacheStats;
+
+/// What a handle needs from a typed cache.
+trait ErasedCache: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn invalidate_any(&self, key: &dyn Any) -> bool;
+    fn clear(&self);
+    fn len(&self) -> usize;
+    fn stats(&self) -> CacheStats;
+    fn reset_stats(&self);
+}
+
+impl<K, V> ErasedCache for Cache<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn invalidate_any(&self, key: &dyn Any) -> bool {
+        key.downcast_ref::<K>().is_some_and(|key| self.invalidate(key))
+    }
+    fn clear(&self) {
+        Cache::clear(self)
+    }
+    fn len(&self) -> usize {
+        Cache::len(self)
+    }
+    fn stats(&self) -> CacheStats {
+        Cache::stats(self)
+    }
+    fn reset_stats(&self) {
+        Cache::reset_stats(self)
+    }
+}
+
+/// The cache of one `#[cached]` function, as returned by the generated `fn <name>_cache()`.
+///
+/// ```
+/// use racefree::cached;
+///
+/// #[cached]
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// square(3);
+/// square(3);
+/// let cache = square_cache();
+/// assert_eq!((cache.stats().executions, cache.stats().hits, cache.len()), (1, 1, 1));
+/// assert!(cache.invalidate(&3_u64));     // the key as the function builds it
+/// assert_eq!(cache.len(), 0);
+/// ```
+pub struct CacheHandle {
+    name: &'static str,
+    config: CacheConfig,
+    // The cache of the first (usually the only) concrete (K, V): one atomic load on the hit path.
+    first: OnceLock<&'static dyn ErasedCache>,
+    // Every cache of this function, `first` included (generic functions have several).
+    all: RwLock<Vec<&'static dyn ErasedCache>>,
+}
+
+impl CacheHandle {
+    fn new(name: &'static str, config: CacheConfig) -> Self {
+        CacheHandle { name, config, first: OnceLock::new(), all: RwLock::new(Vec::new()) }
+    }
+
+    /// The function's cache for keys `K` and values `V`, created on first use.
+    #[inline]
+    pub fn cache<K, V>(&self) -> &'static Cache<K, V>
+    where
+        K: Eq + Hash + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        if let Some(cache) = self.first.get().and_then(|c| c.as_any().downcast_ref()) {
+            return cache;
+        }
+        self.cache_slow()
+    }
+
+    #[cold]
+    fn cache_slow<K, V>(&self) -> &'static Cache<K, V>
+    where
+        K: Eq + Hash + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let mut all = self.all.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(cache) = all.iter().find_map(|c| c.as_any().downcast_ref()) {
+            return cache;
+        }
+        // Leaked on purpose: the handle lives in a `static`, so its caches live as long.
+        let cache: &'static Cache<K, V> = Box::leak(Box::new(Cache::with_config_and_hasher(
+            self.config,
+            self.name,
+            Default::default(),
+        )));
+        all.push(cache);
+        let _ = self.first.set(cache);
+        cache
+    }
+
+    fn each(&self) -> Vec<&'static dyn ErasedCache> {
+        self.all.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Removes the entry for `key`, given as the function builds its key (an owned value, e.g.
+    /// `String` for a `&str` argument, a tuple for several arguments); `true` if it was there.
+    pub fn invalidate<K: Any>(&self, key: &K) -> bool {
+        self.each().iter().any(|c| c.invalidate_any(key))
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) {
+        self.each().iter().for_each(|c| c.clear());
+    }
+
+    /// Entries stored.
+    pub fn len(&self) -> usize {
+        self.each().iter().map(|c| c.len()).sum()
+    }
+
+    /// `true` when no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Hits, coalesced waits and executions so far.
+    pub fn stats(&self) -> CacheStats {
+        self.each().iter().fold(CacheStats::default(), |sum, c| sum.add(c.stats()))
+    }
+
+    /// Sets the stats back to zero.
+    pub fn reset_stats(&self) {
+        self.each().iter().for_each(|c| c.reset_stats());
+    }
+
+    /// The function this cache belongs to (`module::path::name@line:column`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// How the cache is bounded.
+    pub fn config(&self) -> CacheConfig {
+        self.config
+    }
+}
+
+impl std::fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheHandle")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("len", &self.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// The `static` a `#[cached]` expansion declares: finds the function's handle once, then is
+/// one atomic load away from it.
+#[doc(hidden)]
+pub struct HandleCell {
+    id: &'static str,
+    config: CacheConfig,
+    handle: OnceLock<&'static CacheHandle>,
+}
+
+impl HandleCell {
+    #[doc(hidden)]
+    pub const fn new(id: &'static str, config: CacheConfig) -> Self {
+        HandleCell { id, config, handle: OnceLock::new() }
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn handle(&self) -> &'static CacheHandle {
+        self.handle.get_or_init(|| registered(self.id, self.config))
+    }
+}
+
+fn registered(id: &'static str, config: CacheConfig) -> &'static CacheHandle {
+    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static CacheHandle>>> = OnceLock::new();
+    let mut registry =
+        REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry.entry(id).or_insert_with(|| Box::leak(Box::new(CacheHandle::new(id, config))))
+}

@@ -1,0 +1,36 @@
+//! # racefree
+//!
+//! Attributes that make three classic concurrency bugs impossible to write by accident.
+//!
+//! - [`#[cached]`](cached): memoize; on a miss exactly one caller per key runs the body (per-key
+//!   lock, double check); everyone else waits and shares the value. TTL and capacity bounded;
+//!   only `Ok`/`Some` are kept.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use racefree::cached;
+//!
+//! static LOADS: AtomicUsize = AtomicUsize::new(0);
+//!
+//! #[cached(ttl = "5m", capacity = 1_000)]
+//! fn load_rules(dir: &str) -> Vec<String> {
+//!     LOADS.fetch_add(1, Ordering::SeqCst);
+//!     vec![format!("{dir}/a.rule")]
+//! }
+//!
+//! let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(|| load_rules("/etc/rules"))).collect();
+//! for t in threads { assert_eq!(t.join().unwrap(), ["/etc/rules/a.rule"]); }
+//! assert_eq!(LOADS.load(Ordering::SeqCst), 1);          // four callers, one load
+//! assert_eq!(load_rules_cache().stats().executions, 1);
+//! ```
+
+#![warn(missing_docs)]
+
+pub use racefree_macros::{cached, idempotent, sequenced};
+pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
+
+/// Everything generated code needs, and nothing else. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use racefree_runtime::{CacheConfig, HandleCell, Lookup};
+}
