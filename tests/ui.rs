@@ -1,0 +1,18 @@
+//! Compile-fail tests: each `tests/ui/<attribute>-<case>.rs` must fail to compile with the
+//! error pinned in its `.stderr` (made with rustc 1.95.0; compiler wording changes between
+//! releases, so regenerate with `TRYBUILD=overwrite cargo test --test ui` and read the diff).
+
+#[test]
+fn cached_ui() {
+    trybuild::TestCases::new().compile_fail("tests/ui/cached-*.rs");
+}
+
+#[test]
+fn idempotent_ui() {
+    trybuild::TestCases::new().compile_fail("tests/ui/idempotent-*.rs");
+}
+
+#[test]
+fn sequenced_ui() {
+    trybuild::TestCases::new().compile_fail("tests/ui/sequenced-*.rs");
+}
