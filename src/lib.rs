@@ -28,9 +28,12 @@
 
 pub use racefree_macros::{cached, idempotent, sequenced};
 pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
+pub use racefree_runtime::{Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer};
 
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
 pub mod __private {
     pub use racefree_runtime::{CacheConfig, HandleCell, Lookup};
+    pub use racefree_runtime::sequence_handle::sequence_failed;
+    pub use racefree_runtime::{SequenceBackend, SequenceCell, SequenceLease};
 }

@@ -65,12 +65,18 @@ impl Body {
 
     /// An expression that runs the body and evaluates to its return value.
     pub fn run(self) -> TokenStream {
+        self.run_wrapped(|future| future)
+    }
+
+    /// Like [`run`](Body::run), but an async body's future is passed through `wrap` before it
+    /// is awaited (e.g. to run it under a lock holder's identity).
+    pub fn run_wrapped(self, wrap: impl FnOnce(TokenStream) -> TokenStream) -> TokenStream {
         let Body { stmts, prelude, output, is_async } = self;
         let span = output.span();
         if is_async {
             // An async block has no return type annotation: this unreachable `return` pins it,
             // so `?` and `return` in the body infer as they did in the function.
-            quote_spanned! {span=>
+            let future = quote_spanned! {span=>
                 async move {
                     #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return)]
                     if false {
@@ -79,8 +85,10 @@ impl Body {
                     }
                     #prelude
                     #(#stmts)*
-                }.await
-            }
+                }
+            };
+            let future = wrap(future);
+            quote_spanned!(span=> #future.await)
         } else {
             quote_spanned! {span=>
                 (move || -> #output {

@@ -1,9 +1,266 @@
-//! `#[sequenced]` (not built yet).
+//! `#[sequenced]`: calls with the same key run one at a time, in arrival order; a `Seq`
+//! parameter receives the key's next number, consumed only if the call succeeds.
+//!
+//! ```text
+//! fn f(args /* without the Seq parameter */) -> R {
+//!     let key = <key, or ()>;
+//!     let backend = <the function's own Sequencer<K>, or &store>;
+//!     let lease = backend.acquire(key, deadline)?;        // FIFO per key; Reentrant/Timeout errors
+//!     let number = lease.next()?.unwrap_or(<start, or 1>); // `start` runs here, under the lock
+//!     let output: R = { running under lease.holder(): <body with `let seq: Seq = Seq(number)`> };
+//!     if output is Ok (or R is not a Result) { lease.commit(number)? }
+//!     output                                               // lease dropped: next waiter runs
+//! }
+//! ```
+//! Errors from the backend go through the function's error type (`E: From<SequenceError>`)
+//! when it has `timeout` or `store`; otherwise the only possible one is re-entry, which panics.
 
 use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, FnArg, ItemFn, Pat, ReturnType, Type};
 
-pub fn expand(_args: TokenStream, item: TokenStream) -> TokenStream {
-    crate::expand::with_fallback(item, |item| {
-        Err(syn::Error::new_spanned(&item.sig.ident, "#[sequenced] is not implemented yet"))
+use crate::args::Args;
+use crate::expand::{self, Body};
+use crate::validate::{Attr, Errors, FnShape, Named, Output};
+
+/// The `seq: Seq` parameter: where it was, and how the body binds it.
+struct SeqParam {
+    index: usize,
+    pat: Pat,
+    ty: Type,
+}
+
+struct Plan {
+    key: TokenStream,
+    start: Option<Expr>,
+    timeout_nanos: Option<u64>,
+    store: Option<Expr>,
+    seq: Option<SeqParam>,
+    output: Output,
+    /// Backend errors are returned as `Err(E::from(error))` (else they panic).
+    typed_errors: bool,
+}
+
+fn is_seq(ty: &Type) -> bool {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => path.path.segments.last().is_some_and(|s| s.ident == "Seq"),
+        Type::Paren(inner) => is_seq(&inner.elem),
+        Type::Group(inner) => is_seq(&inner.elem),
+        _ => false,
+    }
+}
+
+fn seq_param(item: &ItemFn, errors: &mut Errors) -> Option<SeqParam> {
+    let mut found: Option<SeqParam> = None;
+    for (index, input) in item.sig.inputs.iter().enumerate() {
+        let FnArg::Typed(typed) = input else { continue };
+        match &*typed.ty {
+            Type::Reference(reference) if is_seq(&reference.elem) => errors.push(syn::Error::new_spanned(
+                typed,
+                "`Seq` is handed over by value (it is `Copy`): write `seq: Seq`, not a reference",
+            )),
+            ty if is_seq(ty) => {
+                if found.is_some() {
+                    errors.push(syn::Error::new_spanned(
+                        typed,
+                        "a call has one sequence number: keep one `Seq` parameter and remove this one",
+                    ));
+                } else {
+                    found = Some(SeqParam { index, pat: (*typed.pat).clone(), ty: ty.clone() });
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
+    let mut named = Named::check(Attr::Sequenced, args)?;
+    let mut errors = Errors::default();
+    let shape = FnShape::of(item);
+    let timeout = errors.keep(named.duration("timeout")).flatten();
+    let start = named.expr("start");
+    let store = named.expr("store");
+    let key = match named.expr("key") {
+        Some(expr) => quote_spanned!(expr.span()=> #expr),
+        None => quote!(()),
+    };
+    let seq = seq_param(item, &mut errors);
+    if let (Some(start), None) = (&start, &seq) {
+        errors.push(syn::Error::new_spanned(
+            start,
+            "`start` sets the first `Seq` number: add a `seq: Seq` parameter, or remove `start`",
+        ));
+    }
+    let typed_errors = timeout.is_some() || store.is_some();
+    if typed_errors && !matches!(shape.output, Output::Result(_)) {
+        let why = if timeout.is_some() {
+            "with `timeout = ...` a call can give up waiting for its key"
+        } else {
+            "with `store = ...` the store can fail"
+        };
+        let message = format!(
+            "{why}: return `Result<T, E>` where `E: From<racefree::SequenceError>` so the caller gets the error"
+        );
+        match &item.sig.output {
+            ReturnType::Type(_, ty) => errors.push(syn::Error::new_spanned(ty, message)),
+            ReturnType::Default => errors.push(syn::Error::new_spanned(&item.sig, message)),
+        }
+    }
+    errors.finish()?;
+    let timeout_nanos = timeout.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Ok(Plan { key, start, timeout_nanos, store, seq, output: shape.output, typed_errors })
+}
+
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::with_fallback(item, |item| {
+        let args: Args = syn::parse2(args)?;
+        let plan = validate(args, &item)?;
+        Ok(generate(plan, item))
     })
+}
+
+fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
+    let Plan { key, start, timeout_nanos, store, seq, output, typed_errors } = plan;
+    let name = item.sig.ident.clone();
+    let id = expand::function_id(&name);
+    let path = expand::function_path(&name);
+    let ret = output.ty().clone();
+    let is_async = item.sig.asyncness.is_some();
+
+    let backend = match &store {
+        Some(store) => quote_spanned! {store.span()=>
+            let __racefree_backend = &(#store);
+        },
+        None => quote! {
+            static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
+                ::racefree::__private::SequenceCell::new(#id);
+            let __racefree_backend = __RACEFREE_SEQUENCE.handle().sequencer();
+        },
+    };
+    let deadline = match timeout_nanos {
+        Some(nanos) => quote! {
+            ::core::option::Option::Some(::std::time::Instant::now() + ::core::time::Duration::from_nanos(#nanos))
+        },
+        None => quote!(::core::option::Option::None),
+    };
+    let fail = if typed_errors {
+        quote_spanned! {ret.span()=>
+            return ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
+        }
+    } else {
+        quote!(::racefree::__private::sequence_failed(#path, __racefree_error))
+    };
+    let (acquire, next, commit) = if is_async {
+        (
+            quote!(::racefree::__private::SequenceBackend::acquire_async(__racefree_backend, __racefree_key, #deadline).await),
+            quote!(::racefree::__private::SequenceLease::next_async(&mut __racefree_lease).await),
+            quote!(::racefree::__private::SequenceLease::commit_async(__racefree_lease, __racefree_number).await),
+        )
+    } else {
+        (
+            quote!(::racefree::__private::SequenceBackend::acquire(__racefree_backend, __racefree_key, #deadline)),
+            quote!(::racefree::__private::SequenceLease::next(&mut __racefree_lease)),
+            quote!(::racefree::__private::SequenceLease::commit(__racefree_lease, __racefree_number)),
+        )
+    };
+
+    let mut body = Body::of(&item);
+    let (mutability, number, finish) = match &seq {
+        Some(SeqParam { pat, ty, .. }) => {
+            body = body.with_prelude(quote! {
+                #[allow(unused_variables)]
+                let #pat: #ty = __racefree_seq;
+            });
+            let start = match &start {
+                Some(start) => quote_spanned! {start.span()=>
+                    {
+                        let __racefree_start: u64 = #start;
+                        __racefree_start
+                    }
+                },
+                None => quote!(1_u64),
+            };
+            let number = quote! {
+                let __racefree_number: u64 = match #next {
+                    ::core::result::Result::Ok(::core::option::Option::Some(__racefree_next)) => __racefree_next,
+                    ::core::result::Result::Ok(::core::option::Option::None) => #start,
+                    ::core::result::Result::Err(__racefree_error) => #fail,
+                };
+                let __racefree_seq = ::racefree::Seq::new(
+                    __racefree_number,
+                    ::racefree::__private::SequenceLease::fence(&__racefree_lease),
+                );
+            };
+            let succeeded = match &output {
+                Output::Result(_) => quote!(::core::result::Result::is_ok(&__racefree_output)),
+                Output::Option(_) | Output::Plain(_) => quote!(true),
+            };
+            let finish = quote! {
+                if #succeeded {
+                    if let ::core::result::Result::Err(__racefree_error) = #commit {
+                        #fail;
+                    }
+                } else {
+                    ::core::mem::drop(__racefree_lease);
+                }
+            };
+            (quote!(mut), number, finish)
+        }
+        None => (quote!(), quote!(), quote!(::core::mem::drop(__racefree_lease);)),
+    };
+    let holder = quote!(::racefree::__private::SequenceLease::holder(&__racefree_lease));
+    let run = if is_async {
+        body.run_wrapped(|future| quote!(#holder.within(#future)))
+    } else {
+        let body = body.run();
+        quote! {{
+            let __racefree_entered = #holder.enter();
+            #body
+        }}
+    };
+
+    let block = quote! {{
+        let __racefree_key = #key;
+        #backend
+        let #mutability __racefree_lease = match #acquire {
+            ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
+            ::core::result::Result::Err(__racefree_error) => #fail,
+        };
+        #number
+        let __racefree_output: #ret = #run;
+        #finish
+        __racefree_output
+    }};
+    item.block = Box::new(syn::parse2(block).expect("generated block parses"));
+    if let Some(SeqParam { index, .. }) = seq {
+        item.sig.inputs = item
+            .sig
+            .inputs
+            .clone()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, input)| input)
+            .collect::<Punctuated<FnArg, syn::Token![,]>>();
+    }
+
+    let handle = store.is_none().then(|| {
+        let vis = &item.vis;
+        let handle_name = format_ident!("{}_sequence", name);
+        let doc = format!(" The sequences of [`{name}`]: read, set or reset a key's next number.");
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code)]
+            #vis fn #handle_name() -> &'static ::racefree::SequenceHandle {
+                static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
+                    ::racefree::__private::SequenceCell::new(#id);
+                __RACEFREE_SEQUENCE.handle()
+            }
+        }
+    });
+    quote!(#item #handle)
 }

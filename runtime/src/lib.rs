@@ -6,15 +6,25 @@
 //! - [`cache`]: the memo cache of `#[cached]` (TTL, capacity, stats) over the two above.
 //! - [`handle`]: the type-erased home of a function's own cache.
 //! - [`stats`]: hit/coalesced/execution counters.
+//! - [`keyed_locks`]: per-key FIFO locks with re-entry detection, for threads and tasks.
+//! - [`sequencer`]: gap-free per-key numbers under those locks, and the store trait.
 
 #![warn(missing_docs)]
 
 pub mod cache;
 pub mod flight;
 pub mod handle;
+pub mod keyed_locks;
+pub mod sequence_error;
+pub mod sequence_handle;
+pub mod sequencer;
 pub mod single_flight;
 pub mod stats;
 
 pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
 pub use handle::{CacheHandle, HandleCell};
+pub use keyed_locks::{Holder, KeyGuard, KeyedLocks};
+pub use sequence_error::SequenceError;
+pub use sequence_handle::{SequenceCell, SequenceHandle};
+pub use sequencer::{Seq, SequenceBackend, SequenceLease, Sequencer, SequencerLease};
 pub use stats::CacheStats;

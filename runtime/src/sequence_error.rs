@@ -1,0 +1,61 @@
+//! Why a `#[sequenced]` call could not get its key.
+
+use std::fmt;
+
+/// Why a sequenced call did not run its body.
+///
+/// A `#[sequenced]` function with `timeout = "..."` or `store = ...` returns these through its
+/// own error type, so that type needs `From<SequenceError>`:
+///
+/// ```
+/// use racefree::{sequenced, SequenceError};
+///
+/// #[derive(Debug)]
+/// enum AppendError { Busy(SequenceError) }
+/// impl From<SequenceError> for AppendError {
+///     fn from(e: SequenceError) -> Self { AppendError::Busy(e) }
+/// }
+///
+/// #[sequenced(key = stream.to_owned(), timeout = "2s")]
+/// fn append(stream: &str) -> Result<(), AppendError> { Ok(()) }
+///
+/// assert!(append("orders").is_ok());
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SequenceError {
+    /// The key stayed held longer than the function's `timeout`; the caller left the queue and
+    /// consumed no number.
+    Timeout,
+    /// The call tried to take a key that the code calling it already holds (a sequenced body
+    /// calling itself, directly or through other functions, with the same key). Waiting would
+    /// never end, so the call fails instead.
+    Reentrant,
+    /// The store lost the caller's lease on the key before the number could be committed (a
+    /// distributed store whose lease expired): the number was not consumed.
+    LeaseLost,
+    /// The store failed (e.g. a network error).
+    Store(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl fmt::Display for SequenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SequenceError::Timeout => f.write_str("timed out waiting for the key of a #[sequenced] call"),
+            SequenceError::Reentrant => f.write_str(
+                "a #[sequenced] call re-entered a key its own caller holds; waiting would deadlock",
+            ),
+            SequenceError::LeaseLost => f.write_str("the lease on the key was lost before the sequence number was committed"),
+            SequenceError::Store(e) => write!(f, "sequence store failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SequenceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SequenceError::Store(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The function-owned sequencers of `#[sequenced]`, reachable without naming their key type.
+//!
+//! Like `#[cached]`'s handle: a `static` must name its type and the user never spells the key
+//! type, so the generated `static` holds a [`SequenceHandle`] that creates the typed
+//! [`Sequencer<K>`] on first use, with `K` inferred at the call site (a generic function gets
+//! one per concrete key type). The generated `fn <name>_sequence()` finds the same handle by
+//! the function's id.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Mutex, OnceLock, RwLock};
+
+use crate::sequence_error::SequenceError;
+use crate::sequencer::Sequencer;
+
+trait ErasedSequencer: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn locked(&self) -> usize;
+    fn counters(&self) -> usize;
+}
+
+impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer<K> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn locked(&self) -> usize {
+        Sequencer::locked(self)
+    }
+    fn counters(&self) -> usize {
+        Sequencer::counters(self)
+    }
+}
+
+/// The sequences of one `#[sequenced]` function, as returned by the generated
+/// `fn <name>_sequence()`. Keys are given as the function builds them (`key = ...`'s value;
+/// `()` for a function without `key`).
+///
+/// ```
+/// use racefree::{sequenced, Seq};
+///
+/// #[sequenced(key = desk)]
+/// fn ticket(desk: u8, seq: Seq) -> u64 { seq.get() }
+///
+/// assert_eq!((ticket(1), ticket(1)), (1, 2));
+/// let sequence = ticket_sequence();
+/// assert_eq!(sequence.next(&1_u8), Some(3));
+/// sequence.reset(&1_u8).unwrap();                  // back to `start` (default 1)
+/// assert_eq!(ticket(1), 1);
+/// assert_eq!(sequence.locked(), 0);                // no key held: no lock entries left
+/// ```
+pub struct SequenceHandle {
+    name: &'static str,
+    first: OnceLock<&'static dyn ErasedSequencer>,
+    all: RwLock<Vec<&'static dyn ErasedSequencer>>,
+}
+
+impl SequenceHandle {
+    fn new(name: &'static str) -> Self {
+        SequenceHandle { name, first: OnceLock::new(), all: RwLock::new(Vec::new()) }
+    }
+
+    /// The function's sequencer for keys of type `K`, created on first use.
+    #[inline]
+    pub fn sequencer<K: Eq + Hash + Clone + Send + Sync + 'static>(&self) -> &'static Sequencer<K> {
+        if let Some(sequencer) = self.first.get().and_then(|s| s.as_any().downcast_ref()) {
+            return sequencer;
+        }
+        self.sequencer_slow()
+    }
+
+    #[cold]
+    fn sequencer_slow<K: Eq + Hash + Clone + Send + Sync + 'static>(&self) -> &'static Sequencer<K> {
+        let mut all = self.all.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sequencer) = all.iter().find_map(|s| s.as_any().downcast_ref()) {
+            return sequencer;
+        }
+        // Leaked on purpose: the handle lives in a `static`, so its sequencers live as long.
+        let sequencer: &'static Sequencer<K> = Box::leak(Box::new(Sequencer::named(self.name)));
+        all.push(sequencer);
+        let _ = self.first.set(sequencer);
+        sequencer
+    }
+
+    fn each(&self) -> Vec<&'static dyn ErasedSequencer> {
+        self.all.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The number the key's next successful call gets; `None` if it has none yet.
+    pub fn next<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> Option<u64> {
+        self.sequencer::<K>().next(key)
+    }
+
+    /// Forgets the key's counter (its next call starts at `start` again) and returns what its
+    /// next number would have been. Waits for the key like a call does.
+    pub fn reset<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> Result<Option<u64>, SequenceError> {
+        self.sequencer::<K>().reset(key)
+    }
+
+    /// Makes `next` the key's next number. Waits for the key like a call does.
+    pub fn set_next<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K, next: u64) -> Result<(), SequenceError> {
+        self.sequencer::<K>().set_next(key, next)
+    }
+
+    /// Callers queued for the key behind its holder.
+    pub fn waiting<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> usize {
+        self.sequencer::<K>().waiting(key)
+    }
+
+    /// Keys held or waited for right now, over all key types; 0 when the function is idle.
+    pub fn locked(&self) -> usize {
+        self.each().iter().map(|s| s.locked()).sum()
+    }
+
+    /// Keys that have a counter, over all key types.
+    pub fn counters(&self) -> usize {
+        self.each().iter().map(|s| s.counters()).sum()
+    }
+
+    /// The function these sequences belong to (`module::path::name@line:column`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::fmt::Debug for SequenceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SequenceHandle")
+            .field("name", &self.name)
+            .field("locked", &self.locked())
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+/// The `static` a `#[sequenced]` expansion declares: finds the function's handle once, then is
+/// one atomic load away from it.
+#[doc(hidden)]
+pub struct SequenceCell {
+    id: &'static str,
+    handle: OnceLock<&'static SequenceHandle>,
+}
+
+impl SequenceCell {
+    #[doc(hidden)]
+    pub const fn new(id: &'static str) -> Self {
+        SequenceCell { id, handle: OnceLock::new() }
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn handle(&self) -> &'static SequenceHandle {
+        self.handle.get_or_init(|| registered(self.id))
+    }
+}
+
+fn registered(id: &'static str) -> &'static SequenceHandle {
+    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static SequenceHandle>>> = OnceLock::new();
+    let mut registry =
+        REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry.entry(id).or_insert_with(|| Box::leak(Box::new(SequenceHandle::new(id))))
+}
+
+/// What generated code does with a [`SequenceError`] when the function has no error type to
+/// carry it (no `timeout`, no `store`): the only error then is re-entry, which would otherwise
+/// deadlock.
+#[doc(hidden)]
+#[cold]
+#[track_caller]
+pub fn sequence_failed(function: &'static str, error: SequenceError) -> ! {
+    panic!("#[sequenced] {function}: {error}")
+}

@@ -1,0 +1,352 @@
+//! Gap-free per-key sequence numbers, handed out under the key's lock: the runtime of
+//! `#[sequenced]`.
+//!
+//! # What it promises
+//! A call takes the key's lock ([`KeyedLocks`]: FIFO, one holder at a time), reads the key's
+//! next number, runs with it, and [commits](SequenceLease::commit) the number only if it
+//! succeeded. A failed, panicking or cancelled call commits nothing, so the next caller gets
+//! the same number: numbers are unique, contiguous, and their order is the order in which the
+//! calls finished.
+//!
+//! The counters live apart from the locks: a lock entry vanishes when its key is idle, the
+//! key's counter stays (one `u64` per key ever numbered) until [`Sequencer::reset`].
+//!
+//! # What it does not promise
+//! The numbers live in this process's memory: they restart when the process does, and two
+//! processes have two sequences. For one sequence across processes, pass a store that
+//! implements [`SequenceBackend`] over shared storage (`store = ...`).
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::keyed_locks::{Holder, KeyGuard, KeyedLocks};
+use crate::sequence_error::SequenceError;
+
+/// The sequence number of one `#[sequenced]` call, supplied by the attribute.
+///
+/// ```
+/// use racefree::{sequenced, Seq};
+///
+/// #[sequenced(key = ledger)]
+/// fn post(ledger: u32, seq: Seq) -> u64 {
+///     println!("posting #{seq}");         // Display prints the number
+///     u64::from(seq)                      // same as seq.get()
+/// }
+///
+/// assert_eq!((post(7), post(7), post(8)), (1, 2, 1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Seq {
+    number: u64,
+    fence: u64,
+}
+
+impl Seq {
+    #[doc(hidden)]
+    pub fn new(number: u64, fence: u64) -> Seq {
+        Seq { number, fence }
+    }
+
+    /// The number: the key's previous successful call's number plus one (`start` for the first).
+    pub fn get(self) -> u64 {
+        self.number
+    }
+
+    /// A fencing token: it grows with every holding of the key, so a storage layer that remembers
+    /// the highest token it has seen can refuse a write from a caller whose hold on the key has
+    /// ended (a paused process whose lease expired). In-process it is the holder's number; a
+    /// distributed store supplies its own.
+    pub fn fence(self) -> u64 {
+        self.fence
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.number, f)
+    }
+}
+
+impl From<Seq> for u64 {
+    fn from(seq: Seq) -> u64 {
+        seq.number
+    }
+}
+
+/// Where a `#[sequenced]` function takes its key's lock and numbers: [`Sequencer`] in this
+/// process, or a shared store (`store = ...`). The generated code calls, in this order:
+/// [`acquire`](SequenceBackend::acquire) (or `acquire_async`), then on the lease
+/// [`next`](SequenceLease::next), runs the body, [`commit`](SequenceLease::commit)s when the
+/// body succeeded, and drops the lease.
+///
+/// An implementation must guarantee:
+/// - `acquire`: when it returns `Ok`, no other lease on the key is valid until this one is
+///   dropped (or, for a store with expiring leases, until it expires, after which `commit`
+///   must fail); waiters get the key in arrival order as far as the store can tell; the
+///   lease's [`fence`](SequenceLease::fence) is larger than every earlier lease's on the key.
+///   At `deadline` it gives up with [`SequenceError::Timeout`], leaving no trace of the wait.
+///   A dropped `acquire_async` future leaves no trace either.
+/// - `next`: the number the key's next successful call gets, or `None` for a key never
+///   committed (the caller then uses its `start`).
+/// - `commit(used)`: makes `used + 1` the key's next number, atomically with checking that the
+///   lease is still held ([`SequenceError::LeaseLost`] otherwise, committing nothing).
+/// - dropping a lease releases the key, whether or not it committed.
+///
+/// A store that can only work asynchronously keeps the default blocking methods, which fail
+/// with [`SequenceError::Store`]; sync functions then cannot use it.
+pub trait SequenceBackend<K> {
+    /// The right to the key, held until dropped.
+    type Lease<'a>: SequenceLease
+    where
+        Self: 'a;
+
+    /// Takes the key, blocking the thread while another caller holds it, at most until `deadline`.
+    fn acquire(&self, key: K, deadline: Option<Instant>) -> Result<Self::Lease<'_>, SequenceError> {
+        let _ = (key, deadline);
+        Err(blocking_unsupported())
+    }
+
+    /// Takes the key, waiting asynchronously, at most until `deadline`.
+    fn acquire_async(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Self::Lease<'_>, SequenceError>> + Send;
+}
+
+/// A held key of a [`SequenceBackend`]. See there for what each method must guarantee.
+pub trait SequenceLease {
+    /// This holding, for re-entry detection: the generated code runs the body under it
+    /// ([`Holder::enter`], [`Holder::within`]).
+    fn holder(&self) -> Holder;
+
+    /// The fencing token of this holding.
+    fn fence(&self) -> u64;
+
+    /// The key's next number, `None` if the key has none yet.
+    fn next(&mut self) -> Result<Option<u64>, SequenceError> {
+        Err(blocking_unsupported())
+    }
+
+    /// The key's next number, `None` if the key has none yet.
+    fn next_async(&mut self) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send;
+
+    /// Consumes `used`: the key's next number becomes `used + 1`.
+    fn commit(self, used: u64) -> Result<(), SequenceError>
+    where
+        Self: Sized,
+    {
+        let _ = used;
+        Err(blocking_unsupported())
+    }
+
+    /// Consumes `used`: the key's next number becomes `used + 1`.
+    fn commit_async(self, used: u64) -> impl Future<Output = Result<(), SequenceError>> + Send
+    where
+        Self: Sized;
+}
+
+// `store = &SEQUENCER` and `store = SEQUENCER` both work.
+impl<K, T: SequenceBackend<K> + Sync + ?Sized> SequenceBackend<K> for &T {
+    type Lease<'a>
+        = T::Lease<'a>
+    where
+        Self: 'a;
+
+    fn acquire(&self, key: K, deadline: Option<Instant>) -> Result<Self::Lease<'_>, SequenceError> {
+        (**self).acquire(key, deadline)
+    }
+
+    fn acquire_async(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Self::Lease<'_>, SequenceError>> + Send {
+        (**self).acquire_async(key, deadline)
+    }
+}
+
+fn blocking_unsupported() -> SequenceError {
+    SequenceError::Store("this sequence store works only asynchronously: make the #[sequenced] function `async`".into())
+}
+
+/// In-process per-key sequences: a [`KeyedLocks`] registry and a counter per key.
+///
+/// `#[sequenced]` functions own one each (reach it with the generated `<name>_sequence()`);
+/// build one yourself to share a sequence between functions (`store = &SEQUENCER`).
+///
+/// ```
+/// use racefree_runtime::{SequenceBackend, SequenceLease, Sequencer};
+///
+/// let orders = Sequencer::new();
+/// let mut lease = orders.acquire("eu", None).unwrap();
+/// let n = lease.next().unwrap().unwrap_or(1000);    // first number: the start, 1000
+/// lease.commit(n).unwrap();
+/// assert_eq!(orders.next(&"eu"), Some(1001));
+/// assert!(orders.is_idle());
+/// ```
+pub struct Sequencer<K, S = RandomState> {
+    name: &'static str,
+    locks: KeyedLocks<K, S>,
+    counters: DashMap<K, u64, S>,
+}
+
+impl<K: Eq + Hash + Clone> Sequencer<K> {
+    /// An empty sequencer.
+    pub fn new() -> Self {
+        Self::named("racefree::Sequencer")
+    }
+
+    /// An empty sequencer named in its `tracing` events.
+    pub fn named(name: &'static str) -> Self {
+        Self::with_hasher(name, RandomState::new())
+    }
+}
+
+impl<K: Eq + Hash + Clone> Default for Sequencer<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Sequencer<K, S> {
+    /// An empty sequencer with the given hasher.
+    pub fn with_hasher(name: &'static str, hasher: S) -> Self {
+        Sequencer { name, locks: KeyedLocks::with_hasher(hasher.clone()), counters: DashMap::with_hasher(hasher) }
+    }
+
+    /// The number the key's next successful call gets; `None` for a key never numbered (its
+    /// first call uses `start`). A snapshot: a call running now may change it.
+    pub fn next(&self, key: &K) -> Option<u64> {
+        self.counters.get(key).map(|next| *next)
+    }
+
+    /// Forgets the key's counter, so that its next call starts from `start` again. Waits for
+    /// the key like a call does; fails with [`SequenceError::Reentrant`] from inside the key's
+    /// own body.
+    pub fn reset(&self, key: &K) -> Result<Option<u64>, SequenceError> {
+        let _guard = self.locks.lock(key.clone(), None)?;
+        Ok(self.counters.remove(key).map(|(_, next)| next))
+    }
+
+    /// Makes `next` the key's next number. Waits for the key like [`reset`](Sequencer::reset).
+    pub fn set_next(&self, key: &K, next: u64) -> Result<(), SequenceError> {
+        let _guard = self.locks.lock(key.clone(), None)?;
+        self.counters.insert(key.clone(), next);
+        Ok(())
+    }
+
+    /// Keys held or waited for right now; 0 when every key is idle.
+    pub fn locked(&self) -> usize {
+        self.locks.len()
+    }
+
+    /// `true` when no key is held or waited for.
+    pub fn is_idle(&self) -> bool {
+        self.locks.is_empty()
+    }
+
+    /// Callers queued for the key behind its holder.
+    pub fn waiting(&self, key: &K) -> usize {
+        self.locks.waiting(key)
+    }
+
+    /// Keys that have a counter.
+    pub fn counters(&self) -> usize {
+        self.counters.len()
+    }
+
+    /// The per-key lock registry.
+    pub fn locks(&self) -> &KeyedLocks<K, S> {
+        &self.locks
+    }
+}
+
+impl<K, S> SequenceBackend<K> for Sequencer<K, S>
+where
+    K: Eq + Hash + Clone + Send + Sync,
+    S: BuildHasher + Clone + Send + Sync,
+{
+    type Lease<'a>
+        = SequencerLease<'a, K, S>
+    where
+        Self: 'a;
+
+    fn acquire(&self, key: K, deadline: Option<Instant>) -> Result<SequencerLease<'_, K, S>, SequenceError> {
+        let guard = self.locks.lock(key, deadline)?;
+        Ok(SequencerLease { sequencer: self, guard })
+    }
+
+    async fn acquire_async(&self, key: K, deadline: Option<Instant>) -> Result<SequencerLease<'_, K, S>, SequenceError> {
+        let guard = self.locks.lock_async(key, deadline).await?;
+        Ok(SequencerLease { sequencer: self, guard })
+    }
+}
+
+/// A held key of a [`Sequencer`].
+pub struct SequencerLease<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone = RandomState> {
+    sequencer: &'a Sequencer<K, S>,
+    guard: KeyGuard<'a, K, S>,
+}
+
+impl<K, S> SequencerLease<'_, K, S>
+where
+    K: Eq + Hash + Clone,
+    S: BuildHasher + Clone,
+{
+    fn commit_now(&self, used: u64) {
+        let key = self.guard.key();
+        match self.sequencer.counters.get_mut(key) {
+            Some(mut next) => *next = used + 1,
+            None => {
+                self.sequencer.counters.insert(key.clone(), used + 1);
+            }
+        }
+        tracing::debug!(target: "racefree", sequencer = self.sequencer.name, seq = used, "committed");
+    }
+}
+
+impl<K, S> SequenceLease for SequencerLease<'_, K, S>
+where
+    K: Eq + Hash + Clone + Send + Sync,
+    S: BuildHasher + Clone + Send + Sync,
+{
+    fn holder(&self) -> Holder {
+        self.guard.holder()
+    }
+
+    fn fence(&self) -> u64 {
+        self.guard.holder().get()
+    }
+
+    fn next(&mut self) -> Result<Option<u64>, SequenceError> {
+        Ok(self.sequencer.next(self.guard.key()))
+    }
+
+    async fn next_async(&mut self) -> Result<Option<u64>, SequenceError> {
+        Ok(self.sequencer.next(self.guard.key()))
+    }
+
+    fn commit(self, used: u64) -> Result<(), SequenceError> {
+        self.commit_now(used);
+        Ok(())
+    }
+
+    async fn commit_async(self, used: u64) -> Result<(), SequenceError> {
+        self.commit_now(used);
+        Ok(())
+    }
+}
+
+impl<K: Eq + Hash + Clone + std::fmt::Debug, S: BuildHasher + Clone> std::fmt::Debug for Sequencer<K, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer")
+            .field("name", &self.name)
+            .field("locked", &self.locked())
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
