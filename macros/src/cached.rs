@@ -17,7 +17,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::ItemFn;
+use syn::{Expr, Ident, ItemFn};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
@@ -86,27 +86,40 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let ret = output.ty().clone();
     let ret_span = ret.span();
 
+    // Where the value type must be `Clone`, the calls carry the return type's span, so a
+    // non-`Clone` value is reported at the return type rather than at the attribute.
+    let cache_method = Ident::new("cache", ret_span);
+    let complete = Ident::new("complete", ret_span);
+    let lookup = Ident::new(if item.sig.asyncness.is_some() { "lookup_or_lead_async" } else { "lookup_or_lead" }, ret_span);
     let cache = match &store {
-        Some(store) => quote_spanned! {store.span()=>
-            let __racefree_cache: &::racefree::Cache<_, _> = &(#store);
-        },
+        Some(store) => {
+            // No parentheses around a simple expression: a type error then underlines exactly
+            // the user's expression.
+            let store = match store {
+                Expr::Path(_) | Expr::Field(_) | Expr::Call(_) | Expr::MethodCall(_) | Expr::Index(_) | Expr::Paren(_) => {
+                    quote!(#store)
+                }
+                _ => quote!((#store)),
+            };
+            quote_spanned! {store.span()=>
+                let __racefree_cache: &::racefree::Cache<_, _> = &#store;
+            }
+        }
         None => quote! {
             static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
                 ::racefree::__private::HandleCell::new(#id, #config);
-            let __racefree_cache = __RACEFREE_CACHE.handle().cache();
+            let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         },
     };
-    let lookup = match item.sig.asyncness {
-        Some(_) => quote!(__racefree_cache.lookup_or_lead_async(__racefree_key).await),
-        None => quote!(__racefree_cache.lookup_or_lead(__racefree_key)),
-    };
+    let await_ = item.sig.asyncness.map(|_| quote!(.await));
+    let lookup = quote!(__racefree_cache.#lookup(__racefree_key) #await_);
     let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
     let (hit, finish) = match &output {
         Output::Result(_) => (
             quote!(::core::result::Result::Ok(__racefree_value)),
             quote! {
                 match &__racefree_output {
-                    ::core::result::Result::Ok(__racefree_value) => __racefree_lead.complete(#clone(__racefree_value)),
+                    ::core::result::Result::Ok(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
                     ::core::result::Result::Err(_) => __racefree_lead.abandon(),
                 }
             },
@@ -115,12 +128,12 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             quote!(::core::option::Option::Some(__racefree_value)),
             quote! {
                 match &__racefree_output {
-                    ::core::option::Option::Some(__racefree_value) => __racefree_lead.complete(#clone(__racefree_value)),
+                    ::core::option::Option::Some(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
                     ::core::option::Option::None => __racefree_lead.abandon(),
                 }
             },
         ),
-        Output::Plain(_) => (quote!(__racefree_value), quote!(__racefree_lead.complete(#clone(&__racefree_output));)),
+        Output::Plain(_) => (quote!(__racefree_value), quote!(__racefree_lead.#complete(#clone(&__racefree_output));)),
     };
     let body = Body::of(&item).run();
 

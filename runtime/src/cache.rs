@@ -16,14 +16,14 @@
 //! moka's `get` costs several times a `DashMap` read (it records every access in a buffer for
 //! its admission policy), and `#[cached]` hits must cost about what the hand-written map would.
 //! So the hit path is hand-rolled: one `DashMap` read, one clone, a striped counter, and only
-//! when configured a clock read (TTL, `quanta`'s TSC clock) and a visited bit (capacity). The
+//! when configured a clock read (TTL, the coarse clock of `clock.rs`) and a visited bit (capacity). The
 //! capacity policy is CLOCK (second chance): inserts append to a FIFO ring, eviction skips and
 //! clears entries that were hit since their last pass. `benches/cached.rs` shows the numbers.
 
 use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -31,6 +31,11 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::single_flight::{Join, Lead, SingleFlight};
+
+/// The hasher of caches and registries: foldhash, seeded per process. SipHash (std's default)
+/// costs more than the rest of a hit; foldhash is what hashbrown itself defaults to, and its
+/// per-process random seed keeps keys chosen by outsiders from being aimed at one bucket.
+pub type RandomState = foldhash::fast::RandomState;
 use crate::stats::{CacheStats, Counters};
 
 const VISITED: u64 = 1 << 63;
@@ -66,8 +71,8 @@ impl CacheConfig {
 
 struct Slot<V> {
     value: V,
-    // Bit 63: hit since the CLOCK hand last passed. Bits 0..63: deadline in nanoseconds since
-    // the cache's epoch, 0 for none.
+    // Bit 63: hit since the CLOCK hand last passed. Bits 0..63: deadline on `clock::now_nanos`,
+    // 0 for none.
     stamp: AtomicU64,
 }
 
@@ -90,7 +95,6 @@ pub struct Cache<K, V, S = RandomState> {
     entries: DashMap<K, Slot<V>, S>,
     flights: SingleFlight<K, V, S>,
     config: CacheConfig,
-    epoch: quanta::Instant,
     // The CLOCK ring; present only with a capacity.
     ring: Option<Mutex<VecDeque<K>>>,
     inserts_since_sweep: AtomicUsize,
@@ -144,7 +148,7 @@ impl CacheBuilder {
 
     /// The cache.
     pub fn build<K: Eq + Hash + Clone, V: Clone>(self) -> Cache<K, V> {
-        Cache::with_config_and_hasher(self.config, self.name, RandomState::new())
+        Cache::with_config_and_hasher(self.config, self.name, RandomState::default())
     }
 }
 
@@ -161,7 +165,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
 
     /// A cache bounded by `config`.
     pub fn with_config(config: CacheConfig) -> Self {
-        Self::with_config_and_hasher(config, "", RandomState::new())
+        Self::with_config_and_hasher(config, "", RandomState::default())
     }
 }
 
@@ -183,7 +187,6 @@ where
             entries: DashMap::with_hasher(hasher.clone()),
             flights: SingleFlight::with_hasher(hasher),
             config,
-            epoch: quanta::Instant::now(),
             ring: config.capacity.map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
             inserts_since_sweep: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -450,7 +453,7 @@ where
 
     #[inline]
     fn now(&self) -> u64 {
-        saturating_nanos(quanta::Instant::now().saturating_duration_since(self.epoch))
+        crate::clock::now_nanos()
     }
 }
 

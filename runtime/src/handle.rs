@@ -23,6 +23,7 @@ trait ErasedCache: Send + Sync {
     fn invalidate_any(&self, key: &dyn Any) -> bool;
     fn clear(&self);
     fn len(&self) -> usize;
+    fn in_flight(&self) -> usize;
     fn stats(&self) -> CacheStats;
     fn reset_stats(&self);
 }
@@ -43,6 +44,9 @@ where
     }
     fn len(&self) -> usize {
         Cache::len(self)
+    }
+    fn in_flight(&self) -> usize {
+        Cache::in_flight(self)
     }
     fn stats(&self) -> CacheStats {
         Cache::stats(self)
@@ -138,6 +142,11 @@ impl CacheHandle {
     /// `true` when no entry is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keys being computed right now: the size of the per-key lock registry.
+    pub fn in_flight(&self) -> usize {
+        self.each().iter().map(|c| c.in_flight()).sum()
     }
 
     /// Hits, coalesced waits and executions so far.

@@ -10,12 +10,13 @@
 //! that is the cache's job, and the cache must be filled *before* the lead completes, so that
 //! a caller arriving after the entry is gone finds the value (see `Cache::lookup_or_lead`).
 
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use crate::cache::RandomState;
 use crate::flight::Flight;
 
 /// Keyed single-flight registry.
@@ -44,7 +45,7 @@ pub enum Join<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState>
 impl<K: Eq + Hash + Clone, V> SingleFlight<K, V> {
     /// An empty registry.
     pub fn new() -> Self {
-        Self::with_hasher(RandomState::new())
+        Self::with_hasher(RandomState::default())
     }
 }
 
