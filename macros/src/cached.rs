@@ -148,7 +148,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         #finish
         __racefree_output
     }};
-    item.block = Box::new(syn::parse2(block).expect("generated block parses"));
+    *item.block = syn::parse2(block).expect("generated block parses");
 
     let handle = store.is_none().then(|| {
         let vis = &item.vis;

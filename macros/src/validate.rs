@@ -67,7 +67,6 @@ impl Attr {
 
 /// The arguments of one attribute, known and unique, to be taken one by one.
 pub struct Named {
-    attr: Attr,
     args: Vec<Arg>,
 }
 
@@ -105,11 +104,7 @@ impl Named {
             kept.push(arg);
         }
         errors.finish()?;
-        Ok(Named { attr, args: kept })
-    }
-
-    pub fn attr(&self) -> Attr {
-        self.attr
+        Ok(Named { args: kept })
     }
 
     fn take(&mut self, name: &str) -> Option<Arg> {
@@ -217,7 +212,6 @@ pub struct Param {
 
 /// What the expansion needs to know about the annotated function.
 pub struct FnShape {
-    pub has_receiver: bool,
     pub params: Vec<Param>,
     /// Arguments whose pattern is not a plain name: fine unless a default key needs them.
     pub unnamed: Vec<TokenStream>,
@@ -246,10 +240,9 @@ impl FnShape {
     pub fn of(item: &ItemFn) -> FnShape {
         let mut params = Vec::new();
         let mut unnamed = Vec::new();
-        let mut has_receiver = false;
         for input in &item.sig.inputs {
             match input {
-                FnArg::Receiver(_) => has_receiver = true,
+                FnArg::Receiver(_) => {}
                 FnArg::Typed(typed) => match &*typed.pat {
                     Pat::Ident(pat) if pat.subpat.is_none() => params.push(Param {
                         ident: pat.ident.clone(),
@@ -264,7 +257,7 @@ impl FnShape {
             ReturnType::Default => Output::Plain(syn::parse_quote!(())),
             ReturnType::Type(_, ty) => classify(ty),
         };
-        FnShape { has_receiver, params, unnamed, output }
+        FnShape { params, unnamed, output }
     }
 
     pub fn param(&self, ident: &Ident) -> Option<&Param> {
