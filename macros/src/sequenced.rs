@@ -117,10 +117,44 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::with_fallback(item, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
+        let plan = syn::parse2::<Args>(args).and_then(|args| validate(args, &item));
+        Ok(match plan {
+            Ok(plan) => generate(plan, item),
+            Err(error) => {
+                let error = error.to_compile_error();
+                let item = without_seq_params(item);
+                quote!(#item #error)
+            }
+        })
     })
+}
+
+/// The function as callers would see it, for the error case: without its `Seq` parameters
+/// (bound to a dummy inside), so one mistake in the attribute is one error, not one more at
+/// every call site.
+fn without_seq_params(mut item: ItemFn) -> ItemFn {
+    let mut bindings = Vec::new();
+    let inputs = std::mem::take(&mut item.sig.inputs);
+    for input in inputs {
+        if let FnArg::Typed(typed) = &input {
+            let (pat, ty) = (&typed.pat, &typed.ty);
+            match &**ty {
+                Type::Reference(reference) if is_seq(&reference.elem) => {
+                    bindings.push(quote!(let #pat: #ty = &::racefree::Seq::new(0, 0);));
+                    continue;
+                }
+                ty if is_seq(ty) => {
+                    bindings.push(quote!(let #pat: #ty = ::racefree::Seq::new(0, 0);));
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        item.sig.inputs.push(input);
+    }
+    item.block.stmts.splice(0..0, bindings.into_iter().map(|b| syn::parse_quote!(#b)));
+    item.attrs.push(syn::parse_quote!(#[allow(unused_variables)]));
+    item
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {

@@ -1,0 +1,10 @@
+use racefree::{sequenced, Seq};
+
+#[sequenced(key = id)]
+fn post(id: u64, seq: &Seq) -> u64 {
+    seq.get()
+}
+
+fn main() {
+    post(1);
+}
