@@ -8,21 +8,36 @@
 //! - [`stats`]: hit/coalesced/execution counters.
 //! - [`keyed_locks`]: per-key FIFO locks with re-entry detection, for threads and tasks.
 //! - [`sequencer`]: gap-free per-key numbers under those locks, and the store trait.
+//! - [`idempotency`]: idempotency records: the backend contract and the in-process store;
+//!   [`idempotency_call`] the protocol an `#[idempotent]` call runs, [`idempotency_handle`] the
+//!   home of a function's own store, [`fingerprint`] stable request fingerprints, [`replay`]
+//!   the replayed flag, [`error`] why a call was refused.
 
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod error;
+pub mod fingerprint;
 pub mod flight;
 pub mod handle;
+pub mod idempotency;
+pub mod idempotency_call;
+pub mod idempotency_handle;
 pub mod keyed_locks;
 pub mod sequence_error;
 pub mod sequence_handle;
 pub mod sequencer;
+pub mod replay;
 pub mod single_flight;
 pub mod stats;
 
 pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
+pub use error::IdempotencyError;
+pub use fingerprint::Fingerprint;
 pub use handle::{CacheHandle, HandleCell};
+pub use idempotency::{BlockingIdempotencyBackend, IdempotencyBackend, IdempotencyStats, IdempotencyStore};
+pub use idempotency_handle::IdempotencyHandle;
+pub use replay::Replay;
 pub use keyed_locks::{Holder, KeyGuard, KeyedLocks};
 pub use sequence_error::SequenceError;
 pub use sequence_handle::{SequenceCell, SequenceHandle};

@@ -1,0 +1,881 @@
+//! Idempotency records: the backend contract every store fulfils, and the in-process store.
+//!
+//! One record per (function, scope, key), in one of two states:
+//! - **in flight**: a caller claimed the key with a request fingerprint and is running the body;
+//! - **done**: the body's outcome, kept until its deadline (`ttl`) passes.
+//!
+//! [`IdempotencyStore::claim_now`] is the per-key check: one atomic entry operation decides
+//! between running the body (no live record), replaying (done, same fingerprint), waiting or
+//! rejecting (in flight, same fingerprint) and a conflict (either state, other fingerprint).
+//!
+//! # What the in-process store promises
+//! - **At most one execution per live key.** Claims go through `DashMap`'s entry API, never
+//!   get-then-insert.
+//! - **Conflicts change nothing.** A different fingerprint under a used key is refused without
+//!   touching the record.
+//! - **Failures release.** Releasing (an `Err` not stored, a panic, a dropped future) removes
+//!   the in-flight record and wakes its waiters with nothing; each waiter claims again and
+//!   exactly one of them runs next.
+//! - **Bounded.** Expired records are never replayed and are swept as new outcomes are stored
+//!   (amortized: a sweep once as many outcomes were stored as the last sweep left, at least 1024), so a stream of
+//!   unique keys keeps the record count near what one `ttl` holds. With a `capacity`, at most
+//!   that many outcomes are kept: the oldest is dropped first. A dropped outcome's key executes
+//!   again on its next call, so size the capacity above the keys one `ttl` sees.
+//!
+//! It does not survive the process: for retries across instances use a shared store (a
+//! Redis implementation of [`IdempotencyBackend`]).
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt::{self, Display, Write as _};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::error::IdempotencyError;
+use crate::fingerprint::Fingerprint;
+use crate::flight::Flight;
+
+/// The store key of one record: function, scope and the client's key, encoded so that no two
+/// different triples give the same text (`function#<scope length>:<scope>#key`, or
+/// `function##key` without a scope). Stable across builds (no line numbers), so a shared store
+/// can use it as is.
+///
+/// ```
+/// use racefree_runtime::idempotency::RecordKey;
+///
+/// let key = RecordKey::new("billing::charge", Some(&"tenant-1"), "order-17");
+/// assert_eq!(key.as_str(), "billing::charge#8:tenant-1#order-17");
+/// assert_eq!(key.client_key(), "order-17");
+/// assert_eq!(RecordKey::new("billing::charge", None, "k").as_str(), "billing::charge##k");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    text: String,
+    client_key_at: usize,
+}
+
+impl RecordKey {
+    /// The key of `client_key` for `function` (a build-stable path), in `scope` if given.
+    pub fn new(function: &str, scope: Option<&dyn Display>, client_key: &str) -> RecordKey {
+        let mut text = String::with_capacity(function.len() + client_key.len() + 2);
+        text.push_str(function);
+        text.push('#');
+        if let Some(scope) = scope {
+            let scope = scope.to_string();
+            let _ = write!(text, "{}:{scope}", scope.len());
+        }
+        text.push('#');
+        let client_key_at = text.len();
+        text.push_str(client_key);
+        RecordKey {
+            text,
+            client_key_at,
+        }
+    }
+
+    /// The whole encoded key.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The key the client sent, as errors report it.
+    pub fn client_key(&self) -> &str {
+        &self.text[self.client_key_at..]
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+/// What `key = <expr>` may evaluate to: `&str`, `String`, `&String`, `Cow<str>`, or an `Option`
+/// of them (`None`: the call has no key and runs without idempotency).
+///
+/// ```
+/// use racefree_runtime::idempotency::IntoIdempotencyKey;
+///
+/// let header: Option<String> = Some("k-1".to_owned());
+/// assert_eq!(header.as_deref().into_idempotency_key().as_deref(), Some("k-1"));
+/// assert_eq!(None::<&str>.into_idempotency_key(), None);
+/// ```
+pub trait IntoIdempotencyKey<'a> {
+    /// The key, if the call has one.
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>>;
+}
+
+impl<'a> IntoIdempotencyKey<'a> for &'a str {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        Some(Cow::Borrowed(self))
+    }
+}
+
+impl<'a> IntoIdempotencyKey<'a> for &'a String {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        Some(Cow::Borrowed(self))
+    }
+}
+
+impl<'a> IntoIdempotencyKey<'a> for String {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        Some(Cow::Owned(self))
+    }
+}
+
+impl<'a> IntoIdempotencyKey<'a> for Cow<'a, str> {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        Some(self)
+    }
+}
+
+impl<'a, K: IntoIdempotencyKey<'a>> IntoIdempotencyKey<'a> for Option<K> {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        self.and_then(IntoIdempotencyKey::into_idempotency_key)
+    }
+}
+
+impl<'a> IntoIdempotencyKey<'a> for &'a Option<String> {
+    fn into_idempotency_key(self) -> Option<Cow<'a, str>> {
+        self.as_deref().map(Cow::Borrowed)
+    }
+}
+
+/// What a backend found when asked to claim a key.
+#[derive(Debug)]
+pub enum Claim<T, L, W> {
+    /// No live record: the key is now in flight for this caller, who must run the body and then
+    /// complete or release the lease.
+    Execute(L),
+    /// A stored outcome with the same fingerprint: return it, run nothing.
+    Replay(T),
+    /// Another caller with the same fingerprint holds the key right now: wait on this, or
+    /// reject.
+    InFlight(W),
+}
+
+/// The contract of an idempotency store, as the `#[idempotent]` expansion drives it:
+///
+/// ```text
+/// loop {
+///     match claim(key, fingerprint) {
+///         Execute(lease)  => { run the body; complete(lease, &outcome, ttl) or release(lease) }
+///         Replay(outcome) => return outcome,
+///         InFlight(w)     => wait(w, deadline): Some(outcome) => return it, None => claim again,
+///         Err(e)          => refuse with e (Conflict, StoreUnavailable, ...)
+///     }
+/// }
+/// ```
+///
+/// Methods are async so that a networked store (Redis) fits; an in-process store answers at
+/// once. `T` is what is stored: the `Ok` value, or the whole `Result` with `store_errors`.
+/// Sync functions need [`BlockingIdempotencyBackend`] as well.
+///
+/// ```
+/// use racefree_runtime::{IdempotencyBackend, IdempotencyStore, Fingerprint};
+/// use racefree_runtime::idempotency::{Claim, RecordKey};
+/// use std::time::Duration;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = IdempotencyStore::<u64>::new();
+/// let key = RecordKey::new("docs::pay", None, "k-1");
+/// let request = Fingerprint::of(&("alice", 10_u64));
+/// let Ok(Claim::Execute(lease)) = store.claim(&key, request).await else { unreachable!() };
+/// store.complete(lease, &99, Duration::from_secs(60)).await.unwrap();
+/// assert!(matches!(store.claim(&key, request).await, Ok(Claim::Replay(99))));
+/// assert!(store.claim(&key, Fingerprint::of(&("mallory", 10_u64))).await.is_err()); // Conflict
+/// # });
+/// ```
+pub trait IdempotencyBackend<T>: Sync {
+    /// Proof of a claim: the right and duty to run the body for one key.
+    type Lease: Send;
+    /// What a caller needs to wait for a claim held by somebody else.
+    type InFlight: Send;
+
+    /// Atomically, for `key`:
+    /// - no record, or an expired one → record "in flight with `fingerprint`" and return
+    ///   [`Claim::Execute`]; no other caller can get `Execute` for the key until the lease is
+    ///   completed, released or (for stores that lease with a timeout) has expired;
+    /// - done with the same fingerprint → [`Claim::Replay`] with the stored outcome;
+    /// - in flight with the same fingerprint → [`Claim::InFlight`];
+    /// - either state with another fingerprint → `Err(IdempotencyError::Conflict)`, leaving the
+    ///   record as it was;
+    /// - the store cannot answer → `Err(IdempotencyError::StoreUnavailable)`.
+    ///
+    /// Must be one atomic step (an entry operation, a Lua script, `SET NX`), never a read
+    /// followed by a write.
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> impl Future<Output = Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError>> + Send;
+
+    /// Waits until the claim behind `in_flight` (found for `key`) ends or `deadline` passes
+    /// (`None`: no deadline).
+    /// Returns `Some(outcome)` if it ended with an outcome this caller may return as a replay,
+    /// `None` if the caller should claim again (the owner released, or the store cannot hand
+    /// the outcome over and a new claim will replay it). At the deadline it returns
+    /// `Err(IdempotencyError::InProgress)`. Dropping the future must leave nothing behind.
+    fn wait(
+        &self,
+        key: &RecordKey,
+        in_flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Option<T>, IdempotencyError>> + Send;
+
+    /// Stores `outcome` for the leased key until `ttl` passes, then ends the claim: from now on
+    /// claims with the same fingerprint get `Replay`, and waiters wake up. Storing must happen
+    /// before waking, so that a waiter that claims again replays rather than executes.
+    fn complete(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), IdempotencyError>> + Send;
+
+    /// Ends the claim without an outcome (an error not stored, a panic, a dropped future): the
+    /// key becomes claimable again and waiters wake up so that one of them claims it. Called
+    /// from `Drop`, so it must not block or panic; a networked store may finish the release in
+    /// the background, but the key must become claimable at the latest when the lease expires.
+    fn release(&self, lease: Self::Lease);
+}
+
+/// A store sync functions can use: the same contract as [`IdempotencyBackend`], answered by
+/// blocking the calling thread.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used from a sync `fn`",
+    label = "this store only offers async operations",
+    note = "make the function `async`, or use the in-process `racefree::IdempotencyStore`"
+)]
+pub trait BlockingIdempotencyBackend<T>: IdempotencyBackend<T> {
+    /// [`IdempotencyBackend::claim`], blocking.
+    fn claim_blocking(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError>;
+
+    /// [`IdempotencyBackend::wait`], blocking the thread.
+    fn wait_blocking(
+        &self,
+        key: &RecordKey,
+        in_flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, IdempotencyError>;
+
+    /// [`IdempotencyBackend::complete`], blocking.
+    fn complete_blocking(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError>;
+}
+
+/// How the in-process store is bounded. `const` so generated code can build it in a `static`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// The most outcomes kept; the oldest goes first.
+    pub capacity: Option<usize>,
+}
+
+impl IdempotencyConfig {
+    /// No bound besides expiry.
+    pub const fn new() -> Self {
+        IdempotencyConfig { capacity: None }
+    }
+
+    /// At most `capacity` outcomes are kept.
+    pub const fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+}
+
+/// What an idempotency store has done since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyStats {
+    /// Claims that ran the body.
+    pub executions: u64,
+    /// Calls answered with a stored outcome (directly or after waiting).
+    pub replays: u64,
+    /// Calls that found their key in flight (each counted once, however often it waited).
+    pub waits: u64,
+    /// Calls refused because the key was used with another fingerprint.
+    pub conflicts: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    executions: AtomicU64,
+    replays: AtomicU64,
+    waits: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+enum Record<T> {
+    InFlight {
+        fingerprint: Fingerprint,
+        flight: Arc<Flight<T>>,
+    },
+    // `expires`: on the store's clock, in nanoseconds.
+    Done {
+        fingerprint: Fingerprint,
+        outcome: T,
+        expires: u64,
+    },
+}
+
+/// The in-process idempotency store: the default of `#[idempotent]`, or shared between
+/// functions with `store = <expr>`.
+///
+/// ```
+/// use racefree_runtime::IdempotencyStore;
+///
+/// static PAYMENTS: std::sync::LazyLock<IdempotencyStore<u64>> =
+///     std::sync::LazyLock::new(|| IdempotencyStore::builder().capacity(100_000).build());
+/// assert!(PAYMENTS.is_empty());
+/// ```
+pub struct IdempotencyStore<T> {
+    records: DashMap<String, Record<T>>,
+    config: IdempotencyConfig,
+    clock: Clock,
+    // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
+    // a key completed again later has a later deadline). Only with a capacity.
+    stored: Option<Mutex<VecDeque<(String, u64)>>>,
+    stores_since_sweep: AtomicUsize,
+    left_by_last_sweep: AtomicUsize,
+    counters: Counters,
+    name: &'static str,
+}
+
+/// Builds an [`IdempotencyStore`].
+#[derive(Debug, Default, Clone)]
+pub struct IdempotencyStoreBuilder {
+    config: IdempotencyConfig,
+    clock: Clock,
+    name: &'static str,
+}
+
+impl IdempotencyStoreBuilder {
+    /// At most `capacity` outcomes are kept. Panics if `capacity` is 0.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        assert!(
+            capacity > 0,
+            "an idempotency store capacity must be at least 1"
+        );
+        self.config.capacity = Some(capacity);
+        self
+    }
+
+    /// A name for `tracing` events.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// A clock that only moves when told to, for tests of expiry: the store reads time from it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use racefree_runtime::IdempotencyStore;
+    ///
+    /// let (builder, clock) = IdempotencyStore::builder().manual_clock();
+    /// let store: IdempotencyStore<u8> = builder.build();
+    /// clock.advance(Duration::from_secs(60));
+    /// # drop(store);
+    /// ```
+    pub fn manual_clock(mut self) -> (Self, ManualClock) {
+        let hand = Arc::new(AtomicU64::new(0));
+        self.clock = Clock::Manual(Arc::clone(&hand));
+        (self, ManualClock(hand))
+    }
+
+    /// The store.
+    pub fn build<T>(self) -> IdempotencyStore<T> {
+        IdempotencyStore {
+            records: DashMap::new(),
+            config: self.config,
+            clock: self.clock,
+            stored: self
+                .config
+                .capacity
+                .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
+            stores_since_sweep: AtomicUsize::new(0),
+            left_by_last_sweep: AtomicUsize::new(0),
+            counters: Counters::default(),
+            name: self.name,
+        }
+    }
+}
+
+/// The hand of a clock made by [`IdempotencyStoreBuilder::manual_clock`].
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    /// Moves the store's time forward.
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(saturating_nanos(by), Relaxed);
+    }
+}
+
+/// Where a store reads the time: the runtime's clock (coarse on Linux: expiry may come up to
+/// one tick, a few ms, late), or a [`ManualClock`].
+#[derive(Debug, Clone, Default)]
+enum Clock {
+    #[default]
+    System,
+    Manual(Arc<AtomicU64>),
+}
+
+impl<T> Default for IdempotencyStore<T> {
+    fn default() -> Self {
+        IdempotencyStoreBuilder::default().build()
+    }
+}
+
+/// The claim of one key in an [`IdempotencyStore`].
+#[derive(Debug)]
+pub struct StoreLease<T> {
+    key: String,
+    fingerprint: Fingerprint,
+    flight: Arc<Flight<T>>,
+}
+
+impl IdempotencyStore<()> {
+    /// A builder for capacity, name and clock; [`build`](IdempotencyStoreBuilder::build) picks
+    /// the outcome type. (Defined on `IdempotencyStore<()>` only so that
+    /// `IdempotencyStore::builder()` needs no type annotation.)
+    pub fn builder() -> IdempotencyStoreBuilder {
+        IdempotencyStoreBuilder::default()
+    }
+}
+
+impl<T> IdempotencyStore<T> {
+    /// An unbounded store (expired outcomes are still purged).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store bounded by `config`, named `name` in `tracing` events.
+    pub fn with_config(config: IdempotencyConfig, name: &'static str) -> Self {
+        IdempotencyStoreBuilder {
+            config,
+            clock: Clock::System,
+            name,
+        }
+        .build()
+    }
+
+    /// Records stored, in flight and done (expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// `true` when there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Keys being executed right now.
+    pub fn in_flight(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| matches!(r.value(), Record::InFlight { .. }))
+            .count()
+    }
+
+    /// Removes every expired outcome now; in-flight records and live outcomes stay. (Expired
+    /// outcomes are also purged as new ones are stored.)
+    pub fn purge_expired(&self) {
+        let now = self.now();
+        self.records.retain(|_, record| !is_expired(record, now));
+        if let Some(stored) = &self.stored {
+            let mut stored = stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            stored.retain(|&(_, expires)| expires > now);
+        }
+    }
+
+    /// Forgets every outcome. Calls in flight finish and store theirs.
+    pub fn clear(&self) {
+        self.records
+            .retain(|_, record| matches!(record, Record::InFlight { .. }));
+        if let Some(stored) = &self.stored {
+            stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
+    }
+
+    /// Executions, replays, waits and conflicts so far.
+    pub fn stats(&self) -> IdempotencyStats {
+        IdempotencyStats {
+            executions: self.counters.executions.load(Relaxed),
+            replays: self.counters.replays.load(Relaxed),
+            waits: self.counters.waits.load(Relaxed),
+            conflicts: self.counters.conflicts.load(Relaxed),
+        }
+    }
+
+    /// How this store is bounded.
+    pub fn config(&self) -> IdempotencyConfig {
+        self.config
+    }
+
+    /// A name for `tracing` events (the function's path for a function's own store).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn now(&self) -> u64 {
+        match &self.clock {
+            Clock::System => crate::clock::now_nanos(),
+            Clock::Manual(hand) => hand.load(Relaxed),
+        }
+    }
+
+    /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
+    pub fn release_lease(&self, lease: StoreLease<T>) {
+        let StoreLease { key, flight, .. } = lease;
+        // Leave the map first, then wake the waiters: each claims again and one executes.
+        self.records
+            .remove_if(&key, |_, record| is_flight(record, &flight));
+        flight.complete(None);
+    }
+}
+
+impl<T: Clone> IdempotencyStore<T> {
+    /// The per-key check, in one atomic step: see [`IdempotencyBackend::claim`].
+    pub fn claim_now(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, StoreLease<T>, Arc<Flight<T>>>, IdempotencyError> {
+        // Replays, the common case of a retry, need neither an owned key nor a write lock.
+        if let Some(record) = self.records.get(key.as_str()) {
+            if let Record::Done {
+                fingerprint: stored,
+                outcome,
+                expires,
+            } = record.value()
+            {
+                if *expires > self.now() {
+                    return self.replay_or_conflict(key, *stored, fingerprint, outcome);
+                }
+            }
+        }
+        let now = self.now();
+        match self.records.entry(key.as_str().to_owned()) {
+            Entry::Occupied(mut entry) => match entry.get() {
+                record if is_expired(record, now) => {
+                    let flight = Arc::new(Flight::new());
+                    entry.insert(Record::InFlight {
+                        fingerprint,
+                        flight: Arc::clone(&flight),
+                    });
+                    Ok(self.execute(key, fingerprint, flight))
+                }
+                Record::Done {
+                    fingerprint: stored,
+                    outcome,
+                    ..
+                } => self.replay_or_conflict(key, *stored, fingerprint, outcome),
+                Record::InFlight {
+                    fingerprint: claimed,
+                    ..
+                } if *claimed != fingerprint => Err(self.conflict(key)),
+                Record::InFlight { flight, .. } => {
+                    self.counters.waits.fetch_add(1, Relaxed);
+                    Ok(Claim::InFlight(Arc::clone(flight)))
+                }
+            },
+            Entry::Vacant(entry) => {
+                let flight = Arc::new(Flight::new());
+                entry.insert(Record::InFlight {
+                    fingerprint,
+                    flight: Arc::clone(&flight),
+                });
+                Ok(self.execute(key, fingerprint, flight))
+            }
+        }
+    }
+
+    fn execute(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        flight: Arc<Flight<T>>,
+    ) -> Claim<T, StoreLease<T>, Arc<Flight<T>>> {
+        self.counters.executions.fetch_add(1, Relaxed);
+        Claim::Execute(StoreLease {
+            key: key.as_str().to_owned(),
+            fingerprint,
+            flight,
+        })
+    }
+
+    fn replay_or_conflict(
+        &self,
+        key: &RecordKey,
+        stored: Fingerprint,
+        fingerprint: Fingerprint,
+        outcome: &T,
+    ) -> Result<Claim<T, StoreLease<T>, Arc<Flight<T>>>, IdempotencyError> {
+        if stored != fingerprint {
+            return Err(self.conflict(key));
+        }
+        self.counters.replays.fetch_add(1, Relaxed);
+        Ok(Claim::Replay(outcome.clone()))
+    }
+
+    fn conflict(&self, key: &RecordKey) -> IdempotencyError {
+        self.counters.conflicts.fetch_add(1, Relaxed);
+        IdempotencyError::Conflict {
+            key: key.client_key().to_owned(),
+        }
+    }
+
+    /// Stores the outcome, then wakes the waiters; see [`IdempotencyBackend::complete`].
+    pub fn complete_lease(&self, lease: StoreLease<T>, outcome: &T, ttl: Duration) {
+        let StoreLease {
+            key,
+            fingerprint,
+            flight,
+        } = lease;
+        let expires = self.now().saturating_add(saturating_nanos(ttl));
+        if let Some(mut record) = self.records.get_mut(&key) {
+            if is_flight(&record, &flight) {
+                *record = Record::Done {
+                    fingerprint,
+                    outcome: outcome.clone(),
+                    expires,
+                };
+            }
+        }
+        flight.complete(Some(outcome.clone()));
+        if let Some(stored) = &self.stored {
+            let mut stored = stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            stored.push_back((key, expires));
+            self.evict_over_capacity(&mut stored);
+        }
+        self.sweep_now_and_then();
+    }
+
+    // FIFO: drop the oldest outcomes until at most `capacity` are listed. Every stored outcome
+    // is listed, so the count of outcomes never exceeds the capacity; entries whose outcome
+    // expired or was replaced are skipped when they come up.
+    fn evict_over_capacity(&self, stored: &mut VecDeque<(String, u64)>) {
+        let Some(capacity) = self.config.capacity else {
+            return;
+        };
+        while stored.len() > capacity {
+            let Some((key, deadline)) = stored.pop_front() else {
+                break;
+            };
+            self.records.remove_if(
+                &key,
+                |_, record| matches!(record, Record::Done { expires, .. } if *expires == deadline),
+            );
+        }
+    }
+
+    // Amortized O(1): a sweep walks the records left by the previous one plus those stored
+    // since, and runs once as many outcomes were stored as it left behind (at least 1024). So
+    // between sweeps the map holds at most twice what one `ttl` keeps live, plus 1024.
+    fn sweep_now_and_then(&self) {
+        let stored = self.stores_since_sweep.fetch_add(1, Relaxed) + 1;
+        if stored < 1024 || stored < self.left_by_last_sweep.load(Relaxed) {
+            return;
+        }
+        self.stores_since_sweep.store(0, Relaxed);
+        self.purge_expired();
+        self.left_by_last_sweep.store(self.records.len(), Relaxed);
+    }
+}
+
+fn is_expired<T>(record: &Record<T>, now: u64) -> bool {
+    matches!(record, Record::Done { expires, .. } if *expires <= now)
+}
+
+fn is_flight<T>(record: &Record<T>, flight: &Arc<Flight<T>>) -> bool {
+    matches!(record, Record::InFlight { flight: current, .. } if Arc::ptr_eq(current, flight))
+}
+
+fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<T> IdempotencyBackend<T> for IdempotencyStore<T>
+where
+    T: Clone + Send + Sync,
+{
+    type Lease = StoreLease<T>;
+    type InFlight = Arc<Flight<T>>;
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
+        self.claim_now(key, fingerprint)
+    }
+
+    async fn wait(
+        &self,
+        key: &RecordKey,
+        flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, IdempotencyError> {
+        let Some(deadline) = deadline else {
+            return Ok(flight.wait_async().await.clone());
+        };
+        match tokio::time::timeout_at(deadline.into(), flight.wait_async()).await {
+            Ok(landing) => Ok(landing.clone()),
+            Err(_) => Err(IdempotencyError::InProgress {
+                key: key.client_key().to_owned(),
+            }),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        self.complete_lease(lease, outcome, ttl);
+        Ok(())
+    }
+
+    fn release(&self, lease: Self::Lease) {
+        self.release_lease(lease);
+    }
+}
+
+impl<T> BlockingIdempotencyBackend<T> for IdempotencyStore<T>
+where
+    T: Clone + Send + Sync,
+{
+    fn claim_blocking(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
+        self.claim_now(key, fingerprint)
+    }
+
+    fn wait_blocking(
+        &self,
+        key: &RecordKey,
+        flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, IdempotencyError> {
+        match deadline {
+            None => Ok(flight.wait().clone()),
+            Some(deadline) => match flight.wait_deadline(deadline) {
+                Some(landing) => Ok(landing.clone()),
+                None => Err(IdempotencyError::InProgress {
+                    key: key.client_key().to_owned(),
+                }),
+            },
+        }
+    }
+
+    fn complete_blocking(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        self.complete_lease(lease, outcome, ttl);
+        Ok(())
+    }
+}
+
+impl<T> fmt::Debug for IdempotencyStore<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyStore")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("len", &self.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(
+        store: &IdempotencyStore<u64>,
+        key: &str,
+        fingerprint: u128,
+    ) -> Claim<u64, StoreLease<u64>, Arc<Flight<u64>>> {
+        store
+            .claim_now(&RecordKey::new("f", None, key), Fingerprint(fingerprint))
+            .unwrap()
+    }
+
+    // Regression: sweeping only when the stores since the last sweep outnumbered *all* records
+    // never swept again once live records survived a sweep.
+    #[test]
+    fn sweeps_keep_up_with_a_stream_of_unique_keys() {
+        let (builder, clock) = IdempotencyStore::builder().manual_clock();
+        let store: IdempotencyStore<u64> = builder.build();
+        let mut largest = 0;
+        for n in 0..50_000u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string(), 1) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_millis(1));
+            clock.advance(Duration::from_micros(1));
+            largest = largest.max(store.len());
+        }
+        // 1000 live; a sweep every max(1024, 1000) stores.
+        assert!(largest <= 1000 + 2 * 1024, "grew to {largest}");
+    }
+
+    #[test]
+    fn capacity_keeps_the_newest_outcomes() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::builder().capacity(3).build();
+        for n in 0..10u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string(), 1) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(60));
+            assert!(store.len() <= 3);
+        }
+        assert!(matches!(claim(&store, "9", 1), Claim::Replay(9)));
+        assert!(
+            matches!(claim(&store, "0", 1), Claim::Execute(_)),
+            "the oldest went first"
+        );
+    }
+
+    #[test]
+    fn a_released_claim_leaves_no_record() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::new();
+        let Claim::Execute(lease) = claim(&store, "k", 1) else {
+            panic!("fresh key")
+        };
+        let Claim::InFlight(flight) = claim(&store, "k", 1) else {
+            panic!("in flight")
+        };
+        store.release_lease(lease);
+        assert_eq!(flight.wait(), &None);
+        assert!(store.is_empty());
+    }
+}

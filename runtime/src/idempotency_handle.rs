@@ -1,0 +1,195 @@
+//! The function-owned stores of `#[idempotent]`, reachable without naming their types.
+//!
+//! Like `#[cached]`'s [`CacheHandle`](crate::CacheHandle): a `static` cannot name the inferred
+//! outcome type, so it holds an [`IdempotencyHandle`] that creates the typed
+//! [`IdempotencyStore`] on first use (one per concrete outcome type, for generic functions).
+//! The generated `fn <name>_idempotency_store()` finds the same handle by the function's id.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, RwLock};
+
+use crate::idempotency::{IdempotencyConfig, IdempotencyStats, IdempotencyStore};
+
+trait ErasedStore: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn len(&self) -> usize;
+    fn in_flight(&self) -> usize;
+    fn purge_expired(&self);
+    fn clear(&self);
+    fn stats(&self) -> IdempotencyStats;
+}
+
+impl<T: Clone + Send + Sync + 'static> ErasedStore for IdempotencyStore<T> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn len(&self) -> usize {
+        IdempotencyStore::len(self)
+    }
+    fn in_flight(&self) -> usize {
+        IdempotencyStore::in_flight(self)
+    }
+    fn purge_expired(&self) {
+        IdempotencyStore::purge_expired(self)
+    }
+    fn clear(&self) {
+        IdempotencyStore::clear(self)
+    }
+    fn stats(&self) -> IdempotencyStats {
+        IdempotencyStore::stats(self)
+    }
+}
+
+/// The idempotency store of one `#[idempotent]` function, as returned by the generated
+/// `fn <name>_idempotency_store()`.
+///
+/// ```
+/// use racefree::{idempotent, IdempotencyError};
+///
+/// #[idempotent(key = key)]
+/// fn charge(key: &str, cents: u64) -> Result<u64, IdempotencyError> { Ok(cents) }
+///
+/// charge("k-1", 500).unwrap();
+/// charge("k-1", 500).unwrap();
+/// let store = charge_idempotency_store();
+/// assert_eq!((store.stats().executions, store.stats().replays, store.len()), (1, 1, 1));
+/// ```
+pub struct IdempotencyHandle {
+    name: &'static str,
+    config: IdempotencyConfig,
+    first: OnceLock<&'static dyn ErasedStore>,
+    all: RwLock<Vec<&'static dyn ErasedStore>>,
+}
+
+impl IdempotencyHandle {
+    /// The function's store for outcomes of type `T`, created on first use.
+    #[inline]
+    pub fn store<T: Clone + Send + Sync + 'static>(&self) -> &'static IdempotencyStore<T> {
+        if let Some(store) = self.first.get().and_then(|s| s.as_any().downcast_ref()) {
+            return store;
+        }
+        self.store_slow()
+    }
+
+    #[cold]
+    fn store_slow<T: Clone + Send + Sync + 'static>(&self) -> &'static IdempotencyStore<T> {
+        let mut all = self
+            .all
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(store) = all.iter().find_map(|s| s.as_any().downcast_ref()) {
+            return store;
+        }
+        // Leaked on purpose: the handle lives in a `static`, so its stores live as long.
+        let store: &'static IdempotencyStore<T> = Box::leak(Box::new(
+            IdempotencyStore::with_config(self.config, self.name),
+        ));
+        all.push(store);
+        let _ = self.first.set(store);
+        store
+    }
+
+    fn each(&self) -> Vec<&'static dyn ErasedStore> {
+        self.all
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Records kept (in flight and done, expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.each().iter().map(|s| s.len()).sum()
+    }
+
+    /// `true` when no record is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys being executed right now.
+    pub fn in_flight(&self) -> usize {
+        self.each().iter().map(|s| s.in_flight()).sum()
+    }
+
+    /// Removes expired outcomes now (they are also purged as new outcomes are stored).
+    pub fn purge_expired(&self) {
+        self.each().iter().for_each(|s| s.purge_expired());
+    }
+
+    /// Forgets every stored outcome.
+    pub fn clear(&self) {
+        self.each().iter().for_each(|s| s.clear());
+    }
+
+    /// Executions, replays, waits and conflicts so far.
+    pub fn stats(&self) -> IdempotencyStats {
+        self.each()
+            .iter()
+            .fold(IdempotencyStats::default(), |sum, s| {
+                let s = s.stats();
+                let mut total = sum;
+                total.executions += s.executions;
+                total.replays += s.replays;
+                total.waits += s.waits;
+                total.conflicts += s.conflicts;
+                total
+            })
+    }
+
+    /// The function this store belongs to.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::fmt::Debug for IdempotencyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyHandle")
+            .field("name", &self.name)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// The `static` an `#[idempotent]` expansion declares.
+#[doc(hidden)]
+pub struct IdempotencyCell {
+    id: &'static str,
+    config: IdempotencyConfig,
+    handle: OnceLock<&'static IdempotencyHandle>,
+}
+
+impl IdempotencyCell {
+    #[doc(hidden)]
+    pub const fn new(id: &'static str, config: IdempotencyConfig) -> Self {
+        IdempotencyCell {
+            id,
+            config,
+            handle: OnceLock::new(),
+        }
+    }
+
+    #[doc(hidden)]
+    #[inline]
+    pub fn handle(&self) -> &'static IdempotencyHandle {
+        self.handle.get_or_init(|| registered(self.id, self.config))
+    }
+}
+
+fn registered(id: &'static str, config: IdempotencyConfig) -> &'static IdempotencyHandle {
+    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static IdempotencyHandle>>> =
+        OnceLock::new();
+    let mut registry = REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry.entry(id).or_insert_with(|| {
+        Box::leak(Box::new(IdempotencyHandle {
+            name: id,
+            config,
+            first: OnceLock::new(),
+            all: RwLock::new(Vec::new()),
+        }))
+    })
+}
