@@ -35,6 +35,13 @@ pub use racefree_runtime::{
 pub use racefree_runtime::{idempotency, replay};
 pub use racefree_runtime::{Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer};
 
+/// The Redis store (feature `redis`): the three attributes across processes and machines.
+/// See [`racefree_runtime::redis`].
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use racefree_runtime::redis::*;
+}
+
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
 pub mod __private {

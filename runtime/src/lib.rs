@@ -24,6 +24,8 @@ pub mod idempotency;
 pub mod idempotency_call;
 pub mod idempotency_handle;
 pub mod keyed_locks;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod sequence_error;
 pub mod sequence_handle;
 pub mod sequencer;

@@ -1,0 +1,124 @@
+//! The one error type of the Redis store, and the mapping from the driver's errors to it.
+//!
+//! Every way Redis can fail us ends in a [`RedisStoreError`] variant: the store never panics on
+//! a Redis failure, never waits without a bound (every command runs under a deadline), and never
+//! answers "not claimed" when it does not know, so a failure cannot turn into a silent second
+//! execution.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why the Redis store could not do what was asked.
+///
+/// ```
+/// use racefree_runtime::redis::RedisStoreError;
+///
+/// let err = RedisStoreError::Undecodable { key: "rf:{f|k}:idem".into(), reason: "not JSON".into() };
+/// assert!(err.to_string().contains("rf:{f|k}:idem"));
+/// assert!(!err.is_retryable());
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RedisStoreError {
+    /// Redis could not be reached or the connection broke (refused, reset, killed, DNS).
+    Unavailable {
+        /// What the driver said.
+        source: redis::RedisError,
+    },
+    /// Redis did not answer within the store's deadline.
+    Timeout {
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// A record under `key` is not a record this version understands (foreign data, another
+    /// envelope version, or a value that no longer deserializes into the function's type).
+    Undecodable {
+        /// The Redis key holding the record.
+        key: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The caller no longer holds the lease it is acting under: it expired (the process was
+    /// paused or cut off longer than the lease) and somebody else may have taken over. The
+    /// write was rejected; nothing was stored or committed.
+    LeaseLost {
+        /// The Redis key of the lease.
+        key: String,
+    },
+    /// Redis answered with an error (a script error, a cluster misconfiguration, a wrong type).
+    Command {
+        /// What the driver said.
+        source: redis::RedisError,
+    },
+    /// The outcome could not be serialized into the envelope.
+    Serialize {
+        /// What serde said.
+        reason: String,
+    },
+}
+
+impl RedisStoreError {
+    /// `true` for failures where sending the same token-checked command again is safe and may
+    /// succeed (connection lost, deadline passed).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            RedisStoreError::Unavailable { .. } | RedisStoreError::Timeout { .. }
+        )
+    }
+}
+
+impl fmt::Display for RedisStoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisStoreError::Unavailable { source } => write!(f, "redis unavailable: {source}"),
+            RedisStoreError::Timeout { after } => {
+                write!(f, "redis did not answer within {after:?}")
+            }
+            RedisStoreError::Undecodable { key, reason } => {
+                write!(f, "undecodable record at redis key `{key}`: {reason}")
+            }
+            RedisStoreError::LeaseLost { key } => {
+                write!(
+                    f,
+                    "lease on redis key `{key}` was lost; the write was rejected"
+                )
+            }
+            RedisStoreError::Command { source } => write!(f, "redis command failed: {source}"),
+            RedisStoreError::Serialize { reason } => {
+                write!(f, "cannot serialize outcome: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RedisStoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RedisStoreError::Unavailable { source } | RedisStoreError::Command { source } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<redis::RedisError> for RedisStoreError {
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_timeout() {
+            // The driver's own response timeout; our deadline is reported by `Store::run`.
+            RedisStoreError::Timeout {
+                after: Duration::ZERO,
+            }
+        } else if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_unrecoverable_error()
+            || err.is_cluster_error()
+        {
+            RedisStoreError::Unavailable { source: err }
+        } else {
+            RedisStoreError::Command { source: err }
+        }
+    }
+}

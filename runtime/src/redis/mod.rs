@@ -1,0 +1,58 @@
+//! A Redis store for `#[idempotent]`, `#[sequenced]` and `#[cached]`: the same guarantees
+//! across worker processes and machines (feature `redis`).
+//!
+//! - [`RedisStore`]: one lazily connected server or cluster, usable as a `static` or an `Arc`.
+//! - [`RedisIdempotency`]: atomic claim (`SET NX PX GET`), token-checked completion and
+//!   release, lease heartbeat, replay with one `GET`, `Conflict` on another fingerprint.
+//! - [`RedisSequences`]: a lease lock with a fencing token and a counter committed only by the
+//!   current holder of a successful call, so numbers are gap-free.
+//! - [`RedisCache`]: values with a TTL; one process computes a cold key, the others wait for it.
+//!
+//! Every Redis key of one logical key shares one hash tag ([`RedisKey`]), so the multi-key
+//! scripts work on Redis Cluster. Records are versioned JSON ([`envelope`]). Failures are
+//! [`RedisStoreError`]s: every command has a deadline, token-checked commands are re-sent
+//! after a lost connection, and nothing ever reports "free" when it does not know.
+//!
+//! # Async only
+//! Every operation is `async` and needs a Tokio runtime (the lease heartbeat is a Tokio task).
+//! Synchronous functions cannot use the Redis store; they keep the in-process stores. Blocking a
+//! thread on Redis from inside an async runtime is the classic way to deadlock one, so there is
+//! deliberately no blocking bridge.
+//!
+//! Requires Redis 7.0 or newer (`SET … NX GET`).
+
+mod cache;
+pub mod envelope;
+mod error;
+mod idempotency;
+mod keys;
+mod lease;
+mod sequence;
+mod store;
+
+pub use cache::{CacheOptions, CachedError, RedisCache};
+pub use error::RedisStoreError;
+pub use idempotency::{
+    Claim, IdempotencyOptions, IdempotentError, InFlight, Outcome, OwnerClaim, RedisIdempotency,
+};
+pub use keys::RedisKey;
+pub use sequence::{RedisSequences, SeqTicket, SequenceOptions, SequencedError};
+pub use store::{Connection, RedisStore, StoreOptions};
+
+/// The `redis` driver this store is built on, for commands of your own on
+/// [`RedisStore::connection`].
+pub use ::redis as driver;
+
+/// A fingerprint of `value` that is stable across processes, restarts and builds: the
+/// 128-bit xxh3 of its JSON encoding, in hex.
+///
+/// ```
+/// use racefree_runtime::redis::fingerprint_json;
+///
+/// assert_eq!(fingerprint_json(&("order-42", 1999)), fingerprint_json(&("order-42", 1999)));
+/// assert_ne!(fingerprint_json(&("order-42", 1999)), fingerprint_json(&("order-42", 2000)));
+/// ```
+pub fn fingerprint_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+}

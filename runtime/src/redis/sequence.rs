@@ -1,0 +1,347 @@
+//! Per-key serialized execution and gap-free sequence numbers across processes.
+//!
+//! # Protocol (Redis keys `rf:{tag}:lock` and `rf:{tag}:seq`, one slot)
+//! - **acquire** (Lua, 1 round trip): if the lock is free, take a fencing token with
+//!   `HINCRBY seq fence 1`, set the lock to `<fence>:<caller token>` with a lease (`PX`), and
+//!   return the fence with the last committed number; if it is held, return its remaining lease
+//!   (or, for a re-sent acquire whose reply was lost, the caller's own fence).
+//! - **heartbeat**: the holder extends the lease every third of it while the body runs.
+//! - **commit** (Lua, 1 round trip): only if the lock still holds the caller's fencing token,
+//!   store the new number, remember which token committed it, and free the lock. A holder whose
+//!   lease ended (crash, pause) commits nothing: [`RedisStoreError::LeaseLost`].
+//! - **abort** (Lua): the body failed; free the lock, consume nothing.
+//!
+//! A sequenced call therefore costs 2 round trips uncontended. Fencing tokens only grow, so a
+//! body that writes elsewhere can hand [`SeqTicket::fence`] to that system and have it refuse
+//! writes with an older token (the classic fix for a paused lock holder).
+//!
+//! Waiting: inside one process, callers queue on a FIFO async mutex per key, so only the head
+//! of the queue talks to Redis; across processes the head retries with jittered backoff capped
+//! by the holder's remaining lease. There is no FIFO across processes.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::Script;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK};
+use super::{RedisKey, RedisStore, RedisStoreError};
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder then
+  local fence, token = string.match(holder, '^(%d+):(.*)$')
+  if token == ARGV[2] then
+    return {tonumber(fence), redis.call('HGET', KEYS[2], 'n')}
+  end
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+redis.call('SET', KEYS[1], fence .. ':' .. ARGV[2], 'PX', ARGV[1])
+return {fence, redis.call('HGET', KEYS[2], 'n')}
+"#,
+    )
+});
+
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'n', ARGV[2], 'committed', ARGV[1])
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if redis.call('HGET', KEYS[2], 'committed') == ARGV[1] then return 1 end
+return 0
+"#,
+    )
+});
+
+/// The right to run one sequenced body: the number it may commit and its fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqTicket {
+    lock: String,
+    seq: String,
+    holder: String,
+    number: u64,
+    fence: u64,
+}
+
+impl SeqTicket {
+    /// The number this call commits if it succeeds.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// The fencing token: strictly greater than every earlier holder's of this key.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+}
+
+/// How [`RedisSequences::run`] waits for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SequenceOptions {
+    /// Give up waiting for the key after this long ([`SequencedError::Timeout`]).
+    pub timeout: Option<Duration>,
+}
+
+/// Why a sequenced call produced no value.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SequencedError<E> {
+    /// The key stayed busy longer than [`SequenceOptions::timeout`].
+    Timeout {
+        /// The logical key.
+        key: String,
+    },
+    /// Redis failed (including a lease lost before the commit); no number was consumed.
+    Store(RedisStoreError),
+    /// The body returned `Err`; its number stays free for the next caller.
+    Body(E),
+}
+
+impl<E> From<RedisStoreError> for SequencedError<E> {
+    fn from(err: RedisStoreError) -> Self {
+        SequencedError::Store(err)
+    }
+}
+
+/// The sequence operations of a [`RedisStore`] (see [`RedisStore::sequences`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RedisSequences<'s> {
+    store: &'s RedisStore,
+}
+
+impl RedisStore {
+    /// Per-key locks with fencing tokens and gap-free counters on this store.
+    pub fn sequences(&self) -> RedisSequences<'_> {
+        RedisSequences { store: self }
+    }
+}
+
+impl<'s> RedisSequences<'s> {
+    /// One attempt to take `key`'s lock for `lease`: the ticket, or the holder's remaining lease.
+    /// A key never committed starts at `start`.
+    pub async fn acquire(
+        &self,
+        key: &RedisKey,
+        start: u64,
+        lease: Duration,
+    ) -> Result<Result<SeqTicket, Duration>, RedisStoreError> {
+        let (lock, seq) = (key.redis_key("lock"), key.redis_key("seq"));
+        let lease_ms = lease.as_millis().max(1).to_string();
+        let token = owner_token();
+        // Re-sending is safe: a lost reply's lock carries our token and is handed back to us.
+        let (fence, last): (i64, Option<i64>) = self
+            .store
+            .eval(&ACQUIRE, &[&lock, &seq], &[&lease_ms, &token], true)
+            .await?;
+        if fence == 0 {
+            return Ok(Err(Duration::from_millis(last.unwrap_or(0).max(0) as u64)));
+        }
+        let number = match last {
+            Some(last) => last as u64 + 1,
+            None => start,
+        };
+        let holder = format!("{fence}:{token}");
+        Ok(Ok(SeqTicket {
+            lock,
+            seq,
+            holder,
+            number,
+            fence: fence as u64,
+        }))
+    }
+
+    /// Consumes the ticket's number and frees the key, if the ticket still holds the lock.
+    pub async fn commit(&self, ticket: &SeqTicket) -> Result<(), RedisStoreError> {
+        let number = ticket.number.to_string();
+        let committed: i64 = self
+            .store
+            .eval(
+                &COMMIT,
+                &[&ticket.lock, &ticket.seq],
+                &[&ticket.holder, &number],
+                true,
+            )
+            .await?;
+        if committed == 1 {
+            Ok(())
+        } else {
+            Err(RedisStoreError::LeaseLost {
+                key: ticket.lock.clone(),
+            })
+        }
+    }
+
+    /// Frees the key without consuming the number; `false` if the ticket no longer held it.
+    pub async fn abort(&self, ticket: &SeqTicket) -> Result<bool, RedisStoreError> {
+        let aborted: i64 = self
+            .store
+            .eval(&RELEASE_LOCK, &[&ticket.lock], &[&ticket.holder], true)
+            .await?;
+        Ok(aborted == 1)
+    }
+
+    /// The last committed number of `key`, if any.
+    pub async fn current(&self, key: &RedisKey) -> Result<Option<u64>, RedisStoreError> {
+        let seq = key.redis_key("seq");
+        self.store
+            .run_retrying(|mut conn| {
+                let cmd = redis::cmd("HGET").arg(&seq).arg("n").to_owned();
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await
+    }
+
+    /// Forgets `key`'s counter: the next call starts at its `start` again. Fencing tokens keep
+    /// growing.
+    pub async fn reset(&self, key: &RedisKey) -> Result<(), RedisStoreError> {
+        let seq = key.redis_key("seq");
+        self.store
+            .run_retrying(|mut conn| {
+                let cmd = redis::cmd("HDEL")
+                    .arg(&seq)
+                    .arg("n")
+                    .arg("committed")
+                    .to_owned();
+                async move { cmd.query_async::<i64>(&mut conn).await }
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Runs `body` while holding `key` (one holder at a time across every process sharing the
+    /// store) and commits its number if it returns `Ok`.
+    ///
+    /// ```no_run
+    /// # async fn demo() {
+    /// use racefree_runtime::redis::{RedisKey, RedisStore, SequenceOptions};
+    ///
+    /// static REDIS: RedisStore = RedisStore::lazy("redis://127.0.0.1/");
+    /// let key = RedisKey::new("orders::next_no", None, "shop-1");
+    /// let no = REDIS
+    ///     .sequences()
+    ///     .run(&key, 1, SequenceOptions::default(), |ticket| async move {
+    ///         Ok::<_, std::io::Error>(format!("WO-{:05}", ticket.number()))
+    ///     })
+    ///     .await;
+    /// # drop(no); }
+    /// ```
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        key: &RedisKey,
+        start: u64,
+        options: SequenceOptions,
+        body: F,
+    ) -> Result<T, SequencedError<E>>
+    where
+        F: FnOnce(SeqTicket) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = options.timeout.map(|t| Instant::now() + t);
+        let timed_out = || SequencedError::Timeout {
+            key: key.tag().to_owned(),
+        };
+        let lease = self.store.store_options().lease;
+
+        let locks = self.store.local_locks.get_or_init(DashMap::new);
+        let mut local = LocalTurn::queue(locks, key.redis_key("lock"));
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), local.wait())
+                .await
+                .map_err(|_| timed_out())?,
+            None => local.wait().await,
+        }
+
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+        let ticket = loop {
+            match self.acquire(key, start, lease).await? {
+                Ok(ticket) => break ticket,
+                Err(remaining) => {
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left == Some(Duration::ZERO) {
+                        return Err(timed_out());
+                    }
+                    let cap = left.map_or(remaining, |left| left.min(remaining));
+                    backoff.wait(Some(cap)).await;
+                }
+            }
+        };
+
+        let conn = self.store.connection().await?;
+        let guard = ReleaseOnDrop::new(
+            &RELEASE_LOCK,
+            conn.clone(),
+            ticket.lock.clone(),
+            ticket.holder.clone(),
+        );
+        let heartbeat = Heartbeat::start(
+            &EXTEND_LOCK,
+            conn,
+            ticket.lock.clone(),
+            ticket.holder.clone(),
+            lease,
+        );
+        let result = body(ticket.clone()).await;
+        drop(heartbeat);
+        let outcome = match result {
+            Ok(value) => self
+                .commit(&ticket)
+                .await
+                .map(|()| value)
+                .map_err(SequencedError::Store),
+            Err(err) => {
+                if let Err(store) = self.abort(&ticket).await {
+                    tracing::warn!(key = %ticket.lock, error = %store, "aborting a sequenced call; its lease will end it");
+                }
+                Err(SequencedError::Body(err))
+            }
+        };
+        guard.disarm();
+        drop(local);
+        outcome
+    }
+}
+
+/// A place in this process's FIFO queue for one key. Dropping it (done, failed or cancelled)
+/// removes the key's entry once nobody else holds or waits for it.
+struct LocalTurn<'a> {
+    locks: &'a DashMap<String, Arc<Mutex<()>>>,
+    key: String,
+    mutex: Option<Arc<Mutex<()>>>,
+    turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl<'a> LocalTurn<'a> {
+    fn queue(locks: &'a DashMap<String, Arc<Mutex<()>>>, key: String) -> Self {
+        let mutex = Arc::clone(locks.entry(key.clone()).or_default().value());
+        LocalTurn {
+            locks,
+            key,
+            mutex: Some(mutex),
+            turn: None,
+        }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(mutex) = &self.mutex {
+            self.turn = Some(Arc::clone(mutex).lock_owned().await);
+        }
+    }
+}
+
+impl Drop for LocalTurn<'_> {
+    fn drop(&mut self) {
+        self.turn = None;
+        self.mutex = None;
+        // Clones are made under the map's shard lock (`entry`), and so is this check.
+        self.locks
+            .remove_if(&self.key, |_, mutex| Arc::strong_count(mutex) == 1);
+    }
+}

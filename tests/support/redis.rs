@@ -1,0 +1,200 @@
+//! Real Redis for the tests: the server at 127.0.0.1:6379 when one answers there, otherwise a
+//! `redis-server` started on a free local port for this test binary; and a throwaway 3-node
+//! Redis Cluster. Fails loudly when neither can be had: these tests must never pass by skipping.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A Redis server the tests may use.
+pub struct Server {
+    pub url: String,
+    // A spawned server lives as long as this process: its watchdog shell kills it when our end
+    // of its stdin closes, which happens however this process exits.
+    _child: Option<Child>,
+}
+
+/// The shared single-node server: `RACEFREE_TEST_REDIS` if set, else 127.0.0.1:6379 if it
+/// answers PING, else a fresh `redis-server` on a free port.
+pub fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        if let Ok(url) = std::env::var("RACEFREE_TEST_REDIS") {
+            return Server { url, _child: None };
+        }
+        if ping(6379) {
+            return Server {
+                url: "redis://127.0.0.1:6379/".into(),
+                _child: None,
+            };
+        }
+        let port = free_port();
+        let child = spawn_redis(port, &[]);
+        wait_for(port);
+        Server {
+            url: format!("redis://127.0.0.1:{port}/"),
+            _child: Some(child),
+        }
+    })
+}
+
+/// A 3-node Redis Cluster on free local ports, torn down on drop.
+pub struct Cluster {
+    pub nodes: Vec<String>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir for cluster config files");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let children: Vec<Child> = ports
+            .iter()
+            .map(|port| {
+                let config = dir.path().join(format!("nodes-{port}.conf"));
+                spawn_redis(
+                    *port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        config.to_str().unwrap(),
+                    ],
+                )
+            })
+            .collect();
+        for port in &ports {
+            wait_for(*port);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed (see .ci/redis.sh)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Wait until every node agrees the cluster is up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in &ports {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster on {ports:?} did not reach cluster_state:ok"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Cluster {
+            nodes: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}/"))
+                .collect(),
+            children,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A key prefix no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t-{name}-{}-{nanos}", std::process::id())
+}
+
+fn spawn_redis(port: u16, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "--port".to_owned(),
+        port.to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--save".into(),
+        "''".into(),
+        "--appendonly".into(),
+        "no".into(),
+        "--daemonize".into(),
+        "no".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    // The shell waits for EOF on stdin (our end closes when this process dies, even by
+    // SIGKILL) and then kills the server, so no test leaves a server behind.
+    let script = format!(
+        "redis-server {} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid",
+        args.join(" ")
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("cannot run `sh` to start redis-server")
+}
+
+fn wait_for(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ping(port) {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not answer on 127.0.0.1:{port}; is it installed? (.ci/redis.sh installs it)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+fn free_port() -> u16 {
+    // Cluster nodes also listen on port + 10000, so stay below 55535.
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
