@@ -105,6 +105,11 @@ impl fmt::Debug for RecordKey {
 /// assert_eq!(header.as_deref().into_idempotency_key().as_deref(), Some("k-1"));
 /// assert_eq!(None::<&str>.into_idempotency_key(), None);
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`key = ...` must evaluate to `&str`, `String` or an `Option` of them, not `{Self}`",
+    label = "not an idempotency key",
+    note = "an idempotency key is text the client sends; for a number write e.g. `key = order_id.to_string()`"
+)]
 pub trait IntoIdempotencyKey<'a> {
     /// The key, if the call has one.
     fn into_idempotency_key(self) -> Option<Cow<'a, str>>;
