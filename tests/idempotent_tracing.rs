@@ -1,0 +1,79 @@
+//! `#[idempotent]` emits debug-level `tracing` events (target `racefree`) when a call executes,
+//! replays, conflicts and waits for a duplicate in flight. In a test binary of its own: tracing
+//! caches each callsite's interest process-wide.
+
+use std::sync::{Arc, Mutex};
+
+use racefree::{idempotent, IdempotencyError};
+
+#[derive(Clone, Default)]
+struct Messages(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Visit<'a>(&'a mut String);
+        impl tracing::field::Visit for Visit<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        let mut line = format!(
+            "{} {} ",
+            event.metadata().level(),
+            event.metadata().target()
+        );
+        event.record(&mut Visit(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+#[idempotent(key = key, skip(gate))]
+async fn traced(key: &str, n: u32, gate: &tokio::sync::Semaphore) -> Result<u32, IdempotencyError> {
+    let _open = gate.acquire().await.expect("gate stays open");
+    Ok(n)
+}
+
+#[tokio::test]
+async fn tracing_events_for_execute_wait_replay_and_conflict() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let messages = Messages::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(messages.clone()))
+        .unwrap();
+
+    let gate = tokio::sync::Semaphore::new(0);
+    let owner = traced("k", 1, &gate);
+    let duplicate = traced("k", 1, &gate);
+    let mut owner = std::pin::pin!(owner);
+    let mut duplicate = std::pin::pin!(duplicate);
+    assert!(futures::poll!(owner.as_mut()).is_pending());
+    assert!(
+        futures::poll!(duplicate.as_mut()).is_pending(),
+        "the duplicate waits"
+    );
+    gate.add_permits(1);
+    assert_eq!((owner.await, duplicate.await), (Ok(1), Ok(1)));
+    assert_eq!(traced("k", 1, &gate).await, Ok(1));
+    assert_eq!(
+        traced("k", 2, &gate).await,
+        Err(IdempotencyError::Conflict {
+            key: "k".to_owned()
+        })
+    );
+
+    let lines = messages.0.lock().unwrap().clone();
+    let ours: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("DEBUG racefree ") && l.contains("key=\"k\""))
+        .collect();
+    for expected in ["executing", "waiting", "replaying", "conflict"] {
+        assert!(
+            ours.iter().any(|l| l.contains(expected)),
+            "no `{expected}` event in {ours:#?}"
+        );
+    }
+    assert!(
+        ours.iter()
+            .all(|l| l.contains("function=\"idempotent_tracing::traced\"")),
+        "{ours:#?}"
+    );
+}
