@@ -845,3 +845,57 @@ fn generic_functions_and_methods_with_their_own_store() {
     assert_eq!(payroll.executions.load(SeqCst), 1);
     assert_eq!(payroll.runs.len(), 1);
 }
+
+// Seed scenario (examples/workday_simulator.rs): an async HR simulator's "terminate" action,
+// 10 concurrent requests with one idempotency key × 20 rounds, the database round trip held
+// open until the 9 duplicates wait. Every round: 1 termination, 10 equal receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_concurrent_hr_requests_execute_once() {
+    struct Workday {
+        terminations: AtomicUsize,
+        database: Semaphore,
+    }
+    #[idempotent(key = key, skip(hr))]
+    async fn terminate(hr: &Workday, key: &str, employee: u32) -> Result<(u32, usize), ApiError> {
+        let record = hr.terminations.fetch_add(1, SeqCst) + 1;
+        let _round_trip = hr.database.acquire().await.expect("database stays up");
+        Ok((employee, record))
+    }
+    const REQUESTS: usize = 10;
+    let store = terminate_idempotency_store();
+    for round in 0..20 {
+        let hr = Arc::new(Workday {
+            terminations: AtomicUsize::new(0),
+            database: Semaphore::new(0),
+        });
+        let key: Arc<str> = format!("terminate-17-{round}").into();
+        let waits_before = store.stats().waits;
+        let barrier = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                let (hr, key, barrier) = (hr.clone(), key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    terminate(&hr, &key, 17).await
+                })
+            })
+            .collect();
+        until("9 duplicates wait", || {
+            store.stats().waits == waits_before + REQUESTS as u64 - 1
+        })
+        .await;
+        hr.database.add_permits(REQUESTS);
+        for request in requests {
+            assert_eq!(
+                guarded("a request", request).await.unwrap(),
+                Ok((17, 1)),
+                "round {round}"
+            );
+        }
+        assert_eq!(
+            hr.terminations.load(SeqCst),
+            1,
+            "round {round}: one termination"
+        );
+    }
+}
