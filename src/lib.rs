@@ -42,6 +42,14 @@ pub mod redis {
     pub use racefree_runtime::redis::*;
 }
 
+/// axum integration (feature `axum`): the `Idempotency-Key` extractor, problem+json responses
+/// for [`IdempotencyError`], and the middleware that marks replays. See
+/// [`racefree_runtime::http`].
+#[cfg(feature = "axum")]
+pub mod axum {
+    pub use racefree_runtime::http::*;
+}
+
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
 pub mod __private {

@@ -18,8 +18,11 @@
 pub mod cache;
 pub mod error;
 pub mod fingerprint;
+pub mod clock;
 pub mod flight;
 pub mod handle;
+#[cfg(feature = "axum")]
+pub mod http;
 pub mod idempotency;
 pub mod idempotency_call;
 pub mod idempotency_handle;

@@ -1,0 +1,132 @@
+//! An HTTP API guarded by `#[idempotent]`: `POST /api/schedule/generate` creates a schedule run
+//! once per `Idempotency-Key`, however often and however concurrently the client retries.
+//!
+//! ```text
+//! cargo run --example schedule_api --features axum
+//! curl -i -X POST localhost:3000/api/schedule/generate -H 'Idempotency-Key: k1' \
+//!      -H 'Content-Type: application/json' -d '{"team":"ward-3","week":48}'
+//! ```
+//! - the first request runs the generator; retries get the same body with
+//!   `Idempotency-Replayed: true`;
+//! - no key → 400; the same key with a different body → 422; while a publish with the same key
+//!   is running, a duplicate → 409 with `Retry-After` (`/api/schedule/publish` rejects
+//!   duplicates in flight instead of waiting for them);
+//! - errors are `application/problem+json`.
+//!
+//! The handler and the attribute are all the application writes: the key extractor, the error
+//! responses and the replay header come from `racefree::axum`.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{middleware, Json, Router};
+use racefree::axum::{mark_replays, IdempotencyKey, Problem};
+use racefree::{idempotent, IdempotencyError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ScheduleRequest {
+    pub team: String,
+    pub week: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRun {
+    pub id: u64,
+    pub team: String,
+    pub week: u32,
+    pub shifts: Vec<String>,
+}
+
+/// The application's state: a stand-in for the database the generator writes to.
+pub struct App {
+    /// Schedule runs created (the effect that must happen once per key).
+    pub runs_created: AtomicU64,
+    /// Generators wait for a permit before writing: unlimited in the server, a gate in tests.
+    pub gate: Semaphore,
+}
+
+impl App {
+    pub fn new() -> Arc<App> {
+        Arc::new(App { runs_created: AtomicU64::new(0), gate: Semaphore::new(Semaphore::MAX_PERMITS) })
+    }
+
+    /// An app whose generators wait until the test adds permits.
+    pub fn gated() -> Arc<App> {
+        Arc::new(App { runs_created: AtomicU64::new(0), gate: Semaphore::new(0) })
+    }
+
+    async fn create_run(&self, request: &ScheduleRequest) -> ScheduleRun {
+        let _permit = self.gate.acquire().await.expect("gate stays open");
+        let id = self.runs_created.fetch_add(1, SeqCst) + 1;
+        let shifts = (1..=7).map(|day| format!("{} day {day} early/late/night", request.team)).collect();
+        ScheduleRun { id, team: request.team.clone(), week: request.week, shifts }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum ApiError {
+    Idempotency(IdempotencyError),
+    Invalid(String),
+}
+
+impl From<IdempotencyError> for ApiError {
+    fn from(error: IdempotencyError) -> Self {
+        ApiError::Idempotency(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Idempotency(error) => error.into_response(),
+            ApiError::Invalid(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid schedule request", detail).into_response(),
+        }
+    }
+}
+
+/// Generates the week's schedule: once per idempotency key, for 24 hours.
+#[idempotent(key = key, require_key, skip(app), ttl = "24h")]
+pub async fn generate_schedule(app: &App, key: Option<&str>, request: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+    if request.week == 0 || request.week > 53 {
+        return Err(ApiError::Invalid(format!("week {} does not exist", request.week)));
+    }
+    Ok(app.create_run(request).await)
+}
+
+/// Publishes a schedule: a duplicate arriving while the first is still running gets 409.
+#[idempotent(key = key, require_key, skip(app), in_flight = "reject")]
+pub async fn publish_schedule(app: &App, key: Option<&str>, request: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+    Ok(app.create_run(request).await)
+}
+
+async fn generate(State(app): State<Arc<App>>, key: IdempotencyKey, Json(request): Json<ScheduleRequest>) -> Result<Json<ScheduleRun>, ApiError> {
+    Ok(Json(generate_schedule(&app, key.as_deref(), &request).await?))
+}
+
+async fn publish(State(app): State<Arc<App>>, key: IdempotencyKey, Json(request): Json<ScheduleRequest>) -> Result<Json<ScheduleRun>, ApiError> {
+    Ok(Json(publish_schedule(&app, key.as_deref(), &request).await?))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/schedule/generate", post(generate))
+        .route("/api/schedule/publish", post(publish))
+        .layer(middleware::from_fn(mark_replays))
+        .with_state(app)
+}
+
+#[tokio::main]
+async fn main() {
+    let address = std::env::var("SCHEDULE_API_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let listener = tokio::net::TcpListener::bind(&address).await.expect("bind");
+    println!("schedule API on http://{address}/api/schedule/generate");
+    axum::serve(listener, router(App::new())).await.expect("serve");
+}
