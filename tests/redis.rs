@@ -117,7 +117,7 @@ async fn worker_call(store: &RedisStore, mode: &str, prefix: &str, round: usize,
         }
         "sequenced" | "sequenced-failing" => {
             // Callers whose global index is a multiple of 5 fail: 20 of 100.
-            let fail = mode == "sequenced-failing" && (worker * CALLERS + caller) % 5 == 0;
+            let fail = mode == "sequenced-failing" && (worker * CALLERS + caller).is_multiple_of(5);
             let result = store
                 .sequences()
                 .run(&key, 1, SequenceOptions::default(), |ticket| async move {

@@ -36,7 +36,7 @@ use super::envelope::{decode_outcome, IdemRecord, IdemState};
 use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop};
 use super::{RedisKey, RedisStore, RedisStoreError};
 
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('GET', KEYS[1])
@@ -66,7 +66,7 @@ return 1
     )
 });
 
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('GET', KEYS[1])

@@ -12,7 +12,7 @@ use std::fmt;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// Parts longer than this are hashed, keeping Redis keys short whatever the caller passes.
-const MAX_PLAIN_PART: usize = 64;
+const MAX_PLAIN_PART: usize = 100;
 
 /// The hash-tagged name of one logical key.
 ///
@@ -20,7 +20,7 @@ const MAX_PLAIN_PART: usize = 64;
 /// use racefree_runtime::redis::RedisKey;
 ///
 /// let key = RedisKey::new("billing::charge", Some("tenant-7"), "order-42");
-/// assert_eq!(key.redis_key("idem"), "rf:{billing::charge|tenant-7|order-42}:idem");
+/// assert_eq!(key.redis_key("idem"), "rf:{billing::charge|=tenant-7|order-42}:idem");
 /// // binary or long keys are hashed, inside the same tag
 /// let long = RedisKey::new("f", None, vec![0u8; 1000]);
 /// assert!(long.redis_key("idem").len() < 80);
@@ -49,6 +49,15 @@ impl RedisKey {
         RedisKey { tag }
     }
 
+    /// The key of an `#[idempotent]` record: its [`RecordKey`](crate::idempotency::RecordKey)
+    /// already names function, scope and client key unambiguously.
+    pub fn from_record(key: &crate::idempotency::RecordKey) -> Self {
+        let mut tag = String::with_capacity(key.as_str().len() + 1);
+        tag.push('@');
+        push_part(&mut tag, key.as_str().as_bytes());
+        RedisKey { tag }
+    }
+
     /// The Redis key for one `kind` of record of this logical key.
     pub fn redis_key(&self, kind: &str) -> String {
         format!("rf:{{{}}}:{kind}", self.tag)
@@ -68,9 +77,10 @@ impl fmt::Debug for RedisKey {
 
 fn is_plain(part: &[u8]) -> bool {
     part.len() <= MAX_PLAIN_PART
+        && part.first() != Some(&b'#')
         && part
             .iter()
-            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b'|' | b'#' | b'='))
+            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b'|' | b'='))
 }
 
 fn push_part(tag: &mut String, part: &[u8]) {

@@ -21,6 +21,7 @@
 //!
 //! Requires Redis 7.0 or newer (`SET … NX GET`).
 
+mod backends;
 mod cache;
 pub mod envelope;
 mod error;
@@ -30,6 +31,9 @@ mod lease;
 mod sequence;
 mod store;
 
+pub use backends::{
+    RedisIdempotencyLease, RedisIdempotencyStore, RedisSequence, RedisSequenceLease,
+};
 pub use cache::{CacheOptions, CachedError, RedisCache};
 pub use error::RedisStoreError;
 pub use idempotency::{

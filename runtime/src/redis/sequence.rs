@@ -26,6 +26,8 @@ use dashmap::DashMap;
 use redis::Script;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::keyed_locks::Holder;
+
 use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK};
 use super::{RedisKey, RedisStore, RedisStoreError};
 
@@ -67,6 +69,7 @@ pub struct SeqTicket {
     lock: String,
     seq: String,
     holder: String,
+    last: Option<u64>,
     number: u64,
     fence: u64,
 }
@@ -75,6 +78,11 @@ impl SeqTicket {
     /// The number this call commits if it succeeds.
     pub fn number(&self) -> u64 {
         self.number
+    }
+
+    /// The last committed number, `None` for a key never committed.
+    pub fn last(&self) -> Option<u64> {
+        self.last
     }
 
     /// The fencing token: strictly greater than every earlier holder's of this key.
@@ -96,6 +104,12 @@ pub struct SequenceOptions {
 pub enum SequencedError<E> {
     /// The key stayed busy longer than [`SequenceOptions::timeout`].
     Timeout {
+        /// The logical key.
+        key: String,
+    },
+    /// The call tried to take a key that the code calling it already holds (a sequenced body
+    /// calling itself with the same key, in this process); waiting would never end.
+    Reentrant {
         /// The logical key.
         key: String,
     },
@@ -153,6 +167,7 @@ impl<'s> RedisSequences<'s> {
             lock,
             seq,
             holder,
+            last: last.map(|n| n as u64),
             number,
             fence: fence as u64,
         }))
@@ -245,28 +260,58 @@ impl<'s> RedisSequences<'s> {
         Fut: std::future::Future<Output = Result<T, E>>,
     {
         let deadline = options.timeout.map(|t| Instant::now() + t);
-        let timed_out = || SequencedError::Timeout {
-            key: key.tag().to_owned(),
-        };
-        let lease = self.store.store_options().lease;
+        let held = self
+            .hold(key, start, deadline)
+            .await
+            .map_err(|e| e.into_sequenced(key))?;
+        match held.holder.within(body(held.ticket.clone())).await {
+            Ok(value) => {
+                let number = held.ticket.number;
+                held.commit(number)
+                    .await
+                    .map(|()| value)
+                    .map_err(SequencedError::Store)
+            }
+            Err(err) => {
+                held.abort().await;
+                Err(SequencedError::Body(err))
+            }
+        }
+    }
 
+    /// Takes `key`: this process's FIFO turn, then the Redis lease (jittered retries capped
+    /// by the holder's remaining lease), then a heartbeat that keeps the lease while held.
+    pub(crate) async fn hold(
+        &self,
+        key: &RedisKey,
+        start: u64,
+        deadline: Option<Instant>,
+    ) -> Result<HeldKey<'s>, HoldError> {
+        let lease = self.store.store_options().lease;
         let locks = self.store.local_locks.get_or_init(DashMap::new);
         let mut local = LocalTurn::queue(locks, key.redis_key("lock"));
+        if local.held_by_caller() {
+            return Err(HoldError::Reentrant);
+        }
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), local.wait())
                 .await
-                .map_err(|_| timed_out())?,
+                .map_err(|_| HoldError::Timeout)?,
             None => local.wait().await,
         }
 
         let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
         let ticket = loop {
-            match self.acquire(key, start, lease).await? {
+            match self
+                .acquire(key, start, lease)
+                .await
+                .map_err(HoldError::Store)?
+            {
                 Ok(ticket) => break ticket,
                 Err(remaining) => {
                     let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                     if left == Some(Duration::ZERO) {
-                        return Err(timed_out());
+                        return Err(HoldError::Timeout);
                     }
                     let cap = left.map_or(remaining, |left| left.min(remaining));
                     backoff.wait(Some(cap)).await;
@@ -274,7 +319,7 @@ impl<'s> RedisSequences<'s> {
             }
         };
 
-        let conn = self.store.connection().await?;
+        let conn = self.store.connection().await.map_err(HoldError::Store)?;
         let guard = ReleaseOnDrop::new(
             &RELEASE_LOCK,
             conn.clone(),
@@ -288,60 +333,146 @@ impl<'s> RedisSequences<'s> {
             ticket.holder.clone(),
             lease,
         );
-        let result = body(ticket.clone()).await;
-        drop(heartbeat);
-        let outcome = match result {
-            Ok(value) => self
-                .commit(&ticket)
-                .await
-                .map(|()| value)
-                .map_err(SequencedError::Store),
-            Err(err) => {
-                if let Err(store) = self.abort(&ticket).await {
-                    tracing::warn!(key = %ticket.lock, error = %store, "aborting a sequenced call; its lease will end it");
-                }
-                Err(SequencedError::Body(err))
-            }
-        };
-        guard.disarm();
-        drop(local);
-        outcome
+        let holder = local.enter();
+        Ok(HeldKey {
+            sequences: *self,
+            ticket,
+            holder,
+            heartbeat: Some(heartbeat),
+            guard: Some(guard),
+            _local: local,
+        })
     }
+}
+
+/// Why [`RedisSequences::hold`] could not take a key.
+#[derive(Debug)]
+pub(crate) enum HoldError {
+    Timeout,
+    Reentrant,
+    Store(RedisStoreError),
+}
+
+impl HoldError {
+    fn into_sequenced<E>(self, key: &RedisKey) -> SequencedError<E> {
+        match self {
+            HoldError::Timeout => SequencedError::Timeout {
+                key: key.tag().to_owned(),
+            },
+            HoldError::Reentrant => SequencedError::Reentrant {
+                key: key.tag().to_owned(),
+            },
+            HoldError::Store(err) => SequencedError::Store(err),
+        }
+    }
+}
+
+/// A key held in Redis (lease kept alive by the heartbeat) and in this process (FIFO turn).
+/// Dropped without [`commit`](HeldKey::commit): the lock is freed in the background and the
+/// number stays unused.
+pub(crate) struct HeldKey<'s> {
+    sequences: RedisSequences<'s>,
+    pub(crate) ticket: SeqTicket,
+    pub(crate) holder: Holder,
+    heartbeat: Option<Heartbeat>,
+    guard: Option<ReleaseOnDrop>,
+    _local: LocalTurn<'s>,
+}
+
+impl HeldKey<'_> {
+    /// Commits `number` as the key's last number and frees the key.
+    pub(crate) async fn commit(mut self, number: u64) -> Result<(), RedisStoreError> {
+        self.heartbeat = None;
+        let mut ticket = self.ticket.clone();
+        ticket.number = number;
+        let committed = self.sequences.commit(&ticket).await;
+        if let Some(guard) = self.guard.take() {
+            match committed {
+                // Committed (the lock is gone) or unknown after re-sends (the lease ends it).
+                Ok(())
+                | Err(RedisStoreError::Unavailable { .. } | RedisStoreError::Timeout { .. }) => {
+                    guard.disarm()
+                }
+                Err(_) => drop(guard),
+            }
+        }
+        committed
+    }
+
+    /// Frees the key now, consuming nothing.
+    pub(crate) async fn abort(mut self) {
+        self.heartbeat = None;
+        if let Err(err) = self.sequences.abort(&self.ticket).await {
+            tracing::warn!(key = %self.ticket.lock, error = %err, "freeing a sequenced key; its lease will end it");
+        }
+        if let Some(guard) = self.guard.take() {
+            guard.disarm();
+        }
+    }
+}
+
+/// This process's state of one key: the FIFO turn and who holds it (for re-entry detection).
+#[derive(Default)]
+pub(crate) struct LocalKey {
+    turn: Arc<Mutex<()>>,
+    holder: std::sync::Mutex<Option<Holder>>,
 }
 
 /// A place in this process's FIFO queue for one key. Dropping it (done, failed or cancelled)
 /// removes the key's entry once nobody else holds or waits for it.
 struct LocalTurn<'a> {
-    locks: &'a DashMap<String, Arc<Mutex<()>>>,
+    locks: &'a DashMap<String, Arc<LocalKey>>,
     key: String,
-    mutex: Option<Arc<Mutex<()>>>,
+    local: Option<Arc<LocalKey>>,
     turn: Option<OwnedMutexGuard<()>>,
 }
 
 impl<'a> LocalTurn<'a> {
-    fn queue(locks: &'a DashMap<String, Arc<Mutex<()>>>, key: String) -> Self {
-        let mutex = Arc::clone(locks.entry(key.clone()).or_default().value());
+    fn queue(locks: &'a DashMap<String, Arc<LocalKey>>, key: String) -> Self {
+        let local = Arc::clone(locks.entry(key.clone()).or_default().value());
         LocalTurn {
             locks,
             key,
-            mutex: Some(mutex),
+            local: Some(local),
             turn: None,
         }
     }
 
+    /// `true` if the code asking runs under the current holder of this key: waiting would
+    /// never end.
+    fn held_by_caller(&self) -> bool {
+        let holder = self
+            .local
+            .as_ref()
+            .and_then(|l| *l.holder.lock().unwrap_or_else(|e| e.into_inner()));
+        holder.is_some_and(Holder::is_running_here)
+    }
+
     async fn wait(&mut self) {
-        if let Some(mutex) = &self.mutex {
-            self.turn = Some(Arc::clone(mutex).lock_owned().await);
+        if let Some(local) = &self.local {
+            self.turn = Some(Arc::clone(&local.turn).lock_owned().await);
         }
+    }
+
+    fn enter(&self) -> Holder {
+        let holder = Holder::next();
+        if let Some(local) = &self.local {
+            *local.holder.lock().unwrap_or_else(|e| e.into_inner()) = Some(holder);
+        }
+        holder
     }
 }
 
 impl Drop for LocalTurn<'_> {
     fn drop(&mut self) {
-        self.turn = None;
-        self.mutex = None;
+        if self.turn.take().is_some() {
+            if let Some(local) = &self.local {
+                *local.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        self.local = None;
         // Clones are made under the map's shard lock (`entry`), and so is this check.
         self.locks
-            .remove_if(&self.key, |_, mutex| Arc::strong_count(mutex) == 1);
+            .remove_if(&self.key, |_, local| Arc::strong_count(local) == 1);
     }
 }

@@ -82,7 +82,7 @@ pub struct RedisStore {
     connection: OnceCell<Connection>,
     // In-process coordination in front of Redis, so one process sends one request per key.
     pub(crate) fills: OnceLock<SingleFlight<String, Arc<str>>>,
-    pub(crate) local_locks: OnceLock<DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) local_locks: OnceLock<DashMap<String, Arc<super::sequence::LocalKey>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
