@@ -21,7 +21,7 @@ use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
 const SEED: u64 = 0x7261_6365_6672_6565; // "racefree"
 
 /// Most fingerprints are a few dozen bytes; they are hashed in one shot from this buffer.
-const INLINE: usize = 256;
+const INLINE: usize = 128;
 
 /// What identifies "the same request" under one idempotency key: a 128-bit XXH3 digest.
 ///

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use crate::cache::RandomState;
 use crate::error::IdempotencyError;
 use crate::fingerprint::Fingerprint;
 use crate::flight::Flight;
@@ -348,7 +349,8 @@ enum Record<T> {
 /// assert!(PAYMENTS.is_empty());
 /// ```
 pub struct IdempotencyStore<T> {
-    records: DashMap<String, Record<T>>,
+    // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
+    records: DashMap<String, Record<T>, RandomState>,
     config: IdempotencyConfig,
     clock: Clock,
     // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
@@ -405,7 +407,7 @@ impl IdempotencyStoreBuilder {
     /// The store.
     pub fn build<T>(self) -> IdempotencyStore<T> {
         IdempotencyStore {
-            records: DashMap::new(),
+            records: DashMap::with_hasher(RandomState::default()),
             config: self.config,
             clock: self.clock,
             stored: self
