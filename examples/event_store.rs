@@ -30,24 +30,41 @@ struct EventLog {
 
 impl EventLog {
     async fn last_seq(&self, aggregate_id: &str) -> u64 {
-        let last = self.rows.lock().unwrap().get(aggregate_id).and_then(|rows| rows.iter().map(|r| r.0).max());
+        let last = self
+            .rows
+            .lock()
+            .unwrap()
+            .get(aggregate_id)
+            .and_then(|rows| rows.iter().map(|r| r.0).max());
         tokio::task::yield_now().await; // the round trip: other appends run meanwhile
         last.unwrap_or(0)
     }
 
     async fn insert(&self, aggregate_id: &str, seq: u64, event: Event) -> Result<(), StoreError> {
         tokio::task::yield_now().await;
-        self.rows.lock().unwrap().entry(aggregate_id.to_owned()).or_default().push((seq, event));
+        self.rows
+            .lock()
+            .unwrap()
+            .entry(aggregate_id.to_owned())
+            .or_default()
+            .push((seq, event));
         Ok(())
     }
 
     fn kinds(&self, aggregate_id: &str) -> usize {
         let rows = self.rows.lock().unwrap();
-        rows.get(aggregate_id).map_or(0, |rows| rows.iter().map(|r| r.1.kind).collect::<BTreeSet<_>>().len())
+        rows.get(aggregate_id).map_or(0, |rows| {
+            rows.iter().map(|r| r.1.kind).collect::<BTreeSet<_>>().len()
+        })
     }
 
     fn numbers(&self, aggregate_id: &str) -> Vec<u64> {
-        self.rows.lock().unwrap().get(aggregate_id).map(|rows| rows.iter().map(|r| r.0).collect()).unwrap_or_default()
+        self.rows
+            .lock()
+            .unwrap()
+            .get(aggregate_id)
+            .map(|rows| rows.iter().map(|r| r.0).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -59,7 +76,12 @@ async fn append_naive(log: &EventLog, aggregate_id: &str, event: Event) -> Resul
 
 /// The same append, one at a time per aggregate, with the number handed in.
 #[sequenced(key = aggregate_id.to_owned())]
-async fn append(log: &EventLog, aggregate_id: &str, event: Event, seq: Seq) -> Result<(), StoreError> {
+async fn append(
+    log: &EventLog,
+    aggregate_id: &str,
+    event: Event,
+    seq: Seq,
+) -> Result<(), StoreError> {
     log.insert(aggregate_id, seq.get(), event).await
 }
 
@@ -75,7 +97,18 @@ where
             let (barrier, log, append) = (barrier.clone(), log.clone(), append.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                append(log, Event { kind: if i % 2 == 0 { "ItemAdded" } else { "ItemRemoved" } }).await.unwrap();
+                append(
+                    log,
+                    Event {
+                        kind: if i % 2 == 0 {
+                            "ItemAdded"
+                        } else {
+                            "ItemRemoved"
+                        },
+                    },
+                )
+                .await
+                .unwrap();
             })
         })
         .collect();
@@ -106,19 +139,51 @@ fn report(numbers: &[u64]) -> Report {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let naive_log = Arc::new(EventLog::default());
-    run(naive_log.clone(), |log: Arc<EventLog>, event| async move { append_naive(&log, "cart-42", event).await }).await;
+    run(naive_log.clone(), |log: Arc<EventLog>, event| async move {
+        append_naive(&log, "cart-42", event).await
+    })
+    .await;
     let sequenced_log = Arc::new(EventLog::default());
-    run(sequenced_log.clone(), |log: Arc<EventLog>, event| async move { append(&log, "cart-42", event).await }).await;
+    run(
+        sequenced_log.clone(),
+        |log: Arc<EventLog>, event| async move { append(&log, "cart-42", event).await },
+    )
+    .await;
 
-    let (naive, sequenced) = (report(&naive_log.numbers("cart-42")), report(&sequenced_log.numbers("cart-42")));
+    let (naive, sequenced) = (
+        report(&naive_log.numbers("cart-42")),
+        report(&sequenced_log.numbers("cart-42")),
+    );
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     println!("{APPENDS} concurrent appends to aggregate cart-42\n");
-    println!("{:<28}{:>22}{:>16}", "", "naive (read +1, write)", "#[sequenced]");
-    println!("{:<28}{:>22}{:>16}", "events appended", naive.appended, sequenced.appended);
-    println!("{:<28}{:>22}{:>16}", "distinct sequence numbers", naive.distinct, sequenced.distinct);
-    println!("{:<28}{:>22}{:>16}", "events with a reused number", naive.duplicated, sequenced.duplicated);
-    println!("{:<28}{:>22}{:>16}", "numbers are exactly 1..=100", yes_no(naive.contiguous), yes_no(sequenced.contiguous));
-    println!("{:<28}{:>22}{:>16}", "event kinds", naive_log.kinds("cart-42"), sequenced_log.kinds("cart-42"));
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "", "naive (read +1, write)", "#[sequenced]"
+    );
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "events appended", naive.appended, sequenced.appended
+    );
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "distinct sequence numbers", naive.distinct, sequenced.distinct
+    );
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "events with a reused number", naive.duplicated, sequenced.duplicated
+    );
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "numbers are exactly 1..=100",
+        yes_no(naive.contiguous),
+        yes_no(sequenced.contiguous)
+    );
+    println!(
+        "{:<28}{:>22}{:>16}",
+        "event kinds",
+        naive_log.kinds("cart-42"),
+        sequenced_log.kinds("cart-42")
+    );
     let sample: Vec<u64> = naive_log.numbers("cart-42").into_iter().take(12).collect();
     println!("\nfirst naive numbers in write order: {sample:?}");
     assert!(sequenced.contiguous && sequenced.duplicated == 0);

@@ -39,7 +39,14 @@ struct Db {
 
 impl Db {
     async fn max_work_order_no(&self) -> Result<u64, DbError> {
-        let max = self.work_orders.lock().unwrap().keys().next_back().copied().unwrap_or(0);
+        let max = self
+            .work_orders
+            .lock()
+            .unwrap()
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0);
         round_trip().await;
         Ok(max)
     }
@@ -66,7 +73,13 @@ impl Db {
     }
 
     async fn queue_order(&self) -> Vec<&'static str> {
-        let mut jobs: Vec<_> = self.positions.lock().unwrap().iter().map(|(job, at)| (*at, *job)).collect();
+        let mut jobs: Vec<_> = self
+            .positions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(job, at)| (*at, *job))
+            .collect();
         round_trip().await;
         jobs.sort_unstable();
         jobs.into_iter().map(|(_, job)| job).collect()
@@ -135,7 +148,10 @@ fn consistent(db: &Db) -> bool {
 
 fn fresh_queue() -> Arc<Db> {
     let db = Db::default();
-    db.positions.lock().unwrap().extend(JOBS.iter().enumerate().map(|(at, job)| (*job, at)));
+    db.positions
+        .lock()
+        .unwrap()
+        .extend(JOBS.iter().enumerate().map(|(at, job)| (*job, at)));
     Arc::new(db)
 }
 
@@ -172,7 +188,12 @@ async fn main() {
     println!("{:<44}{:>14}{:>16}", "", "naive", "#[sequenced]");
 
     // 1. Work-order numbers.
-    let failures = |outputs: &[Result<u64, DbError>]| outputs.iter().filter(|o| matches!(o, Err(DbError::DuplicateKey(_)))).count();
+    let failures = |outputs: &[Result<u64, DbError>]| {
+        outputs
+            .iter()
+            .filter(|o| matches!(o, Err(DbError::DuplicateKey(_))))
+            .count()
+    };
     let naive_db = Arc::new(Db::default());
     let naive = all_at_once(REQUESTS, |i| {
         let db = naive_db.clone();
@@ -185,9 +206,17 @@ async fn main() {
         async move { create_work_order(&db, &format!("job {i}")).await }
     })
     .await;
-    row(&format!("work orders: duplicate-key failures of {REQUESTS}"), failures(&naive), failures(&sequenced));
+    row(
+        &format!("work orders: duplicate-key failures of {REQUESTS}"),
+        failures(&naive),
+        failures(&sequenced),
+    );
     if let Some(Err(DbError::DuplicateKey(no))) = naive.iter().find(|o| o.is_err()) {
-        println!("{:<44}{:>14}", "work orders: first naive failure", format!("dup key {no}"));
+        println!(
+            "{:<44}{:>14}",
+            "work orders: first naive failure",
+            format!("dup key {no}")
+        );
     }
     row(
         "work orders: created",
@@ -209,8 +238,16 @@ async fn main() {
     })
     .await;
     let (naive_q, sequenced_q) = (naive_db.qty("brake-pad").await, db.qty("brake-pad").await);
-    row(&format!("inventory: quantity after {REQUESTS} x (+1)"), naive_q, sequenced_q);
-    row("inventory: lost updates", REQUESTS as i64 - naive_q, REQUESTS as i64 - sequenced_q);
+    row(
+        &format!("inventory: quantity after {REQUESTS} x (+1)"),
+        naive_q,
+        sequenced_q,
+    );
+    row(
+        "inventory: lost updates",
+        REQUESTS as i64 - naive_q,
+        REQUESTS as i64 - sequenced_q,
+    );
 
     // 3. Two concurrent reorders of one queue, many rounds.
     let (mut naive_bad, mut sequenced_bad) = (0, 0);
@@ -230,7 +267,14 @@ async fn main() {
         .await;
         sequenced_bad += usize::from(!consistent(&db));
     }
-    row(&format!("queue: rounds with conflicting positions /{REORDER_ROUNDS}"), naive_bad, sequenced_bad);
+    row(
+        &format!("queue: rounds with conflicting positions /{REORDER_ROUNDS}"),
+        naive_bad,
+        sequenced_bad,
+    );
 
-    assert_eq!((failures(&sequenced), sequenced_q, sequenced_bad), (0, REQUESTS as i64, 0));
+    assert_eq!(
+        (failures(&sequenced), sequenced_q, sequenced_bad),
+        (0, REQUESTS as i64, 0)
+    );
 }

@@ -23,6 +23,36 @@
 //! assert_eq!(LOADS.load(Ordering::SeqCst), 1);          // four callers, one load
 //! assert_eq!(load_rules_cache().stats().executions, 1);
 //! ```
+//!
+//! - [`#[sequenced]`](sequenced): calls with the same key run one at a time, in arrival order;
+//!   a [`Seq`] parameter receives the key's next number, consumed only if the call succeeds, so
+//!   numbers are unique, gap-free and in completion order.
+//!
+//! ```
+//! use std::sync::Mutex;
+//! use racefree::{sequenced, Seq};
+//!
+//! #[derive(Debug)]
+//! struct Full;
+//!
+//! static ROWS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+//!
+//! #[sequenced(key = shop.to_owned(), start = 1_000)]
+//! fn create_work_order(shop: &str, fail: bool, seq: Seq) -> Result<String, Full> {
+//!     if fail { return Err(Full); }                   // consumes no number
+//!     ROWS.lock().unwrap().push((shop.to_owned(), seq.get()));
+//!     Ok(format!("{shop}-{seq}"))
+//! }
+//!
+//! let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(|| create_work_order("porto", false))).collect();
+//! for t in threads { t.join().unwrap().unwrap(); }   // callers never pass `seq`
+//! assert!(create_work_order("porto", true).is_err());
+//! assert_eq!(create_work_order("porto", false).unwrap(), "porto-1004");
+//! let mut numbers: Vec<u64> = ROWS.lock().unwrap().iter().map(|r| r.1).collect();
+//! numbers.sort();
+//! assert_eq!(numbers, [1_000, 1_001, 1_002, 1_003, 1_004]);
+//! assert_eq!(create_work_order_sequence().next(&"porto".to_owned()), Some(1_005));
+//! ```
 
 #![warn(missing_docs)]
 

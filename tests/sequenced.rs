@@ -18,7 +18,11 @@ use racefree::{sequenced, Seq, SequenceError};
 const ROUNDS: u64 = 5;
 
 /// Blocks (without sleeping) until `key` has `n` callers queued behind its holder.
-fn until_waiting<K: Eq + std::hash::Hash + Clone + Send + Sync + 'static>(handle: &racefree::SequenceHandle, key: &K, n: usize) {
+fn until_waiting<K: Eq + std::hash::Hash + Clone + Send + Sync + 'static>(
+    handle: &racefree::SequenceHandle,
+    key: &K,
+    n: usize,
+) {
     while handle.waiting(key) < n {
         std::thread::yield_now();
     }
@@ -30,11 +34,21 @@ fn until_waiting<K: Eq + std::hash::Hash + Clone + Send + Sync + 'static>(handle
 static BALANCES: Mutex<Option<HashMap<u64, u64>>> = Mutex::new(None);
 
 fn balance(account: u64) -> u64 {
-    BALANCES.lock().unwrap().get_or_insert_with(HashMap::new).get(&account).copied().unwrap_or(0)
+    BALANCES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&account)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn set_balance(account: u64, value: u64) {
-    BALANCES.lock().unwrap().get_or_insert_with(HashMap::new).insert(account, value);
+    BALANCES
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(account, value);
 }
 
 /// An unlocked read-modify-write with a yield in the middle: loses updates unless serialized.
@@ -74,7 +88,11 @@ fn meet(key: u32, here: mpsc::Sender<u32>, other: &Mutex<mpsc::Receiver<u32>>) -
     here.send(key).unwrap();
     // Returns only once the body of the other key has started too: both run at once. The
     // timeout turns a failure into a failed assertion instead of a hung test.
-    other.lock().unwrap().recv_timeout(Duration::from_secs(30)).is_ok()
+    other
+        .lock()
+        .unwrap()
+        .recv_timeout(Duration::from_secs(30))
+        .is_ok()
 }
 
 /// Two threads call with different keys; each body waits inside for the other body to start.
@@ -97,7 +115,10 @@ fn different_keys_run_in_parallel() {
             });
             (a.join().unwrap(), b.join().unwrap())
         });
-        assert!(a && b, "round {round}: the two keys' bodies did not run at the same time");
+        assert!(
+            a && b,
+            "round {round}: the two keys' bodies did not run at the same time"
+        );
     }
 }
 
@@ -141,7 +162,11 @@ fn waiters_acquire_in_arrival_order() {
         });
         let order = order.into_inner().unwrap();
         assert_eq!(order[0], usize::MAX, "round {round}: the holder ran first");
-        assert_eq!(order[1..], (0..WAITERS).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            order[1..],
+            (0..WAITERS).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
 }
 
@@ -247,8 +272,16 @@ fn post_or_panic(key: u64, panic: bool, seq: Seq) -> u64 {
 fn panic_consumes_no_number() {
     assert_eq!(post_or_panic(1, false), 1);
     assert!(catch_unwind(|| post_or_panic(1, true)).is_err());
-    assert_eq!(post_or_panic(1, false), 2, "the panicking call's number went to the next caller");
-    assert_eq!(post_or_panic_sequence().locked(), 0, "the panic released the key");
+    assert_eq!(
+        post_or_panic(1, false),
+        2,
+        "the panicking call's number went to the next caller"
+    );
+    assert_eq!(
+        post_or_panic_sequence().locked(),
+        0,
+        "the panic released the key"
+    );
 }
 
 #[sequenced(key = key)]
@@ -268,7 +301,11 @@ async fn dropped_future_consumes_no_number() {
     body_running.await.unwrap(); // its body holds number 2 now
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
-    assert_eq!(post_after(1, None).await, 2, "the dropped call's number went to the next caller");
+    assert_eq!(
+        post_after(1, None).await,
+        2,
+        "the dropped call's number went to the next caller"
+    );
     assert_eq!(post_after_sequence().locked(), 0);
 }
 
@@ -301,7 +338,11 @@ async fn completion_order_is_number_order() {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(*finished.lock().unwrap(), (1..=100).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            *finished.lock().unwrap(),
+            (1..=100).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
 }
 
@@ -327,8 +368,14 @@ async fn cancelled_waiter_leaves_no_entry() {
         if key % 10 == 0 {
             let (release, until) = tokio::sync::oneshot::channel();
             let mut holder = Box::pin(hold(key, Some(until)));
-            assert!((&mut holder).now_or_never().is_none(), "holds the key, parked in its body");
-            assert!(hold(key, None).now_or_never().is_none(), "queued behind the holder, then dropped");
+            assert!(
+                (&mut holder).now_or_never().is_none(),
+                "holds the key, parked in its body"
+            );
+            assert!(
+                hold(key, None).now_or_never().is_none(),
+                "queued behind the holder, then dropped"
+            );
             release.send(()).unwrap();
             assert_eq!(holder.await, 1);
         } else {
@@ -357,7 +404,11 @@ fn counter_can_be_read_set_and_reset() {
     assert_eq!(order_no("lisbon"), 500);
     assert_eq!(sequence.reset(&shop).unwrap(), Some(501));
     assert_eq!(sequence.next(&shop), None);
-    assert_eq!(order_no("lisbon"), 100, "after a reset the key starts at `start` again");
+    assert_eq!(
+        order_no("lisbon"),
+        100,
+        "after a reset the key starts at `start` again"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,11 +442,22 @@ fn timeout_is_a_typed_error_and_leaves_the_queue() {
         std::thread::yield_now();
     }
     let error = post_within(7, None).unwrap_err();
-    assert!(matches!(error, PostError::Busy(SequenceError::Timeout)), "{error:?}");
-    assert_eq!(post_within_sequence().waiting(&7_u64), 0, "the timed-out waiter left the queue");
+    assert!(
+        matches!(error, PostError::Busy(SequenceError::Timeout)),
+        "{error:?}"
+    );
+    assert_eq!(
+        post_within_sequence().waiting(&7_u64),
+        0,
+        "the timed-out waiter left the queue"
+    );
     open.send(()).unwrap();
     assert_eq!(holder.join().unwrap().unwrap(), 1);
-    assert_eq!(post_within(7, None).unwrap(), 2, "the timed-out call consumed no number");
+    assert_eq!(
+        post_within(7, None).unwrap(),
+        2,
+        "the timed-out call consumed no number"
+    );
     assert_eq!(post_within_sequence().locked(), 0);
 }
 
@@ -429,7 +491,10 @@ impl Ledger {
 #[test]
 fn sync_method_with_self() {
     for round in 0..ROUNDS {
-        let ledger = Ledger { id: 8_000 + round, entries: Mutex::new(Vec::new()) };
+        let ledger = Ledger {
+            id: 8_000 + round,
+            entries: Mutex::new(Vec::new()),
+        };
         let barrier = Barrier::new(8);
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -441,7 +506,11 @@ fn sync_method_with_self() {
                 });
             }
         });
-        assert_eq!(*ledger.entries.lock().unwrap(), (1..=200).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            *ledger.entries.lock().unwrap(),
+            (1..=200).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
 }
 
@@ -450,7 +519,10 @@ fn sync_method_with_self() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn async_method_with_self() {
     for round in 0..ROUNDS {
-        let ledger = Arc::new(Ledger { id: 8_100 + round, entries: Mutex::new(Vec::new()) });
+        let ledger = Arc::new(Ledger {
+            id: 8_100 + round,
+            entries: Mutex::new(Vec::new()),
+        });
         let barrier = Arc::new(tokio::sync::Barrier::new(50));
         let tasks: Vec<_> = (0..50)
             .map(|amount| {
@@ -464,7 +536,11 @@ async fn async_method_with_self() {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(*ledger.entries.lock().unwrap(), (1..=50).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            *ledger.entries.lock().unwrap(),
+            (1..=50).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
 }
 
@@ -501,8 +577,16 @@ fn reentry_without_error_type_panics_with_the_reason() {
     let panic = catch_unwind(|| nested(1, Some(1))).unwrap_err();
     let message = panic.downcast_ref::<String>().unwrap();
     assert!(message.contains("re-entered"), "{message}");
-    assert_eq!(nested_sequence().locked(), 0, "the outer call released its key while unwinding");
-    assert_eq!(nested(2, Some(3)), 1, "a different key inside the body is fine");
+    assert_eq!(
+        nested_sequence().locked(),
+        0,
+        "the outer call released its key while unwinding"
+    );
+    assert_eq!(
+        nested(2, Some(3)),
+        1,
+        "a different key inside the body is fine"
+    );
 }
 
 #[sequenced(key = key, timeout = "10s")]
@@ -516,15 +600,25 @@ fn nested_typed(key: u64, inner: bool, seq: Seq) -> Result<u64, PostError> {
 #[test]
 fn reentry_with_error_type_returns_reentrant() {
     let error = nested_typed(1, true).unwrap_err();
-    assert!(matches!(error, PostError::Busy(SequenceError::Reentrant)), "{error:?}");
-    assert_eq!(nested_typed(1, false).unwrap(), 1, "the failed outer call consumed nothing");
+    assert!(
+        matches!(error, PostError::Busy(SequenceError::Reentrant)),
+        "{error:?}"
+    );
+    assert_eq!(
+        nested_typed(1, false).unwrap(),
+        1,
+        "the failed outer call consumed nothing"
+    );
 }
 
 #[sequenced(key = key, timeout = "10s")]
 async fn nested_async(key: u64, depth: u8, seq: Seq) -> Result<u64, PostError> {
     if depth > 0 {
         // Through `join!` inside the body: still the body's own future.
-        let (inner, _) = tokio::join!(Box::pin(nested_async(key, depth - 1)), tokio::task::yield_now());
+        let (inner, _) = tokio::join!(
+            Box::pin(nested_async(key, depth - 1)),
+            tokio::task::yield_now()
+        );
         inner?;
     }
     Ok(seq.get())
@@ -533,7 +627,10 @@ async fn nested_async(key: u64, depth: u8, seq: Seq) -> Result<u64, PostError> {
 #[tokio::test]
 async fn reentry_in_async_body_returns_reentrant() {
     let error = nested_async(1, 1).await.unwrap_err();
-    assert!(matches!(error, PostError::Busy(SequenceError::Reentrant)), "{error:?}");
+    assert!(
+        matches!(error, PostError::Busy(SequenceError::Reentrant)),
+        "{error:?}"
+    );
     // Two calls side by side in one task are not re-entry: the second queues.
     let (a, b) = tokio::join!(nested_async(2, 0), nested_async(2, 0));
     let mut both = [a.unwrap(), b.unwrap()];

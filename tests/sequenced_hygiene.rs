@@ -52,6 +52,9 @@ fn generated_code_ignores_shadowing() {
     assert_eq!(plain(1), 5);
     assert_eq!(fallible(1).unwrap(), 1);
     serialized_only();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     assert_eq!(rt.block_on(fallible_async(1)).unwrap(), 1);
 }

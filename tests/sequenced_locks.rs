@@ -10,7 +10,11 @@ use racefree_runtime::{KeyedLocks, SequenceError, Sequencer};
 #[tokio::test]
 async fn granted_then_cancelled_waiter_hands_the_lock_on() {
     let locks = KeyedLocks::new();
-    let holder = locks.lock_async(1_u32, None).now_or_never().unwrap().unwrap();
+    let holder = locks
+        .lock_async(1_u32, None)
+        .now_or_never()
+        .unwrap()
+        .unwrap();
     let mut first = Box::pin(locks.lock_async(1, None));
     let mut second = Box::pin(locks.lock_async(1, None));
     assert!((&mut first).now_or_never().is_none());
@@ -44,7 +48,10 @@ fn timed_out_blocking_waiter_leaves_the_queue() {
     let locks = KeyedLocks::new();
     let holder = locks.lock(9_u8, None).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
-    assert!(matches!(locks.lock(9, Some(deadline)), Err(SequenceError::Timeout)));
+    assert!(matches!(
+        locks.lock(9, Some(deadline)),
+        Err(SequenceError::Timeout)
+    ));
     assert_eq!(locks.waiting(&9), 0);
     drop(holder);
     assert!(locks.is_empty());
@@ -55,6 +62,8 @@ fn timed_out_blocking_waiter_leaves_the_queue() {
 fn fence_grows_per_holding() {
     use racefree::__private::SequenceLease;
     let sequencer = Sequencer::new();
-    let fences: Vec<u64> = (0..5).map(|_| sequencer.acquire("k", None).unwrap().fence()).collect();
+    let fences: Vec<u64> = (0..5)
+        .map(|_| sequencer.acquire("k", None).unwrap().fence())
+        .collect();
     assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
 }

@@ -52,7 +52,9 @@ impl Tills {
 
 #[test]
 fn store_can_be_a_field() {
-    let tills = Tills { sequence: Sequencer::new() };
+    let tills = Tills {
+        sequence: Sequencer::new(),
+    };
     assert_eq!(tills.receipt(1).unwrap(), "T1-1");
     assert_eq!(tills.receipt(1).unwrap(), "T1-2");
     assert_eq!(tills.sequence.next(&1), Some(3));
@@ -70,7 +72,11 @@ struct AsyncLease<'a>(SequencerLease<'a, u32>);
 impl SequenceBackend<u32> for AsyncOnly {
     type Lease<'a> = AsyncLease<'a>;
 
-    async fn acquire_async(&self, key: u32, deadline: Option<Instant>) -> Result<AsyncLease<'_>, SequenceError> {
+    async fn acquire_async(
+        &self,
+        key: u32,
+        deadline: Option<Instant>,
+    ) -> Result<AsyncLease<'_>, SequenceError> {
         let lease = self.inner.acquire_async(key, deadline).await?;
         self.acquired.fetch_add(1, Ordering::SeqCst);
         Ok(AsyncLease(lease))
@@ -92,7 +98,10 @@ impl SequenceLease for AsyncLease<'_> {
     }
 }
 
-static REMOTE: LazyLock<AsyncOnly> = LazyLock::new(|| AsyncOnly { inner: Sequencer::new(), acquired: AtomicUsize::new(0) });
+static REMOTE: LazyLock<AsyncOnly> = LazyLock::new(|| AsyncOnly {
+    inner: Sequencer::new(),
+    acquired: AtomicUsize::new(0),
+});
 
 #[sequenced(key = stream, store = *REMOTE, start = 1_000)]
 async fn append_remote(stream: u32, seq: Seq) -> Result<u64, Busy> {
@@ -110,5 +119,8 @@ async fn a_custom_backend_drives_the_expansion() {
     assert_eq!(append_remote(1).await.unwrap(), 1_001);
     assert_eq!(REMOTE.acquired.load(Ordering::SeqCst), 2);
     let error = append_remote_blocking(1).unwrap_err();
-    assert!(matches!(error, Busy(SequenceError::Store(_))), "an async-only store refuses blocking calls: {error:?}");
+    assert!(
+        matches!(error, Busy(SequenceError::Store(_))),
+        "an async-only store refuses blocking calls: {error:?}"
+    );
 }

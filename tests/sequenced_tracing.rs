@@ -17,7 +17,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
                 self.0.push_str(&format!("{}={:?} ", field.name(), value));
             }
         }
-        let mut line = format!("{} {} ", event.metadata().level(), event.metadata().target());
+        let mut line = format!(
+            "{} {} ",
+            event.metadata().level(),
+            event.metadata().target()
+        );
         event.record(&mut Visit(&mut line));
         self.0.lock().unwrap().push(line);
     }
@@ -35,7 +39,8 @@ fn traced(key: u8, gate: Option<mpsc::Receiver<()>>, seq: Seq) -> u64 {
 fn tracing_events_for_acquire_wait_handoff_and_commit() {
     use tracing_subscriber::layer::SubscriberExt;
     let messages = Messages::default();
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(messages.clone())).unwrap();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(messages.clone()))
+        .unwrap();
 
     let (open, gate) = mpsc::channel();
     let holder = std::thread::spawn(move || traced(1, Some(gate)));
@@ -50,8 +55,18 @@ fn tracing_events_for_acquire_wait_handoff_and_commit() {
     assert_eq!((holder.join().unwrap(), waiter.join().unwrap()), (1, 2));
 
     let lines = messages.0.lock().unwrap().clone();
-    let has = |text: &str| lines.iter().any(|l| l.starts_with("DEBUG racefree") && l.contains(text));
-    for text in ["key free: acquired", "key held: waiting", "handed the key: acquired", "seq=1", "seq=2"] {
+    let has = |text: &str| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("DEBUG racefree") && l.contains(text))
+    };
+    for text in [
+        "key free: acquired",
+        "key held: waiting",
+        "handed the key: acquired",
+        "seq=1",
+        "seq=2",
+    ] {
         assert!(has(text), "no event with {text:?} in {lines:#?}");
     }
 }

@@ -28,7 +28,48 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 /// Runs calls with the same key one at a time, in arrival order, and hands out gap-free
-/// sequence numbers. See `racefree::sequenced`.
+/// sequence numbers.
+///
+/// ```ignore
+/// use racefree::{sequenced, Seq};
+///
+/// #[sequenced(key = aggregate_id.to_owned())]
+/// async fn append(log: &EventLog, aggregate_id: &str, event: Event, seq: Seq) -> Result<(), StoreError> {
+///     log.insert(aggregate_id, seq.get(), event).await       // callers call append(&log, id, ev)
+/// }
+/// ```
+///
+/// Arguments, all optional:
+/// - `key = <expr>`: calls with equal keys are serialized (FIFO) and numbered together; the
+///   expression is evaluated before the call waits and must give an owned value
+///   (`Eq + Hash + Clone + Send + Sync + 'static`): write `id.to_owned()` for a `&str`.
+///   Without it the function has one sequence for all callers.
+/// - `start = <expr>`: the first number of a key not seen before (default 1), a `u64`.
+///   Evaluated once per key, under that key's lock, in the function's own scope: `?` and
+///   `.await` work as in the body. Needs a `Seq` parameter.
+/// - `timeout = "<duration>"`: wait at most this long for the key; then the call returns
+///   `Err(E::from(SequenceError::Timeout))`, so the function must return `Result<T, E>` with
+///   `E: From<racefree::SequenceError>`.
+/// - `store = <expr>`: a `racefree::SequenceBackend` (e.g. a shared `racefree::Sequencer`, a
+///   field `self.sequencer`, or a distributed store) instead of the function's own sequencer.
+///   Its errors reach the caller the same way, so it also needs that `Result`.
+///
+/// A parameter whose type is `Seq` (`racefree::Seq`) is supplied by the attribute and removed
+/// from the signature callers see. Its number is consumed only when the call returns `Ok` (or
+/// any value, for a function not returning `Result`); an `Err`, a panic or a dropped future
+/// leaves it for the next caller, so the numbers of a key are 1, 2, 3, ... in the order the
+/// calls finished.
+///
+/// Without `store`, the attribute also emits `fn <name>_sequence() -> &'static SequenceHandle`
+/// to read, set and reset a key's next number.
+///
+/// Re-entering a key from inside its own body (the body calls, directly or not, a sequenced
+/// function with the same key on the same thread or within the body's future) would deadlock;
+/// it is detected and fails with `SequenceError::Reentrant` (returned with `timeout`/`store`,
+/// a panic otherwise). A body that hands the re-entering call to another thread or a spawned
+/// task and waits for it is not detected: use `timeout` there.
+///
+/// See the crate docs of `racefree` for a runnable example.
 #[proc_macro_attribute]
 pub fn sequenced(args: TokenStream, item: TokenStream) -> TokenStream {
     sequenced::expand(args.into(), item.into()).into()

@@ -45,7 +45,9 @@ struct Plan {
 
 fn is_seq(ty: &Type) -> bool {
     match ty {
-        Type::Path(path) if path.qself.is_none() => path.path.segments.last().is_some_and(|s| s.ident == "Seq"),
+        Type::Path(path) if path.qself.is_none() => {
+            path.path.segments.last().is_some_and(|s| s.ident == "Seq")
+        }
         Type::Paren(inner) => is_seq(&inner.elem),
         Type::Group(inner) => is_seq(&inner.elem),
         _ => false,
@@ -112,7 +114,15 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     }
     errors.finish()?;
     let timeout_nanos = timeout.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    Ok(Plan { key, start, timeout_nanos, store, seq, output: shape.output, typed_errors })
+    Ok(Plan {
+        key,
+        start,
+        timeout_nanos,
+        store,
+        seq,
+        output: shape.output,
+        typed_errors,
+    })
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -152,13 +162,24 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
         }
         item.sig.inputs.push(input);
     }
-    item.block.stmts.splice(0..0, bindings.into_iter().map(|b| syn::parse_quote!(#b)));
-    item.attrs.push(syn::parse_quote!(#[allow(unused_variables)]));
+    item.block
+        .stmts
+        .splice(0..0, bindings.into_iter().map(|b| syn::parse_quote!(#b)));
+    item.attrs
+        .push(syn::parse_quote!(#[allow(unused_variables)]));
     item
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let Plan { key, start, timeout_nanos, store, seq, output, typed_errors } = plan;
+    let Plan {
+        key,
+        start,
+        timeout_nanos,
+        store,
+        seq,
+        output,
+        typed_errors,
+    } = plan;
     let name = item.sig.ident.clone();
     let id = expand::function_id(&name);
     let path = expand::function_path(&name);
@@ -192,13 +213,24 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         (
             quote!(::racefree::__private::SequenceBackend::acquire_async(__racefree_backend, __racefree_key, #deadline).await),
             quote!(::racefree::__private::SequenceLease::next_async(&mut __racefree_lease).await),
-            quote!(::racefree::__private::SequenceLease::commit_async(__racefree_lease, __racefree_number).await),
+            quote!(
+                ::racefree::__private::SequenceLease::commit_async(
+                    __racefree_lease,
+                    __racefree_number
+                )
+                .await
+            ),
         )
     } else {
         (
             quote!(::racefree::__private::SequenceBackend::acquire(__racefree_backend, __racefree_key, #deadline)),
-            quote!(::racefree::__private::SequenceLease::next(&mut __racefree_lease)),
-            quote!(::racefree::__private::SequenceLease::commit(__racefree_lease, __racefree_number)),
+            quote!(::racefree::__private::SequenceLease::next(
+                &mut __racefree_lease
+            )),
+            quote!(::racefree::__private::SequenceLease::commit(
+                __racefree_lease,
+                __racefree_number
+            )),
         )
     };
 
@@ -244,9 +276,15 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             };
             (quote!(mut), number, finish)
         }
-        None => (quote!(), quote!(), quote!(::core::mem::drop(__racefree_lease);)),
+        None => (
+            quote!(),
+            quote!(),
+            quote!(::core::mem::drop(__racefree_lease);),
+        ),
     };
-    let holder = quote!(::racefree::__private::SequenceLease::holder(&__racefree_lease));
+    let holder = quote!(::racefree::__private::SequenceLease::holder(
+        &__racefree_lease
+    ));
     let run = if is_async {
         body.run_wrapped(|future| quote!(#holder.within(#future)))
     } else {
@@ -265,11 +303,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             ::core::result::Result::Err(__racefree_error) => #fail,
         };
         #number
+        // The body runs as a closure call (sync) or an async block with an unreachable
+        // `loop {}` pinning its type (async): both intended, neither the user's to see.
+        #[allow(clippy::redundant_closure_call, clippy::empty_loop)]
         let __racefree_output: #ret = #run;
         #finish
         __racefree_output
     }};
-    item.block = Box::new(syn::parse2(block).expect("generated block parses"));
+    *item.block = syn::parse2(block).expect("generated block parses");
     if let Some(SeqParam { index, .. }) = seq {
         item.sig.inputs = item
             .sig

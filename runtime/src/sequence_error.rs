@@ -5,21 +5,17 @@ use std::fmt;
 /// Why a sequenced call did not run its body.
 ///
 /// A `#[sequenced]` function with `timeout = "..."` or `store = ...` returns these through its
-/// own error type, so that type needs `From<SequenceError>`:
+/// own error type, so that type needs `From<SequenceError>`.
 ///
 /// ```
-/// use racefree::{sequenced, SequenceError};
+/// use std::time::{Duration, Instant};
+/// use racefree_runtime::{KeyedLocks, SequenceError};
 ///
-/// #[derive(Debug)]
-/// enum AppendError { Busy(SequenceError) }
-/// impl From<SequenceError> for AppendError {
-///     fn from(e: SequenceError) -> Self { AppendError::Busy(e) }
-/// }
-///
-/// #[sequenced(key = stream.to_owned(), timeout = "2s")]
-/// fn append(stream: &str) -> Result<(), AppendError> { Ok(()) }
-///
-/// assert!(append("orders").is_ok());
+/// let locks = KeyedLocks::new();
+/// let _held = locks.lock("stream-1", None).unwrap();
+/// let deadline = Instant::now() + Duration::from_millis(10);
+/// assert!(matches!(locks.lock("stream-1", Some(deadline)), Err(SequenceError::Timeout)));
+/// assert_eq!(locks.waiting(&"stream-1"), 0);            // the timed-out caller left the queue
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
@@ -41,11 +37,15 @@ pub enum SequenceError {
 impl fmt::Display for SequenceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SequenceError::Timeout => f.write_str("timed out waiting for the key of a #[sequenced] call"),
+            SequenceError::Timeout => {
+                f.write_str("timed out waiting for the key of a #[sequenced] call")
+            }
             SequenceError::Reentrant => f.write_str(
                 "a #[sequenced] call re-entered a key its own caller holds; waiting would deadlock",
             ),
-            SequenceError::LeaseLost => f.write_str("the lease on the key was lost before the sequence number was committed"),
+            SequenceError::LeaseLost => f.write_str(
+                "the lease on the key was lost before the sequence number was committed",
+            ),
             SequenceError::Store(e) => write!(f, "sequence store failed: {e}"),
         }
     }

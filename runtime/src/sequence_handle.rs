@@ -37,16 +37,20 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer
 /// `()` for a function without `key`).
 ///
 /// ```
-/// use racefree::{sequenced, Seq};
+/// use racefree_runtime::{SequenceBackend, SequenceCell, SequenceLease};
 ///
-/// #[sequenced(key = desk)]
-/// fn ticket(desk: u8, seq: Seq) -> u64 { seq.get() }
+/// // What `#[sequenced(key = desk)] fn ticket(desk: u8, seq: Seq)` declares; its generated
+/// // `ticket_sequence()` returns `TICKET.handle()`.
+/// static TICKET: SequenceCell = SequenceCell::new("demo::ticket");
+/// let sequence = TICKET.handle();
 ///
-/// assert_eq!((ticket(1), ticket(1)), (1, 2));
-/// let sequence = ticket_sequence();
-/// assert_eq!(sequence.next(&1_u8), Some(3));
-/// sequence.reset(&1_u8).unwrap();                  // back to `start` (default 1)
-/// assert_eq!(ticket(1), 1);
+/// let mut lease = sequence.sequencer::<u8>().acquire(1, None).unwrap();   // a call for desk 1
+/// let n = lease.next().unwrap().unwrap_or(1);
+/// lease.commit(n).unwrap();
+///
+/// assert_eq!(sequence.next(&1_u8), Some(2));
+/// sequence.reset(&1_u8).unwrap();                  // back to `start` for desk 1
+/// assert_eq!(sequence.next(&1_u8), None);
 /// assert_eq!(sequence.locked(), 0);                // no key held: no lock entries left
 /// ```
 pub struct SequenceHandle {
@@ -57,7 +61,11 @@ pub struct SequenceHandle {
 
 impl SequenceHandle {
     fn new(name: &'static str) -> Self {
-        SequenceHandle { name, first: OnceLock::new(), all: RwLock::new(Vec::new()) }
+        SequenceHandle {
+            name,
+            first: OnceLock::new(),
+            all: RwLock::new(Vec::new()),
+        }
     }
 
     /// The function's sequencer for keys of type `K`, created on first use.
@@ -70,8 +78,13 @@ impl SequenceHandle {
     }
 
     #[cold]
-    fn sequencer_slow<K: Eq + Hash + Clone + Send + Sync + 'static>(&self) -> &'static Sequencer<K> {
-        let mut all = self.all.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn sequencer_slow<K: Eq + Hash + Clone + Send + Sync + 'static>(
+        &self,
+    ) -> &'static Sequencer<K> {
+        let mut all = self
+            .all
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(sequencer) = all.iter().find_map(|s| s.as_any().downcast_ref()) {
             return sequencer;
         }
@@ -83,7 +96,10 @@ impl SequenceHandle {
     }
 
     fn each(&self) -> Vec<&'static dyn ErasedSequencer> {
-        self.all.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.all
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The number the key's next successful call gets; `None` if it has none yet.
@@ -93,12 +109,19 @@ impl SequenceHandle {
 
     /// Forgets the key's counter (its next call starts at `start` again) and returns what its
     /// next number would have been. Waits for the key like a call does.
-    pub fn reset<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> Result<Option<u64>, SequenceError> {
+    pub fn reset<K: Eq + Hash + Clone + Send + Sync + 'static>(
+        &self,
+        key: &K,
+    ) -> Result<Option<u64>, SequenceError> {
         self.sequencer::<K>().reset(key)
     }
 
     /// Makes `next` the key's next number. Waits for the key like a call does.
-    pub fn set_next<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K, next: u64) -> Result<(), SequenceError> {
+    pub fn set_next<K: Eq + Hash + Clone + Send + Sync + 'static>(
+        &self,
+        key: &K,
+        next: u64,
+    ) -> Result<(), SequenceError> {
         self.sequencer::<K>().set_next(key, next)
     }
 
@@ -144,7 +167,10 @@ pub struct SequenceCell {
 impl SequenceCell {
     #[doc(hidden)]
     pub const fn new(id: &'static str) -> Self {
-        SequenceCell { id, handle: OnceLock::new() }
+        SequenceCell {
+            id,
+            handle: OnceLock::new(),
+        }
     }
 
     #[doc(hidden)]
@@ -155,10 +181,15 @@ impl SequenceCell {
 }
 
 fn registered(id: &'static str) -> &'static SequenceHandle {
-    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static SequenceHandle>>> = OnceLock::new();
-    let mut registry =
-        REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry.entry(id).or_insert_with(|| Box::leak(Box::new(SequenceHandle::new(id))))
+    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static SequenceHandle>>> =
+        OnceLock::new();
+    let mut registry = REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry
+        .entry(id)
+        .or_insert_with(|| Box::leak(Box::new(SequenceHandle::new(id))))
 }
 
 /// What generated code does with a [`SequenceError`] when the function has no error type to

@@ -17,26 +17,24 @@
 //! implements [`SequenceBackend`] over shared storage (`store = ...`).
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::time::Instant;
 
 use dashmap::DashMap;
 
-use crate::keyed_locks::{Holder, KeyGuard, KeyedLocks};
+use crate::keyed_locks::{Holder, KeyGuard, KeyedLocks, RandomState};
 use crate::sequence_error::SequenceError;
 
-/// The sequence number of one `#[sequenced]` call, supplied by the attribute.
+/// The sequence number of one `#[sequenced]` call, supplied by the attribute through a
+/// `seq: Seq` parameter that callers do not pass.
 ///
 /// ```
-/// use racefree::{sequenced, Seq};
+/// use racefree_runtime::Seq;
 ///
-/// #[sequenced(key = ledger)]
-/// fn post(ledger: u32, seq: Seq) -> u64 {
-///     println!("posting #{seq}");         // Display prints the number
-///     u64::from(seq)                      // same as seq.get()
-/// }
-///
-/// assert_eq!((post(7), post(7), post(8)), (1, 2, 1));
+/// let seq = Seq::new(7, 1);                 // the attribute makes these; `new` is for tests
+/// assert_eq!(seq.get(), 7);
+/// assert_eq!(u64::from(seq), 7);
+/// assert_eq!(format!("WO-{seq:05}"), "WO-00007");   // Display formats the number
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Seq {
@@ -170,7 +168,10 @@ impl<K, T: SequenceBackend<K> + Sync + ?Sized> SequenceBackend<K> for &T {
 }
 
 fn blocking_unsupported() -> SequenceError {
-    SequenceError::Store("this sequence store works only asynchronously: make the #[sequenced] function `async`".into())
+    SequenceError::Store(
+        "this sequence store works only asynchronously: make the #[sequenced] function `async`"
+            .into(),
+    )
 }
 
 /// In-process per-key sequences: a [`KeyedLocks`] registry and a counter per key.
@@ -202,7 +203,7 @@ impl<K: Eq + Hash + Clone> Sequencer<K> {
 
     /// An empty sequencer named in its `tracing` events.
     pub fn named(name: &'static str) -> Self {
-        Self::with_hasher(name, RandomState::new())
+        Self::with_hasher(name, RandomState::default())
     }
 }
 
@@ -215,7 +216,11 @@ impl<K: Eq + Hash + Clone> Default for Sequencer<K> {
 impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Sequencer<K, S> {
     /// An empty sequencer with the given hasher.
     pub fn with_hasher(name: &'static str, hasher: S) -> Self {
-        Sequencer { name, locks: KeyedLocks::with_hasher(hasher.clone()), counters: DashMap::with_hasher(hasher) }
+        Sequencer {
+            name,
+            locks: KeyedLocks::with_hasher(hasher.clone()),
+            counters: DashMap::with_hasher(hasher),
+        }
     }
 
     /// The number the key's next successful call gets; `None` for a key never numbered (its
@@ -275,14 +280,28 @@ where
     where
         Self: 'a;
 
-    fn acquire(&self, key: K, deadline: Option<Instant>) -> Result<SequencerLease<'_, K, S>, SequenceError> {
+    fn acquire(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> Result<SequencerLease<'_, K, S>, SequenceError> {
         let guard = self.locks.lock(key, deadline)?;
-        Ok(SequencerLease { sequencer: self, guard })
+        Ok(SequencerLease {
+            sequencer: self,
+            guard,
+        })
     }
 
-    async fn acquire_async(&self, key: K, deadline: Option<Instant>) -> Result<SequencerLease<'_, K, S>, SequenceError> {
+    async fn acquire_async(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> Result<SequencerLease<'_, K, S>, SequenceError> {
         let guard = self.locks.lock_async(key, deadline).await?;
-        Ok(SequencerLease { sequencer: self, guard })
+        Ok(SequencerLease {
+            sequencer: self,
+            guard,
+        })
     }
 }
 
@@ -341,7 +360,9 @@ where
     }
 }
 
-impl<K: Eq + Hash + Clone + std::fmt::Debug, S: BuildHasher + Clone> std::fmt::Debug for Sequencer<K, S> {
+impl<K: Eq + Hash + Clone + std::fmt::Debug, S: BuildHasher + Clone> std::fmt::Debug
+    for Sequencer<K, S>
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sequencer")
             .field("name", &self.name)
