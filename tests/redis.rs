@@ -386,19 +386,19 @@ async fn cached_4_processes_x_25_callers_compute_once() {
 }
 
 /// A worker claims a key and is SIGKILLed while its body runs. While it lived, its heartbeat
-/// kept the claim past several leases; after its death and one lease, exactly one of 20
+/// kept the claim past three leases; after its death and one lease, exactly one of 20
 /// concurrent callers executes and all 20 get that outcome; the dead owner's completion
 /// (its token replayed) is rejected and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_owner_is_taken_over_once_and_its_late_completion_rejected() {
     let target = Target::single();
     let prefix = support::unique("kill");
-    let lease = Duration::from_millis(600);
+    let lease = Duration::from_millis(1000);
     let store = target.store().lease(lease);
     let key = RedisKey::new("tests::redis", Some(&prefix), "k0");
 
     // One worker process; the barrier wants 4 arrivals, so add the other 3 ourselves.
-    let mut holder = target.spawn("hold-claim", &prefix, 0, 1, &[("RF_LEASE_MS", "600")]);
+    let mut holder = target.spawn("hold-claim", &prefix, 0, 1, &[("RF_LEASE_MS", "1000")]);
     let ready = format!("{prefix}:ready:0");
     let mut conn = store.connection().await.unwrap();
     let _: i64 = conn.incr(&ready, 3).await.unwrap();
@@ -415,8 +415,8 @@ async fn killed_owner_is_taken_over_once_and_its_late_completion_rejected() {
         .expect("the worker's claim");
     let stale = OwnerClaim::from_parts(&key, record.owner.clone(), "fp");
 
-    // Alive for 4 leases: the heartbeat keeps the claim.
-    tokio::time::sleep(lease * 4).await;
+    // Alive for 3 leases: the heartbeat keeps the claim.
+    tokio::time::sleep(lease * 3).await;
     assert!(matches!(
         store.idempotency().claim(&key, "fp", lease).await.unwrap(),
         Claim::InProgress

@@ -1,7 +1,7 @@
 //! The Redis store behind the attributes: `#[idempotent(store = …)]` and
 //! `#[sequenced(store = …)]`.
 //!
-//! ```ignore
+//! ```text
 //! use racefree::redis::RedisStore;
 //!
 //! static REDIS: RedisStore = RedisStore::lazy("redis://127.0.0.1/");

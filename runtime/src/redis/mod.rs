@@ -13,11 +13,21 @@
 //! [`RedisStoreError`]s: every command has a deadline, token-checked commands are re-sent
 //! after a lost connection, and nothing ever reports "free" when it does not know.
 //!
+//! # With the attributes
+//! - `#[idempotent(store = RECEIPTS)]` with `static RECEIPTS: RedisIdempotencyStore<Receipt> =
+//!   RedisIdempotencyStore::new(&REDIS);` ([`RedisIdempotencyStore`] names the outcome type,
+//!   which must be `Serialize + DeserializeOwned`).
+//! - `#[sequenced(store = REDIS.sequence("orders::next_no"))]` ([`RedisStore::sequence`] names
+//!   the family of sequences, because the attribute passes only the key).
+//! - `#[cached]` does not take a Redis store yet; use [`RedisCache::get_or_compute`] directly.
+//!
 //! # Async only
 //! Every operation is `async` and needs a Tokio runtime (the lease heartbeat is a Tokio task).
-//! Synchronous functions cannot use the Redis store; they keep the in-process stores. Blocking a
-//! thread on Redis from inside an async runtime is the classic way to deadlock one, so there is
-//! deliberately no blocking bridge.
+//! A sync `#[idempotent]` function with a Redis store does not compile ("cannot be used from a
+//! sync `fn`"); a sync `#[sequenced]` function with one fails every call with
+//! `SequenceError::Store` ("make the function `async`"). Blocking a thread on Redis from inside
+//! an async runtime is the classic way to stall one, so there is deliberately no blocking
+//! bridge; sync code keeps the in-process stores.
 //!
 //! Requires Redis 7.0 or newer (`SET … NX GET`).
 
