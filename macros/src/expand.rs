@@ -78,7 +78,7 @@ impl Body {
             // so `?` and `return` in the body infer as they did in the function.
             let future = quote_spanned! {span=>
                 async move {
-                    #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return)]
+                    #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return, clippy::empty_loop)]
                     if false {
                         let __racefree_unreachable: #output = loop {};
                         return __racefree_unreachable;
@@ -90,11 +90,17 @@ impl Body {
             let future = wrap(future);
             quote_spanned!(span=> #future.await)
         } else {
+            // The closure is called where it is written on purpose (it gives `return` and `?` a
+            // scope); the statement-level `allow` keeps clippy quiet in users' crates.
             quote_spanned! {span=>
-                (move || -> #output {
-                    #prelude
-                    #(#stmts)*
-                })()
+                {
+                    #[allow(clippy::redundant_closure_call)]
+                    let __racefree_body_output = (move || -> #output {
+                        #prelude
+                        #(#stmts)*
+                    })();
+                    __racefree_body_output
+                }
             }
         }
     }

@@ -239,6 +239,8 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             __racefree_hasher.fingerprint()
         };
         let __racefree_call = ::racefree::__private::Call::new(#path, #scope, #key, __racefree_fingerprint, #policy);
+        // `From::from` is the identity when `E` is `IdempotencyError` itself.
+        #[allow(clippy::useless_conversion)]
         let __racefree_execution = match ::racefree::__private::#begin(__racefree_store, __racefree_call) #await_ {
             ::racefree::__private::Begin::Execute(__racefree_execution) => __racefree_execution,
             ::racefree::__private::Begin::Replay(__racefree_outcome) => return #replayed,
@@ -248,7 +250,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         #finish
         __racefree_output
     }};
-    item.block = Box::new(syn::parse2(block).expect("generated block parses"));
+    *item.block = syn::parse2(block).expect("generated block parses");
 
     let accessor = default_store.then(|| {
         let vis = &item.vis;

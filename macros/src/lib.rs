@@ -20,8 +20,42 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     cached::expand(args.into(), item.into()).into()
 }
 
-/// Executes the body once per idempotency key; duplicates get the stored outcome. See
-/// `racefree::idempotent`.
+/// Executes the body once per idempotency key; duplicates get the stored outcome.
+///
+/// ```ignore
+/// use racefree::{idempotent, IdempotencyError};
+///
+/// #[idempotent(key = req.idempotency_key.as_deref(), ttl = "24h", skip(db))]
+/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> { … }
+/// // ApiError: From<IdempotencyError>
+/// ```
+///
+/// - The first call with a key claims it atomically and runs the body; its `Ok` outcome is
+///   kept for `ttl` (default `"24h"`). Later calls with the key and the same request
+///   fingerprint get that outcome without running anything.
+/// - Calls arriving while the body runs wait for its outcome (`in_flight = "wait"`, the
+///   default) or get `IdempotencyError::InProgress` at once (`in_flight = "reject"`).
+/// - The same key with a different fingerprint is `IdempotencyError::Conflict`; the stored
+///   outcome stays.
+/// - An `Err`, a panic or a dropped future releases the key: the retry (or one waiter)
+///   executes again. `store_errors` keeps `Err` outcomes too (then `E: Clone`, and the whole
+///   `Result` is what is stored and replayed).
+/// - `key = <expr>` evaluates to `&str`, `String` or an `Option` of them; `None` runs the body
+///   without idempotency, or refuses with `IdempotencyError::MissingKey` under `require_key`.
+/// - Keys are per function (its module path and name, stable across builds) and per
+///   `scope = <expr>` (any `Display`, e.g. a tenant id).
+/// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
+///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
+///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)
+///   stays in, since it carries the request. `fingerprint = <expr>` hashes that instead.
+/// - The default store is the function's own in-process `racefree::IdempotencyStore`
+///   (`T: Clone`; `capacity = <int>` bounds it; `fn <name>_idempotency_store()` reaches it);
+///   `store = <expr>` names any `racefree::IdempotencyBackend` (a sync `fn` needs a
+///   `BlockingIdempotencyBackend`).
+/// - Callers that need to know whether an outcome was replayed (`Idempotency-Replayed: true`)
+///   wrap the call in `racefree::replay::track(future)` or `track_sync(closure)`; ordinary
+///   callers call the function as before.
+/// - The function must return `Result<T, E>` with `E: From<racefree::IdempotencyError>`.
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     idempotent::expand(args.into(), item.into()).into()

@@ -350,12 +350,12 @@ enum Record<T> {
 /// ```
 pub struct IdempotencyStore<T> {
     // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
-    records: DashMap<String, Record<T>, RandomState>,
+    records: DashMap<Arc<str>, Record<T>, RandomState>,
     config: IdempotencyConfig,
     clock: Clock,
     // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
     // a key completed again later has a later deadline). Only with a capacity.
-    stored: Option<Mutex<VecDeque<(String, u64)>>>,
+    stored: Option<Mutex<Outcomes>>,
     stores_since_sweep: AtomicUsize,
     left_by_last_sweep: AtomicUsize,
     counters: Counters,
@@ -448,10 +448,16 @@ impl<T> Default for IdempotencyStore<T> {
     }
 }
 
+/// What [`IdempotencyStore::claim_now`] found.
+pub type StoreClaim<T> = Claim<T, StoreLease<T>, Arc<Flight<T>>>;
+
+// Keys of stored outcomes, oldest first, with the deadline that identifies each outcome.
+type Outcomes = VecDeque<(Arc<str>, u64)>;
+
 /// The claim of one key in an [`IdempotencyStore`].
 #[derive(Debug)]
 pub struct StoreLease<T> {
-    key: String,
+    key: Arc<str>,
     fingerprint: Fingerprint,
     flight: Arc<Flight<T>>,
 }
@@ -567,7 +573,7 @@ impl<T: Clone> IdempotencyStore<T> {
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
-    ) -> Result<Claim<T, StoreLease<T>, Arc<Flight<T>>>, IdempotencyError> {
+    ) -> Result<StoreClaim<T>, IdempotencyError> {
         // Replays, the common case of a retry, need neither an owned key nor a write lock.
         if let Some(record) = self.records.get(key.as_str()) {
             if let Record::Done {
@@ -582,15 +588,16 @@ impl<T: Clone> IdempotencyStore<T> {
             }
         }
         let now = self.now();
-        match self.records.entry(key.as_str().to_owned()) {
+        match self.records.entry(Arc::from(key.as_str())) {
             Entry::Occupied(mut entry) => match entry.get() {
                 record if is_expired(record, now) => {
                     let flight = Arc::new(Flight::new());
+                    let stored_key = Arc::clone(entry.key());
                     entry.insert(Record::InFlight {
                         fingerprint,
                         flight: Arc::clone(&flight),
                     });
-                    Ok(self.execute(key, fingerprint, flight))
+                    Ok(self.execute(stored_key, fingerprint, flight))
                 }
                 Record::Done {
                     fingerprint: stored,
@@ -608,24 +615,25 @@ impl<T: Clone> IdempotencyStore<T> {
             },
             Entry::Vacant(entry) => {
                 let flight = Arc::new(Flight::new());
+                let stored_key = Arc::clone(entry.key());
                 entry.insert(Record::InFlight {
                     fingerprint,
                     flight: Arc::clone(&flight),
                 });
-                Ok(self.execute(key, fingerprint, flight))
+                Ok(self.execute(stored_key, fingerprint, flight))
             }
         }
     }
 
     fn execute(
         &self,
-        key: &RecordKey,
+        key: Arc<str>,
         fingerprint: Fingerprint,
         flight: Arc<Flight<T>>,
-    ) -> Claim<T, StoreLease<T>, Arc<Flight<T>>> {
+    ) -> StoreClaim<T> {
         self.counters.executions.fetch_add(1, Relaxed);
         Claim::Execute(StoreLease {
-            key: key.as_str().to_owned(),
+            key,
             fingerprint,
             flight,
         })
@@ -637,7 +645,7 @@ impl<T: Clone> IdempotencyStore<T> {
         stored: Fingerprint,
         fingerprint: Fingerprint,
         outcome: &T,
-    ) -> Result<Claim<T, StoreLease<T>, Arc<Flight<T>>>, IdempotencyError> {
+    ) -> Result<StoreClaim<T>, IdempotencyError> {
         if stored != fingerprint {
             return Err(self.conflict(key));
         }
@@ -683,7 +691,7 @@ impl<T: Clone> IdempotencyStore<T> {
     // FIFO: drop the oldest outcomes until at most `capacity` are listed. Every stored outcome
     // is listed, so the count of outcomes never exceeds the capacity; entries whose outcome
     // expired or was replaced are skipped when they come up.
-    fn evict_over_capacity(&self, stored: &mut VecDeque<(String, u64)>) {
+    fn evict_over_capacity(&self, stored: &mut Outcomes) {
         let Some(capacity) = self.config.capacity else {
             return;
         };
@@ -826,11 +834,7 @@ impl<T> fmt::Debug for IdempotencyStore<T> {
 mod tests {
     use super::*;
 
-    fn claim(
-        store: &IdempotencyStore<u64>,
-        key: &str,
-        fingerprint: u128,
-    ) -> Claim<u64, StoreLease<u64>, Arc<Flight<u64>>> {
+    fn claim(store: &IdempotencyStore<u64>, key: &str, fingerprint: u128) -> StoreClaim<u64> {
         store
             .claim_now(&RecordKey::new("f", None, key), Fingerprint(fingerprint))
             .unwrap()

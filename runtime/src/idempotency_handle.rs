@@ -45,15 +45,16 @@ impl<T: Clone + Send + Sync + 'static> ErasedStore for IdempotencyStore<T> {
 /// `fn <name>_idempotency_store()`.
 ///
 /// ```
-/// use racefree::{idempotent, IdempotencyError};
+/// use racefree_runtime::idempotency::IdempotencyConfig;
+/// use racefree_runtime::idempotency_handle::IdempotencyCell;
 ///
-/// #[idempotent(key = key)]
-/// fn charge(key: &str, cents: u64) -> Result<u64, IdempotencyError> { Ok(cents) }
+/// // What `#[idempotent]` declares for `fn charge` (the macro also generates
+/// // `fn charge_idempotency_store() -> &'static IdempotencyHandle`).
+/// static CHARGE: IdempotencyCell = IdempotencyCell::new("billing::charge@3:4", IdempotencyConfig::new());
 ///
-/// charge("k-1", 500).unwrap();
-/// charge("k-1", 500).unwrap();
-/// let store = charge_idempotency_store();
-/// assert_eq!((store.stats().executions, store.stats().replays, store.len()), (1, 1, 1));
+/// let store = CHARGE.handle().store::<u64>();   // the outcome type, inferred in generated code
+/// assert!(std::ptr::eq(store, CHARGE.handle().store::<u64>()));
+/// assert_eq!((CHARGE.handle().len(), CHARGE.handle().stats().executions), (0, 0));
 /// ```
 pub struct IdempotencyHandle {
     name: &'static str,
