@@ -637,3 +637,45 @@ async fn reentry_in_async_body_returns_reentrant() {
     both.sort_unstable();
     assert_eq!(both, [1, 2]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// `start`: evaluated once per key, under the key's lock, with `?` and `.await`.
+
+static START_EVALUATIONS: AtomicU64 = AtomicU64::new(0);
+
+async fn max_stored(fail: bool) -> Result<u64, Rejected> {
+    tokio::task::yield_now().await;
+    START_EVALUATIONS.fetch_add(1, Ordering::SeqCst);
+    if fail {
+        Err(Rejected)
+    } else {
+        Ok(41)
+    }
+}
+
+#[sequenced(key = key, start = max_stored(fail_start).await? + 1)]
+async fn numbered_from_storage(key: u64, fail_start: bool, seq: Seq) -> Result<u64, Rejected> {
+    Ok(seq.get())
+}
+
+#[tokio::test]
+async fn start_runs_once_per_key_and_may_fail() {
+    assert_eq!(
+        numbered_from_storage(1, true).await,
+        Err(Rejected),
+        "`?` in start returns the error"
+    );
+    assert_eq!(
+        numbered_from_storage_sequence().next(&1_u64),
+        None,
+        "a failed start consumes nothing"
+    );
+    assert_eq!(numbered_from_storage(1, false).await, Ok(42));
+    assert_eq!(
+        numbered_from_storage(1, true).await,
+        Ok(43),
+        "start is not evaluated again"
+    );
+    assert_eq!(START_EVALUATIONS.load(Ordering::SeqCst), 2);
+    assert_eq!(numbered_from_storage_sequence().locked(), 0);
+}
