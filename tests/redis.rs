@@ -13,16 +13,57 @@ mod support;
 
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use racefree::redis::driver::{self, AsyncCommands};
 use racefree::redis::{
-    CacheOptions, Claim, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim, RedisKey,
-    RedisStore, RedisStoreError, SequenceOptions, SequencedError,
+    CacheOptions, Claim, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
+    RedisIdempotencyStore, RedisKey, RedisStore, RedisStoreError, SequenceOptions, SequencedError,
 };
+use racefree::{idempotent, sequenced, IdempotencyError, Seq, SequenceError};
 
 const WORKERS: usize = 4;
+
+// The attributes with the Redis store, driven by the same workers (modes "attr-*").
+static ATTR_STORE: LazyLock<Arc<RedisStore>> =
+    LazyLock::new(|| Arc::new(worker_store(Duration::from_secs(10))));
+static ATTR_OUTCOMES: LazyLock<RedisIdempotencyStore<String>> =
+    LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&ATTR_STORE)));
+
+#[derive(Debug)]
+struct AttrError(#[allow(dead_code)] String);
+
+impl From<IdempotencyError> for AttrError {
+    fn from(e: IdempotencyError) -> Self {
+        AttrError(e.to_string())
+    }
+}
+
+impl From<SequenceError> for AttrError {
+    fn from(e: SequenceError) -> Self {
+        AttrError(e.to_string())
+    }
+}
+
+#[idempotent(key = key, store = ATTR_OUTCOMES, skip(execs))]
+async fn attr_charge(key: &str, execs: &str) -> Result<String, AttrError> {
+    let n: i64 = ATTR_STORE
+        .connection()
+        .await
+        .unwrap()
+        .incr(execs, 1)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(format!("charge-{n}"))
+}
+
+#[sequenced(key = key, store = ATTR_STORE.sequence("tests::redis::attr_next"))]
+async fn attr_next(key: &str, seq: Seq) -> Result<u64, AttrError> {
+    tokio::task::yield_now().await;
+    Ok(seq.get())
+}
 const CALLERS: usize = 25;
 const ROUNDS: usize = 3;
 
@@ -154,6 +195,19 @@ async fn worker_call(store: &RedisStore, mode: &str, prefix: &str, round: usize,
                 .await
                 .expect("every caller gets the value");
             let _: i64 = conn.rpush(&results, value).await.unwrap();
+        }
+        "attr-idempotent" => {
+            let key = format!("{prefix}-attr-{round}");
+            let outcome = attr_charge(&key, &execs)
+                .await
+                .expect("every caller gets the outcome");
+            let _: i64 = conn.rpush(&results, outcome).await.unwrap();
+        }
+        "attr-sequenced" => {
+            let number = attr_next(&format!("{prefix}-attr-{round}"))
+                .await
+                .expect("a number");
+            let _: i64 = conn.rpush(&results, number).await.unwrap();
         }
         "hold-claim" => {
             if caller != 0 {
@@ -291,8 +345,8 @@ async fn count(store: &RedisStore, key: &str) -> i64 {
 
 /// 4 processes × 25 callers, one idempotency key, 3 rounds. Every round: exactly 1 execution
 /// (INCR outside the processes) and 100 equal outcomes.
-async fn idempotent_across_processes(target: &Target, prefix: &str) {
-    target.run_workers("idempotent", prefix, ROUNDS);
+async fn idempotent_across_processes(target: &Target, prefix: &str, mode: &str) {
+    target.run_workers(mode, prefix, ROUNDS);
     let store = target.store();
     for round in 0..ROUNDS {
         assert_eq!(
@@ -311,8 +365,8 @@ async fn idempotent_across_processes(target: &Target, prefix: &str) {
 
 /// 4 processes × 25 sequenced calls on one key, 3 rounds (one key each). Every round: the
 /// numbers handed out are exactly 1..=100, and the committed counter is 100.
-async fn sequenced_across_processes(target: &Target, prefix: &str) {
-    target.run_workers("sequenced", prefix, ROUNDS);
+async fn sequenced_across_processes(target: &Target, prefix: &str, mode: &str) {
+    target.run_workers(mode, prefix, ROUNDS);
     let store = target.store();
     for round in 0..ROUNDS {
         let mut numbers: Vec<u64> = list(&store, &format!("{prefix}:results:{round}"))
@@ -322,7 +376,12 @@ async fn sequenced_across_processes(target: &Target, prefix: &str) {
             .collect();
         numbers.sort_unstable();
         assert_eq!(numbers, (1..=100).collect::<Vec<_>>(), "round {round}");
-        let key = RedisKey::new("tests::redis", Some(prefix), format!("k{round}"));
+        let key = match mode {
+            "sequenced" => RedisKey::new("tests::redis", Some(prefix), format!("k{round}")),
+            _ => store
+                .sequence("tests::redis::attr_next")
+                .key(&format!("{prefix}-attr-{round}")),
+        };
         assert_eq!(store.sequences().current(&key).await.unwrap(), Some(100));
     }
 }
@@ -367,12 +426,34 @@ async fn cached_across_processes(target: &Target, prefix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_4_processes_x_25_callers_execute_once() {
-    idempotent_across_processes(&Target::single(), &support::unique("idem")).await;
+    idempotent_across_processes(&Target::single(), &support::unique("idem"), "idempotent").await;
+}
+
+/// The same through `#[idempotent(store = RedisIdempotencyStore)]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_attribute_4_processes_x_25_callers_execute_once() {
+    idempotent_across_processes(
+        &Target::single(),
+        &support::unique("aidem"),
+        "attr-idempotent",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequenced_4_processes_x_25_calls_number_1_to_100() {
-    sequenced_across_processes(&Target::single(), &support::unique("seq")).await;
+    sequenced_across_processes(&Target::single(), &support::unique("seq"), "sequenced").await;
+}
+
+/// The same through `#[sequenced(store = REDIS.sequence(..))]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequenced_attribute_4_processes_x_25_calls_number_1_to_100() {
+    sequenced_across_processes(
+        &Target::single(),
+        &support::unique("aseq"),
+        "attr-sequenced",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -815,8 +896,10 @@ async fn cluster_idempotent_sequenced_and_cached_across_processes() {
     let cluster = support::Cluster::start();
     let target = Target::cluster(&cluster);
     assert!(target.store().connection().await.unwrap().is_cluster());
-    idempotent_across_processes(&target, &support::unique("cidem")).await;
-    sequenced_across_processes(&target, &support::unique("cseq")).await;
+    idempotent_across_processes(&target, &support::unique("cidem"), "idempotent").await;
+    idempotent_across_processes(&target, &support::unique("caidem"), "attr-idempotent").await;
+    sequenced_across_processes(&target, &support::unique("cseq"), "sequenced").await;
+    sequenced_across_processes(&target, &support::unique("caseq"), "attr-sequenced").await;
     sequenced_failures_leave_no_gap(&target, &support::unique("cseqfail")).await;
     cached_across_processes(&target, &support::unique("ccache")).await;
 }

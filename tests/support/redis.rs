@@ -115,8 +115,12 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Closing a node's stdin makes its watchdog shell stop the server and exit. (Killing the
+        // shell instead would orphan the server.)
         for child in &mut self.children {
-            let _ = child.kill();
+            drop(child.stdin.take());
+        }
+        for child in &mut self.children {
             let _ = child.wait();
         }
     }
