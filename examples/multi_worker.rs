@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example multi_worker --features redis            # Redis at 127.0.0.1:6379
-//! REDIS_URL=redis://10.0.0.5/ cargo run --example multi_worker --features redis
+//! REDIS_URL=redis://127.0.0.1:6380/ cargo run --example multi_worker --features redis
 //! ```
 //!
 //! The parent starts 4 copies of itself (gunicorn-style `workers = 4`); each runs 25 concurrent

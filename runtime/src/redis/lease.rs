@@ -77,7 +77,12 @@ impl Heartbeat {
         token: String,
         lease: Duration,
     ) -> Heartbeat {
-        let task = tokio::spawn(async move {
+        // Outside a Tokio runtime (the driver itself needs one) there is nobody to beat: the
+        // lease then simply runs its course.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Heartbeat { task: None };
+        };
+        let task = runtime.spawn(async move {
             let mut conn = conn;
             let lease_ms = lease.as_millis() as u64;
             loop {

@@ -73,7 +73,7 @@ impl Default for StoreOptions {
 ///
 /// let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1/".into());
 /// let store = Arc::new(RedisStore::new(url).lease(Duration::from_secs(30)));
-/// let cluster = RedisStore::cluster(vec!["redis://10.0.0.1:7000".into(), "redis://10.0.0.2:7000".into()]);
+/// let cluster = RedisStore::cluster(vec!["redis://127.0.0.1:7000".into(), "redis://127.0.0.1:7001".into()]);
 /// # drop((store, cluster));
 /// ```
 pub struct RedisStore {
