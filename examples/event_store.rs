@@ -75,7 +75,7 @@ async fn append_naive(log: &EventLog, aggregate_id: &str, event: Event) -> Resul
 }
 
 /// The same append, one at a time per aggregate, with the number handed in.
-#[sequenced(key = aggregate_id.to_owned())]
+#[sequenced(key = aggregate_id)]
 async fn append(
     log: &EventLog,
     aggregate_id: &str,

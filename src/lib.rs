@@ -88,6 +88,6 @@ pub mod __private {
     pub use racefree_runtime::idempotency::IdempotencyConfig;
     pub use racefree_runtime::idempotency_call::{begin, begin_blocking, Begin, Call, Policy, StoreRef};
     pub use racefree_runtime::idempotency_handle::IdempotencyCell;
-    pub use racefree_runtime::sequence_handle::sequence_failed;
+    pub use racefree_runtime::sequence_handle::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
     pub use racefree_runtime::{SequenceBackend, SequenceCell, SequenceLease};
 }

@@ -67,17 +67,18 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// ```ignore
 /// use racefree::{sequenced, Seq};
 ///
-/// #[sequenced(key = aggregate_id.to_owned())]
+/// #[sequenced(key = aggregate_id)]
 /// async fn append(log: &EventLog, aggregate_id: &str, event: Event, seq: Seq) -> Result<(), StoreError> {
 ///     log.insert(aggregate_id, seq.get(), event).await       // callers call append(&log, id, ev)
 /// }
 /// ```
 ///
 /// Arguments, all optional:
-/// - `key = <expr>`: calls with equal keys are serialized (FIFO) and numbered together; the
-///   expression is evaluated before the call waits and must give an owned value
-///   (`Eq + Hash + Clone + Send + Sync + 'static`): write `id.to_owned()` for a `&str`.
-///   Without it the function has one sequence for all callers.
+/// - `key = <expr>`: calls with equal keys are serialized (FIFO) and numbered together. The
+///   expression is evaluated before the call waits; a reference is kept in its owned form
+///   (`&str` as `String`, `&Id` as `Id`), an owned value as it is. The kept type must be
+///   `Eq + Hash + Clone + Send + Sync + 'static`. Without `key` the function has one sequence
+///   for all callers.
 /// - `start = <expr>`: the first number of a key not seen before (default 1), a `u64`.
 ///   Evaluated once per key, under that key's lock, in the function's own scope: `?` and
 ///   `.await` work as in the body. Needs a `Seq` parameter.

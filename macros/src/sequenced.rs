@@ -296,7 +296,11 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     };
 
     let block = quote! {{
-        let __racefree_key = #key;
+        let __racefree_key = {
+            #[allow(unused_imports)]
+            use ::racefree::__private::{KeyByRef as _, KeyByValue as _};
+            (&&::racefree::__private::KeyWrap::new(#key)).__racefree_key()
+        };
         #backend
         let #mutability __racefree_lease = match #acquire {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
