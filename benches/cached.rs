@@ -63,7 +63,9 @@ fn hits(c: &mut Criterion) {
         moka.insert(k, k);
         quick.insert(k, k);
     }
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for k in 0..KEYS {
             racefree_async(k).await;
@@ -77,13 +79,27 @@ fn hits(c: &mut Criterion) {
         key(i)
     };
     g.bench_function("racefree", |b| b.iter(|| racefree_plain(black_box(next()))));
-    g.bench_function("racefree ttl+capacity", |b| b.iter(|| racefree_bounded(black_box(next()))));
-    g.bench_function("racefree async", |b| b.to_async(&rt).iter(|| racefree_async(black_box(next()))));
-    g.bench_function("dashmap get+clone", |b| b.iter(|| dashmap.get(&black_box(next())).map(|v| *v.value())));
-    g.bench_function("moka get_with", |b| b.iter(|| moka.get_with(black_box(next()), || unreachable!())));
-    g.bench_function("quick_cache get", |b| b.iter(|| quick.get(&black_box(next()))));
-    g.bench_function("cached default", |b| b.iter(|| cached_default(black_box(next()))));
-    g.bench_function("cached by_key", |b| b.iter(|| cached_by_key(black_box(next()))));
+    g.bench_function("racefree ttl+capacity", |b| {
+        b.iter(|| racefree_bounded(black_box(next())))
+    });
+    g.bench_function("racefree async", |b| {
+        b.to_async(&rt).iter(|| racefree_async(black_box(next())))
+    });
+    g.bench_function("dashmap get+clone", |b| {
+        b.iter(|| dashmap.get(&black_box(next())).map(|v| *v.value()))
+    });
+    g.bench_function("moka get_with", |b| {
+        b.iter(|| moka.get_with(black_box(next()), || unreachable!()))
+    });
+    g.bench_function("quick_cache get", |b| {
+        b.iter(|| quick.get(&black_box(next())))
+    });
+    g.bench_function("cached default", |b| {
+        b.iter(|| cached_default(black_box(next())))
+    });
+    g.bench_function("cached by_key", |b| {
+        b.iter(|| cached_by_key(black_box(next())))
+    });
     g.finish();
 
     // Two threads hitting warm keys at once: counters and locks that bounce between cores show here.
@@ -104,12 +120,24 @@ fn hits(c: &mut Criterion) {
         });
         start.elapsed()
     }
-    g.bench_function("racefree", |b| b.iter_custom(|n| two_threads(n, racefree_plain)));
-    g.bench_function("racefree ttl+capacity", |b| b.iter_custom(|n| two_threads(n, racefree_bounded)));
-    g.bench_function("dashmap get+clone", |b| b.iter_custom(|n| two_threads(n, |k| *dashmap.get(&k).unwrap())));
-    g.bench_function("moka get_with", |b| b.iter_custom(|n| two_threads(n, |k| moka.get_with(k, || unreachable!()))));
-    g.bench_function("quick_cache get", |b| b.iter_custom(|n| two_threads(n, |k| quick.get(&k).unwrap())));
-    g.bench_function("cached by_key", |b| b.iter_custom(|n| two_threads(n, cached_by_key)));
+    g.bench_function("racefree", |b| {
+        b.iter_custom(|n| two_threads(n, racefree_plain))
+    });
+    g.bench_function("racefree ttl+capacity", |b| {
+        b.iter_custom(|n| two_threads(n, racefree_bounded))
+    });
+    g.bench_function("dashmap get+clone", |b| {
+        b.iter_custom(|n| two_threads(n, |k| *dashmap.get(&k).unwrap()))
+    });
+    g.bench_function("moka get_with", |b| {
+        b.iter_custom(|n| two_threads(n, |k| moka.get_with(k, || unreachable!())))
+    });
+    g.bench_function("quick_cache get", |b| {
+        b.iter_custom(|n| two_threads(n, |k| quick.get(&k).unwrap()))
+    });
+    g.bench_function("cached by_key", |b| {
+        b.iter_custom(|n| two_threads(n, cached_by_key))
+    });
     g.finish();
 }
 
@@ -117,7 +145,9 @@ fn memory(_: &mut Criterion) {
     const N: u64 = 1_000_000;
     let (dashmap_bytes, dashmap) = support::heap_bytes(|| {
         let map = DashMap::<u64, u64>::new();
-        (0..N).for_each(|k| drop(map.insert(k, k)));
+        (0..N).for_each(|k| {
+            map.insert(k, k);
+        });
         map
     });
     drop(dashmap);
@@ -128,7 +158,10 @@ fn memory(_: &mut Criterion) {
     });
     drop(plain);
     let (bounded_bytes, bounded) = support::heap_bytes(|| {
-        let cache = racefree::Cache::<u64, u64>::builder().ttl(Duration::from_secs(3600)).capacity(N as usize).build();
+        let cache = racefree::Cache::<u64, u64>::builder()
+            .ttl(Duration::from_secs(3600))
+            .capacity(N as usize)
+            .build();
         (0..N).for_each(|k| cache.insert(k, k));
         cache
     });
@@ -140,9 +173,24 @@ fn memory(_: &mut Criterion) {
         cache
     });
     drop(moka);
-    support::figure("cached/memory 1M u64", "dashmap", dashmap_bytes as f64, "bytes");
-    support::figure("cached/memory 1M u64", "racefree", plain_bytes as f64, "bytes");
-    support::figure("cached/memory 1M u64", "racefree ttl+capacity", bounded_bytes as f64, "bytes");
+    support::figure(
+        "cached/memory 1M u64",
+        "dashmap",
+        dashmap_bytes as f64,
+        "bytes",
+    );
+    support::figure(
+        "cached/memory 1M u64",
+        "racefree",
+        plain_bytes as f64,
+        "bytes",
+    );
+    support::figure(
+        "cached/memory 1M u64",
+        "racefree ttl+capacity",
+        bounded_bytes as f64,
+        "bytes",
+    );
     support::figure("cached/memory 1M u64", "moka", moka_bytes as f64, "bytes");
 }
 
@@ -190,9 +238,9 @@ fn stampede(_: &mut Criterion) {
         start.elapsed()
     }
     let rows = [
-        ("racefree", run(|| drop(rf(1))), &RACEFREE),
-        ("cached default", run(|| drop(c_default(1))), &CACHED_DEFAULT),
-        ("cached by_key", run(|| drop(c_by_key(1))), &CACHED_BY_KEY),
+        ("racefree", run(|| _ = rf(1)), &RACEFREE),
+        ("cached default", run(|| _ = c_default(1)), &CACHED_DEFAULT),
+        ("cached by_key", run(|| _ = c_by_key(1)), &CACHED_BY_KEY),
         (
             "moka get_with",
             run(|| {
@@ -206,8 +254,18 @@ fn stampede(_: &mut Criterion) {
         ),
     ];
     for (name, wall, runs) in rows {
-        support::figure("cached/stampede 64 callers", &format!("{name} executions"), runs.load(Relaxed) as f64, "runs");
-        support::figure("cached/stampede 64 callers", &format!("{name} wall"), wall.as_secs_f64() * 1e3, "ms");
+        support::figure(
+            "cached/stampede 64 callers",
+            &format!("{name} executions"),
+            runs.load(Relaxed) as f64,
+            "runs",
+        );
+        support::figure(
+            "cached/stampede 64 callers",
+            &format!("{name} wall"),
+            wall.as_secs_f64() * 1e3,
+            "ms",
+        );
     }
 }
 
@@ -260,9 +318,24 @@ fn false_blocking(_: &mut Criterion) {
             t.elapsed()
         })
     }
-    support::figure("cached/false blocking", "racefree two cold keys wall", two_misses(rf).as_secs_f64() * 1e3, "ms");
-    support::figure("cached/false blocking", "cached sync_writes=default two cold keys wall", two_misses(c_global).as_secs_f64() * 1e3, "ms");
-    support::figure("cached/false blocking", "racefree hit during another key's miss", hit_during_miss(rf).as_secs_f64() * 1e6, "us");
+    support::figure(
+        "cached/false blocking",
+        "racefree two cold keys wall",
+        two_misses(rf).as_secs_f64() * 1e3,
+        "ms",
+    );
+    support::figure(
+        "cached/false blocking",
+        "cached sync_writes=default two cold keys wall",
+        two_misses(c_global).as_secs_f64() * 1e3,
+        "ms",
+    );
+    support::figure(
+        "cached/false blocking",
+        "racefree hit during another key's miss",
+        hit_during_miss(rf).as_secs_f64() * 1e6,
+        "us",
+    );
     support::figure(
         "cached/false blocking",
         "cached sync_writes=default hit during another key's miss",

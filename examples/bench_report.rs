@@ -32,18 +32,26 @@ fn read_json(path: &Path) -> Option<Value> {
 }
 
 fn collect(dir: &Path, groups: &mut BTreeMap<String, Vec<Row>>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if !path.is_dir() {
             continue;
         }
         let new = path.join("new");
-        if let (Some(bench), Some(estimates)) = (read_json(&new.join("benchmark.json")), read_json(&new.join("estimates.json"))) {
+        if let (Some(bench), Some(estimates)) = (
+            read_json(&new.join("benchmark.json")),
+            read_json(&new.join("estimates.json")),
+        ) {
             let group = bench["group_id"].as_str().unwrap_or_default().to_owned();
             let function = bench["function_id"].as_str().unwrap_or_default().to_owned();
             if let Some(mean_ns) = estimates["mean"]["point_estimate"].as_f64() {
-                groups.entry(group).or_default().push(Row { function, mean_ns });
+                groups
+                    .entry(group)
+                    .or_default()
+                    .push(Row { function, mean_ns });
             }
         } else {
             collect(&path, groups);
@@ -52,7 +60,9 @@ fn collect(dir: &Path, groups: &mut BTreeMap<String, Vec<Row>>) {
 }
 
 fn baseline(rows: &[Row]) -> Option<&Row> {
-    rows.iter().find(|r| r.function == "racefree").or_else(|| rows.iter().find(|r| r.function.starts_with("racefree")))
+    rows.iter()
+        .find(|r| r.function == "racefree")
+        .or_else(|| rows.iter().find(|r| r.function.starts_with("racefree")))
 }
 
 fn human(ns: f64) -> String {
@@ -68,14 +78,19 @@ fn main() {
     let mut groups = BTreeMap::new();
     collect(&dir, &mut groups);
     if groups.is_empty() {
-        eprintln!("no criterion results under {}: run `cargo bench` first", dir.display());
+        eprintln!(
+            "no criterion results under {}: run `cargo bench` first",
+            dir.display()
+        );
         std::process::exit(1);
     }
 
     let mut md = String::new();
     let machine = format!(
         "{} cores, {}, {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         std::env::consts::ARCH,
         std::process::Command::new("rustc")
             .arg("--version")
@@ -87,11 +102,22 @@ fn main() {
     writeln!(md, "| benchmark | contender | mean | ratio vs racefree |").unwrap();
     writeln!(md, "|---|---|---:|---:|").unwrap();
     for (group, rows) in &mut groups {
-        rows.sort_by(|a, b| (!a.function.starts_with("racefree"), &a.function).cmp(&(!b.function.starts_with("racefree"), &b.function)));
+        rows.sort_by(|a, b| {
+            (!a.function.starts_with("racefree"), &a.function)
+                .cmp(&(!b.function.starts_with("racefree"), &b.function))
+        });
         let base = baseline(rows).map(|r| r.mean_ns);
         for row in rows.iter() {
-            let ratio = base.map(|b| format!("{:.2}×", row.mean_ns / b)).unwrap_or_default();
-            writeln!(md, "| {group} | {} | {} | {ratio} |", row.function, human(row.mean_ns)).unwrap();
+            let ratio = base
+                .map(|b| format!("{:.2}×", row.mean_ns / b))
+                .unwrap_or_default();
+            writeln!(
+                md,
+                "| {group} | {} | {} | {ratio} |",
+                row.function,
+                human(row.mean_ns)
+            )
+            .unwrap();
         }
     }
 
@@ -100,8 +126,17 @@ fn main() {
     if let Ok(text) = std::fs::read_to_string(dir.join("racefree-figures.jsonl")) {
         for line in text.lines() {
             if let Ok(v) = serde_json::from_str::<Value>(line) {
-                let key = (v["group"].as_str().unwrap_or_default().to_owned(), v["name"].as_str().unwrap_or_default().to_owned());
-                figures.insert(key, (v["value"].as_f64().unwrap_or(f64::NAN), v["unit"].as_str().unwrap_or_default().to_owned()));
+                let key = (
+                    v["group"].as_str().unwrap_or_default().to_owned(),
+                    v["name"].as_str().unwrap_or_default().to_owned(),
+                );
+                figures.insert(
+                    key,
+                    (
+                        v["value"].as_f64().unwrap_or(f64::NAN),
+                        v["unit"].as_str().unwrap_or_default().to_owned(),
+                    ),
+                );
             }
         }
     }
@@ -109,7 +144,11 @@ fn main() {
         writeln!(md, "\n| figure | contender | value |").unwrap();
         writeln!(md, "|---|---|---:|").unwrap();
         for ((group, name), (value, unit)) in &figures {
-            let value = if value.fract() == 0.0 { format!("{value:.0}") } else { format!("{value:.2}") };
+            let value = if value.fract() == 0.0 {
+                format!("{value:.0}")
+            } else {
+                format!("{value:.2}")
+            };
             writeln!(md, "| {group} | {name} | {value} {unit} |").unwrap();
         }
     }
@@ -117,7 +156,10 @@ fn main() {
     std::fs::write(dir.join("racefree-report.md"), &md).unwrap();
     std::fs::write(dir.join("racefree-report.svg"), svg(&groups)).unwrap();
     print!("{md}");
-    eprintln!("\nwrote {} and racefree-report.svg", dir.join("racefree-report.md").display());
+    eprintln!(
+        "\nwrote {} and racefree-report.svg",
+        dir.join("racefree-report.md").display()
+    );
 }
 
 /// One panel per group: a bar per contender, length ∝ log10(time), racefree in green.
@@ -127,17 +169,33 @@ fn svg(groups: &BTreeMap<String, Vec<Row>>) -> String {
     let label_w = 230.0;
     let rows: usize = groups.values().map(|r| r.len() + 2).sum();
     let height = rows as f64 * bar_h + 20.0;
-    let max = groups.values().flatten().map(|r| r.mean_ns).fold(1.0f64, f64::max).log10() + 0.5;
+    let max = groups
+        .values()
+        .flatten()
+        .map(|r| r.mean_ns)
+        .fold(1.0f64, f64::max)
+        .log10()
+        + 0.5;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"monospace\" font-size=\"12\">\n"
     );
     let mut y = 10.0;
     for (group, rows) in groups {
-        writeln!(s, "<text x=\"4\" y=\"{:.0}\" font-weight=\"bold\">{}</text>", y + 13.0, escape(group)).unwrap();
+        writeln!(
+            s,
+            "<text x=\"4\" y=\"{:.0}\" font-weight=\"bold\">{}</text>",
+            y + 13.0,
+            escape(group)
+        )
+        .unwrap();
         y += bar_h;
         for row in rows {
             let len = ((row.mean_ns.max(1.0).log10() + 0.5) / max) * (width - label_w - 90.0);
-            let color = if row.function.starts_with("racefree") { "#2a9d4b" } else { "#8a8a8a" };
+            let color = if row.function.starts_with("racefree") {
+                "#2a9d4b"
+            } else {
+                "#8a8a8a"
+            };
             writeln!(
                 s,
                 "<text x=\"14\" y=\"{:.0}\">{}</text><rect x=\"{label_w}\" y=\"{:.0}\" width=\"{len:.0}\" height=\"{:.0}\" fill=\"{color}\"/><text x=\"{:.0}\" y=\"{:.0}\">{}</text>",
@@ -159,5 +217,7 @@ fn svg(groups: &BTreeMap<String, Vec<Row>>) -> String {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -24,7 +24,10 @@ struct Rule {
 }
 
 fn read_rules(dir: &Path) -> Vec<Rule> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
         .iter()
@@ -34,7 +37,10 @@ fn read_rules(dir: &Path) -> Vec<Rule> {
             std::thread::sleep(Duration::from_micros(100));
             let text = std::fs::read_to_string(file).unwrap();
             let (name, pattern) = text.split_once('=').unwrap();
-            Rule { name: name.trim().to_owned(), pattern: pattern.trim().to_owned() }
+            Rule {
+                name: name.trim().to_owned(),
+                pattern: pattern.trim().to_owned(),
+            }
         })
         .collect()
 }
@@ -84,10 +90,19 @@ fn main() {
 
     println!("{WORKERS} worker threads load {RULE_FILES} rule files at start-up");
     println!("{:<28} {:>12} {:>12}", "", "loads", "time");
-    println!("{:<28} {:>12} {:>12.2?}", "naive check-then-act", naive_loads, naive_time);
-    println!("{:<28} {:>12} {:>12.2?}", "#[cached]", racefree_loads, racefree_time);
+    println!(
+        "{:<28} {:>12} {:>12.2?}",
+        "naive check-then-act", naive_loads, naive_time
+    );
+    println!(
+        "{:<28} {:>12} {:>12.2?}",
+        "#[cached]", racefree_loads, racefree_time
+    );
     let stats = load_rules_cache().stats();
-    println!("#[cached] stats: {} execution, {} callers waited for it", stats.executions, stats.coalesced);
+    println!(
+        "#[cached] stats: {} execution, {} callers waited for it",
+        stats.executions, stats.coalesced
+    );
     if racefree_loads != 1 {
         eprintln!("#[cached] loaded the rules {racefree_loads} times");
         std::process::exit(1);

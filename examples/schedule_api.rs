@@ -55,19 +55,32 @@ pub struct App {
 
 impl App {
     pub fn new() -> Arc<App> {
-        Arc::new(App { runs_created: AtomicU64::new(0), gate: Semaphore::new(Semaphore::MAX_PERMITS) })
+        Arc::new(App {
+            runs_created: AtomicU64::new(0),
+            gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        })
     }
 
     /// An app whose generators wait until the test adds permits.
     pub fn gated() -> Arc<App> {
-        Arc::new(App { runs_created: AtomicU64::new(0), gate: Semaphore::new(0) })
+        Arc::new(App {
+            runs_created: AtomicU64::new(0),
+            gate: Semaphore::new(0),
+        })
     }
 
     async fn create_run(&self, request: &ScheduleRequest) -> ScheduleRun {
         let _permit = self.gate.acquire().await.expect("gate stays open");
         let id = self.runs_created.fetch_add(1, SeqCst) + 1;
-        let shifts = (1..=7).map(|day| format!("{} day {day} early/late/night", request.team)).collect();
-        ScheduleRun { id, team: request.team.clone(), week: request.week, shifts }
+        let shifts = (1..=7)
+            .map(|day| format!("{} day {day} early/late/night", request.team))
+            .collect();
+        ScheduleRun {
+            id,
+            team: request.team.clone(),
+            week: request.week,
+            shifts,
+        }
     }
 }
 
@@ -87,32 +100,60 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
             ApiError::Idempotency(error) => error.into_response(),
-            ApiError::Invalid(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid schedule request", detail).into_response(),
+            ApiError::Invalid(detail) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid schedule request",
+                detail,
+            )
+            .into_response(),
         }
     }
 }
 
 /// Generates the week's schedule: once per idempotency key, for 24 hours.
 #[idempotent(key = key, require_key, skip(app), ttl = "24h")]
-pub async fn generate_schedule(app: &App, key: Option<&str>, request: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+pub async fn generate_schedule(
+    app: &App,
+    key: Option<&str>,
+    request: &ScheduleRequest,
+) -> Result<ScheduleRun, ApiError> {
     if request.week == 0 || request.week > 53 {
-        return Err(ApiError::Invalid(format!("week {} does not exist", request.week)));
+        return Err(ApiError::Invalid(format!(
+            "week {} does not exist",
+            request.week
+        )));
     }
     Ok(app.create_run(request).await)
 }
 
 /// Publishes a schedule: a duplicate arriving while the first is still running gets 409.
 #[idempotent(key = key, require_key, skip(app), in_flight = "reject")]
-pub async fn publish_schedule(app: &App, key: Option<&str>, request: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+pub async fn publish_schedule(
+    app: &App,
+    key: Option<&str>,
+    request: &ScheduleRequest,
+) -> Result<ScheduleRun, ApiError> {
     Ok(app.create_run(request).await)
 }
 
-async fn generate(State(app): State<Arc<App>>, key: IdempotencyKey, Json(request): Json<ScheduleRequest>) -> Result<Json<ScheduleRun>, ApiError> {
-    Ok(Json(generate_schedule(&app, key.as_deref(), &request).await?))
+async fn generate(
+    State(app): State<Arc<App>>,
+    key: IdempotencyKey,
+    Json(request): Json<ScheduleRequest>,
+) -> Result<Json<ScheduleRun>, ApiError> {
+    Ok(Json(
+        generate_schedule(&app, key.as_deref(), &request).await?,
+    ))
 }
 
-async fn publish(State(app): State<Arc<App>>, key: IdempotencyKey, Json(request): Json<ScheduleRequest>) -> Result<Json<ScheduleRun>, ApiError> {
-    Ok(Json(publish_schedule(&app, key.as_deref(), &request).await?))
+async fn publish(
+    State(app): State<Arc<App>>,
+    key: IdempotencyKey,
+    Json(request): Json<ScheduleRequest>,
+) -> Result<Json<ScheduleRun>, ApiError> {
+    Ok(Json(
+        publish_schedule(&app, key.as_deref(), &request).await?,
+    ))
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -125,8 +166,11 @@ pub fn router(app: Arc<App>) -> Router {
 
 #[tokio::main]
 async fn main() {
-    let address = std::env::var("SCHEDULE_API_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let address =
+        std::env::var("SCHEDULE_API_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&address).await.expect("bind");
     println!("schedule API on http://{address}/api/schedule/generate");
-    axum::serve(listener, router(App::new())).await.expect("serve");
+    axum::serve(listener, router(App::new()))
+        .await
+        .expect("serve");
 }

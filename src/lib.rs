@@ -57,13 +57,15 @@
 #![warn(missing_docs)]
 
 pub use racefree_macros::{cached, idempotent, sequenced};
+pub use racefree_runtime::{idempotency, replay};
+pub use racefree_runtime::{
+    BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
+    IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
+};
 pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
 pub use racefree_runtime::{
-    BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError, IdempotencyHandle, IdempotencyStats,
-    IdempotencyStore, Replay,
+    Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer,
 };
-pub use racefree_runtime::{idempotency, replay};
-pub use racefree_runtime::{Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer};
 
 /// The Redis store (feature `redis`): the three attributes across processes and machines.
 /// See [`racefree_runtime::redis`].
@@ -83,11 +85,13 @@ pub mod axum {
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use racefree_runtime::{CacheConfig, HandleCell, Lookup};
     pub use racefree_runtime::fingerprint::StableHasher;
     pub use racefree_runtime::idempotency::IdempotencyConfig;
-    pub use racefree_runtime::idempotency_call::{begin, begin_blocking, Begin, Call, Policy, StoreRef};
+    pub use racefree_runtime::idempotency_call::{
+        begin, begin_blocking, Begin, Call, Policy, StoreRef,
+    };
     pub use racefree_runtime::idempotency_handle::IdempotencyCell;
     pub use racefree_runtime::sequence_handle::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
+    pub use racefree_runtime::{CacheConfig, HandleCell, Lookup};
     pub use racefree_runtime::{SequenceBackend, SequenceCell, SequenceLease};
 }

@@ -12,7 +12,10 @@ use racefree::{cached, Cache};
 fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         std::thread::yield_now();
     }
 }
@@ -24,7 +27,12 @@ fn concurrent_sync_callers_of_a_cold_key_run_the_body_once() {
     static RUNS: Mutex<Option<HashMap<u64, usize>>> = Mutex::new(None);
     #[cached]
     fn compute(round: u64) -> Vec<u64> {
-        *RUNS.lock().unwrap().get_or_insert_with(HashMap::new).entry(round).or_default() += 1;
+        *RUNS
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .entry(round)
+            .or_default() += 1;
         vec![round, round * 2]
     }
     const CALLERS: usize = 16;
@@ -43,8 +51,15 @@ fn concurrent_sync_callers_of_a_cold_key_run_the_body_once() {
             .into_iter()
             .map(|t| t.join().unwrap())
             .collect();
-        assert!(results.iter().all(|r| *r == [round, round * 2]), "round {round}: unequal values");
-        assert_eq!(RUNS.lock().unwrap().as_ref().unwrap()[&round], 1, "round {round}: body ran more than once");
+        assert!(
+            results.iter().all(|r| *r == [round, round * 2]),
+            "round {round}: unequal values"
+        );
+        assert_eq!(
+            RUNS.lock().unwrap().as_ref().unwrap()[&round],
+            1,
+            "round {round}: body ran more than once"
+        );
     }
     assert_eq!(compute_cache().stats().executions, ROUNDS);
     assert_eq!(compute_cache().in_flight(), 0);
@@ -71,8 +86,13 @@ async fn async_followers_do_not_block_the_executor_thread() {
         }
         GATE.notify_waiters();
     });
-    let all = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(callers)).await;
-    let values: Vec<u64> = all.expect("followers blocked the executor").into_iter().map(Result::unwrap).collect();
+    let all =
+        tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(callers)).await;
+    let values: Vec<u64> = all
+        .expect("followers blocked the executor")
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     opener.await.unwrap();
     assert_eq!(values, vec![8; 11]);
     assert_eq!(RUNS.load(SeqCst), 1);
@@ -87,7 +107,7 @@ fn a_slow_key_never_delays_another_key() {
     static RELEASE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
     #[cached]
     fn value(key: u64) -> u64 {
-        if key % 2 == 0 {
+        if key.is_multiple_of(2) {
             STARTED.lock().unwrap().as_ref().unwrap().send(key).unwrap();
             RELEASE.lock().unwrap().as_ref().unwrap().recv().unwrap();
         }
@@ -101,11 +121,20 @@ fn a_slow_key_never_delays_another_key() {
     for pair in 0..256u64 {
         let slow_key = pair * 2;
         let slow = std::thread::spawn(move || value(slow_key));
-        assert_eq!(started_rx.recv_timeout(Duration::from_secs(10)).unwrap(), slow_key);
+        assert_eq!(
+            started_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            slow_key
+        );
         // A is mid-computation now. B's miss and H's hit must not wait for it.
         let (done_tx, done_rx) = mpsc::channel();
-        std::thread::spawn(move || done_tx.send((value(slow_key + 1), value(1_000_001))).unwrap());
-        let (miss, hit) = done_rx.recv_timeout(Duration::from_secs(10)).expect("key B waited for key A");
+        std::thread::spawn(move || {
+            done_tx
+                .send((value(slow_key + 1), value(1_000_001)))
+                .unwrap()
+        });
+        let (miss, hit) = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("key B waited for key A");
         assert_eq!((miss, hit), ((slow_key + 1) * 10, 10_000_010));
         release_tx.send(()).unwrap();
         assert_eq!(slow.join().unwrap(), slow_key * 10);
@@ -142,9 +171,12 @@ fn only_some_options_are_cached() {
     #[cached]
     fn find(id: u32) -> Option<u32> {
         RUNS.fetch_add(1, SeqCst);
-        (id % 2 == 0).then_some(id)
+        id.is_multiple_of(2).then_some(id)
     }
-    assert_eq!((find(1), find(1), find(2), find(2)), (None, None, Some(2), Some(2)));
+    assert_eq!(
+        (find(1), find(1), find(2), find(2)),
+        (None, None, Some(2), Some(2))
+    );
     assert_eq!(RUNS.load(SeqCst), 3);
 }
 
@@ -182,8 +214,15 @@ fn waiters_of_a_failed_call_retry_one_at_a_time() {
             .map(|t| t.join().unwrap())
             .filter(Result::is_err)
             .count();
-        assert_eq!(errors, CALLERS, "round {round}: somebody got a value from a failing body");
-        assert_eq!(MAX_ACTIVE.load(SeqCst), 1, "round {round}: two executions of one key at once");
+        assert_eq!(
+            errors, CALLERS,
+            "round {round}: somebody got a value from a failing body"
+        );
+        assert_eq!(
+            MAX_ACTIVE.load(SeqCst),
+            1,
+            "round {round}: two executions of one key at once"
+        );
     }
     assert_eq!(RUNS.load(SeqCst), 50 * CALLERS);
     assert_eq!(flaky_cache().len(), 0);
@@ -215,12 +254,20 @@ fn capacity_bounds_the_entry_count() {
     }
     for x in 0..10_000 {
         assert_eq!(square(x), x * x);
-        assert!(square_cache().len() <= 100, "{} entries after {x} inserts", square_cache().len());
+        assert!(
+            square_cache().len() <= 100,
+            "{} entries after {x} inserts",
+            square_cache().len()
+        );
         square(0); // keep key 0 hot
     }
     let before = square_cache().stats().executions;
     square(0);
-    assert_eq!(square_cache().stats().executions, before, "the hot key was evicted");
+    assert_eq!(
+        square_cache().stats().executions,
+        before,
+        "the hot key was evicted"
+    );
 }
 
 // 5. A panic in the body reaches that caller only: the 7 callers waiting for it are released,
@@ -231,9 +278,11 @@ fn a_panicking_leader_releases_its_waiters() {
     const CALLERS: usize = 8;
     #[cached]
     fn fragile(round: u64) -> u64 {
-        if RUNS.fetch_add(1, SeqCst) % 2 == 0 {
+        if RUNS.fetch_add(1, SeqCst).is_multiple_of(2) {
             // First execution of the round: wait until every other caller waits on us, then panic.
-            wait_until("all followers wait", || fragile_cache().stats().coalesced >= (round + 1) * (CALLERS as u64 - 1));
+            wait_until("all followers wait", || {
+                fragile_cache().stats().coalesced >= (round + 1) * (CALLERS as u64 - 1)
+            });
             panic!("first execution of round {round} panics");
         }
         round
@@ -254,9 +303,16 @@ fn a_panicking_leader_releases_its_waiters() {
             .collect();
         let panicked = outcomes.iter().filter(|o| o.is_err()).count();
         let values: Vec<u64> = outcomes.into_iter().filter_map(Result::ok).collect();
-        assert_eq!(panicked, 1, "round {round}: the panic reached {panicked} callers");
+        assert_eq!(
+            panicked, 1,
+            "round {round}: the panic reached {panicked} callers"
+        );
         assert_eq!(values, vec![round; CALLERS - 1], "round {round}");
-        assert_eq!(RUNS.load(SeqCst) as u64, 2 * (round + 1), "round {round}: executions");
+        assert_eq!(
+            RUNS.load(SeqCst) as u64,
+            2 * (round + 1),
+            "round {round}: executions"
+        );
     }
 }
 
@@ -281,7 +337,9 @@ async fn a_cancelled_leader_hands_over_and_a_cancelled_waiter_leaves_no_trace() 
         let leader = tokio::spawn(async move { Svc.get(round, true).await });
         wait_until_async(|| STORE.in_flight() == 1).await;
         let coalesced = STORE.stats().coalesced;
-        let waiters: Vec<_> = (0..5).map(|_| tokio::spawn(async move { Svc.get(round, false).await })).collect();
+        let waiters: Vec<_> = (0..5)
+            .map(|_| tokio::spawn(async move { Svc.get(round, false).await }))
+            .collect();
         let dropped_waiter = tokio::spawn(async move { Svc.get(round, false).await });
         wait_until_async(|| STORE.stats().coalesced == coalesced + 6).await;
         dropped_waiter.abort();
@@ -289,11 +347,22 @@ async fn a_cancelled_leader_hands_over_and_a_cancelled_waiter_leaves_no_trace() 
         leader.abort();
         assert!(leader.await.unwrap_err().is_cancelled());
         for w in waiters {
-            let v = tokio::time::timeout(Duration::from_secs(10), w).await.expect("a waiter hangs").unwrap();
+            let v = tokio::time::timeout(Duration::from_secs(10), w)
+                .await
+                .expect("a waiter hangs")
+                .unwrap();
             assert_eq!(v, round, "round {round}");
         }
-        assert_eq!(RUNS.load(SeqCst) as u64, 2 * (round + 1), "round {round}: one take-over execution");
-        assert_eq!(STORE.in_flight(), 0, "round {round}: registry entry left behind");
+        assert_eq!(
+            RUNS.load(SeqCst) as u64,
+            2 * (round + 1),
+            "round {round}: one take-over execution"
+        );
+        assert_eq!(
+            STORE.in_flight(),
+            0,
+            "round {round}: registry entry left behind"
+        );
     }
 }
 
@@ -317,7 +386,9 @@ async fn registry_is_empty_after_100k_keys() {
             0 | 1 => assert_eq!(cache.get_with(key, || key), key),
             2 => assert!(cache.try_get_with(key, || Err::<u64, _>("no")).is_err()),
             3 => {
-                let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.get_with(key, || panic!("boom"))));
+                let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    cache.get_with(key, || panic!("boom"))
+                }));
                 assert!(panicked.is_err());
             }
             _ => {
@@ -370,9 +441,29 @@ fn methods_and_per_instance_stores() {
             format!("{schema}.rows")
         }
     }
-    let (a, b) = (Repo { rows: Cache::new(), reads: AtomicUsize::new(0) }, Repo { rows: Cache::new(), reads: AtomicUsize::new(0) });
-    assert_eq!((a.row(1), a.row(1), b.row(1)), (Some("row 1".into()), Some("row 1".into()), Some("row 1".into())));
-    assert_eq!((a.reads.load(SeqCst), b.reads.load(SeqCst)), (1, 1), "instances share a cache");
+    let (a, b) = (
+        Repo {
+            rows: Cache::new(),
+            reads: AtomicUsize::new(0),
+        },
+        Repo {
+            rows: Cache::new(),
+            reads: AtomicUsize::new(0),
+        },
+    );
+    assert_eq!(
+        (a.row(1), a.row(1), b.row(1)),
+        (
+            Some("row 1".into()),
+            Some("row 1".into()),
+            Some("row 1".into())
+        )
+    );
+    assert_eq!(
+        (a.reads.load(SeqCst), b.reads.load(SeqCst)),
+        (1, 1),
+        "instances share a cache"
+    );
     assert_eq!(a.rows.len(), 1);
     assert_eq!(Repo::table_name("public"), "public.rows");
     assert_eq!(Repo::table_name("public"), "public.rows");
@@ -384,14 +475,19 @@ fn methods_and_per_instance_stores() {
 #[test]
 fn generic_functions_get_one_cache_per_type() {
     #[cached]
-    fn describe<T: std::fmt::Debug + Clone + Eq + std::hash::Hash + Send + Sync + 'static>(value: T) -> String {
+    fn describe<T: std::fmt::Debug + Clone + Eq + std::hash::Hash + Send + Sync + 'static>(
+        value: T,
+    ) -> String {
         format!("{value:?}")
     }
     assert_eq!(describe(1u8), "1");
     assert_eq!(describe("1".to_owned()), "\"1\"");
     assert_eq!(describe(1u8), "1");
     let stats = describe_cache().stats();
-    assert_eq!((stats.executions, stats.hits, describe_cache().len()), (2, 1, 2));
+    assert_eq!(
+        (stats.executions, stats.hits, describe_cache().len()),
+        (2, 1, 2)
+    );
     describe_cache().clear();
     assert_eq!(describe_cache().len(), 0);
 }
@@ -407,7 +503,10 @@ fn the_function_handle_invalidates_clears_and_counts() {
     greet("b", 2);
     greet("a", 2);
     let cache = greet_cache();
-    assert_eq!((cache.len(), cache.stats().hits, cache.stats().executions), (2, 1, 2));
+    assert_eq!(
+        (cache.len(), cache.stats().hits, cache.stats().executions),
+        (2, 1, 2)
+    );
     assert!(cache.invalidate(&("a".to_owned(), 2usize)));
     assert!(!cache.invalidate(&("a".to_owned(), 2usize)));
     assert_eq!(cache.len(), 1);
@@ -415,4 +514,25 @@ fn the_function_handle_invalidates_clears_and_counts() {
     assert!(cache.is_empty());
     cache.reset_stats();
     assert_eq!(cache.stats(), racefree::CacheStats::default());
+}
+
+// 4. Expired entries are purged as new ones arrive, so a stream of unique keys keeps memory
+//    bounded: 100,000 keys with a 1 ms TTL, time passes, 100,000 more — the first batch has
+//    expired and must be gone, so at most the second batch remains.
+#[test]
+fn expired_entries_are_purged_under_a_stream_of_unique_keys() {
+    let cache: Cache<u64, u64> = Cache::builder().ttl(Duration::from_millis(1)).build();
+    for key in 0..100_000 {
+        cache.insert(key, key);
+    }
+    // Waiting for the first batch to expire is what is under test, not a synchronisation.
+    std::thread::sleep(Duration::from_millis(20));
+    for key in 100_000..200_000 {
+        cache.insert(key, key);
+    }
+    assert!(
+        cache.len() <= 100_000,
+        "{} entries: expired ones were not purged",
+        cache.len()
+    );
 }

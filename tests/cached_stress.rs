@@ -46,7 +46,10 @@ fn sync_threads_64_callers_500_rounds() {
     for round in 0..ROUNDS {
         assert_eq!(SYNC_RUNS[round].load(SeqCst), 1, "round {round}: body runs");
         let expected = format!("value of round {round}");
-        assert!(results.iter().all(|r| r[round] == expected), "round {round}: unequal values");
+        assert!(
+            results.iter().all(|r| r[round] == expected),
+            "round {round}: unequal values"
+        );
     }
     assert_eq!(sync_value_cache().stats().executions, ROUNDS as u64);
     assert_eq!(sync_value_cache().in_flight(), 0);
@@ -73,12 +76,22 @@ async fn tokio_multi_thread_64_callers_500_rounds() {
         results.push(task.await.unwrap());
     }
     for round in 0..ROUNDS {
-        assert_eq!(ASYNC_RUNS[round].load(SeqCst), 1, "round {round}: body runs");
+        assert_eq!(
+            ASYNC_RUNS[round].load(SeqCst),
+            1,
+            "round {round}: body runs"
+        );
         let expected = format!("value of round {round}");
-        assert!(results.iter().all(|r| r[round] == expected), "round {round}: unequal values");
+        assert!(
+            results.iter().all(|r| r[round] == expected),
+            "round {round}: unequal values"
+        );
     }
     let stats = async_value_cache().stats();
     assert_eq!(stats.executions, ROUNDS as u64);
-    assert!(stats.coalesced > 0, "no caller ever waited: the test did not exercise concurrency");
+    assert!(
+        stats.coalesced > 0,
+        "no caller ever waited: the test did not exercise concurrency"
+    );
     assert_eq!(async_value_cache().in_flight(), 0);
 }

@@ -10,7 +10,10 @@ use racefree::cached;
 fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         std::thread::yield_now();
     }
 }
@@ -21,14 +24,26 @@ fn tracing_events_for_execute_and_coalesce() {
     #[derive(Clone, Default)]
     struct Messages(Arc<Mutex<Vec<String>>>);
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
-        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
             struct Visit<'a>(&'a mut String);
             impl tracing::field::Visit for Visit<'_> {
-                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
                     self.0.push_str(&format!("{}={:?} ", field.name(), value));
                 }
             }
-            let mut line = format!("{} {} ", event.metadata().level(), event.metadata().target());
+            let mut line = format!(
+                "{} {} ",
+                event.metadata().level(),
+                event.metadata().target()
+            );
             event.record(&mut Visit(&mut line));
             self.0.lock().unwrap().push(line);
         }
@@ -56,6 +71,16 @@ fn tracing_events_for_execute_and_coalesce() {
     drop(held);
     assert_eq!((leader.join().unwrap(), follower.join().unwrap()), (1, 1));
     let messages = messages.0.lock().unwrap().clone();
-    assert!(messages.iter().any(|m| m.starts_with("DEBUG racefree") && m.contains("executing")), "{messages:?}");
-    assert!(messages.iter().any(|m| m.starts_with("DEBUG racefree") && m.contains("waiting")), "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("DEBUG racefree") && m.contains("executing")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("DEBUG racefree") && m.contains("waiting")),
+        "{messages:?}"
+    );
 }

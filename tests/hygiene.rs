@@ -36,6 +36,8 @@ async fn fallible(x: u64) -> ::core::result::Result<u64, ::std::string::String> 
 fn generated_code_ignores_shadowing() {
     assert_eq!(plain(1, "ab"), 3);
     assert_eq!(optional(1), ::core::option::Option::Some(2));
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     assert_eq!(rt.block_on(fallible(4)), ::core::result::Result::Ok(4));
 }

@@ -14,17 +14,28 @@ use schedule_api::{generate_schedule_idempotency_store, App, ScheduleRequest, Sc
 async fn serve(app: Arc<App>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, schedule_api::router(app)).await.unwrap() });
+    tokio::spawn(async move {
+        axum::serve(listener, schedule_api::router(app))
+            .await
+            .unwrap()
+    });
     format!("http://{address}")
 }
 
 fn fresh_key(what: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{what}-{}-{}", std::process::id(), NEXT.fetch_add(1, SeqCst))
+    format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, SeqCst)
+    )
 }
 
 fn ward(week: u32) -> ScheduleRequest {
-    ScheduleRequest { team: "ward-3".to_owned(), week }
+    ScheduleRequest {
+        team: "ward-3".to_owned(),
+        week,
+    }
 }
 
 async fn until(what: &str, condition: impl Fn() -> bool) {
@@ -49,27 +60,44 @@ async fn hundred_concurrent_identical_posts_create_one_run() {
     let waits_before = generate_schedule_idempotency_store().stats().waits;
     let requests: Vec<_> = (0..CALLERS)
         .map(|_| {
-            let request = client.post(format!("{base}/api/schedule/generate")).header("Idempotency-Key", &key).json(&ward(48));
+            let request = client
+                .post(format!("{base}/api/schedule/generate"))
+                .header("Idempotency-Key", &key)
+                .json(&ward(48));
             tokio::spawn(async move {
                 let response = request.send().await.unwrap();
-                let replayed = response.headers().get("idempotency-replayed").map(|v| v.to_str().unwrap().to_owned());
+                let replayed = response
+                    .headers()
+                    .get("idempotency-replayed")
+                    .map(|v| v.to_str().unwrap().to_owned());
                 (response.status(), replayed, response.text().await.unwrap())
             })
         })
         .collect();
-    until("99 duplicates wait for the first", || generate_schedule_idempotency_store().stats().waits - waits_before == 99).await;
+    until("99 duplicates wait for the first", || {
+        generate_schedule_idempotency_store().stats().waits - waits_before == 99
+    })
+    .await;
     app.gate.add_permits(1);
     let mut responses = Vec::new();
     for request in requests {
         responses.push(request.await.unwrap());
     }
     assert_eq!(app.runs_created.load(SeqCst), 1, "schedule runs created");
-    assert!(responses.iter().all(|(status, _, _)| *status == StatusCode::OK));
+    assert!(responses
+        .iter()
+        .all(|(status, _, _)| *status == StatusCode::OK));
     let first_body = &responses[0].2;
-    assert!(responses.iter().all(|(_, _, body)| body == first_body), "bodies differ");
+    assert!(
+        responses.iter().all(|(_, _, body)| body == first_body),
+        "bodies differ"
+    );
     let run: ScheduleRun = serde_json::from_str(first_body).unwrap();
     assert_eq!((run.id, run.week), (1, 48));
-    let replayed = responses.iter().filter(|(_, flag, _)| flag.as_deref() == Some("true")).count();
+    let replayed = responses
+        .iter()
+        .filter(|(_, flag, _)| flag.as_deref() == Some("true"))
+        .count();
     assert_eq!(replayed, CALLERS - 1, "replayed responses");
 }
 
@@ -80,10 +108,19 @@ async fn a_retry_after_completion_is_replayed() {
     let base = serve(app.clone()).await;
     let client = reqwest::Client::new();
     let key = fresh_key("retry");
-    let post = || client.post(format!("{base}/api/schedule/generate")).header("Idempotency-Key", &key).json(&ward(12)).send();
+    let post = || {
+        client
+            .post(format!("{base}/api/schedule/generate"))
+            .header("Idempotency-Key", &key)
+            .json(&ward(12))
+            .send()
+    };
     let first = post().await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
-    assert!(first.headers().get("idempotency-replayed").is_none(), "the first response is not a replay");
+    assert!(
+        first.headers().get("idempotency-replayed").is_none(),
+        "the first response is not a replay"
+    );
     let first = first.text().await.unwrap();
     let retry = post().await.unwrap();
     assert_eq!(retry.headers().get("idempotency-replayed").unwrap(), "true");
@@ -96,9 +133,17 @@ async fn a_retry_after_completion_is_replayed() {
 async fn missing_key_is_400() {
     let app = App::new();
     let base = serve(app.clone()).await;
-    let response = reqwest::Client::new().post(format!("{base}/api/schedule/generate")).json(&ward(3)).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/schedule/generate"))
+        .json(&ward(3))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
     let problem: serde_json::Value = response.json().await.unwrap();
     assert_eq!(problem["status"], 400);
     assert_eq!(app.runs_created.load(SeqCst), 0);
@@ -127,11 +172,20 @@ async fn same_key_different_body_is_422() {
     let base = serve(app.clone()).await;
     let client = reqwest::Client::new();
     let key = fresh_key("conflict");
-    let post = |week| client.post(format!("{base}/api/schedule/generate")).header("Idempotency-Key", &key).json(&ward(week)).send();
+    let post = |week| {
+        client
+            .post(format!("{base}/api/schedule/generate"))
+            .header("Idempotency-Key", &key)
+            .json(&ward(week))
+            .send()
+    };
     let first = post(20).await.unwrap().text().await.unwrap();
     let conflict = post(21).await.unwrap();
     assert_eq!(conflict.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(conflict.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        conflict.headers()["content-type"],
+        "application/problem+json"
+    );
     let again = post(20).await.unwrap();
     assert_eq!(again.headers()["idempotency-replayed"], "true");
     assert_eq!(again.text().await.unwrap(), first);
@@ -145,13 +199,25 @@ async fn concurrent_duplicate_in_reject_mode_is_409() {
     let base = serve(app.clone()).await;
     let client = reqwest::Client::new();
     let key = fresh_key("publish");
-    let post = || client.post(format!("{base}/api/schedule/publish")).header("Idempotency-Key", &key).json(&ward(30)).send();
+    let post = || {
+        client
+            .post(format!("{base}/api/schedule/publish"))
+            .header("Idempotency-Key", &key)
+            .json(&ward(30))
+            .send()
+    };
     let first = tokio::spawn(post());
-    until("the first publish runs", || schedule_api::publish_schedule_idempotency_store().in_flight() == 1).await;
+    until("the first publish runs", || {
+        schedule_api::publish_schedule_idempotency_store().in_flight() == 1
+    })
+    .await;
     let duplicate = post().await.unwrap();
     assert_eq!(duplicate.status(), StatusCode::CONFLICT);
     assert_eq!(duplicate.headers()["retry-after"], "1");
-    assert_eq!(duplicate.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        duplicate.headers()["content-type"],
+        "application/problem+json"
+    );
     app.gate.add_permits(1);
     assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(app.runs_created.load(SeqCst), 1);

@@ -51,13 +51,48 @@ enum Variant {
 }
 
 pub const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "rule-loader", callers: 4, must_hold: "53 rule files loaded once", run: rule_loader },
-    Scenario { name: "hr-simulator", callers: 10, must_hold: "one termination executed", run: hr_simulator },
-    Scenario { name: "schedule-generation", callers: 100, must_hold: "one schedule run created", run: schedule_generation },
-    Scenario { name: "event-store", callers: 100, must_hold: "sequence numbers exactly 1..=100", run: event_store },
-    Scenario { name: "work-orders", callers: 100, must_hold: "no duplicate work-order number", run: work_orders },
-    Scenario { name: "inventory", callers: 100, must_hold: "no lost update (stock = 100)", run: inventory },
-    Scenario { name: "queue-reorder", callers: 2, must_hold: "positions stay a permutation", run: queue_reorder },
+    Scenario {
+        name: "rule-loader",
+        callers: 4,
+        must_hold: "53 rule files loaded once",
+        run: rule_loader,
+    },
+    Scenario {
+        name: "hr-simulator",
+        callers: 10,
+        must_hold: "one termination executed",
+        run: hr_simulator,
+    },
+    Scenario {
+        name: "schedule-generation",
+        callers: 100,
+        must_hold: "one schedule run created",
+        run: schedule_generation,
+    },
+    Scenario {
+        name: "event-store",
+        callers: 100,
+        must_hold: "sequence numbers exactly 1..=100",
+        run: event_store,
+    },
+    Scenario {
+        name: "work-orders",
+        callers: 100,
+        must_hold: "no duplicate work-order number",
+        run: work_orders,
+    },
+    Scenario {
+        name: "inventory",
+        callers: 100,
+        must_hold: "no lost update (stock = 100)",
+        run: inventory,
+    },
+    Scenario {
+        name: "queue-reorder",
+        callers: 2,
+        must_hold: "positions stay a permutation",
+        run: queue_reorder,
+    },
 ];
 
 impl Scenario {
@@ -65,7 +100,11 @@ impl Scenario {
         let side = |variant| {
             let start = Instant::now();
             let (holds, observed) = (self.run)(variant);
-            Side { holds, observed, elapsed: start.elapsed() }
+            Side {
+                holds,
+                observed,
+                elapsed: start.elapsed(),
+            }
         };
         Row {
             scenario: self.name,
@@ -89,7 +128,11 @@ async fn io() {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// Runs `callers` copies of `call` released at once, returns their outputs.
@@ -125,7 +168,10 @@ const RULE_FILES: usize = 53;
 static RULE_FILE_READS: AtomicUsize = AtomicUsize::new(0);
 
 fn read_rules(dir: &Path) -> Arc<Vec<String>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).expect("rule dir").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("rule dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
     files.sort();
     let rules = files
         .iter()
@@ -153,10 +199,18 @@ fn load_rules(dir: &Path) -> Arc<Vec<String>> {
 }
 
 fn rule_loader(variant: Variant) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("racefree-lab-rules-{}-{}", std::process::id(), fresh()));
+    let dir = std::env::temp_dir().join(format!(
+        "racefree-lab-rules-{}-{}",
+        std::process::id(),
+        fresh()
+    ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     for i in 0..RULE_FILES {
-        std::fs::write(dir.join(format!("rule_{i:02}.rule")), format!("rule_{i:02} = (a|b)*c")).expect("rule file");
+        std::fs::write(
+            dir.join(format!("rule_{i:02}.rule")),
+            format!("rule_{i:02} = (a|b)*c"),
+        )
+        .expect("rule file");
     }
     let memo = Mutex::new(HashMap::new());
     let before = RULE_FILE_READS.load(SeqCst);
@@ -203,7 +257,10 @@ impl NaiveIdempotency {
             return outcome.clone();
         }
         let outcome = execute.await;
-        self.0.lock().unwrap().insert(key.to_owned(), outcome.clone());
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), outcome.clone());
         outcome
     }
 }
@@ -225,7 +282,9 @@ fn hr_simulator(variant: Variant) -> (bool, String) {
     idempotent_writes(variant, 10, &TERMINATIONS, |naive, key| async move {
         match naive {
             Some(naive) => naive.run(&key, hr_terminate(7)).await,
-            None => terminate_employee(&key, 7).await.expect("no idempotency error"),
+            None => terminate_employee(&key, 7)
+                .await
+                .expect("no idempotency error"),
         }
     })
 }
@@ -247,7 +306,9 @@ fn schedule_generation(variant: Variant) -> (bool, String) {
     idempotent_writes(variant, 100, &SCHEDULE_RUNS, |naive, key| async move {
         match naive {
             Some(naive) => naive.run(&key, create_schedule_run(48)).await,
-            None => generate_schedule(&key, 48).await.expect("no idempotency error"),
+            None => generate_schedule(&key, 48)
+                .await
+                .expect("no idempotency error"),
         }
     })
 }
@@ -267,7 +328,10 @@ where
     let outcomes = concurrently(callers, |_| call(naive.clone(), key.clone()));
     let runs = executions.load(SeqCst) - before;
     let distinct = outcomes.iter().collect::<HashSet<_>>().len();
-    (runs == 1 && distinct == 1, format!("executions: {runs}, distinct outcomes: {distinct}"))
+    (
+        runs == 1 && distinct == 1,
+        format!("executions: {runs}, distinct outcomes: {distinct}"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,13 +344,29 @@ pub struct EventLog {
 
 impl EventLog {
     fn max_seq(&self, aggregate: &str) -> u64 {
-        self.events.lock().unwrap().iter().filter(|(a, _)| a == aggregate).map(|(_, s)| *s).max().unwrap_or(0)
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == aggregate)
+            .map(|(_, s)| *s)
+            .max()
+            .unwrap_or(0)
     }
     fn insert(&self, aggregate: &str, seq: u64) {
-        self.events.lock().unwrap().push((aggregate.to_owned(), seq));
+        self.events
+            .lock()
+            .unwrap()
+            .push((aggregate.to_owned(), seq));
     }
     fn numbers(&self) -> Vec<u64> {
-        let mut numbers: Vec<u64> = self.events.lock().unwrap().iter().map(|(_, s)| *s).collect();
+        let mut numbers: Vec<u64> = self
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
         numbers.sort_unstable();
         numbers
     }
@@ -335,10 +415,19 @@ pub struct DuplicateKey(u64);
 
 impl WorkOrders {
     fn new() -> Self {
-        WorkOrders { id: fresh(), numbers: Mutex::new(HashSet::new()) }
+        WorkOrders {
+            id: fresh(),
+            numbers: Mutex::new(HashSet::new()),
+        }
     }
     fn max_no(&self) -> u64 {
-        self.numbers.lock().unwrap().iter().copied().max().unwrap_or(0)
+        self.numbers
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
     fn insert(&self, no: u64) -> Result<u64, DuplicateKey> {
         if self.numbers.lock().unwrap().insert(no) {
@@ -417,7 +506,10 @@ fn inventory(variant: Variant) -> (bool, String) {
         }
     });
     let qty = stock.qty(&sku);
-    (qty == 100, format!("stock: {qty}, lost updates: {}", 100 - qty))
+    (
+        qty == 100,
+        format!("stock: {qty}, lost updates: {}", 100 - qty),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +525,16 @@ pub struct Queue {
 impl Queue {
     fn new() -> Self {
         let items = ["p0", "p1", "X", "p3", "p4", "Y", "p6"];
-        Queue { id: fresh(), positions: Mutex::new(items.iter().enumerate().map(|(i, item)| (*item, i)).collect()) }
+        Queue {
+            id: fresh(),
+            positions: Mutex::new(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| (*item, i))
+                    .collect(),
+            ),
+        }
     }
     fn order(&self) -> Vec<&'static str> {
         let positions = self.positions.lock().unwrap();
@@ -459,7 +560,10 @@ impl Queue {
 
 fn moved(order: &[&'static str], item: &str, to: usize) -> Vec<&'static str> {
     let mut order = order.to_vec();
-    let from = order.iter().position(|i| *i == item).expect("item in queue");
+    let from = order
+        .iter()
+        .position(|i| *i == item)
+        .expect("item in queue");
     let item = order.remove(from);
     order.insert(to.min(order.len()), item);
     order
@@ -494,6 +598,19 @@ fn queue_reorder(variant: Variant) -> (bool, String) {
         }
     });
     let ok = queue.is_permutation();
-    let positions: Vec<String> = queue.positions.lock().unwrap().iter().map(|(item, pos)| format!("{item}={pos}")).collect();
-    (ok, if ok { "consistent order".to_owned() } else { format!("conflicting positions: {}", positions.join(" ")) })
+    let positions: Vec<String> = queue
+        .positions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(item, pos)| format!("{item}={pos}"))
+        .collect();
+    (
+        ok,
+        if ok {
+            "consistent order".to_owned()
+        } else {
+            format!("conflicting positions: {}", positions.join(" "))
+        },
+    )
 }

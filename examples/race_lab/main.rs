@@ -33,10 +33,17 @@ fn main() {
             }
         }
     }
-    let chosen: Vec<_> = SCENARIOS.iter().filter(|s| only.as_deref().is_none_or(|name| s.name == name)).collect();
+    let chosen: Vec<_> = SCENARIOS
+        .iter()
+        .filter(|s| only.as_deref().is_none_or(|name| s.name == name))
+        .collect();
     if chosen.is_empty() {
         let names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
-        eprintln!("no scenario {:?}; there are: {}", only.unwrap_or_default(), names.join(", "));
+        eprintln!(
+            "no scenario {:?}; there are: {}",
+            only.unwrap_or_default(),
+            names.join(", ")
+        );
         std::process::exit(2);
     }
 
@@ -44,7 +51,13 @@ fn main() {
     let terminal = std::io::stderr().is_terminal();
     let mut rows = Vec::new();
     for (i, scenario) in chosen.iter().enumerate() {
-        let line = format!("[{}/{}] {} ({} callers, naive then racefree)", i + 1, chosen.len(), scenario.name, scenario.callers);
+        let line = format!(
+            "[{}/{}] {} ({} callers, naive then racefree)",
+            i + 1,
+            chosen.len(),
+            scenario.name,
+            scenario.callers
+        );
         if terminal {
             eprint!("\r\x1b[2K{line}…");
             let _ = std::io::stderr().flush();
@@ -58,11 +71,18 @@ fn main() {
     }
 
     if json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&rows)).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(&rows)).expect("json")
+        );
     } else {
         print_table(&rows);
     }
-    let broken: Vec<_> = rows.iter().filter(|r| !r.racefree.holds).map(|r| r.scenario).collect();
+    let broken: Vec<_> = rows
+        .iter()
+        .filter(|r| !r.racefree.holds)
+        .map(|r| r.scenario)
+        .collect();
     if !broken.is_empty() {
         eprintln!("racefree showed the race in: {}", broken.join(", "));
         std::process::exit(1);
@@ -82,7 +102,13 @@ fn mark(holds: bool) -> &'static str {
 }
 
 fn print_table(rows: &[Row]) {
-    let w = |rows: &[Row], f: fn(&Row) -> String, min: usize| rows.iter().map(|r| f(r).chars().count()).max().unwrap_or(0).max(min);
+    let w = |rows: &[Row], f: fn(&Row) -> String, min: usize| {
+        rows.iter()
+            .map(|r| f(r).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(min)
+    };
     let (ws, wm, wn, wr) = (
         w(rows, |r| r.scenario.to_owned(), 8),
         w(rows, |r| r.must_hold.to_owned(), 10),
@@ -107,7 +133,11 @@ fn print_table(rows: &[Row]) {
     }
     let raced = rows.iter().filter(|r| !r.naive.holds).count();
     let held = rows.iter().filter(|r| r.racefree.holds).count();
-    println!("\nnaive code showed the race in {raced} of {} scenarios; racefree held in {held} of {}.", rows.len(), rows.len());
+    println!(
+        "\nnaive code showed the race in {raced} of {} scenarios; racefree held in {held} of {}.",
+        rows.len(),
+        rows.len()
+    );
 }
 
 fn to_json(rows: &[Row]) -> serde_json::Value {

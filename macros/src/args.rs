@@ -34,7 +34,11 @@ impl Arg {
     /// The tokens an error about this argument should point at.
     pub fn span(&self) -> Span {
         match &self.value {
-            Value::Expr(expr) => self.name.span().join(expr.span()).unwrap_or(self.name.span()),
+            Value::Expr(expr) => self
+                .name
+                .span()
+                .join(expr.span())
+                .unwrap_or(self.name.span()),
             _ => self.name.span(),
         }
     }
@@ -52,7 +56,10 @@ impl Parse for Args {
 impl Parse for Arg {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let name: Ident = input.call(syn::ext::IdentExt::parse_any).map_err(|e| {
-            syn::Error::new(e.span(), "expected an argument such as `key = ...`, `ttl = \"5m\"` or `skip(db)`")
+            syn::Error::new(
+                e.span(),
+                "expected an argument such as `key = ...`, `ttl = \"5m\"` or `skip(db)`",
+            )
         })?;
         let lookahead = input.lookahead1();
         let value = if lookahead.peek(Token![=]) {

@@ -43,9 +43,16 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         Some(expr) => quote_spanned!(expr.span()=> #expr),
         None => {
             if let Some(first) = shape.unnamed.first() {
-                errors.push(syn::Error::new_spanned(first, "the default key needs named arguments: write `key = ...`"));
+                errors.push(syn::Error::new_spanned(
+                    first,
+                    "the default key needs named arguments: write `key = ...`",
+                ));
             }
-            owned_arguments(shape.params.iter().filter(|p| !skip.contains(&p.ident)), "key", &mut errors)
+            owned_arguments(
+                shape.params.iter().filter(|p| !skip.contains(&p.ident)),
+                "key",
+                &mut errors,
+            )
         }
     };
     if crate::validate::contains_impl_trait(shape.output.ty()) {
@@ -68,7 +75,12 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     });
     let capacity = capacity.map(|c| quote!(.capacity(#c)));
     let config = quote!(::racefree::__private::CacheConfig::new() #ttl #capacity);
-    Ok(Plan { key, store, config, output: shape.output })
+    Ok(Plan {
+        key,
+        store,
+        config,
+        output: shape.output,
+    })
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -80,7 +92,12 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let Plan { key, store, config, output } = plan;
+    let Plan {
+        key,
+        store,
+        config,
+        output,
+    } = plan;
     let name = &item.sig.ident;
     let id = expand::function_id(name);
     let ret = output.ty().clone();
@@ -90,13 +107,25 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     // non-`Clone` value is reported at the return type rather than at the attribute.
     let cache_method = Ident::new("cache", ret_span);
     let complete = Ident::new("complete", ret_span);
-    let lookup = Ident::new(if item.sig.asyncness.is_some() { "lookup_or_lead_async" } else { "lookup_or_lead" }, ret_span);
+    let lookup = Ident::new(
+        if item.sig.asyncness.is_some() {
+            "lookup_or_lead_async"
+        } else {
+            "lookup_or_lead"
+        },
+        ret_span,
+    );
     let cache = match &store {
         Some(store) => {
             // No parentheses around a simple expression: a type error then underlines exactly
             // the user's expression.
             let store = match store {
-                Expr::Path(_) | Expr::Field(_) | Expr::Call(_) | Expr::MethodCall(_) | Expr::Index(_) | Expr::Paren(_) => {
+                Expr::Path(_)
+                | Expr::Field(_)
+                | Expr::Call(_)
+                | Expr::MethodCall(_)
+                | Expr::Index(_)
+                | Expr::Paren(_) => {
                     quote!(#store)
                 }
                 _ => quote!((#store)),
@@ -133,7 +162,10 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
                 }
             },
         ),
-        Output::Plain(_) => (quote!(__racefree_value), quote!(__racefree_lead.#complete(#clone(&__racefree_output));)),
+        Output::Plain(_) => (
+            quote!(__racefree_value),
+            quote!(__racefree_lead.#complete(#clone(&__racefree_output));),
+        ),
     };
     let body = Body::of(&item).run();
 
@@ -153,7 +185,8 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let handle = store.is_none().then(|| {
         let vis = &item.vis;
         let handle_name = format_ident!("{}_cache", name);
-        let doc = format!(" The cache of [`{name}`]: invalidate entries, clear it, read its stats.");
+        let doc =
+            format!(" The cache of [`{name}`]: invalidate entries, clear it, read its stats.");
         quote! {
             #[doc = #doc]
             #[allow(dead_code)]

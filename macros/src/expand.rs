@@ -7,12 +7,16 @@ use syn::{ItemFn, ReturnType, Stmt};
 
 /// Parses the item and runs `expand`; on error emits the user's function untouched next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
-pub fn with_fallback(item: TokenStream, expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>) -> TokenStream {
+pub fn with_fallback(
+    item: TokenStream,
+    expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>,
+) -> TokenStream {
     let parsed: ItemFn = match syn::parse2(item.clone()) {
         Ok(parsed) => parsed,
         Err(_) => {
-            let error = syn::Error::new_spanned(&item, "racefree's attributes go on a `fn` or `async fn`")
-                .to_compile_error();
+            let error =
+                syn::Error::new_spanned(&item, "racefree's attributes go on a `fn` or `async fn`")
+                    .to_compile_error();
             return quote!(#item #error);
         }
     };
@@ -54,7 +58,12 @@ impl Body {
             ReturnType::Default => quote!(()),
             ReturnType::Type(_, ty) => ty.to_token_stream(),
         };
-        Body { stmts: item.block.stmts.clone(), prelude: TokenStream::new(), output, is_async: item.sig.asyncness.is_some() }
+        Body {
+            stmts: item.block.stmts.clone(),
+            prelude: TokenStream::new(),
+            output,
+            is_async: item.sig.asyncness.is_some(),
+        }
     }
 
     /// Statements to run first inside the body's scope (e.g. binding a `Seq` parameter).
@@ -71,7 +80,12 @@ impl Body {
     /// Like [`run`](Body::run), but an async body's future is passed through `wrap` before it
     /// is awaited (e.g. to run it under a lock holder's identity).
     pub fn run_wrapped(self, wrap: impl FnOnce(TokenStream) -> TokenStream) -> TokenStream {
-        let Body { stmts, prelude, output, is_async } = self;
+        let Body {
+            stmts,
+            prelude,
+            output,
+            is_async,
+        } = self;
         let span = output.span();
         if is_async {
             // An async block has no return type annotation: this unreachable `return` pins it,

@@ -41,14 +41,26 @@ impl Attr {
                 ("ttl", Kind::Value, "ttl = \"5m\""),
                 ("capacity", Kind::Value, "capacity = 10_000"),
                 ("skip", Kind::List, "skip(arg, ...)"),
-                ("store", Kind::Value, "store = <expression of type &racefree::Cache<K, V>>"),
+                (
+                    "store",
+                    Kind::Value,
+                    "store = <expression of type &racefree::Cache<K, V>>",
+                ),
             ],
             Attr::Idempotent => &[
-                ("key", Kind::Value, "key = <expression: &str, String or an Option of them>"),
+                (
+                    "key",
+                    Kind::Value,
+                    "key = <expression: &str, String or an Option of them>",
+                ),
                 ("ttl", Kind::Value, "ttl = \"24h\""),
                 ("fingerprint", Kind::Value, "fingerprint = <expression>"),
                 ("skip", Kind::List, "skip(arg, ...)"),
-                ("in_flight", Kind::Value, "in_flight = \"wait\" or in_flight = \"reject\""),
+                (
+                    "in_flight",
+                    Kind::Value,
+                    "in_flight = \"wait\" or in_flight = \"reject\"",
+                ),
                 ("require_key", Kind::Flag, "require_key"),
                 ("store_errors", Kind::Flag, "store_errors"),
                 ("scope", Kind::Value, "scope = <expression>"),
@@ -79,10 +91,17 @@ impl Named {
         for arg in args.0 {
             let name = arg.name.to_string();
             let Some(&(_, kind, example)) = accepts.iter().find(|(n, _, _)| *n == name) else {
-                let list = accepts.iter().map(|(n, _, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+                let list = accepts
+                    .iter()
+                    .map(|(n, _, _)| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 errors.push(syn::Error::new(
                     arg.name.span(),
-                    format!("unknown argument `{name}` for #[{}]; expected one of: {list}", attr.name()),
+                    format!(
+                        "unknown argument `{name}` for #[{}]; expected one of: {list}",
+                        attr.name()
+                    ),
                 ));
                 continue;
             };
@@ -95,7 +114,9 @@ impl Named {
             }
             let form_ok = matches!(
                 (&arg.value, kind),
-                (Value::Expr(_), Kind::Value) | (Value::Idents(_), Kind::List) | (Value::Flag, Kind::Flag)
+                (Value::Expr(_), Kind::Value)
+                    | (Value::Idents(_), Kind::List)
+                    | (Value::Flag, Kind::Flag)
             );
             if !form_ok {
                 errors.push(syn::Error::new(arg.span(), format!("write `{example}`")));
@@ -135,9 +156,16 @@ impl Named {
 
     /// `name = "<humantime duration>"`, parsed now, so a typo is a compile error.
     pub fn duration(&mut self, name: &str) -> syn::Result<Option<Duration>> {
-        let Some(expr) = self.expr(name) else { return Ok(None) };
+        let Some(expr) = self.expr(name) else {
+            return Ok(None);
+        };
         let text = string_literal(&expr).ok_or_else(|| {
-            syn::Error::new_spanned(&expr, format!("`{name}` takes a duration in a string, e.g. `{name} = \"5m\"` or `\"1h 30m\"`"))
+            syn::Error::new_spanned(
+                &expr,
+                format!(
+                    "`{name}` takes a duration in a string, e.g. `{name} = \"5m\"` or `\"1h 30m\"`"
+                ),
+            )
         })?;
         let duration = humantime::parse_duration(&text).map_err(|e| {
             syn::Error::new_spanned(
@@ -146,16 +174,27 @@ impl Named {
             )
         })?;
         if duration.is_zero() {
-            return Err(syn::Error::new_spanned(&expr, format!("`{name}` must be longer than zero")));
+            return Err(syn::Error::new_spanned(
+                &expr,
+                format!("`{name}` must be longer than zero"),
+            ));
         }
         Ok(Some(duration))
     }
 
     /// `name = <positive integer literal>`.
     pub fn positive_int(&mut self, name: &str) -> syn::Result<Option<usize>> {
-        let Some(expr) = self.expr(name) else { return Ok(None) };
-        let Expr::Lit(syn::ExprLit { lit: Lit::Int(int), .. }) = &expr else {
-            return Err(syn::Error::new_spanned(&expr, format!("`{name}` takes an integer literal, e.g. `{name} = 10_000`")));
+        let Some(expr) = self.expr(name) else {
+            return Ok(None);
+        };
+        let Expr::Lit(syn::ExprLit {
+            lit: Lit::Int(int), ..
+        }) = &expr
+        else {
+            return Err(syn::Error::new_spanned(
+                &expr,
+                format!("`{name}` takes an integer literal, e.g. `{name} = 10_000`"),
+            ));
         };
         match int.base10_parse::<usize>() {
             Ok(0) => Err(syn::Error::new_spanned(&expr, format!("`{name} = 0` would keep nothing; give at least 1, or leave `{name}` out for no bound"))),
@@ -166,8 +205,14 @@ impl Named {
 
     /// `name = "one of choices"`.
     pub fn choice(&mut self, name: &str, choices: &[&str]) -> syn::Result<Option<(String, Span)>> {
-        let Some(expr) = self.expr(name) else { return Ok(None) };
-        let listed = choices.iter().map(|c| format!("`{name} = \"{c}\"`")).collect::<Vec<_>>().join(" or ");
+        let Some(expr) = self.expr(name) else {
+            return Ok(None);
+        };
+        let listed = choices
+            .iter()
+            .map(|c| format!("`{name} = \"{c}\"`"))
+            .collect::<Vec<_>>()
+            .join(" or ");
         match string_literal(&expr) {
             Some(text) if choices.contains(&text.as_str()) => Ok(Some((text, expr.span()))),
             _ => Err(syn::Error::new_spanned(&expr, format!("write {listed}"))),
@@ -177,7 +222,9 @@ impl Named {
 
 fn string_literal(expr: &Expr) -> Option<String> {
     match expr {
-        Expr::Lit(syn::ExprLit { lit: Lit::Str(s), .. }) => Some(s.value()),
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Some(s.value()),
         _ => None,
     }
 }
@@ -257,7 +304,11 @@ impl FnShape {
             ReturnType::Default => Output::Plain(syn::parse_quote!(())),
             ReturnType::Type(_, ty) => classify(ty),
         };
-        FnShape { params, unnamed, output }
+        FnShape {
+            params,
+            unnamed,
+            output,
+        }
     }
 
     pub fn param(&self, ident: &Ident) -> Option<&Param> {
@@ -268,9 +319,17 @@ impl FnShape {
     pub fn check_skip(&self, skip: &[Ident], errors: &mut Errors) {
         for name in skip {
             if name == "self" {
-                errors.push(syn::Error::new(name.span(), "`self` is never part of the key; remove it from skip(...)"));
+                errors.push(syn::Error::new(
+                    name.span(),
+                    "`self` is never part of the key; remove it from skip(...)",
+                ));
             } else if self.param(name).is_none() {
-                let names = self.params.iter().map(|p| format!("`{}`", p.ident)).collect::<Vec<_>>().join(", ");
+                let names = self
+                    .params
+                    .iter()
+                    .map(|p| format!("`{}`", p.ident))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 errors.push(syn::Error::new(
                     name.span(),
                     format!("`{name}` is not an argument of this function; skip(...) takes argument names: {names}"),
@@ -306,7 +365,11 @@ pub fn contains_impl_trait(ty: &Type) -> bool {
 
 /// An owned copy of the arguments not skipped, as the default key or fingerprint: one argument
 /// is itself, several are a tuple, none is `()`. `&T` becomes `T::Owned` (`&str` → `String`).
-pub fn owned_arguments<'a>(params: impl IntoIterator<Item = &'a Param>, what: &str, errors: &mut Errors) -> TokenStream {
+pub fn owned_arguments<'a>(
+    params: impl IntoIterator<Item = &'a Param>,
+    what: &str,
+    errors: &mut Errors,
+) -> TokenStream {
     let mut parts = Vec::new();
     for param in params {
         let ident = &param.ident;

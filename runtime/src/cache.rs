@@ -24,6 +24,7 @@ use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -53,7 +54,10 @@ pub struct CacheConfig {
 impl CacheConfig {
     /// Unbounded, no expiry.
     pub const fn new() -> Self {
-        CacheConfig { ttl: None, capacity: None }
+        CacheConfig {
+            ttl: None,
+            capacity: None,
+        }
     }
 
     /// Entries expire `ttl` after insertion.
@@ -98,6 +102,7 @@ pub struct Cache<K, V, S = RandomState> {
     // The CLOCK ring; present only with a capacity.
     ring: Option<Mutex<VecDeque<K>>>,
     inserts_since_sweep: AtomicUsize,
+    left_by_last_sweep: AtomicUsize,
     counters: Counters,
     name: &'static str,
 }
@@ -118,14 +123,14 @@ pub struct CacheLead<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = Rando
     lead: Lead<'a, K, V, S>,
 }
 
-/// Builds a [`Cache`].
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CacheBuilder {
+/// Builds a [`Cache`]; the key and value types come from where the cache goes.
+pub struct CacheBuilder<K, V> {
     config: CacheConfig,
     name: &'static str,
+    types: PhantomData<fn() -> (K, V)>,
 }
 
-impl CacheBuilder {
+impl<K, V> CacheBuilder<K, V> {
     /// Entries expire `ttl` after insertion.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config.ttl = Some(ttl);
@@ -147,8 +152,21 @@ impl CacheBuilder {
     }
 
     /// The cache.
-    pub fn build<K: Eq + Hash + Clone, V: Clone>(self) -> Cache<K, V> {
+    pub fn build(self) -> Cache<K, V>
+    where
+        K: Eq + Hash + Clone,
+        V: Clone,
+    {
         Cache::with_config_and_hasher(self.config, self.name, RandomState::default())
+    }
+}
+
+impl<K, V> fmt::Debug for CacheBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("config", &self.config)
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -159,8 +177,12 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
     }
 
     /// A builder for TTL and capacity.
-    pub fn builder() -> CacheBuilder {
-        CacheBuilder::default()
+    pub fn builder() -> CacheBuilder<K, V> {
+        CacheBuilder {
+            config: CacheConfig::new(),
+            name: "",
+            types: PhantomData,
+        }
     }
 
     /// A cache bounded by `config`.
@@ -187,8 +209,11 @@ where
             entries: DashMap::with_hasher(hasher.clone()),
             flights: SingleFlight::with_hasher(hasher),
             config,
-            ring: config.capacity.map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
+            ring: config
+                .capacity
+                .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
             inserts_since_sweep: AtomicUsize::new(0),
+            left_by_last_sweep: AtomicUsize::new(0),
             counters: Counters::default(),
             name,
         }
@@ -218,7 +243,8 @@ where
             let now = self.now();
             if is_expired(stamp, now) {
                 drop(slot);
-                self.entries.remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
+                self.entries
+                    .remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
                 return None;
             }
         }
@@ -339,11 +365,23 @@ where
     pub fn insert(&self, key: K, value: V) {
         let stamp = match self.config.ttl {
             // Never 0, which would mean "no deadline".
-            Some(ttl) => self.now().saturating_add(saturating_nanos(ttl)).clamp(1, DEADLINE),
+            Some(ttl) => self
+                .now()
+                .saturating_add(saturating_nanos(ttl))
+                .clamp(1, DEADLINE),
             None => 0,
         };
         let ring_key = self.ring.as_ref().map(|_| key.clone());
-        let fresh = self.entries.insert(key, Slot { value, stamp: AtomicU64::new(stamp) }).is_none();
+        let fresh = self
+            .entries
+            .insert(
+                key,
+                Slot {
+                    value,
+                    stamp: AtomicU64::new(stamp),
+                },
+            )
+            .is_none();
         if let (Some(ring), Some(key)) = (&self.ring, ring_key) {
             let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if fresh {
@@ -359,7 +397,9 @@ where
     // CLOCK: walk the ring from the front; an entry hit since the last pass loses its mark and
     // goes to the back, any other (or an expired one) is evicted. Terminates within two passes.
     fn evict_over_capacity(&self, ring: &mut VecDeque<K>) {
-        let Some(capacity) = self.config.capacity else { return };
+        let Some(capacity) = self.config.capacity else {
+            return;
+        };
         let now = self.config.ttl.map(|_| self.now());
         while self.entries.len() > capacity {
             let Some(key) = ring.pop_front() else { break };
@@ -384,14 +424,16 @@ where
         }
     }
 
-    // Amortized O(1): one full sweep per (live entries) inserts, at least 1024 apart.
+    // Amortized O(1): a full sweep once as many entries were inserted as the last sweep left
+    // behind, and at least 1024 inserts apart.
     fn sweep_now_and_then(&self) {
         let inserted = self.inserts_since_sweep.fetch_add(1, Relaxed) + 1;
-        if inserted < 1024 || inserted < self.entries.len() {
+        if inserted < 1024 || inserted < self.left_by_last_sweep.load(Relaxed) {
             return;
         }
         self.inserts_since_sweep.store(0, Relaxed);
         self.purge_expired();
+        self.left_by_last_sweep.store(self.entries.len(), Relaxed);
     }
 
     /// Removes every expired entry now. (They are also removed lazily.)
@@ -400,7 +442,8 @@ where
             return;
         }
         let now = self.now();
-        self.entries.retain(|_, slot| !is_expired(slot.stamp.load(Relaxed), now));
+        self.entries
+            .retain(|_, slot| !is_expired(slot.stamp.load(Relaxed), now));
     }
 
     /// Removes `key`; `true` if it was there. A computation under way is not interrupted and
@@ -417,7 +460,9 @@ where
     pub fn clear(&self) {
         self.entries.clear();
         if let Some(ring) = &self.ring {
-            ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+            ring.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
         }
     }
 

@@ -11,7 +11,9 @@
 #[inline]
 pub fn now_nanos() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
 }
 
 /// Monotonic nanoseconds from an arbitrary origin.
@@ -21,5 +23,11 @@ pub fn now_nanos() -> u64 {
     use std::sync::OnceLock;
     static EPOCH: OnceLock<quanta::Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(quanta::Instant::now);
-    u64::try_from(quanta::Instant::now().saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(
+        quanta::Instant::now()
+            .saturating_duration_since(epoch)
+            .as_nanos(),
+    )
+    .unwrap_or(u64::MAX)
+    .max(1)
 }

@@ -41,7 +41,10 @@ impl<T> Default for Flight<T> {
 impl<T> Flight<T> {
     /// A cell nobody has completed yet.
     pub fn new() -> Self {
-        Flight { landing: OnceLock::new(), landed: Event::new() }
+        Flight {
+            landing: OnceLock::new(),
+            landed: Event::new(),
+        }
     }
 
     /// Publishes the landing and wakes every waiter. Only the first call has an effect.

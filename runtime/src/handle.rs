@@ -37,7 +37,8 @@ where
         self
     }
     fn invalidate_any(&self, key: &dyn Any) -> bool {
-        key.downcast_ref::<K>().is_some_and(|key| self.invalidate(key))
+        key.downcast_ref::<K>()
+            .is_some_and(|key| self.invalidate(key))
     }
     fn clear(&self) {
         Cache::clear(self)
@@ -59,14 +60,15 @@ where
 /// The cache of one `#[cached]` function, as returned by the generated `fn <name>_cache()`.
 ///
 /// ```
-/// use racefree::cached;
+/// use racefree_runtime::{CacheConfig, HandleCell};
 ///
-/// #[cached]
-/// fn square(x: u64) -> u64 { x * x }
+/// // What `#[cached] fn square(x: u64) -> u64` declares, and `square_cache()` returns.
+/// static SQUARE: HandleCell = HandleCell::new("doc::square", CacheConfig::new());
+/// let square = |x: u64| SQUARE.handle().cache::<u64, u64>().get_with(x, || x * x);
 ///
 /// square(3);
 /// square(3);
-/// let cache = square_cache();
+/// let cache = SQUARE.handle();
 /// assert_eq!((cache.stats().executions, cache.stats().hits, cache.len()), (1, 1, 1));
 /// assert!(cache.invalidate(&3_u64));     // the key as the function builds it
 /// assert_eq!(cache.len(), 0);
@@ -82,7 +84,12 @@ pub struct CacheHandle {
 
 impl CacheHandle {
     fn new(name: &'static str, config: CacheConfig) -> Self {
-        CacheHandle { name, config, first: OnceLock::new(), all: RwLock::new(Vec::new()) }
+        CacheHandle {
+            name,
+            config,
+            first: OnceLock::new(),
+            all: RwLock::new(Vec::new()),
+        }
     }
 
     /// The function's cache for keys `K` and values `V`, created on first use.
@@ -104,7 +111,10 @@ impl CacheHandle {
         K: Eq + Hash + Clone + Send + Sync + 'static,
         V: Clone + Send + Sync + 'static,
     {
-        let mut all = self.all.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut all = self
+            .all
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(cache) = all.iter().find_map(|c| c.as_any().downcast_ref()) {
             return cache;
         }
@@ -120,7 +130,10 @@ impl CacheHandle {
     }
 
     fn each(&self) -> Vec<&'static dyn ErasedCache> {
-        self.all.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.all
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Removes the entry for `key`, given as the function builds its key (an owned value, e.g.
@@ -151,7 +164,9 @@ impl CacheHandle {
 
     /// Hits, coalesced waits and executions so far.
     pub fn stats(&self) -> CacheStats {
-        self.each().iter().fold(CacheStats::default(), |sum, c| sum.add(c.stats()))
+        self.each()
+            .iter()
+            .fold(CacheStats::default(), |sum, c| sum.add(c.stats()))
     }
 
     /// Sets the stats back to zero.
@@ -193,7 +208,11 @@ pub struct HandleCell {
 impl HandleCell {
     #[doc(hidden)]
     pub const fn new(id: &'static str, config: CacheConfig) -> Self {
-        HandleCell { id, config, handle: OnceLock::new() }
+        HandleCell {
+            id,
+            config,
+            handle: OnceLock::new(),
+        }
     }
 
     #[doc(hidden)]
@@ -205,7 +224,11 @@ impl HandleCell {
 
 fn registered(id: &'static str, config: CacheConfig) -> &'static CacheHandle {
     static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static CacheHandle>>> = OnceLock::new();
-    let mut registry =
-        REGISTRY.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry.entry(id).or_insert_with(|| Box::leak(Box::new(CacheHandle::new(id, config))))
+    let mut registry = REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry
+        .entry(id)
+        .or_insert_with(|| Box::leak(Box::new(CacheHandle::new(id, config))))
 }

@@ -59,10 +59,20 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
             return Ok(IdempotencyKey(None));
         };
-        let bad = |detail: String| Problem::new(StatusCode::BAD_REQUEST, "Invalid Idempotency-Key header", detail);
-        let key = value.to_str().map_err(|_| bad("the key must be visible ASCII".to_owned()))?;
+        let bad = |detail: String| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Invalid Idempotency-Key header",
+                detail,
+            )
+        };
+        let key = value
+            .to_str()
+            .map_err(|_| bad("the key must be visible ASCII".to_owned()))?;
         if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(bad(format!("the key must be 1 to {MAX_KEY_LEN} visible ASCII characters")));
+            return Err(bad(format!(
+                "the key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+            )));
         }
         Ok(IdempotencyKey(Some(key.to_owned())))
     }
@@ -80,7 +90,12 @@ pub struct Problem {
 impl Problem {
     /// A problem with this status, short title and detail.
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Problem { status, title, detail: detail.into(), retry_after: None }
+        Problem {
+            status,
+            title,
+            detail: detail.into(),
+            retry_after: None,
+        }
     }
 
     /// Adds a `Retry-After` header.
@@ -105,7 +120,10 @@ impl IntoResponse for Problem {
         });
         let mut response = (self.status, body.to_string()).into_response();
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(seconds) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -115,10 +133,13 @@ impl IntoResponse for Problem {
 
 impl From<&IdempotencyError> for Problem {
     fn from(error: &IdempotencyError) -> Self {
-        let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let title = match error {
             IdempotencyError::Conflict { .. } => "Idempotency key reused with a different request",
-            IdempotencyError::InProgress { .. } => "A request with this idempotency key is in progress",
+            IdempotencyError::InProgress { .. } => {
+                "A request with this idempotency key is in progress"
+            }
             IdempotencyError::MissingKey => "Idempotency-Key header required",
             _ => "Idempotency store unavailable",
         };
@@ -143,7 +164,9 @@ impl IntoResponse for IdempotencyError {
 pub async fn mark_replays(request: Request, next: Next) -> Response {
     let (mut response, replay) = replay::track(next.run(request)).await;
     if replay.is_replayed() {
-        response.headers_mut().insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
     }
     response
 }

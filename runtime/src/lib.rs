@@ -16,9 +16,9 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod clock;
 pub mod error;
 pub mod fingerprint;
-pub mod clock;
 pub mod flight;
 pub mod handle;
 #[cfg(feature = "axum")]
@@ -29,10 +29,10 @@ pub mod idempotency_handle;
 pub mod keyed_locks;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod replay;
 pub mod sequence_error;
 pub mod sequence_handle;
 pub mod sequencer;
-pub mod replay;
 pub mod single_flight;
 pub mod stats;
 
@@ -40,10 +40,12 @@ pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
 pub use error::IdempotencyError;
 pub use fingerprint::Fingerprint;
 pub use handle::{CacheHandle, HandleCell};
-pub use idempotency::{BlockingIdempotencyBackend, IdempotencyBackend, IdempotencyStats, IdempotencyStore};
+pub use idempotency::{
+    BlockingIdempotencyBackend, IdempotencyBackend, IdempotencyStats, IdempotencyStore,
+};
 pub use idempotency_handle::IdempotencyHandle;
-pub use replay::Replay;
 pub use keyed_locks::{Holder, KeyGuard, KeyedLocks};
+pub use replay::Replay;
 pub use sequence_error::SequenceError;
 pub use sequence_handle::{SequenceCell, SequenceHandle};
 pub use sequencer::{Seq, SequenceBackend, SequenceLease, Sequencer, SequencerLease};

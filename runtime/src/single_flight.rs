@@ -58,7 +58,9 @@ impl<K: Eq + Hash + Clone, V> Default for SingleFlight<K, V> {
 impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
     /// An empty registry with the given hasher.
     pub fn with_hasher(hasher: S) -> Self {
-        SingleFlight { flights: DashMap::with_hasher(hasher) }
+        SingleFlight {
+            flights: DashMap::with_hasher(hasher),
+        }
     }
 
     /// Becomes the key's lead, or joins the flight already under way.
@@ -69,7 +71,11 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
                 let flight = Arc::new(Flight::new());
                 let key = entry.key().clone();
                 entry.insert(Arc::clone(&flight));
-                Join::Lead(Lead { registry: self, key, flight: Some(flight) })
+                Join::Lead(Lead {
+                    registry: self,
+                    key,
+                    flight: Some(flight),
+                })
             }
         }
     }
@@ -87,7 +93,8 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
     fn land(&self, key: &K, flight: Arc<Flight<V>>, landing: Option<V>) {
         // Leave the registry first, then wake the followers: a caller that arrives in between
         // either finds the value in the cache (filled before `complete`) or becomes the next lead.
-        self.flights.remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
+        self.flights
+            .remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
         flight.complete(landing);
     }
 }
