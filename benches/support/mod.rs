@@ -54,9 +54,18 @@ pub fn figure(group: &str, name: &str, value: f64, unit: &str) {
     use std::io::Write;
     println!("figure {group}/{name}: {value} {unit}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion");
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map(|d| std::path::PathBuf::from(d).join("criterion")).unwrap_or(dir);
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("criterion"))
+        .unwrap_or(dir);
     let _ = std::fs::create_dir_all(&dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("racefree-figures.jsonl")) {
-        let _ = writeln!(f, "{{\"group\":\"{group}\",\"name\":\"{name}\",\"value\":{value},\"unit\":\"{unit}\"}}");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("racefree-figures.jsonl"))
+    {
+        let _ = writeln!(
+            f,
+            "{{\"group\":\"{group}\",\"name\":\"{name}\",\"value\":{value},\"unit\":\"{unit}\"}}"
+        );
     }
 }
