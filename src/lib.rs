@@ -85,6 +85,7 @@ pub mod axum {
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use racefree_runtime::cache_store::{Always, AsyncCacheStore, CacheStore};
     pub use racefree_runtime::fingerprint::StableHasher;
     pub use racefree_runtime::idempotency::IdempotencyConfig;
     pub use racefree_runtime::idempotency_call::{

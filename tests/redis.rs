@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use racefree::redis::driver::{self, AsyncCommands};
 use racefree::redis::{
     CacheOptions, Claim, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
-    RedisIdempotencyStore, RedisKey, RedisStore, RedisStoreError, SequenceOptions, SequencedError,
+    RedisCacheStore, RedisIdempotencyStore, RedisKey, RedisStore, RedisStoreError, SequenceOptions,
+    SequencedError,
 };
-use racefree::{idempotent, sequenced, IdempotencyError, Seq, SequenceError};
+use racefree::{cached, idempotent, sequenced, IdempotencyError, Seq, SequenceError};
 
 const WORKERS: usize = 4;
 
@@ -36,6 +37,12 @@ struct AttrError(#[allow(dead_code)] String);
 
 impl From<IdempotencyError> for AttrError {
     fn from(e: IdempotencyError) -> Self {
+        AttrError(e.to_string())
+    }
+}
+
+impl From<RedisStoreError> for AttrError {
+    fn from(e: RedisStoreError) -> Self {
         AttrError(e.to_string())
     }
 }
@@ -57,6 +64,27 @@ async fn attr_charge(key: &str, execs: &str) -> Result<String, AttrError> {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(format!("charge-{n}"))
+}
+
+static ATTR_VALUES: LazyLock<RedisCacheStore<'static>> = LazyLock::new(|| {
+    RedisCacheStore::new(
+        &ATTR_STORE,
+        "tests::redis::attr_value",
+        Duration::from_secs(60),
+    )
+});
+
+#[cached(key = key.to_owned(), store = ATTR_VALUES, skip(execs))]
+async fn attr_value(key: &str, execs: &str) -> Result<String, AttrError> {
+    let n: i64 = ATTR_STORE
+        .connection()
+        .await
+        .unwrap()
+        .incr(execs, 1)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(format!("value-{n}"))
 }
 
 #[sequenced(key = key, store = ATTR_STORE.sequence("tests::redis::attr_next"))]
@@ -202,6 +230,12 @@ async fn worker_call(store: &RedisStore, mode: &str, prefix: &str, round: usize,
                 .await
                 .expect("every caller gets the outcome");
             let _: i64 = conn.rpush(&results, outcome).await.unwrap();
+        }
+        "attr-cached" => {
+            let value = attr_value(&format!("{prefix}-attr-{round}"), &execs)
+                .await
+                .expect("every caller gets the value");
+            let _: i64 = conn.rpush(&results, value).await.unwrap();
         }
         "attr-sequenced" => {
             let number = attr_next(&format!("{prefix}-attr-{round}"))
@@ -403,8 +437,8 @@ async fn sequenced_failures_leave_no_gap(target: &Target, prefix: &str) {
 
 /// 4 processes × 25 callers of one cold cached key, 3 rounds. Every round: 1 execution and 100
 /// equal values.
-async fn cached_across_processes(target: &Target, prefix: &str) {
-    target.run_workers("cached", prefix, ROUNDS);
+async fn cached_across_processes(target: &Target, prefix: &str, mode: &str) {
+    target.run_workers(mode, prefix, ROUNDS);
     let store = target.store();
     for round in 0..ROUNDS {
         assert_eq!(
@@ -463,7 +497,13 @@ async fn sequenced_failed_calls_across_processes_leave_no_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_4_processes_x_25_callers_compute_once() {
-    cached_across_processes(&Target::single(), &support::unique("cache")).await;
+    cached_across_processes(&Target::single(), &support::unique("cache"), "cached").await;
+}
+
+/// The same through `#[cached(store = RedisCacheStore)]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_attribute_4_processes_x_25_callers_compute_once() {
+    cached_across_processes(&Target::single(), &support::unique("acache"), "attr-cached").await;
 }
 
 /// A worker claims a key and is SIGKILLed while its body runs. While it lived, its heartbeat
@@ -901,5 +941,5 @@ async fn cluster_idempotent_sequenced_and_cached_across_processes() {
     sequenced_across_processes(&target, &support::unique("cseq"), "sequenced").await;
     sequenced_across_processes(&target, &support::unique("caseq"), "attr-sequenced").await;
     sequenced_failures_leave_no_gap(&target, &support::unique("cseqfail")).await;
-    cached_across_processes(&target, &support::unique("ccache")).await;
+    cached_across_processes(&target, &support::unique("ccache"), "cached").await;
 }

@@ -15,7 +15,7 @@
 //! ```
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote, quote_spanned};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, ItemFn};
 
@@ -100,50 +100,56 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     } = plan;
     let name = &item.sig.ident;
     let id = expand::function_id(name);
-    let ret = output.ty().clone();
-    let ret_span = ret.span();
+    let block = match &store {
+        None => own_cache(&item, &id, &config, &key, &output),
+        Some(store) => given_store(&item, store, &key, &output),
+    };
+    *item.block = syn::parse2(block).expect("generated block parses");
 
+    let handle = store.is_none().then(|| {
+        let vis = &item.vis;
+        let handle_name = format_ident!("{}_cache", name);
+        let doc =
+            format!(" The cache of [`{name}`]: invalidate entries, clear it, read its stats.");
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code)]
+            #vis fn #handle_name() -> &'static ::racefree::CacheHandle {
+                static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
+                    ::racefree::__private::HandleCell::new(#id, #config);
+                __RACEFREE_CACHE.handle()
+            }
+        }
+    });
+    quote!(#item #handle)
+}
+
+/// The function's own in-process cache, with the double check spelled out.
+fn own_cache(
+    item: &ItemFn,
+    id: &TokenStream,
+    config: &TokenStream,
+    key: &TokenStream,
+    output: &Output,
+) -> TokenStream {
+    let ret = output.ty();
+    let ret_span = ret.span();
     // Where the value type must be `Clone`, the calls carry the return type's span, so a
     // non-`Clone` value is reported at the return type rather than at the attribute.
     let cache_method = Ident::new("cache", ret_span);
     let complete = Ident::new("complete", ret_span);
-    let lookup = Ident::new(
-        if item.sig.asyncness.is_some() {
-            "lookup_or_lead_async"
-        } else {
-            "lookup_or_lead"
-        },
-        ret_span,
-    );
-    let cache = match &store {
-        Some(store) => {
-            // No parentheses around a simple expression: a type error then underlines exactly
-            // the user's expression.
-            let store = match store {
-                Expr::Path(_)
-                | Expr::Field(_)
-                | Expr::Call(_)
-                | Expr::MethodCall(_)
-                | Expr::Index(_)
-                | Expr::Paren(_) => {
-                    quote!(#store)
-                }
-                _ => quote!((#store)),
-            };
-            quote_spanned! {store.span()=>
-                let __racefree_cache: &::racefree::Cache<_, _> = &#store;
-            }
+    let lookup = match item.sig.asyncness {
+        Some(_) => {
+            let lookup = Ident::new("lookup_or_lead_async", ret_span);
+            quote!(__racefree_cache.#lookup(__racefree_key).await)
         }
-        None => quote! {
-            static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
-                ::racefree::__private::HandleCell::new(#id, #config);
-            let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
-        },
+        None => {
+            let lookup = Ident::new("lookup_or_lead", ret_span);
+            quote!(__racefree_cache.#lookup(__racefree_key))
+        }
     };
-    let await_ = item.sig.asyncness.map(|_| quote!(.await));
-    let lookup = quote!(__racefree_cache.#lookup(__racefree_key) #await_);
     let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
-    let (hit, finish) = match &output {
+    let (hit, finish) = match output {
         Output::Result(_) => (
             quote!(::core::result::Result::Ok(__racefree_value)),
             quote! {
@@ -167,11 +173,12 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             quote!(__racefree_lead.#complete(#clone(&__racefree_output));),
         ),
     };
-    let body = Body::of(&item).run();
-
-    let block = quote! {{
+    let body = Body::of(item).run();
+    quote! {{
         let __racefree_key = #key;
-        #cache
+        static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
+            ::racefree::__private::HandleCell::new(#id, #config);
+        let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         let __racefree_lead = match #lookup {
             ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,
             ::racefree::__private::Lookup::Lead(__racefree_lead) => __racefree_lead,
@@ -179,23 +186,55 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         let __racefree_output: #ret = #body;
         #finish
         __racefree_output
-    }};
-    *item.block = syn::parse2(block).expect("generated block parses");
+    }}
+}
 
-    let handle = store.is_none().then(|| {
-        let vis = &item.vis;
-        let handle_name = format_ident!("{}_cache", name);
-        let doc =
-            format!(" The cache of [`{name}`]: invalidate entries, clear it, read its stats.");
-        quote! {
-            #[doc = #doc]
-            #[allow(dead_code)]
-            #vis fn #handle_name() -> &'static ::racefree::CacheHandle {
-                static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
-                    ::racefree::__private::HandleCell::new(#id, #config);
-                __RACEFREE_CACHE.handle()
-            }
+/// `store = <expr>`: the body goes to the store (`racefree::Cache`, or a Redis cache store),
+/// which runs it at most once per cold key. Method syntax, so auto-deref finds a store behind
+/// `LazyLock`, `Arc` or `&`.
+fn given_store(item: &ItemFn, store: &Expr, key: &TokenStream, output: &Output) -> TokenStream {
+    // No parentheses around a simple expression: an error then underlines exactly the user's
+    // expression.
+    let store_tokens = match store {
+        Expr::Path(_)
+        | Expr::Field(_)
+        | Expr::Call(_)
+        | Expr::MethodCall(_)
+        | Expr::Index(_)
+        | Expr::Paren(_) => {
+            quote!(#store)
         }
-    });
-    quote!(#item #handle)
+        _ => quote!((#store)),
+    };
+    let is_async = item.sig.asyncness.is_some();
+    let (trait_name, method) = match is_async {
+        true => ("AsyncCacheStore", "run_cached_async"),
+        false => ("CacheStore", "run_cached"),
+    };
+    let trait_name = Ident::new(trait_name, proc_macro2::Span::call_site());
+    // A store of the wrong type is reported at the method call: point it at the expression's end.
+    let store_end = store
+        .to_token_stream()
+        .into_iter()
+        .last()
+        .map_or(store.span(), |t| t.span());
+    let method = Ident::new(method, store_end);
+    let body = Body::of(item).deferred();
+    let await_ = is_async.then(|| quote!(.await));
+    // A plain return value is always cached: wrap it so the store sees an `Outcome`.
+    let call = match (output, is_async) {
+        (Output::Plain(_), false) => quote! {
+            #store_tokens.#method(__racefree_key, move || ::racefree::__private::Always(__racefree_body())).0
+        },
+        (Output::Plain(_), true) => quote! {
+            #store_tokens.#method(__racefree_key, async move { ::racefree::__private::Always(__racefree_body.await) }).await.0
+        },
+        _ => quote!(#store_tokens.#method(__racefree_key, __racefree_body) #await_),
+    };
+    quote! {{
+        use ::racefree::__private::#trait_name as _;
+        let __racefree_key = #key;
+        let __racefree_body = #body;
+        #call
+    }}
 }

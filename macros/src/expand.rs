@@ -80,6 +80,28 @@ impl Body {
     /// Like [`run`](Body::run), but an async body's future is passed through `wrap` before it
     /// is awaited (e.g. to run it under a lock holder's identity).
     pub fn run_wrapped(self, wrap: impl FnOnce(TokenStream) -> TokenStream) -> TokenStream {
+        let span = self.output.span();
+        let is_async = self.is_async;
+        let deferred = self.deferred();
+        if is_async {
+            let future = wrap(deferred);
+            quote_spanned!(span=> #future.await)
+        } else {
+            // The closure is called where it is written on purpose (it gives `return` and `?` a
+            // scope); the statement-level `allow` keeps clippy quiet in users' crates.
+            quote_spanned! {span=>
+                {
+                    #[allow(clippy::redundant_closure_call)]
+                    let __racefree_body_output = (#deferred)();
+                    __racefree_body_output
+                }
+            }
+        }
+    }
+
+    /// The body not yet run: a `move` closure returning the function's return type, or, for an
+    /// async function, the `async move` block whose output it is.
+    pub fn deferred(self) -> TokenStream {
         let Body {
             stmts,
             prelude,
@@ -90,7 +112,7 @@ impl Body {
         if is_async {
             // An async block has no return type annotation: this unreachable `return` pins it,
             // so `?` and `return` in the body infer as they did in the function.
-            let future = quote_spanned! {span=>
+            quote_spanned! {span=>
                 async move {
                     #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return, clippy::empty_loop)]
                     if false {
@@ -100,20 +122,12 @@ impl Body {
                     #prelude
                     #(#stmts)*
                 }
-            };
-            let future = wrap(future);
-            quote_spanned!(span=> #future.await)
+            }
         } else {
-            // The closure is called where it is written on purpose (it gives `return` and `?` a
-            // scope); the statement-level `allow` keeps clippy quiet in users' crates.
             quote_spanned! {span=>
-                {
-                    #[allow(clippy::redundant_closure_call)]
-                    let __racefree_body_output = (move || -> #output {
-                        #prelude
-                        #(#stmts)*
-                    })();
-                    __racefree_body_output
+                move || -> #output {
+                    #prelude
+                    #(#stmts)*
                 }
             }
         }

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod cache_store;
 pub mod clock;
 pub mod error;
 pub mod fingerprint;

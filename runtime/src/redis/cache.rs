@@ -255,3 +255,83 @@ impl<'s> RedisCache<'s> {
             .map(drop)
     }
 }
+
+/// One function's values in Redis, for `#[cached(store = ...)]`: a [`RedisStore`], a name that
+/// prefixes the function's keys (so functions sharing a store never see each other's values),
+/// and the values' TTL. Build it as a `static` next to the store:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use racefree_runtime::redis::{RedisCacheStore, RedisStore, RedisStoreError};
+///
+/// static REDIS: RedisStore = RedisStore::lazy("redis://127.0.0.1/");
+/// static RATES: RedisCacheStore = RedisCacheStore::new(&REDIS, "rates", Duration::from_secs(300));
+///
+/// // #[cached(key = currency.to_owned(), store = RATES)]
+/// // async fn rate(currency: &str) -> Result<f64, ApiError> { … }   // ApiError: From<RedisStoreError>
+/// ```
+/// Keys are encoded as JSON (`K: Serialize`) and values as the versioned envelope
+/// (`T: Serialize + DeserializeOwned`). It serves async functions returning `Result<T, E>` with
+/// `E: From<RedisStoreError>`: Redis failing is an `Err` of the function, never a panic and
+/// never a silent second computation. A sync function cannot use it (no method `run_cached`).
+#[derive(Debug, Clone, Copy)]
+pub struct RedisCacheStore<'s> {
+    store: &'s RedisStore,
+    name: &'static str,
+    options: CacheOptions,
+}
+
+impl<'s> RedisCacheStore<'s> {
+    /// Values of the function family `name` on `store`, living `ttl`.
+    pub const fn new(store: &'s RedisStore, name: &'static str, ttl: Duration) -> Self {
+        RedisCacheStore {
+            store,
+            name,
+            options: CacheOptions::new(ttl),
+        }
+    }
+
+    /// How long a caller waits for another process's computation before failing with
+    /// [`RedisStoreError::Timeout`] (default 60 s).
+    pub const fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.options.max_wait = max_wait;
+        self
+    }
+
+    fn key<K: Serialize>(&self, key: &K) -> Result<RedisKey, RedisStoreError> {
+        let text = serde_json::to_string(key).map_err(|e| RedisStoreError::Serialize {
+            reason: e.to_string(),
+        })?;
+        Ok(RedisKey::new(self.name, None, text))
+    }
+
+    /// Removes `key`'s value, so the next call computes again.
+    pub async fn invalidate<K: Serialize>(&self, key: &K) -> Result<(), RedisStoreError> {
+        self.store.cache().invalidate(&self.key(key)?).await
+    }
+}
+
+impl<K, T, E> crate::cache_store::AsyncCacheStore<K, Result<T, E>> for RedisCacheStore<'_>
+where
+    K: Serialize,
+    T: Serialize + DeserializeOwned,
+    E: From<RedisStoreError>,
+{
+    async fn run_cached_async(
+        &self,
+        key: K,
+        body: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let key = self.key(&key)?;
+        match self
+            .store
+            .cache()
+            .get_or_compute(&key, self.options, || body)
+            .await
+        {
+            Ok(value) => Ok(value),
+            Err(CachedError::Store(error)) => Err(E::from(error)),
+            Err(CachedError::Body(error)) => Err(error),
+        }
+    }
+}

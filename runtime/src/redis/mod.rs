@@ -44,7 +44,7 @@ mod store;
 pub use backends::{
     RedisIdempotencyLease, RedisIdempotencyStore, RedisSequence, RedisSequenceLease,
 };
-pub use cache::{CacheOptions, CachedError, RedisCache};
+pub use cache::{CacheOptions, CachedError, RedisCache, RedisCacheStore};
 pub use error::RedisStoreError;
 pub use idempotency::{
     Claim, IdempotencyOptions, IdempotentError, InFlight, Outcome, OwnerClaim, RedisIdempotency,
