@@ -129,26 +129,27 @@ impl Drop for Entered {
     }
 }
 
-/// A future that runs under a [`Holder`] each time it is polled. See [`Holder::within`].
-#[derive(Debug)]
-#[must_use = "futures do nothing unless awaited"]
-pub struct Within<F> {
-    holder: Holder,
-    future: F,
+pin_project_lite::pin_project! {
+    /// A future that runs under a [`Holder`] each time it is polled. See [`Holder::within`].
+    ///
+    /// The body's future is pinned in place (a safe projection by `pin-project-lite`), which
+    /// saves the allocation `Box::pin` would cost on every async call.
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless awaited"]
+    pub struct Within<F> {
+        holder: Holder,
+        #[pin]
+        future: F,
+    }
 }
 
 impl<F: Future> Future for Within<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // SAFETY: `future` is structurally pinned: `Within` never moves it out, has no `Drop`
-        // impl, and is `Unpin` only when `F` is (auto trait). `holder` is `Copy` and not pinned.
-        // This saves the body's allocation that `Box::pin` would cost on every async call
-        // (benches/sequenced.rs, "uncontended async").
-        let this = unsafe { self.get_unchecked_mut() };
-        let future = unsafe { Pin::new_unchecked(&mut this.future) };
+        let this = self.project();
         let _entered = this.holder.enter();
-        future.poll(cx)
+        this.future.poll(cx)
     }
 }
 
