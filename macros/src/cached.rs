@@ -15,7 +15,7 @@
 //! ```
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote, quote_spanned, ToTokens};
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, ItemFn};
 
@@ -107,19 +107,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     *item.block = syn::parse2(block).expect("generated block parses");
 
     let handle = store.is_none().then(|| {
-        let vis = &item.vis;
-        let handle_name = format_ident!("{}_cache", name);
-        let doc =
-            format!(" The cache of [`{name}`]: invalidate entries, clear it, read its stats.");
-        quote! {
-            #[doc = #doc]
-            #[allow(dead_code)]
-            #vis fn #handle_name() -> &'static ::racefree::CacheHandle {
-                static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
-                    ::racefree::__private::HandleCell::new(#id, #config);
-                __RACEFREE_CACHE.handle()
-            }
-        }
+        expand::handle_accessor(
+            &item,
+            "cache",
+            "cache: invalidate entries, clear it, read its stats",
+            quote!(::racefree::CacheHandle),
+            quote!(::racefree::__private::HandleCell),
+            quote!(#id, #config),
+        )
     });
     quote!(#item #handle)
 }

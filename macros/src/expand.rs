@@ -1,7 +1,7 @@
 //! Pieces every expansion shares: error fallback, the function's id, running the user's body.
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{quote, quote_spanned, ToTokens};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{ItemFn, ReturnType, Stmt};
 
@@ -41,6 +41,31 @@ pub fn function_id(name: &Ident) -> TokenStream {
 pub fn function_path(name: &Ident) -> TokenStream {
     let text = name.to_string();
     quote!(::core::concat!(::core::module_path!(), "::", #text))
+}
+
+/// The accessor each attribute emits for the function's own store, e.g. `fn load_cache()`:
+/// the function's visibility (an associated fn inside an impl block), a `static` cell that
+/// finds the store by the function's id, and a doc line saying what `what` one can do with it.
+pub fn handle_accessor(
+    item: &ItemFn,
+    suffix: &str,
+    what: &str,
+    handle: TokenStream,
+    cell: TokenStream,
+    cell_args: TokenStream,
+) -> TokenStream {
+    let vis = &item.vis;
+    let name = &item.sig.ident;
+    let accessor = format_ident!("{}_{}", name, suffix);
+    let doc = format!(" The {what} of [`{name}`].");
+    quote! {
+        #[doc = #doc]
+        #[allow(dead_code)]
+        #vis fn #accessor() -> &'static #handle {
+            static __RACEFREE_CELL: #cell = #cell::new(#cell_args);
+            __RACEFREE_CELL.handle()
+        }
+    }
 }
 
 /// The user's body, to be run inside the generated code. `return` and `?` in it keep meaning

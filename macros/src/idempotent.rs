@@ -19,7 +19,7 @@
 //! `begin` and `complete`; sync functions block.
 
 use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned, ToTokens};
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, ItemFn, ReturnType};
 
@@ -253,18 +253,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     *item.block = syn::parse2(block).expect("generated block parses");
 
     let accessor = default_store.then(|| {
-        let vis = &item.vis;
-        let accessor = format_ident!("{}_idempotency_store", name);
-        let doc = format!(" The idempotency store of [`{name}`]: its records, stats, purging.");
-        quote! {
-            #[doc = #doc]
-            #[allow(dead_code)]
-            #vis fn #accessor() -> &'static ::racefree::IdempotencyHandle {
-                static __RACEFREE_IDEMPOTENCY: ::racefree::__private::IdempotencyCell =
-                    ::racefree::__private::IdempotencyCell::new(#id, #config);
-                __RACEFREE_IDEMPOTENCY.handle()
-            }
-        }
+        expand::handle_accessor(
+            &item,
+            "idempotency_store",
+            "idempotency store: its records, stats, purging",
+            quote!(::racefree::IdempotencyHandle),
+            quote!(::racefree::__private::IdempotencyCell),
+            quote!(#id, #config),
+        )
     });
     quote!(#item #accessor)
 }

@@ -16,7 +16,7 @@
 //! when it has `timeout` or `store`; otherwise the only possible one is re-entry, which panics.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote, quote_spanned};
+use quote::{quote, quote_spanned};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, FnArg, ItemFn, Pat, ReturnType, Type};
@@ -328,18 +328,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     }
 
     let handle = store.is_none().then(|| {
-        let vis = &item.vis;
-        let handle_name = format_ident!("{}_sequence", name);
-        let doc = format!(" The sequences of [`{name}`]: read, set or reset a key's next number.");
-        quote! {
-            #[doc = #doc]
-            #[allow(dead_code)]
-            #vis fn #handle_name() -> &'static ::racefree::SequenceHandle {
-                static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
-                    ::racefree::__private::SequenceCell::new(#id);
-                __RACEFREE_SEQUENCE.handle()
-            }
-        }
+        expand::handle_accessor(
+            &item,
+            "sequence",
+            "sequences: read, set or reset a key's next number",
+            quote!(::racefree::SequenceHandle),
+            quote!(::racefree::__private::SequenceCell),
+            quote!(#id),
+        )
     });
     quote!(#item #handle)
 }

@@ -1,25 +1,20 @@
 //! The function-owned caches of `#[cached]`, reachable without naming their types.
 //!
-//! A `#[cached]` function without `store = …` keeps its cache in a `static`. The user never
-//! spells the key or value type, and a `static` must name its type, so the static holds a
-//! [`CacheHandle`]: a type-erased home for `Cache<K, V>` that creates the typed cache on first
-//! use, with `K` and `V` inferred at the call site. A generic function gets one cache per
-//! concrete `(K, V)` under the same handle. The generated `fn <name>_cache()` returns the same
-//! handle (both sides find it by the function's id in a process-wide registry, because an
-//! associated function cannot be told apart from a free one by the macro), so users can
+//! A `#[cached]` function without `store = …` keeps its cache in a [`CacheHandle`], held by a
+//! `static` [`HandleCell`] (see `erased.rs` for why a handle and not the typed
+//! cache). The generated `fn <name>_cache()` returns the same handle, so users can
 //! `invalidate`, `clear` and read `stats` without naming a type either.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::OnceLock;
 
 use crate::cache::{Cache, CacheConfig};
+use crate::erased::{PerType, Registry};
 use crate::stats::CacheStats;
 
 /// What a handle needs from a typed cache.
 trait ErasedCache: Send + Sync {
-    fn as_any(&self) -> &dyn Any;
     fn invalidate_any(&self, key: &dyn Any) -> bool;
     fn clear(&self);
     fn len(&self) -> usize;
@@ -33,9 +28,6 @@ where
     K: Eq + Hash + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
     fn invalidate_any(&self, key: &dyn Any) -> bool {
         key.downcast_ref::<K>()
             .is_some_and(|key| self.invalidate(key))
@@ -76,22 +68,10 @@ where
 pub struct CacheHandle {
     name: &'static str,
     config: CacheConfig,
-    // The cache of the first (usually the only) concrete (K, V): one atomic load on the hit path.
-    first: OnceLock<&'static dyn ErasedCache>,
-    // Every cache of this function, `first` included (generic functions have several).
-    all: RwLock<Vec<&'static dyn ErasedCache>>,
+    caches: PerType<dyn ErasedCache>,
 }
 
 impl CacheHandle {
-    fn new(name: &'static str, config: CacheConfig) -> Self {
-        CacheHandle {
-            name,
-            config,
-            first: OnceLock::new(),
-            all: RwLock::new(Vec::new()),
-        }
-    }
-
     /// The function's cache for keys `K` and values `V`, created on first use.
     #[inline]
     pub fn cache<K, V>(&self) -> &'static Cache<K, V>
@@ -99,41 +79,14 @@ impl CacheHandle {
         K: Eq + Hash + Clone + Send + Sync + 'static,
         V: Clone + Send + Sync + 'static,
     {
-        if let Some(cache) = self.first.get().and_then(|c| c.as_any().downcast_ref()) {
-            return cache;
-        }
-        self.cache_slow()
-    }
-
-    #[cold]
-    fn cache_slow<K, V>(&self) -> &'static Cache<K, V>
-    where
-        K: Eq + Hash + Clone + Send + Sync + 'static,
-        V: Clone + Send + Sync + 'static,
-    {
-        let mut all = self
-            .all
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(cache) = all.iter().find_map(|c| c.as_any().downcast_ref()) {
-            return cache;
-        }
-        // Leaked on purpose: the handle lives in a `static`, so its caches live as long.
-        let cache: &'static Cache<K, V> = Box::leak(Box::new(Cache::with_config_and_hasher(
-            self.config,
-            self.name,
-            Default::default(),
-        )));
-        all.push(cache);
-        let _ = self.first.set(cache);
-        cache
+        self.caches.get_or_create(
+            || Cache::with_config_and_hasher(self.config, self.name, Default::default()),
+            |cache| cache,
+        )
     }
 
     fn each(&self) -> Vec<&'static dyn ErasedCache> {
-        self.all
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.caches.each()
     }
 
     /// Removes the entry for `key`, given as the function builds its key (an owned value, e.g.
@@ -223,12 +176,10 @@ impl HandleCell {
 }
 
 fn registered(id: &'static str, config: CacheConfig) -> &'static CacheHandle {
-    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static CacheHandle>>> = OnceLock::new();
-    let mut registry = REGISTRY
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry
-        .entry(id)
-        .or_insert_with(|| Box::leak(Box::new(CacheHandle::new(id, config))))
+    static REGISTRY: Registry<CacheHandle> = Registry::new();
+    REGISTRY.get_or_register(id, || CacheHandle {
+        name: id,
+        config,
+        caches: PerType::new(),
+    })
 }

@@ -5,14 +5,12 @@
 //! [`IdempotencyStore`] on first use (one per concrete outcome type, for generic functions).
 //! The generated `fn <name>_idempotency_store()` finds the same handle by the function's id.
 
-use std::any::Any;
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::OnceLock;
 
+use crate::erased::{PerType, Registry};
 use crate::idempotency::{IdempotencyConfig, IdempotencyStats, IdempotencyStore};
 
 trait ErasedStore: Send + Sync {
-    fn as_any(&self) -> &dyn Any;
     fn len(&self) -> usize;
     fn in_flight(&self) -> usize;
     fn purge_expired(&self);
@@ -21,9 +19,6 @@ trait ErasedStore: Send + Sync {
 }
 
 impl<T: Clone + Send + Sync + 'static> ErasedStore for IdempotencyStore<T> {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
     fn len(&self) -> usize {
         IdempotencyStore::len(self)
     }
@@ -59,43 +54,21 @@ impl<T: Clone + Send + Sync + 'static> ErasedStore for IdempotencyStore<T> {
 pub struct IdempotencyHandle {
     name: &'static str,
     config: IdempotencyConfig,
-    first: OnceLock<&'static dyn ErasedStore>,
-    all: RwLock<Vec<&'static dyn ErasedStore>>,
+    stores: PerType<dyn ErasedStore>,
 }
 
 impl IdempotencyHandle {
     /// The function's store for outcomes of type `T`, created on first use.
     #[inline]
     pub fn store<T: Clone + Send + Sync + 'static>(&self) -> &'static IdempotencyStore<T> {
-        if let Some(store) = self.first.get().and_then(|s| s.as_any().downcast_ref()) {
-            return store;
-        }
-        self.store_slow()
-    }
-
-    #[cold]
-    fn store_slow<T: Clone + Send + Sync + 'static>(&self) -> &'static IdempotencyStore<T> {
-        let mut all = self
-            .all
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(store) = all.iter().find_map(|s| s.as_any().downcast_ref()) {
-            return store;
-        }
-        // Leaked on purpose: the handle lives in a `static`, so its stores live as long.
-        let store: &'static IdempotencyStore<T> = Box::leak(Box::new(
-            IdempotencyStore::with_config(self.config, self.name),
-        ));
-        all.push(store);
-        let _ = self.first.set(store);
-        store
+        self.stores.get_or_create(
+            || IdempotencyStore::with_config(self.config, self.name),
+            |store| store,
+        )
     }
 
     fn each(&self) -> Vec<&'static dyn ErasedStore> {
-        self.all
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.stores.each()
     }
 
     /// Records kept (in flight and done, expired ones not yet purged included).
@@ -179,18 +152,10 @@ impl IdempotencyCell {
 }
 
 fn registered(id: &'static str, config: IdempotencyConfig) -> &'static IdempotencyHandle {
-    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static IdempotencyHandle>>> =
-        OnceLock::new();
-    let mut registry = REGISTRY
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry.entry(id).or_insert_with(|| {
-        Box::leak(Box::new(IdempotencyHandle {
-            name: id,
-            config,
-            first: OnceLock::new(),
-            all: RwLock::new(Vec::new()),
-        }))
+    static REGISTRY: Registry<IdempotencyHandle> = Registry::new();
+    REGISTRY.get_or_register(id, || IdempotencyHandle {
+        name: id,
+        config,
+        stores: PerType::new(),
     })
 }

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod cache_store;
 pub mod clock;
+mod erased;
 pub mod error;
 pub mod fingerprint;
 pub mod flight;

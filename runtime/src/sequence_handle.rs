@@ -6,24 +6,19 @@
 //! one per concrete key type). The generated `fn <name>_sequence()` finds the same handle by
 //! the function's id.
 
-use std::any::Any;
-use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::OnceLock;
 
+use crate::erased::{PerType, Registry};
 use crate::sequence_error::SequenceError;
 use crate::sequencer::Sequencer;
 
 trait ErasedSequencer: Send + Sync {
-    fn as_any(&self) -> &dyn Any;
     fn locked(&self) -> usize;
     fn counters(&self) -> usize;
 }
 
 impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer<K> {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
     fn locked(&self) -> usize {
         Sequencer::locked(self)
     }
@@ -55,51 +50,19 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer
 /// ```
 pub struct SequenceHandle {
     name: &'static str,
-    first: OnceLock<&'static dyn ErasedSequencer>,
-    all: RwLock<Vec<&'static dyn ErasedSequencer>>,
+    sequencers: PerType<dyn ErasedSequencer>,
 }
 
 impl SequenceHandle {
-    fn new(name: &'static str) -> Self {
-        SequenceHandle {
-            name,
-            first: OnceLock::new(),
-            all: RwLock::new(Vec::new()),
-        }
-    }
-
     /// The function's sequencer for keys of type `K`, created on first use.
     #[inline]
     pub fn sequencer<K: Eq + Hash + Clone + Send + Sync + 'static>(&self) -> &'static Sequencer<K> {
-        if let Some(sequencer) = self.first.get().and_then(|s| s.as_any().downcast_ref()) {
-            return sequencer;
-        }
-        self.sequencer_slow()
-    }
-
-    #[cold]
-    fn sequencer_slow<K: Eq + Hash + Clone + Send + Sync + 'static>(
-        &self,
-    ) -> &'static Sequencer<K> {
-        let mut all = self
-            .all
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(sequencer) = all.iter().find_map(|s| s.as_any().downcast_ref()) {
-            return sequencer;
-        }
-        // Leaked on purpose: the handle lives in a `static`, so its sequencers live as long.
-        let sequencer: &'static Sequencer<K> = Box::leak(Box::new(Sequencer::named(self.name)));
-        all.push(sequencer);
-        let _ = self.first.set(sequencer);
-        sequencer
+        self.sequencers
+            .get_or_create(|| Sequencer::named(self.name), |sequencer| sequencer)
     }
 
     fn each(&self) -> Vec<&'static dyn ErasedSequencer> {
-        self.all
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.sequencers.each()
     }
 
     /// The number the key's next successful call gets; `None` if it has none yet.
@@ -181,15 +144,11 @@ impl SequenceCell {
 }
 
 fn registered(id: &'static str) -> &'static SequenceHandle {
-    static REGISTRY: OnceLock<Mutex<HashMap<&'static str, &'static SequenceHandle>>> =
-        OnceLock::new();
-    let mut registry = REGISTRY
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry
-        .entry(id)
-        .or_insert_with(|| Box::leak(Box::new(SequenceHandle::new(id))))
+    static REGISTRY: Registry<SequenceHandle> = Registry::new();
+    REGISTRY.get_or_register(id, || SequenceHandle {
+        name: id,
+        sequencers: PerType::new(),
+    })
 }
 
 /// What generated code does with a [`SequenceError`] when the function has no error type to
