@@ -8,17 +8,8 @@ use std::time::Duration;
 
 use racefree::{cached, Cache};
 
-/// Spins (yielding) until `condition` holds; fails the test after 10 s instead of hanging.
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        std::thread::yield_now();
-    }
-}
+#[path = "support/common.rs"]
+mod common;
 
 // 1. Sync: 16 threads × 200 rounds, one cold key per round: the body runs exactly once per
 //    round and every caller gets the same value.
@@ -280,7 +271,7 @@ fn a_panicking_leader_releases_its_waiters() {
     fn fragile(round: u64) -> u64 {
         if RUNS.fetch_add(1, SeqCst).is_multiple_of(2) {
             // First execution of the round: wait until every other caller waits on us, then panic.
-            wait_until("all followers wait", || {
+            common::until_sync("all followers wait", || {
                 fragile_cache().stats().coalesced >= (round + 1) * (CALLERS as u64 - 1)
             });
             panic!("first execution of round {round} panics");
@@ -335,13 +326,16 @@ async fn a_cancelled_leader_hands_over_and_a_cancelled_waiter_leaves_no_trace() 
     }
     for round in 0..50u64 {
         let leader = tokio::spawn(async move { Svc.get(round, true).await });
-        wait_until_async(|| STORE.in_flight() == 1).await;
+        common::until("the leader computes", || STORE.in_flight() == 1).await;
         let coalesced = STORE.stats().coalesced;
         let waiters: Vec<_> = (0..5)
             .map(|_| tokio::spawn(async move { Svc.get(round, false).await }))
             .collect();
         let dropped_waiter = tokio::spawn(async move { Svc.get(round, false).await });
-        wait_until_async(|| STORE.stats().coalesced == coalesced + 6).await;
+        common::until("six callers wait", || {
+            STORE.stats().coalesced == coalesced + 6
+        })
+        .await;
         dropped_waiter.abort();
         let _ = dropped_waiter.await;
         leader.abort();
@@ -364,16 +358,6 @@ async fn a_cancelled_leader_hands_over_and_a_cancelled_waiter_leaves_no_trace() 
             "round {round}: registry entry left behind"
         );
     }
-}
-
-async fn wait_until_async(condition: impl Fn() -> bool) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !condition() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("condition never held");
 }
 
 // 7. After 100,000 distinct keys — plain, failing, panicking, cancelled leaders and cancelled

@@ -11,6 +11,11 @@ use racefree::idempotency::ManualClock;
 use racefree::{idempotent, replay, IdempotencyError, IdempotencyStore, Replay};
 use tokio::sync::Semaphore;
 
+#[path = "support/common.rs"]
+mod common;
+
+use common::{guarded, until, until_sync};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ApiError {
     Idempotency(IdempotencyError),
@@ -33,37 +38,6 @@ fn in_progress(key: &str) -> ApiError {
     ApiError::Idempotency(IdempotencyError::InProgress {
         key: key.to_owned(),
     })
-}
-
-/// Yields until `condition` holds; fails the test after 10 s instead of hanging.
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::task::yield_now().await;
-    }
-}
-
-/// [`until`] for threads.
-fn until_sync(what: &str, condition: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        std::thread::yield_now();
-    }
-}
-
-/// Fails the test instead of hanging when a future never finishes.
-async fn guarded<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} hung"))
 }
 
 // 1. The first call with a key executes, and its `Ok` outcome is stored (one record, found by

@@ -6,10 +6,14 @@ mod schedule_api;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use schedule_api::{generate_schedule_idempotency_store, App, ScheduleRequest, ScheduleRun};
+
+#[path = "support/common.rs"]
+mod common;
+
+use common::until;
 
 async fn serve(app: Arc<App>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -36,16 +40,6 @@ fn ward(week: u32) -> ScheduleRequest {
         team: "ward-3".to_owned(),
         week,
     }
-}
-
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
 // 100 concurrent identical POSTs with one key, the generator held until all 99 duplicates are

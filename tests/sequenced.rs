@@ -15,6 +15,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use racefree::{sequenced, Seq, SequenceError};
 
+#[path = "support/common.rs"]
+mod common;
+
 const ROUNDS: u64 = 5;
 
 /// Blocks (without sleeping) until `key` has `n` callers queued behind its holder.
@@ -23,9 +26,7 @@ fn until_waiting<K: Eq + std::hash::Hash + Clone + Send + Sync + 'static>(
     key: &K,
     n: usize,
 ) {
-    while handle.waiting(key) < n {
-        std::thread::yield_now();
-    }
+    common::until_sync("callers queue", || handle.waiting(key) >= n);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,30 +2,14 @@
 //! acquires a free key, waits, is handed the key, and commits its number. In a test binary of
 //! its own: tracing caches each callsite's interest process-wide.
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 
 use racefree::{sequenced, Seq};
 
-#[derive(Clone, Default)]
-struct Messages(Arc<Mutex<Vec<String>>>);
+#[path = "support/common.rs"]
+mod common;
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Visit<'a>(&'a mut String);
-        impl tracing::field::Visit for Visit<'_> {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                self.0.push_str(&format!("{}={:?} ", field.name(), value));
-            }
-        }
-        let mut line = format!(
-            "{} {} ",
-            event.metadata().level(),
-            event.metadata().target()
-        );
-        event.record(&mut Visit(&mut line));
-        self.0.lock().unwrap().push(line);
-    }
-}
+use common::Messages;
 
 #[sequenced(key = key)]
 fn traced(key: u8, gate: Option<mpsc::Receiver<()>>, seq: Seq) -> u64 {

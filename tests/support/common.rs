@@ -1,0 +1,72 @@
+//! What the behaviour tests share: waiting for an observable condition (never a sleep as
+//! synchronisation) that fails the test after 10 s instead of hanging, and a `tracing` layer
+//! that records events. Included with `#[path = "support/common.rs"] mod common;`.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a test waits for something that must happen before it fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Yields the thread until `condition` holds.
+pub fn until_sync(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Yields the task until `condition` holds.
+pub async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `future`'s output; fails the test if it does not finish within [`PATIENCE`].
+pub async fn guarded<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// A `tracing` layer that records every event as `"LEVEL target field=value …"`.
+#[derive(Clone, Default)]
+pub struct Messages(pub Arc<Mutex<Vec<String>>>);
+
+impl Messages {
+    /// The events recorded so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Visit<'a>(&'a mut String);
+        impl tracing::field::Visit for Visit<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        let mut line = format!(
+            "{} {} ",
+            event.metadata().level(),
+            event.metadata().target()
+        );
+        event.record(&mut Visit(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+}
