@@ -24,6 +24,30 @@
 //! assert_eq!(load_rules_cache().stats().executions, 1);
 //! ```
 //!
+//! - [`#[idempotent]`](idempotent): the first call with an idempotency key executes; concurrent
+//!   and later calls with that key get the stored outcome without executing; the same key with
+//!   a different payload is a [`Conflict`](IdempotencyError::Conflict); outcomes expire.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use racefree::{idempotent, replay, IdempotencyError};
+//!
+//! static CHARGES: AtomicUsize = AtomicUsize::new(0);
+//!
+//! #[idempotent(key = key, ttl = "24h")]
+//! fn charge(key: &str, cents: u64) -> Result<String, IdempotencyError> {
+//!     CHARGES.fetch_add(1, Ordering::SeqCst);
+//!     Ok(format!("receipt for {cents}"))
+//! }
+//!
+//! let threads: Vec<_> = (0..4).map(|_| std::thread::spawn(|| charge("order-17", 1999))).collect();
+//! for t in threads { assert_eq!(t.join().unwrap().unwrap(), "receipt for 1999"); }
+//! assert_eq!(CHARGES.load(Ordering::SeqCst), 1);                  // four retries, one charge
+//! let (_, how) = replay::track_sync(|| charge("order-17", 1999)); // later retry: replayed
+//! assert!(how.is_replayed());
+//! assert_eq!(charge("order-17", 2500), Err(IdempotencyError::Conflict { key: "order-17".into() }));
+//! ```
+//!
 //! - [`#[sequenced]`](sequenced): calls with the same key run one at a time, in arrival order;
 //!   a [`Seq`] parameter receives the key's next number, consumed only if the call succeeds, so
 //!   numbers are unique, gap-free and in completion order.
@@ -54,10 +78,15 @@
 //! assert_eq!(create_work_order_sequence().next(&"porto".to_owned()), Some(1_005));
 //! ```
 
+//! Every attribute takes `store = <expr>` to use a store other than the function's own
+//! in-process one: a [`Cache`] field of `self`, a shared [`Sequencer`], or, with the `redis`
+//! feature, the Redis stores in `racefree::redis` that carry the same guarantees across
+//! processes and machines. The `axum` feature adds the HTTP pieces around `#[idempotent]`.
+
 #![warn(missing_docs)]
 
 pub use racefree_macros::{cached, idempotent, sequenced};
-pub use racefree_runtime::{idempotency, replay};
+pub use racefree_runtime::{cache_store, idempotency, replay};
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,

@@ -14,7 +14,35 @@ mod validate;
 use proc_macro::TokenStream;
 
 /// Memoizes a function; on a miss exactly one caller per key runs the body, the others wait
-/// for its value. See `racefree::cached`.
+/// for its value.
+///
+/// ```ignore
+/// use racefree::cached;
+///
+/// #[cached(key = user_id, ttl = "5m", capacity = 10_000, skip(db))]
+/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> { … }
+/// ```
+///
+/// - `key = <expr>`: the cache key; by default every argument except `self` and those in
+///   `skip(...)`, owned (`&str` → `String`; several arguments make a tuple). `&mut` and
+///   `impl Trait` arguments cannot be part of the default key.
+/// - `ttl = "<humantime duration>"`, `capacity = <integer>`: bounds of the function's own cache
+///   (CLOCK eviction past the capacity; expired entries are never returned and are purged as
+///   the cache grows).
+/// - A `Result` return caches only `Ok`, an `Option` only `Some` (by the return type's last
+///   path segment, so `io::Result<T>` counts). When the computing call ends without a value (an
+///   `Err`, `None`, a panic, a dropped future) its waiters are released and one of them computes
+///   next: each gets its own attempt, one at a time, never a copy of another caller's error.
+/// - The value must be `Clone`; every caller gets a clone.
+/// - Without `store`, the attribute also emits `fn <name>_cache() -> &'static
+///   racefree::CacheHandle` (with the function's visibility): `invalidate(&key)`, `clear()`,
+///   `len()`, `in_flight()`, `stats()` (`hits`, `coalesced`, `executions`). A generic function
+///   gets one cache per concrete type.
+/// - `store = <expr>`: a store you own instead, e.g. a `racefree::Cache<K, V>` field
+///   (`store = self.rows`), or, with the `redis` feature, a `racefree::redis::RedisCacheStore`
+///   (async functions returning `Result<T, E>` with `E: From<RedisStoreError>`).
+/// - Async callers await while they wait (they never block an executor thread); sync callers
+///   block their thread.
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     cached::expand(args.into(), item.into()).into()
