@@ -414,7 +414,8 @@ async fn sequenced_across_processes(target: &Target, prefix: &str, mode: &str) {
             "sequenced" => RedisKey::new("tests::redis", Some(prefix), format!("k{round}")),
             _ => store
                 .sequence("tests::redis::attr_next")
-                .key(&format!("{prefix}-attr-{round}")),
+                .key(&format!("{prefix}-attr-{round}"))
+                .unwrap(),
         };
         assert_eq!(store.sequences().current(&key).await.unwrap(), Some(100));
     }
@@ -905,8 +906,71 @@ async fn sequence_lease_lost_commits_nothing() {
     ));
     store.sequences().commit(&second).await.unwrap();
     assert_eq!(store.sequences().current(&key).await.unwrap(), Some(1));
-    store.sequences().reset(&key).await.unwrap();
+    store
+        .sequences()
+        .reset(&key, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(store.sequences().current(&key).await.unwrap(), None);
+}
+
+/// A commit whose reply was lost is re-sent after the next holder already committed: the
+/// re-send must learn that it landed (not report `LeaseLost`, which would tell the caller that
+/// its number and its body's effects were not consumed).
+#[tokio::test]
+async fn commit_resent_after_the_next_holder_committed_reports_success() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::redis", Some(&support::unique("resend")), "k");
+    let sequences = store.sequences();
+    let first = sequences
+        .acquire(&key, 1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    sequences.commit(&first).await.unwrap();
+    let second = sequences
+        .acquire(&key, 1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.number(), 2);
+    sequences.commit(&second).await.unwrap();
+    sequences
+        .commit(&first)
+        .await
+        .expect("the re-sent commit landed the first time");
+    assert_eq!(
+        sequences.current(&key).await.unwrap(),
+        Some(2),
+        "the re-send changed nothing"
+    );
+}
+
+/// A reset waits for the key's holder: it never lands between the holder's read of the counter
+/// and its commit (which would undo the reset).
+#[tokio::test]
+async fn reset_waits_for_the_holder() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::redis", Some(&support::unique("reset")), "k");
+    let sequences = store.sequences();
+    let first = sequences
+        .acquire(&key, 1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    sequences.commit(&first).await.unwrap();
+    let held = sequences
+        .acquire(&key, 1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        sequences.reset(&key, Duration::from_millis(50)).await,
+        Err(RedisStoreError::Timeout { .. })
+    ));
+    sequences.commit(&held).await.unwrap();
+    sequences.reset(&key, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(sequences.current(&key).await.unwrap(), None);
 }
 
 #[tokio::test]

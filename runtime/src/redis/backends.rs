@@ -286,13 +286,13 @@ impl RedisStore {
 }
 
 impl RedisSequence<'_> {
-    /// The Redis key of `key` in this family (its JSON encoding names it).
-    pub fn key<K: Serialize>(&self, key: &K) -> RedisKey {
-        RedisKey::new(
-            self.name,
-            None,
-            serde_json::to_string(key).unwrap_or_default(),
-        )
+    /// The Redis key of `key` in this family (its JSON encoding names it). A key that does
+    /// not encode (e.g. a map with non-string keys) is an error, never a shared fallback key.
+    pub fn key<K: Serialize>(&self, key: &K) -> Result<RedisKey, RedisStoreError> {
+        let text = serde_json::to_string(key).map_err(|e| RedisStoreError::Serialize {
+            reason: format!("sequence key: {e}"),
+        })?;
+        Ok(RedisKey::new(self.name, None, text))
     }
 }
 
@@ -314,6 +314,7 @@ impl<'s, K: Serialize> SequenceBackend<K> for RedisSequence<'s> {
     ) -> impl Future<Output = Result<Self::Lease<'_>, SequenceError>> + Send {
         let key = self.key(&key);
         async move {
+            let key = key.map_err(|err| SequenceError::Store(Box::new(err)))?;
             match self.store.sequences().hold(&key, 0, deadline).await {
                 Ok(held) => Ok(RedisSequenceLease { held }),
                 Err(HoldError::Timeout) => Err(SequenceError::Timeout),

@@ -7,7 +7,8 @@
 //!   (or, for a re-sent acquire whose reply was lost, the caller's own fence).
 //! - **heartbeat**: the holder extends the lease every third of it while the body runs.
 //! - **commit** (Lua, 1 round trip): only if the lock still holds the caller's fencing token,
-//!   store the new number, remember which token committed it, and free the lock. A holder whose
+//!   store the new number, leave a short-lived marker of this holding (so a re-sent commit
+//!   whose reply was lost knows it landed), and free the lock. A holder whose
 //!   lease ended (crash, pause) commits nothing: [`RedisStoreError::LeaseLost`].
 //! - **abort** (Lua): the body failed; free the lock, consume nothing.
 //!
@@ -49,25 +50,45 @@ return {fence, redis.call('HGET', KEYS[2], 'n')}
     )
 });
 
+// KEYS: lock, seq, done marker of this holding. The marker (not the counter's last writer)
+// tells a re-sent commit whose first reply was lost that it did commit: by the time it is
+// re-sent, the next holder may have committed too.
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('HSET', KEYS[2], 'n', ARGV[2], 'committed', ARGV[1])
+  redis.call('HSET', KEYS[2], 'n', ARGV[2])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   redis.call('DEL', KEYS[1])
   return 1
 end
-if redis.call('HGET', KEYS[2], 'committed') == ARGV[1] then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 0
 "#,
     )
 });
+
+// KEYS: lock, seq. A reset waits for the key like a call does: it never lands between a
+// holder's read of the counter and its commit.
+static RESET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('PTTL', KEYS[1]) end
+redis.call('HDEL', KEYS[2], 'n', 'committed')
+return -1
+"#,
+    )
+});
+
+/// How long a commit's marker outlives it: far longer than any re-send of the commit.
+const COMMIT_MARKER_MS: &str = "300000";
 
 /// The right to run one sequenced body: the number it may commit and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqTicket {
     lock: String,
     seq: String,
+    done: String,
     holder: String,
     last: Option<u64>,
     number: u64,
@@ -163,9 +184,11 @@ impl<'s> RedisSequences<'s> {
             None => start,
         };
         let holder = format!("{fence}:{token}");
+        let done = key.redis_key(&format!("done:{fence}"));
         Ok(Ok(SeqTicket {
             lock,
             seq,
+            done,
             holder,
             last: last.map(|n| n as u64),
             number,
@@ -180,8 +203,8 @@ impl<'s> RedisSequences<'s> {
             .store
             .eval(
                 &COMMIT,
-                &[&ticket.lock, &ticket.seq],
-                &[&ticket.holder, &number],
+                &[&ticket.lock, &ticket.seq, &ticket.done],
+                &[&ticket.holder, &number, COMMIT_MARKER_MS],
                 true,
             )
             .await?;
@@ -215,20 +238,23 @@ impl<'s> RedisSequences<'s> {
     }
 
     /// Forgets `key`'s counter: the next call starts at its `start` again. Fencing tokens keep
-    /// growing.
-    pub async fn reset(&self, key: &RedisKey) -> Result<(), RedisStoreError> {
-        let seq = key.redis_key("seq");
-        self.store
-            .run_retrying(|mut conn| {
-                let cmd = redis::cmd("HDEL")
-                    .arg(&seq)
-                    .arg("n")
-                    .arg("committed")
-                    .to_owned();
-                async move { cmd.query_async::<i64>(&mut conn).await }
-            })
-            .await
-            .map(drop)
+    /// growing. Waits (with backoff) while a call holds the key, at most `max_wait`.
+    pub async fn reset(&self, key: &RedisKey, max_wait: Duration) -> Result<(), RedisStoreError> {
+        let (lock, seq) = (key.redis_key("lock"), key.redis_key("seq"));
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        loop {
+            let held_ms: i64 = self.store.eval(&RESET, &[&lock, &seq], &[], true).await?;
+            if held_ms < 0 {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            if waited >= max_wait {
+                return Err(RedisStoreError::Timeout { after: max_wait });
+            }
+            let held = Duration::from_millis(held_ms as u64);
+            backoff.wait(Some(held.min(max_wait - waited))).await;
+        }
     }
 
     /// Runs `body` while holding `key` (one holder at a time across every process sharing the
