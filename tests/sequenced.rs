@@ -598,6 +598,27 @@ fn nested_typed(key: u64, inner: bool, seq: Seq) -> Result<u64, PostError> {
     Ok(seq.get())
 }
 
+// `start` runs under the key's lock: a sync `start` that calls the function with the same key
+// is re-entry too (found in review: it used to wait out the timeout instead).
+#[sequenced(key = key, start = if outer { start_reenters(key, false)? } else { 1 }, timeout = "10s")]
+fn start_reenters(key: u64, outer: bool, seq: Seq) -> Result<u64, PostError> {
+    Ok(seq.get())
+}
+
+#[test]
+fn reentry_from_start_returns_reentrant() {
+    let error = start_reenters(1, true).unwrap_err();
+    assert!(
+        matches!(error, PostError::Busy(SequenceError::Reentrant)),
+        "{error:?}"
+    );
+    assert_eq!(
+        start_reenters(1, false).unwrap(),
+        1,
+        "the failed call consumed nothing"
+    );
+}
+
 #[test]
 fn reentry_with_error_type_returns_reentrant() {
     let error = nested_typed(1, true).unwrap_err();

@@ -285,14 +285,20 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let holder = quote!(::racefree::__private::SequenceLease::holder(
         &__racefree_lease
     ));
-    let run = if is_async {
-        body.run_wrapped(|future| quote!(#holder.within(#future)))
+    // The code under the key runs as its holder, so that taking the key again from inside is
+    // detected as re-entry. A sync function enters before `start` too; an async one enters on
+    // every poll of its body, while `start` (which may `.await` and `?` in the function's own
+    // scope) runs outside: re-entering from an async `start` waits, like a spawned task would.
+    let (enter, run) = if is_async {
+        (
+            quote!(),
+            body.run_wrapped(|future| quote!(#holder.within(#future))),
+        )
     } else {
-        let body = body.run();
-        quote! {{
-            let __racefree_entered = #holder.enter();
-            #body
-        }}
+        (
+            quote!(let __racefree_entered = #holder.enter();),
+            body.run(),
+        )
     };
 
     let block = quote! {{
@@ -306,6 +312,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
             ::core::result::Result::Err(__racefree_error) => #fail,
         };
+        #enter
         #number
         // The body runs as a closure call (sync) or an async block with an unreachable
         // `loop {}` pinning its type (async): both intended, neither the user's to see.
