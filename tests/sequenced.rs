@@ -598,6 +598,28 @@ fn nested_typed(key: u64, inner: bool, seq: Seq) -> Result<u64, PostError> {
     Ok(seq.get())
 }
 
+// The last number a key can hand out is `u64::MAX - 1`: the next call fails before its body
+// runs (found in review: committing `u64::MAX` overflowed).
+#[sequenced(key = key, start = u64::MAX - 1, timeout = "10s")]
+fn near_the_end(key: u64, seq: Seq) -> Result<u64, PostError> {
+    Ok(seq.get())
+}
+
+#[test]
+fn numbers_end_before_u64_max() {
+    assert_eq!(near_the_end(1).unwrap(), u64::MAX - 1);
+    let error = near_the_end(1).unwrap_err();
+    assert!(
+        matches!(error, PostError::Busy(SequenceError::Exhausted)),
+        "{error:?}"
+    );
+    assert_eq!(
+        near_the_end_sequence().next(&1_u64),
+        Some(u64::MAX),
+        "nothing was committed"
+    );
+}
+
 // `start` runs under the key's lock: a sync `start` that calls the function with the same key
 // is re-entry too (found in review: it used to wait out the timeout instead).
 #[sequenced(key = key, start = if outer { start_reenters(key, false)? } else { 1 }, timeout = "10s")]

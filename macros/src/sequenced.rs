@@ -256,10 +256,13 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
                     ::core::result::Result::Ok(::core::option::Option::None) => #start,
                     ::core::result::Result::Err(__racefree_error) => #fail,
                 };
-                let __racefree_seq = ::racefree::Seq::new(
+                let __racefree_seq = match ::racefree::Seq::issue(
                     __racefree_number,
                     ::racefree::__private::SequenceLease::fence(&__racefree_lease),
-                );
+                ) {
+                    ::core::result::Result::Ok(__racefree_seq) => __racefree_seq,
+                    ::core::result::Result::Err(__racefree_error) => #fail,
+                };
             };
             let succeeded = match &output {
                 Output::Result(_) => quote!(::core::result::Result::is_ok(&__racefree_output)),

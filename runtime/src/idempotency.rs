@@ -662,22 +662,37 @@ impl<T: Clone> IdempotencyStore<T> {
 
     /// Stores the outcome, then wakes the waiters; see [`IdempotencyBackend::complete`].
     pub fn complete_lease(&self, lease: StoreLease<T>, outcome: &T, ttl: Duration) {
-        let StoreLease {
+        // A panicking `Clone` must not leave the key in flight (and its waiters waiting)
+        // forever: until both copies exist, unwinding releases the lease.
+        struct ReleaseOnUnwind<'a, T: Clone>(&'a IdempotencyStore<T>, Option<StoreLease<T>>);
+        impl<T: Clone> Drop for ReleaseOnUnwind<'_, T> {
+            fn drop(&mut self) {
+                if let Some(lease) = self.1.take() {
+                    self.0.release_lease(lease);
+                }
+            }
+        }
+        let mut guard = ReleaseOnUnwind(self, Some(lease));
+        let (for_record, for_waiters) = (outcome.clone(), outcome.clone());
+        let Some(StoreLease {
             key,
             fingerprint,
             flight,
-        } = lease;
+        }) = guard.1.take()
+        else {
+            unreachable!("the guard holds the lease until here")
+        };
         let expires = self.now().saturating_add(saturating_nanos(ttl));
         if let Some(mut record) = self.records.get_mut(&key) {
             if is_flight(&record, &flight) {
                 *record = Record::Done {
                     fingerprint,
-                    outcome: outcome.clone(),
+                    outcome: for_record,
                     expires,
                 };
             }
         }
-        flight.complete(Some(outcome.clone()));
+        flight.complete(Some(for_waiters));
         if let Some(stored) = &self.stored {
             let mut stored = stored
                 .lock()
@@ -888,5 +903,39 @@ mod tests {
         store.release_lease(lease);
         assert_eq!(flight.wait(), &None);
         assert!(store.is_empty());
+    }
+
+    // Found in review: a `Clone` that panicked while the outcome was being stored left the key
+    // in flight forever, and every later call with it waited.
+    #[test]
+    fn a_panicking_clone_while_storing_releases_the_key() {
+        #[derive(Debug)]
+        struct Fragile;
+        impl Clone for Fragile {
+            fn clone(&self) -> Self {
+                panic!("clone fails")
+            }
+        }
+        let store: IdempotencyStore<Fragile> = IdempotencyStore::new();
+        let key = RecordKey::new("f", None, "k");
+        let Ok(Claim::Execute(lease)) = store.claim_now(&key, Fingerprint(1)) else {
+            panic!("fresh key")
+        };
+        let Ok(Claim::InFlight(waiter)) = store.claim_now(&key, Fingerprint(1)) else {
+            panic!("in flight")
+        };
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.complete_lease(lease, &Fragile, Duration::from_secs(60))
+        }));
+        assert!(stored.is_err());
+        assert!(
+            waiter.wait().is_none(),
+            "the waiter was released without an outcome"
+        );
+        assert_eq!(store.in_flight(), 0);
+        assert!(matches!(
+            store.claim_now(&key, Fingerprint(1)),
+            Ok(Claim::Execute(_))
+        ));
     }
 }

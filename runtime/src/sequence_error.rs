@@ -30,6 +30,9 @@ pub enum SequenceError {
     /// The store lost the caller's lease on the key before the number could be committed (a
     /// distributed store whose lease expired): the number was not consumed.
     LeaseLost,
+    /// The key's numbers are used up: the next one would be `u64::MAX`, after which nothing
+    /// could be committed. The body did not run.
+    Exhausted,
     /// The store failed (e.g. a network error).
     Store(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -46,6 +49,7 @@ impl fmt::Display for SequenceError {
             SequenceError::LeaseLost => f.write_str(
                 "the lease on the key was lost before the sequence number was committed",
             ),
+            SequenceError::Exhausted => f.write_str("the key's sequence numbers are used up"),
             SequenceError::Store(e) => write!(f, "sequence store failed: {e}"),
         }
     }

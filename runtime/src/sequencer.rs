@@ -48,6 +48,17 @@ impl Seq {
         Seq { number, fence }
     }
 
+    /// The number a call is about to run with, unless it is the last `u64`: a call that used
+    /// `u64::MAX` could not commit a next number, so the sequence ends just before it
+    /// ([`SequenceError::Exhausted`], before the body runs).
+    #[doc(hidden)]
+    pub fn issue(number: u64, fence: u64) -> Result<Seq, SequenceError> {
+        match number {
+            u64::MAX => Err(SequenceError::Exhausted),
+            number => Ok(Seq { number, fence }),
+        }
+    }
+
     /// The number: the key's previous successful call's number plus one (`start` for the first).
     pub fn get(self) -> u64 {
         self.number
@@ -319,9 +330,12 @@ where
     fn commit_now(&self, used: u64) {
         let key = self.guard.key();
         match self.sequencer.counters.get_mut(key) {
-            Some(mut next) => *next = used + 1,
+            // `Seq::issue` never hands out `u64::MAX`: `used + 1` fits.
+            Some(mut next) => *next = used.saturating_add(1),
             None => {
-                self.sequencer.counters.insert(key.clone(), used + 1);
+                self.sequencer
+                    .counters
+                    .insert(key.clone(), used.saturating_add(1));
             }
         }
         tracing::debug!(target: "racefree", sequencer = self.sequencer.name, seq = used, "committed");
