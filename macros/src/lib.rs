@@ -72,6 +72,8 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   without idempotency, or refuses with `IdempotencyError::MissingKey` under `require_key`.
 /// - Keys are per function (its module path and name, stable across builds) and per
 ///   `scope = <expr>` (any `Display`, e.g. a tenant id).
+///   With a shared `store`, two functions of the same name in one module (methods of two
+///   types, say) share that path: give each its own `scope` so their keys never meet.
 /// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
 ///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
 ///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)

@@ -30,6 +30,14 @@
 //! bridge; sync code keeps the in-process stores.
 //!
 //! Requires Redis 7.0 or newer (`SET … NX GET`).
+//!
+//! # Leases need a running runtime
+//! A claim or a sequence lock is kept alive by a heartbeat task on the caller's Tokio runtime,
+//! which extends the lease every third of it (default lease 10 s, [`RedisStore::lease`]). A
+//! body that blocks every worker thread of that runtime for longer than the lease starves the
+//! heartbeat: the lease runs out and another process may take the key over while the body is
+//! still running, exactly as if this process had frozen. Keep blocking work in
+//! `spawn_blocking`, or give the store a lease longer than the longest such stall.
 
 mod backends;
 mod cache;
