@@ -19,6 +19,8 @@ use racefree::redis::{
 };
 use tokio::runtime::Runtime;
 
+mod support;
+
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
 struct Bench {
@@ -223,6 +225,25 @@ fn summary(rt: &Runtime, bench: &Bench, batches: u32, batch: u32) {
             .map(|(cmd, n)| format!("{cmd} {:.2}", *n as f64 / calls))
             .collect();
         cmds.sort();
+        let group = "redis/per call (vs bare GET and INCR)";
+        support::figure(
+            group,
+            &format!("{name} round trips"),
+            trips[i] as f64 / calls,
+            "round trips",
+        );
+        support::figure(
+            group,
+            &format!("{name} latency ÷ GET"),
+            latency[i] / get,
+            "x",
+        );
+        support::figure(
+            group,
+            &format!("{name} latency ÷ INCR"),
+            latency[i] / incr,
+            "x",
+        );
         println!(
             "{name:<30} {:>11.2} {:>8.1}µs {:>6.2}x {:>6.2}x  {}",
             trips[i] as f64 / calls,

@@ -59,10 +59,19 @@ fn collect(dir: &Path, groups: &mut BTreeMap<String, Vec<Row>>) {
     }
 }
 
+/// Rows measuring racefree itself (the others are peers).
+fn is_ours(function: &str) -> bool {
+    function.starts_with("racefree")
+        || function.starts_with("#[")
+        || function.starts_with("Sequencer")
+}
+
+/// The row the group's ratios are taken against: plain `racefree` if the group has it, else
+/// the first of ours.
 fn baseline(rows: &[Row]) -> Option<&Row> {
     rows.iter()
         .find(|r| r.function == "racefree")
-        .or_else(|| rows.iter().find(|r| r.function.starts_with("racefree")))
+        .or_else(|| rows.iter().find(|r| is_ours(&r.function)))
 }
 
 fn human(ns: f64) -> String {
@@ -86,25 +95,29 @@ fn main() {
     }
 
     let mut md = String::new();
-    let machine = format!(
-        "{} cores, {}, {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        std::env::consts::ARCH,
-        std::process::Command::new("rustc")
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    );
-    writeln!(md, "Measured on: {machine}. Ratio = peer time / racefree time in the same run (> 1: racefree is faster).\n").unwrap();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let machine = format!("{cores} cores ({cpu}), {rustc}");
+    writeln!(md, "Measured on: {machine}. Ratio = row time / the group's first racefree row, same run (a peer above 1: racefree is faster).\n").unwrap();
     writeln!(md, "| benchmark | contender | mean | ratio vs racefree |").unwrap();
     writeln!(md, "|---|---|---:|---:|").unwrap();
     for (group, rows) in &mut groups {
         rows.sort_by(|a, b| {
-            (!a.function.starts_with("racefree"), &a.function)
-                .cmp(&(!b.function.starts_with("racefree"), &b.function))
+            (!is_ours(&a.function), &a.function).cmp(&(!is_ours(&b.function), &b.function))
         });
         let base = baseline(rows).map(|r| r.mean_ns);
         for row in rows.iter() {
@@ -156,6 +169,9 @@ fn main() {
     std::fs::write(dir.join("racefree-report.md"), &md).unwrap();
     std::fs::write(dir.join("racefree-report.svg"), svg(&groups)).unwrap();
     print!("{md}");
+    if std::env::args().any(|a| a == "--readme") {
+        update_readme(&md);
+    }
     eprintln!(
         "\nwrote {} and racefree-report.svg",
         dir.join("racefree-report.md").display()
@@ -191,7 +207,7 @@ fn svg(groups: &BTreeMap<String, Vec<Row>>) -> String {
         y += bar_h;
         for row in rows {
             let len = ((row.mean_ns.max(1.0).log10() + 0.5) / max) * (width - label_w - 90.0);
-            let color = if row.function.starts_with("racefree") {
+            let color = if is_ours(&row.function) {
                 "#2a9d4b"
             } else {
                 "#8a8a8a"
@@ -220,4 +236,18 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// Puts the report between the README's `<!-- bench-table -->` and `<!-- /bench-table -->`.
+fn update_readme(md: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let (start, end) = ("<!-- bench-table -->", "<!-- /bench-table -->");
+    let (Some(from), Some(to)) = (readme.find(start), readme.find(end)) else {
+        eprintln!("README.md has no {start} … {end} markers");
+        std::process::exit(1);
+    };
+    let updated = format!("{}{start}\n{md}{}", &readme[..from], &readme[to..]);
+    std::fs::write(&path, updated).expect("write README.md");
+    eprintln!("updated {}", path.display());
 }
