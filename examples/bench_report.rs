@@ -170,7 +170,13 @@ fn main() {
     std::fs::write(dir.join("racefree-report.svg"), svg(&groups)).unwrap();
     print!("{md}");
     if std::env::args().any(|a| a == "--readme") {
-        update_readme(&md);
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).expect("docs/");
+        std::fs::copy(dir.join("racefree-report.svg"), docs.join("benchmarks.svg"))
+            .expect("copy the SVG");
+        update_readme(&format!(
+            "{md}\n![Benchmarks, log scale: racefree in green](docs/benchmarks.svg)\n"
+        ));
     }
     eprintln!(
         "\nwrote {} and racefree-report.svg",
