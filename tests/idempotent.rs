@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 #[path = "support/common.rs"]
 mod common;
 
-use common::{guarded, until, until_sync};
+use common::{guarded, released_together, until, until_sync};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ApiError {
@@ -98,21 +98,10 @@ async fn hundred_concurrent_identical_calls_execute_once_and_share_the_outcome()
         let gate = Arc::new(Semaphore::new(0));
         let executions = Arc::new(AtomicUsize::new(0));
         let waits_before = store.stats().waits;
-        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-        let during: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                let (key, gate, executions, barrier) = (
-                    key.clone(),
-                    gate.clone(),
-                    executions.clone(),
-                    barrier.clone(),
-                );
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    book_shift(&key, 7, &gate, &executions).await
-                })
-            })
-            .collect();
+        let during = released_together(CALLERS, |_| {
+            let (key, gate, executions) = (key.clone(), gate.clone(), executions.clone());
+            async move { book_shift(&key, 7, &gate, &executions).await }
+        });
         until("99 duplicates wait", || {
             store.stats().waits == waits_before + CALLERS as u64 - 1
         })
@@ -122,21 +111,10 @@ async fn hundred_concurrent_identical_calls_execute_once_and_share_the_outcome()
         for call in during {
             outcomes.push(guarded("a waiting duplicate", call).await.unwrap());
         }
-        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-        let after: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                let (key, gate, executions, barrier) = (
-                    key.clone(),
-                    gate.clone(),
-                    executions.clone(),
-                    barrier.clone(),
-                );
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    book_shift(&key, 7, &gate, &executions).await
-                })
-            })
-            .collect();
+        let after = released_together(CALLERS, |_| {
+            let (key, gate, executions) = (key.clone(), gate.clone(), executions.clone());
+            async move { book_shift(&key, 7, &gate, &executions).await }
+        });
         for call in after {
             outcomes.push(call.await.unwrap());
         }
@@ -258,21 +236,10 @@ async fn callers_that_waited_are_flagged_replayed_and_only_the_owner_fresh() {
         let gate = Arc::new(Semaphore::new(0));
         let executions = Arc::new(AtomicUsize::new(0));
         let waits_before = store.stats().waits;
-        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-        let calls: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                let (key, gate, executions, barrier) = (
-                    key.clone(),
-                    gate.clone(),
-                    executions.clone(),
-                    barrier.clone(),
-                );
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    replay::track(book_flagged(&key, 1, &gate, &executions)).await
-                })
-            })
-            .collect();
+        let calls = released_together(CALLERS, |_| {
+            let (key, gate, executions) = (key.clone(), gate.clone(), executions.clone());
+            async move { replay::track(book_flagged(&key, 1, &gate, &executions)).await }
+        });
         until("19 duplicates wait", || {
             store.stats().waits == waits_before + CALLERS as u64 - 1
         })
@@ -408,21 +375,10 @@ async fn waiters_of_a_failed_call_one_executes_next() {
         let gate = Arc::new(Semaphore::new(0));
         let executions = Arc::new(AtomicUsize::new(0));
         let waits_before = store.stats().waits;
-        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-        let calls: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                let (key, gate, executions, barrier) = (
-                    key.clone(),
-                    gate.clone(),
-                    executions.clone(),
-                    barrier.clone(),
-                );
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    fail_first(&key, &gate, &executions).await
-                })
-            })
-            .collect();
+        let calls = released_together(CALLERS, |_| {
+            let (key, gate, executions) = (key.clone(), gate.clone(), executions.clone());
+            async move { fail_first(&key, &gate, &executions).await }
+        });
         until("19 duplicates wait", || {
             store.stats().waits == waits_before + CALLERS as u64 - 1
         })
@@ -844,16 +800,10 @@ async fn ten_concurrent_hr_requests_execute_once() {
         });
         let key: Arc<str> = format!("terminate-17-{round}").into();
         let waits_before = store.stats().waits;
-        let barrier = Arc::new(tokio::sync::Barrier::new(REQUESTS));
-        let requests: Vec<_> = (0..REQUESTS)
-            .map(|_| {
-                let (hr, key, barrier) = (hr.clone(), key.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    terminate(&hr, &key, 17).await
-                })
-            })
-            .collect();
+        let requests = released_together(REQUESTS, |_| {
+            let (hr, key) = (hr.clone(), key.clone());
+            async move { terminate(&hr, &key, 17).await }
+        });
         until("9 duplicates wait", || {
             store.stats().waits == waits_before + REQUESTS as u64 - 1
         })

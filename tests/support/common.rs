@@ -70,3 +70,25 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
         self.0.lock().unwrap().push(line);
     }
 }
+
+/// Spawns `callers` tasks running `call(0..callers)`, released together by a barrier once all
+/// are spawned; their handles, in order.
+pub fn released_together<F>(
+    callers: usize,
+    call: impl Fn(usize) -> F,
+) -> Vec<tokio::task::JoinHandle<F::Output>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(callers));
+    (0..callers)
+        .map(|i| {
+            let (barrier, call) = (barrier.clone(), call(i));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call.await
+            })
+        })
+        .collect()
+}
