@@ -7,7 +7,7 @@
 //!   with a different body, 503 store unavailable);
 //! - [`mark_replays`]: middleware that answers `Idempotency-Replayed: true` when the handler's
 //!   `#[idempotent]` call returned a stored outcome (it wraps the handler in
-//!   [`replay::track`](crate::replay::track)).
+//!   [`replay::track`]).
 //!
 //! ```
 //! use axum::{middleware, routing::post, Json, Router};

@@ -8,7 +8,7 @@
 //!    panic, a cancelled future) frees the key for the next caller.
 //!
 //! Sync and async differ only in how they wait and talk to the backend. Every step reports
-//! to `tracing` (target `racefree`) and the outcome to the [`replay`](crate::replay) scope.
+//! to `tracing` (target `racefree`) and the outcome to the [`replay`] scope.
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@
 //!   the lock had already been handed to it, hands it on. Idle keys cost nothing.
 //! - **Re-entry is an error, not a deadlock**, where it can be seen: acquiring a key from inside
 //!   code running under that key's guard (see [`Holder::enter`] and [`Holder::within`]) fails with
-//!   [`SequenceError::Reentrant`](crate::sequence_error::SequenceError::Reentrant).
+//!   [`SequenceError::Reentrant`].
 //!
 //! # How
 //! A key's whole state (holder, queue) lives in the `DashMap` value, and every transition

@@ -3,8 +3,10 @@
 //!
 //! - [`flight`]: a one-shot cell a leader completes and followers wait on (sync or async).
 //! - [`single_flight`]: the per-key registry of flights: at most one computation per key.
-//! - [`cache`]: the memo cache of `#[cached]` (TTL, capacity, stats) over the two above.
-//! - [`handle`]: the type-erased home of a function's own cache.
+//! - [`cache`]: the memo cache of `#[cached]` (TTL, capacity, stats) over the two above;
+//!   [`cache_store`] what `#[cached(store = ...)]` accepts; [`clock`] the clock TTLs read.
+//! - [`handle`]: the type-erased home of a function's own cache (`erased.rs` holds what the
+//!   three attributes' homes share).
 //! - [`stats`]: hit/coalesced/execution counters.
 //! - [`keyed_locks`]: per-key FIFO locks with re-entry detection, for threads and tasks.
 //! - [`sequencer`]: gap-free per-key numbers under those locks, and the store trait.
@@ -12,6 +14,8 @@
 //!   [`idempotency_call`] the protocol an `#[idempotent]` call runs, [`idempotency_handle`] the
 //!   home of a function's own store, [`fingerprint`] stable request fingerprints, [`replay`]
 //!   the replayed flag, [`error`] why a call was refused.
+//! - `http` (feature `axum`): the HTTP pieces around `#[idempotent]`.
+//! - `redis` (feature `redis`): the Redis stores of all three attributes.
 
 #![warn(missing_docs)]
 
