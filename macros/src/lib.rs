@@ -20,7 +20,7 @@ use proc_macro::TokenStream;
 /// use racefree::cached;
 ///
 /// #[cached(key = user_id, ttl = "5m", capacity = 10_000, skip(db))]
-/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> { … }
+/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> { /* … */ }
 /// ```
 ///
 /// - `key = <expr>`: the cache key; by default every argument except `self` and those in
@@ -54,7 +54,7 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// use racefree::{idempotent, IdempotencyError};
 ///
 /// #[idempotent(key = req.idempotency_key.as_deref(), ttl = "24h", skip(db))]
-/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> { … }
+/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> { /* … */ }
 /// // ApiError: From<IdempotencyError>
 /// ```
 ///
