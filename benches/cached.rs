@@ -41,6 +41,16 @@ async fn racefree_async(k: u64) -> u64 {
     k
 }
 
+#[racefree::cached]
+fn racefree_str(k: &str) -> usize {
+    k.len()
+}
+
+#[cached::macros::cached(key = "String", convert = "{ k.to_owned() }", sync_writes = "by_key")]
+fn cached_by_key_str(k: &str) -> usize {
+    k.len()
+}
+
 #[cached::macros::cached]
 fn cached_default(k: u64) -> u64 {
     k
@@ -99,6 +109,34 @@ fn hits(c: &mut Criterion) {
     });
     g.bench_function("cached by_key", |b| {
         b.iter(|| cached_by_key(black_box(next())))
+    });
+    g.finish();
+
+    // String keys given as `&str`: racefree looks a hit up borrowed; a String is built only on a miss.
+    let names: Vec<String> = (0..KEYS).map(|k| format!("user-{k:05}")).collect();
+    let dashmap_str: DashMap<String, usize> = names.iter().map(|n| (n.clone(), n.len())).collect();
+    for name in &names {
+        racefree_str(name);
+        cached_by_key_str(name);
+    }
+    let mut g = c.benchmark_group("cached/hit &str key");
+    let mut j = 0u64;
+    let mut name = move || {
+        j = j.wrapping_add(1);
+        key(j) as usize
+    };
+    g.bench_function("racefree", |b| {
+        b.iter(|| racefree_str(black_box(&names[name()])))
+    });
+    g.bench_function("dashmap get+clone", |b| {
+        b.iter(|| {
+            dashmap_str
+                .get(black_box(names[name()].as_str()))
+                .map(|v| *v.value())
+        })
+    });
+    g.bench_function("cached by_key", |b| {
+        b.iter(|| cached_by_key_str(black_box(&names[name()])))
     });
     g.finish();
 

@@ -17,7 +17,7 @@
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{Expr, Ident, ItemFn};
+use syn::{Expr, Ident, ItemFn, Type};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
@@ -25,6 +25,9 @@ use crate::validate::{owned_arguments, Attr, Errors, FnShape, Named, Output};
 
 struct Plan {
     key: TokenStream,
+    /// The one argument of a default key, when it is a shared reference: hits look it up
+    /// borrowed (`&str` against `String` keys) and never build the owned key.
+    borrowed_key: Option<Ident>,
     store: Option<syn::Expr>,
     config: TokenStream,
     output: Output,
@@ -39,9 +42,17 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
     let store = named.expr("store");
+    let mut borrowed_key = None;
     let key = match named.expr("key") {
         Some(expr) => quote_spanned!(expr.span()=> #expr),
         None => {
+            let mut key_params = shape.params.iter().filter(|p| !skip.contains(&p.ident));
+            if let (Some(only), None) = (key_params.next(), key_params.next()) {
+                let shared_ref = matches!(&only.ty, Type::Reference(r) if r.mutability.is_none());
+                if shared_ref && !crate::validate::contains_impl_trait(&only.ty) {
+                    borrowed_key = Some(only.ident.clone());
+                }
+            }
             if let Some(first) = shape.unnamed.first() {
                 errors.push(syn::Error::new_spanned(
                     first,
@@ -77,6 +88,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let config = quote!(::racefree::__private::CacheConfig::new() #ttl #capacity);
     Ok(Plan {
         key,
+        borrowed_key,
         store,
         config,
         output: shape.output,
@@ -94,6 +106,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let Plan {
         key,
+        borrowed_key,
         store,
         config,
         output,
@@ -101,7 +114,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let name = &item.sig.ident;
     let id = expand::function_id(name);
     let block = match &store {
-        None => own_cache(&item, &id, &config, &key, &output),
+        None => own_cache(&item, &id, &config, &key, borrowed_key.as_ref(), &output),
         Some(store) => given_store(&item, store, &key, &output),
     };
     *item.block = syn::parse2(block).expect("generated block parses");
@@ -125,6 +138,7 @@ fn own_cache(
     id: &TokenStream,
     config: &TokenStream,
     key: &TokenStream,
+    borrowed_key: Option<&Ident>,
     output: &Output,
 ) -> TokenStream {
     let ret = output.ty();
@@ -133,14 +147,26 @@ fn own_cache(
     // non-`Clone` value is reported at the return type rather than at the attribute.
     let cache_method = Ident::new("cache", ret_span);
     let complete = Ident::new("complete", ret_span);
-    let lookup = match item.sig.asyncness {
-        Some(_) => {
-            let lookup = Ident::new("lookup_or_lead_async", ret_span);
-            quote!(__racefree_cache.#lookup(__racefree_key).await)
+    let await_ = item.sig.asyncness.map(|_| quote!(.await));
+    let suffix = if item.sig.asyncness.is_some() {
+        "_async"
+    } else {
+        ""
+    };
+    let (bind_key, lookup) = match borrowed_key {
+        Some(arg) => {
+            let lookup = Ident::new(&format!("lookup_or_lead_borrowed{suffix}"), ret_span);
+            (
+                quote!(),
+                quote!(__racefree_cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
+            )
         }
         None => {
-            let lookup = Ident::new("lookup_or_lead", ret_span);
-            quote!(__racefree_cache.#lookup(__racefree_key))
+            let lookup = Ident::new(&format!("lookup_or_lead{suffix}"), ret_span);
+            (
+                quote!(let __racefree_key = #key;),
+                quote!(__racefree_cache.#lookup(__racefree_key) #await_),
+            )
         }
     };
     let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
@@ -170,7 +196,7 @@ fn own_cache(
     };
     let body = Body::of(item).run();
     quote! {{
-        let __racefree_key = #key;
+        #bind_key
         static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
             ::racefree::__private::HandleCell::new(#id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();

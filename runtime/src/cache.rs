@@ -295,6 +295,39 @@ where
         }
     }
 
+    /// [`lookup_or_lead`](Self::lookup_or_lead) given the key in borrowed form (`&str` for a
+    /// `String` key): a hit allocates nothing; only a miss builds the owned key.
+    pub fn lookup_or_lead_borrowed<Q>(
+        &self,
+        key: &Q,
+        to_owned: impl FnOnce(&Q) -> K,
+    ) -> Lookup<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.get(key) {
+            Some(value) => Lookup::Hit(value),
+            None => self.lookup_or_lead(to_owned(key)),
+        }
+    }
+
+    /// [`lookup_or_lead_borrowed`](Self::lookup_or_lead_borrowed) for async callers.
+    pub async fn lookup_or_lead_borrowed_async<Q>(
+        &self,
+        key: &Q,
+        to_owned: impl FnOnce(&Q) -> K,
+    ) -> Lookup<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.get(key) {
+            Some(value) => Lookup::Hit(value),
+            None => self.lookup_or_lead_async(to_owned(key)).await,
+        }
+    }
+
     fn join(&self, key: &K) -> Step<'_, K, V, S> {
         match self.flights.join(key.clone()) {
             Join::Follow(flight) => Step::Wait(flight),
