@@ -86,7 +86,9 @@
 #![warn(missing_docs)]
 
 pub use racefree_macros::{cached, idempotent, sequenced};
-pub use racefree_runtime::{cache_store, idempotency, replay};
+pub use racefree_runtime::cached::store as cache_store;
+pub use racefree_runtime::idempotent as idempotency;
+pub use racefree_runtime::replay;
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
@@ -97,10 +99,10 @@ pub use racefree_runtime::{
 };
 
 /// The Redis store (feature `redis`): the three attributes across processes and machines.
-/// See [`racefree_runtime::redis`].
+/// See [`racefree_runtime::backends::redis`].
 #[cfg(feature = "redis")]
 pub mod redis {
-    pub use racefree_runtime::redis::*;
+    pub use racefree_runtime::backends::redis::*;
 }
 
 /// axum integration (feature `axum`): the `Idempotency-Key` extractor, problem+json responses
@@ -113,15 +115,4 @@ pub mod axum {
 
 /// Everything generated code needs, and nothing else. Not a public API.
 #[doc(hidden)]
-pub mod __private {
-    pub use racefree_runtime::cache_store::{Always, AsyncCacheStore, CacheStore};
-    pub use racefree_runtime::fingerprint::StableHasher;
-    pub use racefree_runtime::idempotency::IdempotencyConfig;
-    pub use racefree_runtime::idempotency_call::{
-        begin, begin_blocking, Begin, Call, Policy, StoreRef,
-    };
-    pub use racefree_runtime::idempotency_handle::IdempotencyCell;
-    pub use racefree_runtime::sequence_handle::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
-    pub use racefree_runtime::{CacheConfig, HandleCell, Lookup};
-    pub use racefree_runtime::{SequenceBackend, SequenceCell, SequenceLease};
-}
+pub use racefree_runtime::__private;

@@ -3,7 +3,7 @@
 
 use futures::FutureExt;
 use racefree::__private::SequenceBackend;
-use racefree_runtime::{KeyedLocks, SequenceError, Sequencer};
+use racefree_runtime::{KeyedLocks, LockError, Sequencer};
 
 /// A waiter is handed the lock by the release and dropped before it ever looks: it must pass
 /// the lock on to the next waiter, and with none left the entry must go.
@@ -50,7 +50,7 @@ fn timed_out_blocking_waiter_leaves_the_queue() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
     assert!(matches!(
         locks.lock(9, Some(deadline)),
-        Err(SequenceError::Timeout)
+        Err(LockError::Timeout)
     ));
     assert_eq!(locks.waiting(&9), 0);
     drop(holder);

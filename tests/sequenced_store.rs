@@ -5,8 +5,8 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use racefree::{sequenced, Seq, SequenceBackend, SequenceError, SequenceLease, Sequencer};
-use racefree_runtime::keyed_locks::Holder;
-use racefree_runtime::SequencerLease;
+use racefree_runtime::sync::keyed_locks::Holder;
+use racefree_runtime::LocalSequenceLease;
 
 #[derive(Debug)]
 struct Busy(SequenceError);
@@ -67,7 +67,7 @@ struct AsyncOnly {
     acquired: AtomicUsize,
 }
 
-struct AsyncLease<'a>(SequencerLease<'a, u32>);
+struct AsyncLease<'a>(LocalSequenceLease<'a, u32>);
 
 impl SequenceBackend<u32> for AsyncOnly {
     type Lease<'a> = AsyncLease<'a>;

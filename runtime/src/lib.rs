@@ -1,58 +1,43 @@
-//! The runtime of [racefree](https://docs.rs/racefree): small pieces with one job each and no
-//! knowledge of the macros that use them.
+//! The runtime of [racefree](https://docs.rs/racefree). Its tree shows its two axes, which
+//! attribute and which backend, and dependencies point one way (down this list):
 //!
-//! - [`flight`]: a one-shot cell a leader completes and followers wait on (sync or async).
-//! - [`single_flight`]: the per-key registry of flights: at most one computation per key.
-//! - [`cache`]: the memo cache of `#[cached]` (TTL, capacity, stats) over the two above;
-//!   [`cache_store`] what `#[cached(store = ...)]` accepts; [`clock`] the clock TTLs read.
-//! - [`handle`]: the type-erased home of a function's own cache (`erased.rs` holds what the
-//!   three attributes' homes share).
-//! - [`stats`]: hit/coalesced/execution counters.
-//! - [`keyed_locks`]: per-key FIFO locks with re-entry detection, for threads and tasks.
-//! - [`sequencer`]: gap-free per-key numbers under those locks, and the store trait.
-//! - [`idempotency`]: idempotency records: the backend contract and the in-process store;
-//!   [`idempotency_call`] the protocol an `#[idempotent]` call runs, [`idempotency_handle`] the
-//!   home of a function's own store, [`fingerprint`] stable request fingerprints, [`replay`]
-//!   the replayed flag, [`error`] why a call was refused.
+//! - [`sync`]: [flights](sync::flight), [single flight](sync::single_flight),
+//!   [keyed FIFO locks](sync::keyed_locks), the [clock](sync::clock): no attribute knowledge.
+//! - [`cached`]: the memo [`Cache`] of `#[cached]`, what `store =` takes, its handle and stats.
+//! - [`idempotent`]: record keys, the backend contract, the in-process store, the call
+//!   protocol, the handle, fingerprints, replay, errors.
+//! - [`sequenced`]: [`Seq`], the backend contract, the in-process [`Sequencer`], the handle,
+//!   errors.
+//! - `function.rs`: the one function-owned cell all three attributes keep their stores in.
+//! - `backends::redis` (feature `redis`): the Redis stores of all three attributes, one file
+//!   per attribute.
 //! - `http` (feature `axum`): the HTTP pieces around `#[idempotent]`.
-//! - `redis` (feature `redis`): the Redis stores of all three attributes.
+//! - `__private`: the one door generated code goes through.
 
 #![warn(missing_docs)]
 
-pub mod cache;
-pub mod cache_store;
-pub mod clock;
-mod erased;
-pub mod error;
-pub mod fingerprint;
-pub mod flight;
-pub mod handle;
+#[doc(hidden)]
+pub mod __private;
+pub mod backends;
+pub mod cached;
+mod function;
 #[cfg(feature = "axum")]
 pub mod http;
-pub mod idempotency;
-pub mod idempotency_call;
-pub mod idempotency_handle;
-pub mod keyed_locks;
-#[cfg(feature = "redis")]
-pub mod redis;
-pub mod replay;
-pub mod sequence_error;
-pub mod sequence_handle;
-pub mod sequencer;
-pub mod single_flight;
-pub mod stats;
+pub mod idempotent;
+pub mod sequenced;
+pub mod sync;
 
-pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
-pub use error::IdempotencyError;
-pub use fingerprint::Fingerprint;
-pub use handle::{CacheHandle, HandleCell};
-pub use idempotency::{
-    BlockingIdempotencyBackend, IdempotencyBackend, IdempotencyStats, IdempotencyStore,
+pub use cached::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheLead, CacheStats, Lookup};
+pub use idempotent::replay;
+pub use idempotent::{
+    BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
+    IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
 };
-pub use idempotency_handle::IdempotencyHandle;
-pub use keyed_locks::{Holder, KeyGuard, KeyedLocks};
-pub use replay::Replay;
-pub use sequence_error::SequenceError;
-pub use sequence_handle::{SequenceCell, SequenceHandle};
-pub use sequencer::{Seq, SequenceBackend, SequenceLease, Sequencer, SequencerLease};
-pub use stats::CacheStats;
+pub use sequenced::{
+    LocalSequenceLease, Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease,
+    Sequencer,
+};
+pub use sync::keyed_locks::{Holder, KeyGuard, KeyedLocks, LockError};
+
+#[cfg(feature = "redis")]
+pub use backends::redis;

@@ -1,0 +1,274 @@
+//! Owner tokens, lease heartbeats and waiting without hammering Redis.
+//!
+//! A holder of a claim or lock proves it is still the holder with its token; the Lua scripts
+//! refuse every write that does not carry the current token. While the holder's body runs, a
+//! [`Heartbeat`] task extends the lease every third of its length, so a long body keeps its
+//! claim, while a crashed (or SIGKILLed, or paused) holder stops extending and its lease ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::sync::{Arc, LazyLock};
+
+use redis::Script;
+use xxhash_rust::xxh3::xxh3_128;
+
+use dashmap::DashMap;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::connection::Connection;
+use crate::sync::keyed_locks::Holder;
+
+/// Extends a plain lock (`KEYS[1]` holds the holder's token) if `ARGV[1]` still holds it.
+pub(crate) static EXTEND_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Deletes a plain lock if `ARGV[1]` still holds it.
+pub(crate) static RELEASE_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// A token that names one holder of one lease; unique across processes and machines with
+/// overwhelming probability (128 bits from process id, clock and a counter).
+pub(crate) fn owner_token() -> String {
+    format!("{:032x}", entropy())
+}
+
+fn entropy() -> u128 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut seed = [0u8; 40];
+    seed[..16].copy_from_slice(&nanos.to_le_bytes());
+    seed[16..24].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    seed[24..28].copy_from_slice(&std::process::id().to_le_bytes());
+    let local = &seed as *const _ as usize; // a stack address: differs between threads
+    seed[28..36].copy_from_slice(&(local as u64).to_le_bytes());
+    xxh3_128(&seed)
+}
+
+/// Extends a lease while a body runs; stops when dropped.
+pub(crate) struct Heartbeat {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Starts extending `key`'s lease held by `token`. `script` takes KEYS[1] = the lease key,
+    /// ARGV[1] = token, ARGV[2] = lease in ms, and returns 1 while `token` holds the lease.
+    pub(crate) fn start(
+        script: &'static Script,
+        conn: Connection,
+        key: String,
+        token: String,
+        lease: Duration,
+    ) -> Heartbeat {
+        // Outside a Tokio runtime (the driver itself needs one) there is nobody to beat: the
+        // lease then simply runs its course.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Heartbeat { task: None };
+        };
+        let task = runtime.spawn(async move {
+            let mut conn = conn;
+            let lease_ms = lease.as_millis() as u64;
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let mut invocation = script.prepare_invoke();
+                invocation.key(&key).arg(&token).arg(lease_ms);
+                let extend = invocation.invoke_async::<i64>(&mut conn);
+                match tokio::time::timeout(lease / 3, extend).await {
+                    Ok(Ok(1)) => {}
+                    // Somebody else holds it now; the holder's final write will be rejected.
+                    Ok(Ok(_)) => return,
+                    // Unknown: try again next beat; the lease has two more beats of slack.
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+        });
+        Heartbeat { task: Some(task) }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `release` in the background if dropped while armed: a body that panicked or a future
+/// that was cancelled gives up its claim at once instead of leaving waiters to the lease.
+pub(crate) struct ReleaseOnDrop {
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl ReleaseOnDrop {
+    pub(crate) fn new(
+        script: &'static Script,
+        conn: Connection,
+        key: String,
+        token: String,
+    ) -> ReleaseOnDrop {
+        let release = move || {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let mut conn = conn;
+                    let mut invocation = script.prepare_invoke();
+                    invocation.key(&key).arg(&token);
+                    let release = invocation.invoke_async::<i64>(&mut conn);
+                    // Best effort: if this fails too, the lease ends by itself.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
+                });
+            }
+        };
+        ReleaseOnDrop {
+            release: Some(Box::new(release)),
+        }
+    }
+
+    /// The claim was completed or released normally: nothing to do on drop.
+    pub(crate) fn disarm(mut self) {
+        self.release = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}
+
+/// Jittered exponential backoff for waiting on somebody else's lease: the first look comes
+/// quickly, later ones spread out (up to `max`), and jitter keeps waiters from arriving in step.
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(first: Duration, max: Duration) -> Self {
+        Backoff { next: first, max }
+    }
+
+    /// The pause before the next look: the current step ±50%, then the step grows by half.
+    pub(crate) fn pause(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 3 / 2).min(self.max);
+        let jitter = (entropy() % 1000) as u32; // 0..1000 → 50%..150%
+        step * (500 + jitter) / 1000
+    }
+
+    /// Sleeps for [`pause`](Self::pause), but no longer than `cap` (e.g. a lease's remaining time).
+    pub(crate) async fn wait(&mut self, cap: Option<Duration>) {
+        let pause = self.pause();
+        let pause = cap.map_or(pause, |cap| pause.min(cap.max(Duration::from_millis(1))));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// This process's state of one key: the FIFO turn and who holds it (for re-entry detection).
+#[derive(Default)]
+pub(crate) struct LocalKey {
+    turn: Arc<Mutex<()>>,
+    holder: std::sync::Mutex<Option<Holder>>,
+}
+
+/// A place in this process's FIFO queue for one key. Dropping it (done, failed or cancelled)
+/// removes the key's entry once nobody else holds or waits for it.
+pub(crate) struct LocalTurn<'a> {
+    locks: &'a DashMap<String, Arc<LocalKey>>,
+    key: String,
+    local: Option<Arc<LocalKey>>,
+    turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl<'a> LocalTurn<'a> {
+    pub(crate) fn queue(locks: &'a DashMap<String, Arc<LocalKey>>, key: String) -> Self {
+        let local = Arc::clone(locks.entry(key.clone()).or_default().value());
+        LocalTurn {
+            locks,
+            key,
+            local: Some(local),
+            turn: None,
+        }
+    }
+
+    /// `true` if the code asking runs under the current holder of this key: waiting would
+    /// never end.
+    pub(crate) fn held_by_caller(&self) -> bool {
+        let holder = self
+            .local
+            .as_ref()
+            .and_then(|l| *l.holder.lock().unwrap_or_else(|e| e.into_inner()));
+        holder.is_some_and(Holder::is_running_here)
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        if let Some(local) = &self.local {
+            self.turn = Some(Arc::clone(&local.turn).lock_owned().await);
+        }
+    }
+
+    pub(crate) fn enter(&self) -> Holder {
+        let holder = Holder::next();
+        if let Some(local) = &self.local {
+            *local.holder.lock().unwrap_or_else(|e| e.into_inner()) = Some(holder);
+        }
+        holder
+    }
+}
+
+impl Drop for LocalTurn<'_> {
+    fn drop(&mut self) {
+        if self.turn.take().is_some() {
+            if let Some(local) = &self.local {
+                *local.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        self.local = None;
+        // Clones are made under the map's shard lock (`entry`), and so is this check.
+        self.locks
+            .remove_if(&self.key, |_, local| Arc::strong_count(local) == 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_distinct() {
+        let tokens: std::collections::HashSet<_> = (0..10_000).map(|_| owner_token()).collect();
+        assert_eq!(tokens.len(), 10_000);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(4), Duration::from_millis(100));
+        let pauses: Vec<_> = (0..20).map(|_| backoff.pause()).collect();
+        assert!(pauses[0] <= Duration::from_millis(6));
+        assert!(pauses.iter().all(|p| *p <= Duration::from_millis(150)));
+        assert!(pauses[19] >= Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,268 @@
+//! [`RedisStore`]: a lazily connected handle to one Redis server or cluster, and the deadline
+//! and retry discipline every command goes through.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use tokio::sync::OnceCell;
+
+use super::connection::{cluster, Connection, Inner};
+use super::lease::LocalKey;
+use super::RedisStoreError;
+use crate::sync::single_flight::SingleFlight;
+
+/// Where the store connects to.
+#[derive(Debug)]
+enum Target {
+    Url(Cow<'static, str>),
+    StaticCluster(&'static [&'static str]),
+    Cluster(Vec<String>),
+}
+
+/// Deadlines and leases of a [`RedisStore`]. `const`, so a `static` store can set them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The most one command may take, including a reconnect; past it, [`RedisStoreError::Timeout`].
+    pub command_timeout: Duration,
+    /// How long a claim, sequence lock or fill lock lives without a heartbeat. The holder
+    /// extends it every third of this while its body runs; a crashed holder's lease ends after it.
+    pub lease: Duration,
+    /// How many times a token-checked command is re-sent after a lost connection or a timeout.
+    pub retries: u32,
+}
+
+impl StoreOptions {
+    /// 2 s per command, 10 s leases, 3 retries.
+    pub const fn new() -> Self {
+        StoreOptions {
+            command_timeout: Duration::from_secs(2),
+            lease: Duration::from_secs(10),
+            retries: 3,
+        }
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A Redis (or Redis Cluster) store for `#[idempotent]`, `#[sequenced]` and `#[cached]`.
+///
+/// Nothing connects until the first command; a failed connection attempt is reported as
+/// [`RedisStoreError::Unavailable`] and retried by the next command. Build it as a `static`:
+///
+/// ```
+/// use racefree_runtime::redis::RedisStore;
+///
+/// static REDIS: RedisStore = RedisStore::lazy("redis://127.0.0.1:6379/");
+/// ```
+///
+/// or hold it in an `Arc` built at start-up from configuration:
+///
+/// ```
+/// use std::{sync::Arc, time::Duration};
+/// use racefree_runtime::redis::RedisStore;
+///
+/// let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1/".into());
+/// let store = Arc::new(RedisStore::new(url).lease(Duration::from_secs(30)));
+/// let cluster = RedisStore::cluster(vec!["redis://127.0.0.1:7000".into(), "redis://127.0.0.1:7001".into()]);
+/// # drop((store, cluster));
+/// ```
+pub struct RedisStore {
+    target: Target,
+    options: StoreOptions,
+    connection: OnceCell<Connection>,
+    // In-process coordination in front of Redis, so one process sends one request per key.
+    pub(crate) fills: OnceLock<SingleFlight<String, Arc<str>>>,
+    pub(crate) local_locks: OnceLock<DashMap<String, Arc<LocalKey>>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.target)
+            .field("options", &self.options)
+            .field("connected", &self.connection.initialized())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    const fn with_target(target: Target) -> Self {
+        RedisStore {
+            target,
+            options: StoreOptions::new(),
+            connection: OnceCell::const_new(),
+            fills: OnceLock::new(),
+            local_locks: OnceLock::new(),
+        }
+    }
+
+    /// A store for the server at `url` (`redis://host:port/db`), connected on first use.
+    pub const fn lazy(url: &'static str) -> Self {
+        Self::with_target(Target::Url(Cow::Borrowed(url)))
+    }
+
+    /// A store for the server at `url`, connected on first use.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self::with_target(Target::Url(Cow::Owned(url.into())))
+    }
+
+    /// A store for a Redis Cluster reachable through any of `nodes`, connected on first use.
+    pub const fn lazy_cluster(nodes: &'static [&'static str]) -> Self {
+        Self::with_target(Target::StaticCluster(nodes))
+    }
+
+    /// A store for a Redis Cluster reachable through any of `nodes`, connected on first use.
+    pub fn cluster(nodes: Vec<String>) -> Self {
+        Self::with_target(Target::Cluster(nodes))
+    }
+
+    /// Sets all options at once.
+    pub const fn options(mut self, options: StoreOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets the lease of claims and locks (see [`StoreOptions::lease`]).
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.options.lease = lease;
+        self
+    }
+
+    /// Sets the per-command deadline (see [`StoreOptions::command_timeout`]).
+    pub const fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.options.command_timeout = timeout;
+        self
+    }
+
+    /// The options in force.
+    pub fn store_options(&self) -> StoreOptions {
+        self.options
+    }
+
+    /// The connection, established on first call. Cheap to clone; reconnects by itself after
+    /// a lost connection (the command that saw the loss fails with a typed error).
+    pub async fn connection(&self) -> Result<Connection, RedisStoreError> {
+        let connect = self.connection.get_or_try_init(|| async {
+            let deadline = self.options.command_timeout;
+            let connecting = self.connect();
+            match tokio::time::timeout(deadline * 2, connecting).await {
+                Ok(conn) => conn,
+                Err(_) => Err(RedisStoreError::Timeout {
+                    after: deadline * 2,
+                }),
+            }
+        });
+        connect.await.cloned()
+    }
+
+    async fn connect(&self) -> Result<Connection, RedisStoreError> {
+        let timeout = self.options.command_timeout;
+        let inner = match &self.target {
+            Target::Url(url) => {
+                let client = redis::Client::open(url.as_ref()).map_err(RedisStoreError::from)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(200));
+                Inner::Single(ConnectionManager::new_with_config(client, config).await?)
+            }
+            Target::StaticCluster(nodes) => {
+                Inner::Cluster(cluster(nodes.iter().copied(), timeout).await?)
+            }
+            Target::Cluster(nodes) => {
+                Inner::Cluster(cluster(nodes.iter().map(String::as_str), timeout).await?)
+            }
+        };
+        Ok(Connection::new(inner))
+    }
+
+    /// Round trips this store has made so far (a script counts as one, as does a pipeline).
+    /// Zero before the first connection.
+    pub fn round_trips(&self) -> u64 {
+        self.connection.get().map_or(0, Connection::round_trips)
+    }
+
+    /// Runs one command under the store's deadline.
+    pub(crate) async fn run<T, F>(
+        &self,
+        command: impl FnOnce(Connection) -> F,
+    ) -> Result<T, RedisStoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        with_deadline(self.options.command_timeout, command(conn)).await
+    }
+
+    /// Runs a token-checked (hence repeatable) command, re-sending it after a lost connection
+    /// or a timeout, at most [`StoreOptions::retries`] times.
+    pub(crate) async fn run_retrying<T, F>(
+        &self,
+        mut command: impl FnMut(Connection) -> F,
+    ) -> Result<T, RedisStoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match self.run(&mut command).await {
+                Err(err) if err.is_retryable() && attempt < self.options.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(25) * attempt).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl RedisStore {
+    /// Runs a Lua script (EVALSHA, loading it on first use) under the store's deadline;
+    /// `repeatable` scripts are re-sent after a lost connection or a timeout.
+    pub(crate) async fn eval<T: FromRedisValue>(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[&str],
+        repeatable: bool,
+    ) -> Result<T, RedisStoreError> {
+        let attempt = |mut conn: Connection| async move {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            invocation.invoke_async(&mut conn).await
+        };
+        if repeatable {
+            self.run_retrying(attempt).await
+        } else {
+            self.run(attempt).await
+        }
+    }
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    command: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, RedisStoreError> {
+    match tokio::time::timeout(deadline, command).await {
+        Ok(result) => result.map_err(|err| match RedisStoreError::from(err) {
+            RedisStoreError::Timeout { .. } => RedisStoreError::Timeout { after: deadline },
+            other => other,
+        }),
+        Err(_) => Err(RedisStoreError::Timeout { after: deadline }),
+    }
+}

@@ -1,0 +1,581 @@
+//! The memo cache behind `#[cached]`: a concurrent map with optional TTL and capacity, and a
+//! single-flight registry in front of the function body.
+//!
+//! # What it promises
+//! - **One execution per cold key.** [`Cache::lookup_or_lead`] is the per-key double check: look
+//!   up, else join the key's flight; the first caller becomes the lead (and looks up once more,
+//!   because another lead may have filled the key in between), the others wait for the lead's
+//!   value. Different keys never wait for each other's computation.
+//! - **Failures are not shared.** When the lead ends without a value (an `Err`/`None` result, a
+//!   panic, a dropped future), its waiters wake up and one of them becomes the next lead: each
+//!   waiter gets its own attempt, one at a time, instead of a copy of somebody else's error.
+//! - **Bounded.** With a TTL, expired entries are never returned and are purged as the cache
+//!   grows; with a capacity, the entry count is kept at or below it after every insert.
+//!
+//! # Why not moka on the hit path
+//! moka's `get` costs several times a `DashMap` read (it records every access in a buffer for
+//! its admission policy), and `#[cached]` hits must cost about what the hand-written map would.
+//! So the hit path is hand-rolled: one `DashMap` read, one clone, a striped counter, and only
+//! when configured a clock read (TTL, the coarse clock of `clock.rs`) and a visited bit (capacity). The
+//! capacity policy is CLOCK (second chance): inserts append to a FIFO ring, eviction skips and
+//! clears entries that were hit since their last pass. `benches/cached.rs` shows the numbers.
+
+use std::borrow::Borrow;
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use super::stats::{CacheStats, Counters};
+use crate::sync::single_flight::{Join, Lead, SingleFlight};
+pub use crate::sync::RandomState;
+
+const VISITED: u64 = 1 << 63;
+const DEADLINE: u64 = !VISITED;
+
+/// How a cache is bounded. `const` so that generated code can build it in a `static`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// How long an entry lives after it is inserted.
+    pub ttl: Option<Duration>,
+    /// The most entries the cache keeps.
+    pub capacity: Option<usize>,
+}
+
+impl CacheConfig {
+    /// Unbounded, no expiry.
+    pub const fn new() -> Self {
+        CacheConfig {
+            ttl: None,
+            capacity: None,
+        }
+    }
+
+    /// Entries expire `ttl` after insertion.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// At most `capacity` entries are kept (CLOCK eviction).
+    pub const fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+}
+
+struct Slot<V> {
+    value: V,
+    // Bit 63: hit since the CLOCK hand last passed. Bits 0..63: deadline on `clock::now_nanos`,
+    // 0 for none.
+    stamp: AtomicU64,
+}
+
+/// A concurrent memo cache with per-key single flight, optional TTL and capacity.
+///
+/// Use it directly, or own one in a struct and point `#[cached(store = self.field)]` at it.
+///
+/// ```
+/// use std::time::Duration;
+/// use racefree_runtime::Cache;
+///
+/// let cache: Cache<u64, String> = Cache::builder().ttl(Duration::from_secs(60)).capacity(1_000).build();
+/// let v = cache.get_with(7, || "seven".to_owned());
+/// assert_eq!(v, "seven");
+/// assert_eq!(cache.get_with(7, || unreachable!()), "seven");
+/// assert_eq!(cache.stats().executions, 1);
+/// assert_eq!(cache.stats().hits, 1);
+/// ```
+pub struct Cache<K, V, S = RandomState> {
+    entries: DashMap<K, Slot<V>, S>,
+    flights: SingleFlight<K, V, S>,
+    config: CacheConfig,
+    // The CLOCK ring; present only with a capacity.
+    ring: Option<Mutex<VecDeque<K>>>,
+    inserts_since_sweep: AtomicUsize,
+    left_by_last_sweep: AtomicUsize,
+    counters: Counters,
+    name: &'static str,
+}
+
+/// What [`Cache::lookup_or_lead`] found.
+pub enum Lookup<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState> {
+    /// The value, from the cache or from the lead this caller waited for.
+    Hit(V),
+    /// Nobody has the value: this caller computes it and must finish the [`CacheLead`].
+    Lead(CacheLead<'a, K, V, S>),
+}
+
+/// The duty to compute one key of a [`Cache`]. [`complete`](CacheLead::complete) stores the
+/// value and hands it to the waiters; dropping the lead (error, panic, cancellation) lets one
+/// waiter take over.
+pub struct CacheLead<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState> {
+    cache: &'a Cache<K, V, S>,
+    lead: Lead<'a, K, V, S>,
+}
+
+/// Builds a [`Cache`]; the key and value types come from where the cache goes.
+pub struct CacheBuilder<K, V> {
+    config: CacheConfig,
+    name: &'static str,
+    types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> CacheBuilder<K, V> {
+    /// Entries expire `ttl` after insertion.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = Some(ttl);
+        self
+    }
+
+    /// At most `capacity` entries are kept. Panics if `capacity` is 0 (`#[cached]` rejects that
+    /// at compile time).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        assert!(capacity > 0, "a cache capacity must be at least 1");
+        self.config.capacity = Some(capacity);
+        self
+    }
+
+    /// A name for `tracing` events.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The cache.
+    pub fn build(self) -> Cache<K, V>
+    where
+        K: Eq + Hash + Clone,
+        V: Clone,
+    {
+        Cache::with_config_and_hasher(self.config, self.name, RandomState::default())
+    }
+}
+
+impl<K, V> fmt::Debug for CacheBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("config", &self.config)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
+    /// An unbounded cache without expiry.
+    pub fn new() -> Self {
+        Self::with_config(CacheConfig::new())
+    }
+
+    /// A builder for TTL and capacity.
+    pub fn builder() -> CacheBuilder<K, V> {
+        CacheBuilder {
+            config: CacheConfig::new(),
+            name: "",
+            types: PhantomData,
+        }
+    }
+
+    /// A cache bounded by `config`.
+    pub fn with_config(config: CacheConfig) -> Self {
+        Self::with_config_and_hasher(config, "", RandomState::default())
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Default for Cache<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K, V, S> Cache<K, V, S>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    S: BuildHasher + Clone,
+{
+    /// A cache bounded by `config`, named `name` in `tracing` events, hashing with `hasher`.
+    pub fn with_config_and_hasher(config: CacheConfig, name: &'static str, hasher: S) -> Self {
+        Cache {
+            entries: DashMap::with_hasher(hasher.clone()),
+            flights: SingleFlight::with_hasher(hasher),
+            config,
+            ring: config
+                .capacity
+                .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
+            inserts_since_sweep: AtomicUsize::new(0),
+            left_by_last_sweep: AtomicUsize::new(0),
+            counters: Counters::default(),
+            name,
+        }
+    }
+
+    /// The value for `key`, if present and not expired. Counts as a hit when found.
+    #[inline]
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let value = self.peek(key)?;
+        self.counters.hits.bump();
+        Some(value)
+    }
+
+    #[inline]
+    fn peek<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let slot = self.entries.get(key)?;
+        let stamp = slot.stamp.load(Relaxed);
+        if self.config.ttl.is_some() {
+            let now = self.now();
+            if is_expired(stamp, now) {
+                drop(slot);
+                self.entries
+                    .remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
+                return None;
+            }
+        }
+        // Only write the shared line when the bit is not set yet: hot keys stay read-only.
+        if self.ring.is_some() && stamp & VISITED == 0 {
+            slot.stamp.fetch_or(VISITED, Relaxed);
+        }
+        Some(slot.value.clone())
+    }
+
+    /// The per-key double check: the cached value, or the value of the caller computing it
+    /// right now (blocking this thread until it is done), or the duty to compute it.
+    pub fn lookup_or_lead(&self, key: K) -> Lookup<'_, K, V, S> {
+        if let Some(value) = self.get(&key) {
+            return Lookup::Hit(value);
+        }
+        let mut waited = false;
+        loop {
+            match self.join(&key) {
+                Step::Done(lookup) => return lookup,
+                Step::Wait(flight) => {
+                    self.note_wait(&mut waited);
+                    if let Some(value) = flight.wait() {
+                        return Lookup::Hit(value.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`lookup_or_lead`](Self::lookup_or_lead) for async callers: waiting awaits instead of
+    /// blocking, and dropping the future while it waits leaves no trace.
+    pub async fn lookup_or_lead_async(&self, key: K) -> Lookup<'_, K, V, S> {
+        if let Some(value) = self.get(&key) {
+            return Lookup::Hit(value);
+        }
+        let mut waited = false;
+        loop {
+            match self.join(&key) {
+                Step::Done(lookup) => return lookup,
+                Step::Wait(flight) => {
+                    self.note_wait(&mut waited);
+                    if let Some(value) = flight.wait_async().await {
+                        return Lookup::Hit(value.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`lookup_or_lead`](Self::lookup_or_lead) given the key in borrowed form (`&str` for a
+    /// `String` key): a hit allocates nothing; only a miss builds the owned key.
+    pub fn lookup_or_lead_borrowed<Q>(
+        &self,
+        key: &Q,
+        to_owned: impl FnOnce(&Q) -> K,
+    ) -> Lookup<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.get(key) {
+            Some(value) => Lookup::Hit(value),
+            None => self.lookup_or_lead(to_owned(key)),
+        }
+    }
+
+    /// [`lookup_or_lead_borrowed`](Self::lookup_or_lead_borrowed) for async callers.
+    pub async fn lookup_or_lead_borrowed_async<Q>(
+        &self,
+        key: &Q,
+        to_owned: impl FnOnce(&Q) -> K,
+    ) -> Lookup<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.get(key) {
+            Some(value) => Lookup::Hit(value),
+            None => self.lookup_or_lead_async(to_owned(key)).await,
+        }
+    }
+
+    fn join(&self, key: &K) -> Step<'_, K, V, S> {
+        match self.flights.join(key.clone()) {
+            Join::Follow(flight) => Step::Wait(flight),
+            Join::Lead(lead) => {
+                // Second check, now that we own the key: a lead that finished between our
+                // first look and our join has already filled it.
+                if let Some(value) = self.get(key) {
+                    lead.complete(value.clone());
+                    return Step::Done(Lookup::Hit(value));
+                }
+                self.counters.executions.fetch_add(1, Relaxed);
+                tracing::debug!(target: "racefree", cache = self.name, "cache miss: executing");
+                Step::Done(Lookup::Lead(CacheLead { cache: self, lead }))
+            }
+        }
+    }
+
+    fn note_wait(&self, waited: &mut bool) {
+        if !*waited {
+            *waited = true;
+            self.counters.coalesced.fetch_add(1, Relaxed);
+            tracing::debug!(target: "racefree", cache = self.name, "cache miss: waiting for the caller computing it");
+        }
+    }
+
+    /// The value for `key`, computing it with `compute` if absent (once, however many callers
+    /// ask at the same time).
+    pub fn get_with(&self, key: K, compute: impl FnOnce() -> V) -> V {
+        match self.lookup_or_lead(key) {
+            Lookup::Hit(value) => value,
+            Lookup::Lead(lead) => {
+                let value = compute();
+                lead.complete(value.clone());
+                value
+            }
+        }
+    }
+
+    /// Like [`get_with`](Self::get_with), but an `Err` is returned to this caller and not
+    /// cached; a waiter then computes again.
+    pub fn try_get_with<E>(&self, key: K, compute: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        match self.lookup_or_lead(key) {
+            Lookup::Hit(value) => Ok(value),
+            Lookup::Lead(lead) => {
+                let value = compute()?;
+                lead.complete(value.clone());
+                Ok(value)
+            }
+        }
+    }
+
+    /// Async [`get_with`](Self::get_with).
+    pub async fn get_with_async<F>(&self, key: K, compute: F) -> V
+    where
+        F: std::future::Future<Output = V>,
+    {
+        match self.lookup_or_lead_async(key).await {
+            Lookup::Hit(value) => value,
+            Lookup::Lead(lead) => {
+                let value = compute.await;
+                lead.complete(value.clone());
+                value
+            }
+        }
+    }
+
+    /// Stores `value` for `key`, replacing any previous value.
+    pub fn insert(&self, key: K, value: V) {
+        let stamp = match self.config.ttl {
+            // Never 0, which would mean "no deadline".
+            Some(ttl) => self
+                .now()
+                .saturating_add(saturating_nanos(ttl))
+                .clamp(1, DEADLINE),
+            None => 0,
+        };
+        let ring_key = self.ring.as_ref().map(|_| key.clone());
+        let fresh = self
+            .entries
+            .insert(
+                key,
+                Slot {
+                    value,
+                    stamp: AtomicU64::new(stamp),
+                },
+            )
+            .is_none();
+        if let (Some(ring), Some(key)) = (&self.ring, ring_key) {
+            let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if fresh {
+                ring.push_back(key);
+            }
+            self.evict_over_capacity(&mut ring);
+        }
+        if self.config.ttl.is_some() {
+            self.sweep_now_and_then();
+        }
+    }
+
+    // CLOCK: walk the ring from the front; an entry hit since the last pass loses its mark and
+    // goes to the back, any other (or an expired one) is evicted. Terminates within two passes.
+    fn evict_over_capacity(&self, ring: &mut VecDeque<K>) {
+        let Some(capacity) = self.config.capacity else {
+            return;
+        };
+        let now = self.config.ttl.map(|_| self.now());
+        while self.entries.len() > capacity {
+            let Some(key) = ring.pop_front() else { break };
+            let mut second_chance = false;
+            self.entries.remove_if(&key, |_, slot| {
+                let stamp = slot.stamp.load(Relaxed);
+                if now.is_some_and(|now| is_expired(stamp, now)) || stamp & VISITED == 0 {
+                    return true;
+                }
+                slot.stamp.fetch_and(!VISITED, Relaxed);
+                second_chance = true;
+                false
+            });
+            if second_chance {
+                ring.push_back(key);
+            }
+        }
+        // Keys invalidated and inserted again stand in the ring twice; keep it near the map's size.
+        if ring.len() > 2 * capacity + 64 {
+            let mut seen = HashSet::with_capacity(ring.len());
+            ring.retain(|k| self.entries.contains_key(k) && seen.insert(k.clone()));
+        }
+    }
+
+    // Amortized O(1): a full sweep once as many entries were inserted as the last sweep left
+    // behind, and at least 1024 inserts apart.
+    fn sweep_now_and_then(&self) {
+        let inserted = self.inserts_since_sweep.fetch_add(1, Relaxed) + 1;
+        if inserted < 1024 || inserted < self.left_by_last_sweep.load(Relaxed) {
+            return;
+        }
+        self.inserts_since_sweep.store(0, Relaxed);
+        self.purge_expired();
+        self.left_by_last_sweep.store(self.entries.len(), Relaxed);
+    }
+
+    /// Removes every expired entry now. (They are also removed lazily.)
+    pub fn purge_expired(&self) {
+        if self.config.ttl.is_none() {
+            return;
+        }
+        let now = self.now();
+        self.entries
+            .retain(|_, slot| !is_expired(slot.stamp.load(Relaxed), now));
+    }
+
+    /// Removes `key`; `true` if it was there. A computation under way is not interrupted and
+    /// will store its value when it finishes.
+    pub fn invalidate<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries.remove(key).is_some()
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) {
+        self.entries.clear();
+        if let Some(ring) = &self.ring {
+            ring.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
+    }
+
+    /// Entries stored (expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// `true` when no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Keys being computed right now: the size of the per-key lock registry.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Hits, coalesced waits and executions so far.
+    pub fn stats(&self) -> CacheStats {
+        self.counters.snapshot()
+    }
+
+    /// Sets the stats back to zero.
+    pub fn reset_stats(&self) {
+        self.counters.reset();
+    }
+
+    /// How this cache is bounded.
+    pub fn config(&self) -> CacheConfig {
+        self.config
+    }
+
+    #[inline]
+    fn now(&self) -> u64 {
+        crate::sync::clock::now_nanos()
+    }
+}
+
+enum Step<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone> {
+    Done(Lookup<'a, K, V, S>),
+    Wait(std::sync::Arc<crate::sync::flight::Flight<V>>),
+}
+
+impl<K, V, S> CacheLead<'_, K, V, S>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    S: BuildHasher + Clone,
+{
+    /// Stores `value`, then hands it to every waiter.
+    pub fn complete(self, value: V) {
+        self.cache.insert(self.lead.key().clone(), value.clone());
+        self.lead.complete(value);
+    }
+
+    /// Gives up without a value: one waiter becomes the next lead. (Dropping does the same.)
+    pub fn abandon(self) {
+        tracing::debug!(target: "racefree", cache = self.cache.name, "no value to cache; releasing the key");
+    }
+}
+
+#[inline]
+fn is_expired(stamp: u64, now: u64) -> bool {
+    let deadline = stamp & DEADLINE;
+    deadline != 0 && now >= deadline
+}
+
+fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<K, V, S> fmt::Debug for Cache<K, V, S>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    S: BuildHasher + Clone,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("len", &self.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}

@@ -1,0 +1,16 @@
+//! `#[cached]`: the memo [`Cache`] (TTL, capacity, single flight in front of the body), what
+//! `store = <expr>` takes ([`store`]), the function-owned [`CacheHandle`] and its [`stats`].
+//!
+//! Promises and limits are in [`cache`]'s docs: one execution per cold key, failures not
+//! shared, bounded by TTL and capacity. This room knows nothing of the other attributes; it
+//! uses `sync/` for flights and the clock.
+
+pub mod cache;
+pub mod handle;
+pub mod stats;
+pub mod store;
+
+pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
+pub use handle::{CacheCell, CacheHandle};
+pub use stats::CacheStats;
+pub use store::{Always, AsyncCacheStore, CacheStore};

@@ -1,0 +1,142 @@
+//! The one function-owned cell all three attributes use: a home for a function's own store
+//! that a `static` can hold without naming the store's types.
+//!
+//! A `static` must name its type, but an attribute's user never spells the key or value type:
+//! they are inferred where the function calls its store. So the generated `static` holds a
+//! handle with a [`PerType`] inside, which creates the typed store on first use; a generic
+//! function gets one store per concrete type under the same handle. The generated accessor
+//! (`fn <name>_cache()` and its siblings) finds the same handle by the function's id in a
+//! [`Registry`], because the macro cannot tell an associated function from a free one and so
+//! cannot name a `static` next to the function.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, RwLock};
+
+type AnyRef = &'static (dyn Any + Send + Sync);
+
+/// One value per concrete type `T`, created on first use and kept for the life of the process.
+/// `D` is the type-erased view (a trait object) through which all of them are inspected.
+pub(crate) struct PerType<D: ?Sized + 'static> {
+    // The first (usually the only) type: one atomic load on the hot path.
+    first: OnceLock<AnyRef>,
+    all: RwLock<Vec<(AnyRef, &'static D)>>,
+}
+
+impl<D: ?Sized + 'static> PerType<D> {
+    pub(crate) const fn new() -> Self {
+        PerType {
+            first: OnceLock::new(),
+            all: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The value for `T`, made by `create` (and seen through `erase`) on first use.
+    #[inline]
+    pub(crate) fn get_or_create<T: Any + Send + Sync>(
+        &self,
+        create: impl FnOnce() -> T,
+        erase: impl FnOnce(&'static T) -> &'static D,
+    ) -> &'static T {
+        if let Some(value) = self.first.get().and_then(|any| any.downcast_ref()) {
+            return value;
+        }
+        self.create(create, erase)
+    }
+
+    #[cold]
+    fn create<T: Any + Send + Sync>(
+        &self,
+        create: impl FnOnce() -> T,
+        erase: impl FnOnce(&'static T) -> &'static D,
+    ) -> &'static T {
+        let mut all = self
+            .all
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(value) = all.iter().find_map(|(any, _)| any.downcast_ref()) {
+            return value;
+        }
+        // Leaked on purpose: the handle lives in a `static`, so what it holds lives as long.
+        let value: &'static T = Box::leak(Box::new(create()));
+        all.push((value, erase(value)));
+        let _ = self.first.set(value);
+        value
+    }
+
+    /// Every value so far, through the erased view.
+    pub(crate) fn each(&self) -> Vec<&'static D> {
+        let all = self
+            .all
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        all.iter().map(|(_, erased)| *erased).collect()
+    }
+}
+
+/// The process-wide map from a function's id to its handle.
+pub struct Registry<H: 'static>(OnceLock<Mutex<HashMap<&'static str, &'static H>>>);
+
+impl<H: 'static> Registry<H> {
+    /// An empty registry, for a `static`.
+    pub const fn new() -> Self {
+        Registry(OnceLock::new())
+    }
+
+    /// The handle registered for `id`, made by `make` if there is none yet.
+    fn get_or_register(&self, id: &'static str, make: impl FnOnce() -> H) -> &'static H {
+        let mut registry = self
+            .0
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        registry
+            .entry(id)
+            .or_insert_with(|| Box::leak(Box::new(make())))
+    }
+}
+
+/// A function-owned home: the handle an attribute keeps a function's store in ([`CacheHandle`],
+/// [`IdempotencyHandle`], [`SequenceHandle`]), found by the function's id.
+///
+/// [`CacheHandle`]: crate::CacheHandle
+/// [`IdempotencyHandle`]: crate::IdempotencyHandle
+/// [`SequenceHandle`]: crate::SequenceHandle
+pub trait Home: Send + Sync + Sized + 'static {
+    /// What the attribute's arguments configure (capacity, TTL, ...), fixed at compile time.
+    type Config: Copy + Send + Sync + 'static;
+    /// A new, empty home for the function `id`.
+    fn open(id: &'static str, config: Self::Config) -> Self;
+    /// The process-wide registry of this kind of home.
+    fn registry() -> &'static Registry<Self>;
+}
+
+/// The `static` an expansion declares, in the function and in its accessor: finds the
+/// function's home by id once, then is one atomic load away from it.
+#[doc(hidden)]
+pub struct FunctionCell<H: Home> {
+    id: &'static str,
+    config: H::Config,
+    home: OnceLock<&'static H>,
+}
+
+impl<H: Home> FunctionCell<H> {
+    /// A cell for the function `id`, configured by the attribute.
+    #[doc(hidden)]
+    pub const fn with_config(id: &'static str, config: H::Config) -> Self {
+        FunctionCell {
+            id,
+            config,
+            home: OnceLock::new(),
+        }
+    }
+
+    /// The function's home, registered on first use.
+    #[doc(hidden)]
+    #[inline]
+    pub fn handle(&self) -> &'static H {
+        self.home.get_or_init(|| {
+            H::registry().get_or_register(self.id, || H::open(self.id, self.config))
+        })
+    }
+}

@@ -1,0 +1,320 @@
+//! The protocol every `#[idempotent]` call runs against a backend, sync or async:
+//!
+//! 1. [`begin`]: no key → execute without idempotency (or refuse with `MissingKey`); else claim
+//!    the key, and on "in flight" wait for the owner (or refuse with `InProgress`) and claim
+//!    again, until the call executes, replays or is refused;
+//! 2. the body runs (in the generated code, so that `return` and `?` keep their meaning);
+//! 3. [`Execution::complete`] stores the outcome, or [`Execution::release`] (also on drop: a
+//!    panic, a cancelled future) frees the key for the next caller.
+//!
+//! Sync and async differ only in how they wait and talk to the backend. Every step reports
+//! to `tracing` (target `racefree`) and the outcome to the [`replay`] scope.
+
+use std::fmt::Display;
+use std::time::{Duration, Instant};
+
+use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
+use super::error::IdempotencyError;
+use super::fingerprint::Fingerprint;
+use super::key::{IntoIdempotencyKey, RecordKey};
+use super::replay::{self, Replay};
+
+/// Finds the backend behind `store = <expr>` by auto-deref: the expression may be a store, or
+/// anything that dereferences to one (`LazyLock`, `Arc`, `Box`). Generated code calls
+/// `(<expr>).idempotency_store()` with this trait in scope.
+#[doc(hidden)]
+pub trait StoreRef<T> {
+    fn idempotency_store(&self) -> &Self {
+        self
+    }
+}
+
+impl<B: IdempotencyBackend<T>, T> StoreRef<T> for B {}
+
+/// What a call does when its key is being executed by another call with the same fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInFlight {
+    /// Wait for it and return its outcome (or, if it fails, claim the key again).
+    Wait,
+    /// Refuse at once with [`IdempotencyError::InProgress`].
+    Reject,
+}
+
+/// How an `#[idempotent]` function treats its calls. `const` so it can live in generated code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// How long an outcome is kept.
+    pub ttl: Duration,
+    /// Wait for or reject duplicates in flight.
+    pub in_flight: OnInFlight,
+    /// Refuse calls without a key instead of executing them.
+    pub require_key: bool,
+    /// Give up waiting for a duplicate in flight after this long (`InProgress`); `None` waits
+    /// as long as the owner runs.
+    pub wait_timeout: Option<Duration>,
+}
+
+impl Policy {
+    /// Keep outcomes for `ttl`, wait for duplicates, run calls without a key.
+    pub const fn new(ttl: Duration) -> Policy {
+        Policy {
+            ttl,
+            in_flight: OnInFlight::Wait,
+            require_key: false,
+            wait_timeout: None,
+        }
+    }
+
+    /// Reject duplicates in flight instead of waiting for them.
+    pub const fn reject_in_flight(mut self) -> Policy {
+        self.in_flight = OnInFlight::Reject;
+        self
+    }
+
+    /// Refuse calls without a key with [`IdempotencyError::MissingKey`].
+    pub const fn require_key(mut self) -> Policy {
+        self.require_key = true;
+        self
+    }
+
+    /// Wait at most `timeout` for a duplicate in flight.
+    pub const fn wait_timeout(mut self, timeout: Duration) -> Policy {
+        self.wait_timeout = Some(timeout);
+        self
+    }
+}
+
+/// One call, before it begins: which record it claims, with which fingerprint, under which policy.
+#[derive(Debug)]
+pub struct Call {
+    function: &'static str,
+    key: Option<RecordKey>,
+    fingerprint: Fingerprint,
+    policy: Policy,
+}
+
+impl Call {
+    /// The call of `function` (a build-stable path) with the client's `key`, in `scope`.
+    pub fn new<'k>(
+        function: &'static str,
+        scope: Option<&dyn Display>,
+        key: impl IntoIdempotencyKey<'k>,
+        fingerprint: Fingerprint,
+        policy: Policy,
+    ) -> Call {
+        let key = key
+            .into_idempotency_key()
+            .map(|key| RecordKey::new(function, scope, &key));
+        Call {
+            function,
+            key,
+            fingerprint,
+            policy,
+        }
+    }
+}
+
+/// How a call begins.
+pub enum Begin<'a, B: IdempotencyBackend<T>, T> {
+    /// Run the body, then finish the execution.
+    Execute(Execution<'a, B, T>),
+    /// Return this stored outcome; the body does not run.
+    Replay(T),
+    /// Return this error; the body does not run.
+    Refuse(IdempotencyError),
+}
+
+/// The duty to run the body of one call and to finish its claim. Dropping it releases the key.
+pub struct Execution<'a, B: IdempotencyBackend<T>, T> {
+    backend: &'a B,
+    // `None` for a call without a key.
+    claim: Option<(RecordKey, B::Lease)>,
+    function: &'static str,
+    ttl: Duration,
+}
+
+/// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
+pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
+    let Call {
+        function,
+        key,
+        fingerprint,
+        policy,
+    } = call;
+    let Some(key) = key else {
+        return unkeyed(backend, function, policy);
+    };
+    let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
+    loop {
+        let in_flight = match backend.claim(&key, fingerprint).await {
+            Ok(Claim::Execute(lease)) => return execute(backend, function, key, lease, policy),
+            Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
+            Ok(Claim::InFlight(in_flight)) => in_flight,
+            Err(error) => return refuse(function, &key, error),
+        };
+        if let Some(refusal) = reject_in_flight(function, &key, policy) {
+            return refusal;
+        }
+        match backend.wait(&key, in_flight, deadline).await {
+            Ok(Some(outcome)) => return replayed(function, &key, outcome),
+            Ok(None) => continue, // the owner gave up: claim again, one waiter wins
+            Err(error) => return refuse(function, &key, error),
+        }
+    }
+}
+
+/// [`begin`] for sync functions: waiting blocks the thread.
+pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
+    backend: &B,
+    call: Call,
+) -> Begin<'_, B, T> {
+    let Call {
+        function,
+        key,
+        fingerprint,
+        policy,
+    } = call;
+    let Some(key) = key else {
+        return unkeyed(backend, function, policy);
+    };
+    let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
+    loop {
+        let in_flight = match backend.claim_blocking(&key, fingerprint) {
+            Ok(Claim::Execute(lease)) => return execute(backend, function, key, lease, policy),
+            Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
+            Ok(Claim::InFlight(in_flight)) => in_flight,
+            Err(error) => return refuse(function, &key, error),
+        };
+        if let Some(refusal) = reject_in_flight(function, &key, policy) {
+            return refusal;
+        }
+        match backend.wait_blocking(&key, in_flight, deadline) {
+            Ok(Some(outcome)) => return replayed(function, &key, outcome),
+            Ok(None) => continue,
+            Err(error) => return refuse(function, &key, error),
+        }
+    }
+}
+
+fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
+    backend: &'a B,
+    function: &'static str,
+    policy: Policy,
+) -> Begin<'a, B, T> {
+    if policy.require_key {
+        tracing::debug!(target: "racefree", function, "idempotent call without a key: refused");
+        return Begin::Refuse(IdempotencyError::MissingKey);
+    }
+    tracing::debug!(target: "racefree", function, "idempotent call without a key: executing without idempotency");
+    Begin::Execute(Execution {
+        backend,
+        claim: None,
+        function,
+        ttl: policy.ttl,
+    })
+}
+
+fn execute<'a, B: IdempotencyBackend<T>, T>(
+    backend: &'a B,
+    function: &'static str,
+    key: RecordKey,
+    lease: B::Lease,
+    policy: Policy,
+) -> Begin<'a, B, T> {
+    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: executing");
+    Begin::Execute(Execution {
+        backend,
+        claim: Some((key, lease)),
+        function,
+        ttl: policy.ttl,
+    })
+}
+
+fn replayed<'a, B: IdempotencyBackend<T>, T>(
+    function: &'static str,
+    key: &RecordKey,
+    outcome: T,
+) -> Begin<'a, B, T> {
+    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: replaying the stored outcome");
+    replay::record(Replay::Replayed);
+    Begin::Replay(outcome)
+}
+
+fn refuse<'a, B: IdempotencyBackend<T>, T>(
+    function: &'static str,
+    key: &RecordKey,
+    error: IdempotencyError,
+) -> Begin<'a, B, T> {
+    match &error {
+        IdempotencyError::Conflict { .. } => {
+            tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: key reused with a different request (conflict)")
+        }
+        _ => {
+            tracing::debug!(target: "racefree", function, key = key.client_key(), %error, "idempotent call refused")
+        }
+    }
+    Begin::Refuse(error)
+}
+
+fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
+    function: &'static str,
+    key: &RecordKey,
+    policy: Policy,
+) -> Option<Begin<'a, B, T>> {
+    if policy.in_flight == OnInFlight::Reject {
+        tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: duplicate in flight, rejected");
+        return Some(Begin::Refuse(IdempotencyError::InProgress {
+            key: key.client_key().to_owned(),
+        }));
+    }
+    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: duplicate in flight, waiting");
+    None
+}
+
+impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
+    /// Stores `outcome` for the call's key. If the store fails, the caller still gets its
+    /// outcome (the body has run; its effects happened) and the failure is logged: a retry
+    /// will execute again.
+    pub async fn complete(mut self, outcome: &T) {
+        replay::record(Replay::Fresh);
+        let Some((key, lease)) = self.claim.take() else {
+            return;
+        };
+        if let Err(error) = self.backend.complete(lease, outcome, self.ttl).await {
+            self.store_failed(&key, &error);
+        }
+    }
+
+    /// Frees the call's key without storing anything: the next call with the key executes.
+    pub fn release(self) {
+        replay::record(Replay::Fresh);
+        if let Some((key, _)) = &self.claim {
+            tracing::debug!(target: "racefree", function = self.function, key = key.client_key(), "idempotent call: outcome not stored; releasing the key");
+        }
+    }
+
+    fn store_failed(&self, key: &RecordKey, error: &IdempotencyError) {
+        tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored; a retry will execute again");
+    }
+}
+
+impl<B: BlockingIdempotencyBackend<T>, T> Execution<'_, B, T> {
+    /// [`complete`](Self::complete) for sync functions.
+    pub fn complete_blocking(mut self, outcome: &T) {
+        replay::record(Replay::Fresh);
+        let Some((key, lease)) = self.claim.take() else {
+            return;
+        };
+        if let Err(error) = self.backend.complete_blocking(lease, outcome, self.ttl) {
+            self.store_failed(&key, &error);
+        }
+    }
+}
+
+impl<B: IdempotencyBackend<T>, T> Drop for Execution<'_, B, T> {
+    fn drop(&mut self) {
+        if let Some((_, lease)) = self.claim.take() {
+            self.backend.release(lease);
+        }
+    }
+}

@@ -1,0 +1,699 @@
+//! The in-process idempotency store, [`IdempotencyStore`], and its bounds and stats.
+//!
+//! One record per (function, scope, key), in one of two states:
+//! - **in flight**: a caller claimed the key with a request fingerprint and is running the body;
+//! - **done**: the body's outcome, kept until its deadline (`ttl`) passes.
+//!
+//! [`IdempotencyStore::claim_now`] is the per-key check: one atomic entry operation decides
+//! between running the body (no live record), replaying (done, same fingerprint), waiting or
+//! rejecting (in flight, same fingerprint) and a conflict (either state, other fingerprint).
+//!
+//! # What the in-process store promises
+//! - **At most one execution per live key.** Claims go through `DashMap`'s entry API, never
+//!   get-then-insert.
+//! - **Conflicts change nothing.** A different fingerprint under a used key is refused without
+//!   touching the record.
+//! - **Failures release.** Releasing (an `Err` not stored, a panic, a dropped future) removes
+//!   the in-flight record and wakes its waiters with nothing; each waiter claims again and
+//!   exactly one of them runs next.
+//! - **Bounded.** Expired records are never replayed and are swept as new outcomes are stored
+//!   (amortized: a sweep once as many outcomes were stored as the last sweep left, at least 1024), so a stream of
+//!   unique keys keeps the record count near what one `ttl` holds. With a `capacity`, at most
+//!   that many outcomes are kept: the oldest is dropped first. A dropped outcome's key executes
+//!   again on its next call, so size the capacity above the keys one `ttl` sees.
+//!
+//! It does not survive the process: for retries across instances use a shared store (a
+//! Redis implementation of [`IdempotencyBackend`]).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
+use super::error::IdempotencyError;
+use super::fingerprint::Fingerprint;
+use super::key::RecordKey;
+use crate::sync::flight::Flight;
+use crate::sync::RandomState;
+
+/// How the in-process store is bounded. `const` so generated code can build it in a `static`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// The most outcomes kept; the oldest goes first.
+    pub capacity: Option<usize>,
+}
+
+impl IdempotencyConfig {
+    /// No bound besides expiry.
+    pub const fn new() -> Self {
+        IdempotencyConfig { capacity: None }
+    }
+
+    /// At most `capacity` outcomes are kept.
+    pub const fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+}
+
+/// What an idempotency store has done since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyStats {
+    /// Claims that ran the body.
+    pub executions: u64,
+    /// Calls answered with a stored outcome (directly or after waiting).
+    pub replays: u64,
+    /// Calls that found their key in flight (each counted once, however often it waited).
+    pub waits: u64,
+    /// Calls refused because the key was used with another fingerprint.
+    pub conflicts: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    executions: AtomicU64,
+    replays: AtomicU64,
+    waits: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+enum Record<T> {
+    InFlight {
+        fingerprint: Fingerprint,
+        flight: Arc<Flight<T>>,
+    },
+    // `expires`: on the store's clock, in nanoseconds.
+    Done {
+        fingerprint: Fingerprint,
+        outcome: T,
+        expires: u64,
+    },
+}
+
+/// The in-process idempotency store: the default of `#[idempotent]`, or shared between
+/// functions with `store = <expr>`.
+///
+/// ```
+/// use racefree_runtime::IdempotencyStore;
+///
+/// static PAYMENTS: std::sync::LazyLock<IdempotencyStore<u64>> =
+///     std::sync::LazyLock::new(|| IdempotencyStore::builder().capacity(100_000).build());
+/// assert!(PAYMENTS.is_empty());
+/// ```
+pub struct IdempotencyStore<T> {
+    // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
+    records: DashMap<Arc<str>, Record<T>, RandomState>,
+    config: IdempotencyConfig,
+    clock: Clock,
+    // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
+    // a key completed again later has a later deadline). Only with a capacity.
+    stored: Option<Mutex<Outcomes>>,
+    stores_since_sweep: AtomicUsize,
+    left_by_last_sweep: AtomicUsize,
+    counters: Counters,
+    name: &'static str,
+}
+
+/// Builds an [`IdempotencyStore`].
+#[derive(Debug, Default, Clone)]
+pub struct IdempotencyStoreBuilder {
+    config: IdempotencyConfig,
+    clock: Clock,
+    name: &'static str,
+}
+
+impl IdempotencyStoreBuilder {
+    /// At most `capacity` outcomes are kept. Panics if `capacity` is 0.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        assert!(
+            capacity > 0,
+            "an idempotency store capacity must be at least 1"
+        );
+        self.config.capacity = Some(capacity);
+        self
+    }
+
+    /// A name for `tracing` events.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// A clock that only moves when told to, for tests of expiry: the store reads time from it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use racefree_runtime::IdempotencyStore;
+    ///
+    /// let (builder, clock) = IdempotencyStore::builder().manual_clock();
+    /// let store: IdempotencyStore<u8> = builder.build();
+    /// clock.advance(Duration::from_secs(60));
+    /// # drop(store);
+    /// ```
+    pub fn manual_clock(mut self) -> (Self, ManualClock) {
+        let hand = Arc::new(AtomicU64::new(0));
+        self.clock = Clock::Manual(Arc::clone(&hand));
+        (self, ManualClock(hand))
+    }
+
+    /// The store.
+    pub fn build<T>(self) -> IdempotencyStore<T> {
+        IdempotencyStore {
+            records: DashMap::with_hasher(RandomState::default()),
+            config: self.config,
+            clock: self.clock,
+            stored: self
+                .config
+                .capacity
+                .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
+            stores_since_sweep: AtomicUsize::new(0),
+            left_by_last_sweep: AtomicUsize::new(0),
+            counters: Counters::default(),
+            name: self.name,
+        }
+    }
+}
+
+/// The hand of a clock made by [`IdempotencyStoreBuilder::manual_clock`].
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    /// Moves the store's time forward.
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(saturating_nanos(by), Relaxed);
+    }
+}
+
+/// Where a store reads the time: the runtime's clock (coarse on Linux: expiry may come up to
+/// one tick, a few ms, late), or a [`ManualClock`].
+#[derive(Debug, Clone, Default)]
+enum Clock {
+    #[default]
+    System,
+    Manual(Arc<AtomicU64>),
+}
+
+impl<T> Default for IdempotencyStore<T> {
+    fn default() -> Self {
+        IdempotencyStoreBuilder::default().build()
+    }
+}
+
+/// What [`IdempotencyStore::claim_now`] found.
+pub type StoreClaim<T> = Claim<T, StoreLease<T>, Arc<Flight<T>>>;
+
+// Keys of stored outcomes, oldest first, with the deadline that identifies each outcome.
+type Outcomes = VecDeque<(Arc<str>, u64)>;
+
+/// The claim of one key in an [`IdempotencyStore`].
+#[derive(Debug)]
+pub struct StoreLease<T> {
+    key: Arc<str>,
+    fingerprint: Fingerprint,
+    flight: Arc<Flight<T>>,
+}
+
+impl IdempotencyStore<()> {
+    /// A builder for capacity, name and clock; [`build`](IdempotencyStoreBuilder::build) picks
+    /// the outcome type. (Defined on `IdempotencyStore<()>` only so that
+    /// `IdempotencyStore::builder()` needs no type annotation.)
+    pub fn builder() -> IdempotencyStoreBuilder {
+        IdempotencyStoreBuilder::default()
+    }
+}
+
+impl<T> IdempotencyStore<T> {
+    /// An unbounded store (expired outcomes are still purged).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store bounded by `config`, named `name` in `tracing` events.
+    pub fn with_config(config: IdempotencyConfig, name: &'static str) -> Self {
+        IdempotencyStoreBuilder {
+            config,
+            clock: Clock::System,
+            name,
+        }
+        .build()
+    }
+
+    /// Records stored, in flight and done (expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// `true` when there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Keys being executed right now.
+    pub fn in_flight(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| matches!(r.value(), Record::InFlight { .. }))
+            .count()
+    }
+
+    /// Removes every expired outcome now; in-flight records and live outcomes stay. (Expired
+    /// outcomes are also purged as new ones are stored.)
+    pub fn purge_expired(&self) {
+        let now = self.now();
+        self.records.retain(|_, record| !is_expired(record, now));
+        if let Some(stored) = &self.stored {
+            let mut stored = stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            stored.retain(|&(_, expires)| expires > now);
+        }
+    }
+
+    /// Forgets every outcome. Calls in flight finish and store theirs.
+    pub fn clear(&self) {
+        self.records
+            .retain(|_, record| matches!(record, Record::InFlight { .. }));
+        if let Some(stored) = &self.stored {
+            stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
+    }
+
+    /// Executions, replays, waits and conflicts so far.
+    pub fn stats(&self) -> IdempotencyStats {
+        IdempotencyStats {
+            executions: self.counters.executions.load(Relaxed),
+            replays: self.counters.replays.load(Relaxed),
+            waits: self.counters.waits.load(Relaxed),
+            conflicts: self.counters.conflicts.load(Relaxed),
+        }
+    }
+
+    /// How this store is bounded.
+    pub fn config(&self) -> IdempotencyConfig {
+        self.config
+    }
+
+    /// A name for `tracing` events (the function's path for a function's own store).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn now(&self) -> u64 {
+        match &self.clock {
+            Clock::System => crate::sync::clock::now_nanos(),
+            Clock::Manual(hand) => hand.load(Relaxed),
+        }
+    }
+
+    /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
+    pub fn release_lease(&self, lease: StoreLease<T>) {
+        let StoreLease { key, flight, .. } = lease;
+        // Leave the map first, then wake the waiters: each claims again and one executes.
+        self.records
+            .remove_if(&key, |_, record| is_flight(record, &flight));
+        flight.complete(None);
+    }
+}
+
+impl<T: Clone> IdempotencyStore<T> {
+    /// The per-key check, in one atomic step: see [`IdempotencyBackend::claim`].
+    pub fn claim_now(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<StoreClaim<T>, IdempotencyError> {
+        // Replays, the common case of a retry, need neither an owned key nor a write lock.
+        if let Some(record) = self.records.get(key.as_str()) {
+            if let Record::Done {
+                fingerprint: stored,
+                outcome,
+                expires,
+            } = record.value()
+            {
+                if *expires > self.now() {
+                    return self.replay_or_conflict(key, *stored, fingerprint, outcome);
+                }
+            }
+        }
+        let now = self.now();
+        match self.records.entry(Arc::from(key.as_str())) {
+            Entry::Occupied(mut entry) => match entry.get() {
+                record if is_expired(record, now) => {
+                    let flight = Arc::new(Flight::new());
+                    let stored_key = Arc::clone(entry.key());
+                    entry.insert(Record::InFlight {
+                        fingerprint,
+                        flight: Arc::clone(&flight),
+                    });
+                    Ok(self.execute(stored_key, fingerprint, flight))
+                }
+                Record::Done {
+                    fingerprint: stored,
+                    outcome,
+                    ..
+                } => self.replay_or_conflict(key, *stored, fingerprint, outcome),
+                Record::InFlight {
+                    fingerprint: claimed,
+                    ..
+                } if *claimed != fingerprint => Err(self.conflict(key)),
+                Record::InFlight { flight, .. } => {
+                    self.counters.waits.fetch_add(1, Relaxed);
+                    Ok(Claim::InFlight(Arc::clone(flight)))
+                }
+            },
+            Entry::Vacant(entry) => {
+                let flight = Arc::new(Flight::new());
+                let stored_key = Arc::clone(entry.key());
+                entry.insert(Record::InFlight {
+                    fingerprint,
+                    flight: Arc::clone(&flight),
+                });
+                Ok(self.execute(stored_key, fingerprint, flight))
+            }
+        }
+    }
+
+    fn execute(
+        &self,
+        key: Arc<str>,
+        fingerprint: Fingerprint,
+        flight: Arc<Flight<T>>,
+    ) -> StoreClaim<T> {
+        self.counters.executions.fetch_add(1, Relaxed);
+        Claim::Execute(StoreLease {
+            key,
+            fingerprint,
+            flight,
+        })
+    }
+
+    fn replay_or_conflict(
+        &self,
+        key: &RecordKey,
+        stored: Fingerprint,
+        fingerprint: Fingerprint,
+        outcome: &T,
+    ) -> Result<StoreClaim<T>, IdempotencyError> {
+        if stored != fingerprint {
+            return Err(self.conflict(key));
+        }
+        self.counters.replays.fetch_add(1, Relaxed);
+        Ok(Claim::Replay(outcome.clone()))
+    }
+
+    fn conflict(&self, key: &RecordKey) -> IdempotencyError {
+        self.counters.conflicts.fetch_add(1, Relaxed);
+        IdempotencyError::Conflict {
+            key: key.client_key().to_owned(),
+        }
+    }
+
+    /// Stores the outcome, then wakes the waiters; see [`IdempotencyBackend::complete`].
+    pub fn complete_lease(&self, lease: StoreLease<T>, outcome: &T, ttl: Duration) {
+        // A panicking `Clone` must not leave the key in flight (and its waiters waiting)
+        // forever: until both copies exist, unwinding releases the lease.
+        struct ReleaseOnUnwind<'a, T: Clone>(&'a IdempotencyStore<T>, Option<StoreLease<T>>);
+        impl<T: Clone> Drop for ReleaseOnUnwind<'_, T> {
+            fn drop(&mut self) {
+                if let Some(lease) = self.1.take() {
+                    self.0.release_lease(lease);
+                }
+            }
+        }
+        let mut guard = ReleaseOnUnwind(self, Some(lease));
+        let (for_record, for_waiters) = (outcome.clone(), outcome.clone());
+        let Some(StoreLease {
+            key,
+            fingerprint,
+            flight,
+        }) = guard.1.take()
+        else {
+            unreachable!("the guard holds the lease until here")
+        };
+        let expires = self.now().saturating_add(saturating_nanos(ttl));
+        if let Some(mut record) = self.records.get_mut(&key) {
+            if is_flight(&record, &flight) {
+                *record = Record::Done {
+                    fingerprint,
+                    outcome: for_record,
+                    expires,
+                };
+            }
+        }
+        flight.complete(Some(for_waiters));
+        if let Some(stored) = &self.stored {
+            let mut stored = stored
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            stored.push_back((key, expires));
+            self.evict_over_capacity(&mut stored);
+        }
+        self.sweep_now_and_then();
+    }
+
+    // FIFO: drop the oldest outcomes until at most `capacity` are listed. Every stored outcome
+    // is listed, so the count of outcomes never exceeds the capacity; entries whose outcome
+    // expired or was replaced are skipped when they come up.
+    fn evict_over_capacity(&self, stored: &mut Outcomes) {
+        let Some(capacity) = self.config.capacity else {
+            return;
+        };
+        while stored.len() > capacity {
+            let Some((key, deadline)) = stored.pop_front() else {
+                break;
+            };
+            self.records.remove_if(
+                &key,
+                |_, record| matches!(record, Record::Done { expires, .. } if *expires == deadline),
+            );
+        }
+    }
+
+    // Amortized O(1): a sweep walks the records left by the previous one plus those stored
+    // since, and runs once as many outcomes were stored as it left behind (at least 1024). So
+    // between sweeps the map holds at most twice what one `ttl` keeps live, plus 1024.
+    fn sweep_now_and_then(&self) {
+        let stored = self.stores_since_sweep.fetch_add(1, Relaxed) + 1;
+        if stored < 1024 || stored < self.left_by_last_sweep.load(Relaxed) {
+            return;
+        }
+        self.stores_since_sweep.store(0, Relaxed);
+        self.purge_expired();
+        self.left_by_last_sweep.store(self.records.len(), Relaxed);
+    }
+}
+
+fn is_expired<T>(record: &Record<T>, now: u64) -> bool {
+    matches!(record, Record::Done { expires, .. } if *expires <= now)
+}
+
+fn is_flight<T>(record: &Record<T>, flight: &Arc<Flight<T>>) -> bool {
+    matches!(record, Record::InFlight { flight: current, .. } if Arc::ptr_eq(current, flight))
+}
+
+fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<T> IdempotencyBackend<T> for IdempotencyStore<T>
+where
+    T: Clone + Send + Sync,
+{
+    type Lease = StoreLease<T>;
+    type InFlight = Arc<Flight<T>>;
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
+        self.claim_now(key, fingerprint)
+    }
+
+    async fn wait(
+        &self,
+        key: &RecordKey,
+        flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, IdempotencyError> {
+        let Some(deadline) = deadline else {
+            return Ok(flight.wait_async().await.clone());
+        };
+        match tokio::time::timeout_at(deadline.into(), flight.wait_async()).await {
+            Ok(landing) => Ok(landing.clone()),
+            Err(_) => Err(IdempotencyError::InProgress {
+                key: key.client_key().to_owned(),
+            }),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        self.complete_lease(lease, outcome, ttl);
+        Ok(())
+    }
+
+    fn release(&self, lease: Self::Lease) {
+        self.release_lease(lease);
+    }
+}
+
+impl<T> BlockingIdempotencyBackend<T> for IdempotencyStore<T>
+where
+    T: Clone + Send + Sync,
+{
+    fn claim_blocking(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
+        self.claim_now(key, fingerprint)
+    }
+
+    fn wait_blocking(
+        &self,
+        key: &RecordKey,
+        flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, IdempotencyError> {
+        match deadline {
+            None => Ok(flight.wait().clone()),
+            Some(deadline) => match flight.wait_deadline(deadline) {
+                Some(landing) => Ok(landing.clone()),
+                None => Err(IdempotencyError::InProgress {
+                    key: key.client_key().to_owned(),
+                }),
+            },
+        }
+    }
+
+    fn complete_blocking(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        self.complete_lease(lease, outcome, ttl);
+        Ok(())
+    }
+}
+
+impl<T> fmt::Debug for IdempotencyStore<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyStore")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("len", &self.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(store: &IdempotencyStore<u64>, key: &str, fingerprint: u128) -> StoreClaim<u64> {
+        store
+            .claim_now(&RecordKey::new("f", None, key), Fingerprint(fingerprint))
+            .unwrap()
+    }
+
+    // Regression: sweeping only when the stores since the last sweep outnumbered *all* records
+    // never swept again once live records survived a sweep.
+    #[test]
+    fn sweeps_keep_up_with_a_stream_of_unique_keys() {
+        let (builder, clock) = IdempotencyStore::builder().manual_clock();
+        let store: IdempotencyStore<u64> = builder.build();
+        let mut largest = 0;
+        for n in 0..50_000u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string(), 1) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_millis(1));
+            clock.advance(Duration::from_micros(1));
+            largest = largest.max(store.len());
+        }
+        // 1000 live; a sweep every max(1024, 1000) stores.
+        assert!(largest <= 1000 + 2 * 1024, "grew to {largest}");
+    }
+
+    #[test]
+    fn capacity_keeps_the_newest_outcomes() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::builder().capacity(3).build();
+        for n in 0..10u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string(), 1) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(60));
+            assert!(store.len() <= 3);
+        }
+        assert!(matches!(claim(&store, "9", 1), Claim::Replay(9)));
+        assert!(
+            matches!(claim(&store, "0", 1), Claim::Execute(_)),
+            "the oldest went first"
+        );
+    }
+
+    #[test]
+    fn a_released_claim_leaves_no_record() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::new();
+        let Claim::Execute(lease) = claim(&store, "k", 1) else {
+            panic!("fresh key")
+        };
+        let Claim::InFlight(flight) = claim(&store, "k", 1) else {
+            panic!("in flight")
+        };
+        store.release_lease(lease);
+        assert_eq!(flight.wait(), &None);
+        assert!(store.is_empty());
+    }
+
+    // Found in review: a `Clone` that panicked while the outcome was being stored left the key
+    // in flight forever, and every later call with it waited.
+    #[test]
+    fn a_panicking_clone_while_storing_releases_the_key() {
+        #[derive(Debug)]
+        struct Fragile;
+        impl Clone for Fragile {
+            fn clone(&self) -> Self {
+                panic!("clone fails")
+            }
+        }
+        let store: IdempotencyStore<Fragile> = IdempotencyStore::new();
+        let key = RecordKey::new("f", None, "k");
+        let Ok(Claim::Execute(lease)) = store.claim_now(&key, Fingerprint(1)) else {
+            panic!("fresh key")
+        };
+        let Ok(Claim::InFlight(waiter)) = store.claim_now(&key, Fingerprint(1)) else {
+            panic!("in flight")
+        };
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.complete_lease(lease, &Fragile, Duration::from_secs(60))
+        }));
+        assert!(stored.is_err());
+        assert!(
+            waiter.wait().is_none(),
+            "the waiter was released without an outcome"
+        );
+        assert_eq!(store.in_flight(), 0);
+        assert!(matches!(
+            store.claim_now(&key, Fingerprint(1)),
+            Ok(Claim::Execute(_))
+        ));
+    }
+}

@@ -1,0 +1,15 @@
+//! Coordination pieces with no knowledge of any attribute: a one-shot [`flight`] a leader
+//! completes and followers wait on, the per-key [`single_flight`] registry of them, per-key
+//! FIFO [`keyed_locks`] with re-entry detection, and the coarse [`clock`] TTLs read.
+//!
+//! Dependencies point one way: the attribute rooms (`cached`, `idempotent`, `sequenced`) use
+//! these; nothing here imports from them.
+
+pub mod clock;
+pub mod flight;
+pub mod keyed_locks;
+pub mod single_flight;
+
+/// The default hasher of the registries: `foldhash`, seeded per process; a lookup hashes the
+/// key a few times per call, and SipHash would be most of the call's cost.
+pub type RandomState = foldhash::fast::RandomState;
