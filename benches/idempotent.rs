@@ -89,6 +89,27 @@ fn first_execution(c: &mut Criterion) {
     group.finish();
 }
 
+/// The request fingerprint on its own (part of every first execution and every replay): a
+/// small request, and one the size of a typical JSON body's fields (~200 bytes hashed).
+fn fingerprint(c: &mut Criterion) {
+    let mut group = c.benchmark_group("idempotent/request fingerprint");
+    let small = ("alice", 500_u64);
+    let typical = (
+        "ward-3".to_owned(),
+        48_u32,
+        (1..=7)
+            .map(|day| format!("day {day} early/late/night"))
+            .collect::<Vec<_>>(),
+    );
+    group.bench_function("small request (2 fields)", |b| {
+        b.iter(|| racefree::Fingerprint::of(black_box(&small)))
+    });
+    group.bench_function("typical request (~200 bytes)", |b| {
+        b.iter(|| racefree::Fingerprint::of(black_box(&typical)))
+    });
+    group.finish();
+}
+
 /// What many services write: look the key up; on a miss, execute and store the response.
 #[derive(Default)]
 struct CheckThenAct {
@@ -179,5 +200,5 @@ fn config() -> Criterion {
     support::criterion().measurement_time(Duration::from_millis(1500))
 }
 
-criterion_group! { name = benches; config = config(); targets = replay, first_execution, duplicates }
+criterion_group! { name = benches; config = config(); targets = replay, first_execution, fingerprint, duplicates }
 criterion_main!(benches);

@@ -6,6 +6,9 @@
 //! curl -i -X POST localhost:3000/api/schedule/generate -H 'Idempotency-Key: k1' \
 //!      -H 'Content-Type: application/json' -d '{"team":"ward-3","week":48}'
 //! ```
+//! - keys belong to the caller: the tenant named by the `X-Tenant` header (standing in for real
+//!   authentication; no header → one anonymous tenant). Two tenants that send the same key and
+//!   body get two runs, and neither ever sees the other's outcome or a 422;
 //! - the first request runs the generator; retries get the same body with
 //!   `Idempotency-Replayed: true`;
 //! - no key → 400; the same key with a different body → 422; while a publish with the same key
@@ -21,12 +24,13 @@
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{middleware, Json, Router};
-use racefree::axum::{mark_replays, IdempotencyKey, Problem};
+use racefree::axum::{mark_replays, Problem, ScopedKey};
 use racefree::{idempotent, IdempotencyError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -84,6 +88,40 @@ impl App {
     }
 }
 
+/// Who is calling: the `X-Tenant` header, standing in for the tenant a real service takes
+/// from its authentication. Idempotency keys are scoped by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+/// The tenant of requests without an `X-Tenant` header.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl std::fmt::Display for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
+        let Some(value) = parts.headers.get("x-tenant") else {
+            return Ok(Tenant(ANONYMOUS.to_owned()));
+        };
+        match value.to_str() {
+            Ok(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Tenant(name.to_owned()))
+            }
+            _ => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Invalid X-Tenant header",
+                "the tenant must be visible ASCII",
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum ApiError {
     Idempotency(IdempotencyError),
@@ -110,10 +148,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Generates the week's schedule: once per idempotency key, for 24 hours.
-#[idempotent(key = key, require_key, skip(app), ttl = "24h")]
+/// Generates the week's schedule: once per tenant and idempotency key, for 24 hours.
+#[idempotent(key = key, scope = tenant, require_key, skip(app, tenant), ttl = "24h")]
 pub async fn generate_schedule(
     app: &App,
+    tenant: &Tenant,
     key: Option<&str>,
     request: &ScheduleRequest,
 ) -> Result<ScheduleRun, ApiError> {
@@ -127,9 +166,10 @@ pub async fn generate_schedule(
 }
 
 /// Publishes a schedule: a duplicate arriving while the first is still running gets 409.
-#[idempotent(key = key, require_key, skip(app), in_flight = "reject")]
+#[idempotent(key = key, scope = tenant, require_key, skip(app, tenant), in_flight = "reject")]
 pub async fn publish_schedule(
     app: &App,
+    tenant: &Tenant,
     key: Option<&str>,
     request: &ScheduleRequest,
 ) -> Result<ScheduleRun, ApiError> {
@@ -138,21 +178,21 @@ pub async fn publish_schedule(
 
 async fn generate(
     State(app): State<Arc<App>>,
-    key: IdempotencyKey,
+    key: ScopedKey<Tenant>,
     Json(request): Json<ScheduleRequest>,
 ) -> Result<Json<ScheduleRun>, ApiError> {
     Ok(Json(
-        generate_schedule(&app, key.as_deref(), &request).await?,
+        generate_schedule(&app, key.principal(), key.as_deref(), &request).await?,
     ))
 }
 
 async fn publish(
     State(app): State<Arc<App>>,
-    key: IdempotencyKey,
+    key: ScopedKey<Tenant>,
     Json(request): Json<ScheduleRequest>,
 ) -> Result<Json<ScheduleRun>, ApiError> {
     Ok(Json(
-        publish_schedule(&app, key.as_deref(), &request).await?,
+        publish_schedule(&app, key.principal(), key.as_deref(), &request).await?,
     ))
 }
 

@@ -216,3 +216,81 @@ async fn concurrent_duplicate_in_reject_mode_is_409() {
     assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(app.runs_created.load(SeqCst), 1);
 }
+
+/// One POST to the generator as `tenant` (no `X-Tenant` header for `None`).
+async fn generate_as(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: Option<&str>,
+    key: &str,
+    week: u32,
+) -> (StatusCode, bool, String) {
+    let mut request = client
+        .post(format!("{base}/api/schedule/generate"))
+        .header("Idempotency-Key", key)
+        .json(&ward(week));
+    if let Some(tenant) = tenant {
+        request = request.header("X-Tenant", tenant);
+    }
+    let response = request.send().await.unwrap();
+    let replayed = response.headers().get("idempotency-replayed").is_some();
+    (response.status(), replayed, response.text().await.unwrap())
+}
+
+// Two tenants, one key, one body: two runs, and each tenant's retry replays its own run only.
+#[tokio::test]
+async fn two_tenants_with_one_key_get_two_runs_and_replay_only_their_own() {
+    let app = App::new();
+    let base = serve(app.clone()).await;
+    let client = reqwest::Client::new();
+    let key = fresh_key("shared");
+    let (status_a, replayed_a, run_a) = generate_as(&client, &base, Some("acme"), &key, 40).await;
+    let (status_b, replayed_b, run_b) = generate_as(&client, &base, Some("globex"), &key, 40).await;
+    assert_eq!((status_a, status_b), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        !replayed_a && !replayed_b,
+        "each tenant's first request executes"
+    );
+    assert_eq!(app.runs_created.load(SeqCst), 2, "one run per tenant");
+    assert_ne!(run_a, run_b, "globex must not receive acme's run");
+    let (_, again_a, replay_a) = generate_as(&client, &base, Some("acme"), &key, 40).await;
+    let (_, again_b, replay_b) = generate_as(&client, &base, Some("globex"), &key, 40).await;
+    assert!(again_a && again_b, "retries replay");
+    assert_eq!(
+        (replay_a, replay_b),
+        (run_a, run_b),
+        "each replays its own run"
+    );
+    assert_eq!(app.runs_created.load(SeqCst), 2);
+}
+
+// The same key with different bodies across tenants is no conflict: no 422 tells one tenant
+// that another uses the key.
+#[tokio::test]
+async fn another_tenants_key_with_another_body_is_not_a_conflict() {
+    let app = App::new();
+    let base = serve(app.clone()).await;
+    let client = reqwest::Client::new();
+    let key = fresh_key("probe");
+    let (first, _, _) = generate_as(&client, &base, Some("acme"), &key, 7).await;
+    let (second, replayed, _) = generate_as(&client, &base, Some("mallory"), &key, 8).await;
+    let (anonymous, _, _) = generate_as(&client, &base, None, &key, 9).await;
+    assert_eq!(
+        (first, second, anonymous),
+        (StatusCode::OK, StatusCode::OK, StatusCode::OK)
+    );
+    assert!(!replayed);
+    assert_eq!(app.runs_created.load(SeqCst), 3);
+}
+
+// A tenant name over the bound is refused with 400 before anything runs.
+#[tokio::test]
+async fn oversized_tenant_is_400() {
+    let app = App::new();
+    let base = serve(app.clone()).await;
+    let client = reqwest::Client::new();
+    let tenant = "t".repeat(racefree::axum::MAX_PRINCIPAL_LEN + 1);
+    let (status, _, body) = generate_as(&client, &base, Some(&tenant), &fresh_key("long"), 5).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(app.runs_created.load(SeqCst), 0);
+}

@@ -1,7 +1,12 @@
 //! axum integration (feature `axum`): what an HTTP API guarded by `#[idempotent]` needs around
 //! the handler, so that users write the handler and the attribute, nothing else.
 //!
-//! - [`IdempotencyKey`]: extracts the `Idempotency-Key` header (400 if malformed);
+//! - [`ScopedKey<P>`]: the `Idempotency-Key` header bound to the caller `P` (your own extractor
+//!   for the authenticated user or tenant): pass `scope = key.principal()` and two callers who
+//!   pick the same key get two records. **Use this one for any API with more than one client.**
+//! - [`IdempotencyKey`]: the bare header (400 if malformed). Without a scope, keys are
+//!   *global*: two clients sending the same key share one record, so the second one gets the
+//!   first one's stored outcome (or a 422 that tells it the key is taken).
 //! - `impl IntoResponse for IdempotencyError`: the IETF draft's status codes as
 //!   `application/problem+json` (400 missing key, 409 in progress with `Retry-After`, 422 reuse
 //!   with a different body, 503 store unavailable);
@@ -10,11 +15,30 @@
 //!   [`replay::track`]).
 //!
 //! ```
-//! use axum::{middleware, routing::post, Json, Router};
-//! use racefree_runtime::http::{mark_replays, IdempotencyKey};
+//! use axum::extract::FromRequestParts;
+//! use axum::http::{request::Parts, StatusCode};
+//! use axum::{middleware, routing::post, Router};
+//! use racefree_runtime::http::{mark_replays, ScopedKey};
 //!
-//! async fn create(key: IdempotencyKey, Json(body): Json<String>) -> Json<String> {
-//!     Json(format!("{body} with key {:?}", key.as_deref()))
+//! /// The application's own authentication, standing in here for a real one.
+//! #[derive(Debug)]
+//! struct Account(String);
+//!
+//! impl std::fmt::Display for Account {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
+//! }
+//!
+//! impl<S: Send + Sync> FromRequestParts<S> for Account {
+//!     type Rejection = StatusCode;
+//!     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, StatusCode> {
+//!         let token = parts.headers.get("authorization").ok_or(StatusCode::UNAUTHORIZED)?;
+//!         Ok(Account(token.to_str().map_err(|_| StatusCode::UNAUTHORIZED)?.to_owned()))
+//!     }
+//! }
+//!
+//! // #[idempotent(key = key.as_deref(), scope = key.principal())] on the function it calls
+//! async fn create(key: ScopedKey<Account>) -> String {
+//!     format!("key {:?} of {}", key.as_deref(), key.principal())
 //! }
 //! let app: Router = Router::new().route("/orders", post(create)).layer(middleware::from_fn(mark_replays));
 //! ```
@@ -42,6 +66,9 @@ pub const RETRY_AFTER_SECS: u64 = 1;
 ///
 /// A header that is empty, longer than [`MAX_KEY_LEN`] bytes or not visible ASCII is rejected
 /// with a 400 problem response, so a key that reaches the function is always usable.
+///
+/// The key alone is global: every client that sends it shares its record. Bind it to the
+/// caller with [`ScopedKey`] (or `scope = <the caller>` on the attribute).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IdempotencyKey(pub Option<String>);
 
@@ -75,6 +102,70 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             )));
         }
         Ok(IdempotencyKey(Some(key.to_owned())))
+    }
+}
+
+/// The longest principal accepted by [`ScopedKey`], in bytes (as `P` displays it).
+pub const MAX_PRINCIPAL_LEN: usize = 255;
+
+/// The request's `Idempotency-Key` header bound to the caller who sent it: `P` is the
+/// application's own extractor for the authenticated user, account or tenant, and must
+/// `Display` as a stable name of it.
+///
+/// Pass both to the attribute, `#[idempotent(key = key.as_deref(), scope = key.principal())]`:
+/// records are then per caller, so a key another caller picked (by accident, or because it
+/// showed up in a log) neither replays that caller's outcome nor answers 422. `P` runs first;
+/// its rejection (say, 401) is the response when it fails. A principal longer than
+/// [`MAX_PRINCIPAL_LEN`] bytes is a 400.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedKey<P> {
+    principal: P,
+    key: Option<String>,
+}
+
+impl<P> ScopedKey<P> {
+    /// The caller the key belongs to: the attribute's `scope`.
+    pub fn principal(&self) -> &P {
+        &self.principal
+    }
+
+    /// The key as `Option<&str>`, the form `#[idempotent(key = ...)]` takes.
+    pub fn as_deref(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The principal and the key.
+    pub fn into_parts(self) -> (P, Option<String>) {
+        (self.principal, self.key)
+    }
+}
+
+impl<S, P> FromRequestParts<S> for ScopedKey<P>
+where
+    S: Send + Sync,
+    P: FromRequestParts<S> + std::fmt::Display + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let principal = P::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let len = principal.to_string().len();
+        if len > MAX_PRINCIPAL_LEN {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Caller name too long",
+                format!(
+                    "the caller is named in {len} bytes; at most {MAX_PRINCIPAL_LEN} are accepted"
+                ),
+            )
+            .into_response());
+        }
+        let IdempotencyKey(key) = IdempotencyKey::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(ScopedKey { principal, key })
     }
 }
 

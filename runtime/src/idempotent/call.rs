@@ -84,11 +84,18 @@ impl Policy {
     }
 }
 
+/// The longest client key accepted, in bytes (Stripe's limit, and the HTTP extractor's); a
+/// longer one is refused with [`IdempotencyError::KeyTooLong`] before any store is asked.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// The longest scope accepted (as `scope = ...` displays it), in bytes.
+pub const MAX_SCOPE_BYTES: usize = 255;
+
 /// One call, before it begins: which record it claims, with which fingerprint, under which policy.
 #[derive(Debug)]
 pub struct Call {
     function: &'static str,
-    key: Option<RecordKey>,
+    key: Result<Option<RecordKey>, IdempotencyError>,
     fingerprint: Fingerprint,
     policy: Policy,
 }
@@ -104,7 +111,8 @@ impl Call {
     ) -> Call {
         let key = key
             .into_idempotency_key()
-            .map(|key| RecordKey::new(function, scope, &key));
+            .map(|key| bounded_record_key(function, scope, &key));
+        let key = key.transpose();
         Call {
             function,
             key,
@@ -112,6 +120,27 @@ impl Call {
             policy,
         }
     }
+}
+
+/// Keys and scopes are bounded on every store: an outsider's key must not grow the store's
+/// records (or a Redis key, or a SQL index entry) without limit.
+fn bounded_record_key(
+    function: &'static str,
+    scope: Option<&dyn Display>,
+    key: &str,
+) -> Result<RecordKey, IdempotencyError> {
+    let too_long = |len: usize, max: usize| IdempotencyError::KeyTooLong { len, max };
+    if key.len() > MAX_KEY_BYTES {
+        return Err(too_long(key.len(), MAX_KEY_BYTES));
+    }
+    let Some(scope) = scope else {
+        return Ok(RecordKey::new(function, None, key));
+    };
+    let scope = scope.to_string();
+    if scope.len() > MAX_SCOPE_BYTES {
+        return Err(too_long(scope.len(), MAX_SCOPE_BYTES));
+    }
+    Ok(RecordKey::new(function, Some(&scope), key))
 }
 
 /// How a call begins.
@@ -141,8 +170,10 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
         fingerprint,
         policy,
     } = call;
-    let Some(key) = key else {
-        return unkeyed(backend, function, policy);
+    let key = match key {
+        Ok(Some(key)) => key,
+        Ok(None) => return unkeyed(backend, function, policy),
+        Err(refusal) => return Begin::Refuse(refusal),
     };
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     loop {
@@ -174,8 +205,10 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
         fingerprint,
         policy,
     } = call;
-    let Some(key) = key else {
-        return unkeyed(backend, function, policy);
+    let key = match key {
+        Ok(Some(key)) => key,
+        Ok(None) => return unkeyed(backend, function, policy),
+        Err(refusal) => return Begin::Refuse(refusal),
     };
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     loop {

@@ -2,10 +2,23 @@
 //!
 //! An idempotency record outlives the process that wrote it (a Redis store, a rolling deploy),
 //! so "the same request" cannot be decided with `std`'s `RandomState` or `DefaultHasher`: both
-//! change between runs. [`StableHasher`] feeds the arguments' own [`Hash`] impls into XXH3-128
-//! with a fixed seed, and normalizes what `Hash` impls write so that the bytes do not depend on
-//! the platform: every integer is written little-endian, `usize`/`isize` (lengths, enum
-//! discriminants) as 64 bits.
+//! change between runs. [`StableHasher`] feeds the arguments' own [`Hash`] impls into BLAKE3
+//! (keyed with a fixed, public domain key, so racefree's digests never equal another use of
+//! BLAKE3 on the same bytes), and normalizes what `Hash` impls write so that the bytes do not
+//! depend on the platform: every integer is written little-endian, `usize`/`isize` (lengths,
+//! enum discriminants) as 64 bits.
+//!
+//! # Why a cryptographic hash
+//! A fingerprint decides whether a retry is "the same request": a second request whose
+//! fingerprint equals the first's replays the first's outcome. With a fast non-cryptographic
+//! hash (XXH3, in earlier builds) a client who knows another request's arguments could compute a
+//! payload with the same fingerprint. BLAKE3 has no known way to find such a payload (a second
+//! preimage of its 128-bit output costs about 2^128 work), and costs one compression per 64
+//! bytes hashed: `benches/idempotent.rs` ("request fingerprint") measures it beside a first
+//! execution. The digest is truncated to 128 bits, which keeps second preimages out of reach;
+//! finding *two* colliding payloads of one's own (2^64 work) gains an attacker nothing, since it
+//! only makes its own retries replay its own outcome. Keys are still best scoped by the
+//! caller (`scope = ...`): a fingerprint protects the payload, not the key.
 //!
 //! What it promises: equal values give equal fingerprints on every platform and across builds,
 //! as long as the values' `Hash` impls stay the same (those of `std` types and `#[derive(Hash)]`
@@ -15,15 +28,15 @@
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
-use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
+/// The fixed, public domain key: changing it changes every stored fingerprint.
+const DOMAIN: [u8; 32] = *b"racefree request fingerprint v2.";
 
-/// The fixed seed: changing it changes every stored fingerprint.
-const SEED: u64 = 0x7261_6365_6672_6565; // "racefree"
+/// Most requests hash a few hundred bytes at most; they are hashed in one shot from this
+/// buffer (a streamed BLAKE3 hasher is ~2 KiB, boxed).
+const INLINE: usize = 256;
 
-/// Most fingerprints are a few dozen bytes; they are hashed in one shot from this buffer.
-const INLINE: usize = 128;
-
-/// What identifies "the same request" under one idempotency key: a 128-bit XXH3 digest.
+/// What identifies "the same request" under one idempotency key: the first 128 bits of a
+/// keyed BLAKE3 digest of the request's arguments.
 ///
 /// ```
 /// use racefree_runtime::Fingerprint;
@@ -43,6 +56,20 @@ impl Fingerprint {
         let mut hasher = StableHasher::new();
         value.hash(&mut hasher);
         hasher.fingerprint()
+    }
+}
+
+impl Fingerprint {
+    /// The fingerprint of raw bytes (e.g. a request body as received), hashed as they are.
+    ///
+    /// ```
+    /// use racefree_runtime::Fingerprint;
+    ///
+    /// assert_eq!(Fingerprint::of_bytes(b"{\"cents\":1999}"), Fingerprint::of_bytes(b"{\"cents\":1999}"));
+    /// assert_ne!(Fingerprint::of_bytes(b"{\"cents\":1999}"), Fingerprint::of_bytes(b"{\"cents\":2000}"));
+    /// ```
+    pub fn of_bytes(bytes: &[u8]) -> Fingerprint {
+        truncated(blake3::keyed_hash(&DOMAIN, bytes))
     }
 }
 
@@ -81,8 +108,8 @@ impl std::str::FromStr for Fingerprint {
 pub struct StableHasher {
     buffer: [u8; INLINE],
     len: usize,
-    // Only for inputs longer than the buffer; XXH3 streamed gives the one-shot digest.
-    stream: Option<Box<Xxh3>>,
+    // Only for inputs longer than the buffer; BLAKE3 streamed gives the one-shot digest.
+    stream: Option<Box<blake3::Hasher>>,
 }
 
 impl StableHasher {
@@ -99,14 +126,20 @@ impl StableHasher {
     pub fn fingerprint(&self) -> Fingerprint {
         let pending = &self.buffer[..self.len];
         match &self.stream {
-            None => Fingerprint(xxh3_128_with_seed(pending, SEED)),
+            None => truncated(blake3::keyed_hash(&DOMAIN, pending)),
             Some(stream) => {
                 let mut stream = stream.clone();
                 stream.update(pending);
-                Fingerprint(stream.digest128())
+                truncated(stream.finalize())
             }
         }
     }
+}
+
+fn truncated(digest: blake3::Hash) -> Fingerprint {
+    let mut first = [0; 16];
+    first.copy_from_slice(&digest.as_bytes()[..16]);
+    Fingerprint(u128::from_le_bytes(first))
 }
 
 impl Default for StableHasher {
@@ -124,7 +157,7 @@ impl Hasher for StableHasher {
         }
         let stream = self
             .stream
-            .get_or_insert_with(|| Box::new(Xxh3::with_seed(SEED)));
+            .get_or_insert_with(|| Box::new(blake3::Hasher::new_keyed(&DOMAIN)));
         stream.update(&self.buffer[..self.len]);
         stream.update(bytes);
         self.len = 0;
@@ -187,14 +220,18 @@ mod tests {
         assert_eq!(pinned.to_string(), PINNED);
     }
 
-    const PINNED: &str = "0c893d6388760020c8f7161c6fef4b13";
+    // Checked against the reference BLAKE3 (Python `blake3`, keyed with DOMAIN) over the same bytes.
+    const PINNED: &str = "b67043cfda58d4bda51fd3125fa2c3df";
 
     #[test]
     fn long_inputs_stream_to_the_one_shot_digest() {
         let long = "x".repeat(10 * INLINE + 7);
         let mut bytes = Vec::new();
         long.hash(&mut Recorder(&mut bytes));
-        assert_eq!(Fingerprint::of(&long).0, xxh3_128_with_seed(&bytes, SEED));
+        assert_eq!(
+            Fingerprint::of(&long),
+            truncated(blake3::keyed_hash(&DOMAIN, &bytes))
+        );
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub use store::{RedisStore, StoreOptions};
 pub use ::redis as driver;
 
 /// A fingerprint of `value` that is stable across processes, restarts and builds: the
-/// 128-bit xxh3 of its JSON encoding, in hex.
+/// first 128 bits of the BLAKE3 digest of its JSON encoding (keyed like
+/// [`Fingerprint`](crate::Fingerprint), so a chosen payload cannot collide with another), in hex.
 ///
 /// ```
 /// use racefree_runtime::redis::fingerprint_json;
@@ -85,5 +86,5 @@ pub use ::redis as driver;
 /// ```
 pub fn fingerprint_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    crate::Fingerprint::of_bytes(&bytes).to_string()
 }
