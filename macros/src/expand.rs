@@ -1,9 +1,13 @@
-//! Pieces every expansion shares: error fallback, the function's id, running the user's body.
+//! Pieces every expansion shares: error fallback, the function's id, the accessor of its own
+//! store, the default key, running the user's body.
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{ItemFn, ReturnType, Stmt};
+
+use crate::mode::Mode;
+use crate::shape::{is_shared_ref, Param};
 
 /// Parses the item and runs `expand`; on error emits the user's function untouched next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
@@ -68,13 +72,37 @@ pub fn handle_accessor(
     }
 }
 
+/// Replaces the function's body with the generated `block`, keeping everything else as written.
+pub fn replace_block(item: &mut ItemFn, block: TokenStream) {
+    *item.block = syn::parse2(block).expect("generated block parses");
+}
+
+/// An owned copy of `params`, as a default key or fingerprint: one argument is itself, several
+/// are a tuple, none is `()`. `&T` becomes `T::Owned` (`&str` → `String`).
+pub fn owned(params: &[Param]) -> TokenStream {
+    let parts: Vec<TokenStream> = params
+        .iter()
+        .map(|param| {
+            let ident = &param.ident;
+            match is_shared_ref(&param.ty) {
+                true => quote_spanned!(param.ty.span()=> ::std::borrow::ToOwned::to_owned(#ident)),
+                false => quote_spanned!(param.ty.span()=> ::core::clone::Clone::clone(&#ident)),
+            }
+        })
+        .collect();
+    match parts.as_slice() {
+        [one] => one.clone(),
+        _ => quote!((#(#parts,)*)),
+    }
+}
+
 /// The user's body, to be run inside the generated code. `return` and `?` in it keep meaning
 /// what they meant: they leave the body, not the generated wrapper.
 pub struct Body {
     stmts: Vec<Stmt>,
     prelude: TokenStream,
     output: TokenStream,
-    is_async: bool,
+    mode: Mode,
 }
 
 impl Body {
@@ -87,7 +115,7 @@ impl Body {
             stmts: item.block.stmts.clone(),
             prelude: TokenStream::new(),
             output,
-            is_async: item.sig.asyncness.is_some(),
+            mode: Mode::of(&item.sig),
         }
     }
 
@@ -106,9 +134,9 @@ impl Body {
     /// is awaited (e.g. to run it under a lock holder's identity).
     pub fn run_wrapped(self, wrap: impl FnOnce(TokenStream) -> TokenStream) -> TokenStream {
         let span = self.output.span();
-        let is_async = self.is_async;
+        let mode = self.mode;
         let deferred = self.deferred();
-        if is_async {
+        if mode.is_async() {
             let future = wrap(deferred);
             quote_spanned!(span=> #future.await)
         } else {
@@ -131,10 +159,10 @@ impl Body {
             stmts,
             prelude,
             output,
-            is_async,
+            mode,
         } = self;
         let span = output.span();
-        if is_async {
+        if mode.is_async() {
             // An async block has no return type annotation: this unreachable `return` pins it,
             // so `?` and `return` in the body infer as they did in the function.
             quote_spanned! {span=>

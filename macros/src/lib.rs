@@ -1,14 +1,20 @@
 //! Procedural macros of [racefree](https://docs.rs/racefree). Depend on `racefree`, not on this
 //! crate: the generated code names `::racefree::__private`.
 //!
-//! Each attribute is a thin shim: parse the arguments (`args.rs`), check them against the
-//! function (`validate.rs`), then expand (`cached.rs`, `idempotent.rs`, `sequenced.rs`).
+//! Each attribute is a thin shim over its module (`cached.rs`, `idempotent.rs`,
+//! `sequenced.rs`), which runs the same three steps: parse the arguments (`args.rs`, one
+//! grammar for all three), validate them against the function into a plan of plain data
+//! (`validate.rs` for what the attributes share, `shape.rs` for reading the signature), then
+//! generate the new body, one small function per step of the expansion sketched in the
+//! module's doc (`expand.rs` for the shared pieces, `mode.rs` for sync vs async).
 
 mod args;
 mod cached;
 mod expand;
 mod idempotent;
+mod mode;
 mod sequenced;
+mod shape;
 mod validate;
 
 use proc_macro::TokenStream;
@@ -16,11 +22,34 @@ use proc_macro::TokenStream;
 /// Memoizes a function; on a miss exactly one caller per key runs the body, the others wait
 /// for its value.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use racefree::cached;
 ///
+/// #[derive(Clone, Debug, PartialEq)]
+/// struct User { id: u64 }
+/// #[derive(Debug)]
+/// struct DbError;
+/// struct Db { queries: AtomicUsize }
+///
 /// #[cached(key = user_id, ttl = "5m", capacity = 10_000, skip(db))]
-/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> { /* … */ }
+/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> {
+///     db.queries.fetch_add(1, Ordering::SeqCst);
+///     if user_id == 0 { return Err(DbError); }         // an `Err` is not cached
+///     Ok(User { id: user_id })
+/// }
+///
+/// let db = Db { queries: AtomicUsize::new(0) };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     assert_eq!(fetch_user(&db, 7).await.unwrap(), User { id: 7 });
+///     assert_eq!(fetch_user(&db, 7).await.unwrap(), User { id: 7 });   // a hit
+///     assert!(fetch_user(&db, 0).await.is_err());
+///     assert!(fetch_user(&db, 0).await.is_err());                      // runs again
+/// });
+/// assert_eq!(db.queries.load(Ordering::SeqCst), 3);
+/// assert!(fetch_user_cache().invalidate(&7_u64));   // the key as the function builds it
+/// assert_eq!(fetch_user_cache().stats().hits, 1);
 /// ```
 ///
 /// - `key = <expr>`: the cache key; by default every argument except `self` and those in
@@ -50,12 +79,39 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Executes the body once per idempotency key; duplicates get the stored outcome.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use racefree::{idempotent, IdempotencyError};
 ///
+/// #[derive(Hash)]
+/// struct ScheduleRequest { idempotency_key: Option<String>, week: u32 }
+/// #[derive(Clone, Debug, PartialEq)]
+/// struct ScheduleRun { week: u32 }
+/// #[derive(Debug, PartialEq)]
+/// enum ApiError { Refused(IdempotencyError) }
+/// impl From<IdempotencyError> for ApiError {
+///     fn from(e: IdempotencyError) -> Self { ApiError::Refused(e) }
+/// }
+/// struct Db { runs: AtomicUsize }
+///
 /// #[idempotent(key = req.idempotency_key.as_deref(), ttl = "24h", skip(db))]
-/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> { /* … */ }
-/// // ApiError: From<IdempotencyError>
+/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+///     db.runs.fetch_add(1, Ordering::SeqCst);
+///     Ok(ScheduleRun { week: req.week })
+/// }
+///
+/// let db = Db { runs: AtomicUsize::new(0) };
+/// let request = |week| ScheduleRequest { idempotency_key: Some("req-1".into()), week };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     assert_eq!(generate_schedule(&db, &request(12)).await, Ok(ScheduleRun { week: 12 }));
+///     assert_eq!(generate_schedule(&db, &request(12)).await, Ok(ScheduleRun { week: 12 }));  // replayed
+///     assert_eq!(                                       // same key, other request
+///         generate_schedule(&db, &request(13)).await,
+///         Err(ApiError::Refused(IdempotencyError::Conflict { key: "req-1".into() })),
+///     );
+/// });
+/// assert_eq!(db.runs.load(Ordering::SeqCst), 1);
 /// ```
 ///
 /// - The first call with a key claims it atomically and runs the body; its `Ok` outcome is
@@ -94,13 +150,32 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Runs calls with the same key one at a time, in arrival order, and hands out gap-free
 /// sequence numbers.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::Mutex;
 /// use racefree::{sequenced, Seq};
 ///
+/// struct EventLog { rows: Mutex<Vec<(String, u64, &'static str)>> }
+/// #[derive(Debug)]
+/// struct StoreError;
+///
 /// #[sequenced(key = aggregate_id)]
-/// async fn append(log: &EventLog, aggregate_id: &str, event: Event, seq: Seq) -> Result<(), StoreError> {
-///     log.insert(aggregate_id, seq.get(), event).await       // callers call append(&log, id, ev)
+/// async fn append(log: &EventLog, aggregate_id: &str, event: &'static str, seq: Seq) -> Result<(), StoreError> {
+///     if event.is_empty() { return Err(StoreError); }  // consumes no number
+///     log.rows.lock().unwrap().push((aggregate_id.to_owned(), seq.get(), event));
+///     Ok(())
 /// }
+///
+/// let log = EventLog { rows: Mutex::new(Vec::new()) };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     append(&log, "cart-9", "created").await.unwrap();      // callers never pass `seq`
+///     assert!(append(&log, "cart-9", "").await.is_err());
+///     append(&log, "cart-9", "paid").await.unwrap();
+///     append(&log, "cart-3", "created").await.unwrap();
+/// });
+/// let numbers: Vec<(String, u64)> = log.rows.lock().unwrap().iter().map(|r| (r.0.clone(), r.1)).collect();
+/// assert_eq!(numbers, [("cart-9".into(), 1), ("cart-9".into(), 2), ("cart-3".into(), 1)]);
+/// assert_eq!(append_sequence().next(&"cart-9".to_owned()), Some(3));
 /// ```
 ///
 /// Arguments, all optional:
@@ -133,8 +208,6 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// it is detected and fails with `SequenceError::Reentrant` (returned with `timeout`/`store`,
 /// a panic otherwise). A body that hands the re-entering call to another thread or a spawned
 /// task and waits for it is not detected: use `timeout` there.
-///
-/// See the crate docs of `racefree` for a runnable example.
 #[proc_macro_attribute]
 pub fn sequenced(args: TokenStream, item: TokenStream) -> TokenStream {
     sequenced::expand(args.into(), item.into()).into()
