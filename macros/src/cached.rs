@@ -117,7 +117,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             "cache",
             "cache: invalidate entries, clear it, read its stats",
             quote!(::racefree::CacheHandle),
-            quote!(::racefree::__private::HandleCell),
+            quote!(::racefree::__private::CacheCell),
             quote!(#id, #config),
         )
     });
@@ -138,8 +138,8 @@ fn own_cache(plan: &Plan, id: &TokenStream, mode: Mode, body: Body) -> TokenStre
     let body = body.run();
     quote! {{
         #bind_key
-        static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
-            ::racefree::__private::HandleCell::new(#id, #config);
+        static __RACEFREE_CACHE: ::racefree::__private::CacheCell =
+            ::racefree::__private::CacheCell::new(#id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         let __racefree_lead = match #lookup {
             ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,

@@ -156,11 +156,11 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
             let (pat, ty) = (&typed.pat, &typed.ty);
             match &**ty {
                 Type::Reference(reference) if is_seq(&reference.elem) => {
-                    bindings.push(quote!(let #pat: #ty = &::racefree::Seq::new(0, 0);));
+                    bindings.push(quote!(let #pat: #ty = &::racefree::__private::seq(0, 0);));
                     continue;
                 }
                 ty if is_seq(ty) => {
-                    bindings.push(quote!(let #pat: #ty = ::racefree::Seq::new(0, 0);));
+                    bindings.push(quote!(let #pat: #ty = ::racefree::__private::seq(0, 0);));
                     continue;
                 }
                 _ => {}
@@ -312,7 +312,7 @@ fn number(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
             ::core::result::Result::Ok(::core::option::Option::None) => #start,
             ::core::result::Result::Err(__racefree_error) => #fail,
         };
-        let __racefree_seq = match ::racefree::Seq::issue(
+        let __racefree_seq = match ::racefree::__private::issue_seq(
             __racefree_number,
             ::racefree::__private::SequenceLease::fence(&__racefree_lease),
         ) {

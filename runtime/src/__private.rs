@@ -7,9 +7,6 @@ pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
 pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};
 
-/// Until the macros say `CacheCell`.
-pub use crate::cached::CacheCell as HandleCell;
-
 use crate::sequenced::{Seq, SequenceError};
 
 /// The `Seq` a call was given: its number and fencing token.
