@@ -102,11 +102,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let id = expand::function_id(&item.sig.ident);
+    let id_fn = expand::id_fn(&item.sig.ident);
     let mode = Mode::of(&item.sig);
     let body = Body::of(&item);
     let block = match &plan.store {
-        None => own_cache(&plan, &id, mode, body),
+        None => own_cache(&plan, &id_fn, mode, body),
         Some(store) => given_store(&plan, store, mode, body),
     };
     expand::replace_block(&mut item, block);
@@ -118,14 +118,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             "cache: invalidate entries, clear it, read its stats",
             quote!(::racefree::CacheHandle),
             quote!(::racefree::__private::CacheCell),
-            quote!(#id, #config),
+            config,
         )
     });
     quote!(#item #accessor)
 }
 
 /// The function's own in-process cache, with the double check spelled out.
-fn own_cache(plan: &Plan, id: &TokenStream, mode: Mode, body: Body) -> TokenStream {
+fn own_cache(plan: &Plan, id_fn: &TokenStream, mode: Mode, body: Body) -> TokenStream {
     let ret = plan.output.ty();
     // Where the value type must be `Clone`, the calls carry the return type's span, so a
     // non-`Clone` value is reported at the return type rather than at the attribute.
@@ -138,8 +138,9 @@ fn own_cache(plan: &Plan, id: &TokenStream, mode: Mode, body: Body) -> TokenStre
     let body = body.run();
     quote! {{
         #bind_key
+        #id_fn
         static __RACEFREE_CACHE: ::racefree::__private::CacheCell =
-            ::racefree::__private::CacheCell::new(#id, #config);
+            ::racefree::__private::CacheCell::with_id_fn(__racefree_id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         let __racefree_lead = match #lookup {
             ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,

@@ -33,18 +33,46 @@ pub fn with_fallback(
     }
 }
 
-/// A process-unique, build-independent name of the function: `module::path::name@line:column`.
-pub fn function_id(name: &Ident) -> TokenStream {
-    let text = name.to_string();
+/// Declares `fn __racefree_id() -> &'static str`: the function's process-unique id,
+/// `<scope>::<name>@<line>:<column>`, for its own store. The scope is read off a marker type
+/// (`__private::function_name`), so it includes the `Self` type of a method and tells apart
+/// functions one `macro_rules!` invocation generates (whose `line!()` is the same); the line
+/// and column tell apart same-named functions in sibling blocks. The accessor declares the
+/// same `fn` and gets the same id.
+pub fn id_fn(name: &Ident) -> TokenStream {
     let line = quote_spanned!(name.span()=> ::core::line!());
     let column = quote_spanned!(name.span()=> ::core::column!());
-    quote!(::core::concat!(::core::module_path!(), "::", #text, "@", #line, ":", #column))
+    name_fn(
+        quote!(__racefree_id),
+        name,
+        quote!(::core::concat!("@", #line, ":", #column)),
+    )
 }
 
-/// A build-stable name of the function (no line numbers), for keys that outlive the process.
-pub fn function_path(name: &Ident) -> TokenStream {
+/// Declares `fn __racefree_path() -> &'static str`: the function's build-stable path,
+/// `<scope>::<name>` with the `Self` type of a method and no line number, for record keys
+/// of stores that outlive the process. Computed once.
+pub fn path_fn(name: &Ident) -> TokenStream {
     let text = name.to_string();
-    quote!(::core::concat!(::core::module_path!(), "::", #text))
+    quote! {
+        fn __racefree_path() -> &'static str {
+            struct __RacefreeMark;
+            static __RACEFREE_PATH: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
+            __RACEFREE_PATH.get_or_init(|| {
+                ::racefree::__private::function_name(::core::any::type_name::<__RacefreeMark>(), #text, "")
+            })
+        }
+    }
+}
+
+fn name_fn(fn_name: TokenStream, name: &Ident, suffix: TokenStream) -> TokenStream {
+    let text = name.to_string();
+    quote! {
+        fn #fn_name() -> &'static str {
+            struct __RacefreeMark;
+            ::racefree::__private::function_name(::core::any::type_name::<__RacefreeMark>(), #text, #suffix)
+        }
+    }
 }
 
 /// The accessor each attribute emits for the function's own store, e.g. `fn load_cache()`:
@@ -56,17 +84,19 @@ pub fn handle_accessor(
     what: &str,
     handle: TokenStream,
     cell: TokenStream,
-    cell_args: TokenStream,
+    config: TokenStream,
 ) -> TokenStream {
     let vis = &item.vis;
     let name = &item.sig.ident;
     let accessor = format_ident!("{}_{}", name, suffix);
     let doc = format!(" The {what} of [`{name}`].");
+    let id_fn = id_fn(name);
     quote! {
         #[doc = #doc]
         #[allow(dead_code)]
         #vis fn #accessor() -> &'static #handle {
-            static __RACEFREE_CELL: #cell = #cell::new(#cell_args);
+            #id_fn
+            static __RACEFREE_CELL: #cell = #cell::with_id_fn(__racefree_id, #config);
             __RACEFREE_CELL.handle()
         }
     }

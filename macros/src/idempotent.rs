@@ -184,20 +184,21 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let name = &item.sig.ident;
-    let id = expand::function_id(name);
-    let path = expand::function_path(name);
+    let id_fn = expand::id_fn(name);
+    let path_fn = expand::path_fn(name);
     let mode = Mode::of(&item.sig);
     let ret = &plan.ret;
     // Calls whose bounds concern the outcome type (`Clone`, `From<IdempotencyError>`) carry the
     // return type's span, so such errors are reported at the return type.
     let ret_span = ret.span();
-    let store = pick_store(&plan, &id, ret_span);
+    let store = pick_store(&plan, &id_fn, ret_span);
     let fingerprint = fingerprint(&plan.fingerprint);
-    let call = call(&plan, &path);
+    let call = call(&plan);
     let begin = begin(&plan, mode, ret_span);
     let finish = finish(&plan, mode, ret_span);
     let body = Body::of(&item).run();
     let block = quote! {{
+        #path_fn
         #store
         let __racefree_fingerprint = {
             let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
@@ -219,14 +220,14 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             "idempotency store: its records, stats, purging",
             quote!(::racefree::IdempotencyHandle),
             quote!(::racefree::__private::IdempotencyCell),
-            quote!(#id, #config),
+            config,
         )
     });
     quote!(#item #accessor)
 }
 
 /// Binds `__racefree_store`: the given store, or the function's own.
-fn pick_store(plan: &Plan, id: &TokenStream, ret_span: Span) -> TokenStream {
+fn pick_store(plan: &Plan, id_fn: &TokenStream, ret_span: Span) -> TokenStream {
     match &plan.store {
         // Method-call syntax, so that auto-deref finds the store behind a `LazyLock` or `Arc`.
         Some(store) => quote_spanned! {store.span()=>
@@ -239,8 +240,9 @@ fn pick_store(plan: &Plan, id: &TokenStream, ret_span: Span) -> TokenStream {
             let config = config(plan);
             let store_method = Ident::new("store", ret_span);
             quote! {
+                #id_fn
                 static __RACEFREE_IDEMPOTENCY: ::racefree::__private::IdempotencyCell =
-                    ::racefree::__private::IdempotencyCell::new(#id, #config);
+                    ::racefree::__private::IdempotencyCell::with_id_fn(__racefree_id, #config);
                 let __racefree_store = __RACEFREE_IDEMPOTENCY.handle().#store_method();
             }
         }
@@ -270,7 +272,7 @@ fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
 }
 
 /// The call's record: who (function path, scope, key), what (fingerprint), and the policy.
-fn call(plan: &Plan, path: &TokenStream) -> TokenStream {
+fn call(plan: &Plan) -> TokenStream {
     let scope = match &plan.scope {
         Some(scope) => quote_spanned! {scope.span()=>
             ::core::option::Option::Some(&(#scope) as &dyn ::core::fmt::Display)
@@ -285,7 +287,7 @@ fn call(plan: &Plan, path: &TokenStream) -> TokenStream {
     let policy = quote! {
         ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
     };
-    quote!(::racefree::__private::Call::new(#path, #scope, #key, __racefree_fingerprint, #policy))
+    quote!(::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy))
 }
 
 /// Claims the key: binds `__racefree_execution`, or returns a replayed or refused outcome.

@@ -126,10 +126,13 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   `Result` is what is stored and replayed).
 /// - `key = <expr>` evaluates to `&str`, `String` or an `Option` of them; `None` runs the body
 ///   without idempotency, or refuses with `IdempotencyError::MissingKey` under `require_key`.
-/// - Keys are per function (its module path and name, stable across builds) and per
-///   `scope = <expr>` (any `Display`, e.g. a tenant id).
-///   With a shared `store`, two functions of the same name in one module (methods of two
-///   types, say) share that path: give each its own `scope` so their keys never meet.
+/// - Keys are per function and per `scope = <expr>` (any `Display`, e.g. a tenant id). The
+///   function part is its path with the `Self` type of a method and no line number
+///   (`app::Billing::charge`, `<app::Card as app::Pay>::charge`), the same in every build of
+///   the same code, so a shared or persistent store never mixes two functions' records, even
+///   ones a `macro_rules!` generates. Moving or renaming the function changes it; so can a
+///   compiler release (it is the compiler's `type_name` of the scope): give `scope` to records
+///   that must outlive either.
 /// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
 ///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
 ///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)

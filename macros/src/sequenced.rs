@@ -178,14 +178,15 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let name = item.sig.ident.clone();
-    let id = expand::function_id(&name);
-    let path = expand::function_path(&name);
+    let id_fn = expand::id_fn(&name);
+    // Only a panic names the function; a typed error does not.
+    let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(&name));
     let mode = Mode::of(&item.sig);
     let ret = plan.output.ty();
-    let fail = fail(&plan, &path);
+    let fail = fail(&plan);
 
     let bind_key = bind_key(&plan);
-    let backend = pick_backend(&plan, &id);
+    let backend = pick_backend(&plan, &id_fn);
     let acquire = acquire(&plan, mode, &fail);
     let mut body = Body::of(&item);
     if let Some(SeqParam { pat, ty, .. }) = &plan.seq {
@@ -198,6 +199,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let (enter, run) = run_as_holder(body, mode);
     let finish = finish(&plan, mode, &fail);
     let block = quote! {{
+        #path_fn
         #bind_key
         #backend
         #acquire
@@ -221,19 +223,22 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             "sequences: read, set or reset a key's next number",
             quote!(::racefree::SequenceHandle),
             quote!(::racefree::__private::SequenceCell),
-            quote!(#id),
+            quote!(()),
         )
     });
     quote!(#item #accessor)
 }
 
 /// What a backend error does: returned through `E: From<SequenceError>`, or a panic.
-fn fail(plan: &Plan, path: &TokenStream) -> TokenStream {
+fn fail(plan: &Plan) -> TokenStream {
     match plan.typed_errors() {
         true => quote_spanned! {plan.output.ty().span()=>
             return ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
         },
-        false => quote!(::racefree::__private::sequence_failed(#path, __racefree_error)),
+        false => quote!(::racefree::__private::sequence_failed(
+            __racefree_path(),
+            __racefree_error
+        )),
     }
 }
 
@@ -253,14 +258,15 @@ fn bind_key(plan: &Plan) -> TokenStream {
 }
 
 /// Binds `__racefree_backend`: the given store, or the function's own sequencer.
-fn pick_backend(plan: &Plan, id: &TokenStream) -> TokenStream {
+fn pick_backend(plan: &Plan, id_fn: &TokenStream) -> TokenStream {
     match &plan.store {
         Some(store) => quote_spanned! {store.span()=>
             let __racefree_backend = &(#store);
         },
         None => quote! {
+            #id_fn
             static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
-                ::racefree::__private::SequenceCell::new(#id);
+                ::racefree::__private::SequenceCell::with_id_fn(__racefree_id, ());
             let __racefree_backend = __RACEFREE_SEQUENCE.handle().sequencer();
         },
     }
