@@ -16,16 +16,17 @@
 
 use std::time::Duration;
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, ItemFn};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
+use crate::key;
 use crate::mode::Mode;
 use crate::shape::{contains_impl_trait, is_shared_ref, FnShape, Output, Param};
-use crate::validate::{check_skip, owned_arguments, Attr, Errors, Named};
+use crate::validate::{check_signature, check_skip, owned_arguments, Attr, Errors, Named};
 
 /// What `#[cached(...)]` on this function asks for, checked.
 struct Plan {
@@ -50,13 +51,23 @@ enum Key {
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Cached, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Cached, item, &mut errors);
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
     check_skip(&shape, &skip, &mut errors);
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
     let store = named.expr("store");
-    let key = match named.expr("key") {
+    let shared = named.flag("shared");
+    let given_key = named.expr("key");
+    check_instance(
+        item,
+        given_key.as_ref(),
+        store.as_ref(),
+        shared,
+        &mut errors,
+    );
+    let key = match given_key {
         Some(expr) => Key::Given(expr),
         None => {
             if let Some(first) = shape.unnamed.first() {
@@ -93,12 +104,51 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     })
 }
 
+/// A method's default key is its other arguments: without `key`, `store` or `shared`, every
+/// instance would get the value first computed for any of them.
+fn check_instance(
+    item: &ItemFn,
+    key: Option<&Expr>,
+    store: Option<&Expr>,
+    shared: Option<Span>,
+    errors: &mut Errors,
+) {
+    let receiver = item.sig.receiver();
+    match (receiver, shared) {
+        (Some(receiver), None) if key.is_none() && store.is_none() => {
+            errors.push(syn::Error::new_spanned(
+                receiver,
+                "#[cached] on a method keys on the other arguments only, so every instance would get \
+                 the value first computed for any of them: write `key = (self.<id>, ...)` naming what \
+                 identifies the instance, `store = self.<field>` for a cache per instance, or `shared` \
+                 for one cache for all instances",
+            ));
+        }
+        (Some(_), Some(shared)) if key.is_some() || store.is_some() => {
+            errors.push(syn::Error::new(
+                shared,
+                "`shared` is for a method without `key` or `store`: with them, they say whose value \
+                 it is; remove `shared`",
+            ));
+        }
+        (None, Some(shared)) => errors.push(syn::Error::new(
+            shared,
+            "`shared` is for methods (`&self`): a function without `self` has one cache already; remove `shared`",
+        )),
+        _ => {}
+    }
+}
+
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
-    })
+    expand::with_fallback(
+        item,
+        |item| item,
+        |item| {
+            let args: Args = syn::parse2(args)?;
+            let plan = validate(args, &item)?;
+            Ok(generate(plan, item))
+        },
+    )
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
@@ -110,7 +160,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         Some(store) => given_store(&plan, store, mode, body),
     };
     expand::replace_block(&mut item, block);
-    let accessor = plan.store.is_none().then(|| {
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
         let config = config(&plan);
         expand::handle_accessor(
             &item,
@@ -165,9 +215,14 @@ fn config(plan: &Plan) -> TokenStream {
 /// Binds the key, and the call that looks it up or makes this caller the key's lead.
 fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenStream) {
     let await_ = mode.await_();
+    // The call needs `V: Clone`, and rustc reports an unmet bound at the receiver: make it a
+    // block spanned at the return type (parentheses would not survive lowering), while the
+    // name inside still resolves as the expansion's own.
+    let mut cache = Group::new(Delimiter::Brace, quote!(__racefree_cache));
+    cache.set_span(ret_span);
     match key {
         Key::Borrowed(param) => {
-            let arg = &param.ident;
+            let arg = key::borrowed(param);
             let lookup = mode.call(
                 "lookup_or_lead_borrowed",
                 "lookup_or_lead_borrowed_async",
@@ -175,7 +230,7 @@ fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenS
             );
             (
                 quote!(),
-                quote!(__racefree_cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
+                quote!(#cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
             )
         }
         Key::Given(_) | Key::Arguments(_) => {
@@ -183,7 +238,7 @@ fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenS
             let lookup = mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span);
             (
                 quote!(let __racefree_key = #key;),
-                quote!(__racefree_cache.#lookup(__racefree_key) #await_),
+                quote!(#cache.#lookup(__racefree_key) #await_),
             )
         }
     }
@@ -193,8 +248,8 @@ fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenS
 fn owned_key(key: &Key) -> TokenStream {
     match key {
         Key::Given(expr) => expr.to_token_stream(),
-        Key::Arguments(params) => expand::owned(params),
-        Key::Borrowed(param) => expand::owned(std::slice::from_ref(param)),
+        Key::Arguments(params) => key::owned(params),
+        Key::Borrowed(param) => key::owned(std::slice::from_ref(param)),
     }
 }
 

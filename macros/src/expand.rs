@@ -7,30 +7,84 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, ReturnType, Stmt};
 
 use crate::mode::Mode;
-use crate::shape::{is_shared_ref, Param};
+use crate::shape::erase_impl_trait;
 
-/// Parses the item and runs `expand`; on error emits the user's function untouched next to the
+/// Parses the item and runs `expand`; on error emits the function as callers see it
+/// (`as_called`: the signature without what the attribute supplies) next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
 pub fn with_fallback(
     item: TokenStream,
+    as_called: fn(ItemFn) -> ItemFn,
     expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>,
 ) -> TokenStream {
     let parsed: ItemFn = match syn::parse2(item.clone()) {
         Ok(parsed) => parsed,
-        Err(_) => {
-            let error =
-                syn::Error::new_spanned(&item, "racefree's attributes go on a `fn` or `async fn`")
-                    .to_compile_error();
-            return quote!(#item #error);
-        }
+        // A `fn` whose body does not parse: rustc reports the syntax error itself, at the
+        // user's tokens; a second error from here would only mislead.
+        Err(_) => match fn_with_unparsed_body(item.clone()) {
+            Ok((shell, body)) => {
+                let ItemFn {
+                    attrs,
+                    vis,
+                    sig,
+                    block,
+                    ..
+                } = as_called(shell);
+                let stmts = &block.stmts;
+                return quote!(#(#attrs)* #vis #sig { #(#stmts)* #body });
+            }
+            Err(_) => {
+                let error = syn::Error::new_spanned(
+                    &item,
+                    "racefree's attributes go on a `fn` or `async fn`",
+                )
+                .to_compile_error();
+                return quote!(#item #error);
+            }
+        },
     };
     match expand(parsed.clone()) {
         Ok(tokens) => tokens,
         Err(error) => {
             let error = error.to_compile_error();
-            quote!(#parsed #error)
+            let item = as_called(parsed);
+            quote!(#item #error)
         }
     }
+}
+
+/// Attributes, visibility and a `fn` signature followed by a `{ ... }` body, whatever the body
+/// holds: the function with an empty block, and the body's tokens.
+fn fn_with_unparsed_body(item: TokenStream) -> syn::Result<(ItemFn, TokenStream)> {
+    let shell = |input: syn::parse::ParseStream| {
+        let attrs = input.call(syn::Attribute::parse_outer)?;
+        let vis = input.parse()?;
+        let sig = input.parse()?;
+        let body;
+        let brace_token = syn::braced!(body in input);
+        let block = syn::Block {
+            brace_token,
+            stmts: Vec::new(),
+        };
+        let item = ItemFn {
+            attrs,
+            vis,
+            sig,
+            block: Box::new(block),
+        };
+        Ok((item, body.parse::<TokenStream>()?))
+    };
+    syn::parse::Parser::parse2(shell, item)
+}
+
+/// Whether the attribute emits a sibling accessor (`fn <name>_cache()` and the like) for the
+/// function's own store: only for a function without a `self` receiver. The attribute cannot
+/// see whether a method is in an inherent impl, a trait impl or a trait; in the last two an
+/// added `fn` is E0407 (not a member of the trait) or makes the trait not dyn-compatible, and
+/// every dyn-compatible trait method has a receiver. A method reaches its store through
+/// `store = ...` instead.
+pub fn has_accessor(item: &ItemFn) -> bool {
+    item.sig.receiver().is_none()
 }
 
 /// Declares `fn __racefree_id() -> &'static str`: the function's process-unique id,
@@ -107,25 +161,6 @@ pub fn replace_block(item: &mut ItemFn, block: TokenStream) {
     *item.block = syn::parse2(block).expect("generated block parses");
 }
 
-/// An owned copy of `params`, as a default key or fingerprint: one argument is itself, several
-/// are a tuple, none is `()`. `&T` becomes `T::Owned` (`&str` → `String`).
-pub fn owned(params: &[Param]) -> TokenStream {
-    let parts: Vec<TokenStream> = params
-        .iter()
-        .map(|param| {
-            let ident = &param.ident;
-            match is_shared_ref(&param.ty) {
-                true => quote_spanned!(param.ty.span()=> ::std::borrow::ToOwned::to_owned(#ident)),
-                false => quote_spanned!(param.ty.span()=> ::core::clone::Clone::clone(&#ident)),
-            }
-        })
-        .collect();
-    match parts.as_slice() {
-        [one] => one.clone(),
-        _ => quote!((#(#parts,)*)),
-    }
-}
-
 /// The user's body, to be run inside the generated code. `return` and `?` in it keep meaning
 /// what they meant: they leave the body, not the generated wrapper.
 pub struct Body {
@@ -139,7 +174,7 @@ impl Body {
     pub fn of(item: &ItemFn) -> Body {
         let output = match &item.sig.output {
             ReturnType::Default => quote!(()),
-            ReturnType::Type(_, ty) => ty.to_token_stream(),
+            ReturnType::Type(_, ty) => erase_impl_trait(ty).to_token_stream(),
         };
         Body {
             stmts: item.block.stmts.clone(),

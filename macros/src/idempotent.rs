@@ -29,7 +29,7 @@ use crate::args::Args;
 use crate::expand::{self, Body};
 use crate::mode::Mode;
 use crate::shape::{contains_impl_trait, FnShape, Output, Param};
-use crate::validate::{check_skip, Attr, Errors, Named};
+use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
 
 /// What `#[idempotent(...)]` on this function asks for, checked.
 struct Plan {
@@ -70,6 +70,7 @@ const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Idempotent, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Idempotent, item, &mut errors);
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
     check_skip(&shape, &skip, &mut errors);
@@ -175,11 +176,15 @@ fn bare_argument(key: &Expr) -> Option<Ident> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
-    })
+    expand::with_fallback(
+        item,
+        |item| item,
+        |item| {
+            let args: Args = syn::parse2(args)?;
+            let plan = validate(args, &item)?;
+            Ok(generate(plan, item))
+        },
+    )
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
@@ -212,7 +217,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         __racefree_output
     }};
     expand::replace_block(&mut item, block);
-    let accessor = plan.store.is_none().then(|| {
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
         let config = config(&plan);
         expand::handle_accessor(
             &item,

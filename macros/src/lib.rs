@@ -12,6 +12,7 @@ mod args;
 mod cached;
 mod expand;
 mod idempotent;
+mod key;
 mod mode;
 mod sequenced;
 mod shape;
@@ -64,14 +65,35 @@ use proc_macro::TokenStream;
 ///   next: each gets its own attempt, one at a time, never a copy of another caller's error.
 /// - The value must be `Clone`; every caller gets a clone.
 /// - Without `store`, the attribute also emits `fn <name>_cache() -> &'static
-///   racefree::CacheHandle` (with the function's visibility): `invalidate(&key)`, `clear()`,
-///   `len()`, `in_flight()`, `stats()` (`hits`, `coalesced`, `executions`). A generic function
-///   gets one cache per concrete type.
+///   racefree::CacheHandle` (with the function's visibility; see
+///   [Where it goes](#where-it-goes)): `invalidate(&key)`, `clear()`, `len()`, `in_flight()`,
+///   `stats()` (`hits`, `coalesced`, `executions`). A generic function gets one cache per
+///   concrete type.
 /// - `store = <expr>`: a store you own instead, e.g. a `racefree::Cache<K, V>` field
 ///   (`store = self.rows`), or, with the `redis` feature, a `racefree::redis::RedisCacheStore`
 ///   (async functions returning `Result<T, E>` with `E: From<RedisStoreError>`).
+/// - On a method (`&self`, `self`) the default key would be the other arguments only, and
+///   every instance would get the value first computed for any of them, so it is a compile
+///   error: write `key = (self.<id>, ...)` naming what identifies the instance,
+///   `store = self.<field>` for a cache per instance, or `shared` for one cache for all
+///   instances.
+/// - A default-key argument that cannot be a key (not `Eq + Hash + Clone + Send + Sync +
+///   'static` once owned, e.g. a connection pool) is an error at that argument: `skip` it.
 /// - Async callers await while they wait (they never block an executor thread); sync callers
 ///   block their thread.
+///
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_cache()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     cached::expand(args.into(), item.into()).into()
@@ -145,6 +167,19 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   wrap the call in `racefree::replay::track(future)` or `track_sync(closure)`; ordinary
 ///   callers call the function as before.
 /// - The function must return `Result<T, E>` with `E: From<racefree::IdempotencyError>`.
+///
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_idempotency_store()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     idempotent::expand(args.into(), item.into()).into()
@@ -204,13 +239,27 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// calls finished.
 ///
 /// Without `store`, the attribute also emits `fn <name>_sequence() -> &'static SequenceHandle`
-/// to read, set and reset a key's next number.
+/// to read, set and reset a key's next number (see [Where it goes](#where-it-goes)).
 ///
 /// Re-entering a key from inside its own body (the body calls, directly or not, a sequenced
 /// function with the same key on the same thread or within the body's future) would deadlock;
 /// it is detected and fails with `SequenceError::Reentrant` (returned with `timeout`/`store`,
 /// a panic otherwise). A body that hands the re-entering call to another thread or a spawned
 /// task and waits for it is not detected: use `timeout` there.
+///
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_sequence()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
+/// `-> impl Trait` works (the expansion writes `_` where it names the return type).
 #[proc_macro_attribute]
 pub fn sequenced(args: TokenStream, item: TokenStream) -> TokenStream {
     sequenced::expand(args.into(), item.into()).into()

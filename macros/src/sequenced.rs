@@ -25,8 +25,8 @@ use syn::{Expr, FnArg, ItemFn, Pat, ReturnType, Type};
 use crate::args::Args;
 use crate::expand::{self, Body};
 use crate::mode::Mode;
-use crate::shape::{FnShape, Output};
-use crate::validate::{Attr, Errors, Named};
+use crate::shape::{erase_impl_trait, FnShape, Output};
+use crate::validate::{check_signature, Attr, Errors, Named};
 
 /// What `#[sequenced(...)]` on this function asks for, checked.
 struct Plan {
@@ -94,6 +94,7 @@ fn seq_param(item: &ItemFn, errors: &mut Errors) -> Option<SeqParam> {
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Sequenced, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Sequenced, item, &mut errors);
     let shape = FnShape::of(item);
     let timeout = errors.keep(named.duration("timeout")).flatten();
     let start = named.expr("start");
@@ -132,16 +133,10 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let plan = syn::parse2::<Args>(args).and_then(|args| validate(args, &item));
-        Ok(match plan {
-            Ok(plan) => generate(plan, item),
-            Err(error) => {
-                let error = error.to_compile_error();
-                let item = without_seq_params(item);
-                quote!(#item #error)
-            }
-        })
+    expand::with_fallback(item, without_seq_params, |item| {
+        let args: Args = syn::parse2(args)?;
+        let plan = validate(args, &item)?;
+        Ok(generate(plan, item))
     })
 }
 
@@ -182,7 +177,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     // Only a panic names the function; a typed error does not.
     let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(&name));
     let mode = Mode::of(&item.sig);
-    let ret = plan.output.ty();
+    let ret = erase_impl_trait(plan.output.ty());
     let fail = fail(&plan);
 
     let bind_key = bind_key(&plan);
@@ -216,7 +211,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     if let Some(seq) = &plan.seq {
         remove_param(&mut item, seq.index);
     }
-    let accessor = plan.store.is_none().then(|| {
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
         expand::handle_accessor(
             &item,
             "sequence",
@@ -232,8 +227,13 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
 /// What a backend error does: returned through `E: From<SequenceError>`, or a panic.
 fn fail(plan: &Plan) -> TokenStream {
     match plan.typed_errors() {
+        // `From::from` is the identity when `E` is `SequenceError` itself.
         true => quote_spanned! {plan.output.ty().span()=>
-            return ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
+            return {
+                #[allow(clippy::useless_conversion)]
+                let __racefree_error = ::core::convert::From::from(__racefree_error);
+                ::core::result::Result::Err(__racefree_error)
+            }
         },
         false => quote!(::racefree::__private::sequence_failed(
             __racefree_path(),

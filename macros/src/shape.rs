@@ -4,6 +4,7 @@
 
 use proc_macro2::TokenStream;
 use quote::ToTokens;
+use syn::visit_mut::VisitMut;
 use syn::{FnArg, Ident, ItemFn, Pat, PatType, ReturnType, Type};
 
 /// A named argument of the annotated function.
@@ -101,4 +102,26 @@ pub fn contains_impl_trait(ty: &Type) -> bool {
 /// `true` for `&T` (not `&mut T`).
 pub fn is_shared_ref(ty: &Type) -> bool {
     matches!(ty, Type::Reference(r) if r.mutability.is_none())
+}
+
+/// The type with every `impl Trait` in it replaced by `_`, for the places generated code writes
+/// the return type of a local (`let output: R`, a closure's `-> R`): `impl Trait` is only
+/// allowed in the signature itself (async-trait's `replace_impl_trait_with_infer`,
+/// tracing's `erase_impl_trait`).
+pub fn erase_impl_trait(ty: &Type) -> Type {
+    struct Erase;
+    impl VisitMut for Erase {
+        fn visit_type_mut(&mut self, ty: &mut Type) {
+            if let Type::ImplTrait(impl_trait) = ty {
+                *ty = Type::Infer(syn::TypeInfer {
+                    underscore_token: syn::Token![_](syn::spanned::Spanned::span(impl_trait)),
+                });
+            } else {
+                syn::visit_mut::visit_type_mut(self, ty);
+            }
+        }
+    }
+    let mut ty = ty.clone();
+    Erase.visit_type_mut(&mut ty);
+    ty
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use proc_macro2::Span;
-use syn::{Expr, Ident, Lit, Type};
+use syn::{Expr, Ident, ItemFn, Lit, Type};
 
 use crate::args::{Arg, Args, Value};
 use crate::shape::{contains_impl_trait, FnShape, Param};
@@ -48,6 +48,7 @@ impl Attr {
                     Kind::Value,
                     "store = <expression of type &racefree::Cache<K, V>>",
                 ),
+                ("shared", Kind::Flag, "shared"),
             ],
             Attr::Idempotent => &[
                 (
@@ -252,6 +253,19 @@ impl Errors {
 
     pub fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// Signature forms no attribute can wrap.
+pub fn check_signature(attr: Attr, item: &ItemFn, errors: &mut Errors) {
+    if let Some(constness) = &item.sig.constness {
+        errors.push(syn::Error::new_spanned(
+            constness,
+            format!(
+                "#[{}] cannot go on a `const fn`: its calls go through a store at run time; remove `const`",
+                attr.name()
+            ),
+        ));
     }
 }
 
