@@ -14,191 +14,183 @@
 //! }
 //! ```
 
-use proc_macro2::TokenStream;
+use std::time::Duration;
+
+use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{Expr, Ident, ItemFn, Type};
+use syn::{Expr, Ident, ItemFn};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
-use crate::validate::{owned_arguments, Attr, Errors, FnShape, Named, Output};
+use crate::key;
+use crate::mode::Mode;
+use crate::shape::{contains_impl_trait, is_shared_ref, FnShape, Output, Param};
+use crate::validate::{check_signature, check_skip, owned_arguments, Attr, Errors, Named};
 
+/// What `#[cached(...)]` on this function asks for, checked.
 struct Plan {
-    key: TokenStream,
-    /// The one argument of a default key, when it is a shared reference: hits look it up
-    /// borrowed (`&str` against `String` keys) and never build the owned key.
-    borrowed_key: Option<Ident>,
-    store: Option<syn::Expr>,
-    config: TokenStream,
+    key: Key,
+    /// `store = <expr>`; `None`: the function's own cache, bounded by `ttl` and `capacity`.
+    store: Option<Expr>,
+    ttl: Option<Duration>,
+    capacity: Option<usize>,
     output: Output,
+}
+
+enum Key {
+    /// `key = <expr>`.
+    Given(Expr),
+    /// The arguments not skipped, owned.
+    Arguments(Vec<Param>),
+    /// The one argument of a default key, a shared reference: hits look it up borrowed (`&str`
+    /// against `String` keys) and never build the owned key.
+    Borrowed(Param),
 }
 
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Cached, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Cached, item, &mut errors);
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
-    shape.check_skip(&skip, &mut errors);
+    check_skip(&shape, &skip, &mut errors);
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
     let store = named.expr("store");
-    let mut borrowed_key = None;
-    let key = match named.expr("key") {
-        Some(expr) => quote_spanned!(expr.span()=> #expr),
+    let shared = named.flag("shared");
+    let given_key = named.expr("key");
+    check_instance(
+        item,
+        given_key.as_ref(),
+        store.as_ref(),
+        shared,
+        &mut errors,
+    );
+    let key = match given_key {
+        Some(expr) => Key::Given(expr),
         None => {
-            let mut key_params = shape.params.iter().filter(|p| !skip.contains(&p.ident));
-            if let (Some(only), None) = (key_params.next(), key_params.next()) {
-                let shared_ref = matches!(&only.ty, Type::Reference(r) if r.mutability.is_none());
-                if shared_ref && !crate::validate::contains_impl_trait(&only.ty) {
-                    borrowed_key = Some(only.ident.clone());
-                }
-            }
             if let Some(first) = shape.unnamed.first() {
                 errors.push(syn::Error::new_spanned(
                     first,
                     "the default key needs named arguments: write `key = ...`",
                 ));
             }
-            owned_arguments(
-                shape.params.iter().filter(|p| !skip.contains(&p.ident)),
-                "key",
-                &mut errors,
-            )
+            match owned_arguments(&shape, &skip, "key", &mut errors).as_slice() {
+                [only] if is_shared_ref(&only.ty) => Key::Borrowed(only.clone()),
+                params => Key::Arguments(params.to_vec()),
+            }
         }
     };
-    if crate::validate::contains_impl_trait(shape.output.ty()) {
+    if contains_impl_trait(shape.output.ty()) {
         errors.push(syn::Error::new_spanned(
             shape.output.ty(),
             "a cached function must return a nameable `Clone` type, not `impl Trait`",
         ));
     }
     errors.finish()?;
-    if store.is_some() && (ttl.is_some() || capacity.is_some()) {
-        let span = store.as_ref().map(|s| s.span()).unwrap();
+    if let (Some(store), true) = (&store, ttl.is_some() || capacity.is_some()) {
         return Err(syn::Error::new(
-            span,
+            store.span(),
             "with `store = ...` the store's own TTL and capacity apply: set them where the Cache is built, not here",
         ));
     }
-    let ttl = ttl.map(|d| {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        quote!(.ttl(::core::time::Duration::from_nanos(#nanos)))
-    });
-    let capacity = capacity.map(|c| quote!(.capacity(#c)));
-    let config = quote!(::racefree::__private::CacheConfig::new() #ttl #capacity);
     Ok(Plan {
         key,
-        borrowed_key,
         store,
-        config,
+        ttl,
+        capacity,
         output: shape.output,
     })
 }
 
+/// A method's default key is its other arguments: without `key`, `store` or `shared`, every
+/// instance would get the value first computed for any of them.
+fn check_instance(
+    item: &ItemFn,
+    key: Option<&Expr>,
+    store: Option<&Expr>,
+    shared: Option<Span>,
+    errors: &mut Errors,
+) {
+    let receiver = item.sig.receiver();
+    match (receiver, shared) {
+        (Some(receiver), None) if key.is_none() && store.is_none() => {
+            errors.push(syn::Error::new_spanned(
+                receiver,
+                "#[cached] on a method keys on the other arguments only, so every instance would get \
+                 the value first computed for any of them: write `key = (self.<id>, ...)` naming what \
+                 identifies the instance, `store = self.<field>` for a cache per instance, or `shared` \
+                 for one cache for all instances",
+            ));
+        }
+        (Some(_), Some(shared)) if key.is_some() || store.is_some() => {
+            errors.push(syn::Error::new(
+                shared,
+                "`shared` is for a method without `key` or `store`: with them, they say whose value \
+                 it is; remove `shared`",
+            ));
+        }
+        (None, Some(shared)) => errors.push(syn::Error::new(
+            shared,
+            "`shared` is for methods (`&self`): a function without `self` has one cache already; remove `shared`",
+        )),
+        _ => {}
+    }
+}
+
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
-    })
+    expand::with_fallback(
+        item,
+        |item| item,
+        |item| {
+            let args: Args = syn::parse2(args)?;
+            let plan = validate(args, &item)?;
+            Ok(generate(plan, item))
+        },
+    )
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let Plan {
-        key,
-        borrowed_key,
-        store,
-        config,
-        output,
-    } = plan;
-    let name = &item.sig.ident;
-    let id = expand::function_id(name);
-    let block = match &store {
-        None => own_cache(&item, &id, &config, &key, borrowed_key.as_ref(), &output),
-        Some(store) => given_store(&item, store, &key, &output),
+    let id_fn = expand::id_fn(&item.sig.ident);
+    let mode = Mode::of(&item.sig);
+    let body = Body::of(&item);
+    let block = match &plan.store {
+        None => own_cache(&plan, &id_fn, mode, body),
+        Some(store) => given_store(&plan, store, mode, body),
     };
-    *item.block = syn::parse2(block).expect("generated block parses");
-
-    let handle = store.is_none().then(|| {
+    expand::replace_block(&mut item, block);
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
+        let config = config(&plan);
         expand::handle_accessor(
             &item,
             "cache",
             "cache: invalidate entries, clear it, read its stats",
             quote!(::racefree::CacheHandle),
-            quote!(::racefree::__private::HandleCell),
-            quote!(#id, #config),
+            quote!(::racefree::__private::CacheCell),
+            config,
         )
     });
-    quote!(#item #handle)
+    quote!(#item #accessor)
 }
 
 /// The function's own in-process cache, with the double check spelled out.
-fn own_cache(
-    item: &ItemFn,
-    id: &TokenStream,
-    config: &TokenStream,
-    key: &TokenStream,
-    borrowed_key: Option<&Ident>,
-    output: &Output,
-) -> TokenStream {
-    let ret = output.ty();
-    let ret_span = ret.span();
+fn own_cache(plan: &Plan, id_fn: &TokenStream, mode: Mode, body: Body) -> TokenStream {
+    let ret = plan.output.ty();
     // Where the value type must be `Clone`, the calls carry the return type's span, so a
     // non-`Clone` value is reported at the return type rather than at the attribute.
+    let ret_span = ret.span();
     let cache_method = Ident::new("cache", ret_span);
-    let complete = Ident::new("complete", ret_span);
-    let await_ = item.sig.asyncness.map(|_| quote!(.await));
-    let suffix = if item.sig.asyncness.is_some() {
-        "_async"
-    } else {
-        ""
-    };
-    let (bind_key, lookup) = match borrowed_key {
-        Some(arg) => {
-            let lookup = Ident::new(&format!("lookup_or_lead_borrowed{suffix}"), ret_span);
-            (
-                quote!(),
-                quote!(__racefree_cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
-            )
-        }
-        None => {
-            let lookup = Ident::new(&format!("lookup_or_lead{suffix}"), ret_span);
-            (
-                quote!(let __racefree_key = #key;),
-                quote!(__racefree_cache.#lookup(__racefree_key) #await_),
-            )
-        }
-    };
-    let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
-    let (hit, finish) = match output {
-        Output::Result(_) => (
-            quote!(::core::result::Result::Ok(__racefree_value)),
-            quote! {
-                match &__racefree_output {
-                    ::core::result::Result::Ok(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
-                    ::core::result::Result::Err(_) => __racefree_lead.abandon(),
-                }
-            },
-        ),
-        Output::Option(_) => (
-            quote!(::core::option::Option::Some(__racefree_value)),
-            quote! {
-                match &__racefree_output {
-                    ::core::option::Option::Some(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
-                    ::core::option::Option::None => __racefree_lead.abandon(),
-                }
-            },
-        ),
-        Output::Plain(_) => (
-            quote!(__racefree_value),
-            quote!(__racefree_lead.#complete(#clone(&__racefree_output));),
-        ),
-    };
-    let body = Body::of(item).run();
+    let config = config(plan);
+    let (bind_key, lookup) = lookup_or_lead(&plan.key, mode, ret_span);
+    let hit = hit(&plan.output);
+    let finish = finish(&plan.output, ret_span);
+    let body = body.run();
     quote! {{
         #bind_key
-        static __RACEFREE_CACHE: ::racefree::__private::HandleCell =
-            ::racefree::__private::HandleCell::new(#id, #config);
+        #id_fn
+        static __RACEFREE_CACHE: ::racefree::__private::CacheCell =
+            ::racefree::__private::CacheCell::with_id_fn(__racefree_id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         let __racefree_lead = match #lookup {
             ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,
@@ -210,44 +202,112 @@ fn own_cache(
     }}
 }
 
+/// The bounds of the function's own cache.
+fn config(plan: &Plan) -> TokenStream {
+    let ttl = plan.ttl.map(|ttl| {
+        let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        quote!(.ttl(::core::time::Duration::from_nanos(#nanos)))
+    });
+    let capacity = plan.capacity.map(|capacity| quote!(.capacity(#capacity)));
+    quote!(::racefree::__private::CacheConfig::new() #ttl #capacity)
+}
+
+/// Binds the key, and the call that looks it up or makes this caller the key's lead.
+fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenStream) {
+    let await_ = mode.await_();
+    // The call needs `V: Clone`, and rustc reports an unmet bound at the receiver: make it a
+    // block spanned at the return type (parentheses would not survive lowering), while the
+    // name inside still resolves as the expansion's own.
+    let mut cache = Group::new(Delimiter::Brace, quote!(__racefree_cache));
+    cache.set_span(ret_span);
+    match key {
+        Key::Borrowed(param) => {
+            let arg = key::borrowed(param);
+            let lookup = mode.call(
+                "lookup_or_lead_borrowed",
+                "lookup_or_lead_borrowed_async",
+                ret_span,
+            );
+            (
+                quote!(),
+                quote!(#cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
+            )
+        }
+        Key::Given(_) | Key::Arguments(_) => {
+            let key = owned_key(key);
+            let lookup = mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span);
+            (
+                quote!(let __racefree_key = #key;),
+                quote!(#cache.#lookup(__racefree_key) #await_),
+            )
+        }
+    }
+}
+
+/// The key as the cache stores it.
+fn owned_key(key: &Key) -> TokenStream {
+    match key {
+        Key::Given(expr) => expr.to_token_stream(),
+        Key::Arguments(params) => key::owned(params),
+        Key::Borrowed(param) => key::owned(std::slice::from_ref(param)),
+    }
+}
+
+/// What a hit returns: the cached value, rewrapped as the success it was.
+fn hit(output: &Output) -> TokenStream {
+    match output {
+        Output::Result(_) => quote!(::core::result::Result::Ok(__racefree_value)),
+        Output::Option(_) => quote!(::core::option::Option::Some(__racefree_value)),
+        Output::Plain(_) => quote!(__racefree_value),
+    }
+}
+
+/// The lead completes the key with a clone of a success, or abandons it to the next waiter.
+fn finish(output: &Output, ret_span: Span) -> TokenStream {
+    let complete = Ident::new("complete", ret_span);
+    let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
+    match output {
+        Output::Result(_) => quote! {
+            match &__racefree_output {
+                ::core::result::Result::Ok(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
+                ::core::result::Result::Err(_) => __racefree_lead.abandon(),
+            }
+        },
+        Output::Option(_) => quote! {
+            match &__racefree_output {
+                ::core::option::Option::Some(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
+                ::core::option::Option::None => __racefree_lead.abandon(),
+            }
+        },
+        Output::Plain(_) => quote!(__racefree_lead.#complete(#clone(&__racefree_output));),
+    }
+}
+
 /// `store = <expr>`: the body goes to the store (`racefree::Cache`, or a Redis cache store),
 /// which runs it at most once per cold key. Method syntax, so auto-deref finds a store behind
 /// `LazyLock`, `Arc` or `&`.
-fn given_store(item: &ItemFn, store: &Expr, key: &TokenStream, output: &Output) -> TokenStream {
-    // No parentheses around a simple expression: an error then underlines exactly the user's
-    // expression.
-    let store_tokens = match store {
-        Expr::Path(_)
-        | Expr::Field(_)
-        | Expr::Call(_)
-        | Expr::MethodCall(_)
-        | Expr::Index(_)
-        | Expr::Paren(_) => {
-            quote!(#store)
-        }
-        _ => quote!((#store)),
-    };
-    let is_async = item.sig.asyncness.is_some();
-    let (trait_name, method) = match is_async {
-        true => ("AsyncCacheStore", "run_cached_async"),
-        false => ("CacheStore", "run_cached"),
-    };
-    let trait_name = Ident::new(trait_name, proc_macro2::Span::call_site());
+fn given_store(plan: &Plan, store: &Expr, mode: Mode, body: Body) -> TokenStream {
+    let store_tokens = store_receiver(store);
+    let trait_name = Ident::new(
+        mode.pick("CacheStore", "AsyncCacheStore"),
+        Span::call_site(),
+    );
     // A store of the wrong type is reported at the method call: point it at the expression's end.
     let store_end = store
         .to_token_stream()
         .into_iter()
         .last()
         .map_or(store.span(), |t| t.span());
-    let method = Ident::new(method, store_end);
-    let body = Body::of(item).deferred();
-    let await_ = is_async.then(|| quote!(.await));
+    let method = mode.call("run_cached", "run_cached_async", store_end);
+    let key = owned_key(&plan.key);
+    let body = body.deferred();
+    let await_ = mode.await_();
     // A plain return value is always cached: wrap it so the store sees an `Outcome`.
-    let call = match (output, is_async) {
-        (Output::Plain(_), false) => quote! {
+    let call = match (&plan.output, mode) {
+        (Output::Plain(_), Mode::Sync) => quote! {
             #store_tokens.#method(__racefree_key, move || ::racefree::__private::Always(__racefree_body())).0
         },
-        (Output::Plain(_), true) => quote! {
+        (Output::Plain(_), Mode::Async) => quote! {
             #store_tokens.#method(__racefree_key, async move { ::racefree::__private::Always(__racefree_body.await) }).await.0
         },
         _ => quote!(#store_tokens.#method(__racefree_key, __racefree_body) #await_),
@@ -258,4 +318,18 @@ fn given_store(item: &ItemFn, store: &Expr, key: &TokenStream, output: &Output) 
         let __racefree_body = #body;
         #call
     }}
+}
+
+/// The store expression as a method receiver: no parentheses around a simple expression, so an
+/// error underlines exactly the user's expression.
+fn store_receiver(store: &Expr) -> TokenStream {
+    match store {
+        Expr::Path(_)
+        | Expr::Field(_)
+        | Expr::Call(_)
+        | Expr::MethodCall(_)
+        | Expr::Index(_)
+        | Expr::Paren(_) => quote!(#store),
+        _ => quote!((#store)),
+    }
 }

@@ -1,46 +1,132 @@
-//! Pieces every expansion shares: error fallback, the function's id, running the user's body.
+//! Pieces every expansion shares: error fallback, the function's id, the accessor of its own
+//! store, the default key, running the user's body.
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{ItemFn, ReturnType, Stmt};
 
-/// Parses the item and runs `expand`; on error emits the user's function untouched next to the
+use crate::mode::Mode;
+use crate::shape::erase_impl_trait;
+
+/// Parses the item and runs `expand`; on error emits the function as callers see it
+/// (`as_called`: the signature without what the attribute supplies) next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
 pub fn with_fallback(
     item: TokenStream,
+    as_called: fn(ItemFn) -> ItemFn,
     expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>,
 ) -> TokenStream {
     let parsed: ItemFn = match syn::parse2(item.clone()) {
         Ok(parsed) => parsed,
-        Err(_) => {
-            let error =
-                syn::Error::new_spanned(&item, "racefree's attributes go on a `fn` or `async fn`")
-                    .to_compile_error();
-            return quote!(#item #error);
-        }
+        // A `fn` whose body does not parse: rustc reports the syntax error itself, at the
+        // user's tokens; a second error from here would only mislead.
+        Err(_) => match fn_with_unparsed_body(item.clone()) {
+            Ok((shell, body)) => {
+                let ItemFn {
+                    attrs,
+                    vis,
+                    sig,
+                    block,
+                    ..
+                } = as_called(shell);
+                let stmts = &block.stmts;
+                return quote!(#(#attrs)* #vis #sig { #(#stmts)* #body });
+            }
+            Err(_) => {
+                let error = syn::Error::new_spanned(
+                    &item,
+                    "racefree's attributes go on a `fn` or `async fn`",
+                )
+                .to_compile_error();
+                return quote!(#item #error);
+            }
+        },
     };
     match expand(parsed.clone()) {
         Ok(tokens) => tokens,
         Err(error) => {
             let error = error.to_compile_error();
-            quote!(#parsed #error)
+            let item = as_called(parsed);
+            quote!(#item #error)
         }
     }
 }
 
-/// A process-unique, build-independent name of the function: `module::path::name@line:column`.
-pub fn function_id(name: &Ident) -> TokenStream {
-    let text = name.to_string();
-    let line = quote_spanned!(name.span()=> ::core::line!());
-    let column = quote_spanned!(name.span()=> ::core::column!());
-    quote!(::core::concat!(::core::module_path!(), "::", #text, "@", #line, ":", #column))
+/// Attributes, visibility and a `fn` signature followed by a `{ ... }` body, whatever the body
+/// holds: the function with an empty block, and the body's tokens.
+fn fn_with_unparsed_body(item: TokenStream) -> syn::Result<(ItemFn, TokenStream)> {
+    let shell = |input: syn::parse::ParseStream| {
+        let attrs = input.call(syn::Attribute::parse_outer)?;
+        let vis = input.parse()?;
+        let sig = input.parse()?;
+        let body;
+        let brace_token = syn::braced!(body in input);
+        let block = syn::Block {
+            brace_token,
+            stmts: Vec::new(),
+        };
+        let item = ItemFn {
+            attrs,
+            vis,
+            sig,
+            block: Box::new(block),
+        };
+        Ok((item, body.parse::<TokenStream>()?))
+    };
+    syn::parse::Parser::parse2(shell, item)
 }
 
-/// A build-stable name of the function (no line numbers), for keys that outlive the process.
-pub fn function_path(name: &Ident) -> TokenStream {
+/// Whether the attribute emits a sibling accessor (`fn <name>_cache()` and the like) for the
+/// function's own store: only for a function without a `self` receiver. The attribute cannot
+/// see whether a method is in an inherent impl, a trait impl or a trait; in the last two an
+/// added `fn` is E0407 (not a member of the trait) or makes the trait not dyn-compatible, and
+/// every dyn-compatible trait method has a receiver. A method reaches its store through
+/// `store = ...` instead.
+pub fn has_accessor(item: &ItemFn) -> bool {
+    item.sig.receiver().is_none()
+}
+
+/// Declares `fn __racefree_id() -> &'static str`: the function's process-unique id,
+/// `<scope>::<name>@<line>:<column>`, for its own store. The scope is read off a marker type
+/// (`__private::function_name`), so it includes the `Self` type of a method and tells apart
+/// functions one `macro_rules!` invocation generates (whose `line!()` is the same); the line
+/// and column tell apart same-named functions in sibling blocks. The accessor declares the
+/// same `fn` and gets the same id.
+pub fn id_fn(name: &Ident) -> TokenStream {
+    let line = quote_spanned!(name.span()=> ::core::line!());
+    let column = quote_spanned!(name.span()=> ::core::column!());
+    name_fn(
+        quote!(__racefree_id),
+        name,
+        quote!(::core::concat!("@", #line, ":", #column)),
+    )
+}
+
+/// Declares `fn __racefree_path() -> &'static str`: the function's build-stable path,
+/// `<scope>::<name>` with the `Self` type of a method and no line number, for record keys
+/// of stores that outlive the process. Computed once.
+pub fn path_fn(name: &Ident) -> TokenStream {
     let text = name.to_string();
-    quote!(::core::concat!(::core::module_path!(), "::", #text))
+    quote! {
+        fn __racefree_path() -> &'static str {
+            struct __RacefreeMark;
+            static __RACEFREE_PATH: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
+            __RACEFREE_PATH.get_or_init(|| {
+                ::racefree::__private::function_name(::core::any::type_name::<__RacefreeMark>(), #text, "")
+            })
+        }
+    }
+}
+
+fn name_fn(fn_name: TokenStream, name: &Ident, suffix: TokenStream) -> TokenStream {
+    let text = name.to_string();
+    quote! {
+        fn #fn_name() -> &'static str {
+            struct __RacefreeMark;
+            ::racefree::__private::function_name(::core::any::type_name::<__RacefreeMark>(), #text, #suffix)
+        }
+    }
 }
 
 /// The accessor each attribute emits for the function's own store, e.g. `fn load_cache()`:
@@ -52,20 +138,27 @@ pub fn handle_accessor(
     what: &str,
     handle: TokenStream,
     cell: TokenStream,
-    cell_args: TokenStream,
+    config: TokenStream,
 ) -> TokenStream {
     let vis = &item.vis;
     let name = &item.sig.ident;
     let accessor = format_ident!("{}_{}", name, suffix);
     let doc = format!(" The {what} of [`{name}`].");
+    let id_fn = id_fn(name);
     quote! {
         #[doc = #doc]
         #[allow(dead_code)]
         #vis fn #accessor() -> &'static #handle {
-            static __RACEFREE_CELL: #cell = #cell::new(#cell_args);
+            #id_fn
+            static __RACEFREE_CELL: #cell = #cell::with_id_fn(__racefree_id, #config);
             __RACEFREE_CELL.handle()
         }
     }
+}
+
+/// Replaces the function's body with the generated `block`, keeping everything else as written.
+pub fn replace_block(item: &mut ItemFn, block: TokenStream) {
+    *item.block = syn::parse2(block).expect("generated block parses");
 }
 
 /// The user's body, to be run inside the generated code. `return` and `?` in it keep meaning
@@ -74,20 +167,20 @@ pub struct Body {
     stmts: Vec<Stmt>,
     prelude: TokenStream,
     output: TokenStream,
-    is_async: bool,
+    mode: Mode,
 }
 
 impl Body {
     pub fn of(item: &ItemFn) -> Body {
         let output = match &item.sig.output {
             ReturnType::Default => quote!(()),
-            ReturnType::Type(_, ty) => ty.to_token_stream(),
+            ReturnType::Type(_, ty) => erase_impl_trait(ty).to_token_stream(),
         };
         Body {
             stmts: item.block.stmts.clone(),
             prelude: TokenStream::new(),
             output,
-            is_async: item.sig.asyncness.is_some(),
+            mode: Mode::of(&item.sig),
         }
     }
 
@@ -106,9 +199,9 @@ impl Body {
     /// is awaited (e.g. to run it under a lock holder's identity).
     pub fn run_wrapped(self, wrap: impl FnOnce(TokenStream) -> TokenStream) -> TokenStream {
         let span = self.output.span();
-        let is_async = self.is_async;
+        let mode = self.mode;
         let deferred = self.deferred();
-        if is_async {
+        if mode.is_async() {
             let future = wrap(deferred);
             quote_spanned!(span=> #future.await)
         } else {
@@ -131,10 +224,10 @@ impl Body {
             stmts,
             prelude,
             output,
-            is_async,
+            mode,
         } = self;
         let span = output.span();
-        if is_async {
+        if mode.is_async() {
             // An async block has no return type annotation: this unreachable `return` pins it,
             // so `?` and `return` in the body infer as they did in the function.
             quote_spanned! {span=>

@@ -18,35 +18,69 @@
 //! With `store_errors` the whole `Result` is stored and replayed. Async functions await
 //! `begin` and `complete`; sync functions block.
 
+use std::time::Duration;
+
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
-use syn::{Expr, Ident, ItemFn, ReturnType};
+use syn::{Expr, Ident, ItemFn, ReturnType, Type};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
-use crate::validate::{contains_impl_trait, Attr, Errors, FnShape, Named, Output};
+use crate::mode::Mode;
+use crate::shape::{contains_impl_trait, FnShape, Output, Param};
+use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
 
+/// What `#[idempotent(...)]` on this function asks for, checked.
 struct Plan {
     key: Expr,
-    fingerprint: TokenStream,
+    fingerprint: Fingerprint,
     scope: Option<Expr>,
+    /// `store = <expr>`; `None`: the function's own in-process store, bounded by `capacity`.
     store: Option<Expr>,
-    policy: TokenStream,
-    config: TokenStream,
+    ttl: Duration,
+    capacity: Option<usize>,
+    in_flight: InFlight,
+    require_key: bool,
+    /// Keep `Err` outcomes too: the whole `Result` is stored and replayed.
     store_errors: bool,
+    /// The `Result<T, E>` the function returns.
+    ret: Type,
 }
+
+/// What a call does when its key's first call is still running.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InFlight {
+    /// Wait for its outcome (the default).
+    Wait,
+    /// Return `IdempotencyError::InProgress` at once.
+    Reject,
+}
+
+/// What the request fingerprint hashes.
+enum Fingerprint {
+    /// `fingerprint = <expr>`.
+    Given(Expr),
+    /// The arguments not skipped and not the key itself.
+    Arguments(Vec<Param>),
+}
+
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Idempotent, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Idempotent, item, &mut errors);
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
-    shape.check_skip(&skip, &mut errors);
+    check_skip(&shape, &skip, &mut errors);
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
     let in_flight = errors
-        .keep(named.choice("in_flight", &["wait", "reject"]))
+        .keep(named.choice(
+            "in_flight",
+            &[("wait", InFlight::Wait), ("reject", InFlight::Reject)],
+        ))
         .flatten();
     let require_key = named.flag("require_key").is_some();
     let store_errors = named.flag("store_errors").is_some();
@@ -69,50 +103,46 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         ));
     }
     let fingerprint = match fingerprint {
-        Some(expr) => {
-            quote_spanned!(expr.span()=> ::core::hash::Hash::hash(&(#expr), &mut __racefree_hasher);)
-        }
-        None => {
-            if let Some(first) = shape.unnamed.first() {
-                errors.push(syn::Error::new_spanned(
-                    first,
-                    "the default fingerprint needs named arguments: write `fingerprint = <expression>`",
-                ));
-            }
-            // An argument that is the key itself does not describe the request: leave it out.
-            let key_argument = key.as_ref().and_then(bare_argument);
-            let hashed = shape
-                .params
-                .iter()
-                .filter(|p| !skip.contains(&p.ident) && Some(&p.ident) != key_argument.as_ref())
-                .map(|p| {
-                    let ident = &p.ident;
-                    quote_spanned!(p.ty.span()=> ::core::hash::Hash::hash(&#ident, &mut __racefree_hasher);)
-                });
-            quote!(#(#hashed)*)
-        }
+        Some(expr) => Fingerprint::Given(expr),
+        None => default_fingerprint(&shape, &skip, key.as_ref(), &mut errors),
     };
     errors.finish()?;
-
-    let ttl = ttl.unwrap_or(std::time::Duration::from_secs(24 * 60 * 60));
-    let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
-    let reject = matches!(&in_flight, Some((mode, _)) if mode == "reject")
-        .then(|| quote!(.reject_in_flight()));
-    let require_key = require_key.then(|| quote!(.require_key()));
-    let policy = quote! {
-        ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
-    };
-    let capacity = capacity.map(|c| quote!(.capacity(#c)));
-    let config = quote!(::racefree::__private::IdempotencyConfig::new() #capacity);
     Ok(Plan {
         key: key.expect("checked above"),
         fingerprint,
         scope,
         store,
-        policy,
-        config,
+        ttl: ttl.unwrap_or(DEFAULT_TTL),
+        capacity,
+        in_flight: in_flight.unwrap_or(InFlight::Wait),
+        require_key,
         store_errors,
+        ret: shape.output.ty().clone(),
     })
+}
+
+/// The arguments not skipped, except one that is the key itself: it does not describe the
+/// request.
+fn default_fingerprint(
+    shape: &FnShape,
+    skip: &[Ident],
+    key: Option<&Expr>,
+    errors: &mut Errors,
+) -> Fingerprint {
+    if let Some(first) = shape.unnamed.first() {
+        errors.push(syn::Error::new_spanned(
+            first,
+            "the default fingerprint needs named arguments: write `fingerprint = <expression>`",
+        ));
+    }
+    let key_argument = key.and_then(bare_argument);
+    let hashed = shape
+        .params
+        .iter()
+        .filter(|p| !skip.contains(&p.ident) && Some(&p.ident) != key_argument.as_ref())
+        .cloned()
+        .collect();
+    Fingerprint::Arguments(hashed)
 }
 
 /// `Result<T, E>` is required: conflicts and duplicates in flight are reported through `E`.
@@ -146,38 +176,64 @@ fn bare_argument(key: &Expr) -> Option<Ident> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
-    })
+    expand::with_fallback(
+        item,
+        |item| item,
+        |item| {
+            let args: Args = syn::parse2(args)?;
+            let plan = validate(args, &item)?;
+            Ok(generate(plan, item))
+        },
+    )
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let Plan {
-        key,
-        fingerprint,
-        scope,
-        store,
-        policy,
-        config,
-        store_errors,
-    } = plan;
     let name = &item.sig.ident;
-    let id = expand::function_id(name);
-    let path = expand::function_path(name);
-    let ret = match &item.sig.output {
-        ReturnType::Type(_, ty) => (**ty).clone(),
-        ReturnType::Default => unreachable!("validated: returns a Result"),
-    };
-    let ret_span = ret.span();
-    let is_async = item.sig.asyncness.is_some();
-
+    let id_fn = expand::id_fn(name);
+    let path_fn = expand::path_fn(name);
+    let mode = Mode::of(&item.sig);
+    let ret = &plan.ret;
     // Calls whose bounds concern the outcome type (`Clone`, `From<IdempotencyError>`) carry the
     // return type's span, so such errors are reported at the return type.
-    let store_method = Ident::new("store", ret_span);
-    let default_store = store.is_none();
-    let store = match &store {
+    let ret_span = ret.span();
+    let store = pick_store(&plan, &id_fn, ret_span);
+    let fingerprint = fingerprint(&plan.fingerprint);
+    let call = call(&plan);
+    let begin = begin(&plan, mode, ret_span);
+    let finish = finish(&plan, mode, ret_span);
+    let body = Body::of(&item).run();
+    let block = quote! {{
+        #path_fn
+        #store
+        let __racefree_fingerprint = {
+            let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
+            #fingerprint
+            __racefree_hasher.fingerprint()
+        };
+        let __racefree_call = #call;
+        #begin
+        let __racefree_output: #ret = #body;
+        #finish
+        __racefree_output
+    }};
+    expand::replace_block(&mut item, block);
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
+        let config = config(&plan);
+        expand::handle_accessor(
+            &item,
+            "idempotency_store",
+            "idempotency store: its records, stats, purging",
+            quote!(::racefree::IdempotencyHandle),
+            quote!(::racefree::__private::IdempotencyCell),
+            config,
+        )
+    });
+    quote!(#item #accessor)
+}
+
+/// Binds `__racefree_store`: the given store, or the function's own.
+fn pick_store(plan: &Plan, id_fn: &TokenStream, ret_span: Span) -> TokenStream {
+    match &plan.store {
         // Method-call syntax, so that auto-deref finds the store behind a `LazyLock` or `Arc`.
         Some(store) => quote_spanned! {store.span()=>
             let __racefree_store = {
@@ -185,60 +241,72 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
                 (#store).idempotency_store()
             };
         },
-        None => quote! {
-            static __RACEFREE_IDEMPOTENCY: ::racefree::__private::IdempotencyCell =
-                ::racefree::__private::IdempotencyCell::new(#id, #config);
-            let __racefree_store = __RACEFREE_IDEMPOTENCY.handle().#store_method();
-        },
-    };
-    let scope = match &scope {
+        None => {
+            let config = config(plan);
+            let store_method = Ident::new("store", ret_span);
+            quote! {
+                #id_fn
+                static __RACEFREE_IDEMPOTENCY: ::racefree::__private::IdempotencyCell =
+                    ::racefree::__private::IdempotencyCell::with_id_fn(__racefree_id, #config);
+                let __racefree_store = __RACEFREE_IDEMPOTENCY.handle().#store_method();
+            }
+        }
+    }
+}
+
+/// The bounds of the function's own store.
+fn config(plan: &Plan) -> TokenStream {
+    let capacity = plan.capacity.map(|c| quote!(.capacity(#c)));
+    quote!(::racefree::__private::IdempotencyConfig::new() #capacity)
+}
+
+/// Statements feeding the request into `__racefree_hasher`.
+fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
+    match fingerprint {
+        Fingerprint::Given(expr) => {
+            quote_spanned!(expr.span()=> ::core::hash::Hash::hash(&(#expr), &mut __racefree_hasher);)
+        }
+        Fingerprint::Arguments(params) => {
+            let hashed = params.iter().map(|p| {
+                let ident = &p.ident;
+                quote_spanned!(p.ty.span()=> ::core::hash::Hash::hash(&#ident, &mut __racefree_hasher);)
+            });
+            quote!(#(#hashed)*)
+        }
+    }
+}
+
+/// The call's record: who (function path, scope, key), what (fingerprint), and the policy.
+fn call(plan: &Plan) -> TokenStream {
+    let scope = match &plan.scope {
         Some(scope) => quote_spanned! {scope.span()=>
             ::core::option::Option::Some(&(#scope) as &dyn ::core::fmt::Display)
         },
         None => quote!(::core::option::Option::None),
     };
+    let key = &plan.key;
     let key = quote_spanned!(key.span()=> #key);
-    let (begin, complete, await_) = match is_async {
-        true => (
-            quote!(begin),
-            Ident::new("complete", ret_span),
-            Some(quote!(.await)),
-        ),
-        false => (
-            quote!(begin_blocking),
-            Ident::new("complete_blocking", ret_span),
-            None,
-        ),
+    let nanos = u64::try_from(plan.ttl.as_nanos()).unwrap_or(u64::MAX);
+    let reject = (plan.in_flight == InFlight::Reject).then(|| quote!(.reject_in_flight()));
+    let require_key = plan.require_key.then(|| quote!(.require_key()));
+    let policy = quote! {
+        ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
+    };
+    quote!(::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy))
+}
+
+/// Claims the key: binds `__racefree_execution`, or returns a replayed or refused outcome.
+fn begin(plan: &Plan, mode: Mode, ret_span: Span) -> TokenStream {
+    let begin = mode.call("begin_blocking", "begin", Span::call_site());
+    let await_ = mode.await_();
+    let replayed = match plan.store_errors {
+        true => quote!(__racefree_outcome),
+        false => quote!(::core::result::Result::Ok(__racefree_outcome)),
     };
     let refused = quote_spanned! {ret_span=>
         ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
     };
-    let (replayed, finish) = if store_errors {
-        (
-            quote!(__racefree_outcome),
-            quote!(__racefree_execution.#complete(&__racefree_output) #await_;),
-        )
-    } else {
-        (
-            quote!(::core::result::Result::Ok(__racefree_outcome)),
-            quote! {
-                match &__racefree_output {
-                    ::core::result::Result::Ok(__racefree_value) => __racefree_execution.#complete(__racefree_value) #await_,
-                    ::core::result::Result::Err(_) => __racefree_execution.release(),
-                }
-            },
-        )
-    };
-    let body = Body::of(&item).run();
-
-    let block = quote! {{
-        #store
-        let __racefree_fingerprint = {
-            let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
-            #fingerprint
-            __racefree_hasher.fingerprint()
-        };
-        let __racefree_call = ::racefree::__private::Call::new(#path, #scope, #key, __racefree_fingerprint, #policy);
+    quote! {
         // `From::from` is the identity when `E` is `IdempotencyError` itself.
         #[allow(clippy::useless_conversion)]
         let __racefree_execution = match ::racefree::__private::#begin(__racefree_store, __racefree_call) #await_ {
@@ -246,21 +314,20 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             ::racefree::__private::Begin::Replay(__racefree_outcome) => return #replayed,
             ::racefree::__private::Begin::Refuse(__racefree_error) => return #refused,
         };
-        let __racefree_output: #ret = #body;
-        #finish
-        __racefree_output
-    }};
-    *item.block = syn::parse2(block).expect("generated block parses");
+    }
+}
 
-    let accessor = default_store.then(|| {
-        expand::handle_accessor(
-            &item,
-            "idempotency_store",
-            "idempotency store: its records, stats, purging",
-            quote!(::racefree::IdempotencyHandle),
-            quote!(::racefree::__private::IdempotencyCell),
-            quote!(#id, #config),
-        )
-    });
-    quote!(#item #accessor)
+/// Stores a success (or, with `store_errors`, any outcome); releases the key after an `Err`.
+fn finish(plan: &Plan, mode: Mode, ret_span: Span) -> TokenStream {
+    let complete = mode.call("complete_blocking", "complete", ret_span);
+    let await_ = mode.await_();
+    match plan.store_errors {
+        true => quote!(__racefree_execution.#complete(&__racefree_output) #await_;),
+        false => quote! {
+            match &__racefree_output {
+                ::core::result::Result::Ok(__racefree_value) => __racefree_execution.#complete(__racefree_value) #await_,
+                ::core::result::Result::Err(_) => __racefree_execution.release(),
+            }
+        },
+    }
 }

@@ -1,14 +1,21 @@
 //! Procedural macros of [racefree](https://docs.rs/racefree). Depend on `racefree`, not on this
 //! crate: the generated code names `::racefree::__private`.
 //!
-//! Each attribute is a thin shim: parse the arguments (`args.rs`), check them against the
-//! function (`validate.rs`), then expand (`cached.rs`, `idempotent.rs`, `sequenced.rs`).
+//! Each attribute is a thin shim over its module (`cached.rs`, `idempotent.rs`,
+//! `sequenced.rs`), which runs the same three steps: parse the arguments (`args.rs`, one
+//! grammar for all three), validate them against the function into a plan of plain data
+//! (`validate.rs` for what the attributes share, `shape.rs` for reading the signature), then
+//! generate the new body, one small function per step of the expansion sketched in the
+//! module's doc (`expand.rs` for the shared pieces, `mode.rs` for sync vs async).
 
 mod args;
 mod cached;
 mod expand;
 mod idempotent;
+mod key;
+mod mode;
 mod sequenced;
+mod shape;
 mod validate;
 
 use proc_macro::TokenStream;
@@ -16,11 +23,34 @@ use proc_macro::TokenStream;
 /// Memoizes a function; on a miss exactly one caller per key runs the body, the others wait
 /// for its value.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use racefree::cached;
 ///
+/// #[derive(Clone, Debug, PartialEq)]
+/// struct User { id: u64 }
+/// #[derive(Debug)]
+/// struct DbError;
+/// struct Db { queries: AtomicUsize }
+///
 /// #[cached(key = user_id, ttl = "5m", capacity = 10_000, skip(db))]
-/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> { /* … */ }
+/// async fn fetch_user(db: &Db, user_id: u64) -> Result<User, DbError> {
+///     db.queries.fetch_add(1, Ordering::SeqCst);
+///     if user_id == 0 { return Err(DbError); }         // an `Err` is not cached
+///     Ok(User { id: user_id })
+/// }
+///
+/// let db = Db { queries: AtomicUsize::new(0) };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     assert_eq!(fetch_user(&db, 7).await.unwrap(), User { id: 7 });
+///     assert_eq!(fetch_user(&db, 7).await.unwrap(), User { id: 7 });   // a hit
+///     assert!(fetch_user(&db, 0).await.is_err());
+///     assert!(fetch_user(&db, 0).await.is_err());                      // runs again
+/// });
+/// assert_eq!(db.queries.load(Ordering::SeqCst), 3);
+/// assert!(fetch_user_cache().invalidate(&7_u64));   // the key as the function builds it
+/// assert_eq!(fetch_user_cache().stats().hits, 1);
 /// ```
 ///
 /// - `key = <expr>`: the cache key; by default every argument except `self` and those in
@@ -35,14 +65,35 @@ use proc_macro::TokenStream;
 ///   next: each gets its own attempt, one at a time, never a copy of another caller's error.
 /// - The value must be `Clone`; every caller gets a clone.
 /// - Without `store`, the attribute also emits `fn <name>_cache() -> &'static
-///   racefree::CacheHandle` (with the function's visibility): `invalidate(&key)`, `clear()`,
-///   `len()`, `in_flight()`, `stats()` (`hits`, `coalesced`, `executions`). A generic function
-///   gets one cache per concrete type.
+///   racefree::CacheHandle` (with the function's visibility; see
+///   [Where it goes](#where-it-goes)): `invalidate(&key)`, `clear()`, `len()`, `in_flight()`,
+///   `stats()` (`hits`, `coalesced`, `executions`). A generic function gets one cache per
+///   concrete type.
 /// - `store = <expr>`: a store you own instead, e.g. a `racefree::Cache<K, V>` field
 ///   (`store = self.rows`), or, with the `redis` feature, a `racefree::redis::RedisCacheStore`
 ///   (async functions returning `Result<T, E>` with `E: From<RedisStoreError>`).
+/// - On a method (`&self`, `self`) the default key would be the other arguments only, and
+///   every instance would get the value first computed for any of them, so it is a compile
+///   error: write `key = (self.<id>, ...)` naming what identifies the instance,
+///   `store = self.<field>` for a cache per instance, or `shared` for one cache for all
+///   instances.
+/// - A default-key argument that cannot be a key (not `Eq + Hash + Clone + Send + Sync +
+///   'static` once owned, e.g. a connection pool) is an error at that argument: `skip` it.
 /// - Async callers await while they wait (they never block an executor thread); sync callers
 ///   block their thread.
+///
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_cache()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     cached::expand(args.into(), item.into()).into()
@@ -50,12 +101,39 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Executes the body once per idempotency key; duplicates get the stored outcome.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use racefree::{idempotent, IdempotencyError};
 ///
+/// #[derive(Hash)]
+/// struct ScheduleRequest { idempotency_key: Option<String>, week: u32 }
+/// #[derive(Clone, Debug, PartialEq)]
+/// struct ScheduleRun { week: u32 }
+/// #[derive(Debug, PartialEq)]
+/// enum ApiError { Refused(IdempotencyError) }
+/// impl From<IdempotencyError> for ApiError {
+///     fn from(e: IdempotencyError) -> Self { ApiError::Refused(e) }
+/// }
+/// struct Db { runs: AtomicUsize }
+///
 /// #[idempotent(key = req.idempotency_key.as_deref(), ttl = "24h", skip(db))]
-/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> { /* … */ }
-/// // ApiError: From<IdempotencyError>
+/// async fn generate_schedule(db: &Db, req: &ScheduleRequest) -> Result<ScheduleRun, ApiError> {
+///     db.runs.fetch_add(1, Ordering::SeqCst);
+///     Ok(ScheduleRun { week: req.week })
+/// }
+///
+/// let db = Db { runs: AtomicUsize::new(0) };
+/// let request = |week| ScheduleRequest { idempotency_key: Some("req-1".into()), week };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     assert_eq!(generate_schedule(&db, &request(12)).await, Ok(ScheduleRun { week: 12 }));
+///     assert_eq!(generate_schedule(&db, &request(12)).await, Ok(ScheduleRun { week: 12 }));  // replayed
+///     assert_eq!(                                       // same key, other request
+///         generate_schedule(&db, &request(13)).await,
+///         Err(ApiError::Refused(IdempotencyError::Conflict { key: "req-1".into() })),
+///     );
+/// });
+/// assert_eq!(db.runs.load(Ordering::SeqCst), 1);
 /// ```
 ///
 /// - The first call with a key claims it atomically and runs the body; its `Ok` outcome is
@@ -70,10 +148,13 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   `Result` is what is stored and replayed).
 /// - `key = <expr>` evaluates to `&str`, `String` or an `Option` of them; `None` runs the body
 ///   without idempotency, or refuses with `IdempotencyError::MissingKey` under `require_key`.
-/// - Keys are per function (its module path and name, stable across builds) and per
-///   `scope = <expr>` (any `Display`, e.g. a tenant id).
-///   With a shared `store`, two functions of the same name in one module (methods of two
-///   types, say) share that path: give each its own `scope` so their keys never meet.
+/// - Keys are per function and per `scope = <expr>` (any `Display`, e.g. a tenant id). The
+///   function part is its path with the `Self` type of a method and no line number
+///   (`app::Billing::charge`, `<app::Card as app::Pay>::charge`), the same in every build of
+///   the same code, so a shared or persistent store never mixes two functions' records, even
+///   ones a `macro_rules!` generates. Moving or renaming the function changes it; so can a
+///   compiler release (it is the compiler's `type_name` of the scope): give `scope` to records
+///   that must outlive either.
 /// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
 ///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
 ///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)
@@ -86,6 +167,19 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   wrap the call in `racefree::replay::track(future)` or `track_sync(closure)`; ordinary
 ///   callers call the function as before.
 /// - The function must return `Result<T, E>` with `E: From<racefree::IdempotencyError>`.
+///
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_idempotency_store()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     idempotent::expand(args.into(), item.into()).into()
@@ -94,13 +188,32 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Runs calls with the same key one at a time, in arrival order, and hands out gap-free
 /// sequence numbers.
 ///
-/// ```ignore
+/// ```
+/// use std::sync::Mutex;
 /// use racefree::{sequenced, Seq};
 ///
+/// struct EventLog { rows: Mutex<Vec<(String, u64, &'static str)>> }
+/// #[derive(Debug)]
+/// struct StoreError;
+///
 /// #[sequenced(key = aggregate_id)]
-/// async fn append(log: &EventLog, aggregate_id: &str, event: Event, seq: Seq) -> Result<(), StoreError> {
-///     log.insert(aggregate_id, seq.get(), event).await       // callers call append(&log, id, ev)
+/// async fn append(log: &EventLog, aggregate_id: &str, event: &'static str, seq: Seq) -> Result<(), StoreError> {
+///     if event.is_empty() { return Err(StoreError); }  // consumes no number
+///     log.rows.lock().unwrap().push((aggregate_id.to_owned(), seq.get(), event));
+///     Ok(())
 /// }
+///
+/// let log = EventLog { rows: Mutex::new(Vec::new()) };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     append(&log, "cart-9", "created").await.unwrap();      // callers never pass `seq`
+///     assert!(append(&log, "cart-9", "").await.is_err());
+///     append(&log, "cart-9", "paid").await.unwrap();
+///     append(&log, "cart-3", "created").await.unwrap();
+/// });
+/// let numbers: Vec<(String, u64)> = log.rows.lock().unwrap().iter().map(|r| (r.0.clone(), r.1)).collect();
+/// assert_eq!(numbers, [("cart-9".into(), 1), ("cart-9".into(), 2), ("cart-3".into(), 1)]);
+/// assert_eq!(append_sequence().next(&"cart-9".to_owned()), Some(3));
 /// ```
 ///
 /// Arguments, all optional:
@@ -126,7 +239,7 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// calls finished.
 ///
 /// Without `store`, the attribute also emits `fn <name>_sequence() -> &'static SequenceHandle`
-/// to read, set and reset a key's next number.
+/// to read, set and reset a key's next number (see [Where it goes](#where-it-goes)).
 ///
 /// Re-entering a key from inside its own body (the body calls, directly or not, a sequenced
 /// function with the same key on the same thread or within the body's future) would deadlock;
@@ -134,7 +247,19 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// a panic otherwise). A body that hands the re-entering call to another thread or a spawned
 /// task and waits for it is not detected: use `timeout` there.
 ///
-/// See the crate docs of `racefree` for a runnable example.
+/// # Where it goes
+///
+/// On any `fn` or `async fn` with a body: free functions, inherent methods, trait impls
+/// (`async fn` too) and trait default methods; not on a `const fn`. Every function has its own
+/// store, told apart by its path including the `Self` type of a method, also when a
+/// `macro_rules!` generates several. The accessor (`fn <name>_sequence()`) is emitted beside a
+/// function without a `self` receiver only: the attribute cannot see whether a method sits in
+/// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
+/// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
+/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// trait. A trait default method's own store is one for all implementors: put what tells them
+/// apart in `key`.
+/// `-> impl Trait` works (the expansion writes `_` where it names the return type).
 #[proc_macro_attribute]
 pub fn sequenced(args: TokenStream, item: TokenStream) -> TokenStream {
     sequenced::expand(args.into(), item.into()).into()

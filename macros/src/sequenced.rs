@@ -15,32 +15,44 @@
 //! Errors from the backend go through the function's error type (`E: From<SequenceError>`)
 //! when it has `timeout` or `store`; otherwise the only possible one is re-entry, which panics.
 
+use std::time::Duration;
+
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
-use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, FnArg, ItemFn, Pat, ReturnType, Type};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
-use crate::validate::{Attr, Errors, FnShape, Named, Output};
+use crate::mode::Mode;
+use crate::shape::{erase_impl_trait, FnShape, Output};
+use crate::validate::{check_signature, Attr, Errors, Named};
+
+/// What `#[sequenced(...)]` on this function asks for, checked.
+struct Plan {
+    /// `key = <expr>`; `None`: one sequence for all callers (the key `()`).
+    key: Option<Expr>,
+    start: Option<Expr>,
+    timeout: Option<Duration>,
+    /// `store = <expr>`; `None`: the function's own sequencer.
+    store: Option<Expr>,
+    seq: Option<SeqParam>,
+    output: Output,
+}
+
+impl Plan {
+    /// Backend errors are returned as `Err(E::from(error))` (else they panic): only a timeout or
+    /// a store can fail other than by re-entry.
+    fn typed_errors(&self) -> bool {
+        self.timeout.is_some() || self.store.is_some()
+    }
+}
 
 /// The `seq: Seq` parameter: where it was, and how the body binds it.
 struct SeqParam {
     index: usize,
     pat: Pat,
     ty: Type,
-}
-
-struct Plan {
-    key: TokenStream,
-    start: Option<Expr>,
-    timeout_nanos: Option<u64>,
-    store: Option<Expr>,
-    seq: Option<SeqParam>,
-    output: Output,
-    /// Backend errors are returned as `Err(E::from(error))` (else they panic).
-    typed_errors: bool,
 }
 
 fn is_seq(ty: &Type) -> bool {
@@ -82,14 +94,12 @@ fn seq_param(item: &ItemFn, errors: &mut Errors) -> Option<SeqParam> {
 fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Sequenced, args)?;
     let mut errors = Errors::default();
+    check_signature(Attr::Sequenced, item, &mut errors);
     let shape = FnShape::of(item);
     let timeout = errors.keep(named.duration("timeout")).flatten();
     let start = named.expr("start");
     let store = named.expr("store");
-    let key = match named.expr("key") {
-        Some(expr) => quote_spanned!(expr.span()=> #expr),
-        None => quote!(()),
-    };
+    let key = named.expr("key");
     let seq = seq_param(item, &mut errors);
     if let (Some(start), None) = (&start, &seq) {
         errors.push(syn::Error::new_spanned(
@@ -97,8 +107,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
             "`start` sets the first `Seq` number: add a `seq: Seq` parameter, or remove `start`",
         ));
     }
-    let typed_errors = timeout.is_some() || store.is_some();
-    if typed_errors && !matches!(shape.output, Output::Result(_)) {
+    if (timeout.is_some() || store.is_some()) && !matches!(shape.output, Output::Result(_)) {
         let why = if timeout.is_some() {
             "with `timeout = ...` a call can give up waiting for its key"
         } else {
@@ -113,29 +122,21 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         }
     }
     errors.finish()?;
-    let timeout_nanos = timeout.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     Ok(Plan {
         key,
         start,
-        timeout_nanos,
+        timeout,
         store,
         seq,
         output: shape.output,
-        typed_errors,
     })
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, |item| {
-        let plan = syn::parse2::<Args>(args).and_then(|args| validate(args, &item));
-        Ok(match plan {
-            Ok(plan) => generate(plan, item),
-            Err(error) => {
-                let error = error.to_compile_error();
-                let item = without_seq_params(item);
-                quote!(#item #error)
-            }
-        })
+    expand::with_fallback(item, without_seq_params, |item| {
+        let args: Args = syn::parse2(args)?;
+        let plan = validate(args, &item)?;
+        Ok(generate(plan, item))
     })
 }
 
@@ -150,11 +151,11 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
             let (pat, ty) = (&typed.pat, &typed.ty);
             match &**ty {
                 Type::Reference(reference) if is_seq(&reference.elem) => {
-                    bindings.push(quote!(let #pat: #ty = &::racefree::Seq::new(0, 0);));
+                    bindings.push(quote!(let #pat: #ty = &::racefree::__private::seq(0, 0);));
                     continue;
                 }
                 ty if is_seq(ty) => {
-                    bindings.push(quote!(let #pat: #ty = ::racefree::Seq::new(0, 0);));
+                    bindings.push(quote!(let #pat: #ty = ::racefree::__private::seq(0, 0);));
                     continue;
                 }
                 _ => {}
@@ -171,150 +172,32 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let Plan {
-        key,
-        start,
-        timeout_nanos,
-        store,
-        seq,
-        output,
-        typed_errors,
-    } = plan;
     let name = item.sig.ident.clone();
-    let id = expand::function_id(&name);
-    let path = expand::function_path(&name);
-    let ret = output.ty().clone();
-    let is_async = item.sig.asyncness.is_some();
+    let id_fn = expand::id_fn(&name);
+    // Only a panic names the function; a typed error does not.
+    let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(&name));
+    let mode = Mode::of(&item.sig);
+    let ret = erase_impl_trait(plan.output.ty());
+    let fail = fail(&plan);
 
-    let backend = match &store {
-        Some(store) => quote_spanned! {store.span()=>
-            let __racefree_backend = &(#store);
-        },
-        None => quote! {
-            static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
-                ::racefree::__private::SequenceCell::new(#id);
-            let __racefree_backend = __RACEFREE_SEQUENCE.handle().sequencer();
-        },
-    };
-    let deadline = match timeout_nanos {
-        Some(nanos) => quote! {
-            ::core::option::Option::Some(::std::time::Instant::now() + ::core::time::Duration::from_nanos(#nanos))
-        },
-        None => quote!(::core::option::Option::None),
-    };
-    let fail = if typed_errors {
-        quote_spanned! {ret.span()=>
-            return ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
-        }
-    } else {
-        quote!(::racefree::__private::sequence_failed(#path, __racefree_error))
-    };
-    let (acquire, next, commit) = if is_async {
-        (
-            quote!(::racefree::__private::SequenceBackend::acquire_async(__racefree_backend, __racefree_key, #deadline).await),
-            quote!(::racefree::__private::SequenceLease::next_async(&mut __racefree_lease).await),
-            quote!(
-                ::racefree::__private::SequenceLease::commit_async(
-                    __racefree_lease,
-                    __racefree_number
-                )
-                .await
-            ),
-        )
-    } else {
-        (
-            quote!(::racefree::__private::SequenceBackend::acquire(__racefree_backend, __racefree_key, #deadline)),
-            quote!(::racefree::__private::SequenceLease::next(
-                &mut __racefree_lease
-            )),
-            quote!(::racefree::__private::SequenceLease::commit(
-                __racefree_lease,
-                __racefree_number
-            )),
-        )
-    };
-
+    let bind_key = bind_key(&plan);
+    let backend = pick_backend(&plan, &id_fn);
+    let acquire = acquire(&plan, mode, &fail);
     let mut body = Body::of(&item);
-    let (mutability, number, finish) = match &seq {
-        Some(SeqParam { pat, ty, .. }) => {
-            body = body.with_prelude(quote! {
-                #[allow(unused_variables)]
-                let #pat: #ty = __racefree_seq;
-            });
-            let start = match &start {
-                Some(start) => quote_spanned! {start.span()=>
-                    {
-                        let __racefree_start: u64 = #start;
-                        __racefree_start
-                    }
-                },
-                None => quote!(1_u64),
-            };
-            let number = quote! {
-                let __racefree_number: u64 = match #next {
-                    ::core::result::Result::Ok(::core::option::Option::Some(__racefree_next)) => __racefree_next,
-                    ::core::result::Result::Ok(::core::option::Option::None) => #start,
-                    ::core::result::Result::Err(__racefree_error) => #fail,
-                };
-                let __racefree_seq = match ::racefree::Seq::issue(
-                    __racefree_number,
-                    ::racefree::__private::SequenceLease::fence(&__racefree_lease),
-                ) {
-                    ::core::result::Result::Ok(__racefree_seq) => __racefree_seq,
-                    ::core::result::Result::Err(__racefree_error) => #fail,
-                };
-            };
-            let succeeded = match &output {
-                Output::Result(_) => quote!(::core::result::Result::is_ok(&__racefree_output)),
-                Output::Option(_) | Output::Plain(_) => quote!(true),
-            };
-            let finish = quote! {
-                if #succeeded {
-                    if let ::core::result::Result::Err(__racefree_error) = #commit {
-                        #fail;
-                    }
-                } else {
-                    ::core::mem::drop(__racefree_lease);
-                }
-            };
-            (quote!(mut), number, finish)
-        }
-        None => (
-            quote!(),
-            quote!(),
-            quote!(::core::mem::drop(__racefree_lease);),
-        ),
-    };
-    let holder = quote!(::racefree::__private::SequenceLease::holder(
-        &__racefree_lease
-    ));
-    // The code under the key runs as its holder, so that taking the key again from inside is
-    // detected as re-entry. A sync function enters before `start` too; an async one enters on
-    // every poll of its body, while `start` (which may `.await` and `?` in the function's own
-    // scope) runs outside: re-entering from an async `start` waits, like a spawned task would.
-    let (enter, run) = if is_async {
-        (
-            quote!(),
-            body.run_wrapped(|future| quote!(#holder.within(#future))),
-        )
-    } else {
-        (
-            quote!(let __racefree_entered = #holder.enter();),
-            body.run(),
-        )
-    };
-
+    if let Some(SeqParam { pat, ty, .. }) = &plan.seq {
+        body = body.with_prelude(quote! {
+            #[allow(unused_variables)]
+            let #pat: #ty = __racefree_seq;
+        });
+    }
+    let number = number(&plan, mode, &fail);
+    let (enter, run) = run_as_holder(body, mode);
+    let finish = finish(&plan, mode, &fail);
     let block = quote! {{
-        let __racefree_key = {
-            #[allow(unused_imports)]
-            use ::racefree::__private::{KeyByRef as _, KeyByValue as _};
-            (&&::racefree::__private::KeyWrap::new(#key)).__racefree_key()
-        };
+        #path_fn
+        #bind_key
         #backend
-        let #mutability __racefree_lease = match #acquire {
-            ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
-            ::core::result::Result::Err(__racefree_error) => #fail,
-        };
+        #acquire
         #enter
         #number
         // The body runs as a closure call (sync) or an async block with an unreachable
@@ -324,28 +207,177 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         #finish
         __racefree_output
     }};
-    *item.block = syn::parse2(block).expect("generated block parses");
-    if let Some(SeqParam { index, .. }) = seq {
-        item.sig.inputs = item
-            .sig
-            .inputs
-            .clone()
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| *i != index)
-            .map(|(_, input)| input)
-            .collect::<Punctuated<FnArg, syn::Token![,]>>();
+    expand::replace_block(&mut item, block);
+    if let Some(seq) = &plan.seq {
+        remove_param(&mut item, seq.index);
     }
-
-    let handle = store.is_none().then(|| {
+    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
         expand::handle_accessor(
             &item,
             "sequence",
             "sequences: read, set or reset a key's next number",
             quote!(::racefree::SequenceHandle),
             quote!(::racefree::__private::SequenceCell),
-            quote!(#id),
+            quote!(()),
         )
     });
-    quote!(#item #handle)
+    quote!(#item #accessor)
+}
+
+/// What a backend error does: returned through `E: From<SequenceError>`, or a panic.
+fn fail(plan: &Plan) -> TokenStream {
+    match plan.typed_errors() {
+        // `From::from` is the identity when `E` is `SequenceError` itself.
+        true => quote_spanned! {plan.output.ty().span()=>
+            return {
+                #[allow(clippy::useless_conversion)]
+                let __racefree_error = ::core::convert::From::from(__racefree_error);
+                ::core::result::Result::Err(__racefree_error)
+            }
+        },
+        false => quote!(::racefree::__private::sequence_failed(
+            __racefree_path(),
+            __racefree_error
+        )),
+    }
+}
+
+/// Binds `__racefree_key`, kept in its owned form (`&str` as `String`), before the call waits.
+fn bind_key(plan: &Plan) -> TokenStream {
+    let key = match &plan.key {
+        Some(expr) => quote_spanned!(expr.span()=> #expr),
+        None => quote!(()),
+    };
+    quote! {
+        let __racefree_key = {
+            #[allow(unused_imports)]
+            use ::racefree::__private::{KeyByRef as _, KeyByValue as _};
+            (&&::racefree::__private::KeyWrap::new(#key)).__racefree_key()
+        };
+    }
+}
+
+/// Binds `__racefree_backend`: the given store, or the function's own sequencer.
+fn pick_backend(plan: &Plan, id_fn: &TokenStream) -> TokenStream {
+    match &plan.store {
+        Some(store) => quote_spanned! {store.span()=>
+            let __racefree_backend = &(#store);
+        },
+        None => quote! {
+            #id_fn
+            static __RACEFREE_SEQUENCE: ::racefree::__private::SequenceCell =
+                ::racefree::__private::SequenceCell::with_id_fn(__racefree_id, ());
+            let __racefree_backend = __RACEFREE_SEQUENCE.handle().sequencer();
+        },
+    }
+}
+
+/// Waits for the key (FIFO, until the deadline): binds `__racefree_lease`.
+fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
+    let deadline = match plan.timeout {
+        Some(timeout) => {
+            let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+            quote! {
+                ::core::option::Option::Some(::std::time::Instant::now() + ::core::time::Duration::from_nanos(#nanos))
+            }
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let acquire = mode.call("acquire", "acquire_async", proc_macro2::Span::call_site());
+    let await_ = mode.await_();
+    // `next` and `commit` take the lease mutably / by value; without a `Seq` neither runs.
+    let mutability = plan.seq.is_some().then(|| quote!(mut));
+    quote! {
+        let #mutability __racefree_lease = match ::racefree::__private::SequenceBackend::#acquire(__racefree_backend, __racefree_key, #deadline) #await_ {
+            ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
+            ::core::result::Result::Err(__racefree_error) => #fail,
+        };
+    }
+}
+
+/// Binds `__racefree_number` (the key's next number, or `start` for a new key, evaluated here
+/// under the lock) and the `Seq` handed to the body. Nothing without a `Seq` parameter.
+fn number(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
+    if plan.seq.is_none() {
+        return quote!();
+    }
+    let start = match &plan.start {
+        Some(start) => quote_spanned! {start.span()=>
+            {
+                let __racefree_start: u64 = #start;
+                __racefree_start
+            }
+        },
+        None => quote!(1_u64),
+    };
+    let next = mode.call("next", "next_async", proc_macro2::Span::call_site());
+    let await_ = mode.await_();
+    quote! {
+        let __racefree_number: u64 = match ::racefree::__private::SequenceLease::#next(&mut __racefree_lease) #await_ {
+            ::core::result::Result::Ok(::core::option::Option::Some(__racefree_next)) => __racefree_next,
+            ::core::result::Result::Ok(::core::option::Option::None) => #start,
+            ::core::result::Result::Err(__racefree_error) => #fail,
+        };
+        let __racefree_seq = match ::racefree::__private::issue_seq(
+            __racefree_number,
+            ::racefree::__private::SequenceLease::fence(&__racefree_lease),
+        ) {
+            ::core::result::Result::Ok(__racefree_seq) => __racefree_seq,
+            ::core::result::Result::Err(__racefree_error) => #fail,
+        };
+    }
+}
+
+/// The code under the key runs as its holder, so that taking the key again from inside is
+/// detected as re-entry. A sync function enters before `start` too; an async one enters on
+/// every poll of its body, while `start` (which may `.await` and `?` in the function's own
+/// scope) runs outside: re-entering from an async `start` waits, like a spawned task would.
+fn run_as_holder(body: Body, mode: Mode) -> (TokenStream, TokenStream) {
+    let holder = quote!(::racefree::__private::SequenceLease::holder(
+        &__racefree_lease
+    ));
+    match mode {
+        Mode::Async => (
+            quote!(),
+            body.run_wrapped(|future| quote!(#holder.within(#future))),
+        ),
+        Mode::Sync => (
+            quote!(let __racefree_entered = #holder.enter();),
+            body.run(),
+        ),
+    }
+}
+
+/// Commits the number after a success (`Ok`, or any value of a function not returning
+/// `Result`); otherwise, or without a `Seq`, drops the lease so the next waiter runs.
+fn finish(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
+    if plan.seq.is_none() {
+        return quote!(::core::mem::drop(__racefree_lease););
+    }
+    let succeeded = match &plan.output {
+        Output::Result(_) => quote!(::core::result::Result::is_ok(&__racefree_output)),
+        Output::Option(_) | Output::Plain(_) => quote!(true),
+    };
+    let commit = mode.call("commit", "commit_async", proc_macro2::Span::call_site());
+    let await_ = mode.await_();
+    quote! {
+        if #succeeded {
+            if let ::core::result::Result::Err(__racefree_error) = ::racefree::__private::SequenceLease::#commit(__racefree_lease, __racefree_number) #await_ {
+                #fail;
+            }
+        } else {
+            ::core::mem::drop(__racefree_lease);
+        }
+    }
+}
+
+/// Removes the `Seq` parameter from the signature callers see.
+fn remove_param(item: &mut ItemFn, index: usize) {
+    let inputs = std::mem::take(&mut item.sig.inputs);
+    item.sig.inputs = inputs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index)
+        .map(|(_, input)| input)
+        .collect();
 }

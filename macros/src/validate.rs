@@ -1,14 +1,16 @@
-//! Turns raw arguments and the annotated function into checked pieces: every mistake becomes
-//! a `syn::Error` spanned on the offending tokens, saying what to write instead.
+//! What the three attributes' validation shares: turning raw arguments into known, unique,
+//! typed values (`Duration`, `usize`, a choice) and checking the arguments `skip(...)` and a
+//! default key refer to. Every mistake becomes a `syn::Error` spanned on the offending tokens,
+//! saying what to write instead. Nothing here writes code: each attribute's `validate` returns
+//! a plan of plain data, and its `generate` step alone calls `quote!`.
 
 use std::time::Duration;
 
-use proc_macro2::{Span, TokenStream};
-use quote::ToTokens;
-use syn::spanned::Spanned;
-use syn::{Expr, FnArg, Ident, ItemFn, Lit, Pat, ReturnType, Type};
+use proc_macro2::Span;
+use syn::{Expr, Ident, ItemFn, Lit, Type};
 
 use crate::args::{Arg, Args, Value};
+use crate::shape::{contains_impl_trait, FnShape, Param};
 
 /// Which attribute is being expanded, and what it accepts.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,7 @@ impl Attr {
                     Kind::Value,
                     "store = <expression of type &racefree::Cache<K, V>>",
                 ),
+                ("shared", Kind::Flag, "shared"),
             ],
             Attr::Idempotent => &[
                 (
@@ -203,19 +206,22 @@ impl Named {
         }
     }
 
-    /// `name = "one of choices"`.
-    pub fn choice(&mut self, name: &str, choices: &[&str]) -> syn::Result<Option<(String, Span)>> {
+    /// `name = "<one of choices>"`, as the value paired with the chosen text.
+    pub fn choice<T: Copy>(&mut self, name: &str, choices: &[(&str, T)]) -> syn::Result<Option<T>> {
         let Some(expr) = self.expr(name) else {
             return Ok(None);
         };
-        let listed = choices
-            .iter()
-            .map(|c| format!("`{name} = \"{c}\"`"))
-            .collect::<Vec<_>>()
-            .join(" or ");
-        match string_literal(&expr) {
-            Some(text) if choices.contains(&text.as_str()) => Ok(Some((text, expr.span()))),
-            _ => Err(syn::Error::new_spanned(&expr, format!("write {listed}"))),
+        let text = string_literal(&expr);
+        match choices.iter().find(|(c, _)| Some(*c) == text.as_deref()) {
+            Some(&(_, value)) => Ok(Some(value)),
+            None => {
+                let listed = choices
+                    .iter()
+                    .map(|(c, _)| format!("`{name} = \"{c}\"`"))
+                    .collect::<Vec<_>>()
+                    .join(" or ");
+                Err(syn::Error::new_spanned(&expr, format!("write {listed}")))
+            }
         }
     }
 }
@@ -250,147 +256,67 @@ impl Errors {
     }
 }
 
-/// A named argument of the annotated function.
-pub struct Param {
-    pub ident: Ident,
-    pub ty: Type,
-    pub whole: TokenStream,
+/// Signature forms no attribute can wrap.
+pub fn check_signature(attr: Attr, item: &ItemFn, errors: &mut Errors) {
+    if let Some(constness) = &item.sig.constness {
+        errors.push(syn::Error::new_spanned(
+            constness,
+            format!(
+                "#[{}] cannot go on a `const fn`: its calls go through a store at run time; remove `const`",
+                attr.name()
+            ),
+        ));
+    }
 }
 
-/// What the expansion needs to know about the annotated function.
-pub struct FnShape {
-    pub params: Vec<Param>,
-    /// Arguments whose pattern is not a plain name: fine unless a default key needs them.
-    pub unnamed: Vec<TokenStream>,
-    pub output: Output,
-}
-
-/// How the return value is read: which outcomes count as success.
-pub enum Output {
-    /// `Result<T, E>` (also `io::Result<T>` and other aliases named `Result`): `Ok` succeeds.
-    Result(Type),
-    /// `Option<T>`: `Some` succeeds.
-    Option(Type),
-    /// Anything else: every return succeeds.
-    Plain(Type),
-}
-
-impl Output {
-    pub fn ty(&self) -> &Type {
-        match self {
-            Output::Result(t) | Output::Option(t) | Output::Plain(t) => t,
+/// Checks that every name in `skip(...)` is an argument.
+pub fn check_skip(shape: &FnShape, skip: &[Ident], errors: &mut Errors) {
+    for name in skip {
+        if name == "self" {
+            errors.push(syn::Error::new(
+                name.span(),
+                "`self` is never part of the key; remove it from skip(...)",
+            ));
+        } else if shape.param(name).is_none() {
+            let names = shape
+                .params
+                .iter()
+                .map(|p| format!("`{}`", p.ident))
+                .collect::<Vec<_>>()
+                .join(", ");
+            errors.push(syn::Error::new(
+                name.span(),
+                format!("`{name}` is not an argument of this function; skip(...) takes argument names: {names}"),
+            ));
         }
     }
 }
 
-impl FnShape {
-    pub fn of(item: &ItemFn) -> FnShape {
-        let mut params = Vec::new();
-        let mut unnamed = Vec::new();
-        for input in &item.sig.inputs {
-            match input {
-                FnArg::Receiver(_) => {}
-                FnArg::Typed(typed) => match &*typed.pat {
-                    Pat::Ident(pat) if pat.subpat.is_none() => params.push(Param {
-                        ident: pat.ident.clone(),
-                        ty: (*typed.ty).clone(),
-                        whole: typed.to_token_stream(),
-                    }),
-                    _ => unnamed.push(typed.to_token_stream()),
-                },
-            }
-        }
-        let output = match &item.sig.output {
-            ReturnType::Default => Output::Plain(syn::parse_quote!(())),
-            ReturnType::Type(_, ty) => classify(ty),
-        };
-        FnShape {
-            params,
-            unnamed,
-            output,
-        }
-    }
-
-    pub fn param(&self, ident: &Ident) -> Option<&Param> {
-        self.params.iter().find(|p| p.ident == *ident)
-    }
-
-    /// Checks that every name in `skip(...)` is an argument.
-    pub fn check_skip(&self, skip: &[Ident], errors: &mut Errors) {
-        for name in skip {
-            if name == "self" {
-                errors.push(syn::Error::new(
-                    name.span(),
-                    "`self` is never part of the key; remove it from skip(...)",
-                ));
-            } else if self.param(name).is_none() {
-                let names = self
-                    .params
-                    .iter()
-                    .map(|p| format!("`{}`", p.ident))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                errors.push(syn::Error::new(
-                    name.span(),
-                    format!("`{name}` is not an argument of this function; skip(...) takes argument names: {names}"),
-                ));
-            }
-        }
-    }
-}
-
-fn classify(ty: &Type) -> Output {
-    let last = match ty {
-        Type::Path(path) if path.qself.is_none() => path.path.segments.last(),
-        _ => None,
-    };
-    match last {
-        Some(seg) if seg.ident == "Result" => Output::Result(ty.clone()),
-        Some(seg) if seg.ident == "Option" => Output::Option(ty.clone()),
-        _ => Output::Plain(ty.clone()),
-    }
-}
-
-/// `true` if the type mentions `impl Trait` anywhere.
-pub fn contains_impl_trait(ty: &Type) -> bool {
-    fn mentions_impl(tokens: TokenStream) -> bool {
-        tokens.into_iter().any(|t| match t {
-            proc_macro2::TokenTree::Ident(i) => i == "impl",
-            proc_macro2::TokenTree::Group(g) => mentions_impl(g.stream()),
-            _ => false,
-        })
-    }
-    mentions_impl(ty.to_token_stream())
-}
-
-/// An owned copy of the arguments not skipped, as the default key or fingerprint: one argument
-/// is itself, several are a tuple, none is `()`. `&T` becomes `T::Owned` (`&str` → `String`).
-pub fn owned_arguments<'a>(
-    params: impl IntoIterator<Item = &'a Param>,
+/// The arguments a default key or fingerprint is built from: every named one not in `skip`.
+/// `impl Trait` and `&mut` arguments cannot be owned into a key, so each is an error naming
+/// `skip(...)`.
+pub fn owned_arguments(
+    shape: &FnShape,
+    skip: &[Ident],
     what: &str,
     errors: &mut Errors,
-) -> TokenStream {
-    let mut parts = Vec::new();
-    for param in params {
+) -> Vec<Param> {
+    let mut kept = Vec::new();
+    for param in shape.params.iter().filter(|p| !skip.contains(&p.ident)) {
         let ident = &param.ident;
         if contains_impl_trait(&param.ty) {
             errors.push(syn::Error::new_spanned(
-                &param.whole,
+                &param.arg,
                 format!("an `impl Trait` argument cannot be part of the default {what}: add `{ident}` to skip(...) or write `key = ...`"),
             ));
-            continue;
-        }
-        match &param.ty {
-            Type::Reference(r) if r.mutability.is_some() => errors.push(syn::Error::new_spanned(
-                &param.whole,
+        } else if matches!(&param.ty, Type::Reference(r) if r.mutability.is_some()) {
+            errors.push(syn::Error::new_spanned(
+                &param.arg,
                 format!("a `&mut` argument cannot be part of the {what}: add `{ident}` to skip(...) or write `key = ...`"),
-            )),
-            Type::Reference(_) => parts.push(quote::quote_spanned!(param.ty.span()=> ::std::borrow::ToOwned::to_owned(#ident))),
-            _ => parts.push(quote::quote_spanned!(param.ty.span()=> ::core::clone::Clone::clone(&#ident))),
+            ));
+        } else {
+            kept.push(param.clone());
         }
     }
-    match parts.as_slice() {
-        [one] => one.clone(),
-        _ => quote::quote!((#(#parts,)*)),
-    }
+    kept
 }

@@ -115,9 +115,16 @@ pub trait Home: Send + Sync + Sized + 'static {
 /// function's home by id once, then is one atomic load away from it.
 #[doc(hidden)]
 pub struct FunctionCell<H: Home> {
-    id: &'static str,
+    id: CellId,
     config: H::Config,
     home: OnceLock<&'static H>,
+}
+
+#[derive(Clone, Copy)]
+enum CellId {
+    Given(&'static str),
+    /// Computed on first use: see [`function_name`].
+    Computed(fn() -> &'static str),
 }
 
 impl<H: Home> FunctionCell<H> {
@@ -125,7 +132,19 @@ impl<H: Home> FunctionCell<H> {
     #[doc(hidden)]
     pub const fn with_config(id: &'static str, config: H::Config) -> Self {
         FunctionCell {
-            id,
+            id: CellId::Given(id),
+            config,
+            home: OnceLock::new(),
+        }
+    }
+
+    /// A cell for the function whose id `id` computes on first use: what expansions declare,
+    /// because the id they need (with the `Self` type, from [`function_name`]) is not a
+    /// constant.
+    #[doc(hidden)]
+    pub const fn with_id_fn(id: fn() -> &'static str, config: H::Config) -> Self {
+        FunctionCell {
+            id: CellId::Computed(id),
             config,
             home: OnceLock::new(),
         }
@@ -136,7 +155,75 @@ impl<H: Home> FunctionCell<H> {
     #[inline]
     pub fn handle(&self) -> &'static H {
         self.home.get_or_init(|| {
-            H::registry().get_or_register(self.id, || H::open(self.id, self.config))
+            let id = match self.id {
+                CellId::Given(id) => id,
+                CellId::Computed(id) => id(),
+            };
+            H::registry().get_or_register(id, || H::open(id, self.config))
         })
+    }
+}
+
+/// The path of an annotated function, read from inside it: `mark` is the
+/// `core::any::type_name` of a marker type declared in a `fn` nested in the function (or in
+/// its accessor), so it names the scope the compiler sees, `Self` type included, however the
+/// function was written (by hand or by a `macro_rules!`, in an inherent or a trait impl):
+///
+/// ```text
+/// app::Tri::scaled::__racefree_id::M               -> app::Tri::<name><suffix>
+/// <app::Tri as app::Shape>::area::__racefree_id::M -> <app::Tri as app::Shape>::<name><suffix>
+/// app::load::{{closure}}::__racefree_id::M         -> app::<name><suffix>  (an async fn)
+/// ```
+///
+/// The last two segments (marker and its `fn`), any `{{...}}` segments, and the segment of
+/// the function or accessor holding them are dropped; `name` and `suffix` are appended. Called
+/// once per cell or path `static`, so the leaked text is bounded by the number of functions.
+#[doc(hidden)]
+pub fn function_name(mark: &'static str, name: &str, suffix: &str) -> &'static str {
+    fn parent(path: &str) -> &str {
+        path.rsplit_once("::").map_or("", |(parent, _)| parent)
+    }
+    // `{{closure}}` (an async fn's body) and any other compiler-made `{{...}}` segment.
+    let mut scope = parent(parent(mark));
+    while scope
+        .rsplit("::")
+        .next()
+        .is_some_and(|last| last.starts_with("{{"))
+    {
+        scope = parent(scope);
+    }
+    let scope = parent(scope);
+    let text = match scope {
+        "" => format!("{name}{suffix}"),
+        scope => format!("{scope}::{name}{suffix}"),
+    };
+    Box::leak(text.into_boxed_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::function_name;
+
+    #[test]
+    fn function_name_keeps_the_self_type_and_drops_the_marker() {
+        let cases = [
+            ("app::Tri::scaled::__racefree_id::M", "app::Tri::scaled@1:2"),
+            (
+                "app::Tri::scaled_cache::__racefree_id::M",
+                "app::Tri::scaled@1:2",
+            ),
+            (
+                "<app::Tri as app::Shape>::scaled::__racefree_id::M",
+                "<app::Tri as app::Shape>::scaled@1:2",
+            ),
+            (
+                "app::Gen<_>::scaled::{{closure}}::__racefree_id::M",
+                "app::Gen<_>::scaled@1:2",
+            ),
+            ("app::scaled::__racefree_id::M", "app::scaled@1:2"),
+        ];
+        for (mark, name) in cases {
+            assert_eq!(function_name(mark, "scaled", "@1:2"), name, "{mark}");
+        }
     }
 }

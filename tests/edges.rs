@@ -1,0 +1,323 @@
+//! The promise at the edges (issue 9): every function has its own store however it was written,
+//! and the attributes work in every signature form. Each test is named after what broke.
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use racefree::idempotency::{Claim, RecordKey};
+use racefree::{
+    cached, idempotent, sequenced, BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend,
+    IdempotencyError, IdempotencyStore, Seq, SequenceError,
+};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Function identity: one `macro_rules!` invocation generating the same function names in two
+//    impls used to give them one store (the id used `line!()`/`column!()`, which resolve to the
+//    invocation), so `Quad::scaled(10)` returned Tri's 30.
+
+/// Every key the idempotency layer asked its store about, as text.
+static SEEN_KEYS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// An in-process store that writes down the record keys it is asked about.
+struct RecordingStore(IdempotencyStore<u64>);
+
+type Inner = IdempotencyStore<u64>;
+
+impl IdempotencyBackend<u64> for RecordingStore {
+    type Lease = <Inner as IdempotencyBackend<u64>>::Lease;
+    type InFlight = <Inner as IdempotencyBackend<u64>>::InFlight;
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<u64, Self::Lease, Self::InFlight>, IdempotencyError> {
+        SEEN_KEYS.lock().unwrap().push(key.as_str().to_owned());
+        IdempotencyBackend::claim(&self.0, key, fingerprint).await
+    }
+    async fn wait(
+        &self,
+        key: &RecordKey,
+        in_flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>, IdempotencyError> {
+        IdempotencyBackend::wait(&self.0, key, in_flight, deadline).await
+    }
+    async fn complete(
+        &self,
+        lease: Self::Lease,
+        outcome: &u64,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        IdempotencyBackend::complete(&self.0, lease, outcome, ttl).await
+    }
+    fn release(&self, lease: Self::Lease) {
+        IdempotencyBackend::release(&self.0, lease)
+    }
+}
+
+impl BlockingIdempotencyBackend<u64> for RecordingStore {
+    fn claim_blocking(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<u64, Self::Lease, Self::InFlight>, IdempotencyError> {
+        SEEN_KEYS.lock().unwrap().push(key.as_str().to_owned());
+        self.0.claim_blocking(key, fingerprint)
+    }
+    fn wait_blocking(
+        &self,
+        key: &RecordKey,
+        in_flight: Self::InFlight,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>, IdempotencyError> {
+        self.0.wait_blocking(key, in_flight, deadline)
+    }
+    fn complete_blocking(
+        &self,
+        lease: Self::Lease,
+        outcome: &u64,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        self.0.complete_blocking(lease, outcome, ttl)
+    }
+}
+
+static SHARED: std::sync::LazyLock<RecordingStore> =
+    std::sync::LazyLock::new(|| RecordingStore(IdempotencyStore::new()));
+
+macro_rules! shapes {
+    ($($shape:ident = $factor:literal, $charges:ident;)*) => {$(
+        static $charges: AtomicUsize = AtomicUsize::new(0);
+
+        struct $shape;
+
+        impl $shape {
+            #[cached]
+            fn scaled(x: u64) -> u64 {
+                x * $factor
+            }
+
+            #[idempotent(key = key)]
+            fn charge(key: &str) -> Result<u64, IdempotencyError> {
+                $charges.fetch_add(1, SeqCst);
+                Ok($factor)
+            }
+
+            /// One store shared on purpose: records must still not meet.
+            #[idempotent(key = key, store = SHARED)]
+            fn charge_shared(key: &str) -> Result<u64, IdempotencyError> {
+                Ok($factor)
+            }
+
+            #[sequenced]
+            fn ticket(seq: Seq) -> u64 {
+                seq.get()
+            }
+        }
+    )*};
+}
+
+shapes! {
+    Tri = 3, TRI_CHARGES;
+    Quad = 4, QUAD_CHARGES;
+}
+
+#[test]
+fn functions_from_one_macro_rules_invocation_no_longer_share_a_cache() {
+    assert_eq!((Tri::scaled(10), Quad::scaled(10)), (30, 40));
+    assert_eq!((Tri::scaled(10), Quad::scaled(10)), (30, 40));
+    let (tri, quad) = (Tri::scaled_cache(), Quad::scaled_cache());
+    assert!(!std::ptr::eq(tri, quad), "one cache for two functions");
+    assert_eq!((tri.stats().hits, tri.stats().executions), (1, 1));
+    assert_eq!((quad.stats().hits, quad.stats().executions), (1, 1));
+    assert!(tri.name().contains("Tri::scaled"), "{}", tri.name());
+}
+
+#[test]
+fn functions_from_one_macro_rules_invocation_no_longer_replay_each_other() {
+    assert_eq!(Tri::charge("order-1"), Ok(3));
+    assert_eq!(Quad::charge("order-1"), Ok(4));
+    assert_eq!(Quad::charge("order-1"), Ok(4));
+    assert_eq!(
+        (TRI_CHARGES.load(SeqCst), QUAD_CHARGES.load(SeqCst)),
+        (1, 1)
+    );
+}
+
+#[test]
+fn functions_from_one_macro_rules_invocation_no_longer_share_a_sequence() {
+    let tri: Vec<u64> = (0..3).map(|_| Tri::ticket()).collect();
+    let quad: Vec<u64> = (0..3).map(|_| Quad::ticket()).collect();
+    assert_eq!((tri, quad), (vec![1, 2, 3], vec![1, 2, 3]));
+}
+
+#[test]
+fn record_keys_name_the_self_type_and_no_line() {
+    assert_eq!(Tri::charge_shared("k"), Ok(3));
+    assert_eq!(
+        Quad::charge_shared("k"),
+        Ok(4),
+        "Quad replayed Tri's record"
+    );
+    let keys = SEEN_KEYS.lock().unwrap().clone();
+    assert_eq!(
+        keys,
+        [
+            "edges::Tri::charge_shared##k",
+            "edges::Quad::charge_shared##k"
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A `&self` method without `key` or `store` used to key on its other arguments only, so
+//    instance B got instance A's value. That is now a compile error
+//    (tests/ui/cached-method-without-key.rs) unless the method opts in with `shared`.
+
+struct Rates {
+    bank: &'static str,
+}
+
+static RATE_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
+impl Rates {
+    /// Every bank quotes the same rate: one cache for all instances, on purpose.
+    #[cached(shared)]
+    fn rate(&self, currency: &str) -> u64 {
+        RATE_LOOKUPS.fetch_add(1, SeqCst);
+        currency.len() as u64
+    }
+
+    #[cached(key = (self.bank, currency.to_owned()))]
+    fn quote(&self, currency: &str) -> String {
+        format!("{} {currency}", self.bank)
+    }
+}
+
+#[test]
+fn shared_method_cache_is_one_for_all_instances_and_a_keyed_one_is_per_instance() {
+    let (a, b) = (Rates { bank: "a" }, Rates { bank: "b" });
+    assert_eq!((a.rate("EUR"), b.rate("EUR")), (3, 3));
+    assert_eq!(RATE_LOOKUPS.load(SeqCst), 1, "shared: b reuses a's value");
+    assert_eq!(
+        (a.quote("EUR"), b.quote("EUR")),
+        ("a EUR".into(), "b EUR".into())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Signatures: trait impls used to fail with E0407 (the accessor is not a trait member), a
+//    trait default method became not dyn-compatible (E0038), `-> impl Trait` under #[sequenced]
+//    failed with E0562. Methods with a receiver get no accessor now; `impl Trait` is erased to
+//    `_` where the expansion writes the type.
+
+trait Meter {
+    fn id(&self) -> u64;
+
+    /// A default method: the trait must stay dyn-compatible.
+    #[cached(key = self.id())]
+    fn reading(&self) -> u64 {
+        METER_READS.fetch_add(1, SeqCst);
+        self.id() * 100
+    }
+
+    fn charge(&self, key: &str) -> Result<u64, IdempotencyError>;
+
+    fn ticket(&self) -> u64;
+}
+
+/// `async fn` in a trait makes it not dyn-compatible on its own: a trait of its own.
+trait Load {
+    async fn load(&self, n: u64) -> u64;
+}
+
+static METER_READS: AtomicUsize = AtomicUsize::new(0);
+static METER_CHARGES: AtomicUsize = AtomicUsize::new(0);
+static METER_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+struct Gauge(u64);
+
+impl Meter for Gauge {
+    fn id(&self) -> u64 {
+        self.0
+    }
+
+    #[idempotent(key = key)]
+    fn charge(&self, key: &str) -> Result<u64, IdempotencyError> {
+        METER_CHARGES.fetch_add(1, SeqCst);
+        Ok(self.0)
+    }
+
+    #[sequenced(key = self.0)]
+    fn ticket(&self, seq: Seq) -> u64 {
+        seq.get()
+    }
+}
+
+impl Load for Gauge {
+    #[cached(key = (self.0, n))]
+    async fn load(&self, n: u64) -> u64 {
+        METER_LOADS.fetch_add(1, SeqCst);
+        self.0 + n
+    }
+}
+
+#[test]
+fn attributes_compile_in_trait_impls_and_default_methods_and_the_trait_stays_dyn_compatible() {
+    let meters: [&dyn Meter; 2] = [&Gauge(1), &Gauge(2)];
+    let readings: Vec<u64> = meters.iter().chain(&meters).map(|m| m.reading()).collect();
+    assert_eq!(readings, [100, 200, 100, 200]);
+    assert_eq!(METER_READS.load(SeqCst), 2);
+
+    let gauge = Gauge(7);
+    assert_eq!((gauge.charge("c-1"), gauge.charge("c-1")), (Ok(7), Ok(7)));
+    assert_eq!(METER_CHARGES.load(SeqCst), 1);
+    assert_eq!(
+        (gauge.ticket(), gauge.ticket(), Gauge(8).ticket()),
+        (1, 2, 1)
+    );
+}
+
+#[test]
+fn async_fn_in_a_trait_impl_is_cached() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let gauge = Gauge(5);
+    let loads = rt.block_on(async {
+        (
+            gauge.load(1).await,
+            gauge.load(1).await,
+            gauge.load(2).await,
+        )
+    });
+    assert_eq!(loads, (6, 6, 7));
+    assert_eq!(METER_LOADS.load(SeqCst), 2);
+}
+
+#[sequenced]
+fn label(seq: Seq) -> impl Display {
+    format!("#{seq}")
+}
+
+#[sequenced(key = desk, timeout = "10s")]
+async fn async_label(desk: u8, seq: Seq) -> Result<impl Display, SequenceError> {
+    Ok(format!("{desk}-{seq}"))
+}
+
+#[test]
+fn sequenced_returns_impl_trait() {
+    assert_eq!(
+        (label().to_string(), label().to_string()),
+        ("#1".into(), "#2".into())
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let numbered = rt.block_on(async { async_label(3).await.unwrap().to_string() });
+    assert_eq!(numbered, "3-1");
+}
