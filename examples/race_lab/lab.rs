@@ -2,20 +2,29 @@
 //! naive code real applications ship and once with one racefree attribute. Shared by
 //! `examples/race_lab/main.rs` (the table) and `tests/race_lab.rs` (asserts every racefree row).
 //!
-//! The naive versions wait for simulated I/O (a few milliseconds of `sleep`, standing for a
-//! database or an HTTP call) between their read and their write, as real code does: that gap is
-//! where the race lives, and it is wide enough that the naive rows fail on every run, also on
-//! a 2-core machine. Every run uses fresh keys, so the lab can run many times in one process.
+//! The database scenarios (schedule generation, event store, work orders, inventory, queue
+//! reorder) run on a real SQL database (`db.rs`: a fresh SQLite file by default, a fresh
+//! PostgreSQL schema with `--database-url`): the naive rows race against it with real
+//! `SELECT MAX()+1`, read-modify-write and check-then-insert statements. The naive versions
+//! also wait for simulated I/O (a few milliseconds of `sleep`, standing for the rest of the
+//! request's work) between their read and their write, as real code does: that gap is where
+//! the race lives, and it is wide enough that the naive rows fail on every run, also on a
+//! 2-core machine. Every run uses fresh keys, so the lab can run many times in one process.
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use racefree::{cached, idempotent, sequenced, IdempotencyError, Seq};
+use sqlx::Row as _;
+
+#[path = "db.rs"]
+pub mod db;
+use db::Db;
 
 /// One side (naive or racefree) of one scenario.
 #[derive(Debug, Clone)]
@@ -141,7 +150,16 @@ where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    runtime().block_on(async {
+    runtime().block_on(released(callers, call))
+}
+
+/// `callers` copies of `call` as tasks, released together by a barrier; their outputs.
+async fn released<T, F>(callers: usize, call: impl Fn(usize) -> F) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    {
         let barrier = Arc::new(tokio::sync::Barrier::new(callers));
         let tasks: Vec<_> = (0..callers)
             .map(|i| {
@@ -158,6 +176,21 @@ where
             outputs.push(task.await.expect("caller task"));
         }
         outputs
+    }
+}
+
+/// Runs `scenario` on a fresh database with `tables`, then removes the database.
+fn on_database<R, F>(tables: &[&str], scenario: impl FnOnce(Arc<Db>) -> F) -> R
+where
+    F: std::future::Future<Output = R>,
+{
+    runtime().block_on(async {
+        let db = Arc::new(Db::fresh(tables).await);
+        let result = scenario(Arc::clone(&db)).await;
+        if let Ok(db) = Arc::try_unwrap(db) {
+            db.drop_all().await;
+        }
+        result
     })
 }
 
@@ -289,27 +322,72 @@ fn hr_simulator(variant: Variant) -> (bool, String) {
     })
 }
 
-static SCHEDULE_RUNS: AtomicUsize = AtomicUsize::new(0);
+const SCHEDULE_TABLES: &[&str] = &[
+    "CREATE TABLE schedule_runs (run_key TEXT NOT NULL, week BIGINT NOT NULL)",
+    // What a hand-written idempotency cache keeps: the key and the response, checked first.
+    "CREATE TABLE idempotency_records (record_key TEXT NOT NULL, response TEXT NOT NULL)",
+];
 
-async fn create_schedule_run(week: u32) -> String {
-    io().await; // the solver and the INSERT
-    let n = SCHEDULE_RUNS.fetch_add(1, SeqCst) + 1;
+/// The effect: the solver's run, inserted into `schedule_runs`.
+async fn create_schedule_run(db: &Db, key: &str, week: u32) -> String {
+    io().await; // the solver
+    sqlx::query("INSERT INTO schedule_runs (run_key, week) VALUES ($1, $2)")
+        .bind(key)
+        .bind(i64::from(week))
+        .execute(&db.pool)
+        .await
+        .expect("insert the run");
+    let n = db.scalar("SELECT COUNT(*) FROM schedule_runs", &[]).await;
     format!("schedule run #{n} for week {week}")
 }
 
-#[idempotent(key = key)]
-async fn generate_schedule(key: &str, week: u32) -> Result<String, ApiError> {
-    Ok(create_schedule_run(week).await)
+/// The naive idempotency check against the database: SELECT the stored response, miss,
+/// execute, INSERT the response.
+async fn naive_generate_schedule(db: &Db, key: &str, week: u32) -> String {
+    let stored = sqlx::query("SELECT response FROM idempotency_records WHERE record_key = $1")
+        .bind(key)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("look the key up");
+    if let Some(row) = stored {
+        return row.get::<String, _>(0);
+    }
+    let response = create_schedule_run(db, key, week).await;
+    sqlx::query("INSERT INTO idempotency_records (record_key, response) VALUES ($1, $2)")
+        .bind(key)
+        .bind(&response)
+        .execute(&db.pool)
+        .await
+        .expect("store the response");
+    response
+}
+
+#[idempotent(key = key, skip(db))]
+async fn generate_schedule(db: &Db, key: &str, week: u32) -> Result<String, ApiError> {
+    Ok(create_schedule_run(db, key, week).await)
 }
 
 fn schedule_generation(variant: Variant) -> (bool, String) {
-    idempotent_writes(variant, 100, &SCHEDULE_RUNS, |naive, key| async move {
-        match naive {
-            Some(naive) => naive.run(&key, create_schedule_run(48)).await,
-            None => generate_schedule(&key, 48)
-                .await
-                .expect("no idempotency error"),
-        }
+    let key = format!("idem-{}", fresh());
+    on_database(SCHEDULE_TABLES, |db| async move {
+        let outcomes = released(100, |_| {
+            let (db, key) = (db.clone(), key.clone());
+            async move {
+                match variant {
+                    Variant::Naive => naive_generate_schedule(&db, &key, 48).await,
+                    Variant::Racefree => generate_schedule(&db, &key, 48)
+                        .await
+                        .expect("no idempotency error"),
+                }
+            }
+        })
+        .await;
+        let runs = db.scalar("SELECT COUNT(*) FROM schedule_runs", &[]).await;
+        let distinct = outcomes.iter().collect::<HashSet<_>>().len();
+        (
+            runs == 1 && distinct == 1,
+            format!("schedule_runs rows: {runs}, distinct outcomes: {distinct}"),
+        )
     })
 }
 
@@ -335,181 +413,170 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Event store: 100 concurrent appends to one aggregate, each taking the next sequence number.
+// Event store: 100 concurrent appends to one aggregate, each taking the next sequence number
+// with SELECT MAX(seq) + 1.
 
-#[derive(Default)]
-pub struct EventLog {
-    events: Mutex<Vec<(String, u64)>>,
+const EVENT_TABLES: &[&str] =
+    &["CREATE TABLE events (aggregate TEXT NOT NULL, seq BIGINT NOT NULL, body TEXT NOT NULL)"];
+
+async fn insert_event(db: &Db, aggregate: &str, seq: i64) {
+    sqlx::query("INSERT INTO events (aggregate, seq, body) VALUES ($1, $2, $3)")
+        .bind(aggregate)
+        .bind(seq)
+        .bind("{\"type\":\"ItemAdded\"}")
+        .execute(&db.pool)
+        .await
+        .expect("append the event");
 }
 
-impl EventLog {
-    fn max_seq(&self, aggregate: &str) -> u64 {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(a, _)| a == aggregate)
-            .map(|(_, s)| *s)
-            .max()
-            .unwrap_or(0)
-    }
-    fn insert(&self, aggregate: &str, seq: u64) {
-        self.events
-            .lock()
-            .unwrap()
-            .push((aggregate.to_owned(), seq));
-    }
-    fn numbers(&self) -> Vec<u64> {
-        let mut numbers: Vec<u64> = self
-            .events
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, s)| *s)
-            .collect();
-        numbers.sort_unstable();
-        numbers
-    }
-}
-
-async fn naive_append(log: &EventLog, aggregate: &str) {
-    let next = log.max_seq(aggregate) + 1;
+async fn naive_append(db: &Db, aggregate: &str) {
+    let next = db
+        .scalar(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE aggregate = $1",
+            &[aggregate],
+        )
+        .await;
     io().await; // building and serializing the event
-    log.insert(aggregate, next);
+    insert_event(db, aggregate, next).await;
 }
 
 #[sequenced(key = aggregate.to_owned())]
-async fn append(log: &EventLog, aggregate: &str, seq: Seq) {
+async fn append(db: &Db, aggregate: &str, seq: Seq) {
     io().await;
-    log.insert(aggregate, seq.get());
+    insert_event(db, aggregate, seq.get() as i64).await;
 }
 
 fn event_store(variant: Variant) -> (bool, String) {
-    let log = Arc::new(EventLog::default());
     let aggregate = format!("order-{}", fresh());
-    concurrently(100, |_| {
-        let (log, aggregate) = (log.clone(), aggregate.clone());
-        async move {
-            match variant {
-                Variant::Naive => naive_append(&log, &aggregate).await,
-                Variant::Racefree => append(&log, &aggregate).await,
+    on_database(EVENT_TABLES, |db| async move {
+        released(100, |_| {
+            let (db, aggregate) = (db.clone(), aggregate.clone());
+            async move {
+                match variant {
+                    Variant::Naive => naive_append(&db, &aggregate).await,
+                    Variant::Racefree => append(&db, &aggregate).await,
+                }
             }
-        }
-    });
-    let numbers = log.numbers();
-    let duplicates = numbers.len() - numbers.iter().collect::<HashSet<_>>().len();
-    let exact = numbers == (1..=100).collect::<Vec<u64>>();
-    (exact, format!("duplicate numbers: {duplicates}"))
+        })
+        .await;
+        let numbers: Vec<i64> = sqlx::query("SELECT seq FROM events ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read the events")
+            .iter()
+            .map(|row| row.get::<i64, _>(0))
+            .collect();
+        let duplicates = numbers.len() - numbers.iter().collect::<HashSet<_>>().len();
+        let exact = numbers == (1..=100).collect::<Vec<i64>>();
+        (exact, format!("duplicate numbers: {duplicates}"))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Work orders: numbers from SELECT MAX(no) + 1 into a table with a unique index.
 
-pub struct WorkOrders {
-    id: u64,
-    numbers: Mutex<HashSet<u64>>,
-}
+const WORK_ORDER_TABLES: &[&str] = &["CREATE TABLE work_orders (no BIGINT NOT NULL UNIQUE)"];
 
 #[derive(Debug)]
-pub struct DuplicateKey(u64);
+pub struct DuplicateKey(String);
 
-impl WorkOrders {
-    fn new() -> Self {
-        WorkOrders {
-            id: fresh(),
-            numbers: Mutex::new(HashSet::new()),
-        }
-    }
-    fn max_no(&self) -> u64 {
-        self.numbers
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(0)
-    }
-    fn insert(&self, no: u64) -> Result<u64, DuplicateKey> {
-        if self.numbers.lock().unwrap().insert(no) {
-            Ok(no)
-        } else {
-            Err(DuplicateKey(no))
-        }
-    }
+async fn max_work_order(db: &Db) -> u64 {
+    db.scalar("SELECT COALESCE(MAX(no), 0) FROM work_orders", &[])
+        .await as u64
 }
 
-async fn naive_work_order(table: &WorkOrders) -> Result<u64, DuplicateKey> {
-    let no = table.max_no() + 1;
-    io().await;
-    table.insert(no)
+async fn insert_work_order(db: &Db, no: u64) -> Result<u64, DuplicateKey> {
+    sqlx::query("INSERT INTO work_orders (no) VALUES ($1)")
+        .bind(no as i64)
+        .execute(&db.pool)
+        .await
+        .map(|_| no)
+        .map_err(|error| DuplicateKey(error.to_string()))
 }
 
-#[sequenced(key = table.id, start = table.max_no() + 1)]
-async fn create_work_order(table: &WorkOrders, seq: Seq) -> Result<u64, DuplicateKey> {
+async fn naive_work_order(db: &Db) -> Result<u64, DuplicateKey> {
+    let no = max_work_order(db).await + 1;
     io().await;
-    table.insert(seq.get())
+    insert_work_order(db, no).await
+}
+
+// One sequence per lab database, starting after the highest number already in the table.
+#[sequenced(key = db.id, start = max_work_order(db).await + 1)]
+async fn create_work_order(db: &Db, seq: Seq) -> Result<u64, DuplicateKey> {
+    io().await;
+    insert_work_order(db, seq.get()).await
 }
 
 fn work_orders(variant: Variant) -> (bool, String) {
-    let table = Arc::new(WorkOrders::new());
-    let results = concurrently(100, |_| {
-        let table = table.clone();
-        async move {
-            match variant {
-                Variant::Naive => naive_work_order(&table).await,
-                Variant::Racefree => create_work_order(&table).await,
+    on_database(WORK_ORDER_TABLES, |db| async move {
+        let results = released(100, |_| {
+            let db = db.clone();
+            async move {
+                match variant {
+                    Variant::Naive => naive_work_order(&db).await,
+                    Variant::Racefree => create_work_order(&db).await,
+                }
             }
-        }
-    });
-    let failures = results.iter().filter(|r| r.is_err()).count();
-    (failures == 0, format!("duplicate-key failures: {failures}"))
+        })
+        .await;
+        let failures = results.iter().filter(|r| r.is_err()).count();
+        (failures == 0, format!("duplicate-key failures: {failures}"))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Inventory: 100 concurrent read-modify-write increments of one SKU's quantity.
 
-#[derive(Default)]
-pub struct Stock(Mutex<HashMap<String, i64>>);
+const STOCK_TABLES: &[&str] = &["CREATE TABLE stock (sku TEXT PRIMARY KEY, qty BIGINT NOT NULL)"];
 
-impl Stock {
-    fn qty(&self, sku: &str) -> i64 {
-        self.0.lock().unwrap().get(sku).copied().unwrap_or(0)
-    }
-    fn set_qty(&self, sku: &str, qty: i64) {
-        self.0.lock().unwrap().insert(sku.to_owned(), qty);
-    }
+async fn read_modify_write(db: &Db, sku: &str, qty: i64) {
+    let current = db
+        .scalar("SELECT qty FROM stock WHERE sku = $1", &[sku])
+        .await;
+    io().await;
+    sqlx::query("UPDATE stock SET qty = $1 WHERE sku = $2")
+        .bind(current + qty)
+        .bind(sku)
+        .execute(&db.pool)
+        .await
+        .expect("write the quantity");
 }
 
-async fn naive_add_stock(stock: &Stock, sku: &str, qty: i64) {
-    let current = stock.qty(sku);
-    io().await;
-    stock.set_qty(sku, current + qty);
+async fn naive_add_stock(db: &Db, sku: &str, qty: i64) {
+    read_modify_write(db, sku, qty).await
 }
 
 #[sequenced(key = sku.to_owned())]
-async fn add_stock(stock: &Stock, sku: &str, qty: i64) {
-    let current = stock.qty(sku);
-    io().await;
-    stock.set_qty(sku, current + qty);
+async fn add_stock(db: &Db, sku: &str, qty: i64) {
+    read_modify_write(db, sku, qty).await
 }
 
 fn inventory(variant: Variant) -> (bool, String) {
-    let stock = Arc::new(Stock::default());
     let sku = format!("sku-{}", fresh());
-    concurrently(100, |_| {
-        let (stock, sku) = (stock.clone(), sku.clone());
-        async move {
-            match variant {
-                Variant::Naive => naive_add_stock(&stock, &sku, 1).await,
-                Variant::Racefree => add_stock(&stock, &sku, 1).await,
+    on_database(STOCK_TABLES, |db| async move {
+        sqlx::query("INSERT INTO stock (sku, qty) VALUES ($1, 0)")
+            .bind(&sku)
+            .execute(&db.pool)
+            .await
+            .expect("seed the SKU");
+        released(100, |_| {
+            let (db, sku) = (db.clone(), sku.clone());
+            async move {
+                match variant {
+                    Variant::Naive => naive_add_stock(&db, &sku, 1).await,
+                    Variant::Racefree => add_stock(&db, &sku, 1).await,
+                }
             }
-        }
-    });
-    let qty = stock.qty(&sku);
-    (
-        qty == 100,
-        format!("stock: {qty}, lost updates: {}", 100 - qty),
-    )
+        })
+        .await;
+        let qty = db
+            .scalar("SELECT qty FROM stock WHERE sku = $1", &[&sku])
+            .await;
+        (
+            qty == 100,
+            format!("stock: {qty}, lost updates: {}", 100 - qty),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,100 +584,99 @@ fn inventory(variant: Variant) -> (bool, String) {
 // the back"); each writes the positions that changed in its view. From a stale view, either
 // write order leaves two items on one position.
 
-pub struct Queue {
-    id: u64,
-    positions: Mutex<BTreeMap<&'static str, usize>>,
-}
+const QUEUE_TABLES: &[&str] = &["CREATE TABLE queue (item TEXT PRIMARY KEY, pos BIGINT NOT NULL)"];
+const QUEUE_ITEMS: [&str; 7] = ["p0", "p1", "X", "p3", "p4", "Y", "p6"];
 
-impl Queue {
-    fn new() -> Self {
-        let items = ["p0", "p1", "X", "p3", "p4", "Y", "p6"];
-        Queue {
-            id: fresh(),
-            positions: Mutex::new(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| (*item, i))
-                    .collect(),
-            ),
-        }
-    }
-    fn order(&self) -> Vec<&'static str> {
-        let positions = self.positions.lock().unwrap();
-        let mut items: Vec<_> = positions.iter().map(|(item, pos)| (*pos, *item)).collect();
-        items.sort();
-        items.into_iter().map(|(_, item)| item).collect()
-    }
-    fn write_changes(&self, before: &[&'static str], after: &[&'static str]) {
-        let mut positions = self.positions.lock().unwrap();
-        for (pos, item) in after.iter().enumerate() {
-            if before.get(pos) != Some(item) {
-                positions.insert(item, pos);
-            }
-        }
-    }
-    fn is_permutation(&self) -> bool {
-        let positions = self.positions.lock().unwrap();
-        let mut seen: Vec<usize> = positions.values().copied().collect();
-        seen.sort_unstable();
-        seen == (0..positions.len()).collect::<Vec<_>>()
-    }
-}
-
-fn moved(order: &[&'static str], item: &str, to: usize) -> Vec<&'static str> {
-    let mut order = order.to_vec();
-    let from = order
+async fn queue_order(db: &Db) -> Vec<String> {
+    sqlx::query("SELECT item FROM queue ORDER BY pos, item")
+        .fetch_all(&db.pool)
+        .await
+        .expect("read the queue")
         .iter()
-        .position(|i| *i == item)
-        .expect("item in queue");
+        .map(|row| row.get::<String, _>(0))
+        .collect()
+}
+
+fn moved(order: &[String], item: &str, to: usize) -> Vec<String> {
+    let mut order = order.to_vec();
+    let from = order.iter().position(|i| i == item).expect("item in queue");
     let item = order.remove(from);
     order.insert(to.min(order.len()), item);
     order
 }
 
-async fn naive_reorder(queue: &Queue, item: &'static str, to: usize) {
-    let before = queue.order();
+async fn move_item(db: &Db, item: &str, to: usize) {
+    let before = queue_order(db).await;
     let after = moved(&before, item, to);
     io().await;
-    queue.write_changes(&before, &after);
+    // The changes of one move commit together, as a dispatcher's save would.
+    let mut tx = db.pool.begin().await.expect("begin");
+    for (pos, item) in after.iter().enumerate() {
+        if before.get(pos) != Some(item) {
+            sqlx::query("UPDATE queue SET pos = $1 WHERE item = $2")
+                .bind(pos as i64)
+                .bind(item)
+                .execute(&mut *tx)
+                .await
+                .expect("write a position");
+        }
+    }
+    tx.commit().await.expect("commit the move");
 }
 
-#[sequenced(key = queue.id)]
-async fn reorder(queue: &Queue, item: &'static str, to: usize) {
-    let before = queue.order();
-    let after = moved(&before, item, to);
-    io().await;
-    queue.write_changes(&before, &after);
+async fn naive_reorder(db: &Db, item: &str, to: usize) {
+    move_item(db, item, to).await
+}
+
+#[sequenced(key = db.id)]
+async fn reorder(db: &Db, item: &str, to: usize) {
+    move_item(db, item, to).await
 }
 
 fn queue_reorder(variant: Variant) -> (bool, String) {
-    let queue = Arc::new(Queue::new());
-    let moves = [("X", 0), ("p1", usize::MAX)];
-    concurrently(2, |i| {
-        let queue = queue.clone();
-        let (item, to) = moves[i];
-        async move {
-            match variant {
-                Variant::Naive => naive_reorder(&queue, item, to).await,
-                Variant::Racefree => reorder(&queue, item, to).await,
-            }
+    on_database(QUEUE_TABLES, |db| async move {
+        for (pos, item) in QUEUE_ITEMS.iter().enumerate() {
+            sqlx::query("INSERT INTO queue (item, pos) VALUES ($1, $2)")
+                .bind(*item)
+                .bind(pos as i64)
+                .execute(&db.pool)
+                .await
+                .expect("seed the queue");
         }
-    });
-    let ok = queue.is_permutation();
-    let positions: Vec<String> = queue
-        .positions
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(item, pos)| format!("{item}={pos}"))
-        .collect();
-    (
-        ok,
-        if ok {
-            "consistent order".to_owned()
-        } else {
-            format!("conflicting positions: {}", positions.join(" "))
-        },
-    )
+        let moves = [("X", 0), ("p1", usize::MAX)];
+        released(2, |i| {
+            let db = db.clone();
+            let (item, to) = moves[i];
+            async move {
+                match variant {
+                    Variant::Naive => naive_reorder(&db, item, to).await,
+                    Variant::Racefree => reorder(&db, item, to).await,
+                }
+            }
+        })
+        .await;
+        let positions: Vec<(String, i64)> =
+            sqlx::query("SELECT item, pos FROM queue ORDER BY item")
+                .fetch_all(&db.pool)
+                .await
+                .expect("read the positions")
+                .iter()
+                .map(|row| (row.get::<String, _>(0), row.get::<i64, _>(1)))
+                .collect();
+        let mut seen: Vec<i64> = positions.iter().map(|(_, pos)| *pos).collect();
+        seen.sort_unstable();
+        let ok = seen == (0..positions.len() as i64).collect::<Vec<_>>();
+        let described: Vec<String> = positions
+            .iter()
+            .map(|(item, pos)| format!("{item}={pos}"))
+            .collect();
+        (
+            ok,
+            if ok {
+                "consistent order".to_owned()
+            } else {
+                format!("conflicting positions: {}", described.join(" "))
+            },
+        )
+    })
 }

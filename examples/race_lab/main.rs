@@ -5,7 +5,10 @@
 //! cargo run --release --example race_lab                      # the table
 //! cargo run --release --example race_lab -- --json            # the same as JSON
 //! cargo run --release --example race_lab -- --scenario inventory
+//! cargo run --release --example race_lab -- --database-url postgres://postgres@127.0.0.1/test
 //! ```
+//! The database scenarios run on a fresh SQLite file by default (nothing to install), or in a
+//! fresh schema of the PostgreSQL given by `--database-url` (dropped afterwards).
 //! Exits non-zero if a racefree row ever shows the race.
 
 mod lab;
@@ -23,12 +26,19 @@ fn main() {
         match arg.as_str() {
             "--json" => json = true,
             "--scenario" => only = args.next(),
+            "--database-url" => match args.next() {
+                Some(url) if url.starts_with("postgres") => lab::db::use_database(url),
+                _ => {
+                    eprintln!("--database-url takes a postgres://... URL");
+                    std::process::exit(2);
+                }
+            },
             "--list" => {
                 SCENARIOS.iter().for_each(|s| println!("{}", s.name));
                 return;
             }
             other => {
-                eprintln!("unknown argument {other:?}; use --json, --scenario NAME, --list");
+                eprintln!("unknown argument {other:?}; use --json, --scenario NAME, --database-url URL, --list");
                 std::process::exit(2);
             }
         }
@@ -131,6 +141,7 @@ fn print_table(rows: &[Row]) {
             ms(r.racefree.elapsed),
         );
     }
+    println!("\ndatabase scenarios ran on {}.", lab::db::describe());
     let raced = rows.iter().filter(|r| !r.naive.holds).count();
     let held = rows.iter().filter(|r| r.racefree.holds).count();
     println!(
