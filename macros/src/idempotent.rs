@@ -27,6 +27,7 @@ use syn::{Expr, Ident, ItemFn, ReturnType, Type};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
+use crate::key;
 use crate::mode::Mode;
 use crate::shape::{contains_impl_trait, FnShape, Output, Param};
 use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
@@ -266,13 +267,7 @@ fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
         Fingerprint::Given(expr) => {
             quote_spanned!(expr.span()=> ::core::hash::Hash::hash(&(#expr), &mut __racefree_hasher);)
         }
-        Fingerprint::Arguments(params) => {
-            let hashed = params.iter().map(|p| {
-                let ident = &p.ident;
-                quote_spanned!(p.ty.span()=> ::core::hash::Hash::hash(&#ident, &mut __racefree_hasher);)
-            });
-            quote!(#(#hashed)*)
-        }
+        Fingerprint::Arguments(params) => key::fingerprint(params),
     }
 }
 

@@ -158,7 +158,8 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
 ///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
 ///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)
-///   stays in, since it carries the request. `fingerprint = <expr>` hashes that instead.
+///   stays in, since it carries the request. `fingerprint = <expr>` hashes that instead. An
+///   argument that is not `Hash` (a connection pool, say) is an error at it: `skip` it.
 /// - The default store is the function's own in-process `racefree::IdempotencyStore`
 ///   (`T: Clone`; `capacity = <int>` bounds it; `fn <name>_idempotency_store()` reaches it);
 ///   `store = <expr>` names any `racefree::IdempotencyBackend` (a sync `fn` needs a
