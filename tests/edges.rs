@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use racefree::idempotency::{Claim, RecordKey};
@@ -89,8 +89,9 @@ static SHARED: std::sync::LazyLock<RecordingStore> =
     std::sync::LazyLock::new(|| RecordingStore(IdempotencyStore::new()));
 
 macro_rules! shapes {
-    ($($shape:ident = $factor:literal, $charges:ident;)*) => {$(
+    ($($shape:ident = $factor:literal, $charges:ident, $areas:ident;)*) => {$(
         static $charges: AtomicUsize = AtomicUsize::new(0);
+        static $areas: AtomicUsize = AtomicUsize::new(0);
 
         struct $shape;
 
@@ -98,6 +99,12 @@ macro_rules! shapes {
             #[cached]
             fn scaled(x: u64) -> u64 {
                 x * $factor
+            }
+
+            #[cached]
+            fn area(x: u64) -> u64 {
+                $areas.fetch_add(1, SeqCst);
+                x * x * $factor
             }
 
             #[idempotent(key = key)]
@@ -121,8 +128,8 @@ macro_rules! shapes {
 }
 
 shapes! {
-    Tri = 3, TRI_CHARGES;
-    Quad = 4, QUAD_CHARGES;
+    Tri = 3, TRI_CHARGES, TRI_AREAS;
+    Quad = 4, QUAD_CHARGES, QUAD_AREAS;
 }
 
 #[test]
@@ -134,6 +141,44 @@ fn functions_from_one_macro_rules_invocation_no_longer_share_a_cache() {
     assert_eq!((tri.stats().hits, tri.stats().executions), (1, 1));
     assert_eq!((quad.stats().hits, quad.stats().executions), (1, 1));
     assert!(tri.name().contains("Tri::scaled"), "{}", tri.name());
+}
+
+/// 8 callers released by one barrier per round, 20 rounds, half calling `Tri::area`, half
+/// `Quad::area` with the round's key. Every round each caller gets its own type's value, and
+/// each of the two bodies ran exactly once for the key.
+#[test]
+fn concurrent_callers_of_macro_generated_twins_each_get_their_own_value() {
+    const CALLERS: usize = 8;
+    const ROUNDS: u64 = 20;
+    for round in 0..ROUNDS {
+        let barrier = Barrier::new(CALLERS);
+        let values: Vec<(usize, u64)> = std::thread::scope(|s| {
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|caller| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        match caller % 2 {
+                            0 => (caller, Tri::area(round)),
+                            _ => (caller, Quad::area(round)),
+                        }
+                    })
+                })
+                .collect();
+            callers.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for (caller, value) in values {
+            let factor = if caller % 2 == 0 { 3 } else { 4 };
+            assert_eq!(
+                value,
+                round * round * factor,
+                "round {round}, caller {caller}"
+            );
+        }
+        let runs = (TRI_AREAS.load(SeqCst), QUAD_AREAS.load(SeqCst));
+        let expected = (round as usize + 1, round as usize + 1);
+        assert_eq!(runs, expected, "round {round}: executions per type");
+    }
 }
 
 #[test]
