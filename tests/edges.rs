@@ -119,6 +119,12 @@ macro_rules! shapes {
                 Ok($factor)
             }
 
+            /// A method of an inherent impl: its path names `Self` already.
+            #[idempotent(key = key, store = SHARED)]
+            fn charge_method(&self, key: &str) -> Result<u64, IdempotencyError> {
+                Ok($factor)
+            }
+
             #[sequenced]
             fn ticket(seq: Seq) -> u64 {
                 seq.get()
@@ -207,14 +213,22 @@ fn record_keys_name_the_self_type_and_no_line() {
         Ok(4),
         "Quad replayed Tri's record"
     );
-    let keys = SEEN_KEYS.lock().unwrap().clone();
     assert_eq!(
-        keys,
-        [
-            "edges::Tri::charge_shared##k",
-            "edges::Quad::charge_shared##k"
-        ]
+        (Tri.charge_method("k"), Quad.charge_method("k")),
+        (Ok(3), Ok(4))
     );
+    assert_eq!((Books(1).book("k"), Games(1).book("k")), (Ok(1), Ok(1)));
+    let keys = SEEN_KEYS.lock().unwrap().clone();
+    let expected = [
+        "edges::Tri::charge_shared##k",
+        "edges::Quad::charge_shared##k",
+        "edges::Tri::charge_method##k",
+        "edges::Quad::charge_method##k",
+        // A default method: its path is the trait's, its scope the implementor.
+        "edges::Catalog::book#12:edges::Books#k",
+        "edges::Catalog::book#12:edges::Games#k",
+    ];
+    assert_eq!(keys, expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,4 +379,63 @@ fn sequenced_returns_impl_trait() {
         .unwrap();
     let numbered = rt.block_on(async { async_label(3).await.unwrap().to_string() });
     assert_eq!(numbered, "3-1");
+}
+
+/// Trait default methods are one function for every implementor: their own stores used to be
+/// shared, so `Games(1).title()` returned `Books(1)`'s title. Entries are now per implementor.
+trait Catalog {
+    fn shop(&self) -> u64;
+    fn label(&self) -> &'static str;
+
+    #[cached(key = self.shop())]
+    fn title(&self) -> String {
+        format!("{} {}", self.label(), self.shop())
+    }
+
+    #[idempotent(key = key)]
+    fn order(&self, key: &str) -> Result<&'static str, IdempotencyError> {
+        Ok(self.label())
+    }
+
+    #[sequenced(key = self.shop())]
+    fn invoice(&self, seq: Seq) -> u64 {
+        seq.get()
+    }
+
+    #[idempotent(key = key, store = SHARED)]
+    fn book(&self, key: &str) -> Result<u64, IdempotencyError> {
+        Ok(self.label().len() as u64 - 4)
+    }
+}
+
+struct Books(u64);
+struct Games(u64);
+
+impl Catalog for Books {
+    fn shop(&self) -> u64 {
+        self.0
+    }
+    fn label(&self) -> &'static str {
+        "books"
+    }
+}
+
+impl Catalog for Games {
+    fn shop(&self) -> u64 {
+        self.0
+    }
+    fn label(&self) -> &'static str {
+        "games"
+    }
+}
+
+#[test]
+fn default_methods_keep_each_implementors_entries_apart() {
+    let shops: [&dyn Catalog; 2] = [&Books(1), &Games(1)];
+    let titles: Vec<String> = shops.iter().map(|s| s.title()).collect();
+    assert_eq!(titles, ["books 1", "games 1"]);
+    let orders: Vec<_> = shops.iter().map(|s| s.order("o-1")).collect();
+    assert_eq!(orders, [Ok("books"), Ok("games")]);
+    let invoices: Vec<u64> = shops.iter().chain(&shops).map(|s| s.invoice()).collect();
+    assert_eq!(invoices, [1, 1, 2, 2]);
 }

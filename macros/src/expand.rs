@@ -77,6 +77,25 @@ fn fn_with_unparsed_body(item: TokenStream) -> syn::Result<(ItemFn, TokenStream)
     syn::parse::Parser::parse2(shell, item)
 }
 
+/// For a method (a `self` receiver): binds `__racefree_implementor`, the `Self` type when the
+/// function's scope does not name it (`__private::implementor`): a trait's default method is
+/// one function for every implementor, a generic impl's method one for every instantiation,
+/// and each gets its own store entries by it. `None` for a function without `self`.
+pub fn implementor(item: &ItemFn) -> Option<TokenStream> {
+    item.sig.receiver()?;
+    Some(quote! {
+        fn __racefree_scope() -> &'static str {
+            struct __RacefreeMark;
+            static __RACEFREE_SCOPE: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
+            __RACEFREE_SCOPE.get_or_init(|| {
+                ::racefree::__private::function_scope(::core::any::type_name::<__RacefreeMark>())
+            })
+        }
+        let __racefree_implementor: ::core::option::Option<&'static str> =
+            ::racefree::__private::implementor(__racefree_scope(), ::core::any::type_name::<Self>());
+    })
+}
+
 /// Whether the attribute emits a sibling accessor (`fn <name>_cache()` and the like) for the
 /// function's own store: only for a function without a `self` receiver. The attribute cannot
 /// see whether a method is in an inherent impl, a trait impl or a trait; in the last two an

@@ -199,19 +199,21 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let ret_span = ret.span();
     let store = pick_store(&plan, &id_fn, ret_span);
     let fingerprint = fingerprint(&plan.fingerprint);
-    let call = call(&plan);
+    let implementor = expand::implementor(&item);
+    let call = call(&plan, implementor.is_some());
     let begin = begin(&plan, mode, ret_span);
     let finish = finish(&plan, mode, ret_span);
     let body = Body::of(&item).run();
     let block = quote! {{
         #path_fn
+        #implementor
         #store
         let __racefree_fingerprint = {
             let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
             #fingerprint
             __racefree_hasher.fingerprint()
         };
-        let __racefree_call = #call;
+        #call
         #begin
         let __racefree_output: #ret = #body;
         #finish
@@ -271,13 +273,18 @@ fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
     }
 }
 
-/// The call's record: who (function path, scope, key), what (fingerprint), and the policy.
-fn call(plan: &Plan) -> TokenStream {
+/// Binds `__racefree_call`, the call's record: who (function path, scope, key), what
+/// (fingerprint), and the policy.
+fn call(plan: &Plan, per_implementor: bool) -> TokenStream {
     let scope = match &plan.scope {
         Some(scope) => quote_spanned! {scope.span()=>
             ::core::option::Option::Some(&(#scope) as &dyn ::core::fmt::Display)
         },
         None => quote!(::core::option::Option::None),
+    };
+    let (bind_scope, scope) = match per_implementor {
+        true => (implementor_scope(scope), quote!(__racefree_scope)),
+        false => (quote!(), scope),
     };
     let key = &plan.key;
     let key = quote_spanned!(key.span()=> #key);
@@ -287,7 +294,34 @@ fn call(plan: &Plan) -> TokenStream {
     let policy = quote! {
         ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
     };
-    quote!(::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy))
+    quote! {
+        #bind_scope
+        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy);
+    }
+}
+
+/// A method's scope, prefixed with its implementor when it has one (`app::Tri`, or
+/// `app::Tri/<scope>`), so that a default method's records are per implementor: statements
+/// binding `__racefree_scope` (let-bound, so the borrowed temporaries live long enough).
+fn implementor_scope(scope: TokenStream) -> TokenStream {
+    quote! {
+        struct __RacefreeScope<'a>(&'static str, ::core::option::Option<&'a dyn ::core::fmt::Display>);
+        impl ::core::fmt::Display for __RacefreeScope<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                match self.1 {
+                    ::core::option::Option::Some(scope) => ::core::write!(f, "{}/{}", self.0, scope),
+                    ::core::option::Option::None => f.write_str(self.0),
+                }
+            }
+        }
+        let __racefree_user_scope: ::core::option::Option<&dyn ::core::fmt::Display> = #scope;
+        let __racefree_scope: ::core::option::Option<&dyn ::core::fmt::Display> = match __racefree_implementor {
+            ::core::option::Option::Some(__racefree_implementor) => ::core::option::Option::Some(
+                &__RacefreeScope(__racefree_implementor, __racefree_user_scope) as &dyn ::core::fmt::Display,
+            ),
+            ::core::option::Option::None => __racefree_user_scope,
+        };
+    }
 }
 
 /// Claims the key: binds `__racefree_execution`, or returns a replayed or refused outcome.

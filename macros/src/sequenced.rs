@@ -180,7 +180,13 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let ret = erase_impl_trait(plan.output.ty());
     let fail = fail(&plan);
 
-    let bind_key = bind_key(&plan);
+    // The function's own sequencer keys a method's calls by implementor too.
+    let implementor = plan
+        .store
+        .is_none()
+        .then(|| expand::implementor(&item))
+        .flatten();
+    let bind_key = bind_key(&plan, implementor.is_some());
     let backend = pick_backend(&plan, &id_fn);
     let acquire = acquire(&plan, mode, &fail);
     let mut body = Body::of(&item);
@@ -195,6 +201,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let finish = finish(&plan, mode, &fail);
     let block = quote! {{
         #path_fn
+        #implementor
         #bind_key
         #backend
         #acquire
@@ -242,18 +249,25 @@ fn fail(plan: &Plan) -> TokenStream {
     }
 }
 
-/// Binds `__racefree_key`, kept in its owned form (`&str` as `String`), before the call waits.
-fn bind_key(plan: &Plan) -> TokenStream {
+/// Binds `__racefree_key`, kept in its owned form (`&str` as `String`), before the call waits;
+/// a method's paired with its implementor.
+fn bind_key(plan: &Plan, per_implementor: bool) -> TokenStream {
     let key = match &plan.key {
         Some(expr) => quote_spanned!(expr.span()=> #expr),
         None => quote!(()),
     };
+    let pair = per_implementor.then(|| {
+        quote! {
+            let __racefree_key = (__racefree_implementor, __racefree_key);
+        }
+    });
     quote! {
         let __racefree_key = {
             #[allow(unused_imports)]
             use ::racefree::__private::{KeyByRef as _, KeyByValue as _};
             (&&::racefree::__private::KeyWrap::new(#key)).__racefree_key()
         };
+        #pair
     }
 }
 
