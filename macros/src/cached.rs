@@ -141,6 +141,7 @@ fn check_instance(
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::with_fallback(
+        Attr::Cached,
         item,
         |item| item,
         |item| {

@@ -8,11 +8,13 @@ use syn::{ItemFn, ReturnType, Stmt};
 
 use crate::mode::Mode;
 use crate::shape::erase_impl_trait;
+use crate::validate::Attr;
 
 /// Parses the item and runs `expand`; on error emits the function as callers see it
 /// (`as_called`: the signature without what the attribute supplies) next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
 pub fn with_fallback(
+    attr: Attr,
     item: TokenStream,
     as_called: fn(ItemFn) -> ItemFn,
     expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>,
@@ -34,11 +36,15 @@ pub fn with_fallback(
                 return quote!(#(#attrs)* #vis #sig { #(#stmts)* #body });
             }
             Err(_) => {
-                let error = syn::Error::new_spanned(
-                    &item,
-                    "racefree's attributes go on a `fn` or `async fn`",
-                )
-                .to_compile_error();
+                let message = match syn::parse2::<syn::TraitItemFn>(item.clone()) {
+                    Ok(_) => format!(
+                        "#[{}] goes on a `fn` with a body: on a trait's required method, put it on \
+                         the method in each impl",
+                        attr.name()
+                    ),
+                    Err(_) => "racefree's attributes go on a `fn` or `async fn`".to_owned(),
+                };
+                let error = syn::Error::new_spanned(&item, message).to_compile_error();
                 return quote!(#item #error);
             }
         },

@@ -178,6 +178,7 @@ fn bare_argument(key: &Expr) -> Option<Ident> {
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::with_fallback(
+        Attr::Idempotent,
         item,
         |item| item,
         |item| {

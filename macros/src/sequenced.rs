@@ -133,7 +133,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, without_seq_params, |item| {
+    expand::with_fallback(Attr::Sequenced, item, without_seq_params, |item| {
         let args: Args = syn::parse2(args)?;
         let plan = validate(args, &item)?;
         Ok(generate(plan, item))
