@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! fn f(args) -> R {
-//!     let key = <key>;
+//!     let key = <key>;                                     // a method's: (implementor, key)
 //!     let cache = <the function's own cache, or `store`>;
 //!     let lead = match cache.lookup_or_lead(key) {        // look up; else join the key's flight
 //!         Lookup::Hit(value) => return Ok(value),          // cached, or computed by the lead we waited for

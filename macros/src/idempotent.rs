@@ -5,6 +5,7 @@
 //!     let store = <the function's own in-process store, or `store`>;
 //!     let fingerprint = <hash of the arguments not skipped, or of `fingerprint`>;
 //!     let call = Call::new(<function path>, <scope>, <key>, fingerprint, <policy>);
+//!                                                          // a method's scope: implementor first
 //!     let execution = match begin(store, call) {          // claim; wait for or reject duplicates
 //!         Begin::Execute(execution) => execution,          // ours to run (or no key: plain call)
 //!         Begin::Replay(value) => return Ok(value),        // stored by an earlier call

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! fn f(args /* without the Seq parameter */) -> R {
-//!     let key = <key, or ()>;
+//!     let key = <key, or ()>;                            // own sequencer, a method: (implementor, key)
 //!     let backend = <the function's own Sequencer<K>, or &store>;
 //!     let lease = backend.acquire(key, deadline)?;        // FIFO per key; Reentrant/Timeout errors
 //!     let number = lease.next()?.unwrap_or(<start, or 1>); // `start` runs here, under the lock
