@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use racefree::idempotency::{Claim, RecordKey};
@@ -89,8 +89,9 @@ static SHARED: std::sync::LazyLock<RecordingStore> =
     std::sync::LazyLock::new(|| RecordingStore(IdempotencyStore::new()));
 
 macro_rules! shapes {
-    ($($shape:ident = $factor:literal, $charges:ident;)*) => {$(
+    ($($shape:ident = $factor:literal, $charges:ident, $areas:ident;)*) => {$(
         static $charges: AtomicUsize = AtomicUsize::new(0);
+        static $areas: AtomicUsize = AtomicUsize::new(0);
 
         struct $shape;
 
@@ -98,6 +99,12 @@ macro_rules! shapes {
             #[cached]
             fn scaled(x: u64) -> u64 {
                 x * $factor
+            }
+
+            #[cached]
+            fn area(x: u64) -> u64 {
+                $areas.fetch_add(1, SeqCst);
+                x * x * $factor
             }
 
             #[idempotent(key = key)]
@@ -112,6 +119,12 @@ macro_rules! shapes {
                 Ok($factor)
             }
 
+            /// A method of an inherent impl: its path names `Self` already.
+            #[idempotent(key = key, store = SHARED)]
+            fn charge_method(&self, key: &str) -> Result<u64, IdempotencyError> {
+                Ok($factor)
+            }
+
             #[sequenced]
             fn ticket(seq: Seq) -> u64 {
                 seq.get()
@@ -121,8 +134,8 @@ macro_rules! shapes {
 }
 
 shapes! {
-    Tri = 3, TRI_CHARGES;
-    Quad = 4, QUAD_CHARGES;
+    Tri = 3, TRI_CHARGES, TRI_AREAS;
+    Quad = 4, QUAD_CHARGES, QUAD_AREAS;
 }
 
 #[test]
@@ -134,6 +147,44 @@ fn functions_from_one_macro_rules_invocation_no_longer_share_a_cache() {
     assert_eq!((tri.stats().hits, tri.stats().executions), (1, 1));
     assert_eq!((quad.stats().hits, quad.stats().executions), (1, 1));
     assert!(tri.name().contains("Tri::scaled"), "{}", tri.name());
+}
+
+/// 8 callers released by one barrier per round, 20 rounds, half calling `Tri::area`, half
+/// `Quad::area` with the round's key. Every round each caller gets its own type's value, and
+/// each of the two bodies ran exactly once for the key.
+#[test]
+fn concurrent_callers_of_macro_generated_twins_each_get_their_own_value() {
+    const CALLERS: usize = 8;
+    const ROUNDS: u64 = 20;
+    for round in 0..ROUNDS {
+        let barrier = Barrier::new(CALLERS);
+        let values: Vec<(usize, u64)> = std::thread::scope(|s| {
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|caller| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        match caller % 2 {
+                            0 => (caller, Tri::area(round)),
+                            _ => (caller, Quad::area(round)),
+                        }
+                    })
+                })
+                .collect();
+            callers.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for (caller, value) in values {
+            let factor = if caller % 2 == 0 { 3 } else { 4 };
+            assert_eq!(
+                value,
+                round * round * factor,
+                "round {round}, caller {caller}"
+            );
+        }
+        let runs = (TRI_AREAS.load(SeqCst), QUAD_AREAS.load(SeqCst));
+        let expected = (round as usize + 1, round as usize + 1);
+        assert_eq!(runs, expected, "round {round}: executions per type");
+    }
 }
 
 #[test]
@@ -162,14 +213,22 @@ fn record_keys_name_the_self_type_and_no_line() {
         Ok(4),
         "Quad replayed Tri's record"
     );
-    let keys = SEEN_KEYS.lock().unwrap().clone();
     assert_eq!(
-        keys,
-        [
-            "edges::Tri::charge_shared##k",
-            "edges::Quad::charge_shared##k"
-        ]
+        (Tri.charge_method("k"), Quad.charge_method("k")),
+        (Ok(3), Ok(4))
     );
+    assert_eq!((Books(1).book("k"), Games(1).book("k")), (Ok(1), Ok(1)));
+    let keys = SEEN_KEYS.lock().unwrap().clone();
+    let expected = [
+        "edges::Tri::charge_shared##k",
+        "edges::Quad::charge_shared##k",
+        "edges::Tri::charge_method##k",
+        "edges::Quad::charge_method##k",
+        // A default method: its path is the trait's, its scope the implementor.
+        "edges::Catalog::book#12:edges::Books#k",
+        "edges::Catalog::book#12:edges::Games#k",
+    ];
+    assert_eq!(keys, expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,4 +379,63 @@ fn sequenced_returns_impl_trait() {
         .unwrap();
     let numbered = rt.block_on(async { async_label(3).await.unwrap().to_string() });
     assert_eq!(numbered, "3-1");
+}
+
+/// Trait default methods are one function for every implementor: their own stores used to be
+/// shared, so `Games(1).title()` returned `Books(1)`'s title. Entries are now per implementor.
+trait Catalog {
+    fn shop(&self) -> u64;
+    fn label(&self) -> &'static str;
+
+    #[cached(key = self.shop())]
+    fn title(&self) -> String {
+        format!("{} {}", self.label(), self.shop())
+    }
+
+    #[idempotent(key = key)]
+    fn order(&self, key: &str) -> Result<&'static str, IdempotencyError> {
+        Ok(self.label())
+    }
+
+    #[sequenced(key = self.shop())]
+    fn invoice(&self, seq: Seq) -> u64 {
+        seq.get()
+    }
+
+    #[idempotent(key = key, store = SHARED)]
+    fn book(&self, key: &str) -> Result<u64, IdempotencyError> {
+        Ok(self.label().len() as u64 - 4)
+    }
+}
+
+struct Books(u64);
+struct Games(u64);
+
+impl Catalog for Books {
+    fn shop(&self) -> u64 {
+        self.0
+    }
+    fn label(&self) -> &'static str {
+        "books"
+    }
+}
+
+impl Catalog for Games {
+    fn shop(&self) -> u64 {
+        self.0
+    }
+    fn label(&self) -> &'static str {
+        "games"
+    }
+}
+
+#[test]
+fn default_methods_keep_each_implementors_entries_apart() {
+    let shops: [&dyn Catalog; 2] = [&Books(1), &Games(1)];
+    let titles: Vec<String> = shops.iter().map(|s| s.title()).collect();
+    assert_eq!(titles, ["books 1", "games 1"]);
+    let orders: Vec<_> = shops.iter().map(|s| s.order("o-1")).collect();
+    assert_eq!(orders, [Ok("books"), Ok("games")]);
+    let invoices: Vec<u64> = shops.iter().chain(&shops).map(|s| s.invoice()).collect();
+    assert_eq!(invoices, [1, 1, 2, 2]);
 }

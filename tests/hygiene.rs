@@ -86,6 +86,36 @@ async fn sequenced_async(id: u64, seq: Seq) -> ::core::result::Result<u64, Refus
 #[sequenced]
 fn serialized_only() {}
 
+/// Methods take the implementor path (a trait default method, a trait impl).
+trait Counter {
+    fn id(&self) -> u64;
+
+    #[cached(key = self.id())]
+    fn doubled(&self) -> u64 {
+        self.id() * 2
+    }
+
+    fn claim(&self, key: &str) -> ::core::result::Result<u64, Refused>;
+
+    #[sequenced(key = self.id())]
+    fn next(&self, seq: Seq) -> u64 {
+        seq.get()
+    }
+}
+
+struct Tally(u64);
+
+impl Counter for Tally {
+    fn id(&self) -> u64 {
+        self.0
+    }
+
+    #[idempotent(key = key, scope = self.id())]
+    fn claim(&self, key: &str) -> ::core::result::Result<u64, Refused> {
+        ::core::result::Result::Ok(self.0 + key.len() as u64)
+    }
+}
+
 #[test]
 fn generated_code_ignores_shadowing() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -105,6 +135,11 @@ fn generated_code_ignores_shadowing() {
     assert_eq!(
         rt.block_on(idempotent_async(::core::option::Option::None, 3)),
         ::core::result::Result::Err(Refused)
+    );
+
+    assert_eq!(
+        (Tally(3).doubled(), Tally(3).claim("ab"), Tally(3).next()),
+        (6, ::core::result::Result::Ok(5), 1)
     );
 
     assert_eq!(sequenced_plain(1), 5);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! fn f(args) -> R {
-//!     let key = <key>;
+//!     let key = <key>;                                     // a method's: (implementor, key)
 //!     let cache = <the function's own cache, or `store`>;
 //!     let lead = match cache.lookup_or_lead(key) {        // look up; else join the key's flight
 //!         Lookup::Hit(value) => return Ok(value),          // cached, or computed by the lead we waited for
@@ -141,6 +141,7 @@ fn check_instance(
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::with_fallback(
+        Attr::Cached,
         item,
         |item| item,
         |item| {
@@ -156,7 +157,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let mode = Mode::of(&item.sig);
     let body = Body::of(&item);
     let block = match &plan.store {
-        None => own_cache(&plan, &id_fn, mode, body),
+        None => own_cache(&plan, &item, &id_fn, mode, body),
         Some(store) => given_store(&plan, store, mode, body),
     };
     expand::replace_block(&mut item, block);
@@ -175,18 +176,26 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
 }
 
 /// The function's own in-process cache, with the double check spelled out.
-fn own_cache(plan: &Plan, id_fn: &TokenStream, mode: Mode, body: Body) -> TokenStream {
+fn own_cache(
+    plan: &Plan,
+    item: &ItemFn,
+    id_fn: &TokenStream,
+    mode: Mode,
+    body: Body,
+) -> TokenStream {
     let ret = plan.output.ty();
     // Where the value type must be `Clone`, the calls carry the return type's span, so a
     // non-`Clone` value is reported at the return type rather than at the attribute.
     let ret_span = ret.span();
     let cache_method = Ident::new("cache", ret_span);
     let config = config(plan);
-    let (bind_key, lookup) = lookup_or_lead(&plan.key, mode, ret_span);
+    let implementor = expand::implementor(item);
+    let (bind_key, lookup) = lookup_or_lead(&plan.key, implementor.is_some(), mode, ret_span);
     let hit = hit(&plan.output);
     let finish = finish(&plan.output, ret_span);
     let body = body.run();
     quote! {{
+        #implementor
         #bind_key
         #id_fn
         static __RACEFREE_CACHE: ::racefree::__private::CacheCell =
@@ -212,8 +221,14 @@ fn config(plan: &Plan) -> TokenStream {
     quote!(::racefree::__private::CacheConfig::new() #ttl #capacity)
 }
 
-/// Binds the key, and the call that looks it up or makes this caller the key's lead.
-fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenStream) {
+/// Binds the key, and the call that looks it up or makes this caller the key's lead. A method's
+/// key is paired with its `__racefree_implementor` (so it is never looked up borrowed).
+fn lookup_or_lead(
+    key: &Key,
+    per_implementor: bool,
+    mode: Mode,
+    ret_span: Span,
+) -> (TokenStream, TokenStream) {
     let await_ = mode.await_();
     // The call needs `V: Clone`, and rustc reports an unmet bound at the receiver: make it a
     // block spanned at the return type (parentheses would not survive lowering), while the
@@ -221,7 +236,7 @@ fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenS
     let mut cache = Group::new(Delimiter::Brace, quote!(__racefree_cache));
     cache.set_span(ret_span);
     match key {
-        Key::Borrowed(param) => {
+        Key::Borrowed(param) if !per_implementor => {
             let arg = key::borrowed(param);
             let lookup = mode.call(
                 "lookup_or_lead_borrowed",
@@ -233,8 +248,12 @@ fn lookup_or_lead(key: &Key, mode: Mode, ret_span: Span) -> (TokenStream, TokenS
                 quote!(#cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
             )
         }
-        Key::Given(_) | Key::Arguments(_) => {
+        _ => {
             let key = owned_key(key);
+            let key = match per_implementor {
+                true => quote!((__racefree_implementor, #key)),
+                false => key,
+            };
             let lookup = mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span);
             (
                 quote!(let __racefree_key = #key;),

@@ -8,11 +8,13 @@ use syn::{ItemFn, ReturnType, Stmt};
 
 use crate::mode::Mode;
 use crate::shape::erase_impl_trait;
+use crate::validate::Attr;
 
 /// Parses the item and runs `expand`; on error emits the function as callers see it
 /// (`as_called`: the signature without what the attribute supplies) next to the
 /// `compile_error!`, so one mistake gives one error and not a cascade at every call site.
 pub fn with_fallback(
+    attr: Attr,
     item: TokenStream,
     as_called: fn(ItemFn) -> ItemFn,
     expand: impl FnOnce(ItemFn) -> syn::Result<TokenStream>,
@@ -34,11 +36,15 @@ pub fn with_fallback(
                 return quote!(#(#attrs)* #vis #sig { #(#stmts)* #body });
             }
             Err(_) => {
-                let error = syn::Error::new_spanned(
-                    &item,
-                    "racefree's attributes go on a `fn` or `async fn`",
-                )
-                .to_compile_error();
+                let message = match syn::parse2::<syn::TraitItemFn>(item.clone()) {
+                    Ok(_) => format!(
+                        "#[{}] goes on a `fn` with a body: on a trait's required method, put it on \
+                         the method in each impl",
+                        attr.name()
+                    ),
+                    Err(_) => "racefree's attributes go on a `fn` or `async fn`".to_owned(),
+                };
+                let error = syn::Error::new_spanned(&item, message).to_compile_error();
                 return quote!(#item #error);
             }
         },
@@ -75,6 +81,25 @@ fn fn_with_unparsed_body(item: TokenStream) -> syn::Result<(ItemFn, TokenStream)
         Ok((item, body.parse::<TokenStream>()?))
     };
     syn::parse::Parser::parse2(shell, item)
+}
+
+/// For a method (a `self` receiver): binds `__racefree_implementor`, the `Self` type when the
+/// function's scope does not name it (`__private::implementor`): a trait's default method is
+/// one function for every implementor, a generic impl's method one for every instantiation,
+/// and each gets its own store entries by it. `None` for a function without `self`.
+pub fn implementor(item: &ItemFn) -> Option<TokenStream> {
+    item.sig.receiver()?;
+    Some(quote! {
+        fn __racefree_scope() -> &'static str {
+            struct __RacefreeMark;
+            static __RACEFREE_SCOPE: ::std::sync::OnceLock<&'static str> = ::std::sync::OnceLock::new();
+            __RACEFREE_SCOPE.get_or_init(|| {
+                ::racefree::__private::function_scope(::core::any::type_name::<__RacefreeMark>())
+            })
+        }
+        let __racefree_implementor: ::core::option::Option<&'static str> =
+            ::racefree::__private::implementor(__racefree_scope(), ::core::any::type_name::<Self>());
+    })
 }
 
 /// Whether the attribute emits a sibling accessor (`fn <name>_cache()` and the like) for the

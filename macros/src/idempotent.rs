@@ -5,6 +5,7 @@
 //!     let store = <the function's own in-process store, or `store`>;
 //!     let fingerprint = <hash of the arguments not skipped, or of `fingerprint`>;
 //!     let call = Call::new(<function path>, <scope>, <key>, fingerprint, <policy>);
+//!                                                          // a method's scope: implementor first
 //!     let execution = match begin(store, call) {          // claim; wait for or reject duplicates
 //!         Begin::Execute(execution) => execution,          // ours to run (or no key: plain call)
 //!         Begin::Replay(value) => return Ok(value),        // stored by an earlier call
@@ -27,6 +28,7 @@ use syn::{Expr, Ident, ItemFn, ReturnType, Type};
 
 use crate::args::Args;
 use crate::expand::{self, Body};
+use crate::key;
 use crate::mode::Mode;
 use crate::shape::{contains_impl_trait, FnShape, Output, Param};
 use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
@@ -177,6 +179,7 @@ fn bare_argument(key: &Expr) -> Option<Ident> {
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::with_fallback(
+        Attr::Idempotent,
         item,
         |item| item,
         |item| {
@@ -198,19 +201,21 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let ret_span = ret.span();
     let store = pick_store(&plan, &id_fn, ret_span);
     let fingerprint = fingerprint(&plan.fingerprint);
-    let call = call(&plan);
+    let implementor = expand::implementor(&item);
+    let call = call(&plan, implementor.is_some());
     let begin = begin(&plan, mode, ret_span);
     let finish = finish(&plan, mode, ret_span);
     let body = Body::of(&item).run();
     let block = quote! {{
         #path_fn
+        #implementor
         #store
         let __racefree_fingerprint = {
             let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
             #fingerprint
             __racefree_hasher.fingerprint()
         };
-        let __racefree_call = #call;
+        #call
         #begin
         let __racefree_output: #ret = #body;
         #finish
@@ -266,23 +271,22 @@ fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
         Fingerprint::Given(expr) => {
             quote_spanned!(expr.span()=> ::core::hash::Hash::hash(&(#expr), &mut __racefree_hasher);)
         }
-        Fingerprint::Arguments(params) => {
-            let hashed = params.iter().map(|p| {
-                let ident = &p.ident;
-                quote_spanned!(p.ty.span()=> ::core::hash::Hash::hash(&#ident, &mut __racefree_hasher);)
-            });
-            quote!(#(#hashed)*)
-        }
+        Fingerprint::Arguments(params) => key::fingerprint(params),
     }
 }
 
-/// The call's record: who (function path, scope, key), what (fingerprint), and the policy.
-fn call(plan: &Plan) -> TokenStream {
+/// Binds `__racefree_call`, the call's record: who (function path, scope, key), what
+/// (fingerprint), and the policy.
+fn call(plan: &Plan, per_implementor: bool) -> TokenStream {
     let scope = match &plan.scope {
         Some(scope) => quote_spanned! {scope.span()=>
             ::core::option::Option::Some(&(#scope) as &dyn ::core::fmt::Display)
         },
         None => quote!(::core::option::Option::None),
+    };
+    let (bind_scope, scope) = match per_implementor {
+        true => (implementor_scope(scope), quote!(__racefree_scope)),
+        false => (quote!(), scope),
     };
     let key = &plan.key;
     let key = quote_spanned!(key.span()=> #key);
@@ -292,7 +296,34 @@ fn call(plan: &Plan) -> TokenStream {
     let policy = quote! {
         ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
     };
-    quote!(::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy))
+    quote! {
+        #bind_scope
+        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy);
+    }
+}
+
+/// A method's scope, prefixed with its implementor when it has one (`app::Tri`, or
+/// `app::Tri/<scope>`), so that a default method's records are per implementor: statements
+/// binding `__racefree_scope` (let-bound, so the borrowed temporaries live long enough).
+fn implementor_scope(scope: TokenStream) -> TokenStream {
+    quote! {
+        struct __RacefreeScope<'a>(&'static str, ::core::option::Option<&'a dyn ::core::fmt::Display>);
+        impl ::core::fmt::Display for __RacefreeScope<'_> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                match self.1 {
+                    ::core::option::Option::Some(scope) => ::core::write!(f, "{}/{}", self.0, scope),
+                    ::core::option::Option::None => f.write_str(self.0),
+                }
+            }
+        }
+        let __racefree_user_scope: ::core::option::Option<&dyn ::core::fmt::Display> = #scope;
+        let __racefree_scope: ::core::option::Option<&dyn ::core::fmt::Display> = match __racefree_implementor {
+            ::core::option::Option::Some(__racefree_implementor) => ::core::option::Option::Some(
+                &__RacefreeScope(__racefree_implementor, __racefree_user_scope) as &dyn ::core::fmt::Display,
+            ),
+            ::core::option::Option::None => __racefree_user_scope,
+        };
+    }
 }
 
 /// Claims the key: binds `__racefree_execution`, or returns a replayed or refused outcome.

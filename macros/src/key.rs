@@ -1,5 +1,6 @@
-//! `#[cached]`'s default key: every argument not skipped, owned (`&str` → `String`), each
-//! checked on its own so that an argument that cannot be part of a key is one error naming
+//! The default key of `#[cached]` (every argument not skipped, owned: `&str` → `String`) and
+//! the default fingerprint of `#[idempotent]` (every argument not skipped, hashed), each
+//! argument checked on its own so that one that cannot take part is one error naming
 //! `skip(...)` at that argument, not a cascade of unmet `Eq`/`Hash`/`Clone` bounds inside the
 //! runtime.
 //!
@@ -7,7 +8,7 @@
 //! finds `KeyPart` first, whose impl needs the owned form to be a key; when it is not,
 //! resolution falls through to a per-argument `NotAKey` impl, whose method then requires a
 //! trait that has no impl and an `on_unimplemented` message naming the argument. Its part is
-//! `()`, so nothing after it fails again.
+//! `()` (or hashes nothing), so nothing after it fails again.
 
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
@@ -104,4 +105,45 @@ fn part(param: &Param, method: &str) -> TokenStream {
         }
         (&__RacefreeArg(#arg)).#method()
     }}
+}
+
+/// Statements feeding each of `params` into `__racefree_hasher`.
+pub fn fingerprint(params: &[Param]) -> TokenStream {
+    if params.is_empty() {
+        return quote!();
+    }
+    let hashed = params.iter().map(|param| {
+        let ident = &param.ident;
+        let message = format!(
+            "`{ident}` cannot be part of the request fingerprint: `{{Self}}` is not `Hash`"
+        );
+        let label = format!("add `{ident}` to `skip(...)`, or write `fingerprint = ...`");
+        let method = Ident::new("__racefree_hash", Span::call_site().located_at(ident.span()));
+        quote! {{
+            #[diagnostic::on_unimplemented(message = #message, label = #label)]
+            trait __RacefreeSkip {}
+            #[allow(dead_code)]
+            trait __RacefreeNotHashed {
+                type Arg: ?::core::marker::Sized;
+                fn __racefree_hash<H: ::core::hash::Hasher>(&self, _: &mut H) where Self::Arg: __RacefreeSkip {}
+            }
+            impl<T: ?::core::marker::Sized> __RacefreeNotHashed for &__RacefreeArg<'_, T> {
+                type Arg = T;
+            }
+            (&__RacefreeArg(&#ident)).#method(&mut __racefree_hasher);
+        }}
+    });
+    quote! {
+        struct __RacefreeArg<'a, T: ?::core::marker::Sized>(&'a T);
+        trait __RacefreeHashed {
+            fn __racefree_hash<H: ::core::hash::Hasher>(&self, hasher: &mut H);
+        }
+        impl<T: ?::core::marker::Sized + ::core::hash::Hash> __RacefreeHashed for __RacefreeArg<'_, T> {
+            #[inline]
+            fn __racefree_hash<H: ::core::hash::Hasher>(&self, hasher: &mut H) {
+                ::core::hash::Hash::hash(self.0, hasher)
+            }
+        }
+        #(#hashed)*
+    }
 }

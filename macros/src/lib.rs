@@ -92,8 +92,9 @@ use proc_macro::TokenStream;
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
 /// store takes `store = ...`; so does an associated function without `self` in a trait impl or
-/// trait. A trait default method's own store is one for all implementors: put what tells them
-/// apart in `key`.
+/// trait. A trait default method (or a method of a generic impl) is one function for every
+/// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
+/// `Self` type to the record's scope whatever the store).
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     cached::expand(args.into(), item.into()).into()
@@ -158,7 +159,8 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// - The fingerprint is a stable XXH3-128 hash (`racefree::Fingerprint`) of every argument
 ///   except `self` and those in `skip(...)`; an argument that *is* the key (`key = order_key`)
 ///   is left out as well, while an argument the key is read from (`key = req.key.as_deref()`)
-///   stays in, since it carries the request. `fingerprint = <expr>` hashes that instead.
+///   stays in, since it carries the request. `fingerprint = <expr>` hashes that instead. An
+///   argument that is not `Hash` (a connection pool, say) is an error at it: `skip` it.
 /// - The default store is the function's own in-process `racefree::IdempotencyStore`
 ///   (`T: Clone`; `capacity = <int>` bounds it; `fn <name>_idempotency_store()` reaches it);
 ///   `store = <expr>` names any `racefree::IdempotencyBackend` (a sync `fn` needs a
@@ -178,8 +180,9 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
 /// store takes `store = ...`; so does an associated function without `self` in a trait impl or
-/// trait. A trait default method's own store is one for all implementors: put what tells them
-/// apart in `key`.
+/// trait. A trait default method (or a method of a generic impl) is one function for every
+/// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
+/// `Self` type to the record's scope whatever the store).
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     idempotent::expand(args.into(), item.into()).into()
@@ -257,8 +260,9 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
 /// store takes `store = ...`; so does an associated function without `self` in a trait impl or
-/// trait. A trait default method's own store is one for all implementors: put what tells them
-/// apart in `key`.
+/// trait. A trait default method (or a method of a generic impl) is one function for every
+/// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
+/// `Self` type to the record's scope whatever the store).
 /// `-> impl Trait` works (the expansion writes `_` where it names the return type).
 #[proc_macro_attribute]
 pub fn sequenced(args: TokenStream, item: TokenStream) -> TokenStream {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! fn f(args /* without the Seq parameter */) -> R {
-//!     let key = <key, or ()>;
+//!     let key = <key, or ()>;                            // own sequencer, a method: (implementor, key)
 //!     let backend = <the function's own Sequencer<K>, or &store>;
 //!     let lease = backend.acquire(key, deadline)?;        // FIFO per key; Reentrant/Timeout errors
 //!     let number = lease.next()?.unwrap_or(<start, or 1>); // `start` runs here, under the lock
@@ -133,7 +133,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(item, without_seq_params, |item| {
+    expand::with_fallback(Attr::Sequenced, item, without_seq_params, |item| {
         let args: Args = syn::parse2(args)?;
         let plan = validate(args, &item)?;
         Ok(generate(plan, item))
@@ -172,41 +172,7 @@ fn without_seq_params(mut item: ItemFn) -> ItemFn {
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
-    let name = item.sig.ident.clone();
-    let id_fn = expand::id_fn(&name);
-    // Only a panic names the function; a typed error does not.
-    let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(&name));
-    let mode = Mode::of(&item.sig);
-    let ret = erase_impl_trait(plan.output.ty());
-    let fail = fail(&plan);
-
-    let bind_key = bind_key(&plan);
-    let backend = pick_backend(&plan, &id_fn);
-    let acquire = acquire(&plan, mode, &fail);
-    let mut body = Body::of(&item);
-    if let Some(SeqParam { pat, ty, .. }) = &plan.seq {
-        body = body.with_prelude(quote! {
-            #[allow(unused_variables)]
-            let #pat: #ty = __racefree_seq;
-        });
-    }
-    let number = number(&plan, mode, &fail);
-    let (enter, run) = run_as_holder(body, mode);
-    let finish = finish(&plan, mode, &fail);
-    let block = quote! {{
-        #path_fn
-        #bind_key
-        #backend
-        #acquire
-        #enter
-        #number
-        // The body runs as a closure call (sync) or an async block with an unreachable
-        // `loop {}` pinning its type (async): both intended, neither the user's to see.
-        #[allow(clippy::redundant_closure_call, clippy::empty_loop)]
-        let __racefree_output: #ret = #run;
-        #finish
-        __racefree_output
-    }};
+    let block = block(&plan, &item);
     expand::replace_block(&mut item, block);
     if let Some(seq) = &plan.seq {
         remove_param(&mut item, seq.index);
@@ -222,6 +188,52 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         )
     });
     quote!(#item #accessor)
+}
+
+/// The new body: the steps of the sketch in the module doc, in order.
+fn block(plan: &Plan, item: &ItemFn) -> TokenStream {
+    let name = &item.sig.ident;
+    let id_fn = expand::id_fn(name);
+    // Only a panic names the function; a typed error does not.
+    let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(name));
+    let mode = Mode::of(&item.sig);
+    let ret = erase_impl_trait(plan.output.ty());
+    let fail = fail(plan);
+
+    // The function's own sequencer keys a method's calls by implementor too.
+    let implementor = plan
+        .store
+        .is_none()
+        .then(|| expand::implementor(item))
+        .flatten();
+    let bind_key = bind_key(plan, implementor.is_some());
+    let backend = pick_backend(plan, &id_fn);
+    let acquire = acquire(plan, mode, &fail);
+    let mut body = Body::of(item);
+    if let Some(SeqParam { pat, ty, .. }) = &plan.seq {
+        body = body.with_prelude(quote! {
+            #[allow(unused_variables)]
+            let #pat: #ty = __racefree_seq;
+        });
+    }
+    let number = number(plan, mode, &fail);
+    let (enter, run) = run_as_holder(body, mode);
+    let finish = finish(plan, mode, &fail);
+    quote! {{
+        #path_fn
+        #implementor
+        #bind_key
+        #backend
+        #acquire
+        #enter
+        #number
+        // The body runs as a closure call (sync) or an async block with an unreachable
+        // `loop {}` pinning its type (async): both intended, neither the user's to see.
+        #[allow(clippy::redundant_closure_call, clippy::empty_loop)]
+        let __racefree_output: #ret = #run;
+        #finish
+        __racefree_output
+    }}
 }
 
 /// What a backend error does: returned through `E: From<SequenceError>`, or a panic.
@@ -242,18 +254,25 @@ fn fail(plan: &Plan) -> TokenStream {
     }
 }
 
-/// Binds `__racefree_key`, kept in its owned form (`&str` as `String`), before the call waits.
-fn bind_key(plan: &Plan) -> TokenStream {
+/// Binds `__racefree_key`, kept in its owned form (`&str` as `String`), before the call waits;
+/// a method's paired with its implementor.
+fn bind_key(plan: &Plan, per_implementor: bool) -> TokenStream {
     let key = match &plan.key {
         Some(expr) => quote_spanned!(expr.span()=> #expr),
         None => quote!(()),
     };
+    let pair = per_implementor.then(|| {
+        quote! {
+            let __racefree_key = (__racefree_implementor, __racefree_key);
+        }
+    });
     quote! {
         let __racefree_key = {
             #[allow(unused_imports)]
             use ::racefree::__private::{KeyByRef as _, KeyByValue as _};
             (&&::racefree::__private::KeyWrap::new(#key)).__racefree_key()
         };
+        #pair
     }
 }
 

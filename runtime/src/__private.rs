@@ -2,7 +2,7 @@
 //! runtime. Not a public API; the facade re-exports it as `racefree::__private`.
 
 pub use crate::cached::{Always, AsyncCacheStore, CacheCell, CacheConfig, CacheStore, Lookup};
-pub use crate::function::function_name;
+pub use crate::function::{function_name, function_scope, implementor};
 pub use crate::idempotent::call::{begin, begin_blocking, Begin, Call, Policy, StoreRef};
 pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};

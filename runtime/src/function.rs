@@ -180,6 +180,17 @@ impl<H: Home> FunctionCell<H> {
 /// once per cell or path `static`, so the leaked text is bounded by the number of functions.
 #[doc(hidden)]
 pub fn function_name(mark: &'static str, name: &str, suffix: &str) -> &'static str {
+    let text = match function_scope(mark) {
+        "" => format!("{name}{suffix}"),
+        scope => format!("{scope}::{name}{suffix}"),
+    };
+    Box::leak(text.into_boxed_str())
+}
+
+/// The scope part of [`function_name`], without allocating: `app::Tri`,
+/// `<app::Tri as app::Shape>`, `app::Shape` (a trait's default method), `app::Gen<_>`.
+#[doc(hidden)]
+pub fn function_scope(mark: &'static str) -> &'static str {
     fn parent(path: &str) -> &str {
         path.rsplit_once("::").map_or("", |(parent, _)| parent)
     }
@@ -192,17 +203,28 @@ pub fn function_name(mark: &'static str, name: &str, suffix: &str) -> &'static s
     {
         scope = parent(scope);
     }
-    let scope = parent(scope);
-    let text = match scope {
-        "" => format!("{name}{suffix}"),
-        scope => format!("{scope}::{name}{suffix}"),
-    };
-    Box::leak(text.into_boxed_str())
+    parent(scope)
+}
+
+/// The `Self` type a method runs for, when its scope does not name it already: a trait's
+/// default method (scope `app::Shape`) is one function for every implementor, and a method of
+/// a generic impl (scope `app::Gen<_>`) one for every instantiation, so their own stores and
+/// record keys are told apart by it. `None` for a method of an inherent or trait impl of one
+/// type (scope `app::Tri` or `<app::Tri as app::Shape>`), whose path says it all.
+#[doc(hidden)]
+#[inline]
+pub fn implementor(scope: &str, self_type: &'static str) -> Option<&'static str> {
+    let named = scope == self_type
+        || scope
+            .strip_prefix('<')
+            .and_then(|rest| rest.strip_prefix(self_type))
+            .is_some_and(|rest| rest.starts_with(" as "));
+    (!named).then_some(self_type)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::function_name;
+    use super::{function_name, implementor};
 
     #[test]
     fn function_name_keeps_the_self_type_and_drops_the_marker() {
@@ -225,5 +247,20 @@ mod tests {
         for (mark, name) in cases {
             assert_eq!(function_name(mark, "scaled", "@1:2"), name, "{mark}");
         }
+    }
+
+    #[test]
+    fn implementor_is_named_only_where_the_scope_does_not_name_it() {
+        assert_eq!(implementor("app::Tri", "app::Tri"), None);
+        assert_eq!(implementor("<app::Tri as app::Shape>", "app::Tri"), None);
+        assert_eq!(implementor("app::Shape", "app::Tri"), Some("app::Tri"));
+        assert_eq!(
+            implementor("app::Gen<_>", "app::Gen<u8>"),
+            Some("app::Gen<u8>")
+        );
+        assert_eq!(
+            implementor("<app::Trip as app::Shape>", "app::Tri"),
+            Some("app::Tri")
+        );
     }
 }
