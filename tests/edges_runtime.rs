@@ -290,6 +290,45 @@ fn an_entry_is_never_returned_after_its_ttl_and_never_dropped_before() {
     }
 }
 
+/// Issue 9.6, in the in-process idempotency store, which read the same coarse clock: an
+/// outcome was replayed until `ttl` had passed and never after, and not given up before.
+/// 20 rounds of a 20 ms TTL claimed in a tight loop.
+#[test]
+fn an_idempotency_outcome_is_replayed_until_its_ttl_and_never_after() {
+    use racefree_runtime::idempotent::Claim;
+    let ttl = Duration::from_millis(20);
+    for round in 0..20u64 {
+        let store: IdempotencyStore<u64> = IdempotencyStore::new();
+        let Claim::Execute(lease) = claim(&store, "k") else {
+            panic!("fresh key")
+        };
+        let completing = Instant::now();
+        store.complete_lease(lease, &round, ttl);
+        let completed = Instant::now();
+        loop {
+            let before = Instant::now();
+            let found = claim(&store, "k");
+            let after = Instant::now();
+            match found {
+                Claim::Replay(_) => assert!(
+                    before.duration_since(completed) < ttl,
+                    "round {round}: replayed {:?} after completing",
+                    before.duration_since(completed)
+                ),
+                Claim::Execute(_) => {
+                    assert!(
+                        after.duration_since(completing) >= ttl,
+                        "round {round}: expired {:?} after completing",
+                        after.duration_since(completing)
+                    );
+                    break;
+                }
+                Claim::InFlight(_) => panic!("round {round}: nobody executes"),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Blocking calls inside async runtimes; #[idempotent] re-entry
 // ---------------------------------------------------------------------------------------------

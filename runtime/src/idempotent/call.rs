@@ -33,6 +33,11 @@ use super::replay::{self, Replay};
 /// anything that dereferences to one (`LazyLock`, `Arc`, `Box`). Generated code calls
 /// `(<expr>).idempotency_store()` with this trait in scope.
 #[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idempotency store for outcomes of type `{T}`",
+    label = "`store = ...` must be an idempotency store (or dereference to one)",
+    note = "the in-process `racefree::IdempotencyStore<T>` needs the outcome `{T}` to be `Clone`; a Redis or SQL store needs it to be `Serialize + Deserialize` (derive them with serde)"
+)]
 pub trait StoreRef<T> {
     fn idempotency_store(&self) -> &Self {
         self

@@ -54,7 +54,7 @@ use crate::sync::flight::Flight;
 use crate::sync::RandomState;
 
 /// The most outcomes an in-process store keeps unless told otherwise: 100 000, a few tens of
-/// megabytes for typical outcomes (the schedule API example's records take about 600 bytes
+/// megabytes for typical outcomes (the schedule API example's records take about 800 bytes
 /// each). Change it with `#[idempotent(capacity = N)]` or [`IdempotencyStoreBuilder::capacity`].
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
@@ -245,8 +245,8 @@ impl ManualClock {
     }
 }
 
-/// Where a store reads the time: the runtime's clock (coarse on Linux: expiry may come up to
-/// one tick, a few ms, late), or a [`ManualClock`].
+/// Where a store reads the time: the runtime's clock (a coarse read, confirmed precisely in the
+/// last ticks before a deadline: a `ttl` is exact, see `sync::clock`), or a [`ManualClock`].
 #[derive(Debug, Clone, Default)]
 enum Clock {
     #[default]
@@ -324,8 +324,9 @@ impl<T> IdempotencyStore<T> {
     pub fn purge_expired(&self) {
         let now = self.now();
         let mut stored = self.outcomes();
-        self.records.retain(|_, record| !is_expired(record, now));
-        stored.retain(|&(_, expires)| expires > now);
+        self.records
+            .retain(|_, record| !self.is_expired(record, now));
+        stored.retain(|&(_, expires)| !self.is_past(expires, now));
     }
 
     /// Forgets every outcome. Calls in flight finish and store theirs.
@@ -370,6 +371,19 @@ impl<T> IdempotencyStore<T> {
         }
     }
 
+    // `now` from `self.now()`: on the system clock a coarse reading, confirmed with the precise
+    // clock near the deadline (see `sync::clock`), so a `ttl` is exact.
+    fn is_past(&self, deadline: u64, now: u64) -> bool {
+        match &self.clock {
+            Clock::System => crate::sync::clock::is_past(deadline, now),
+            Clock::Manual(_) => now >= deadline,
+        }
+    }
+
+    fn is_expired(&self, record: &Record<T>, now: u64) -> bool {
+        matches!(record, Record::Done { expires, .. } if self.is_past(*expires, now))
+    }
+
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
         let StoreLease { key, flight, .. } = lease;
@@ -407,7 +421,7 @@ impl<T: Clone> IdempotencyStore<T> {
                 expires,
             } = record.value()
             {
-                if *expires > self.now() {
+                if !self.is_past(*expires, self.now()) {
                     return self.replay_or_conflict(key, *stored, fingerprint, outcome);
                 }
             }
@@ -415,7 +429,7 @@ impl<T: Clone> IdempotencyStore<T> {
         let now = self.now();
         match self.records.entry(Arc::from(key.as_str())) {
             Entry::Occupied(mut entry) => match entry.get() {
-                record if is_expired(record, now) => {
+                record if self.is_expired(record, now) => {
                     let flight = Arc::new(Flight::owned_by(owner));
                     let stored_key = Arc::clone(entry.key());
                     entry.insert(Record::InFlight {
@@ -507,7 +521,11 @@ impl<T: Clone> IdempotencyStore<T> {
         else {
             unreachable!("the guard holds the lease until here")
         };
-        let expires = self.now().saturating_add(saturating_nanos(ttl));
+        let expires = match &self.clock {
+            // From the precise clock, so that the coarse reads of `is_past` keep `ttl` exact.
+            Clock::System => crate::sync::clock::deadline_after(saturating_nanos(ttl)),
+            Clock::Manual(hand) => hand.load(Relaxed).saturating_add(saturating_nanos(ttl)),
+        };
         if let Some(mut record) = self.records.get_mut(&key) {
             if is_flight(&record, &flight) {
                 *record = Record::Done {
@@ -529,7 +547,7 @@ impl<T: Clone> IdempotencyStore<T> {
     fn purge_front(&self, stored: &mut Outcomes, now: u64) {
         for _ in 0..PURGE_PER_STORE {
             match stored.front() {
-                Some(&(_, deadline)) if deadline <= now => {}
+                Some(&(_, deadline)) if self.is_past(deadline, now) => {}
                 _ => break,
             }
             let Some((key, deadline)) = stored.pop_front() else {
@@ -557,7 +575,7 @@ impl<T: Clone> IdempotencyStore<T> {
                 .records
                 .remove_if(&key, |_, record| is_outcome(record, deadline))
                 .is_some();
-            if removed && deadline > now {
+            if removed && !self.is_past(deadline, now) {
                 evicted += 1;
             }
         }
@@ -586,10 +604,6 @@ impl<T: Clone> IdempotencyStore<T> {
             );
         }
     }
-}
-
-fn is_expired<T>(record: &Record<T>, now: u64) -> bool {
-    matches!(record, Record::Done { expires, .. } if *expires <= now)
 }
 
 // The stored outcome with this deadline (not a later one of the same key).
