@@ -9,25 +9,36 @@
 //! [`Registry`], because the macro cannot tell an associated function from a free one and so
 //! cannot name a `static` next to the function.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Mutex, OnceLock};
 
 type AnyRef = &'static (dyn Any + Send + Sync);
 
 /// One value per concrete type `T`, created on first use and kept for the life of the process.
 /// `D` is the type-erased view (a trait object) through which all of them are inspected.
+///
+/// The values form an append-only chain of leaked nodes: finding a type reads one `OnceLock`
+/// per type ahead of it and takes no lock, so every concrete type of a generic function hits as
+/// fast as the first (a generic function has a handful of types). Only creating a value takes
+/// the mutex, and only to keep two threads from creating the same type twice.
 pub(crate) struct PerType<D: ?Sized + 'static> {
-    // The first (usually the only) type: one atomic load on the hot path.
-    first: OnceLock<AnyRef>,
-    all: RwLock<Vec<(AnyRef, &'static D)>>,
+    head: OnceLock<&'static Node<D>>,
+    creating: Mutex<()>,
+}
+
+struct Node<D: ?Sized + 'static> {
+    type_id: TypeId,
+    value: AnyRef,
+    erased: &'static D,
+    next: OnceLock<&'static Node<D>>,
 }
 
 impl<D: ?Sized + 'static> PerType<D> {
     pub(crate) const fn new() -> Self {
         PerType {
-            first: OnceLock::new(),
-            all: RwLock::new(Vec::new()),
+            head: OnceLock::new(),
+            creating: Mutex::new(()),
         }
     }
 
@@ -38,10 +49,23 @@ impl<D: ?Sized + 'static> PerType<D> {
         create: impl FnOnce() -> T,
         erase: impl FnOnce(&'static T) -> &'static D,
     ) -> &'static T {
-        if let Some(value) = self.first.get().and_then(|any| any.downcast_ref()) {
-            return value;
+        match self.find::<T>() {
+            Some(value) => value,
+            None => self.create(create, erase),
         }
-        self.create(create, erase)
+    }
+
+    /// The value for `T`, if one was created.
+    #[inline]
+    pub(crate) fn find<T: Any>(&self) -> Option<&'static T> {
+        let mut link = &self.head;
+        while let Some(node) = link.get() {
+            if node.type_id == TypeId::of::<T>() {
+                return node.value.downcast_ref();
+            }
+            link = &node.next;
+        }
+        None
     }
 
     #[cold]
@@ -50,27 +74,39 @@ impl<D: ?Sized + 'static> PerType<D> {
         create: impl FnOnce() -> T,
         erase: impl FnOnce(&'static T) -> &'static D,
     ) -> &'static T {
-        let mut all = self
-            .all
-            .write()
+        let _creating = self
+            .creating
+            .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(value) = all.iter().find_map(|(any, _)| any.downcast_ref()) {
+        if let Some(value) = self.find::<T>() {
             return value;
         }
         // Leaked on purpose: the handle lives in a `static`, so what it holds lives as long.
         let value: &'static T = Box::leak(Box::new(create()));
-        all.push((value, erase(value)));
-        let _ = self.first.set(value);
+        let node: &'static Node<D> = Box::leak(Box::new(Node {
+            type_id: TypeId::of::<T>(),
+            value,
+            erased: erase(value),
+            next: OnceLock::new(),
+        }));
+        let mut link = &self.head;
+        while let Some(next) = link.get() {
+            link = &next.next;
+        }
+        // Appends happen only here, under the mutex: the tail is still empty.
+        let _ = link.set(node);
         value
     }
 
-    /// Every value so far, through the erased view.
+    /// Every value so far, through the erased view, in the order they were created.
     pub(crate) fn each(&self) -> Vec<&'static D> {
-        let all = self
-            .all
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        all.iter().map(|(_, erased)| *erased).collect()
+        let mut all = Vec::new();
+        let mut link = &self.head;
+        while let Some(node) = link.get() {
+            all.push(node.erased);
+            link = &node.next;
+        }
+        all
     }
 }
 
@@ -220,6 +256,117 @@ pub fn implementor(scope: &str, self_type: &'static str) -> Option<&'static str>
             .and_then(|rest| rest.strip_prefix(self_type))
             .is_some_and(|rest| rest.starts_with(" as "));
     (!named).then_some(self_type)
+}
+
+/// A key given to a function handle's lookups (`<fn>_cache().invalidate(..)`,
+/// `<fn>_sequence().next(..)`, ...): the key type the function builds, or a borrowed form of a
+/// text key (`&str`, `str`, `&'static str` for a `String`, `Box<str>` or `Arc<str>` key), as
+/// `HashMap::get` accepts `&str` for a `String` key.
+///
+/// A handle does not know its key type at compile time (the attribute never spells it), so a
+/// key of another type is found out when the lookup runs: it panics, naming the key type the
+/// function uses, instead of answering for a store that does not exist.
+pub trait HandleKey {
+    #[doc(hidden)]
+    fn probe(&self) -> Probe<'_>;
+}
+
+impl<T: Any> HandleKey for T {
+    fn probe(&self) -> Probe<'_> {
+        Probe::Value(self, std::any::type_name::<T>())
+    }
+}
+
+impl HandleKey for str {
+    fn probe(&self) -> Probe<'_> {
+        Probe::Text(self)
+    }
+}
+
+/// A key as a handle's type-erased stores see it.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub enum Probe<'a> {
+    Value(&'a dyn Any, &'static str),
+    Text(&'a str),
+}
+
+impl<'a> Probe<'a> {
+    /// The key as a `K`, if it is one.
+    pub(crate) fn value<K: Any>(self) -> Option<&'a K> {
+        match self {
+            Probe::Value(any, _) => any.downcast_ref(),
+            Probe::Text(_) => None,
+        }
+    }
+
+    /// The key as text, if it is a string of some kind.
+    pub(crate) fn text(self) -> Option<&'a str> {
+        match self {
+            Probe::Text(text) => Some(text),
+            Probe::Value(any, _) => {
+                if let Some(text) = any.downcast_ref::<&'static str>() {
+                    Some(text)
+                } else if let Some(text) = any.downcast_ref::<String>() {
+                    Some(text)
+                } else if let Some(text) = any.downcast_ref::<Box<str>>() {
+                    Some(text)
+                } else if let Some(text) = any.downcast_ref::<std::sync::Arc<str>>() {
+                    Some(text)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The key as an owned `K`: a copy of a `K`, or text made into a text key type (`String`,
+    /// `Box<str>`, `Arc<str>`).
+    pub(crate) fn to_key<K: Any + Clone>(self) -> Option<K> {
+        if let Some(key) = self.value::<K>() {
+            return Some(key.clone());
+        }
+        let text = self.text()?;
+        let key: Box<dyn Any> = if TypeId::of::<K>() == TypeId::of::<String>() {
+            Box::new(text.to_owned())
+        } else if TypeId::of::<K>() == TypeId::of::<Box<str>>() {
+            Box::new(Box::<str>::from(text))
+        } else if TypeId::of::<K>() == TypeId::of::<std::sync::Arc<str>>() {
+            Box::new(std::sync::Arc::<str>::from(text))
+        } else {
+            return None;
+        };
+        key.downcast().ok().map(|key| *key)
+    }
+
+    pub(crate) fn type_name(self) -> &'static str {
+        match self {
+            Probe::Value(_, name) => name,
+            Probe::Text(_) => "str",
+        }
+    }
+}
+
+/// Asks each store (`ask` answers `None` for a key it cannot take) and returns the answers of
+/// those that could; if stores exist and none can take the key, panics naming the key types
+/// they use.
+pub(crate) fn ask_stores<D: ?Sized, R>(
+    function: &'static str,
+    stores: &[&'static D],
+    key: Probe<'_>,
+    key_type: impl Fn(&D) -> &'static str,
+    ask: impl Fn(&'static D) -> Option<R>,
+) -> Vec<R> {
+    let answers: Vec<R> = stores.iter().filter_map(|store| ask(*store)).collect();
+    if answers.is_empty() && !stores.is_empty() {
+        let used: Vec<&str> = stores.iter().map(|store| key_type(store)).collect();
+        panic!(
+            "{function}: no store keyed by `{}`: its keys are `{}`; pass the key as the function builds it (or `&str` for a text key)",
+            key.type_name(),
+            used.join("`, `")
+        );
+    }
+    answers
 }
 
 #[cfg(test)]

@@ -11,6 +11,17 @@
 //!   waiter gets its own attempt, one at a time, instead of a copy of somebody else's error.
 //! - **Bounded.** With a TTL, expired entries are never returned and are purged as the cache
 //!   grows; with a capacity, the entry count is kept at or below it after every insert.
+//! - **A TTL is exact.** An entry is returned until `ttl` has passed since it was inserted and
+//!   never after; it is not dropped before. The hit path reads a coarse clock and confirms
+//!   with the precise one only in the last two ticks (1–8 ms) of an entry's life (see
+//!   [`clock`](crate::sync::clock)).
+//! - **Capacity never evicts what it is inserting.** Room is made *before* a new key goes in,
+//!   so the key just computed is always there right after; `clear()` and inserts take the same
+//!   lock, so no entry ever escapes the eviction ring.
+//! - **A sync waiter never hangs on an async leader it would block.** A sync call that finds
+//!   its key being computed by an async call of its own thread's current-thread runtime panics
+//!   with the reason instead of blocking forever; on a multi-thread runtime it waits inside
+//!   `block_in_place` (see [`blocking`](crate::sync::blocking)).
 //!
 //! # Why not moka on the hit path
 //! moka's `get` costs several times a `DashMap` read (it records every access in a buffer for
@@ -32,6 +43,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::stats::{CacheStats, Counters};
+use crate::sync::blocking::Owner;
+use crate::sync::clock;
 use crate::sync::single_flight::{Join, Lead, SingleFlight};
 pub use crate::sync::RandomState;
 
@@ -253,17 +266,25 @@ where
 
     /// The per-key double check: the cached value, or the value of the caller computing it
     /// right now (blocking this thread until it is done), or the duty to compute it.
+    ///
+    /// # Panics
+    /// If the caller computing the key is an async task that only this thread can run (this
+    /// thread's current-thread runtime): blocking would wait forever, so it panics saying so.
+    /// Make the caller async, or call it from a multi-thread runtime.
     pub fn lookup_or_lead(&self, key: K) -> Lookup<'_, K, V, S> {
         if let Some(value) = self.get(&key) {
             return Lookup::Hit(value);
         }
         let mut waited = false;
         loop {
-            match self.join(&key) {
+            match self.join(&key, false) {
                 Step::Done(lookup) => return lookup,
                 Step::Wait(flight) => {
                     self.note_wait(&mut waited);
-                    if let Some(value) = flight.wait() {
+                    let landing = flight.wait_checked().unwrap_or_else(|error| {
+                        panic!("#[cached] {}: {error}", self.name);
+                    });
+                    if let Some(value) = landing {
                         return Lookup::Hit(value.clone());
                     }
                 }
@@ -279,7 +300,7 @@ where
         }
         let mut waited = false;
         loop {
-            match self.join(&key) {
+            match self.join(&key, true) {
                 Step::Done(lookup) => return lookup,
                 Step::Wait(flight) => {
                     self.note_wait(&mut waited);
@@ -324,8 +345,8 @@ where
         }
     }
 
-    fn join(&self, key: &K) -> Step<'_, K, V, S> {
-        match self.flights.join(key.clone()) {
+    fn join(&self, key: &K, asynchronous: bool) -> Step<'_, K, V, S> {
+        match self.flights.join_as(key.clone(), Owner::here(asynchronous)) {
             Join::Follow(flight) => Step::Wait(flight),
             Join::Lead(lead) => {
                 // Second check, now that we own the key: a lead that finished between our
@@ -390,33 +411,32 @@ where
         }
     }
 
-    /// Stores `value` for `key`, replacing any previous value.
+    /// Stores `value` for `key`, replacing any previous value. With a capacity, room is made
+    /// first, so the entry inserted is never the one evicted.
     pub fn insert(&self, key: K, value: V) {
         let stamp = match self.config.ttl {
-            // Never 0, which would mean "no deadline".
-            Some(ttl) => self
-                .now()
-                .saturating_add(saturating_nanos(ttl))
-                .clamp(1, DEADLINE),
+            // From the precise clock; never 0, which would mean "no deadline".
+            Some(ttl) => clock::deadline_after(saturating_nanos(ttl)).clamp(1, DEADLINE),
             None => 0,
         };
-        let ring_key = self.ring.as_ref().map(|_| key.clone());
-        let fresh = self
-            .entries
-            .insert(
-                key,
-                Slot {
-                    value,
-                    stamp: AtomicU64::new(stamp),
-                },
-            )
-            .is_none();
-        if let (Some(ring), Some(key)) = (&self.ring, ring_key) {
-            let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if fresh {
-                ring.push_back(key);
+        let slot = Slot {
+            value,
+            stamp: AtomicU64::new(stamp),
+        };
+        match &self.ring {
+            None => {
+                self.entries.insert(key, slot);
             }
-            self.evict_over_capacity(&mut ring);
+            Some(ring) => {
+                let ring_key = key.clone();
+                // The map and the ring change together under the ring's lock, as in `clear`.
+                let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if !self.entries.contains_key(&key) {
+                    self.make_room(&mut ring);
+                    ring.push_back(ring_key);
+                }
+                self.entries.insert(key, slot);
+            }
         }
         if self.config.ttl.is_some() {
             self.sweep_now_and_then();
@@ -424,13 +444,15 @@ where
     }
 
     // CLOCK: walk the ring from the front; an entry hit since the last pass loses its mark and
-    // goes to the back, any other (or an expired one) is evicted. Terminates within two passes.
-    fn evict_over_capacity(&self, ring: &mut VecDeque<K>) {
+    // goes to the back, any other (or an expired one) is evicted, until one more entry fits.
+    // Terminates within two passes. Runs before the new key is in the map and the ring, so it
+    // cannot pick the new key.
+    fn make_room(&self, ring: &mut VecDeque<K>) {
         let Some(capacity) = self.config.capacity else {
             return;
         };
         let now = self.config.ttl.map(|_| self.now());
-        while self.entries.len() > capacity {
+        while self.entries.len() >= capacity {
             let Some(key) = ring.pop_front() else { break };
             let mut second_chance = false;
             self.entries.remove_if(&key, |_, slot| {
@@ -485,14 +507,38 @@ where
         self.entries.remove(key).is_some()
     }
 
-    /// Removes every entry.
+    /// Removes every entry. With a capacity, atomic with respect to inserts: an insert lands
+    /// wholly before (and is removed) or wholly after (and stays, evictable as any other).
     pub fn clear(&self) {
-        self.entries.clear();
-        if let Some(ring) = &self.ring {
+        match &self.ring {
+            None => self.entries.clear(),
+            Some(ring) => {
+                let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                self.entries.clear();
+                ring.clear();
+            }
+        }
+    }
+
+    /// Keys the capacity's eviction ring tracks (0 without a capacity): every stored entry is
+    /// among them, and they are at most about twice the capacity.
+    pub fn ring_len(&self) -> usize {
+        self.ring.as_ref().map_or(0, |ring| {
             ring.lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clear();
-        }
+                .len()
+        })
+    }
+
+    /// `true` if the eviction ring tracks every stored entry (always `true` without a
+    /// capacity): the invariant that keeps the capacity honest. Walks both; for tests.
+    pub fn ring_covers_entries(&self) -> bool {
+        let Some(ring) = &self.ring else { return true };
+        let ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tracked: HashSet<&K> = ring.iter().collect();
+        self.entries
+            .iter()
+            .all(|entry| tracked.contains(entry.key()))
     }
 
     /// Entries stored (expired ones not yet purged included).
@@ -554,10 +600,11 @@ where
     }
 }
 
+// `now` is a coarse reading; `clock::is_past` confirms with the precise clock near the deadline.
 #[inline]
 fn is_expired(stamp: u64, now: u64) -> bool {
     let deadline = stamp & DEADLINE;
-    deadline != 0 && now >= deadline
+    deadline != 0 && clock::is_past(deadline, now)
 }
 
 fn saturating_nanos(d: Duration) -> u64 {

@@ -5,16 +5,17 @@
 //! cache). The generated `fn <name>_cache()` returns the same handle, so users can
 //! `invalidate`, `clear` and read `stats` without naming a type either.
 
-use std::any::Any;
 use std::hash::Hash;
 
 use super::cache::{Cache, CacheConfig};
 use super::stats::CacheStats;
-use crate::function::{FunctionCell, Home, PerType, Registry};
+use crate::function::{ask_stores, FunctionCell, HandleKey, Home, PerType, Probe, Registry};
 
 /// What a handle needs from a typed cache.
 trait ErasedCache: Send + Sync {
-    fn invalidate_any(&self, key: &dyn Any) -> bool;
+    /// `None` if the key is not of this cache's key type (nor a borrowed form of it).
+    fn invalidate_probe(&self, key: Probe<'_>) -> Option<bool>;
+    fn key_type(&self) -> &'static str;
     fn clear(&self);
     fn len(&self) -> usize;
     fn in_flight(&self) -> usize;
@@ -27,9 +28,14 @@ where
     K: Eq + Hash + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    fn invalidate_any(&self, key: &dyn Any) -> bool {
-        key.downcast_ref::<K>()
-            .is_some_and(|key| self.invalidate(key))
+    fn invalidate_probe(&self, key: Probe<'_>) -> Option<bool> {
+        match key.value::<K>() {
+            Some(key) => Some(self.invalidate(key)),
+            None => Some(self.invalidate(&key.to_key::<K>()?)),
+        }
+    }
+    fn key_type(&self) -> &'static str {
+        std::any::type_name::<K>()
     }
     fn clear(&self) {
         Cache::clear(self)
@@ -65,6 +71,18 @@ where
 /// assert!(cache.invalidate(&3_u64));     // the key as the function builds it
 /// assert_eq!(cache.len(), 0);
 /// ```
+///
+/// Lookups take the key as the function builds it or, for a text key, borrowed (`"a"` or
+/// `&"a"` for a `String` key); a key of any other type panics with the key type to use rather
+/// than answering for a cache that does not exist:
+///
+/// ```should_panic
+/// # use racefree_runtime::{CacheConfig, cached::CacheCell};
+/// static NAMES: CacheCell = CacheCell::new("doc::names", CacheConfig::new());
+/// NAMES.handle().cache::<String, u64>().insert("a".to_owned(), 1);
+/// assert!(NAMES.handle().invalidate("a"));          // &str for a String key: fine
+/// NAMES.handle().invalidate(&1_u32);                // panics: its keys are `alloc::string::String`
+/// ```
 pub struct CacheHandle {
     name: &'static str,
     config: CacheConfig,
@@ -72,7 +90,9 @@ pub struct CacheHandle {
 }
 
 impl CacheHandle {
-    /// The function's cache for keys `K` and values `V`, created on first use.
+    /// The function's cache for keys `K` and values `V`, **created on first use**: this is how
+    /// the function itself reaches its cache. To look at the cache without creating one, use
+    /// [`typed`](Self::typed).
     #[inline]
     pub fn cache<K, V>(&self) -> &'static Cache<K, V>
     where
@@ -85,14 +105,36 @@ impl CacheHandle {
         )
     }
 
+    /// The function's cache for keys `K` and values `V`, if the function has used one.
+    pub fn typed<K, V>(&self) -> Option<&'static Cache<K, V>>
+    where
+        K: Eq + Hash + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        self.caches.find()
+    }
+
     fn each(&self) -> Vec<&'static dyn ErasedCache> {
         self.caches.each()
     }
 
     /// Removes the entry for `key`, given as the function builds its key (an owned value, e.g.
-    /// `String` for a `&str` argument, a tuple for several arguments); `true` if it was there.
-    pub fn invalidate<K: Any>(&self, key: &K) -> bool {
-        self.each().iter().any(|c| c.invalidate_any(key))
+    /// `String` for a `&str` argument, a tuple for several arguments) or, for a text key,
+    /// borrowed (`"a"`, `&"a"`); `true` if it was there.
+    ///
+    /// # Panics
+    /// If the function has a cache and `key` is of none of its key types (see [`HandleKey`]).
+    pub fn invalidate<Q: HandleKey + ?Sized>(&self, key: &Q) -> bool {
+        let key = key.probe();
+        ask_stores(
+            self.name,
+            &self.each(),
+            key,
+            |c| c.key_type(),
+            |c| c.invalidate_probe(key),
+        )
+        .into_iter()
+        .any(|removed| removed)
     }
 
     /// Removes every entry.

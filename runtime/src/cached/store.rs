@@ -58,6 +58,13 @@ impl<T> Outcome for Always<T> {
 }
 
 /// A store a sync `#[cached]` function can use.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a cache store for keys `{K}`",
+    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store",
+    note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
+    note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`",
+    note = "an argument that is a handle (a pool, a client) does not belong in the key `{K}`: leave it out with `skip(<argument>)`"
+)]
 pub trait CacheStore<K, R: Outcome> {
     /// `body`'s outcome for `key`: cached, or computed by this caller or by the caller this
     /// one waited for. `body` runs at most once per cold key at a time.
@@ -65,6 +72,13 @@ pub trait CacheStore<K, R: Outcome> {
 }
 
 /// A store an async `#[cached]` function can use.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a cache store for keys `{K}`",
+    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store",
+    note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
+    note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`",
+    note = "an argument that is a handle (a pool, a client) does not belong in the key `{K}`: leave it out with `skip(<argument>)`"
+)]
 pub trait AsyncCacheStore<K, R: Outcome> {
     /// [`CacheStore::run_cached`] for a future body; waiting awaits.
     fn run_cached_async(&self, key: K, body: impl Future<Output = R>) -> impl Future<Output = R>;

@@ -53,6 +53,11 @@ pub enum Claim<T, L, W> {
 /// assert!(store.claim(&key, Fingerprint::of(&("mallory", 10_u64))).await.is_err()); // Conflict
 /// # });
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idempotency store for outcomes of type `{T}`",
+    label = "`store = ...` must be an idempotency store",
+    note = "the in-process `racefree::IdempotencyStore<T>` needs the outcome `{T}` to be `Clone`; a Redis or SQL store needs it to be `Serialize + Deserialize` (derive them with serde)"
+)]
 pub trait IdempotencyBackend<T>: Sync {
     /// Proof of a claim: the right and duty to run the body for one key.
     type Lease: Send;

@@ -9,9 +9,19 @@
 //!
 //! Sync and async differ only in how they wait and talk to the backend. Every step reports
 //! to `tracing` (target `racefree`) and the outcome to the [`replay`] scope.
+//!
+//! A call that re-enters the record key its own caller is executing (a body calling its
+//! function with its own key) is refused with [`IdempotencyError::Reentrant`] instead of
+//! waiting for itself, with any backend: a sync execution marks its thread for the body's
+//! duration, an async body runs marked through [`Execution::within`] (the same
+//! [`Holder`](crate::sync::keyed_locks::Holder) machinery as `#[sequenced]`, with its limits).
 
 use std::fmt::Display;
+use std::future::Future;
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
+
+use crate::sync::keyed_locks::{EnteredMark, Holder, Within};
 
 use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 use super::error::IdempotencyError;
@@ -23,6 +33,11 @@ use super::replay::{self, Replay};
 /// anything that dereferences to one (`LazyLock`, `Arc`, `Box`). Generated code calls
 /// `(<expr>).idempotency_store()` with this trait in scope.
 #[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idempotency store for outcomes of type `{T}`",
+    label = "`store = ...` must be an idempotency store (or dereference to one)",
+    note = "the in-process `racefree::IdempotencyStore<T>` needs the outcome `{T}` to be `Clone`; a Redis or SQL store needs it to be `Serialize + Deserialize` (derive them with serde)"
+)]
 pub trait StoreRef<T> {
     fn idempotency_store(&self) -> &Self {
         self
@@ -160,6 +175,29 @@ pub struct Execution<'a, B: IdempotencyBackend<T>, T> {
     claim: Option<(RecordKey, B::Lease)>,
     function: &'static str,
     ttl: Duration,
+    // The record key's holder, for re-entry detection; `None` for a call without a key.
+    holder: Option<Holder>,
+    // A sync execution marks its thread while it lives.
+    _entered: Option<EnteredMark>,
+}
+
+// The holder that stands for a record key while some code executes it: the same for every
+// call with that key, so a call finding it running around itself is re-entering.
+fn record_holder(key: &RecordKey) -> Holder {
+    Holder::tagged(foldhash::fast::FixedState::default().hash_one(key.as_str()))
+}
+
+fn reentered<'a, B: IdempotencyBackend<T>, T>(
+    function: &'static str,
+    key: &RecordKey,
+) -> Option<Begin<'a, B, T>> {
+    if !record_holder(key).is_running_here() {
+        return None;
+    }
+    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call re-entered its own key: refused");
+    Some(Begin::Refuse(IdempotencyError::Reentrant {
+        key: key.client_key().to_owned(),
+    }))
 }
 
 /// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
@@ -175,10 +213,15 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
         Ok(None) => return unkeyed(backend, function, policy),
         Err(refusal) => return Begin::Refuse(refusal),
     };
+    if let Some(refusal) = reentered(function, &key) {
+        return refusal;
+    }
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     loop {
         let in_flight = match backend.claim(&key, fingerprint).await {
-            Ok(Claim::Execute(lease)) => return execute(backend, function, key, lease, policy),
+            Ok(Claim::Execute(lease)) => {
+                return execute(backend, function, key, lease, policy, false)
+            }
             Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
             Ok(Claim::InFlight(in_flight)) => in_flight,
             Err(error) => return refuse(function, &key, error),
@@ -210,10 +253,15 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
         Ok(None) => return unkeyed(backend, function, policy),
         Err(refusal) => return Begin::Refuse(refusal),
     };
+    if let Some(refusal) = reentered(function, &key) {
+        return refusal;
+    }
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     loop {
         let in_flight = match backend.claim_blocking(&key, fingerprint) {
-            Ok(Claim::Execute(lease)) => return execute(backend, function, key, lease, policy),
+            Ok(Claim::Execute(lease)) => {
+                return execute(backend, function, key, lease, policy, true)
+            }
             Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
             Ok(Claim::InFlight(in_flight)) => in_flight,
             Err(error) => return refuse(function, &key, error),
@@ -244,6 +292,8 @@ fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
         claim: None,
         function,
         ttl: policy.ttl,
+        holder: None,
+        _entered: None,
     })
 }
 
@@ -253,13 +303,18 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
     key: RecordKey,
     lease: B::Lease,
     policy: Policy,
+    blocking: bool,
 ) -> Begin<'a, B, T> {
     tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: executing");
+    let holder = record_holder(&key);
     Begin::Execute(Execution {
         backend,
         claim: Some((key, lease)),
         function,
         ttl: policy.ttl,
+        holder: Some(holder),
+        // The sync body runs on this thread until the execution ends.
+        _entered: blocking.then(|| holder.enter_sendable()),
     })
 }
 
@@ -305,6 +360,13 @@ fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
 }
 
 impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
+    /// Runs an async body as executing this call's key: a call with the same key polled from
+    /// within it is refused with [`IdempotencyError::Reentrant`] instead of waiting for itself.
+    pub fn within<F: Future>(&self, body: F) -> Within<F> {
+        // A call without a key cannot be re-entered: a fresh holder matches nothing.
+        self.holder.unwrap_or_else(Holder::next).within(body)
+    }
+
     /// Stores `outcome` for the call's key. If the store fails, the caller still gets its
     /// outcome (the body has run; its effects happened) and the failure is logged: a retry
     /// will execute again.

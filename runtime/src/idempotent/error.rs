@@ -80,6 +80,14 @@ pub enum IdempotencyError {
         /// The client's idempotency key.
         key: String,
     },
+    /// A sync call found its key being executed by an async call that only its own thread can
+    /// run (an async task of this thread's current-thread runtime): blocking would wait
+    /// forever, so it was refused. Nothing ran. Make the caller async, or call it from a
+    /// multi-thread runtime or another thread. HTTP 500.
+    WouldDeadlock {
+        /// The client's idempotency key.
+        key: String,
+    },
     /// The key or scope is longer than the store accepts. Nothing ran. HTTP 400.
     KeyTooLong {
         /// Its length in bytes.
@@ -101,7 +109,8 @@ impl IdempotencyError {
             | IdempotencyError::LeaseLost { .. }
             | IdempotencyError::OutcomeNotStored { .. }
             | IdempotencyError::Undecodable { .. }
-            | IdempotencyError::Reentrant { .. } => 500,
+            | IdempotencyError::Reentrant { .. }
+            | IdempotencyError::WouldDeadlock { .. } => 500,
         }
     }
 }
@@ -144,6 +153,10 @@ impl fmt::Display for IdempotencyError {
             IdempotencyError::Reentrant { key } => write!(
                 f,
                 "an #[idempotent] call re-entered idempotency key `{key}` while executing it; waiting would deadlock"
+            ),
+            IdempotencyError::WouldDeadlock { key } => write!(
+                f,
+                "a blocking #[idempotent] call with key `{key}` would wait for an async call of its own thread's current-thread runtime, which cannot run while it blocks"
             ),
             IdempotencyError::KeyTooLong { len, max } => write!(
                 f,

@@ -16,18 +16,29 @@
 //! - **Failures release.** Releasing (an `Err` not stored, a panic, a dropped future) removes
 //!   the in-flight record and wakes its waiters with nothing; each waiter claims again and
 //!   exactly one of them runs next.
-//! - **Bounded.** Expired records are never replayed and are swept as new outcomes are stored
-//!   (amortized: a sweep once as many outcomes were stored as the last sweep left, at least 1024), so a stream of
-//!   unique keys keeps the record count near what one `ttl` holds. With a `capacity`, at most
-//!   that many outcomes are kept: the oldest is dropped first. A dropped outcome's key executes
-//!   again on its next call, so size the capacity above the keys one `ttl` sees.
+//! - **Bounded by default.** At most [`DEFAULT_CAPACITY`] (100 000) outcomes per store unless
+//!   told otherwise (`#[idempotent(capacity = N)]`, [`IdempotencyStoreBuilder::capacity`], or
+//!   [`IdempotencyStoreBuilder::unbounded`] to opt out). Past the bound the **oldest completed**
+//!   outcome is evicted; an in-flight record never is (in-flight records are bounded by the
+//!   calls running). Evictions are counted ([`IdempotencyStats::evictions`]) and reported
+//!   through `tracing` (a `warn` at most once a minute), because an evicted key executes
+//!   again on its next call: size the capacity above the unique keys one `ttl` sees.
+//! - **Expired records go without a scan.** Outcomes are listed in the order they were stored;
+//!   each store removes the expired ones at the front of that list (a few per call), so a
+//!   stream of unique keys keeps the record count near what one `ttl` holds and no call walks
+//!   the map. With one `ttl` per store (a function's own store) the list is in deadline order;
+//!   a store shared by functions with different `ttl`s may keep an expired record behind a
+//!   longer-lived one until the capacity, a claim of its key or [`purge_expired`] removes it.
+//!   Expired records are never replayed either way.
+//!
+//! [`purge_expired`]: IdempotencyStore::purge_expired
 //!
 //! It does not survive the process: for retries across instances use a shared store (a
 //! Redis implementation of [`IdempotencyBackend`]).
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,25 +49,61 @@ use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 use super::error::IdempotencyError;
 use super::fingerprint::Fingerprint;
 use super::key::RecordKey;
+use crate::sync::blocking::Owner;
 use crate::sync::flight::Flight;
 use crate::sync::RandomState;
 
+/// The most outcomes an in-process store keeps unless told otherwise: 100 000, a few tens of
+/// megabytes for typical outcomes (the schedule API example's records take about 800 bytes
+/// each). Change it with `#[idempotent(capacity = N)]` or [`IdempotencyStoreBuilder::capacity`].
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// How often at most an evicting store warns through `tracing`.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// How many expired outcomes one store removes at most: enough to keep up with any stream of
+/// stores (each adds one), few enough that no call pays for a burst of expiries.
+const PURGE_PER_STORE: usize = 16;
+
 /// How the in-process store is bounded. `const` so generated code can build it in a `static`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdempotencyConfig {
-    /// The most outcomes kept; the oldest goes first.
+    /// The most outcomes kept, the oldest evicted first; `None`: no bound besides expiry.
     pub capacity: Option<usize>,
 }
 
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl IdempotencyConfig {
-    /// No bound besides expiry.
+    /// At most [`DEFAULT_CAPACITY`] outcomes.
+    ///
+    /// ```
+    /// use racefree_runtime::idempotent::{IdempotencyConfig, DEFAULT_CAPACITY};
+    ///
+    /// assert_eq!(IdempotencyConfig::new().capacity, Some(DEFAULT_CAPACITY));
+    /// assert_eq!(IdempotencyConfig::new().capacity(10).capacity, Some(10));
+    /// assert_eq!(IdempotencyConfig::new().unbounded().capacity, None);
+    /// ```
     pub const fn new() -> Self {
-        IdempotencyConfig { capacity: None }
+        IdempotencyConfig {
+            capacity: Some(DEFAULT_CAPACITY),
+        }
     }
 
     /// At most `capacity` outcomes are kept.
     pub const fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = Some(capacity);
+        self
+    }
+
+    /// No bound besides expiry: a stream of unique keys grows the store for as long as one
+    /// `ttl` (and so, with a client choosing the keys, without bound).
+    pub const fn unbounded(mut self) -> Self {
+        self.capacity = None;
         self
     }
 }
@@ -73,6 +120,9 @@ pub struct IdempotencyStats {
     pub waits: u64,
     /// Calls refused because the key was used with another fingerprint.
     pub conflicts: u64,
+    /// Completed outcomes dropped, oldest first, to stay within the capacity (not counting
+    /// expired ones): each such key executes again on its next call.
+    pub evictions: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +131,9 @@ struct Counters {
     replays: AtomicU64,
     waits: AtomicU64,
     conflicts: AtomicU64,
+    evictions: AtomicU64,
+    // When the last eviction warning went out, on the store's clock (0: never).
+    warned_at: AtomicU64,
 }
 
 enum Record<T> {
@@ -103,8 +156,9 @@ enum Record<T> {
 /// use racefree_runtime::IdempotencyStore;
 ///
 /// static PAYMENTS: std::sync::LazyLock<IdempotencyStore<u64>> =
-///     std::sync::LazyLock::new(|| IdempotencyStore::builder().capacity(100_000).build());
+///     std::sync::LazyLock::new(|| IdempotencyStore::builder().capacity(500_000).build());
 /// assert!(PAYMENTS.is_empty());
+/// assert_eq!(PAYMENTS.config().capacity, Some(500_000));
 /// ```
 pub struct IdempotencyStore<T> {
     // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
@@ -112,10 +166,8 @@ pub struct IdempotencyStore<T> {
     config: IdempotencyConfig,
     clock: Clock,
     // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
-    // a key completed again later has a later deadline). Only with a capacity.
-    stored: Option<Mutex<Outcomes>>,
-    stores_since_sweep: AtomicUsize,
-    left_by_last_sweep: AtomicUsize,
+    // a key completed again later has a later deadline).
+    stored: Mutex<Outcomes>,
     counters: Counters,
     name: &'static str,
 }
@@ -129,13 +181,20 @@ pub struct IdempotencyStoreBuilder {
 }
 
 impl IdempotencyStoreBuilder {
-    /// At most `capacity` outcomes are kept. Panics if `capacity` is 0.
+    /// At most `capacity` outcomes are kept (default [`DEFAULT_CAPACITY`]). Panics if
+    /// `capacity` is 0.
     pub fn capacity(mut self, capacity: usize) -> Self {
         assert!(
             capacity > 0,
             "an idempotency store capacity must be at least 1"
         );
         self.config.capacity = Some(capacity);
+        self
+    }
+
+    /// No bound besides expiry (see [`IdempotencyConfig::unbounded`]).
+    pub fn unbounded(mut self) -> Self {
+        self.config.capacity = None;
         self
     }
 
@@ -168,12 +227,7 @@ impl IdempotencyStoreBuilder {
             records: DashMap::with_hasher(RandomState::default()),
             config: self.config,
             clock: self.clock,
-            stored: self
-                .config
-                .capacity
-                .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
-            stores_since_sweep: AtomicUsize::new(0),
-            left_by_last_sweep: AtomicUsize::new(0),
+            stored: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
             name: self.name,
         }
@@ -191,8 +245,8 @@ impl ManualClock {
     }
 }
 
-/// Where a store reads the time: the runtime's clock (coarse on Linux: expiry may come up to
-/// one tick, a few ms, late), or a [`ManualClock`].
+/// Where a store reads the time: the runtime's clock (a coarse read, confirmed precisely in the
+/// last ticks before a deadline: a `ttl` is exact, see `sync::clock`), or a [`ManualClock`].
 #[derive(Debug, Clone, Default)]
 enum Clock {
     #[default]
@@ -230,7 +284,7 @@ impl IdempotencyStore<()> {
 }
 
 impl<T> IdempotencyStore<T> {
-    /// An unbounded store (expired outcomes are still purged).
+    /// A store bounded by [`DEFAULT_CAPACITY`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -265,27 +319,28 @@ impl<T> IdempotencyStore<T> {
 
     /// Removes every expired outcome now; in-flight records and live outcomes stay. (Expired
     /// outcomes are also purged as new ones are stored.)
+    ///
+    /// This walks every record; stores never need it to stay bounded.
     pub fn purge_expired(&self) {
         let now = self.now();
-        self.records.retain(|_, record| !is_expired(record, now));
-        if let Some(stored) = &self.stored {
-            let mut stored = stored
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            stored.retain(|&(_, expires)| expires > now);
-        }
+        let mut stored = self.outcomes();
+        self.records
+            .retain(|_, record| !self.is_expired(record, now));
+        stored.retain(|&(_, expires)| !self.is_past(expires, now));
     }
 
     /// Forgets every outcome. Calls in flight finish and store theirs.
     pub fn clear(&self) {
+        let mut stored = self.outcomes();
         self.records
             .retain(|_, record| matches!(record, Record::InFlight { .. }));
-        if let Some(stored) = &self.stored {
-            stored
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clear();
-        }
+        stored.clear();
+    }
+
+    fn outcomes(&self) -> std::sync::MutexGuard<'_, Outcomes> {
+        self.stored
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Executions, replays, waits and conflicts so far.
@@ -295,6 +350,7 @@ impl<T> IdempotencyStore<T> {
             replays: self.counters.replays.load(Relaxed),
             waits: self.counters.waits.load(Relaxed),
             conflicts: self.counters.conflicts.load(Relaxed),
+            evictions: self.counters.evictions.load(Relaxed),
         }
     }
 
@@ -315,12 +371,27 @@ impl<T> IdempotencyStore<T> {
         }
     }
 
+    // `now` from `self.now()`: on the system clock a coarse reading, confirmed with the precise
+    // clock near the deadline (see `sync::clock`), so a `ttl` is exact.
+    fn is_past(&self, deadline: u64, now: u64) -> bool {
+        match &self.clock {
+            Clock::System => crate::sync::clock::is_past(deadline, now),
+            Clock::Manual(_) => now >= deadline,
+        }
+    }
+
+    fn is_expired(&self, record: &Record<T>, now: u64) -> bool {
+        matches!(record, Record::Done { expires, .. } if self.is_past(*expires, now))
+    }
+
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
         let StoreLease { key, flight, .. } = lease;
         // Leave the map first, then wake the waiters: each claims again and one executes.
-        self.records
-            .remove_if(&key, |_, record| is_flight(record, &flight));
+        crate::sync::cleanup(|| {
+            self.records
+                .remove_if(&key, |_, record| is_flight(record, &flight));
+        });
         flight.complete(None);
     }
 }
@@ -332,6 +403,16 @@ impl<T: Clone> IdempotencyStore<T> {
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
+        self.claim_as(key, fingerprint, Owner::unknown())
+    }
+
+    // `owner`: who runs the body if this claim executes, for waiters that block.
+    fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        owner: Owner,
+    ) -> Result<StoreClaim<T>, IdempotencyError> {
         // Replays, the common case of a retry, need neither an owned key nor a write lock.
         if let Some(record) = self.records.get(key.as_str()) {
             if let Record::Done {
@@ -340,7 +421,7 @@ impl<T: Clone> IdempotencyStore<T> {
                 expires,
             } = record.value()
             {
-                if *expires > self.now() {
+                if !self.is_past(*expires, self.now()) {
                     return self.replay_or_conflict(key, *stored, fingerprint, outcome);
                 }
             }
@@ -348,8 +429,8 @@ impl<T: Clone> IdempotencyStore<T> {
         let now = self.now();
         match self.records.entry(Arc::from(key.as_str())) {
             Entry::Occupied(mut entry) => match entry.get() {
-                record if is_expired(record, now) => {
-                    let flight = Arc::new(Flight::new());
+                record if self.is_expired(record, now) => {
+                    let flight = Arc::new(Flight::owned_by(owner));
                     let stored_key = Arc::clone(entry.key());
                     entry.insert(Record::InFlight {
                         fingerprint,
@@ -372,7 +453,7 @@ impl<T: Clone> IdempotencyStore<T> {
                 }
             },
             Entry::Vacant(entry) => {
-                let flight = Arc::new(Flight::new());
+                let flight = Arc::new(Flight::owned_by(owner));
                 let stored_key = Arc::clone(entry.key());
                 entry.insert(Record::InFlight {
                     fingerprint,
@@ -440,7 +521,11 @@ impl<T: Clone> IdempotencyStore<T> {
         else {
             unreachable!("the guard holds the lease until here")
         };
-        let expires = self.now().saturating_add(saturating_nanos(ttl));
+        let expires = match &self.clock {
+            // From the precise clock, so that the coarse reads of `is_past` keep `ttl` exact.
+            Clock::System => crate::sync::clock::deadline_after(saturating_nanos(ttl)),
+            Clock::Manual(hand) => hand.load(Relaxed).saturating_add(saturating_nanos(ttl)),
+        };
         if let Some(mut record) = self.records.get_mut(&key) {
             if is_flight(&record, &flight) {
                 *record = Record::Done {
@@ -451,50 +536,79 @@ impl<T: Clone> IdempotencyStore<T> {
             }
         }
         flight.complete(Some(for_waiters));
-        if let Some(stored) = &self.stored {
-            let mut stored = stored
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            stored.push_back((key, expires));
-            self.evict_over_capacity(&mut stored);
+        let mut stored = self.outcomes();
+        stored.push_back((key, expires));
+        let now = self.now();
+        self.purge_front(&mut stored, now);
+        self.evict_over_capacity(&mut stored, now);
+    }
+
+    // The expired outcomes at the front of the list, a few at a time: no scan of the map.
+    fn purge_front(&self, stored: &mut Outcomes, now: u64) {
+        for _ in 0..PURGE_PER_STORE {
+            match stored.front() {
+                Some(&(_, deadline)) if self.is_past(deadline, now) => {}
+                _ => break,
+            }
+            let Some((key, deadline)) = stored.pop_front() else {
+                break;
+            };
+            self.records
+                .remove_if(&key, |_, record| is_outcome(record, deadline));
         }
-        self.sweep_now_and_then();
     }
 
     // FIFO: drop the oldest outcomes until at most `capacity` are listed. Every stored outcome
     // is listed, so the count of outcomes never exceeds the capacity; entries whose outcome
-    // expired or was replaced are skipped when they come up.
-    fn evict_over_capacity(&self, stored: &mut Outcomes) {
+    // expired or was replaced are skipped when they come up. In-flight records are not listed,
+    // so they are never evicted.
+    fn evict_over_capacity(&self, stored: &mut Outcomes, now: u64) {
         let Some(capacity) = self.config.capacity else {
             return;
         };
+        let mut evicted = 0;
         while stored.len() > capacity {
             let Some((key, deadline)) = stored.pop_front() else {
                 break;
             };
-            self.records.remove_if(
-                &key,
-                |_, record| matches!(record, Record::Done { expires, .. } if *expires == deadline),
+            let removed = self
+                .records
+                .remove_if(&key, |_, record| is_outcome(record, deadline))
+                .is_some();
+            if removed && !self.is_past(deadline, now) {
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            self.note_evictions(evicted, capacity, now);
+        }
+    }
+
+    fn note_evictions(&self, evicted: u64, capacity: usize, now: u64) {
+        let total = self.counters.evictions.fetch_add(evicted, Relaxed) + evicted;
+        let warned_at = self.counters.warned_at.load(Relaxed);
+        let due = warned_at == 0 || now.saturating_sub(warned_at) >= saturating_nanos(WARN_EVERY);
+        if due
+            && self
+                .counters
+                .warned_at
+                .compare_exchange(warned_at, now.max(1), Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                target: "racefree",
+                store = self.name,
+                capacity,
+                evictions = total,
+                "idempotency store full: evicting the oldest outcomes; a retry with an evicted key executes again (raise `capacity`, or use a shared store)"
             );
         }
     }
-
-    // Amortized O(1): a sweep walks the records left by the previous one plus those stored
-    // since, and runs once as many outcomes were stored as it left behind (at least 1024). So
-    // between sweeps the map holds at most twice what one `ttl` keeps live, plus 1024.
-    fn sweep_now_and_then(&self) {
-        let stored = self.stores_since_sweep.fetch_add(1, Relaxed) + 1;
-        if stored < 1024 || stored < self.left_by_last_sweep.load(Relaxed) {
-            return;
-        }
-        self.stores_since_sweep.store(0, Relaxed);
-        self.purge_expired();
-        self.left_by_last_sweep.store(self.records.len(), Relaxed);
-    }
 }
 
-fn is_expired<T>(record: &Record<T>, now: u64) -> bool {
-    matches!(record, Record::Done { expires, .. } if *expires <= now)
+// The stored outcome with this deadline (not a later one of the same key).
+fn is_outcome<T>(record: &Record<T>, deadline: u64) -> bool {
+    matches!(record, Record::Done { expires, .. } if *expires == deadline)
 }
 
 fn is_flight<T>(record: &Record<T>, flight: &Arc<Flight<T>>) -> bool {
@@ -517,7 +631,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_now(key, fingerprint)
+        self.claim_as(key, fingerprint, Owner::here(true))
     }
 
     async fn wait(
@@ -561,7 +675,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_now(key, fingerprint)
+        self.claim_as(key, fingerprint, Owner::here(false))
     }
 
     fn wait_blocking(
@@ -570,9 +684,15 @@ where
         flight: Self::InFlight,
         deadline: Option<Instant>,
     ) -> Result<Option<T>, IdempotencyError> {
+        let would_deadlock = |_| IdempotencyError::WouldDeadlock {
+            key: key.client_key().to_owned(),
+        };
         match deadline {
-            None => Ok(flight.wait().clone()),
-            Some(deadline) => match flight.wait_deadline(deadline) {
+            None => Ok(flight.wait_checked().map_err(would_deadlock)?.clone()),
+            Some(deadline) => match flight
+                .wait_deadline_checked(deadline)
+                .map_err(would_deadlock)?
+            {
                 Some(landing) => Ok(landing.clone()),
                 None => Err(IdempotencyError::InProgress {
                     key: key.client_key().to_owned(),

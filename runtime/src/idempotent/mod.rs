@@ -22,6 +22,6 @@ pub use handle::{IdempotencyCell, IdempotencyHandle};
 pub use key::{IntoIdempotencyKey, RecordKey};
 pub use memory::{
     IdempotencyConfig, IdempotencyStats, IdempotencyStore, IdempotencyStoreBuilder, ManualClock,
-    StoreClaim, StoreLease,
+    StoreClaim, StoreLease, DEFAULT_CAPACITY,
 };
 pub use replay::Replay;

@@ -27,6 +27,11 @@ pub enum SequenceError {
     /// calling itself, directly or through other functions, with the same key). Waiting would
     /// never end, so the call fails instead.
     Reentrant,
+    /// A blocking call would have waited for an async call of the same key that only its own
+    /// thread can run (an async task of this thread's current-thread runtime): waiting would
+    /// never end, so it failed instead and left the queue. Call it from async code (the
+    /// `_async` forms, an `async fn`), from a multi-thread runtime, or from another thread.
+    WouldDeadlock,
     /// The store lost the caller's lease on the key before the number could be committed (a
     /// distributed store whose lease expired): the number was not consumed.
     LeaseLost,
@@ -50,6 +55,9 @@ impl fmt::Display for SequenceError {
             }
             SequenceError::Reentrant => f.write_str(
                 "a #[sequenced] call re-entered a key its own caller holds; waiting would deadlock",
+            ),
+            SequenceError::WouldDeadlock => f.write_str(
+                "a blocking #[sequenced] call would wait for an async call of the same key on its own thread's current-thread runtime, which cannot run while it blocks",
             ),
             SequenceError::LeaseLost => f.write_str(
                 "the lease on the key was lost before the sequence number was committed",

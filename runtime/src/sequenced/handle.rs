@@ -6,14 +6,28 @@
 //! one per concrete key type). The generated `fn <name>_sequence()` finds the same handle by
 //! the function's id.
 
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+
 use super::error::SequenceError;
 use super::sequencer::Sequencer;
-use crate::function::{FunctionCell, Home, PerType, Registry};
-use std::hash::Hash;
+use crate::function::{ask_stores, FunctionCell, HandleKey, Home, PerType, Probe, Registry};
 
+type Admin<T> = Pin<Box<dyn Future<Output = Result<T, SequenceError>> + Send>>;
+
+/// What a handle needs from a typed sequencer. Each keyed method answers `None` when the key
+/// is not of the sequencer's key type (nor a borrowed form of it).
 trait ErasedSequencer: Send + Sync {
     fn locked(&self) -> usize;
     fn counters(&self) -> usize;
+    fn key_type(&self) -> &'static str;
+    fn next(&self, key: Probe<'_>) -> Option<Option<u64>>;
+    fn waiting(&self, key: Probe<'_>) -> Option<usize>;
+    fn reset(&self, key: Probe<'_>) -> Option<Result<Option<u64>, SequenceError>>;
+    fn set_next(&self, key: Probe<'_>, next: u64) -> Option<Result<(), SequenceError>>;
+    fn reset_async(&'static self, key: Probe<'_>) -> Option<Admin<Option<u64>>>;
+    fn set_next_async(&'static self, key: Probe<'_>, next: u64) -> Option<Admin<()>>;
 }
 
 impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer<K> {
@@ -22,6 +36,37 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ErasedSequencer for Sequencer
     }
     fn counters(&self) -> usize {
         Sequencer::counters(self)
+    }
+    fn key_type(&self) -> &'static str {
+        std::any::type_name::<K>()
+    }
+    fn next(&self, key: Probe<'_>) -> Option<Option<u64>> {
+        match key.value::<K>() {
+            Some(key) => Some(Sequencer::next(self, key)),
+            None => Some(Sequencer::next(self, &key.to_key::<K>()?)),
+        }
+    }
+    fn waiting(&self, key: Probe<'_>) -> Option<usize> {
+        match key.value::<K>() {
+            Some(key) => Some(Sequencer::waiting(self, key)),
+            None => Some(Sequencer::waiting(self, &key.to_key::<K>()?)),
+        }
+    }
+    fn reset(&self, key: Probe<'_>) -> Option<Result<Option<u64>, SequenceError>> {
+        Some(Sequencer::reset(self, &key.to_key::<K>()?))
+    }
+    fn set_next(&self, key: Probe<'_>, next: u64) -> Option<Result<(), SequenceError>> {
+        Some(Sequencer::set_next(self, &key.to_key::<K>()?, next))
+    }
+    fn reset_async(&'static self, key: Probe<'_>) -> Option<Admin<Option<u64>>> {
+        let key = key.to_key::<K>()?;
+        Some(Box::pin(async move { self.reset_async(&key).await }))
+    }
+    fn set_next_async(&'static self, key: Probe<'_>, next: u64) -> Option<Admin<()>> {
+        let key = key.to_key::<K>()?;
+        Some(Box::pin(async move {
+            Sequencer::set_next_async(self, &key, next).await
+        }))
     }
 }
 
@@ -53,43 +98,123 @@ pub struct SequenceHandle {
 }
 
 impl SequenceHandle {
-    /// The function's sequencer for keys of type `K`, created on first use.
+    /// The function's sequencer for keys of type `K`, **created on first use**: this is how the
+    /// function itself reaches it. To look without creating, use [`typed`](Self::typed).
     #[inline]
     pub fn sequencer<K: Eq + Hash + Clone + Send + Sync + 'static>(&self) -> &'static Sequencer<K> {
         self.sequencers
             .get_or_create(|| Sequencer::named(self.name), |sequencer| sequencer)
     }
 
+    /// The function's sequencer for keys of type `K`, if the function has used one.
+    pub fn typed<K: Eq + Hash + Clone + Send + Sync + 'static>(
+        &self,
+    ) -> Option<&'static Sequencer<K>> {
+        self.sequencers.find()
+    }
+
     fn each(&self) -> Vec<&'static dyn ErasedSequencer> {
         self.sequencers.each()
     }
 
-    /// The number the key's next successful call gets; `None` if it has none yet.
-    pub fn next<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> Option<u64> {
-        self.sequencer::<K>().next(key)
+    fn ask<R>(
+        &self,
+        key: Probe<'_>,
+        ask: impl Fn(&'static dyn ErasedSequencer) -> Option<R>,
+    ) -> Option<R> {
+        ask_stores(self.name, &self.each(), key, |s| s.key_type(), ask)
+            .into_iter()
+            .next()
+    }
+
+    /// The number the key's next successful call gets; `None` if it has none yet. The key is
+    /// given as the function builds it or, for a text key, borrowed (`"porto"`, `&"porto"`).
+    ///
+    /// # Panics
+    /// If the function has a sequencer and `key` is of none of its key types (see
+    /// [`HandleKey`]).
+    pub fn next<Q: HandleKey + ?Sized>(&self, key: &Q) -> Option<u64> {
+        self.ask(key.probe(), |s| s.next(key.probe())).flatten()
     }
 
     /// Forgets the key's counter (its next call starts at `start` again) and returns what its
-    /// next number would have been. Waits for the key like a call does.
-    pub fn reset<K: Eq + Hash + Clone + Send + Sync + 'static>(
-        &self,
-        key: &K,
-    ) -> Result<Option<u64>, SequenceError> {
-        self.sequencer::<K>().reset(key)
+    /// next number would have been. Waits for the key like a call does; from async code use
+    /// [`reset_async`](Self::reset_async), which does not block the thread.
+    ///
+    /// # Panics
+    /// As [`next`](Self::next), for a key of the wrong type.
+    pub fn reset<Q: HandleKey + ?Sized>(&self, key: &Q) -> Result<Option<u64>, SequenceError> {
+        self.ask(key.probe(), |s| s.reset(key.probe()))
+            .unwrap_or(Ok(None))
     }
 
-    /// Makes `next` the key's next number. Waits for the key like a call does.
-    pub fn set_next<K: Eq + Hash + Clone + Send + Sync + 'static>(
+    /// [`reset`](Self::reset) for async callers: waits for the key asynchronously.
+    pub fn reset_async<Q: HandleKey + ?Sized>(
+        &self,
+        key: &Q,
+    ) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send + 'static {
+        let reset = self.ask(key.probe(), |s| s.reset_async(key.probe()));
+        async move {
+            match reset {
+                Some(reset) => reset.await,
+                None => Ok(None),
+            }
+        }
+    }
+
+    /// Makes `next` the key's next number. Waits for the key like a call does; from async code
+    /// use [`set_next_async`](Self::set_next_async).
+    ///
+    /// Before the function's first call there is no sequencer to check the key's type
+    /// against: one is made for `K` (for `&'static str`, for `String`, as the function builds
+    /// a text key).
+    ///
+    /// # Panics
+    /// As [`next`](Self::next), for a key of the wrong type.
+    pub fn set_next<K>(&self, key: &K, next: u64) -> Result<(), SequenceError>
+    where
+        K: HandleKey + Eq + Hash + Clone + Send + Sync + 'static,
+    {
+        self.first_use(key);
+        self.ask(key.probe(), |s| s.set_next(key.probe(), next))
+            .expect("a sequencer exists by now")
+    }
+
+    /// [`set_next`](Self::set_next) for async callers: waits for the key asynchronously.
+    pub fn set_next_async<K>(
         &self,
         key: &K,
         next: u64,
-    ) -> Result<(), SequenceError> {
-        self.sequencer::<K>().set_next(key, next)
+    ) -> impl Future<Output = Result<(), SequenceError>> + Send + 'static
+    where
+        K: HandleKey + Eq + Hash + Clone + Send + Sync + 'static,
+    {
+        self.first_use(key);
+        let set = self
+            .ask(key.probe(), |s| s.set_next_async(key.probe(), next))
+            .expect("a sequencer exists by now");
+        set
     }
 
-    /// Callers queued for the key behind its holder.
-    pub fn waiting<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) -> usize {
-        self.sequencer::<K>().waiting(key)
+    // A sequencer for `K`'s keys if the function has none yet.
+    fn first_use<K: Eq + Hash + Clone + Send + Sync + 'static>(&self, key: &K) {
+        if !self.each().is_empty() {
+            return;
+        }
+        if (key as &dyn std::any::Any).is::<&'static str>() {
+            self.sequencer::<String>();
+        } else {
+            self.sequencer::<K>();
+        }
+    }
+
+    /// Callers queued for the key behind its holder (0 before the function's first call).
+    ///
+    /// # Panics
+    /// As [`next`](Self::next), for a key of the wrong type.
+    pub fn waiting<Q: HandleKey + ?Sized>(&self, key: &Q) -> usize {
+        self.ask(key.probe(), |s| s.waiting(key.probe()))
+            .unwrap_or(0)
     }
 
     /// Keys held or waited for right now, over all key types; 0 when the function is idle.

@@ -111,6 +111,11 @@ impl From<Seq> for u64 {
 ///
 /// A store that can only work asynchronously keeps the default blocking methods, which fail
 /// with [`SequenceError::Store`]; sync functions then cannot use it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a sequence store for keys of type `{K}`",
+    label = "`store = ...` must be a `racefree::Sequencer` or a shared sequence store",
+    note = "the key `{K}` must be `Eq + Hash + Clone` (a Redis store also needs it to be `Serialize`); an argument that is a handle (a pool, a client) does not belong in `key = ...`"
+)]
 pub trait SequenceBackend<K> {
     /// The right to the key, held until dropped.
     type Lease<'a>: SequenceLease

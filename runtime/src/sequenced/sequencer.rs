@@ -1,5 +1,6 @@
 //! The in-process [`Sequencer`]: per-key FIFO locks from `sync/` and a counter per key.
 
+use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
 use std::time::Instant;
 
@@ -12,8 +13,8 @@ impl From<LockError> for SequenceError {
     fn from(error: LockError) -> Self {
         match error {
             LockError::Timeout => SequenceError::Timeout,
-            // Non-exhaustive: any other way of not getting the lock is re-entry for now.
-            _ => SequenceError::Reentrant,
+            LockError::WouldDeadlock => SequenceError::WouldDeadlock,
+            LockError::Reentrant => SequenceError::Reentrant,
         }
     }
 }
@@ -68,22 +69,53 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Sequencer<K, S> {
     }
 
     /// The number the key's next successful call gets; `None` for a key never numbered (its
-    /// first call uses `start`). A snapshot: a call running now may change it.
-    pub fn next(&self, key: &K) -> Option<u64> {
+    /// first call uses `start`). A snapshot: a call running now may change it. Takes the key
+    /// borrowed too (`&str` for a `String` key).
+    pub fn next<Q>(&self, key: &Q) -> Option<u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.counters.get(key).map(|next| *next)
     }
 
     /// Forgets the key's counter, so that its next call starts from `start` again. Waits for
-    /// the key like a call does; fails with [`SequenceError::Reentrant`] from inside the key's
-    /// own body.
+    /// the key like a call does (see [`KeyedLocks::lock`] for what a blocking wait does inside
+    /// an async runtime; from async code use [`reset_async`](Sequencer::reset_async)); fails
+    /// with [`SequenceError::Reentrant`] from inside the key's own body.
     pub fn reset(&self, key: &K) -> Result<Option<u64>, SequenceError> {
         let _guard = self.locks.lock(key.clone(), None)?;
+        Ok(self.counters.remove(key).map(|(_, next)| next))
+    }
+
+    /// [`reset`](Sequencer::reset) for async callers: waits for the key asynchronously.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use racefree_runtime::{SequenceBackend, SequenceLease, Sequencer};
+    ///
+    /// let orders = Sequencer::new();
+    /// let mut lease = orders.acquire_async("eu", None).await.unwrap();
+    /// let n = lease.next_async().await.unwrap().unwrap_or(1);
+    /// lease.commit_async(n).await.unwrap();
+    /// assert_eq!(orders.reset_async(&"eu").await.unwrap(), Some(2));
+    /// # }
+    /// ```
+    pub async fn reset_async(&self, key: &K) -> Result<Option<u64>, SequenceError> {
+        let _guard = self.locks.lock_async(key.clone(), None).await?;
         Ok(self.counters.remove(key).map(|(_, next)| next))
     }
 
     /// Makes `next` the key's next number. Waits for the key like [`reset`](Sequencer::reset).
     pub fn set_next(&self, key: &K, next: u64) -> Result<(), SequenceError> {
         let _guard = self.locks.lock(key.clone(), None)?;
+        self.counters.insert(key.clone(), next);
+        Ok(())
+    }
+
+    /// [`set_next`](Sequencer::set_next) for async callers: waits for the key asynchronously.
+    pub async fn set_next_async(&self, key: &K, next: u64) -> Result<(), SequenceError> {
+        let _guard = self.locks.lock_async(key.clone(), None).await?;
         self.counters.insert(key.clone(), next);
         Ok(())
     }
@@ -98,8 +130,12 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Sequencer<K, S> {
         self.locks.is_empty()
     }
 
-    /// Callers queued for the key behind its holder.
-    pub fn waiting(&self, key: &K) -> usize {
+    /// Callers queued for the key behind its holder. Takes the key borrowed too.
+    pub fn waiting<Q>(&self, key: &Q) -> usize
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.locks.waiting(key)
     }
 

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use event_listener::{Event, EventListener, Listener};
 
+use super::blocking::{self, Owner, WouldDeadlock};
+
 /// What a follower sees when the leader is done: `Some(value)` if the leader produced a value to
 /// share, `None` if it gave up (its call failed, panicked or was cancelled).
 pub type Landing<T> = Option<T>;
@@ -30,6 +32,7 @@ pub type Landing<T> = Option<T>;
 pub struct Flight<T> {
     landing: OnceLock<Landing<T>>,
     landed: Event,
+    owner: Owner,
 }
 
 impl<T> Default for Flight<T> {
@@ -39,12 +42,45 @@ impl<T> Default for Flight<T> {
 }
 
 impl<T> Flight<T> {
-    /// A cell nobody has completed yet.
+    /// A cell nobody has completed yet, by a leader nothing is known about.
     pub fn new() -> Self {
+        Self::owned_by(Owner::unknown())
+    }
+
+    /// A cell `owner` will complete: [`wait_checked`](Flight::wait_checked) refuses to block
+    /// on it where that would never end.
+    pub fn owned_by(owner: Owner) -> Self {
         Flight {
             landing: OnceLock::new(),
             landed: Event::new(),
+            owner,
         }
+    }
+
+    /// Who completes this cell.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// [`wait`](Flight::wait) by the rule of [`blocking`]: fails at once if the leader is an
+    /// async task only this thread could run, waits in `block_in_place` on a multi-thread
+    /// runtime's worker.
+    pub fn wait_checked(&self) -> Result<&Landing<T>, WouldDeadlock> {
+        if let Some(landing) = self.landing.get() {
+            return Ok(landing);
+        }
+        blocking::wait(&[self.owner], false, || self.wait())
+    }
+
+    /// [`wait_deadline`](Flight::wait_deadline) by the rule of [`blocking`].
+    pub fn wait_deadline_checked(
+        &self,
+        deadline: Instant,
+    ) -> Result<Option<&Landing<T>>, WouldDeadlock> {
+        if let Some(landing) = self.landing.get() {
+            return Ok(Some(landing));
+        }
+        blocking::wait(&[self.owner], true, || self.wait_deadline(deadline))
     }
 
     /// Publishes the landing and wakes every waiter. Only the first call has an effect.

@@ -12,6 +12,15 @@
 //! - **Re-entry is an error, not a deadlock**, where it can be seen: acquiring a key from inside
 //!   code running under that key's guard (see [`Holder::enter`] and [`Holder::within`]) fails with
 //!   [`LockError::Reentrant`].
+//! - **A blocking wait that could never end fails instead**: [`lock`](KeyedLocks::lock) called
+//!   where the holder, or a caller queued ahead, is an async task that only this thread can run
+//!   fails with [`LockError::WouldDeadlock`]; on a multi-thread runtime's worker it waits inside
+//!   `block_in_place` (the rule is [`blocking`](super::blocking)'s).
+//! - **A panicking `Clone` leaves nothing behind.** The key is cloned before a caller enters
+//!   the queue, so a panic there unwinds with the registry unchanged. `Hash` and `Eq` run under
+//!   the map's shard lock when a caller arrives; a panic there changes nothing either. They run
+//!   again when a caller leaves: a key whose `Hash` or `Eq` panics *then*, having worked when it
+//!   arrived, cannot be found, and stays held.
 //!
 //! # How
 //! A key's whole state (holder, queue) lives in the `DashMap` value, and every transition
@@ -23,7 +32,9 @@
 //! # Limits of re-entry detection
 //! Re-entry is recognised when the inner call runs *inside* the outer call's body: on the same
 //! thread for sync code, or polled from within the outer body's future for async code (also
-//! through `join!` and `select!` inside the body). It is not recognised when the body hands the
+//! through `join!` and `select!` inside the body). "Inside" means in the same Tokio task (or
+//! outside any task) as the body: a sync body that drives a runtime (`rt.block_on`) which polls
+//! *other* tasks does not make those tasks re-entrant; their calls simply queue. It is not recognised when the body hands the
 //! work to another thread or spawns a task that takes the same key and then waits for it: that
 //! deadlocks, and a `timeout` is the way out. Two futures of one task that take the same key
 //! side by side (`join!(f(k), f(k))` outside any body) are not re-entry: they simply queue.
@@ -41,6 +52,8 @@ use std::time::Instant;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use event_listener::{Event, Listener};
+
+use super::blocking::{self, Owner, WouldDeadlock};
 
 pub use super::RandomState;
 
@@ -64,6 +77,9 @@ pub enum LockError {
     /// The code asking already holds the key (see the module's limits of re-entry detection):
     /// waiting would never end.
     Reentrant,
+    /// A blocking caller would wait for an async task that only its own thread can run (see
+    /// [`blocking`](super::blocking)): waiting would never end. The caller left the queue.
+    WouldDeadlock,
 }
 
 impl std::fmt::Display for LockError {
@@ -71,6 +87,7 @@ impl std::fmt::Display for LockError {
         f.write_str(match self {
             LockError::Timeout => "timed out waiting for the key",
             LockError::Reentrant => "the key is already held by the code asking for it",
+            LockError::WouldDeadlock => "a blocking wait for the key would never end: its holder is an async task of this thread",
         })
     }
 }
@@ -87,14 +104,28 @@ pub struct Holder(u64);
 static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    // The holders whose guarded code is running on this thread right now, innermost last.
-    static RUNNING: RefCell<Vec<Holder>> = const { RefCell::new(Vec::new()) };
+    // The holders whose guarded code is running on this thread right now, innermost last, each
+    // with the Tokio task it runs in (`None`: outside any task). A task that the guarded code
+    // polls (a sync body driving `rt.block_on`) has another id, so it is not taken for the
+    // guarded code itself.
+    static RUNNING: RefCell<Vec<(Holder, Option<tokio::task::Id>)>> =
+        const { RefCell::new(Vec::new()) };
 }
+
+/// The flag that sets a [tagged](Holder::tagged) holder apart from every counted one.
+const TAGGED: u64 = 1 << 63;
 
 impl Holder {
     /// A fresh holder, never handed out before.
     pub fn next() -> Holder {
         Holder(NEXT_HOLDER.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The holder that stands for a *name* rather than one holding (e.g. the hash of an
+    /// `#[idempotent]` record key): every code running under it for that name has the same
+    /// holder, and none equals a [`next`](Holder::next) one.
+    pub(crate) fn tagged(hash: u64) -> Holder {
+        Holder(hash | TAGGED)
     }
 
     /// The number, e.g. as a fencing token.
@@ -105,7 +136,13 @@ impl Holder {
     /// `true` if the calling code runs under this holder ([`enter`](Holder::enter),
     /// [`within`](Holder::within)).
     pub fn is_running_here(self) -> bool {
-        RUNNING.with(|running| running.borrow().contains(&self))
+        RUNNING.with(|running| {
+            let running = running.borrow();
+            !running.is_empty() && {
+                let task = tokio::task::try_id();
+                running.iter().any(|&(h, t)| h == self && t == task)
+            }
+        })
     }
 
     /// Marks the current thread as running under this holder until the returned value is
@@ -121,11 +158,33 @@ impl Holder {
     /// assert!(!holder.is_running_here());
     /// ```
     pub fn enter(self) -> Entered {
-        RUNNING.with(|running| running.borrow_mut().push(self));
+        self.push();
         Entered {
             holder: self,
             _not_send: std::marker::PhantomData,
         }
+    }
+
+    /// [`enter`](Holder::enter) for a value that must be `Send` (it lives in a struct an async
+    /// caller holds too): the returned mark must still be dropped on the thread that made it,
+    /// or the thread keeps running under the holder.
+    pub(crate) fn enter_sendable(self) -> EnteredMark {
+        self.push();
+        EnteredMark { holder: self }
+    }
+
+    fn push(self) {
+        let task = tokio::task::try_id();
+        RUNNING.with(|running| running.borrow_mut().push((self, task)));
+    }
+
+    fn pop(self) {
+        RUNNING.with(|running| {
+            let mut running = running.borrow_mut();
+            if let Some(at) = running.iter().rposition(|(h, _)| *h == self) {
+                running.remove(at);
+            }
+        });
     }
 
     /// Runs `future` as running under this holder, on whichever thread polls it: for an async
@@ -149,12 +208,19 @@ pub struct Entered {
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        RUNNING.with(|running| {
-            let mut running = running.borrow_mut();
-            if let Some(at) = running.iter().rposition(|h| *h == self.holder) {
-                running.remove(at);
-            }
-        });
+        self.holder.pop();
+    }
+}
+
+/// See [`Holder::enter_sendable`].
+#[derive(Debug)]
+pub(crate) struct EnteredMark {
+    holder: Holder,
+}
+
+impl Drop for EnteredMark {
+    fn drop(&mut self) {
+        self.holder.pop();
     }
 }
 
@@ -186,6 +252,7 @@ impl<F: Future> Future for Within<F> {
 #[derive(Debug)]
 struct Waiter {
     holder: Holder,
+    owner: Owner,
     granted: AtomicBool,
     event: Event,
 }
@@ -257,6 +324,7 @@ impl Waiter {
 #[derive(Debug)]
 struct KeyLock {
     holder: Holder,
+    owner: Owner,
     queue: VecDeque<Arc<Waiter>>,
 }
 
@@ -266,6 +334,7 @@ impl KeyLock {
         match self.queue.pop_front() {
             Some(next) => {
                 self.holder = next.holder;
+                self.owner = next.owner;
                 next.granted.store(true, Ordering::Release);
                 next.event.notify(1);
                 true
@@ -306,7 +375,8 @@ impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
 /// What [`KeyedLocks::arrive`] found.
 enum Arrival<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone> {
     Held(KeyGuard<'a, K, S>),
-    Queued(Ticket<'a, K, S>),
+    // With the owners a blocking waiter would wait for: the holder and those queued ahead.
+    Queued(Ticket<'a, K, S>, Vec<Owner>),
 }
 
 impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
@@ -318,11 +388,21 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     }
 
     /// Takes the key's lock, blocking the thread while others hold it, at most until `deadline`.
+    ///
+    /// Fails with [`LockError::WouldDeadlock`] instead of blocking when the holder or a caller
+    /// queued ahead is an async task only this thread can run; on a worker of a multi-thread
+    /// Tokio runtime it waits inside `block_in_place` (see [`blocking`](super::blocking)).
     pub fn lock(&self, key: K, deadline: Option<Instant>) -> Result<KeyGuard<'_, K, S>, LockError> {
-        match self.arrive(key)? {
+        match self.arrive(key, false)? {
             Arrival::Held(guard) => Ok(guard),
-            Arrival::Queued(ticket) => {
-                let granted = ticket.waiter.wait(deadline);
+            Arrival::Queued(ticket, ahead) => {
+                let granted = blocking::wait(&ahead, deadline.is_some(), || {
+                    ticket.waiter.wait(deadline)
+                })
+                    .map_err(|WouldDeadlock| {
+                        tracing::debug!(target: "racefree", "a blocking wait for the key would never end: left the queue");
+                        LockError::WouldDeadlock
+                    })?;
                 ticket.finish(granted)
             }
         }
@@ -335,9 +415,9 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
         key: K,
         deadline: Option<Instant>,
     ) -> Result<KeyGuard<'_, K, S>, LockError> {
-        match self.arrive(key)? {
+        match self.arrive(key, true)? {
             Arrival::Held(guard) => Ok(guard),
-            Arrival::Queued(ticket) => {
+            Arrival::Queued(ticket, _) => {
                 let granted = match deadline {
                     None => {
                         ticket.waiter.granted().await;
@@ -363,6 +443,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
                 let key = entry.key().clone();
                 entry.insert(KeyLock {
                     holder,
+                    owner: Owner::unknown(),
                     queue: VecDeque::new(),
                 });
                 Some(KeyGuard {
@@ -374,14 +455,17 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
         }
     }
 
-    // The one place a caller meets the key's state: hold it if free, else queue up.
-    fn arrive(&self, key: K) -> Result<Arrival<'_, K, S>, LockError> {
+    // The one place a caller meets the key's state: hold it if free, else queue up. Everything
+    // that can panic (the key's `Clone`, `Hash`, `Eq`) runs before the state changes.
+    fn arrive(&self, key: K, asynchronous: bool) -> Result<Arrival<'_, K, S>, LockError> {
+        let owner = Owner::here(asynchronous);
         match self.locks.entry(key) {
             Entry::Vacant(entry) => {
                 let holder = Holder::next();
                 let key = entry.key().clone();
                 entry.insert(KeyLock {
                     holder,
+                    owner,
                     queue: VecDeque::new(),
                 });
                 tracing::debug!(target: "racefree", fence = holder.get(), "key free: acquired");
@@ -395,19 +479,33 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
                 if entry.get().holder.is_running_here() {
                     return Err(LockError::Reentrant);
                 }
+                // Cloned before queueing: a `Clone` that panics must not leave a waiter behind
+                // that no ticket will ever take out of the queue.
+                let ticket_key = entry.key().clone();
                 let waiter = Arc::new(Waiter {
                     holder: Holder::next(),
+                    owner,
                     granted: AtomicBool::new(false),
                     event: Event::new(),
                 });
-                entry.get_mut().queue.push_back(Arc::clone(&waiter));
-                let position = entry.get().queue.len();
+                let lock = entry.get_mut();
+                let ahead = match asynchronous {
+                    true => Vec::new(),
+                    false => std::iter::once(lock.owner)
+                        .chain(lock.queue.iter().map(|w| w.owner))
+                        .collect(),
+                };
+                lock.queue.push_back(Arc::clone(&waiter));
+                let position = lock.queue.len();
                 tracing::debug!(target: "racefree", position, "key held: waiting");
-                Ok(Arrival::Queued(Ticket {
-                    locks: self,
-                    key: Some(entry.key().clone()),
-                    waiter,
-                }))
+                Ok(Arrival::Queued(
+                    Ticket {
+                        locks: self,
+                        key: Some(ticket_key),
+                        waiter,
+                    },
+                    ahead,
+                ))
             }
         }
     }
@@ -428,7 +526,11 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     }
 
     /// Callers queued for `key`, not counting the holder.
-    pub fn waiting(&self, key: &K) -> usize {
+    pub fn waiting<Q>(&self, key: &Q) -> usize
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.locks.get(key).map_or(0, |lock| lock.queue.len())
     }
 }
@@ -444,15 +546,16 @@ struct Ticket<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone> {
 impl<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone> Ticket<'a, K, S> {
     /// After waiting: the guard if the lock is ours by now, else leave the queue (timed out).
     fn finish(mut self, granted: bool) -> Result<KeyGuard<'a, K, S>, LockError> {
-        let key = self.key.take().expect("a ticket finishes once");
         let holder = self.waiter.holder;
         // Decided under the shard lock, where grants happen: a grant that raced the deadline
-        // wins, and the caller gets the lock instead of an error.
+        // wins, and the caller gets the lock instead of an error. The ticket keeps its key
+        // until the decision is made, so that a panic in between still leaves the queue.
         let granted = granted || {
+            let key = self.key.as_ref().expect("a ticket finishes once");
             let mut lock = self
                 .locks
                 .locks
-                .get_mut(&key)
+                .get_mut(key)
                 .expect("a queued key has an entry");
             let granted = self.waiter.is_granted();
             if !granted {
@@ -460,6 +563,7 @@ impl<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone> Ticket<'a, K, S> {
             }
             granted
         };
+        let key = self.key.take().expect("a ticket finishes once");
         if granted {
             tracing::debug!(target: "racefree", fence = holder.get(), "handed the key: acquired");
             Ok(KeyGuard {
@@ -478,15 +582,18 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Drop for Ticket<'_, K, S> {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let waiter = &self.waiter;
-        self.locks.locks.remove_if_mut(&key, |_, lock| {
-            if waiter.is_granted() {
-                // Handed to us as we gave up: pass it on, or free the key.
-                !lock.hand_on()
-            } else {
-                lock.queue.retain(|w| !Arc::ptr_eq(w, waiter));
-                false
-            }
-        });
+        let leave = || {
+            self.locks.locks.remove_if_mut(&key, |_, lock| {
+                if waiter.is_granted() {
+                    // Handed to us as we gave up: pass it on, or free the key.
+                    !lock.hand_on()
+                } else {
+                    lock.queue.retain(|w| !Arc::ptr_eq(w, waiter));
+                    false
+                }
+            });
+        };
+        super::cleanup(leave);
         tracing::debug!(target: "racefree", "waiter cancelled; left the queue");
     }
 }
@@ -514,7 +621,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyGuard<'_, K, S> {
 impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Drop for KeyGuard<'_, K, S> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.locks.release(&key);
+            super::cleanup(|| self.locks.release(&key));
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use super::blocking::Owner;
 use super::flight::Flight;
 use super::RandomState;
 
@@ -65,11 +66,18 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
 
     /// Becomes the key's lead, or joins the flight already under way.
     pub fn join(&self, key: K) -> Join<'_, K, V, S> {
+        self.join_as(key, Owner::unknown())
+    }
+
+    /// [`join`](Self::join), telling followers who the caller is if it leads (see
+    /// [`Flight::wait_checked`]).
+    pub fn join_as(&self, key: K, owner: Owner) -> Join<'_, K, V, S> {
         match self.flights.entry(key) {
             Entry::Occupied(entry) => Join::Follow(Arc::clone(entry.get())),
             Entry::Vacant(entry) => {
-                let flight = Arc::new(Flight::new());
+                // Cloned before the flight is registered: a panicking `Clone` leaves nothing.
                 let key = entry.key().clone();
+                let flight = Arc::new(Flight::owned_by(owner));
                 entry.insert(Arc::clone(&flight));
                 Join::Lead(Lead {
                     registry: self,
@@ -93,8 +101,10 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
     fn land(&self, key: &K, flight: Arc<Flight<V>>, landing: Option<V>) {
         // Leave the registry first, then wake the followers: a caller that arrives in between
         // either finds the value in the cache (filled before `complete`) or becomes the next lead.
-        self.flights
-            .remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
+        super::cleanup(|| {
+            self.flights
+                .remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
+        });
         flight.complete(landing);
     }
 }
