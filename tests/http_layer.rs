@@ -1,9 +1,10 @@
 //! The tower layer and the configurable headers (feature `tower`; the axum tests also need
 //! `axum`): `ReplayLayer` on a bare `tower::service_fn` service marks replayed `#[idempotent]`
 //! outcomes with the header it is given and nothing else, the key is read from the header the
-//! layer names (and only from it), a malformed key is a 400 problem naming that header, and 32
-//! concurrent requests with one key through the layer execute once. Bodies that must still be
-//! running while duplicates arrive wait on a gate the test opens, never on a sleep.
+//! layer names (and only from it), a malformed key is a 400 problem naming that header, a
+//! request dropped mid-flight leaves its retry fresh, and 32 concurrent requests with one key
+//! through the layer execute once. Bodies that must still be running while duplicates arrive
+//! wait on a gate the test opens, never on a sleep.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -269,6 +270,66 @@ async fn thirty_two_concurrent_requests_with_one_key_execute_once_and_mark_31_re
             "round {round}: executions, replayed, not marked, identical bodies"
         );
     }
+}
+
+// A client that hangs up mid-request drops the layer's future while the body runs: the key must
+// not be left looking done (the retry would be marked a replay of nothing) or taken (the retry
+// would wait forever). 1 caller x 1 round, the body held on a gate that is never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_mid_flight_leaves_the_retry_fresh_and_unmarked() {
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    static FINISHED: AtomicUsize = AtomicUsize::new(0);
+    static NEVER_OPENED: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
+    #[idempotent(key = key.as_deref())]
+    async fn charge(key: Option<String>, item: String) -> Result<String, IdempotencyError> {
+        if STARTED.fetch_add(1, SeqCst) == 0 {
+            let _ = NEVER_OPENED.acquire().await;
+        }
+        let n = FINISHED.fetch_add(1, SeqCst) + 1;
+        Ok(format!("charge {n}: {item}"))
+    }
+    let service = ReplayLayer::new()
+        .replayed_header(STRIPE_REPLAYED)
+        .layer(service_fn(|request| answer(request, charge)));
+
+    let hung_up = tokio::spawn(service.clone().oneshot(post(
+        "idempotency-key",
+        "charge-1",
+        "desk",
+    )));
+    until("the first request's body runs", || {
+        STARTED.load(SeqCst) == 1
+    })
+    .await;
+    hung_up.abort();
+    assert!(hung_up.await.unwrap_err().is_cancelled());
+
+    let retry = guarded(
+        "the retry",
+        service
+            .clone()
+            .oneshot(post("idempotency-key", "charge-1", "desk")),
+    )
+    .await
+    .unwrap();
+    let again = guarded(
+        "a duplicate of the retry",
+        service
+            .clone()
+            .oneshot(post("idempotency-key", "charge-1", "desk")),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!((STARTED.load(SeqCst), FINISHED.load(SeqCst)), (2, 1));
+    assert_eq!(retry.body(), "charge 1: desk");
+    assert_eq!(
+        header(&retry, "idempotent-replayed"),
+        None,
+        "the retry executed"
+    );
+    assert_eq!(again.body(), "charge 1: desk");
+    assert_eq!(header(&again, "idempotent-replayed"), Some("true"));
 }
 
 #[cfg(feature = "axum")]
