@@ -105,9 +105,17 @@ pub mod redis {
     pub use racefree_runtime::backends::redis::*;
 }
 
-/// axum integration (feature `axum`): the `Idempotency-Key` extractor, problem+json responses
-/// for [`IdempotencyError`], and the middleware that marks replays. See
-/// [`racefree_runtime::http`].
+/// HTTP around `#[idempotent]` for any tower stack (feature `tower`): the replay-marking
+/// [`ReplayLayer`](racefree_runtime::http::ReplayLayer), configurable key and replay headers,
+/// problem+json responses. See [`racefree_runtime::http`].
+#[cfg(feature = "tower")]
+pub mod http {
+    pub use racefree_runtime::http::*;
+}
+
+/// axum integration (feature `axum`): everything in [`http`] plus the key
+/// extractors (`IdempotencyKey`, `ScopedKey<P>`), problem+json responses for
+/// [`IdempotencyError`], and the `mark_replays` middleware. See [`racefree_runtime::http`].
 #[cfg(feature = "axum")]
 pub mod axum {
     pub use racefree_runtime::http::*;

@@ -11,7 +11,7 @@
 //! - `function.rs`: the one function-owned cell all three attributes keep their stores in.
 //! - `backends::redis` (feature `redis`): the Redis stores of all three attributes, one file
 //!   per attribute.
-//! - `http` (feature `axum`): the HTTP pieces around `#[idempotent]`.
+//! - `http` (feature `tower`; `axum` adds extractors): the HTTP pieces around `#[idempotent]`.
 //! - `__private`: the one door generated code goes through.
 
 #![warn(missing_docs)]
@@ -21,7 +21,7 @@ pub mod __private;
 pub mod backends;
 pub mod cached;
 mod function;
-#[cfg(feature = "axum")]
+#[cfg(feature = "tower")]
 pub mod http;
 pub mod idempotent;
 pub mod sequenced;
