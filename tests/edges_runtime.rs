@@ -963,3 +963,37 @@ fn expired_idempotency_records_are_purged_as_outcomes_are_stored_without_a_scan(
     );
     assert_eq!(store.stats().evictions, 0, "expiry is not eviction");
 }
+
+/// Issue 9.9: a full store says so, but not once per eviction: 900 evictions in a burst give
+/// one `warn` (target `racefree`, with the count and the capacity), and the store counts all.
+#[test]
+fn a_full_idempotency_store_warns_once_per_interval_not_per_eviction() {
+    use racefree_runtime::idempotent::Claim;
+    use tracing_subscriber::layer::SubscriberExt;
+    let messages = common::Messages::default();
+    let subscriber = tracing_subscriber::registry().with(messages.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        let store: IdempotencyStore<u64> = IdempotencyStore::builder()
+            .capacity(100)
+            .name("edges::full")
+            .build();
+        for n in 0..1000u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string()) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(3600));
+        }
+        assert_eq!(store.stats().evictions, 900);
+    });
+    let warnings: Vec<String> = messages
+        .lines()
+        .into_iter()
+        .filter(|line| line.starts_with("WARN racefree ") && line.contains("edges::full"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("capacity=100") && warnings[0].contains("evictions=1"),
+        "{}",
+        warnings[0]
+    );
+}

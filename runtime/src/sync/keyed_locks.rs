@@ -15,7 +15,7 @@
 //! - **A blocking wait that could never end fails instead**: [`lock`](KeyedLocks::lock) called
 //!   where the holder, or a caller queued ahead, is an async task that only this thread can run
 //!   fails with [`LockError::WouldDeadlock`]; on a multi-thread runtime's worker it waits inside
-//!   `block_in_place` (the rule is [`blocking`](super::blocking)'s).
+//!   `block_in_place` (the rule is [`blocking`]'s).
 //! - **A panicking `Clone` leaves nothing behind.** The key is cloned before a caller enters
 //!   the queue, so a panic there unwinds with the registry unchanged. `Hash` and `Eq` run under
 //!   the map's shard lock when a caller arrives; a panic there changes nothing either. Should
@@ -79,7 +79,7 @@ pub enum LockError {
     /// waiting would never end.
     Reentrant,
     /// A blocking caller would wait for an async task that only its own thread can run (see
-    /// [`blocking`](super::blocking)): waiting would never end. The caller left the queue.
+    /// [`blocking`]): waiting would never end. The caller left the queue.
     WouldDeadlock,
 }
 
@@ -392,7 +392,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     ///
     /// Fails with [`LockError::WouldDeadlock`] instead of blocking when the holder or a caller
     /// queued ahead is an async task only this thread can run; on a worker of a multi-thread
-    /// Tokio runtime it waits inside `block_in_place` (see [`blocking`](super::blocking)).
+    /// Tokio runtime it waits inside `block_in_place` (see [`blocking`]).
     pub fn lock(&self, key: K, deadline: Option<Instant>) -> Result<KeyGuard<'_, K, S>, LockError> {
         match self.arrive(key, false)? {
             Arrival::Held(guard) => Ok(guard),
