@@ -584,6 +584,30 @@ fn a_sync_waiter_on_a_multi_thread_worker_lets_its_async_leader_run() {
     });
 }
 
+/// Issue 9.5, the case `block_in_place` cannot save: on a multi-thread runtime, the future of
+/// `block_on` itself leads a key and then calls a sync lookup of it. That future cannot move
+/// to another worker, so the sync call panics with the reason instead of hanging.
+#[test]
+fn a_sync_waiter_on_its_own_block_on_future_panics_even_on_a_multi_thread_runtime() {
+    deadlock_guard(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let cache: Cache<u8, u8> = Cache::new();
+        runtime.block_on(async {
+            let Lookup::Lead(lead) = cache.lookup_or_lead_async(1).await else {
+                panic!("cold key")
+            };
+            let waited = catch_unwind(AssertUnwindSafe(|| drop(cache.lookup_or_lead(1))));
+            let reason = panic_message(waited.expect_err("refused, not blocked"));
+            assert!(reason.contains("only this thread can run"), "{reason}");
+            lead.complete(2);
+        });
+        assert_eq!(cache.get(&1), Some(2));
+    });
+}
+
 /// Issue 9.5: an `#[idempotent]` body calling its function with its own key waited for
 /// itself forever. Now the inner call is refused with `Reentrant`, the outer call gets that
 /// error back, and the key is free afterwards.
