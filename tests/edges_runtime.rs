@@ -5,7 +5,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,8 @@ mod common;
 // 4. Keys whose `Clone`, `Hash` or `Eq` panic
 // ---------------------------------------------------------------------------------------------
 
-/// A key whose `Clone`, `Hash` or `Eq` panics once when armed. Each test has its own flags.
+/// A key whose `Clone`, `Hash` or `Eq` panics the next `n` times once armed with `n`. Each test
+/// has its own faults.
 #[derive(Debug)]
 struct Fragile {
     id: u32,
@@ -32,24 +33,39 @@ struct Fragile {
 
 #[derive(Debug, Default)]
 struct Faults {
-    clone: AtomicBool,
-    hash: AtomicBool,
-    eq: AtomicBool,
+    clone: Fault,
+    hash: Fault,
+    eq: Fault,
+}
+
+#[derive(Debug, Default)]
+struct Fault(AtomicUsize);
+
+impl Fault {
+    fn arm(&self, times: usize) {
+        self.0.store(times, SeqCst);
+    }
+
+    fn fires(&self) -> bool {
+        self.0
+            .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+            .is_ok()
+    }
 }
 
 impl Faults {
     const fn new() -> Faults {
         Faults {
-            clone: AtomicBool::new(false),
-            hash: AtomicBool::new(false),
-            eq: AtomicBool::new(false),
+            clone: Fault(AtomicUsize::new(0)),
+            hash: Fault(AtomicUsize::new(0)),
+            eq: Fault(AtomicUsize::new(0)),
         }
     }
 }
 
 impl Clone for Fragile {
     fn clone(&self) -> Self {
-        if self.faults.clone.swap(false, SeqCst) {
+        if self.faults.clone.fires() {
             panic!("clone fails");
         }
         Fragile {
@@ -61,7 +77,7 @@ impl Clone for Fragile {
 
 impl Hash for Fragile {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        if self.faults.hash.swap(false, SeqCst) {
+        if self.faults.hash.fires() {
             panic!("hash fails");
         }
         self.id.hash(state);
@@ -70,7 +86,7 @@ impl Hash for Fragile {
 
 impl PartialEq for Fragile {
     fn eq(&self, other: &Self) -> bool {
-        if self.faults.eq.swap(false, SeqCst) {
+        if self.faults.eq.fires() {
             panic!("eq fails");
         }
         self.id == other.id
@@ -98,7 +114,7 @@ fn a_key_whose_clone_hash_or_eq_panics_while_queueing_leaves_no_orphan_waiter() 
     for fault in [&FAULTS.clone, &FAULTS.hash, &FAULTS.eq] {
         for asynchronous in [false, true] {
             let holder = locks.lock(key(), None).unwrap();
-            fault.store(true, SeqCst);
+            fault.arm(1);
             let deadline = Some(Instant::now() + common::PATIENCE);
             let queued = match asynchronous {
                 false => panics(|| locks.lock(key(), deadline).map(drop)),
@@ -116,6 +132,77 @@ fn a_key_whose_clone_hash_or_eq_panics_while_queueing_leaves_no_orphan_waiter() 
     }
 }
 
+/// Issue 9.4, on the way out: a key whose `Hash` or `Eq` panics when its holder lets go, or
+/// when a queued caller gives up, could not be found to be released. The entry is now found by
+/// identity and the key handed on (the panic still reaches the caller): for each fault, the
+/// queued waiter gets the key, a timed-out waiter leaves the queue, and the registry empties.
+#[test]
+fn a_key_whose_hash_or_eq_panics_on_the_way_out_is_still_handed_on() {
+    static FAULTS: Faults = Faults::new();
+    let key = || Fragile {
+        id: 3,
+        faults: &FAULTS,
+    };
+    let locks: KeyedLocks<Fragile> = KeyedLocks::new();
+    let locks = &locks;
+    for fault in [&FAULTS.hash, &FAULTS.eq] {
+        let holder = locks.lock(key(), None).unwrap();
+        std::thread::scope(|scope| {
+            // With a deadline, so that a key never handed on fails the test instead of hanging it.
+            let deadline = Some(Instant::now() + common::PATIENCE);
+            let waiter = scope.spawn(move || locks.lock(key(), deadline).map(drop));
+            common::until_sync("the waiter queues", || locks.waiting(&key()) == 1);
+            fault.arm(1);
+            assert!(
+                panics(move || drop(holder)),
+                "the release's panic reaches the holder"
+            );
+            assert_eq!(
+                waiter.join().unwrap(),
+                Ok(()),
+                "the waiter was handed the key"
+            );
+        });
+        assert!(locks.is_empty());
+
+        // A queued caller times out, then fails twice to leave by key (its last look, then
+        // its drop): it leaves by identity.
+        let holder = locks.lock(key(), None).unwrap();
+        std::thread::scope(|scope| {
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let waiter =
+                scope.spawn(move || panics(|| locks.lock(key(), Some(deadline)).map(drop)));
+            common::until_sync("the waiter queues", || locks.waiting(&key()) == 1);
+            fault.arm(2);
+            assert!(
+                waiter.join().unwrap(),
+                "the fault reached the timed-out caller"
+            );
+        });
+        fault.arm(0);
+        assert_eq!(
+            locks.waiting(&key()),
+            0,
+            "the timed-out waiter left the queue"
+        );
+        drop(holder);
+        assert!(locks.is_empty());
+    }
+
+    // A `#[cached]` flight whose lead lets go with a panicking `Hash`: its follower wakes.
+    let flights = racefree_runtime::sync::single_flight::SingleFlight::<Fragile, u32>::new();
+    let racefree_runtime::sync::single_flight::Join::Lead(lead) = flights.join(key()) else {
+        panic!("first")
+    };
+    let racefree_runtime::sync::single_flight::Join::Follow(flight) = flights.join(key()) else {
+        panic!("second")
+    };
+    FAULTS.hash.arm(1);
+    assert!(panics(move || drop(lead)));
+    assert_eq!(flight.landing(), Some(&None), "the follower was woken");
+    assert!(flights.is_empty());
+}
+
 /// Issue 9.4, through the sequencer the attribute uses: a queued caller whose key panics
 /// consumes no number and blocks nobody; the numbers stay contiguous.
 #[test]
@@ -127,7 +214,7 @@ fn a_sequencer_key_that_panics_while_queued_leaves_the_sequence_intact() {
     };
     let sequencer: Sequencer<Fragile> = Sequencer::new();
     let mut lease = sequencer.acquire(key(), None).unwrap();
-    FAULTS.clone.store(true, SeqCst);
+    FAULTS.clone.arm(1);
     assert!(panics(|| sequencer.acquire(key(), None).map(drop)));
     let n = lease.next().unwrap().unwrap_or(1);
     lease.commit(n).unwrap();
@@ -154,7 +241,7 @@ fn a_cache_key_that_panics_in_the_flight_or_store_path_releases_its_waiters() {
             panic!("cold key")
         };
         // A follower whose key cannot be cloned fails alone.
-        FAULTS.clone.store(true, SeqCst);
+        FAULTS.clone.arm(1);
         assert!(panics(|| drop(cache.lookup_or_lead(key()))));
         assert_eq!(
             cache.in_flight(),
@@ -172,7 +259,7 @@ fn a_cache_key_that_panics_in_the_flight_or_store_path_releases_its_waiters() {
             });
             common::until_sync("the follower waits", || cache.stats().coalesced == 1);
             // The lead's store clones the key: it panics, and the follower takes over.
-            FAULTS.clone.store(true, SeqCst);
+            FAULTS.clone.arm(1);
             assert!(panics(move || lead.complete(round)));
             assert_eq!(follower.join().unwrap(), round + 1, "round {round}");
         });
@@ -333,6 +420,26 @@ fn an_idempotency_outcome_is_replayed_until_its_ttl_and_never_after() {
 // 5. Blocking calls inside async runtimes; #[idempotent] re-entry
 // ---------------------------------------------------------------------------------------------
 
+/// Runs `test` on a thread of its own and fails if it does not finish within
+/// [`common::PATIENCE`]: the regressions the tests below guard against are deadlocks, and a
+/// deadlock must fail its test, not hang the suite.
+fn deadlock_guard(test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        test();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(common::PATIENCE) {
+        Ok(()) => runner.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(runner.join().unwrap_err())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("deadlocked: still running after {:?}", common::PATIENCE)
+        }
+    }
+}
+
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -352,45 +459,47 @@ fn blocking_reset_while_an_async_call_holds_the_key_fails_instead_of_deadlocking
         seq.get()
     }
 
-    current_thread().block_on(async {
-        let sequence = serve_sequence();
-        let (release, held) = tokio::sync::oneshot::channel();
-        let holder = tokio::spawn(serve(1, held));
-        common::until("the call holds desk 1", || sequence.locked() == 1).await;
+    deadlock_guard(move || {
+        current_thread().block_on(async {
+            let sequence = serve_sequence();
+            let (release, held) = tokio::sync::oneshot::channel();
+            let holder = tokio::spawn(serve(1, held));
+            common::until("the call holds desk 1", || sequence.locked() == 1).await;
 
-        assert!(matches!(
-            sequence.reset(&1_u8),
-            Err(SequenceError::WouldDeadlock)
-        ));
-        assert!(matches!(
-            sequence.set_next(&1_u8, 10),
-            Err(SequenceError::WouldDeadlock)
-        ));
-        assert_eq!(
-            sequence.waiting(&1_u8),
-            0,
-            "the refused calls left the queue"
-        );
+            assert!(matches!(
+                sequence.reset(&1_u8),
+                Err(SequenceError::WouldDeadlock)
+            ));
+            assert!(matches!(
+                sequence.set_next(&1_u8, 10),
+                Err(SequenceError::WouldDeadlock)
+            ));
+            assert_eq!(
+                sequence.waiting(&1_u8),
+                0,
+                "the refused calls left the queue"
+            );
 
-        let set = tokio::spawn(sequence.set_next_async(&1_u8, 10));
-        common::until("set_next_async waits for the holder", || {
-            sequence.waiting(&1_u8) == 1
-        })
-        .await;
-        release.send(()).unwrap();
-        assert_eq!(common::guarded("the holder", holder).await.unwrap(), 1);
-        common::guarded("set_next_async", set)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(sequence.next(&1_u8), Some(10));
-        assert_eq!(
-            common::guarded("reset_async", sequence.reset_async(&1_u8))
+            let set = tokio::spawn(sequence.set_next_async(&1_u8, 10));
+            common::until("set_next_async waits for the holder", || {
+                sequence.waiting(&1_u8) == 1
+            })
+            .await;
+            release.send(()).unwrap();
+            assert_eq!(common::guarded("the holder", holder).await.unwrap(), 1);
+            common::guarded("set_next_async", set)
                 .await
-                .unwrap(),
-            Some(10)
-        );
-        assert_eq!(sequence.locked(), 0);
+                .unwrap()
+                .unwrap();
+            assert_eq!(sequence.next(&1_u8), Some(10));
+            assert_eq!(
+                common::guarded("reset_async", sequence.reset_async(&1_u8))
+                    .await
+                    .unwrap(),
+                Some(10)
+            );
+            assert_eq!(sequence.locked(), 0);
+        });
     });
 }
 
@@ -415,19 +524,21 @@ fn a_sync_cached_waiter_on_an_async_leader_of_its_own_runtime_panics_with_the_re
         u64::from(key) * 10
     }
 
-    current_thread().block_on(async {
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let leader = tokio::spawn(load(4, Arc::clone(&gate)));
-        common::until("the async call leads", || SHARED.in_flight() == 1).await;
+    deadlock_guard(move || {
+        current_thread().block_on(async {
+            let gate = Arc::new(tokio::sync::Notify::new());
+            let leader = tokio::spawn(load(4, Arc::clone(&gate)));
+            common::until("the async call leads", || SHARED.in_flight() == 1).await;
 
-        let waited = catch_unwind(|| load_now(4)).expect_err("refused, not blocked");
-        let reason = waited.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(reason.contains("only this thread can run"), "{reason}");
+            let waited = catch_unwind(|| load_now(4)).expect_err("refused, not blocked");
+            let reason = waited.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(reason.contains("only this thread can run"), "{reason}");
 
-        gate.notify_one();
-        assert_eq!(common::guarded("the leader", leader).await.unwrap(), 40);
-        assert_eq!(load_now(4), 40, "a hit now");
-        assert_eq!(RUNS.load(SeqCst), 1);
+            gate.notify_one();
+            assert_eq!(common::guarded("the leader", leader).await.unwrap(), 40);
+            assert_eq!(load_now(4), 40, "a hit now");
+            assert_eq!(RUNS.load(SeqCst), 1);
+        });
     });
 }
 
@@ -436,39 +547,65 @@ fn a_sync_cached_waiter_on_an_async_leader_of_its_own_runtime_panics_with_the_re
 /// the leader runs elsewhere and both get the value. 20 rounds, 1 leader + 1 sync waiter each.
 #[test]
 fn a_sync_waiter_on_a_multi_thread_worker_lets_its_async_leader_run() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    for round in 0..20u32 {
-        let cache: &'static Cache<u32, u32> = Box::leak(Box::new(Cache::new()));
-        runtime.block_on(async {
-            let (go, wait_for_go) = tokio::sync::oneshot::channel::<()>();
-            let leader = tokio::spawn(async move {
-                match cache.lookup_or_lead_async(round).await {
-                    Lookup::Lead(lead) => {
-                        let _ = wait_for_go.await;
-                        lead.complete(round + 1);
-                        "led"
+    deadlock_guard(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        for round in 0..20u32 {
+            let cache: &'static Cache<u32, u32> = Box::leak(Box::new(Cache::new()));
+            runtime.block_on(async {
+                let (go, wait_for_go) = tokio::sync::oneshot::channel::<()>();
+                let leader = tokio::spawn(async move {
+                    match cache.lookup_or_lead_async(round).await {
+                        Lookup::Lead(lead) => {
+                            let _ = wait_for_go.await;
+                            lead.complete(round + 1);
+                            "led"
+                        }
+                        Lookup::Hit(_) => "hit",
                     }
-                    Lookup::Hit(_) => "hit",
-                }
+                });
+                common::until("the leader leads", || cache.in_flight() == 1).await;
+                let waiter = tokio::spawn(async move {
+                    // Wakes the leader on this very worker, then blocks the worker.
+                    go.send(()).unwrap();
+                    match cache.lookup_or_lead(round) {
+                        Lookup::Hit(value) => value,
+                        Lookup::Lead(_) => unreachable!("round {round}: the leader holds the key"),
+                    }
+                });
+                let value = common::guarded("the sync waiter", waiter).await.unwrap();
+                assert_eq!(value, round + 1, "round {round}");
+                assert_eq!(common::guarded("the leader", leader).await.unwrap(), "led");
             });
-            common::until("the leader leads", || cache.in_flight() == 1).await;
-            let waiter = tokio::spawn(async move {
-                // Wakes the leader on this very worker, then blocks the worker.
-                go.send(()).unwrap();
-                match cache.lookup_or_lead(round) {
-                    Lookup::Hit(value) => value,
-                    Lookup::Lead(_) => unreachable!("round {round}: the leader holds the key"),
-                }
-            });
-            let value = common::guarded("the sync waiter", waiter).await.unwrap();
-            assert_eq!(value, round + 1, "round {round}");
-            assert_eq!(common::guarded("the leader", leader).await.unwrap(), "led");
+        }
+    });
+}
+
+/// Issue 9.5, the case `block_in_place` cannot save: on a multi-thread runtime, the future of
+/// `block_on` itself leads a key and then calls a sync lookup of it. That future cannot move
+/// to another worker, so the sync call panics with the reason instead of hanging.
+#[test]
+fn a_sync_waiter_on_its_own_block_on_future_panics_even_on_a_multi_thread_runtime() {
+    deadlock_guard(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let cache: Cache<u8, u8> = Cache::new();
+        runtime.block_on(async {
+            let Lookup::Lead(lead) = cache.lookup_or_lead_async(1).await else {
+                panic!("cold key")
+            };
+            let waited = catch_unwind(AssertUnwindSafe(|| drop(cache.lookup_or_lead(1))));
+            let reason = panic_message(waited.expect_err("refused, not blocked"));
+            assert!(reason.contains("only this thread can run"), "{reason}");
+            lead.complete(2);
         });
-    }
+        assert_eq!(cache.get(&1), Some(2));
+    });
 }
 
 /// Issue 9.5: an `#[idempotent]` body calling its function with its own key waited for
@@ -487,16 +624,18 @@ fn an_idempotent_call_reentering_its_own_key_is_refused_as_reentrant() {
         Ok(1)
     }
 
-    assert_eq!(
-        pay("order-1", true),
-        Err(IdempotencyError::Reentrant {
-            key: "order-1".to_owned()
-        })
-    );
-    assert_eq!(RUNS.load(SeqCst), 1, "the inner call did not run");
-    assert_eq!(pay_idempotency_store().in_flight(), 0);
-    assert_eq!(pay("order-1", false), Ok(1), "the key is free");
-    assert_eq!(pay("order-2", false), Ok(1), "another key is not affected");
+    deadlock_guard(move || {
+        assert_eq!(
+            pay("order-1", true),
+            Err(IdempotencyError::Reentrant {
+                key: "order-1".to_owned()
+            })
+        );
+        assert_eq!(RUNS.load(SeqCst), 1, "the inner call did not run");
+        assert_eq!(pay_idempotency_store().in_flight(), 0);
+        assert_eq!(pay("order-1", false), Ok(1), "the key is free");
+        assert_eq!(pay("order-2", false), Ok(1), "another key is not affected");
+    });
 }
 
 /// Issue 9.5, the async protocol: an execution's body run `within` it refuses a call with its
@@ -557,24 +696,26 @@ fn a_sync_idempotent_duplicate_of_an_async_owner_on_its_runtime_is_refused() {
             Policy::new(Duration::from_secs(60)),
         )
     };
-    current_thread().block_on(async {
-        let Begin::Execute(owner) = begin(&store, call()).await else {
-            panic!("fresh key")
-        };
-        match begin_blocking(&store, call()) {
-            Begin::Refuse(error) => {
-                assert_eq!(
-                    error,
-                    IdempotencyError::WouldDeadlock {
-                        key: "k".to_owned()
-                    }
-                )
+    deadlock_guard(move || {
+        current_thread().block_on(async {
+            let Begin::Execute(owner) = begin(&store, call()).await else {
+                panic!("fresh key")
+            };
+            match begin_blocking(&store, call()) {
+                Begin::Refuse(error) => {
+                    assert_eq!(
+                        error,
+                        IdempotencyError::WouldDeadlock {
+                            key: "k".to_owned()
+                        }
+                    )
+                }
+                _ => panic!("the duplicate must be refused"),
             }
-            _ => panic!("the duplicate must be refused"),
-        }
-        owner.complete(&3).await;
-        assert!(matches!(begin_blocking(&store, call()), Begin::Replay(3)));
-        assert_eq!(store.stats().executions, 1);
+            owner.complete(&3).await;
+            assert!(matches!(begin_blocking(&store, call()), Begin::Replay(3)));
+            assert_eq!(store.stats().executions, 1);
+        });
     });
 }
 
@@ -845,4 +986,38 @@ fn expired_idempotency_records_are_purged_as_outcomes_are_stored_without_a_scan(
         "expired: executes again"
     );
     assert_eq!(store.stats().evictions, 0, "expiry is not eviction");
+}
+
+/// Issue 9.9: a full store says so, but not once per eviction: 900 evictions in a burst give
+/// one `warn` (target `racefree`, with the count and the capacity), and the store counts all.
+#[test]
+fn a_full_idempotency_store_warns_once_per_interval_not_per_eviction() {
+    use racefree_runtime::idempotent::Claim;
+    use tracing_subscriber::layer::SubscriberExt;
+    let messages = common::Messages::default();
+    let subscriber = tracing_subscriber::registry().with(messages.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        let store: IdempotencyStore<u64> = IdempotencyStore::builder()
+            .capacity(100)
+            .name("edges::full")
+            .build();
+        for n in 0..1000u64 {
+            let Claim::Execute(lease) = claim(&store, &n.to_string()) else {
+                panic!("fresh key")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(3600));
+        }
+        assert_eq!(store.stats().evictions, 900);
+    });
+    let warnings: Vec<String> = messages
+        .lines()
+        .into_iter()
+        .filter(|line| line.starts_with("WARN racefree ") && line.contains("edges::full"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("capacity=100") && warnings[0].contains("evictions=1"),
+        "{}",
+        warnings[0]
+    );
 }

@@ -14,7 +14,7 @@
 //! - **A TTL is exact.** An entry is returned until `ttl` has passed since it was inserted and
 //!   never after; it is not dropped before. The hit path reads a coarse clock and confirms
 //!   with the precise one only in the last two ticks (1–8 ms) of an entry's life (see
-//!   [`clock`](crate::sync::clock)).
+//!   [`clock`]).
 //! - **Capacity never evicts what it is inserting.** Room is made *before* a new key goes in,
 //!   so the key just computed is always there right after; `clear()` and inserts take the same
 //!   lock, so no entry ever escapes the eviction ring.
@@ -518,16 +518,6 @@ where
                 ring.clear();
             }
         }
-    }
-
-    /// Keys the capacity's eviction ring tracks (0 without a capacity): every stored entry is
-    /// among them, and they are at most about twice the capacity.
-    pub fn ring_len(&self) -> usize {
-        self.ring.as_ref().map_or(0, |ring| {
-            ring.lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .len()
-        })
     }
 
     /// `true` if the eviction ring tracks every stored entry (always `true` without a

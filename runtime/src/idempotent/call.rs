@@ -14,7 +14,7 @@
 //! function with its own key) is refused with [`IdempotencyError::Reentrant`] instead of
 //! waiting for itself, with any backend: a sync execution marks its thread for the body's
 //! duration, an async body runs marked through [`Execution::within`] (the same
-//! [`Holder`](crate::sync::keyed_locks::Holder) machinery as `#[sequenced]`, with its limits).
+//! [`Holder`] machinery as `#[sequenced]`, with its limits).
 
 use std::fmt::Display;
 use std::future::Future;

@@ -5,9 +5,9 @@
 //! That is only safe if whoever it waits for can run meanwhile. So whoever takes a key records
 //! an [`Owner`]: the thread it took it on and whether it is an async task. Before blocking, a
 //! waiter calls [`wait`]:
-//! - if an owner is an **async task of this very thread** and the thread is not a worker of a
-//!   multi-thread Tokio runtime (a current-thread runtime, a `LocalSet`, no runtime at all),
-//!   that task can only run once this thread stops blocking: the wait would never end (or only
+//! - if an owner is **async code of this very thread** that cannot move to another (a task of
+//!   a current-thread runtime or a `LocalSet`, the future of a `block_on`, anything outside a
+//!   multi-thread Tokio runtime's tasks), it can only run once this thread stops blocking: the wait would never end (or only
 //!   at its deadline, in vain), so it fails at once with [`WouldDeadlock`], and the caller
 //!   turns that into its typed error (or a panic that says why, where the function has no
 //!   error type). The same for an owner that is this thread's own sync code, unless the wait
@@ -31,6 +31,9 @@ pub struct Owner {
     // 0: unknown (never matches a thread).
     thread: usize,
     asynchronous: bool,
+    // Polled as a Tokio task (which a multi-thread runtime can move to another worker), not as
+    // the future of a `block_on`, which stays on its thread.
+    in_task: bool,
 }
 
 static NEXT_THREAD: AtomicUsize = AtomicUsize::new(1);
@@ -59,6 +62,7 @@ impl Owner {
         Owner {
             thread: this_thread(),
             asynchronous,
+            in_task: asynchronous && tokio::task::try_id().is_some(),
         }
     }
 
@@ -67,6 +71,7 @@ impl Owner {
         Owner {
             thread: 0,
             asynchronous: false,
+            in_task: false,
         }
     }
 
@@ -101,9 +106,10 @@ pub struct WouldDeadlock;
 impl fmt::Display for WouldDeadlock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
-            "a blocking call would wait for work that only this thread can run (an async task \
-             of this thread's current-thread runtime, or this thread itself): make the caller \
-             async, or call it from a multi-thread runtime or another thread",
+            "a blocking call would wait for work that only this thread can run (a task of this \
+             thread's current-thread runtime, the future of its `block_on`, or this thread \
+             itself): make the caller async, or call it from a multi-thread runtime's task or \
+             another thread",
         )
     }
 }
@@ -122,8 +128,12 @@ pub fn wait<R>(
         .ok()
         .map(|handle| handle.runtime_flavor());
     let multi_thread = flavor == Some(tokio::runtime::RuntimeFlavor::MultiThread);
+    // On a multi-thread runtime, `block_in_place` lets the worker's tasks move on; the future
+    // of a `block_on` on this thread cannot move.
+    let stuck_here =
+        |owner: &Owner| owner.is_async_task_here() && (!multi_thread || !owner.in_task);
     if (!bounded && owners.iter().any(|owner| owner.is_this_thread_blocking()))
-        || (!multi_thread && owners.iter().any(|owner| owner.is_async_task_here()))
+        || owners.iter().any(stuck_here)
     {
         return Err(WouldDeadlock);
     }

@@ -15,12 +15,13 @@
 //! - **A blocking wait that could never end fails instead**: [`lock`](KeyedLocks::lock) called
 //!   where the holder, or a caller queued ahead, is an async task that only this thread can run
 //!   fails with [`LockError::WouldDeadlock`]; on a multi-thread runtime's worker it waits inside
-//!   `block_in_place` (the rule is [`blocking`](super::blocking)'s).
+//!   `block_in_place` (the rule is [`blocking`]'s).
 //! - **A panicking `Clone` leaves nothing behind.** The key is cloned before a caller enters
 //!   the queue, so a panic there unwinds with the registry unchanged. `Hash` and `Eq` run under
-//!   the map's shard lock when a caller arrives; a panic there changes nothing either. They run
-//!   again when a caller leaves: a key whose `Hash` or `Eq` panics *then*, having worked when it
-//!   arrived, cannot be found, and stays held.
+//!   the map's shard lock when a caller arrives; a panic there changes nothing either. Should
+//!   they panic when a caller leaves (a release, a timeout, a dropped future), its entry is
+//!   found by identity instead, walking the map, and the key is handed on or freed as usual
+//!   before the panic goes on.
 //!
 //! # How
 //! A key's whole state (holder, queue) lives in the `DashMap` value, and every transition
@@ -78,7 +79,7 @@ pub enum LockError {
     /// waiting would never end.
     Reentrant,
     /// A blocking caller would wait for an async task that only its own thread can run (see
-    /// [`blocking`](super::blocking)): waiting would never end. The caller left the queue.
+    /// [`blocking`]): waiting would never end. The caller left the queue.
     WouldDeadlock,
 }
 
@@ -391,7 +392,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     ///
     /// Fails with [`LockError::WouldDeadlock`] instead of blocking when the holder or a caller
     /// queued ahead is an async task only this thread can run; on a worker of a multi-thread
-    /// Tokio runtime it waits inside `block_in_place` (see [`blocking`](super::blocking)).
+    /// Tokio runtime it waits inside `block_in_place` (see [`blocking`]).
     pub fn lock(&self, key: K, deadline: Option<Instant>) -> Result<KeyGuard<'_, K, S>, LockError> {
         match self.arrive(key, false)? {
             Arrival::Held(guard) => Ok(guard),
@@ -582,18 +583,29 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Drop for Ticket<'_, K, S> {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let waiter = &self.waiter;
-        let leave = || {
-            self.locks.locks.remove_if_mut(&key, |_, lock| {
-                if waiter.is_granted() {
-                    // Handed to us as we gave up: pass it on, or free the key.
-                    !lock.hand_on()
-                } else {
-                    lock.queue.retain(|w| !Arc::ptr_eq(w, waiter));
-                    false
-                }
-            });
+        // Under the shard lock, where grants happen: handed to us as we gave up, pass it on
+        // (`false`: free the key); else just leave the queue.
+        let leave = |lock: &mut KeyLock| -> bool {
+            if waiter.is_granted() {
+                lock.hand_on()
+            } else {
+                lock.queue.retain(|w| !Arc::ptr_eq(w, waiter));
+                true
+            }
         };
-        super::cleanup(leave);
+        super::leave(
+            || {
+                self.locks.locks.remove_if_mut(&key, |_, lock| !leave(lock));
+            },
+            || {
+                self.locks.locks.retain(|_, lock| {
+                    let ours = lock.holder == waiter.holder
+                        || lock.queue.iter().any(|w| Arc::ptr_eq(w, waiter));
+                    !ours || leave(lock)
+                })
+            },
+        )
+        .resume();
         tracing::debug!(target: "racefree", "waiter cancelled; left the queue");
     }
 }
@@ -621,7 +633,16 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyGuard<'_, K, S> {
 impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Drop for KeyGuard<'_, K, S> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            super::cleanup(|| self.locks.release(&key));
+            let holder = self.holder;
+            super::leave(
+                || self.locks.release(&key),
+                || {
+                    self.locks
+                        .locks
+                        .retain(|_, lock| lock.holder != holder || lock.hand_on())
+                },
+            )
+            .resume();
         }
     }
 }

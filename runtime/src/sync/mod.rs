@@ -25,3 +25,32 @@ pub(crate) fn cleanup(leave: impl FnOnce()) {
         leave();
     }
 }
+
+/// Leaves a map from a `Drop`, whatever the key's `Hash` and `Eq` do: `by_key` finds the entry
+/// through the key; should they panic, `by_walk` finds it by identity, walking the map without
+/// hashing or comparing a key, so the state is cleaned up all the same. The panic then goes on
+/// to the caller through [`Left::resume`], once the caller has done what else it must (unless
+/// the thread is already unwinding: a second panic would abort).
+#[must_use = "a panic of the key's `Hash`/`Eq` must go on: call `resume`"]
+pub(crate) fn leave(by_key: impl FnOnce(), by_walk: impl FnOnce()) -> Left {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(by_key)) {
+        Ok(()) => Left(None),
+        Err(panic) => {
+            by_walk();
+            Left(Some(panic))
+        }
+    }
+}
+
+/// What [`leave`] caught, to be resumed.
+pub(crate) struct Left(Option<Box<dyn std::any::Any + Send>>);
+
+impl Left {
+    pub(crate) fn resume(self) {
+        if let Some(panic) = self.0 {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}

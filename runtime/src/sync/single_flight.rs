@@ -101,11 +101,18 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> SingleFlight<K, V, S> {
     fn land(&self, key: &K, flight: Arc<Flight<V>>, landing: Option<V>) {
         // Leave the registry first, then wake the followers: a caller that arrives in between
         // either finds the value in the cache (filled before `complete`) or becomes the next lead.
-        super::cleanup(|| {
-            self.flights
-                .remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
-        });
+        let left = super::leave(
+            || {
+                self.flights
+                    .remove_if(key, |_, current| Arc::ptr_eq(current, &flight));
+            },
+            || {
+                self.flights
+                    .retain(|_, current| !Arc::ptr_eq(current, &flight))
+            },
+        );
         flight.complete(landing);
+        left.resume();
     }
 }
 
