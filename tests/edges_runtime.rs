@@ -1021,3 +1021,27 @@ fn a_full_idempotency_store_warns_once_per_interval_not_per_eviction() {
         warnings[0]
     );
 }
+
+/// An async `#[idempotent]` body that calls its own function with its own key gets
+/// `Reentrant` at once, instead of waiting for itself forever.
+#[racefree::idempotent(key = key)]
+async fn charge_twice(key: &str, depth: u32) -> Result<String, racefree::IdempotencyError> {
+    if depth == 0 {
+        // Boxed: an async fn cannot await itself directly.
+        let inner: std::pin::Pin<Box<dyn std::future::Future<Output = _> + '_>> =
+            Box::pin(charge_twice(key, 1));
+        return match inner.await {
+            Err(racefree::IdempotencyError::Reentrant { key }) => Ok(format!("refused {key}")),
+            other => Ok(format!("unexpected: {other:?}")),
+        };
+    }
+    Ok("inner ran".to_owned())
+}
+
+#[tokio::test]
+async fn an_async_idempotent_body_reentering_its_own_key_is_refused_as_reentrant() {
+    let outcome = tokio::time::timeout(Duration::from_secs(10), charge_twice("k-reenter", 0))
+        .await
+        .expect("re-entry must not wait for itself");
+    assert_eq!(outcome.unwrap(), "refused k-reenter");
+}

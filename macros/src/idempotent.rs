@@ -205,7 +205,9 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let call = call(&plan, implementor.is_some());
     let begin = begin(&plan, mode, ret_span);
     let finish = finish(&plan, mode, ret_span);
-    let body = Body::of(&item).run();
+    // An async body runs as the executor of its key, so a call it polls with the same key is
+    // `Reentrant` instead of waiting for itself (sync bodies are recognised by their thread).
+    let body = Body::of(&item).run_wrapped(|future| quote!(__racefree_execution.within(#future)));
     let block = quote! {{
         #path_fn
         #implementor
