@@ -1,6 +1,7 @@
-//! Real Redis for the tests: the server at 127.0.0.1:6379 when one answers there, otherwise a
-//! `redis-server` started on a free local port for this test binary; and a throwaway 3-node
-//! Redis Cluster. Fails loudly when neither can be had: these tests must never pass by skipping.
+//! Real Redis for the tests: a `redis-server` of this test binary's own on a free local port
+//! (so the suite leaves nothing in the shared server at 127.0.0.1:6379), private servers that
+//! a fault test starts, restarts and stops itself, and a throwaway 3-node Redis Cluster. Fails
+//! loudly when no server can be had: these tests must never pass by skipping.
 
 #![allow(dead_code)]
 
@@ -18,19 +19,13 @@ pub struct Server {
     _child: Option<Child>,
 }
 
-/// The shared single-node server: `RACEFREE_TEST_REDIS` if set, else 127.0.0.1:6379 if it
-/// answers PING, else a fresh `redis-server` on a free port.
+/// This test binary's single-node server: `RACEFREE_TEST_REDIS` if set, else a fresh
+/// `redis-server` on a free port (never the shared 127.0.0.1:6379: tests leave it untouched).
 pub fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
         if let Ok(url) = std::env::var("RACEFREE_TEST_REDIS") {
             return Server { url, _child: None };
-        }
-        if ping(6379) {
-            return Server {
-                url: "redis://127.0.0.1:6379/".into(),
-                _child: None,
-            };
         }
         let port = free_port();
         let child = spawn_redis(port, &[]);
@@ -123,6 +118,71 @@ impl Drop for Cluster {
         for child in &mut self.children {
             let _ = child.wait();
         }
+    }
+}
+
+/// A `redis-server` one fault test owns: started with extra arguments, restarted on the same
+/// port (without persistence: it comes back empty), stopped on drop.
+pub struct Private {
+    pub port: u16,
+    pub url: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Private {
+    pub fn start(extra: &[&str]) -> Private {
+        let port = free_port();
+        let args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = spawn_redis(port, extra);
+        wait_for(port);
+        Private {
+            port,
+            url: format!("redis://127.0.0.1:{port}/"),
+            args,
+            child: Some(child),
+        }
+    }
+
+    /// Stops the server and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ping(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not stop",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server and starts an empty one on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Some(spawn_redis(self.port, &args));
+        wait_for(self.port);
+    }
+
+    /// Runs `redis-cli` against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed (see .ci/redis.sh)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

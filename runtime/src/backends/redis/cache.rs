@@ -174,7 +174,9 @@ impl<'s> RedisCache<'s> {
         let token = owner_token();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        let mut granted;
         loop {
+            granted = Instant::now();
             match self.get_or_lock(&val, &lock, &token, lease).await? {
                 Found::Value(raw) => {
                     let value: T = decode_value(&val, &raw)?;
@@ -203,7 +205,15 @@ impl<'s> RedisCache<'s> {
 
         let conn = self.store.connection().await?;
         let guard = ReleaseOnDrop::new(&RELEASE_LOCK, conn.clone(), lock.clone(), token.clone());
-        let heartbeat = Heartbeat::start(&EXTEND_LOCK, conn, lock.clone(), token.clone(), lease);
+        let heartbeat = Heartbeat::start(
+            &EXTEND_LOCK,
+            conn,
+            lock.clone(),
+            token.clone(),
+            lease,
+            granted,
+            self.store.store_options().command_timeout,
+        );
         let computed = compute().await;
         drop(heartbeat);
         // On any early return below the guard frees the fill lock in the background.

@@ -65,6 +65,7 @@ pub use idempotency::{
     RedisIdempotencyLease, RedisIdempotencyStore,
 };
 pub use keys::RedisKey;
+pub use lease::LeaseWatch;
 pub use sequence::{
     RedisSequence, RedisSequenceLease, RedisSequences, SeqTicket, SequenceOptions, SequencedError,
 };
