@@ -1790,7 +1790,7 @@ async fn older_and_newer_envelopes_replay_and_undecodable_is_its_own_error() {
     let _: () = conn
         .set(
             v7.redis_key("idem"),
-            r#"{"v":7,"state":"done","owner":"o","fp":"fp","outcome":8,"fence":3,"at":1}"#,
+            r#"{"v":7,"state":"done","owner":"o","fp":"fp","outcome":8,"epoch":3,"at":{"s":1}}"#,
         )
         .await
         .unwrap();
@@ -1817,5 +1817,120 @@ async fn older_and_newer_envelopes_replay_and_undecodable_is_its_own_error() {
         matches!(claimed, Err(IdempotencyError::Undecodable { .. })),
         "{:?}",
         claimed.map(|_| ())
+    );
+}
+
+/// Issue 11, point 6: an invalidation during a fill wins. Before: the fill, started before the
+/// invalidation, stored its (old) value for a full TTL. Now its caller gets the value it
+/// computed, nothing is stored, and the next call computes again. 3 rounds, each: 2 computations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_during_a_fill_wins() {
+    let store = RedisStore::new(support::server().url.clone());
+    let prefix = support::unique("invalidate");
+    for round in 0..3 {
+        let key = RedisKey::new("tests::faults", Some(&prefix), format!("k{round}"));
+        let computed = AtomicUsize::new(0);
+        let (filling, filling_rx) = tokio::sync::oneshot::channel();
+        let (invalidated, invalidated_rx) = tokio::sync::oneshot::channel::<()>();
+        let cache = store.cache();
+        let fill =
+            cache.get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                let _ = filling.send(());
+                invalidated_rx.await.unwrap();
+                Ok::<_, String>("old".to_owned())
+            });
+        let invalidate = async {
+            filling_rx.await.unwrap();
+            store.cache().invalidate(&key).await.unwrap();
+            invalidated.send(()).unwrap();
+        };
+        let (old, ()) = tokio::join!(fill, invalidate);
+        assert_eq!(old.unwrap(), "old");
+        let fresh = store
+            .cache()
+            .get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("new".to_owned())
+            })
+            .await
+            .unwrap();
+        assert_eq!(fresh, "new");
+        assert_eq!(computed.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// Issue 11, point 3: `#[idempotent]` owners get a fencing token like `#[sequenced]`'s: a
+/// takeover after a lost lease carries a larger one, and the body sees its own.
+#[tokio::test]
+async fn idempotency_fencing_tokens_grow_across_takeovers() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::faults", Some(&support::unique("fence")), "k");
+    let lease = Duration::from_millis(50);
+    let Claim::Owner(first) = store.idempotency().claim(&key, "fp", lease).await.unwrap() else {
+        panic!("a fresh key is ours");
+    };
+    tokio::time::sleep(lease * 3).await;
+    let Claim::Owner(second) = store.idempotency().claim(&key, "fp", lease).await.unwrap() else {
+        panic!("the first lease ran out");
+    };
+    assert!(
+        second.fence() > first.fence(),
+        "{} <= {}",
+        second.fence(),
+        first.fence()
+    );
+    assert!(second.fence() >= first.fence() + lease.as_micros() as u64);
+    tokio::time::sleep(lease * 3).await;
+    let seen = store
+        .idempotency()
+        .run_watched(&key, "fp", IdempotencyOptions::new(), |watch| async move {
+            Ok::<_, String>(watch.fence())
+        })
+        .await
+        .unwrap()
+        .value;
+    assert!(seen > second.fence());
+    let record = store.idempotency().replay(&key).await.unwrap().unwrap();
+    assert_eq!(
+        record.fence(),
+        Some(seen),
+        "the outcome keeps its owner's token"
+    );
+}
+
+/// Issue 11, point 3, for `#[idempotent]`: the call protocol's `Execution::finish` (what the
+/// expansion needs to call instead of `complete`) hands the caller `LeaseLost` for a stale
+/// lease, instead of letting it return its `Ok`.
+#[tokio::test]
+async fn finishing_a_stale_execution_is_lease_lost() {
+    use racefree::__private::{begin, Begin, Call, Policy};
+    let store: RedisIdempotencyStore<u8> =
+        RedisIdempotencyStore::shared(Arc::new(RedisStore::new(support::server().url.clone())));
+    let key = support::unique("finish");
+    let call = Call::new(
+        "tests::faults::finish",
+        None,
+        key.as_str(),
+        Fingerprint::of(&1_u8),
+        Policy::new(Duration::from_secs(60)),
+    );
+    let Begin::Execute(execution) = begin(&store, call).await else {
+        panic!("a fresh key executes");
+    };
+    let record = RecordKey::new("tests::faults::finish", None, key.as_str());
+    let redis_key = RedisKey::from_record(&record).redis_key("idem");
+    let _: i64 = store
+        .store()
+        .connection()
+        .await
+        .unwrap()
+        .del(&redis_key)
+        .await
+        .unwrap();
+    let finished = execution.finish(&7).await;
+    assert!(
+        matches!(finished, Err(IdempotencyError::LeaseLost { .. })),
+        "{finished:?}"
     );
 }

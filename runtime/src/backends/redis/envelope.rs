@@ -54,6 +54,11 @@ pub struct IdemRecord {
     pub owner: String,
     /// The request fingerprint the key was claimed with.
     pub fp: String,
+    /// The claim's fencing token (the server's clock in µs when the claim was taken), as
+    /// decimal digits: a string, because the Lua scripts' `cjson` would round a 16-digit number.
+    /// Absent in version 1 records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
     /// Running or done.
     #[serde(flatten)]
     pub state: IdemState,
@@ -72,6 +77,7 @@ impl IdemRecord {
             v: VERSION,
             owner: owner.to_owned(),
             fp: fp.to_owned(),
+            fence: None,
             state: IdemState::Running,
         }
     }
@@ -82,6 +88,7 @@ impl IdemRecord {
             v: VERSION,
             owner: owner.to_owned(),
             fp: fp.to_owned(),
+            fence: None,
             state: IdemState::Done { outcome },
         }
     }
@@ -92,10 +99,22 @@ impl IdemRecord {
             v: VERSION,
             owner: owner.to_owned(),
             fp: fp.to_owned(),
+            fence: None,
             state: IdemState::NotStored {
                 reason: reason.into(),
             },
         }
+    }
+
+    /// The same record carrying the fencing token `fence`.
+    pub fn with_fence(mut self, fence: impl Into<String>) -> Self {
+        self.fence = Some(fence.into());
+        self
+    }
+
+    /// The fencing token, if the record carries one.
+    pub fn fence(&self) -> Option<u64> {
+        self.fence.as_deref().and_then(|f| f.parse().ok())
     }
 
     /// The JSON text stored in Redis.

@@ -1,10 +1,13 @@
 //! Exactly-once execution per idempotency key across processes and machines.
 //!
 //! # Protocol (one Redis key per logical key: `rf:{tag}:idem`)
-//! - **claim**: one `SET key <running record> NX PX <lease> GET`. `nil` means this caller owns
-//!   the key; otherwise Redis hands back the record that is there, in the same round trip: a
-//!   completed outcome to replay, a running claim to wait for, or another fingerprint
-//!   (`Conflict`). Never GET-then-SET.
+//! - **claim**: one Lua script: the record that is there — a completed outcome to replay, a
+//!   running claim to wait for, another fingerprint (`Conflict`), an outcome not stored — or,
+//!   if there is none, this caller's running record with a lease (`PX`) and a **fencing
+//!   token**: the server's clock in µs (`TIME`). A key is taken over only after the previous
+//!   owner's lease ran out, so every later owner's token is larger — unless the server's clock
+//!   steps back by more than a lease (or a failover lands on a replica whose clock is that far
+//!   behind). Never GET-then-SET.
 //! - **heartbeat**: while the body runs, the owner extends the lease every third of it (Lua,
 //!   token-checked). A crashed owner stops extending; after the lease the key is free and the
 //!   next claim (exactly one, `SET NX` decides) takes over.
@@ -64,6 +67,23 @@ use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::idempotent::{
     Claim as BackendClaim, Fingerprint, IdempotencyBackend, IdempotencyError, RecordKey,
 };
+
+/// The claim: the record that is there, or ours, written with the server's clock (µs) as its
+/// fencing token. Takeovers happen at least a lease apart, so the token of every later owner
+/// of a key is larger, unless the server's clock steps back by more than a lease.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur} end
+local now = redis.call('TIME')
+local fence = now[1] .. string.format('%06d', tonumber(now[2]))
+local record = (string.gsub(ARGV[1], '"fence":"%?"', '"fence":"' .. fence .. '"', 1))
+redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
+return {1, fence}
+"#,
+    )
+});
 
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -132,6 +152,7 @@ pub struct OwnerClaim {
     key: String,
     token: String,
     fingerprint: String,
+    fence: u64,
     // When the claim was sent: its lease runs at least until then + the lease.
     granted: Instant,
 }
@@ -148,8 +169,16 @@ impl OwnerClaim {
             key: key.redis_key("idem"),
             token: token.into(),
             fingerprint: fingerprint.into(),
+            fence: 0,
             granted: Instant::now(),
         }
+    }
+
+    /// The fencing token of this claim: larger than that of every earlier owner of the key
+    /// (it is the server's clock in µs at the claim; see the module docs). Hand it to the
+    /// systems the body writes to, so they refuse writes of a stale owner.
+    pub fn fence(&self) -> u64 {
+        self.fence
     }
 
     /// The owner token this claim writes with.
@@ -273,7 +302,8 @@ impl RedisStore {
 }
 
 impl<'s> RedisIdempotency<'s> {
-    /// One atomic claim attempt (`SET NX PX GET`): ownership, or what holds the key instead.
+    /// One atomic claim attempt (one script: `GET`, else `SET … PX` with a fencing token):
+    /// ownership, or what holds the key instead.
     pub async fn claim(
         &self,
         key: &RedisKey,
@@ -282,40 +312,35 @@ impl<'s> RedisIdempotency<'s> {
     ) -> Result<Claim, RedisStoreError> {
         let redis_key = key.redis_key("idem");
         let token = owner_token();
-        let record = IdemRecord::running(&token, fingerprint).encode()?;
-        let lease_ms = lease.as_millis().max(1) as u64;
+        let record = IdemRecord::running(&token, fingerprint)
+            .with_fence("?")
+            .encode()?;
+        let lease_ms = lease.as_millis().max(1).to_string();
         let granted = Instant::now();
-        // Re-sending is safe: if the first attempt landed, the retry finds our own token.
-        let found: Option<Vec<u8>> = self
+        // Re-sending is safe: if the first attempt landed, the retry finds our own record.
+        let (claimed, found): (i64, Vec<u8>) = self
             .store
-            .run_retrying(|mut conn| {
-                let cmd = redis::cmd("SET")
-                    .arg(&redis_key)
-                    .arg(&record)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms)
-                    .arg("GET")
-                    .to_owned();
-                async move { cmd.query_async(&mut conn).await }
-            })
+            .eval(&CLAIM, &[&redis_key], &[&record, &lease_ms], true)
             .await?;
-        let Some(raw) = found else {
-            return Ok(Claim::Owner(OwnerClaim {
-                key: redis_key,
-                token,
+        let owner = |fence: u64| {
+            Claim::Owner(OwnerClaim {
+                key: redis_key.clone(),
+                token: token.clone(),
                 fingerprint: fingerprint.to_owned(),
+                fence,
                 granted,
-            }));
+            })
         };
-        let existing = IdemRecord::decode(&redis_key, &raw)?;
+        if claimed == 1 {
+            let fence = std::str::from_utf8(&found)
+                .ok()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
+            return Ok(owner(fence));
+        }
+        let existing = IdemRecord::decode(&redis_key, &found)?;
         Ok(match existing.state {
-            IdemState::Running if existing.owner == token => Claim::Owner(OwnerClaim {
-                key: redis_key,
-                token,
-                fingerprint: fingerprint.to_owned(),
-                granted,
-            }),
+            IdemState::Running if existing.owner == token => owner(existing.fence().unwrap_or(0)),
             _ if existing.fp != fingerprint => Claim::Conflict,
             IdemState::Running => Claim::InProgress,
             IdemState::Done { outcome } => Claim::Replay(outcome),
@@ -470,7 +495,7 @@ impl<'s> RedisIdempotency<'s> {
             claim.token.clone(),
         );
         let heartbeat = start_heartbeat(&detached, &claim);
-        let result = body(heartbeat.watch()).await;
+        let result = body(heartbeat.watch(claim.fence)).await;
         match result {
             Ok(value) => {
                 // From here on the key is never freed: the completion finishes on its own.
@@ -555,6 +580,7 @@ impl Completion {
             .map_err(|e| format!("the outcome cannot be encoded as JSON: {e}"))
             .and_then(|outcome| {
                 IdemRecord::done(&claim.token, &claim.fingerprint, outcome)
+                    .with_fence(claim.fence.to_string())
                     .encode()
                     .map_err(|e| e.to_string())
             })
@@ -568,6 +594,7 @@ impl Completion {
             Ok(record) => (record, None),
             Err(reason) => (
                 IdemRecord::not_stored(&claim.token, &claim.fingerprint, reason.clone())
+                    .with_fence(claim.fence.to_string())
                     .encode()?,
                 Some(reason),
             ),
@@ -699,7 +726,12 @@ pub struct RedisIdempotencyLease {
 impl RedisIdempotencyLease {
     /// A watch on this claim's lease: fires once the heartbeat finds it lost.
     pub fn watch(&self) -> LeaseWatch {
-        self.heartbeat.watch()
+        self.heartbeat.watch(self.claim.fence)
+    }
+
+    /// The claim's fencing token (see [`OwnerClaim::fence`]).
+    pub fn fence(&self) -> u64 {
+        self.claim.fence
     }
 }
 

@@ -98,9 +98,16 @@ fn entropy() -> u128 {
 #[derive(Debug, Clone)]
 pub struct LeaseWatch {
     lost: watch::Receiver<bool>,
+    fence: u64,
 }
 
 impl LeaseWatch {
+    /// The fencing token of the lease watched: larger than that of every earlier holder of
+    /// the key. Hand it to the systems the body writes to, so they can refuse a stale holder.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
     /// `true` once the lease is known or presumed lost.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
@@ -183,10 +190,11 @@ impl Heartbeat {
         }
     }
 
-    /// A watch on this lease for the body.
-    pub(crate) fn watch(&self) -> LeaseWatch {
+    /// A watch on this lease (fencing token `fence`) for the body.
+    pub(crate) fn watch(&self, fence: u64) -> LeaseWatch {
         LeaseWatch {
             lost: self.lost.clone(),
+            fence,
         }
     }
 }
