@@ -30,7 +30,8 @@ pub struct StoreOptions {
     /// The most one command may take, including a reconnect; past it, [`RedisStoreError::Timeout`].
     pub command_timeout: Duration,
     /// How long a claim, sequence lock or fill lock lives without a heartbeat. The holder
-    /// extends it every third of this while its body runs; a crashed holder's lease ends after it.
+    /// extends it every third of this (sooner after a failed beat) while its body runs and its
+    /// final write is in flight; a crashed holder's lease ends after it.
     pub lease: Duration,
     /// How many times a token-checked command is re-sent after a lost connection or a timeout.
     pub retries: u32,
