@@ -1934,3 +1934,65 @@ async fn finishing_a_stale_execution_is_lease_lost() {
         "{finished:?}"
     );
 }
+
+/// Issue 11: waiters wake on the completion, not on their next backoff step. 20 rounds, each:
+/// an owner whose body runs 300 ms (long enough for a waiter's polling to reach its 100 ms
+/// steps) and a waiter on another store instance (another connection, as another process). The
+/// delay from the owner's completion to the waiter's return is measured; its median must be
+/// well under the polling step (before: about half of it, ~50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_completion_not_on_the_next_poll() {
+    let url = support::server().url.clone();
+    let (owner_store, waiter_store) = (RedisStore::new(url.clone()), RedisStore::new(url));
+    let prefix = support::unique("wake");
+    let mut conn = owner_store.connection().await.unwrap();
+    let mut round_trips = Vec::new();
+    for _ in 0..50 {
+        let sent = Instant::now();
+        let _: String = driver::cmd("PING").query_async(&mut conn).await.unwrap();
+        round_trips.push(sent.elapsed());
+    }
+    round_trips.sort();
+    let round_trip = round_trips[round_trips.len() / 2];
+    let mut delays = Vec::new();
+    for round in 0..20 {
+        let key = RedisKey::new("tests::faults", Some(&prefix), format!("k{round}"));
+        let (claimed, claimed_rx) = tokio::sync::oneshot::channel();
+        let owner = {
+            let key = key.clone();
+            let store = &owner_store;
+            async move {
+                store
+                    .idempotency()
+                    .run(&key, "fp", IdempotencyOptions::new(), || async {
+                        let _ = claimed.send(());
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, String>(round)
+                    })
+                    .await
+                    .unwrap();
+                Instant::now()
+            }
+        };
+        let waiter = async {
+            claimed_rx.await.unwrap();
+            let outcome = waiter_store
+                .idempotency()
+                .run(&key, "fp", IdempotencyOptions::new(), must_not_run::<i32>)
+                .await
+                .unwrap();
+            assert!(outcome.replayed);
+            Instant::now()
+        };
+        let (completed, returned) = tokio::join!(owner, waiter);
+        delays.push(returned.saturating_duration_since(completed));
+    }
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    println!(
+        "waiter wake-up delay: median {median:?}, max {:?}; round trip (PING median) {round_trip:?}: median = {:.1} round trips",
+        delays[delays.len() - 1],
+        median.as_secs_f64() / round_trip.as_secs_f64()
+    );
+    assert!(median < Duration::from_millis(10), "median {median:?}");
+}

@@ -44,6 +44,12 @@
 //! successor's outcome stands. [`RedisIdempotency::run_watched`] hands the body a
 //! [`LeaseWatch`] that fires as soon as the heartbeat finds the lease gone.
 //!
+//! # Waiting for another owner
+//! A waiter subscribes to the key's wake-up channel (`<key>:wake`; one server only) and looks
+//! at the record as soon as the owner's completion or release publishes there, with jittered
+//! polling (2 ms growing to 100 ms) as the fallback: on a Cluster, when the pub/sub connection
+//! cannot be made, and for a claim that simply expires (a crashed owner publishes nothing).
+//!
 //! # Unknown outcomes
 //! If no answer to the completion comes back after its re-sends, one read decides when it can:
 //! our done record → success; another owner's record or none → `LeaseLost`; our running
@@ -60,6 +66,7 @@ use redis::Script;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
 use super::lease::{owner_token, Backoff, Heartbeat, LeaseWatch, ReleaseOnDrop};
 use super::store::Detached;
@@ -109,6 +116,7 @@ local ok, rec = pcall(cjson.decode, cur)
 if not ok or type(rec) ~= 'table' or rec.owner ~= ARGV[1] then return 0 end
 if rec.state == 'running' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '1') end
 end
 return 1
 "#,
@@ -123,6 +131,7 @@ if not cur then return 0 end
 local ok, rec = pcall(cjson.decode, cur)
 if ok and type(rec) == 'table' and rec.state == 'running' and rec.owner == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[1] .. ':wake', '0')
   return 1
 end
 return 0
@@ -405,6 +414,55 @@ impl<'s> RedisIdempotency<'s> {
             .transpose()
     }
 
+    /// Waits until `key`'s record is no longer a running claim, or `deadline` passes. Wakes on
+    /// the completion's or release's pub/sub hint (one server), with jittered polling as the
+    /// fallback (and the only way on a Cluster, or for a claim that simply expires).
+    async fn wait_settled(
+        &self,
+        key: &RedisKey,
+        deadline: Option<Instant>,
+    ) -> Result<Settled, RedisStoreError> {
+        let redis_key = key.redis_key("idem");
+        let listener = match self.store.wakeups().await {
+            Some(wakeups) => wakeups.listen(&format!("{redis_key}:wake")).await,
+            None => None,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        // Without a hint the claim just saw the key running: look again after a pause. With
+        // one, look at once: the completion may have come before the subscription.
+        let mut look = listener.is_some();
+        loop {
+            let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
+            if let Some(woken) = woken.as_mut().as_pin_mut() {
+                woken.enable();
+            }
+            if look {
+                match self.replay(key).await? {
+                    None => return Ok(Settled::Gone),
+                    Some(record) if record.state != IdemState::Running => {
+                        return Ok(Settled::Record(record))
+                    }
+                    Some(_) => {}
+                }
+            }
+            look = true;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Ok(Settled::TimedOut);
+            }
+            let hint = async {
+                match woken.as_mut().as_pin_mut() {
+                    Some(woken) => woken.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = hint => {}
+                () = backoff.wait(left) => {}
+            }
+        }
+    }
+
     /// Runs `body` at most once per key across every process sharing the store, and replays
     /// its `Ok` outcome to every other caller with the same `fingerprint`.
     ///
@@ -457,7 +515,6 @@ impl<'s> RedisIdempotency<'s> {
         let lease = self.store.store_options().lease;
         let started = Instant::now();
         let logical = || key.tag().to_owned();
-        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
         let claim = loop {
             match self.claim(key, fingerprint, lease).await? {
                 Claim::Owner(claim) => break claim,
@@ -476,11 +533,29 @@ impl<'s> RedisIdempotency<'s> {
                     })
                 }
                 Claim::InProgress => {
-                    let waited = started.elapsed();
-                    if options.in_flight == InFlight::Reject || waited >= options.max_wait {
+                    if options.in_flight == InFlight::Reject {
                         return Err(IdempotentError::InProgress { key: logical() });
                     }
-                    backoff.wait(Some(options.max_wait - waited)).await;
+                    let deadline = started + options.max_wait;
+                    match self.wait_settled(key, Some(deadline)).await? {
+                        Settled::TimedOut => {
+                            return Err(IdempotentError::InProgress { key: logical() })
+                        }
+                        Settled::Record(IdemRecord {
+                            fp,
+                            state: IdemState::Done { outcome },
+                            ..
+                        }) if fp == fingerprint => {
+                            let value = decode_outcome(&key.redis_key("idem"), outcome)?;
+                            return Ok(Outcome {
+                                value,
+                                replayed: true,
+                            });
+                        }
+                        // Claim again: it conflicts, reports the outcome not stored, or takes
+                        // over a key that was released or expired.
+                        Settled::Record(_) | Settled::Gone => {}
+                    }
                 }
             }
         };
@@ -551,6 +626,16 @@ fn start_heartbeat(detached: &Detached, claim: &OwnerClaim) -> Heartbeat {
     )
 }
 
+/// How a wait for somebody else's claim ended.
+enum Settled {
+    /// The record is no longer a running claim.
+    Record(IdemRecord),
+    /// There is no record: released, or its lease expired.
+    Gone,
+    /// The deadline passed first.
+    TimedOut,
+}
+
 /// The final write of a finished body, owned so that a task of its own can finish it.
 struct Completion {
     detached: Detached,
@@ -562,6 +647,8 @@ struct Completion {
     not_stored: Option<String>,
     // Kept beating until the write has returned.
     heartbeat: Option<Heartbeat>,
+    // "1": publish the wake-up hint (one node; a Cluster's waiters poll).
+    wake: &'static str,
 }
 
 impl Completion {
@@ -600,13 +687,14 @@ impl Completion {
             ),
         };
         Ok(Completion {
-            detached,
             key: claim.key.clone(),
             token: claim.token.clone(),
             record,
             ttl_ms: ttl.as_millis().max(1).to_string(),
             not_stored,
             heartbeat,
+            wake: if detached.conn.is_cluster() { "0" } else { "1" },
+            detached,
         })
     }
 
@@ -634,7 +722,7 @@ impl Completion {
             .eval(
                 &COMPLETE,
                 &[&self.key],
-                &[&self.token, &self.record, &self.ttl_ms],
+                &[&self.token, &self.record, &self.ttl_ms, self.wake],
                 true,
             )
             .await;
@@ -796,30 +884,22 @@ where
         async move {
             let fp = in_flight.to_string();
             let refuse = |err| refused(&client_key, err);
-            let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
-            loop {
-                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                if left == Some(Duration::ZERO) {
-                    return Err(IdempotencyError::InProgress { key: client_key });
-                }
-                backoff.wait(left).await;
-                let Some(record) = self
-                    .idempotency()
-                    .replay(&redis_key)
-                    .await
-                    .map_err(refuse)?
-                else {
-                    return Ok(None); // released or expired: claim again
-                };
-                match record.state {
-                    IdemState::Running => continue,
+            match self
+                .idempotency()
+                .wait_settled(&redis_key, deadline)
+                .await
+                .map_err(refuse)?
+            {
+                Settled::TimedOut => Err(IdempotencyError::InProgress { key: client_key }),
+                Settled::Gone => Ok(None), // released or expired: claim again
+                Settled::Record(record) => match record.state {
                     IdemState::Done { outcome } if record.fp == fp => {
                         let outcome = decode_outcome(&redis_key.redis_key("idem"), outcome);
-                        return outcome.map(Some).map_err(refuse);
+                        outcome.map(Some).map_err(refuse)
                     }
                     // The claim reports the conflict, or the outcome that was not stored.
-                    IdemState::Done { .. } | IdemState::NotStored { .. } => return Ok(None),
-                }
+                    _ => Ok(None),
+                },
             }
         }
     }

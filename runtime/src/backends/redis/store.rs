@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use tokio::sync::OnceCell;
 
-use super::connection::{cluster, Connection, Inner};
+use super::connection::{cluster, Connection, Inner, Wakeups};
 use super::lease::LocalKey;
 use super::RedisStoreError;
 use crate::sync::single_flight::SingleFlight;
@@ -85,6 +85,8 @@ pub struct RedisStore {
     target: Target,
     options: StoreOptions,
     connection: OnceCell<(Connection, Deployment)>,
+    // The wake-up hints' pub/sub connection, once one was made (one server only).
+    wakeups: tokio::sync::Mutex<Option<Arc<Wakeups>>>,
     // The store-wide epoch this process first saw (see `RedisStore::accept_data_loss`).
     pub(crate) epoch: std::sync::RwLock<Option<Arc<str>>>,
     // In-process coordination in front of Redis, so one process sends one request per key.
@@ -109,6 +111,7 @@ impl RedisStore {
             options: StoreOptions::new(),
             connection: OnceCell::const_new(),
             epoch: std::sync::RwLock::new(None),
+            wakeups: tokio::sync::Mutex::const_new(None),
             fills: OnceLock::new(),
             local_locks: OnceLock::new(),
         }
@@ -195,6 +198,21 @@ impl RedisStore {
     /// use; Redis's default of 512 MiB if it cannot be read).
     pub async fn max_record_bytes(&self) -> Result<u64, RedisStoreError> {
         Ok(self.connected().await?.1.max_bulk)
+    }
+
+    /// The wake-up hints (see [`Wakeups`]): `None` on a Cluster, or while the pub/sub
+    /// connection cannot be made (waiters then poll).
+    pub(crate) async fn wakeups(&self) -> Option<Arc<Wakeups>> {
+        let Target::Url(url) = &self.target else {
+            return None;
+        };
+        let mut slot = self.wakeups.lock().await;
+        if let Some(wakeups) = slot.as_ref().filter(|w| w.is_alive()) {
+            return Some(Arc::clone(wakeups));
+        }
+        let wakeups = Wakeups::connect(url, self.options.command_timeout).await;
+        slot.clone_from(&wakeups);
+        wakeups
     }
 
     /// A handle that runs commands without borrowing the store, for work that must outlive
