@@ -1996,3 +1996,134 @@ async fn waiters_wake_on_completion_not_on_the_next_poll() {
     );
     assert!(median < Duration::from_millis(10), "median {median:?}");
 }
+
+/// Issue 11, points 1–4 on a 3-node Redis Cluster (every node with `proto-max-bulk-len 1mb`):
+/// a caller dropped after `Ok` while its connections are killed never re-runs the body (3
+/// rounds, 1 execution each); an outcome too large or not encodable runs once and is then
+/// `OutcomeNotStored`; a stale owner's completion is `LeaseLost`; a commit under `CLIENT PAUSE
+/// WRITE` on every node is `CommitUnknown`, and the next call shows the number was consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_faults_points_1_to_4() {
+    let cluster = support::Cluster::start_with(&["--proto-max-bulk-len", "1mb"]);
+    let store = RedisStore::cluster(cluster.nodes.clone());
+    assert!(store.connection().await.unwrap().is_cluster());
+    assert_eq!(store.max_record_bytes().await.unwrap(), 1024 * 1024);
+
+    // Point 1.
+    for round in 0..3 {
+        let key = RedisKey::new("tests::faults", None, format!("c-cancel-{round}"));
+        let execs = AtomicUsize::new(0);
+        let (ran, ran_rx) = tokio::sync::oneshot::channel();
+        let idempotency = store.idempotency();
+        let call = idempotency.run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            cluster.cli_all(&["CLIENT", "KILL", "TYPE", "normal"]);
+            let _ = ran.send(());
+            Ok::<_, String>(format!("done-{round}"))
+        });
+        drop_after_body(call, ran_rx).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let again = loop {
+            match store
+                .idempotency()
+                .run(&key, "fp", IdempotencyOptions::new(), || async {
+                    execs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>("executed again".to_owned())
+                })
+                .await
+            {
+                Ok(again) => break again,
+                // The cluster client reconnecting after the kill: typed, nothing ran.
+                Err(IdempotentError::Store(err)) if err.is_retryable() => {}
+                Err(other) => panic!("{other:?}"),
+            }
+            assert!(Instant::now() < deadline, "the cluster never came back");
+        };
+        assert_eq!(execs.load(Ordering::SeqCst), 1, "round {round}");
+        assert_eq!(again.value, format!("done-{round}"));
+    }
+
+    // Point 2.
+    let execs = AtomicUsize::new(0);
+    let key = RedisKey::new("tests::faults", None, "c-large");
+    for call in 0..3 {
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("x".repeat(1_200_000))
+            })
+            .await;
+        match (call, outcome) {
+            (0, Ok(outcome)) => assert_eq!(outcome.value.len(), 1_200_000),
+            (_, Err(IdempotentError::OutcomeNotStored { .. })) => {}
+            (_, other) => panic!("{:?}", other.map(|o| o.value.len())),
+        }
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 1);
+
+    // Point 3.
+    let key = RedisKey::new("tests::faults", None, "c-stale");
+    let Claim::Owner(stale) = store
+        .idempotency()
+        .claim(&key, "fp", Duration::from_millis(50))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is ours");
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let Claim::Owner(successor) = store
+        .idempotency()
+        .claim(&key, "fp", Duration::from_secs(10))
+        .await
+        .unwrap()
+    else {
+        panic!("the stale lease ran out");
+    };
+    assert!(successor.fence() > stale.fence());
+    store
+        .idempotency()
+        .complete(&successor, "successor", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let late = store
+        .idempotency()
+        .complete(&stale, "stale", Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(late, Err(RedisStoreError::LeaseLost { .. })),
+        "{late:?}"
+    );
+
+    // Point 4.
+    let store = RedisStore::cluster(cluster.nodes.clone())
+        .command_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(5));
+    let key = RedisKey::new("tests::faults", None, "c-paused");
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let paused = store
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let cluster = &cluster;
+            async move {
+                cluster.cli_all(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    assert!(
+        matches!(paused, Err(SequencedError::CommitUnknown { number: 2, .. })),
+        "{paused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        match next_number(&store, &key).await {
+            Ok(number) => break number,
+            Err(SequencedError::Store(err)) if err.is_retryable() => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    };
+    assert_eq!(next, 3, "the unknown commit of 2 had landed");
+}

@@ -46,21 +46,25 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// A cluster whose nodes all run with `extra` arguments.
+    pub fn start_with(extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir for cluster config files");
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let children: Vec<Child> = ports
             .iter()
             .map(|port| {
                 let config = dir.path().join(format!("nodes-{port}.conf"));
-                spawn_redis(
-                    *port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        config.to_str().unwrap(),
-                    ],
-                )
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    config.to_str().unwrap(),
+                ];
+                args.extend_from_slice(extra);
+                spawn_redis(*port, &args)
             })
             .collect();
         for port in &ports {
@@ -104,6 +108,20 @@ impl Cluster {
                 .collect(),
             children,
             _dir: dir,
+        }
+    }
+}
+
+impl Cluster {
+    /// Runs `redis-cli <args>` against every node.
+    pub fn cli_all(&self, args: &[&str]) {
+        for url in &self.nodes {
+            let port = url.trim_end_matches('/').rsplit(':').next().unwrap();
+            Command::new("redis-cli")
+                .args(["-p", port])
+                .args(args)
+                .output()
+                .expect("redis-cli must be installed (see .ci/redis.sh)");
         }
     }
 }
