@@ -2127,3 +2127,75 @@ async fn cluster_faults_points_1_to_4() {
     };
     assert_eq!(next, 3, "the unknown commit of 2 had landed");
 }
+
+/// Issue 11, the guarantee matrix's failover row, documented by a test: a replica promoted with
+/// `REPLICAOF NO ONE` after the primary took writes it had not replicated keeps only what it
+/// received. Numbers 1–3 (replicated, `WAIT`ed for) survive; 4 and 5, acknowledged by the
+/// primary while the replica was cut off, are lost and handed out again; an outcome stored then
+/// is lost and its body runs again. Nothing detects it (the epoch key was replicated long
+/// before): only `WAIT`/`WAITAOF`, which this store does not send, would close the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_replica_keeps_only_what_it_received() {
+    let mut primary = support::Private::start(&[]);
+    let port = primary.port.to_string();
+    let replica = support::Private::start(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = RedisStore::new(primary.url.clone());
+    let key = RedisKey::new("tests::faults", None, "failover");
+    for expected in 1..=3 {
+        assert_eq!(next_number(&store, &key).await.unwrap(), expected);
+    }
+    let mut conn = store.connection().await.unwrap();
+    let replicas: i64 = driver::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(replicas, 1);
+
+    // A partition: the replica is pointed at a dead port (it keeps its data and stops
+    // receiving the primary's stream), then the primary acknowledges more writes.
+    assert_eq!(replica.cli(&["REPLICAOF", "127.0.0.1", "1"]), "OK");
+    for expected in 4..=5 {
+        assert_eq!(next_number(&store, &key).await.unwrap(), expected);
+    }
+    let receipt = RedisKey::new("tests::faults", None, "failover-receipt");
+    let execs = AtomicUsize::new(0);
+    let charge = || async {
+        execs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>("charged".to_owned())
+    };
+    store
+        .idempotency()
+        .run(&receipt, "fp", IdempotencyOptions::new(), charge)
+        .await
+        .unwrap();
+    primary.stop();
+    assert_eq!(replica.cli(&["REPLICAOF", "NO", "ONE"]), "OK");
+
+    let promoted = RedisStore::new(replica.url.clone());
+    assert_eq!(
+        next_number(&promoted, &key).await.unwrap(),
+        4,
+        "4 and 5 again"
+    );
+    let again = promoted
+        .idempotency()
+        .run(&receipt, "fp", IdempotencyOptions::new(), charge)
+        .await
+        .unwrap();
+    assert!(!again.replayed);
+    assert_eq!(
+        execs.load(Ordering::SeqCst),
+        2,
+        "the lost outcome's body ran again"
+    );
+}
