@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use racefree::redis::driver::{self, AsyncCommands};
 use racefree::redis::{
-    CacheOptions, Claim, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
+    CacheOptions, Claim, Durability, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
     RedisCacheStore, RedisIdempotencyStore, RedisKey, RedisStore, RedisStoreError, SequenceOptions,
     SequencedError,
 };
@@ -2126,6 +2126,16 @@ async fn cluster_faults_points_1_to_4() {
         assert!(Instant::now() < deadline, "the pause never ended");
     };
     assert_eq!(next, 3, "the unknown commit of 2 had landed");
+
+    // `WAIT` cannot be routed to a key's shard: the option is refused on first use.
+    let waiting = RedisStore::cluster(cluster.nodes.clone()).durability(Durability::Replicas {
+        replicas: 1,
+        timeout: Duration::from_millis(100),
+    });
+    assert!(matches!(
+        waiting.connection().await,
+        Err(RedisStoreError::Unsupported { .. })
+    ));
 }
 
 /// Issue 11, the guarantee matrix's failover row, documented by a test: a replica promoted with
@@ -2197,5 +2207,93 @@ async fn promoted_replica_keeps_only_what_it_received() {
         execs.load(Ordering::SeqCst),
         2,
         "the lost outcome's body ran again"
+    );
+}
+
+/// Issue 11, point 5 (optional `WAIT`): with `Durability::Replicas { replicas: 1 }` a commit
+/// counts once the replica has it. With the replica cut off during the body, the commit lands
+/// on the primary but is `CommitUnknown` (not durable as asked); the next acquire is refused
+/// with `NotDurable` and consumes nothing; an idempotent claim is given up before its body runs.
+/// `WAITAOF` fsync on a server without an AOF is a typed error, and a Cluster refuses the option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_makes_unreplicated_writes_unknown() {
+    let primary = support::Private::start(&[]);
+    let port = primary.port.to_string();
+    let replica = support::Private::start(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = RedisStore::new(primary.url.clone()).durability(Durability::Replicas {
+        replicas: 1,
+        timeout: Duration::from_millis(300),
+    });
+    let key = RedisKey::new("tests::faults", None, "wait");
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let cut_off = store
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let replica = &replica;
+            async move {
+                replica.cli(&["REPLICAOF", "127.0.0.1", "1"]);
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    match cut_off {
+        Err(SequencedError::CommitUnknown {
+            number: 2,
+            source: RedisStoreError::NotDurable { replicas: 0, .. },
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        next_number(&store, &key).await,
+        Err(SequencedError::Store(RedisStoreError::NotDurable { .. }))
+    ));
+    let execs = AtomicUsize::new(0);
+    let claim = store
+        .idempotency()
+        .run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(1)
+        })
+        .await;
+    assert!(
+        matches!(
+            claim,
+            Err(IdempotentError::Store(RedisStoreError::NotDurable { .. }))
+        ),
+        "{claim:?}"
+    );
+    assert_eq!(execs.load(Ordering::SeqCst), 0);
+    // Reconnected: numbering goes on after the number that landed on the primary.
+    assert_eq!(replica.cli(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        if let Ok(number) = next_number(&store, &key).await {
+            break number;
+        }
+        assert!(Instant::now() < deadline, "the replica never caught up");
+    };
+    assert_eq!(next, 3);
+
+    let fsync = RedisStore::new(primary.url.clone()).durability(Durability::Fsynced {
+        local: true,
+        replicas: 0,
+        timeout: Duration::from_millis(100),
+    });
+    let refused = next_number(&fsync, &key).await;
+    assert!(
+        matches!(
+            refused,
+            Err(SequencedError::Store(RedisStoreError::Command { .. }))
+        ),
+        "{refused:?}"
     );
 }

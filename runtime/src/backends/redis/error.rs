@@ -81,6 +81,21 @@ pub enum RedisStoreError {
         /// The policy the server reported, or why it is unknown.
         policy: String,
     },
+    /// A write reached the primary but not the store's `Durability` level (`WAIT`/`WAITAOF`
+    /// counted fewer replicas or fsyncs) within its timeout.
+    NotDurable {
+        /// The level asked for.
+        wanted: super::Durability,
+        /// Whether the primary fsynced it.
+        local: bool,
+        /// How many replicas acknowledged (or fsynced) it.
+        replicas: u32,
+    },
+    /// The store's options ask for something this deployment cannot do.
+    Unsupported {
+        /// What.
+        what: String,
+    },
     /// The server lost its data since this process first used it (restarted without
     /// persistence, flushed, or the epoch key was evicted): the store-wide epoch key is gone
     /// or changed. Sequences refuse to hand out numbers, which could repeat earlier ones,
@@ -139,6 +154,15 @@ impl fmt::Display for RedisStoreError {
                 "redis maxmemory-policy is `{policy}`: keys may be evicted, voiding the store's guarantees; \
                  set `maxmemory-policy noeviction` or opt out with `RedisStore::accept_eviction()`"
             ),
+            RedisStoreError::NotDurable {
+                wanted,
+                local,
+                replicas,
+            } => write!(
+                f,
+                "write not durable as asked ({wanted:?}): fsynced locally: {local}, replicas: {replicas}"
+            ),
+            RedisStoreError::Unsupported { what } => write!(f, "not supported: {what}"),
             RedisStoreError::DataLost {
                 key,
                 expected,

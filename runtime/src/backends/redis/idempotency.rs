@@ -345,16 +345,30 @@ impl<'s> RedisIdempotency<'s> {
                 .ok()
                 .and_then(|f| f.parse().ok())
                 .unwrap_or(0);
-            return Ok(owner(fence));
+            return self.durable(owner(fence)).await;
         }
         let existing = IdemRecord::decode(&redis_key, &found)?;
         Ok(match existing.state {
-            IdemState::Running if existing.owner == token => owner(existing.fence().unwrap_or(0)),
+            IdemState::Running if existing.owner == token => {
+                return self.durable(owner(existing.fence().unwrap_or(0))).await
+            }
             _ if existing.fp != fingerprint => Claim::Conflict,
             IdemState::Running => Claim::InProgress,
             IdemState::Done { outcome } => Claim::Replay(outcome),
             IdemState::NotStored { reason } => Claim::NotStored(reason),
         })
+    }
+
+    /// A claim counts once it reached the store's `Durability`; one that did not is given up.
+    async fn durable(&self, claim: Claim) -> Result<Claim, RedisStoreError> {
+        let Claim::Owner(owner) = &claim else {
+            return Ok(claim);
+        };
+        if let Err(err) = self.store.detached().await?.confirm().await {
+            let _ = self.release(owner).await;
+            return Err(err);
+        }
+        Ok(claim)
     }
 
     /// Stores `outcome` for `ttl` if `claim` still owns the key; [`RedisStoreError::LeaseLost`]
@@ -726,14 +740,20 @@ impl Completion {
                 true,
             )
             .await;
-        let result = match written {
-            Ok(1) => Ok(()),
-            Ok(_) => Err(RedisStoreError::LeaseLost {
-                key: self.key.clone(),
-            }),
-            Err(err) if err.is_retryable() => self.settle(err).await,
-            Err(err) => Err(err),
-        };
+        let result =
+            match written {
+                Ok(1) => self.detached.confirm().await.map_err(|source| {
+                    RedisStoreError::OutcomeUnknown {
+                        key: self.key.clone(),
+                        source: Box::new(source),
+                    }
+                }),
+                Ok(_) => Err(RedisStoreError::LeaseLost {
+                    key: self.key.clone(),
+                }),
+                Err(err) if err.is_retryable() => self.settle(err).await,
+                Err(err) => Err(err),
+            };
         drop(self.heartbeat);
         match (result, self.not_stored) {
             (Ok(()), Some(reason)) => Err(RedisStoreError::OutcomeNotStored {

@@ -87,8 +87,11 @@
 //! | Server clock steps | leases are enforced by the server's clock: a forward jump ends leases early (a takeover while the owner runs; the owner gets `LeaseLost`); idempotency fencing tokens are server µs, so a backward step longer than a lease can make a later token smaller | leases as for `#[idempotent]`; fences are counters, unaffected | fill locks end early: a second fill, same value |
 //! | Client clock steps | none: waits and heartbeats use the monotonic clock | none | none |
 //!
-//! Not provided: `WAIT` / `WAITAOF` after claims and commits (which would close the
-//! `everysec` and failover windows above at the cost of a round trip to the replicas).
+//! [`Durability`] closes the `everysec` and failover windows above, at one more round trip per
+//! write: with `Durability::Replicas` (`WAIT`) a claim, acquire, completion or commit counts
+//! only once that many replicas have it, and with `Durability::Fsynced` (`WAITAOF`) once it is
+//! fsynced; a write that does not get there is given up (claims, acquires) or reported unknown
+//! (completions, commits). One server with replicas only, not on a Cluster.
 
 mod cache;
 mod connection;
@@ -112,7 +115,7 @@ pub use lease::LeaseWatch;
 pub use sequence::{
     RedisSequence, RedisSequenceLease, RedisSequences, SeqTicket, SequenceOptions, SequencedError,
 };
-pub use store::{RedisStore, StoreOptions};
+pub use store::{Durability, RedisStore, StoreOptions};
 
 /// The `redis` driver this store is built on, for commands of your own on
 /// [`RedisStore::connection`].

@@ -294,7 +294,7 @@ impl<'s> RedisSequences<'s> {
         };
         let holder = format!("{fence}:{token}");
         let done = key.redis_key(&format!("done:{fence}"));
-        Ok(Ok(SeqTicket {
+        let ticket = SeqTicket {
             granted,
             lock,
             seq,
@@ -303,7 +303,13 @@ impl<'s> RedisSequences<'s> {
             last,
             number,
             fence: fence as u64,
-        }))
+        };
+        // The lock (and its fence) counts once it reached the store's durability.
+        if let Err(err) = self.store.detached().await?.confirm().await {
+            let _ = self.abort(&ticket).await;
+            return Err(err);
+        }
+        Ok(Ok(ticket))
     }
 
     /// An acquire that got no answer may still land (a paused server runs it later): send a
@@ -609,14 +615,20 @@ impl Commit {
                 true,
             )
             .await;
-        let result = match committed {
-            Ok(1) => Ok(()),
-            Ok(_) => Err(RedisStoreError::LeaseLost {
-                key: ticket.lock.clone(),
-            }),
-            Err(err) if err.is_retryable() => self.settle(err).await,
-            Err(err) => Err(err),
-        };
+        let result =
+            match committed {
+                Ok(1) => self.detached.confirm().await.map_err(|source| {
+                    RedisStoreError::OutcomeUnknown {
+                        key: ticket.seq.clone(),
+                        source: Box::new(source),
+                    }
+                }),
+                Ok(_) => Err(RedisStoreError::LeaseLost {
+                    key: ticket.lock.clone(),
+                }),
+                Err(err) if err.is_retryable() => self.settle(err).await,
+                Err(err) => Err(err),
+            };
         drop(self.heartbeat);
         if let Err(RedisStoreError::LeaseLost { .. }) = &result {
             // Token-checked: frees nothing that is not ours.

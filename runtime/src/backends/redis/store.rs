@@ -39,6 +39,55 @@ pub struct StoreOptions {
     /// or a server whose `CONFIG` command is disabled so the policy cannot be read). Off by
     /// default: an evicted claim, lock or counter voids every guarantee of this store.
     pub accept_eviction: bool,
+    /// How far claims, completions, acquires and commits must have travelled before they
+    /// count as done (default: the primary's reply).
+    pub durability: Durability,
+}
+
+/// How far a write must have travelled before the store treats it as done: the primary's
+/// reply (the default), `WAIT` for replicas, or `WAITAOF` for fsyncs. Each level above
+/// [`Primary`](Durability::Primary) costs one more round trip per write, which it waits for.
+///
+/// A claim or an acquire that does not reach the level is given up (nothing ran, nothing was
+/// consumed, [`RedisStoreError::NotDurable`]); a completion or a commit that does not reach it
+/// is reported as unknown (`OutcomeUnknown` / `CommitUnknown`): it is on the primary, but a
+/// failover or a crash may still lose it. `WAIT` counts the writes of the connection it is sent
+/// on: if the connection was re-established between a write and its `WAIT`, the `WAIT` vouches
+/// for nothing (the window is one reconnect wide). One server only: on a Cluster this store cannot route
+/// `WAIT` to the key's shard, and refuses on first use ([`RedisStoreError::Unsupported`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use racefree_runtime::redis::{Durability, RedisStore};
+///
+/// let store = RedisStore::new("redis://127.0.0.1/").durability(Durability::Replicas {
+///     replicas: 1,
+///     timeout: Duration::from_millis(200),
+/// });
+/// # drop(store);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// In the primary's memory: done when it replies.
+    #[default]
+    Primary,
+    /// `WAIT replicas timeout`: acknowledged by at least `replicas` replicas.
+    Replicas {
+        /// How many replicas must acknowledge.
+        replicas: u32,
+        /// How long to wait for them.
+        timeout: Duration,
+    },
+    /// `WAITAOF local replicas timeout`: written to the append-only file and fsynced locally
+    /// (if `local`; needs `appendonly yes`) and on at least `replicas` replicas.
+    Fsynced {
+        /// Fsynced on the primary itself.
+        local: bool,
+        /// How many replicas must have fsynced.
+        replicas: u32,
+        /// How long to wait for them.
+        timeout: Duration,
+    },
 }
 
 impl StoreOptions {
@@ -49,6 +98,7 @@ impl StoreOptions {
             lease: Duration::from_secs(10),
             retries: 3,
             accept_eviction: false,
+            durability: Durability::Primary,
         }
     }
 }
@@ -158,6 +208,12 @@ impl RedisStore {
     /// Runs even if the server may evict keys (see [`StoreOptions::accept_eviction`]).
     pub const fn accept_eviction(mut self) -> Self {
         self.options.accept_eviction = true;
+        self
+    }
+
+    /// Sets how far writes must travel before they count (see [`Durability`]).
+    pub const fn durability(mut self, durability: Durability) -> Self {
+        self.options.durability = durability;
         self
     }
 
@@ -344,6 +400,57 @@ impl Detached {
         }
     }
 
+    /// Waits until this connection's writes so far reached the store's [`Durability`].
+    pub(crate) async fn confirm(&self) -> Result<(), RedisStoreError> {
+        let (cmd, wanted) = match self.options.durability {
+            Durability::Primary => return Ok(()),
+            Durability::Replicas { replicas, timeout } => (
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(timeout.as_millis().max(1) as u64)
+                    .to_owned(),
+                (0, replicas),
+            ),
+            Durability::Fsynced {
+                local,
+                replicas,
+                timeout,
+            } => (
+                redis::cmd("WAITAOF")
+                    .arg(u32::from(local))
+                    .arg(replicas)
+                    .arg(timeout.as_millis().max(1) as u64)
+                    .to_owned(),
+                (u32::from(local), replicas),
+            ),
+        };
+        let wait = match self.options.durability {
+            Durability::Replicas { timeout, .. } | Durability::Fsynced { timeout, .. } => timeout,
+            Durability::Primary => Duration::ZERO,
+        };
+        let deadline = self.options.command_timeout + wait;
+        let reached = with_deadline(deadline, async {
+            let mut conn = self.conn.clone();
+            match self.options.durability {
+                Durability::Fsynced { .. } => {
+                    let (local, replicas): (u32, u32) = cmd.query_async(&mut conn).await?;
+                    Ok((local, replicas))
+                }
+                _ => Ok((0, cmd.query_async::<u32>(&mut conn).await?)),
+            }
+        })
+        .await?;
+        if reached.0 >= wanted.0 && reached.1 >= wanted.1 {
+            Ok(())
+        } else {
+            Err(RedisStoreError::NotDurable {
+                wanted: self.options.durability,
+                local: reached.0 > 0,
+                replicas: reached.1,
+            })
+        }
+    }
+
     /// How long a commit marker must outlive its commit: every re-send of the commit, with
     /// room to spare, and never less than a lease.
     pub(crate) fn marker_ttl(&self) -> Duration {
@@ -395,6 +502,11 @@ impl Deployment {
                     (None, Err(why)) => format!("unknown (CONFIG GET failed: {why})"),
                     (None, Ok(_)) => "unknown (not reported by CONFIG GET)".to_owned(),
                 },
+            });
+        }
+        if options.durability != Durability::Primary && conn.is_cluster() {
+            return Err(RedisStoreError::Unsupported {
+                what: "a durability other than `Durability::Primary` on a Cluster (WAIT cannot be routed to the key's shard)".into(),
             });
         }
         let max_bulk = config
