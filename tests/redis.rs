@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use racefree::redis::driver::{self, AsyncCommands};
 use racefree::redis::{
-    CacheOptions, Claim, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
+    CacheOptions, Claim, Durability, IdempotencyOptions, IdempotentError, InFlight, OwnerClaim,
     RedisCacheStore, RedisIdempotencyStore, RedisKey, RedisStore, RedisStoreError, SequenceOptions,
     SequencedError,
 };
@@ -816,7 +816,9 @@ async fn undecodable_record_is_a_typed_error() {
     let mut conn = store.connection().await.unwrap();
     let _: () = conn.set(key.redis_key("idem"), "not json").await.unwrap();
     let _: () = conn
-        .set(key.redis_key("val"), r#"{"v":99,"value":1}"#)
+        // A later envelope version is read when it can be: this one holds a value that is no
+        // `i32`, so it is undecodable for this function.
+        .set(key.redis_key("val"), r#"{"v":99,"value":"one"}"#)
         .await
         .unwrap();
     let idem = store
@@ -1006,4 +1008,1292 @@ async fn cluster_idempotent_sequenced_and_cached_across_processes() {
     sequenced_across_processes(&target, &support::unique("caseq"), "attr-sequenced").await;
     sequenced_failures_leave_no_gap(&target, &support::unique("cseqfail")).await;
     cached_across_processes(&target, &support::unique("ccache"), "cached").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 11: faults. Each test owns a private `redis-server` on a free port (started, paused,
+// restarted and stopped by the test), so faults never reach another test's keys.
+
+use std::collections::BTreeMap;
+
+use racefree::idempotency::RecordKey;
+use racefree::{Fingerprint, IdempotencyBackend};
+
+/// What an attribute-driven fault test's functions return: the attribute's own errors, kept.
+#[derive(Debug)]
+enum FaultError {
+    Idempotency(IdempotencyError),
+    Sequence(SequenceError),
+}
+
+impl From<IdempotencyError> for FaultError {
+    fn from(e: IdempotencyError) -> Self {
+        FaultError::Idempotency(e)
+    }
+}
+
+impl From<SequenceError> for FaultError {
+    fn from(e: SequenceError) -> Self {
+        FaultError::Sequence(e)
+    }
+}
+
+/// `CLIENT PAUSE <ms> WRITE`: writes (and write scripts) queue on the server, reads go on.
+async fn pause_writes(store: &RedisStore, ms: u64) {
+    let mut conn = store.connection().await.unwrap();
+    let _: () = driver::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Runs `call` until the body has signalled `ran`, then a little longer (while its completion
+/// is being re-sent after the killed connection), then drops it. `true` if it was dropped.
+async fn drop_after_body<F: std::future::Future>(
+    call: F,
+    ran: tokio::sync::oneshot::Receiver<()>,
+) -> bool {
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        _ = &mut call => false,
+        _ = async {
+            ran.await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        } => true,
+    }
+}
+
+// Point 1, with the attribute: a private server whose connections the body kills.
+static CANCEL_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
+static CANCEL_STORE: LazyLock<Arc<RedisStore>> =
+    LazyLock::new(|| Arc::new(RedisStore::new(CANCEL_SERVER.url.clone())));
+static CANCEL_OUTCOMES: LazyLock<RedisIdempotencyStore<String>> =
+    LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&CANCEL_STORE)));
+static CANCEL_EXECS: AtomicUsize = AtomicUsize::new(0);
+static CANCEL_SIGNAL: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>> =
+    std::sync::Mutex::new(None);
+
+#[idempotent(key = key, store = CANCEL_OUTCOMES)]
+async fn charge_and_lose_the_connection(key: &str) -> Result<String, FaultError> {
+    CANCEL_EXECS.fetch_add(1, Ordering::SeqCst);
+    CANCEL_SERVER.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    if let Some(ran) = CANCEL_SIGNAL.lock().unwrap().take() {
+        let _ = ran.send(());
+    }
+    Ok(format!("charged-{key}"))
+}
+
+/// Issue 11, point 1: the body returned `Ok`, its connection was killed, and the caller's future
+/// was dropped while the completion was being re-sent. Before: the release-on-drop guard freed
+/// the key and the next call ran the body again (3 of 5). Now the completion finishes on a task
+/// of its own: 5 rounds (direct API and attribute), every round 1 execution and a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_dropped_after_ok_never_runs_the_body_again() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone());
+    let mut dropped = 0;
+    for round in 0..5 {
+        let key = RedisKey::new("tests::faults", None, format!("cancel-{round}"));
+        let execs = AtomicUsize::new(0);
+        let (ran, ran_rx) = tokio::sync::oneshot::channel();
+        let idempotency = store.idempotency();
+        let call = idempotency.run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+            let _ = ran.send(());
+            Ok::<_, String>(format!("done-{round}"))
+        });
+        dropped += drop_after_body(call, ran_rx).await as usize;
+        let again = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("executed again".to_owned())
+            })
+            .await
+            .unwrap();
+        assert_eq!(execs.load(Ordering::SeqCst), 1, "round {round}");
+        assert!(again.replayed);
+        assert_eq!(again.value, format!("done-{round}"));
+
+        let key = format!("attr-cancel-{round}");
+        let (ran, ran_rx) = tokio::sync::oneshot::channel();
+        *CANCEL_SIGNAL.lock().unwrap() = Some(ran);
+        let before = CANCEL_EXECS.load(Ordering::SeqCst);
+        dropped += drop_after_body(charge_and_lose_the_connection(&key), ran_rx).await as usize;
+        let again = charge_and_lose_the_connection(&key).await.unwrap();
+        assert_eq!(
+            CANCEL_EXECS.load(Ordering::SeqCst),
+            before + 1,
+            "round {round}"
+        );
+        assert_eq!(again, format!("charged-{key}"));
+    }
+    assert!(
+        dropped >= 5,
+        "only {dropped} of 10 callers were dropped mid-completion"
+    );
+}
+
+// Point 1: outcomes Redis cannot store. `proto-max-bulk-len 1mb` is the smallest Redis accepts.
+static SMALL_BULK_SERVER: LazyLock<support::Private> =
+    LazyLock::new(|| support::Private::start(&["--proto-max-bulk-len", "1mb"]));
+static SMALL_BULK_STORE: LazyLock<Arc<RedisStore>> =
+    LazyLock::new(|| Arc::new(RedisStore::new(SMALL_BULK_SERVER.url.clone())));
+static LARGE_OUTCOMES: LazyLock<RedisIdempotencyStore<String>> =
+    LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&SMALL_BULK_STORE)));
+static MAP_OUTCOMES: LazyLock<RedisIdempotencyStore<BTreeMap<(u8, u8), u8>>> =
+    LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&SMALL_BULK_STORE)));
+static LARGE_EXECS: AtomicUsize = AtomicUsize::new(0);
+static MAP_EXECS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = key, store = LARGE_OUTCOMES)]
+async fn large_report(key: &str) -> Result<String, FaultError> {
+    LARGE_EXECS.fetch_add(1, Ordering::SeqCst);
+    Ok("x".repeat(1_200_000))
+}
+
+#[idempotent(key = key, store = MAP_OUTCOMES)]
+async fn tuple_keyed_map(key: &str) -> Result<BTreeMap<(u8, u8), u8>, FaultError> {
+    MAP_EXECS.fetch_add(1, Ordering::SeqCst);
+    Ok(BTreeMap::from([((1, 2), 3)]))
+}
+
+/// Issue 11, point 2: a 1.2 MB outcome over `proto-max-bulk-len 1mb`, and one serde cannot
+/// encode (`BTreeMap<(u8, u8), _>`). Before: 3 calls, 3 executions each. Now: 1 execution; the
+/// first caller keeps its value, the next two get `OutcomeNotStored` naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_that_cannot_be_stored_is_never_run_again() {
+    let store = &*SMALL_BULK_STORE;
+    assert_eq!(store.max_record_bytes().await.unwrap(), 1024 * 1024);
+    let execs = AtomicUsize::new(0);
+    let key = RedisKey::new("tests::faults", None, "large");
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(
+            store
+                .idempotency()
+                .run(&key, "fp", IdempotencyOptions::new(), || async {
+                    execs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>("x".repeat(1_200_000))
+                })
+                .await,
+        );
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 1);
+    assert_eq!(outcomes[0].as_ref().unwrap().value.len(), 1_200_000);
+    for later in &outcomes[1..] {
+        match later {
+            Err(IdempotentError::OutcomeNotStored { reason, .. }) => {
+                assert!(
+                    reason.contains("proto-max-bulk-len of 1048576 bytes"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    let key = RedisKey::new("tests::faults", None, "map");
+    for call in 0..3 {
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(BTreeMap::from([((1u8, 2u8), 3u8)]))
+            })
+            .await;
+        match (call, outcome) {
+            (0, Ok(outcome)) => assert!(!outcome.replayed),
+            (_, Err(IdempotentError::OutcomeNotStored { reason, .. })) => {
+                assert!(reason.contains("cannot be encoded"), "{reason}")
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 2);
+
+    for call in 0..3 {
+        let large = large_report("attr-large").await;
+        let map = tuple_keyed_map("attr-map").await;
+        if call == 0 {
+            assert_eq!(large.unwrap().len(), 1_200_000);
+            assert_eq!(map.unwrap().len(), 1);
+        } else {
+            for refused in [large.map(drop), map.map(drop)] {
+                assert!(
+                    matches!(
+                        refused,
+                        Err(FaultError::Idempotency(
+                            IdempotencyError::OutcomeNotStored { .. }
+                        ))
+                    ),
+                    "{refused:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(LARGE_EXECS.load(Ordering::SeqCst), 1);
+    assert_eq!(MAP_EXECS.load(Ordering::SeqCst), 1);
+}
+
+/// Issue 11, point 1 (the decision): a caller dropped *during* the body releases the key at
+/// once, as the in-process store does; the body did not finish, so the next call runs it,
+/// without waiting for the lease (10 s) to end. 3 rounds, each: 2 executions, the second one
+/// starting well within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_dropped_during_the_body_releases_the_key_at_once() {
+    let store = RedisStore::new(support::server().url.clone());
+    let prefix = support::unique("drop-body");
+    for round in 0..3 {
+        let key = RedisKey::new("tests::faults", Some(&prefix), format!("k{round}"));
+        let execs = AtomicUsize::new(0);
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        let idempotency = store.idempotency();
+        let call = idempotency.run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            let _ = started.send(());
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, String>("never".to_owned())
+        });
+        tokio::select! {
+            _ = call => unreachable!(),
+            _ = started_rx => {}
+        }
+        let dropped_at = Instant::now();
+        let again = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("second".to_owned())
+            })
+            .await
+            .unwrap();
+        assert_eq!(again.value, "second");
+        assert_eq!(execs.load(Ordering::SeqCst), 2);
+        assert!(dropped_at.elapsed() < store.store_options().lease / 4);
+    }
+}
+
+/// The body of the stopped owner process in `stopped_owner_past_its_lease_gets_lease_lost`.
+#[test]
+fn stopped_owner_entry() {
+    let Ok(url) = std::env::var("RF_STOPPED_OWNER") else {
+        return;
+    };
+    let prefix = std::env::var("RF_PREFIX").unwrap();
+    rt().block_on(async move {
+        let store = RedisStore::new(url).lease(Duration::from_millis(1000));
+        let key = RedisKey::new("tests::faults", Some(&prefix), "owner");
+        let mut conn = store.connection().await.unwrap();
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                let _: i64 = conn.incr(format!("{prefix}:execs"), 1).await.unwrap();
+                let _: () = conn.set(format!("{prefix}:started"), 1).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, String>("stale owner".to_owned())
+            })
+            .await;
+        let _: () = conn
+            .set(format!("{prefix}:result"), format!("{outcome:?}"))
+            .await
+            .unwrap();
+    });
+}
+
+/// Issue 11, point 3: an owner process SIGSTOPped in its body past its 1 s lease. Another
+/// caller takes the key over and completes; the stopped owner, continued, gets `LeaseLost`
+/// (before: `Ok`), and the successor's outcome stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_owner_past_its_lease_gets_lease_lost() {
+    let server = support::Private::start(&[]);
+    let prefix = support::unique("sigstop");
+    let store = RedisStore::new(server.url.clone()).lease(Duration::from_millis(1000));
+    let mut owner = Command::new(std::env::current_exe().unwrap())
+        .args(["stopped_owner_entry", "--exact", "--nocapture"])
+        .env("RF_STOPPED_OWNER", &server.url)
+        .env("RF_PREFIX", &prefix)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&store, &format!("{prefix}:started")).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the owner never started its body"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &owner.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let key = RedisKey::new("tests::faults", Some(&prefix), "owner");
+    let successor = loop {
+        // The owner's claim lives until its lease ends; then one caller takes over.
+        match store
+            .idempotency()
+            .claim(&key, "fp", Duration::from_secs(10))
+            .await
+            .unwrap()
+        {
+            Claim::Owner(claim) => break claim,
+            Claim::InProgress => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    let _: i64 = store
+        .connection()
+        .await
+        .unwrap()
+        .incr(format!("{prefix}:execs"), 1)
+        .await
+        .unwrap();
+    store
+        .idempotency()
+        .complete(&successor, "successor", Duration::from_secs(60))
+        .await
+        .unwrap();
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = owner.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the continued owner never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success());
+    let mut conn = store.connection().await.unwrap();
+    let result: String = conn.get(format!("{prefix}:result")).await.unwrap();
+    assert!(result.starts_with("Err(LeaseLost"), "{result}");
+    assert_eq!(count(&store, &format!("{prefix}:execs")).await, 2);
+    let replay = store
+        .idempotency()
+        .run(
+            &key,
+            "fp",
+            IdempotencyOptions::new(),
+            must_not_run::<String>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replay.value, "successor");
+}
+
+/// Issue 11, point 3: the body can observe the loss. The claim is taken away under a running
+/// body (its record deleted, as an expiry would); the next beat (lease 600 ms, a beat every
+/// 200 ms) fires the body's `LeaseWatch`, the body stops early, and the caller gets
+/// `LeaseLost`, not `Ok`. The attribute's backend reports the same for a stale lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_is_seen_by_the_body_and_reported_to_the_caller() {
+    let store = RedisStore::new(support::server().url.clone()).lease(Duration::from_millis(600));
+    let key = RedisKey::new("tests::faults", Some(&support::unique("watch")), "k");
+    let started = Instant::now();
+    let (running, running_rx) = tokio::sync::oneshot::channel();
+    let taker = {
+        let url = support::server().url.clone();
+        let redis_key = key.redis_key("idem");
+        tokio::spawn(async move {
+            running_rx.await.unwrap();
+            let store = RedisStore::new(url);
+            let _: i64 = store
+                .connection()
+                .await
+                .unwrap()
+                .del(redis_key)
+                .await
+                .unwrap();
+        })
+    };
+    let outcome = store
+        .idempotency()
+        .run_watched(&key, "fp", IdempotencyOptions::new(), |mut watch| async move {
+            let _ = running.send(());
+            tokio::select! {
+                _ = watch.lost() => Ok::<_, String>("stopped early".to_owned()),
+                _ = tokio::time::sleep(Duration::from_secs(30)) => Ok("ran to the end".to_owned()),
+            }
+        })
+        .await;
+    taker.await.unwrap();
+    assert!(
+        matches!(outcome, Err(IdempotentError::LeaseLost { .. })),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The backend behind `#[idempotent(store = …)]`: a stale lease completes as `LeaseLost`.
+    let record = RecordKey::new(
+        "tests::faults::backend",
+        None,
+        support::unique("stale").as_str(),
+    );
+    let request = Fingerprint::of(&1_u8);
+    let Ok(racefree::idempotency::Claim::Execute(lease)) =
+        IdempotencyBackend::<u8>::claim(&store, &record, request).await
+    else {
+        panic!("a fresh key is ours");
+    };
+    let redis_key = RedisKey::from_record(&record).redis_key("idem");
+    let _: i64 = store
+        .connection()
+        .await
+        .unwrap()
+        .del(&redis_key)
+        .await
+        .unwrap();
+    let completed =
+        IdempotencyBackend::<u8>::complete(&store, lease, &1, Duration::from_secs(60)).await;
+    assert!(
+        matches!(completed, Err(IdempotencyError::LeaseLost { .. })),
+        "{completed:?}"
+    );
+}
+
+// Point 4 with the attribute: a private server whose writes the body pauses.
+static PAUSE_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
+static PAUSE_STORE: LazyLock<RedisStore> = LazyLock::new(|| {
+    RedisStore::new(PAUSE_SERVER.url.clone())
+        .command_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(5))
+});
+
+#[sequenced(key = key, store = PAUSE_STORE.sequence("tests::faults::paused_next"))]
+async fn paused_next(key: &str, pause: bool, seq: Seq) -> Result<u64, FaultError> {
+    if pause {
+        pause_writes(&PAUSE_STORE, 1500).await;
+    }
+    Ok(seq.get())
+}
+
+/// Issue 11, point 4: writes paused during the commit (`CLIENT PAUSE 1500 WRITE`, 100 ms
+/// command timeout). Before: `Store(Timeout)`, documented as "no number consumed", yet the
+/// number landed. Now: `CommitUnknown`; once the pause ends the number turns out consumed, and
+/// the next call gets the next one. Every failure in between is a `Store` error of an acquire
+/// that consumed nothing (no number is ever handed out twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_commit_is_commit_unknown_not_nothing_consumed() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone())
+        .command_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(5));
+    let key = RedisKey::new("tests::faults", None, "paused");
+    let sequences = store.sequences();
+    // One call first, so the commit script is loaded (a first EVALSHA paused would come back
+    // NOSCRIPT after the pause, with nobody left to load it: not consumed, still "unknown").
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let first = sequences
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let store = &store;
+            async move {
+                pause_writes(store, 1500).await;
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    match first {
+        Err(SequencedError::CommitUnknown { number: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        match sequences
+            .run(&key, 1, SequenceOptions::default(), |t| async move {
+                Ok::<_, String>(t.number())
+            })
+            .await
+        {
+            Ok(number) => break number,
+            Err(SequencedError::Store(RedisStoreError::Timeout { .. })) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    };
+    assert_eq!(next, 3, "the unknown commit of 2 had landed");
+    assert_eq!(sequences.current(&key).await.unwrap(), Some(3));
+
+    // The attribute: the same ambiguity is `SequenceError::CommitUnknown`.
+    assert_eq!(paused_next("attr", false).await.unwrap(), 1);
+    let refused = paused_next("attr", true).await;
+    assert!(
+        matches!(
+            refused,
+            Err(FaultError::Sequence(SequenceError::CommitUnknown(_)))
+        ),
+        "{refused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match paused_next("attr", false).await {
+            Ok(number) => break assert_eq!(number, 3, "the unknown commit of 2 had landed"),
+            Err(FaultError::Sequence(SequenceError::Store(_))) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    }
+}
+
+/// One `#[sequenced]`-style call through the direct API: the number it was given.
+async fn next_number(store: &RedisStore, key: &RedisKey) -> Result<u64, SequencedError<String>> {
+    store
+        .sequences()
+        .run(key, 1, SequenceOptions::default(), |t| async move {
+            Ok::<_, String>(t.number())
+        })
+        .await
+}
+
+/// Issue 11, point 5: a server that may evict keys is refused, naming the policy and the
+/// opt-out; so is one whose `CONFIG` is disabled (the policy cannot be read). With the opt-out
+/// the store runs.
+#[tokio::test]
+async fn evicting_server_is_refused_unless_accepted() {
+    let lru = support::Private::start(&["--maxmemory-policy", "allkeys-lru"]);
+    let key = RedisKey::new("tests::faults", None, "lru");
+    let refused = RedisStore::new(lru.url.clone())
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |t| async move {
+            Ok::<_, String>(t.number())
+        })
+        .await;
+    match refused {
+        Err(SequencedError::Store(err @ RedisStoreError::EvictionPolicy { .. })) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("`allkeys-lru`") && text.contains("accept_eviction"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let claim = RedisStore::new(lru.url.clone())
+        .idempotency()
+        .run(&key, "fp", IdempotencyOptions::new(), must_not_run::<u8>)
+        .await;
+    assert!(
+        matches!(
+            claim,
+            Err(IdempotentError::Store(
+                RedisStoreError::EvictionPolicy { .. }
+            ))
+        ),
+        "{claim:?}"
+    );
+    let accepted = RedisStore::new(lru.url.clone()).accept_eviction();
+    let number = accepted
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |t| async move {
+            Ok::<_, String>(t.number())
+        })
+        .await
+        .unwrap();
+    assert_eq!(number, 1);
+
+    let no_config = support::Private::start(&["--rename-command", "CONFIG", "''"]);
+    let refused = RedisStore::new(no_config.url.clone()).connection().await;
+    match refused {
+        Err(RedisStoreError::EvictionPolicy { policy }) => {
+            assert!(policy.starts_with("unknown (CONFIG GET failed"), "{policy}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(RedisStore::new(no_config.url.clone())
+        .accept_eviction()
+        .connection()
+        .await
+        .is_ok());
+}
+
+/// Issue 11, point 5: under memory pressure with `noeviction` a sequence either fails with a
+/// typed error (Redis refuses the write: OOM) and consumes nothing, or goes on where it was —
+/// never a repeated number (with `allkeys-lru` the counter itself
+/// was evicted and numbering restarted at 1; that policy is now refused, see above).
+#[tokio::test]
+async fn memory_pressure_under_noeviction_refuses_without_repeating_numbers() {
+    let server =
+        support::Private::start(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]);
+    let store = RedisStore::new(server.url.clone());
+    let key = RedisKey::new("tests::faults", None, "pressure");
+    let next = || next_number(&store, &key);
+    for expected in 1..=3 {
+        assert_eq!(next().await.unwrap(), expected);
+    }
+    let mut conn = store.connection().await.unwrap();
+    let ballast = "b".repeat(64 * 1024);
+    let mut filled = 0;
+    while conn
+        .set::<_, _, ()>(format!("ballast:{filled}"), &ballast)
+        .await
+        .is_ok()
+    {
+        filled += 1;
+        assert!(filled < 1000, "maxmemory never reached");
+    }
+    // At the limit a write is refused (OOM, typed) or squeezes in; either way numbering goes on.
+    let mut expected = 4;
+    for _ in 0..3 {
+        match next().await {
+            Ok(number) => {
+                assert_eq!(number, expected);
+                expected += 1;
+            }
+            Err(SequencedError::Store(RedisStoreError::Command { source })) => {
+                assert!(source.to_string().contains("OOM"), "{source}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let _: () = driver::cmd("FLUSHDB")
+        .query_async(&mut conn)
+        .await
+        .map(|_: String| ())
+        .unwrap_or(());
+    // FLUSHDB emptied this private server (epoch included): the store refuses, as after a restart.
+    assert!(matches!(
+        next().await,
+        Err(SequencedError::Store(RedisStoreError::DataLost { .. }))
+    ));
+}
+
+/// Issue 11, point 5: the server restarted without persistence mid-run. Before: numbering
+/// restarted at 1. Now every call fails with a typed error (unavailable while it is down,
+/// then `DataLost`) and no number is handed out until the application accepts the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restarted_without_persistence_refuses_sequences() {
+    let mut server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone()).command_timeout(Duration::from_millis(500));
+    let key = RedisKey::new("tests::faults", None, "restart");
+    let next = || next_number(&store, &key);
+    for expected in 1..=5 {
+        assert_eq!(next().await.unwrap(), expected);
+    }
+    server.restart();
+    let mut data_lost = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while data_lost < 3 {
+        match next().await {
+            Err(SequencedError::Store(RedisStoreError::DataLost { found: None, .. })) => {
+                data_lost += 1
+            }
+            Err(SequencedError::Store(err)) if err.is_retryable() => {}
+            other => panic!("a number handed out after the loss: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "never reconnected");
+    }
+    store.accept_data_loss().await.unwrap();
+    assert_eq!(
+        next().await.unwrap(),
+        1,
+        "accepted: the lost counter starts again"
+    );
+}
+
+/// Issue 11, point 6: counters are full `u64`s. Past `i64::MAX` numbering goes on; at
+/// `u64::MAX` the key is exhausted (a typed error, the body does not run).
+#[tokio::test]
+async fn counters_above_i64_max_and_exhaustion() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::faults", Some(&support::unique("u64")), "k");
+    let mut conn = store.connection().await.unwrap();
+    let next = || next_number(&store, &key);
+    let _: () = conn
+        .hset(key.redis_key("seq"), "n", i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(next().await.unwrap(), i64::MAX as u64 + 1);
+    assert_eq!(next().await.unwrap(), i64::MAX as u64 + 2);
+    assert_eq!(
+        store.sequences().current(&key).await.unwrap(),
+        Some(i64::MAX as u64 + 2)
+    );
+    let _: () = conn
+        .hset(key.redis_key("seq"), "n", u64::MAX)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next().await,
+        Err(SequencedError::Exhausted { .. })
+    ));
+    store
+        .sequences()
+        .reset(&key, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// Issue 11, point 6: a commit's marker lives only as long as a re-send could need it (twice
+/// the larger of a lease and the re-send budget: 20 s with the defaults, not 300 s).
+#[tokio::test]
+async fn commit_markers_are_short_lived() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::faults", Some(&support::unique("marker")), "k");
+    let ticket = store
+        .sequences()
+        .acquire(&key, 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    store.sequences().commit(&ticket).await.unwrap();
+    let marker = key.redis_key(&format!("done:{}", ticket.fence()));
+    let ttl: i64 = store
+        .connection()
+        .await
+        .unwrap()
+        .pttl(&marker)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 20_000, "{ttl}");
+    store
+        .sequences()
+        .reset(&key, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// Issue 11, point 6: envelopes are forward compatible. A version-1 record replays; a later
+/// version with unknown fields replays; a record whose outcome is no longer the function's type
+/// is `Undecodable` (the attribute: `IdempotencyError::Undecodable`, not `StoreUnavailable`),
+/// and nothing runs.
+#[tokio::test]
+async fn older_and_newer_envelopes_replay_and_undecodable_is_its_own_error() {
+    let store = RedisStore::new(support::server().url.clone());
+    let prefix = support::unique("envelope");
+    let mut conn = store.connection().await.unwrap();
+    let v1 = RedisKey::new("tests::faults", Some(&prefix), "v1");
+    let _: () = conn
+        .set(
+            v1.redis_key("idem"),
+            r#"{"v":1,"state":"done","owner":"o","fp":"fp","outcome":7}"#,
+        )
+        .await
+        .unwrap();
+    let replay = store
+        .idempotency()
+        .run(&v1, "fp", IdempotencyOptions::new(), must_not_run::<u32>)
+        .await
+        .unwrap();
+    assert_eq!((replay.value, replay.replayed), (7, true));
+    let v7 = RedisKey::new("tests::faults", Some(&prefix), "v7");
+    let _: () = conn
+        .set(
+            v7.redis_key("idem"),
+            r#"{"v":7,"state":"done","owner":"o","fp":"fp","outcome":8,"epoch":3,"at":{"s":1}}"#,
+        )
+        .await
+        .unwrap();
+    let replay = store
+        .idempotency()
+        .run(&v7, "fp", IdempotencyOptions::new(), must_not_run::<u32>)
+        .await
+        .unwrap();
+    assert_eq!(replay.value, 8);
+
+    let record = RecordKey::new("tests::faults::typed", None, prefix.as_str());
+    let _: () = conn
+        .set(
+            RedisKey::from_record(&record).redis_key("idem"),
+            format!(
+                r#"{{"v":2,"state":"done","owner":"o","fp":"{}","outcome":"not a number"}}"#,
+                Fingerprint::of(&1_u8)
+            ),
+        )
+        .await
+        .unwrap();
+    let claimed = IdempotencyBackend::<u32>::claim(&store, &record, Fingerprint::of(&1_u8)).await;
+    assert!(
+        matches!(claimed, Err(IdempotencyError::Undecodable { .. })),
+        "{:?}",
+        claimed.map(|_| ())
+    );
+}
+
+/// Issue 11, point 6: an invalidation during a fill wins. Before: the fill, started before the
+/// invalidation, stored its (old) value for a full TTL. Now its caller gets the value it
+/// computed, nothing is stored, and the next call computes again. 3 rounds, each: 2 computations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_during_a_fill_wins() {
+    let store = RedisStore::new(support::server().url.clone());
+    let prefix = support::unique("invalidate");
+    for round in 0..3 {
+        let key = RedisKey::new("tests::faults", Some(&prefix), format!("k{round}"));
+        let computed = AtomicUsize::new(0);
+        let (filling, filling_rx) = tokio::sync::oneshot::channel();
+        let (invalidated, invalidated_rx) = tokio::sync::oneshot::channel::<()>();
+        let cache = store.cache();
+        let fill =
+            cache.get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                let _ = filling.send(());
+                invalidated_rx.await.unwrap();
+                Ok::<_, String>("old".to_owned())
+            });
+        let invalidate = async {
+            filling_rx.await.unwrap();
+            store.cache().invalidate(&key).await.unwrap();
+            invalidated.send(()).unwrap();
+        };
+        let (old, ()) = tokio::join!(fill, invalidate);
+        assert_eq!(old.unwrap(), "old");
+        let fresh = store
+            .cache()
+            .get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("new".to_owned())
+            })
+            .await
+            .unwrap();
+        assert_eq!(fresh, "new");
+        assert_eq!(computed.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// Issue 11, point 3: `#[idempotent]` owners get a fencing token like `#[sequenced]`'s: a
+/// takeover after a lost lease carries a larger one, and the body sees its own.
+#[tokio::test]
+async fn idempotency_fencing_tokens_grow_across_takeovers() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::faults", Some(&support::unique("fence")), "k");
+    let lease = Duration::from_millis(50);
+    let Claim::Owner(first) = store.idempotency().claim(&key, "fp", lease).await.unwrap() else {
+        panic!("a fresh key is ours");
+    };
+    tokio::time::sleep(lease * 3).await;
+    let Claim::Owner(second) = store.idempotency().claim(&key, "fp", lease).await.unwrap() else {
+        panic!("the first lease ran out");
+    };
+    assert!(
+        second.fence() > first.fence(),
+        "{} <= {}",
+        second.fence(),
+        first.fence()
+    );
+    assert!(second.fence() >= first.fence() + lease.as_micros() as u64);
+    tokio::time::sleep(lease * 3).await;
+    let seen = store
+        .idempotency()
+        .run_watched(&key, "fp", IdempotencyOptions::new(), |watch| async move {
+            Ok::<_, String>(watch.fence())
+        })
+        .await
+        .unwrap()
+        .value;
+    assert!(seen > second.fence());
+    let record = store.idempotency().replay(&key).await.unwrap().unwrap();
+    assert_eq!(
+        record.fence(),
+        Some(seen),
+        "the outcome keeps its owner's token"
+    );
+}
+
+/// Issue 11, point 3, for `#[idempotent]`: the call protocol's `Execution::finish` (what the
+/// expansion needs to call instead of `complete`) hands the caller `LeaseLost` for a stale
+/// lease, instead of letting it return its `Ok`.
+#[tokio::test]
+async fn finishing_a_stale_execution_is_lease_lost() {
+    use racefree::__private::{begin, Begin, Call, Policy};
+    let store: RedisIdempotencyStore<u8> =
+        RedisIdempotencyStore::shared(Arc::new(RedisStore::new(support::server().url.clone())));
+    let key = support::unique("finish");
+    let call = Call::new(
+        "tests::faults::finish",
+        None,
+        key.as_str(),
+        Fingerprint::of(&1_u8),
+        Policy::new(Duration::from_secs(60)),
+    );
+    let Begin::Execute(execution) = begin(&store, call).await else {
+        panic!("a fresh key executes");
+    };
+    let record = RecordKey::new("tests::faults::finish", None, key.as_str());
+    let redis_key = RedisKey::from_record(&record).redis_key("idem");
+    let _: i64 = store
+        .store()
+        .connection()
+        .await
+        .unwrap()
+        .del(&redis_key)
+        .await
+        .unwrap();
+    let finished = execution.finish(&7).await;
+    assert!(
+        matches!(finished, Err(IdempotencyError::LeaseLost { .. })),
+        "{finished:?}"
+    );
+}
+
+/// Issue 11: waiters wake on the completion, not on their next backoff step. 20 rounds, each:
+/// an owner whose body runs 300 ms (long enough for a waiter's polling to reach its 100 ms
+/// steps) and a waiter on another store instance (another connection, as another process). The
+/// delay from the owner's completion to the waiter's return is measured; its median must be
+/// well under the polling step (before: about half of it, ~50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_completion_not_on_the_next_poll() {
+    let url = support::server().url.clone();
+    let (owner_store, waiter_store) = (RedisStore::new(url.clone()), RedisStore::new(url));
+    let prefix = support::unique("wake");
+    let mut conn = owner_store.connection().await.unwrap();
+    let mut round_trips = Vec::new();
+    for _ in 0..50 {
+        let sent = Instant::now();
+        let _: String = driver::cmd("PING").query_async(&mut conn).await.unwrap();
+        round_trips.push(sent.elapsed());
+    }
+    round_trips.sort();
+    let round_trip = round_trips[round_trips.len() / 2];
+    let mut delays = Vec::new();
+    for round in 0..20 {
+        let key = RedisKey::new("tests::faults", Some(&prefix), format!("k{round}"));
+        let (claimed, claimed_rx) = tokio::sync::oneshot::channel();
+        let owner = {
+            let key = key.clone();
+            let store = &owner_store;
+            async move {
+                store
+                    .idempotency()
+                    .run(&key, "fp", IdempotencyOptions::new(), || async {
+                        let _ = claimed.send(());
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, String>(round)
+                    })
+                    .await
+                    .unwrap();
+                Instant::now()
+            }
+        };
+        let waiter = async {
+            claimed_rx.await.unwrap();
+            let outcome = waiter_store
+                .idempotency()
+                .run(&key, "fp", IdempotencyOptions::new(), must_not_run::<i32>)
+                .await
+                .unwrap();
+            assert!(outcome.replayed);
+            Instant::now()
+        };
+        let (completed, returned) = tokio::join!(owner, waiter);
+        delays.push(returned.saturating_duration_since(completed));
+    }
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    println!(
+        "waiter wake-up delay: median {median:?}, max {:?}; round trip (PING median) {round_trip:?}: median = {:.1} round trips",
+        delays[delays.len() - 1],
+        median.as_secs_f64() / round_trip.as_secs_f64()
+    );
+    assert!(median < Duration::from_millis(10), "median {median:?}");
+}
+
+/// Issue 11, points 1–4 on a 3-node Redis Cluster (every node with `proto-max-bulk-len 1mb`):
+/// a caller dropped after `Ok` while its connections are killed never re-runs the body (3
+/// rounds, 1 execution each); an outcome too large or not encodable runs once and is then
+/// `OutcomeNotStored`; a stale owner's completion is `LeaseLost`; a commit under `CLIENT PAUSE
+/// WRITE` on every node is `CommitUnknown`, and the next call shows the number was consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_faults_points_1_to_4() {
+    let cluster = support::Cluster::start_with(&["--proto-max-bulk-len", "1mb"]);
+    let store = RedisStore::cluster(cluster.nodes.clone());
+    assert!(store.connection().await.unwrap().is_cluster());
+    assert_eq!(store.max_record_bytes().await.unwrap(), 1024 * 1024);
+
+    // Point 1.
+    for round in 0..3 {
+        let key = RedisKey::new("tests::faults", None, format!("c-cancel-{round}"));
+        let execs = AtomicUsize::new(0);
+        let (ran, ran_rx) = tokio::sync::oneshot::channel();
+        let idempotency = store.idempotency();
+        let call = idempotency.run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            cluster.cli_all(&["CLIENT", "KILL", "TYPE", "normal"]);
+            let _ = ran.send(());
+            Ok::<_, String>(format!("done-{round}"))
+        });
+        drop_after_body(call, ran_rx).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let again = loop {
+            match store
+                .idempotency()
+                .run(&key, "fp", IdempotencyOptions::new(), || async {
+                    execs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>("executed again".to_owned())
+                })
+                .await
+            {
+                Ok(again) => break again,
+                // The cluster client reconnecting after the kill: typed, nothing ran.
+                Err(IdempotentError::Store(err)) if err.is_retryable() => {}
+                Err(other) => panic!("{other:?}"),
+            }
+            assert!(Instant::now() < deadline, "the cluster never came back");
+        };
+        assert_eq!(execs.load(Ordering::SeqCst), 1, "round {round}");
+        assert_eq!(again.value, format!("done-{round}"));
+    }
+
+    // Point 2.
+    let execs = AtomicUsize::new(0);
+    let key = RedisKey::new("tests::faults", None, "c-large");
+    for call in 0..3 {
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("x".repeat(1_200_000))
+            })
+            .await;
+        match (call, outcome) {
+            (0, Ok(outcome)) => assert_eq!(outcome.value.len(), 1_200_000),
+            (_, Err(IdempotentError::OutcomeNotStored { .. })) => {}
+            (_, other) => panic!("{:?}", other.map(|o| o.value.len())),
+        }
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 1);
+
+    // Point 3.
+    let key = RedisKey::new("tests::faults", None, "c-stale");
+    let Claim::Owner(stale) = store
+        .idempotency()
+        .claim(&key, "fp", Duration::from_millis(50))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is ours");
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let Claim::Owner(successor) = store
+        .idempotency()
+        .claim(&key, "fp", Duration::from_secs(10))
+        .await
+        .unwrap()
+    else {
+        panic!("the stale lease ran out");
+    };
+    assert!(successor.fence() > stale.fence());
+    store
+        .idempotency()
+        .complete(&successor, "successor", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let late = store
+        .idempotency()
+        .complete(&stale, "stale", Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(late, Err(RedisStoreError::LeaseLost { .. })),
+        "{late:?}"
+    );
+
+    // Point 4.
+    let store = RedisStore::cluster(cluster.nodes.clone())
+        .command_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(5));
+    let key = RedisKey::new("tests::faults", None, "c-paused");
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let paused = store
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let cluster = &cluster;
+            async move {
+                cluster.cli_all(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    assert!(
+        matches!(paused, Err(SequencedError::CommitUnknown { number: 2, .. })),
+        "{paused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        match next_number(&store, &key).await {
+            Ok(number) => break number,
+            Err(SequencedError::Store(err)) if err.is_retryable() => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    };
+    assert_eq!(next, 3, "the unknown commit of 2 had landed");
+
+    // `WAIT` cannot be routed to a key's shard: the option is refused on first use.
+    let waiting = RedisStore::cluster(cluster.nodes.clone()).durability(Durability::Replicas {
+        replicas: 1,
+        timeout: Duration::from_millis(100),
+    });
+    assert!(matches!(
+        waiting.connection().await,
+        Err(RedisStoreError::Unsupported { .. })
+    ));
+}
+
+/// Issue 11, the guarantee matrix's failover row, documented by a test: a replica promoted with
+/// `REPLICAOF NO ONE` after the primary took writes it had not replicated keeps only what it
+/// received. Numbers 1–3 (replicated, `WAIT`ed for) survive; 4 and 5, acknowledged by the
+/// primary while the replica was cut off, are lost and handed out again; an outcome stored then
+/// is lost and its body runs again. Nothing detects it (the epoch key was replicated long
+/// before): only `WAIT`/`WAITAOF`, which this store does not send, would close the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_replica_keeps_only_what_it_received() {
+    let mut primary = support::Private::start(&[]);
+    let port = primary.port.to_string();
+    let replica = support::Private::start(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = RedisStore::new(primary.url.clone());
+    let key = RedisKey::new("tests::faults", None, "failover");
+    for expected in 1..=3 {
+        assert_eq!(next_number(&store, &key).await.unwrap(), expected);
+    }
+    let mut conn = store.connection().await.unwrap();
+    let replicas: i64 = driver::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(replicas, 1);
+
+    // A partition: the replica is pointed at a dead port (it keeps its data and stops
+    // receiving the primary's stream), then the primary acknowledges more writes.
+    assert_eq!(replica.cli(&["REPLICAOF", "127.0.0.1", "1"]), "OK");
+    for expected in 4..=5 {
+        assert_eq!(next_number(&store, &key).await.unwrap(), expected);
+    }
+    let receipt = RedisKey::new("tests::faults", None, "failover-receipt");
+    let execs = AtomicUsize::new(0);
+    let charge = || async {
+        execs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>("charged".to_owned())
+    };
+    store
+        .idempotency()
+        .run(&receipt, "fp", IdempotencyOptions::new(), charge)
+        .await
+        .unwrap();
+    primary.stop();
+    assert_eq!(replica.cli(&["REPLICAOF", "NO", "ONE"]), "OK");
+
+    let promoted = RedisStore::new(replica.url.clone());
+    assert_eq!(
+        next_number(&promoted, &key).await.unwrap(),
+        4,
+        "4 and 5 again"
+    );
+    let again = promoted
+        .idempotency()
+        .run(&receipt, "fp", IdempotencyOptions::new(), charge)
+        .await
+        .unwrap();
+    assert!(!again.replayed);
+    assert_eq!(
+        execs.load(Ordering::SeqCst),
+        2,
+        "the lost outcome's body ran again"
+    );
+}
+
+/// Issue 11, point 5 (optional `WAIT`): with `Durability::Replicas { replicas: 1 }` a commit
+/// counts once the replica has it. With the replica cut off during the body, the commit lands
+/// on the primary but is `CommitUnknown` (not durable as asked); the next acquire is refused
+/// with `NotDurable` and consumes nothing; an idempotent claim is given up before its body runs.
+/// `WAITAOF` fsync on a server without an AOF is a typed error, and a Cluster refuses the option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_makes_unreplicated_writes_unknown() {
+    let primary = support::Private::start(&[]);
+    let port = primary.port.to_string();
+    let replica = support::Private::start(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = RedisStore::new(primary.url.clone()).durability(Durability::Replicas {
+        replicas: 1,
+        timeout: Duration::from_millis(300),
+    });
+    let key = RedisKey::new("tests::faults", None, "wait");
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let cut_off = store
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let replica = &replica;
+            async move {
+                replica.cli(&["REPLICAOF", "127.0.0.1", "1"]);
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    match cut_off {
+        Err(SequencedError::CommitUnknown {
+            number: 2,
+            source: RedisStoreError::NotDurable { replicas: 0, .. },
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        next_number(&store, &key).await,
+        Err(SequencedError::Store(RedisStoreError::NotDurable { .. }))
+    ));
+    let execs = AtomicUsize::new(0);
+    let claim = store
+        .idempotency()
+        .run(&key, "fp", IdempotencyOptions::new(), || async {
+            execs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(1)
+        })
+        .await;
+    assert!(
+        matches!(
+            claim,
+            Err(IdempotentError::Store(RedisStoreError::NotDurable { .. }))
+        ),
+        "{claim:?}"
+    );
+    assert_eq!(execs.load(Ordering::SeqCst), 0);
+    // Reconnected: numbering goes on after the number that landed on the primary.
+    assert_eq!(replica.cli(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        if let Ok(number) = next_number(&store, &key).await {
+            break number;
+        }
+        assert!(Instant::now() < deadline, "the replica never caught up");
+    };
+    assert_eq!(next, 3);
+
+    let fsync = RedisStore::new(primary.url.clone()).durability(Durability::Fsynced {
+        local: true,
+        replicas: 0,
+        timeout: Duration::from_millis(100),
+    });
+    let refused = next_number(&fsync, &key).await;
+    assert!(
+        matches!(
+            refused,
+            Err(SequencedError::Store(RedisStoreError::Command { .. }))
+        ),
+        "{refused:?}"
+    );
 }

@@ -1,6 +1,7 @@
-//! Real Redis for the tests: the server at 127.0.0.1:6379 when one answers there, otherwise a
-//! `redis-server` started on a free local port for this test binary; and a throwaway 3-node
-//! Redis Cluster. Fails loudly when neither can be had: these tests must never pass by skipping.
+//! Real Redis for the tests: a `redis-server` of this test binary's own on a free local port
+//! (so the suite leaves nothing in the shared server at 127.0.0.1:6379), private servers that
+//! a fault test starts, restarts and stops itself, and a throwaway 3-node Redis Cluster. Fails
+//! loudly when no server can be had: these tests must never pass by skipping.
 
 #![allow(dead_code)]
 
@@ -18,19 +19,13 @@ pub struct Server {
     _child: Option<Child>,
 }
 
-/// The shared single-node server: `RACEFREE_TEST_REDIS` if set, else 127.0.0.1:6379 if it
-/// answers PING, else a fresh `redis-server` on a free port.
+/// This test binary's single-node server: `RACEFREE_TEST_REDIS` if set, else a fresh
+/// `redis-server` on a free port (never the shared 127.0.0.1:6379: tests leave it untouched).
 pub fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
         if let Ok(url) = std::env::var("RACEFREE_TEST_REDIS") {
             return Server { url, _child: None };
-        }
-        if ping(6379) {
-            return Server {
-                url: "redis://127.0.0.1:6379/".into(),
-                _child: None,
-            };
         }
         let port = free_port();
         let child = spawn_redis(port, &[]);
@@ -51,21 +46,25 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// A cluster whose nodes all run with `extra` arguments.
+    pub fn start_with(extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir for cluster config files");
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let children: Vec<Child> = ports
             .iter()
             .map(|port| {
                 let config = dir.path().join(format!("nodes-{port}.conf"));
-                spawn_redis(
-                    *port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        config.to_str().unwrap(),
-                    ],
-                )
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    config.to_str().unwrap(),
+                ];
+                args.extend_from_slice(extra);
+                spawn_redis(*port, &args)
             })
             .collect();
         for port in &ports {
@@ -113,6 +112,20 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Runs `redis-cli <args>` against every node.
+    pub fn cli_all(&self, args: &[&str]) {
+        for url in &self.nodes {
+            let port = url.trim_end_matches('/').rsplit(':').next().unwrap();
+            Command::new("redis-cli")
+                .args(["-p", port])
+                .args(args)
+                .output()
+                .expect("redis-cli must be installed (see .ci/redis.sh)");
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Closing a node's stdin makes its watchdog shell stop the server and exit. (Killing the
@@ -123,6 +136,71 @@ impl Drop for Cluster {
         for child in &mut self.children {
             let _ = child.wait();
         }
+    }
+}
+
+/// A `redis-server` one fault test owns: started with extra arguments, restarted on the same
+/// port (without persistence: it comes back empty), stopped on drop.
+pub struct Private {
+    pub port: u16,
+    pub url: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Private {
+    pub fn start(extra: &[&str]) -> Private {
+        let port = free_port();
+        let args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = spawn_redis(port, extra);
+        wait_for(port);
+        Private {
+            port,
+            url: format!("redis://127.0.0.1:{port}/"),
+            args,
+            child: Some(child),
+        }
+    }
+
+    /// Stops the server and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ping(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not stop",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server and starts an empty one on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Some(spawn_redis(self.port, &args));
+        wait_for(self.port);
+    }
+
+    /// Runs `redis-cli` against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed (see .ci/redis.sh)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -147,6 +225,10 @@ fn spawn_redis(port: u16, extra: &[&str]) -> Child {
         "no".into(),
         "--daemonize".into(),
         "no".into(),
+        // Anything a test makes it write (a restart's snapshot) goes to the temp dir, not the
+        // checkout.
+        "--dir".into(),
+        std::env::temp_dir().display().to_string(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     // The shell waits for EOF on stdin (our end closes when this process dies, even by

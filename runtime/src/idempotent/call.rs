@@ -380,6 +380,29 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         }
     }
 
+    /// [`complete`](Self::complete), but telling the caller when its outcome must not be
+    /// reported as the key's result: `LeaseLost` (another caller took the key over) or
+    /// `OutcomeUnknown` (whether it was recorded is unknown). An outcome the store could not
+    /// hold (`OutcomeNotStored`) is logged and the caller keeps its value: the key is done,
+    /// and later calls get the error instead of executing again.
+    pub async fn finish(mut self, outcome: &T) -> Result<(), IdempotencyError> {
+        replay::record(Replay::Fresh);
+        let Some((key, lease)) = self.claim.take() else {
+            return Ok(());
+        };
+        match self.backend.complete(lease, outcome, self.ttl).await {
+            Ok(()) => Ok(()),
+            Err(error @ IdempotencyError::OutcomeNotStored { .. }) => {
+                self.store_failed(&key, &error);
+                Ok(())
+            }
+            Err(error) => {
+                self.store_failed(&key, &error);
+                Err(error)
+            }
+        }
+    }
+
     /// Frees the call's key without storing anything: the next call with the key executes.
     pub fn release(self) {
         replay::record(Replay::Fresh);
@@ -389,7 +412,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     fn store_failed(&self, key: &RecordKey, error: &IdempotencyError) {
-        tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored; a retry will execute again");
+        tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored");
     }
 }
 

@@ -12,6 +12,14 @@
 //!
 //! Errors are never cached: a failed computation frees the fill lock and is returned to its
 //! caller only; the waiters try for themselves, one at a time.
+//!
+//! # Invalidation wins over a fill in flight
+//! Each key has a generation counter (`rf:{tag}:gen`). The lead reads it when it takes the
+//! fill lock; [`RedisCache::invalidate`] deletes the value and increments it; the fill stores
+//! its value only if the generation is still the one it started under. A value computed from
+//! data older than an invalidation is returned to its own caller but never stored. Generation
+//! counters expire a day after their last invalidation, so a fill running longer than a day
+//! across an invalidation could still store its value.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -25,28 +33,46 @@ use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop, EXTEND_LOCK, 
 use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::sync::single_flight::{Join, SingleFlight};
 
+// KEYS: value, fill lock, generation. The lead gets the generation it fills under.
 static GET_OR_LOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return {2, ''} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+  or redis.call('GET', KEYS[2]) == ARGV[1] then
+  return {2, redis.call('GET', KEYS[3]) or '0'}
+end
 return {3, tostring(redis.call('PTTL', KEYS[2]))}
 "#,
     )
 });
 
+// KEYS: value, fill lock, generation. ARGV: token, value, ttl ms, generation at the start.
 static FILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+local mine = redis.call('GET', KEYS[2]) == ARGV[1]
+if mine then redis.call('DEL', KEYS[2]) end
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 2 end
+if mine then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[2])
   return 1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
 return 0
+"#,
+    )
+});
+
+// KEYS: value, generation.
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return 1
 "#,
     )
 });
@@ -102,7 +128,8 @@ impl RedisStore {
 
 enum Found {
     Value(Vec<u8>),
-    Lead,
+    /// This caller fills, under this generation.
+    Lead(String),
     Held(Duration),
 }
 
@@ -169,13 +196,19 @@ impl<'s> RedisCache<'s> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let (val, lock) = (key.redis_key("val"), key.redis_key("fill"));
+        let (val, lock, gen) = (
+            key.redis_key("val"),
+            key.redis_key("fill"),
+            key.redis_key("gen"),
+        );
         let lease = self.store.store_options().lease;
         let token = owner_token();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
-        loop {
-            match self.get_or_lock(&val, &lock, &token, lease).await? {
+        let mut granted;
+        let generation = loop {
+            granted = Instant::now();
+            match self.get_or_lock(&val, &lock, &gen, &token, lease).await? {
                 Found::Value(raw) => {
                     let value: T = decode_value(&val, &raw)?;
                     let text =
@@ -185,7 +218,7 @@ impl<'s> RedisCache<'s> {
                         })?;
                     return Ok((text.into(), value));
                 }
-                Found::Lead => break,
+                Found::Lead(generation) => break generation,
                 Found::Held(remaining) => {
                     let waited = started.elapsed();
                     if waited >= options.max_wait {
@@ -199,11 +232,19 @@ impl<'s> RedisCache<'s> {
                         .await;
                 }
             }
-        }
+        };
 
         let conn = self.store.connection().await?;
         let guard = ReleaseOnDrop::new(&RELEASE_LOCK, conn.clone(), lock.clone(), token.clone());
-        let heartbeat = Heartbeat::start(&EXTEND_LOCK, conn, lock.clone(), token.clone(), lease);
+        let heartbeat = Heartbeat::start(
+            &EXTEND_LOCK,
+            conn,
+            lock.clone(),
+            token.clone(),
+            lease,
+            granted,
+            self.store.store_options().command_timeout,
+        );
         let computed = compute().await;
         drop(heartbeat);
         // On any early return below the guard frees the fill lock in the background.
@@ -212,7 +253,12 @@ impl<'s> RedisCache<'s> {
         let ttl_ms = options.ttl.as_millis().max(1) as u64;
         let ttl_ms = ttl_ms.to_string();
         self.store
-            .eval::<i64>(&FILL, &[&val, &lock], &[&token, &text, &ttl_ms], true)
+            .eval::<i64>(
+                &FILL,
+                &[&val, &lock, &gen],
+                &[&token, &text, &ttl_ms, &generation],
+                true,
+            )
             .await?;
         guard.disarm();
         Ok((text.into(), value))
@@ -222,17 +268,18 @@ impl<'s> RedisCache<'s> {
         &self,
         val: &str,
         lock: &str,
+        gen: &str,
         token: &str,
         lease: Duration,
     ) -> Result<Found, RedisStoreError> {
         let lease_ms = lease.as_millis().max(1).to_string();
         let (found, payload): (i64, Vec<u8>) = self
             .store
-            .eval(&GET_OR_LOCK, &[val, lock], &[token, &lease_ms], true)
+            .eval(&GET_OR_LOCK, &[val, lock, gen], &[token, &lease_ms], true)
             .await?;
         Ok(match found {
             1 => Found::Value(payload),
-            2 => Found::Lead,
+            2 => Found::Lead(String::from_utf8_lossy(&payload).into_owned()),
             _ => {
                 let ms = std::str::from_utf8(&payload)
                     .ok()
@@ -243,14 +290,12 @@ impl<'s> RedisCache<'s> {
         })
     }
 
-    /// Removes `key`'s value, so the next call computes again.
+    /// Removes `key`'s value, so the next call computes again; a fill in flight (started
+    /// before this) does not store its value.
     pub async fn invalidate(&self, key: &RedisKey) -> Result<(), RedisStoreError> {
-        let val = key.redis_key("val");
+        let (val, gen) = (key.redis_key("val"), key.redis_key("gen"));
         self.store
-            .run_retrying(|mut conn| {
-                let cmd = redis::cmd("DEL").arg(&val).to_owned();
-                async move { cmd.query_async::<i64>(&mut conn).await }
-            })
+            .eval::<i64>(&INVALIDATE, &[&val, &gen], &[], true)
             .await
             .map(drop)
     }

@@ -95,3 +95,134 @@ impl ConnectionLike for Connection {
         }
     }
 }
+
+/// Wake-up hints: a pub/sub connection of the store's own (one server only; a Cluster's
+/// waiters poll). Completions and releases `PUBLISH` on `<record key>:wake`; a waiter
+/// subscribes to its key's channel while it waits, and looks again as soon as a message comes,
+/// instead of at its next backoff step. A hint only: a missed message costs one backoff step.
+pub(crate) struct Wakeups {
+    sink: tokio::sync::Mutex<redis::aio::PubSubSink>,
+    channels: Arc<dashmap::DashMap<String, Channel>>,
+    timeout: Duration,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+    // Dropped with the store's `Wakeups`: stops the dispatcher, closing the connection.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Channel {
+    listeners: usize,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Wakeups {
+    pub(super) async fn connect(url: &str, timeout: Duration) -> Option<Arc<Wakeups>> {
+        use futures_util::StreamExt;
+        let client = redis::Client::open(url).ok()?;
+        let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+            .await
+            .ok()?
+            .ok()?;
+        let (sink, mut stream) = pubsub.split();
+        let channels: Arc<dashmap::DashMap<String, Channel>> = Arc::default();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (to_wake, still_alive) = (Arc::clone(&channels), Arc::clone(&alive));
+        tokio::runtime::Handle::try_current()
+            .ok()?
+            .spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        message = stream.next() => match message {
+                            Some(message) => {
+                                if let Some(channel) = to_wake.get(message.get_channel_name()) {
+                                    channel.notify.notify_waiters();
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                still_alive.store(false, Relaxed);
+                // Whoever listens now polls: wake them so they notice at once.
+                for channel in to_wake.iter() {
+                    channel.notify.notify_waiters();
+                }
+            });
+        Some(Arc::new(Wakeups {
+            sink: tokio::sync::Mutex::new(sink),
+            channels,
+            timeout,
+            alive,
+            _stop: stop,
+        }))
+    }
+
+    pub(super) fn is_alive(&self) -> bool {
+        self.alive.load(Relaxed)
+    }
+
+    /// Listens on `channel` until the listener is dropped; `None` if the subscription failed.
+    pub(crate) async fn listen(self: &Arc<Self>, channel: &str) -> Option<Listener> {
+        let (notify, first) = {
+            let mut entry = self
+                .channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    listeners: 0,
+                    notify: Arc::default(),
+                });
+            entry.listeners += 1;
+            (Arc::clone(&entry.notify), entry.listeners == 1)
+        };
+        let listener = Listener {
+            wakeups: Arc::clone(self),
+            channel: channel.to_owned(),
+            notify,
+        };
+        if first {
+            let mut sink = self.sink.lock().await;
+            match tokio::time::timeout(self.timeout, sink.subscribe(channel)).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+        Some(listener)
+    }
+}
+
+/// One waiter's subscription to one channel (see [`Wakeups`]).
+pub(crate) struct Listener {
+    wakeups: Arc<Wakeups>,
+    channel: String,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Listener {
+    /// A wake-up registered now: completes at the next message on the channel.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let last = self
+            .wakeups
+            .channels
+            .remove_if_mut(&self.channel, |_, channel| {
+                channel.listeners -= 1;
+                channel.listeners == 0
+            })
+            .is_some();
+        if last {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (wakeups, channel) = (Arc::clone(&self.wakeups), self.channel.clone());
+                runtime.spawn(async move {
+                    let mut sink = wakeups.sink.lock().await;
+                    let _ = tokio::time::timeout(wakeups.timeout, sink.unsubscribe(&channel)).await;
+                });
+            }
+        }
+    }
+}

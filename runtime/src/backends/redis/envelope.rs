@@ -1,18 +1,30 @@
 //! The versioned JSON envelope every record is stored in.
 //!
-//! `{"v":1,"state":"running","owner":"…","fp":"…"}` while an idempotent call runs,
-//! `{"v":1,"state":"done","owner":"…","fp":"…","outcome":…}` once it completed, and
-//! `{"v":1,"value":…}` for a cached value. The Lua scripts read `state` and `owner` with
-//! `cjson`; Rust reads the whole record with serde. A record of another version, or one that is
-//! not JSON at all, is reported as [`RedisStoreError::Undecodable`], never unwrapped.
+//! `{"v":2,"state":"running","owner":"…","fp":"…"}` while an idempotent call runs,
+//! `{"v":2,"state":"done","owner":"…","fp":"…","outcome":…}` once it completed,
+//! `{"v":2,"state":"not_stored","owner":"…","fp":"…","reason":"…"}` once it completed with an
+//! outcome that could not be stored, and `{"v":2,"value":…}` for a cached value. The Lua
+//! scripts read `state` and `owner` with `cjson`; Rust reads the whole record with serde.
+//!
+//! # Compatibility
+//! - **Older versions are read**: version 1 records (no `not_stored` state) decode as before.
+//! - **Newer versions are read when they can be**: a record of a later version is decoded by
+//!   the fields this build knows, and unknown fields are ignored, so a rollout that adds a
+//!   field does not make live keys unusable. A later version whose record does not decode
+//!   (e.g. a new state) is [`RedisStoreError::Undecodable`].
+//! - **Undecodable is not unavailable**: a record that is not JSON, lacks a field, or holds an
+//!   outcome that no longer deserializes into the function's type is reported as
+//!   [`RedisStoreError::Undecodable`] (the attributes: `IdempotencyError::Undecodable`), never
+//!   unwrapped and never treated as "no record", so it never leads to a second execution.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::RedisStoreError;
 
-/// The envelope version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The envelope version this build writes. It reads this one, every earlier one, and later
+/// ones as far as their fields are known.
+pub const VERSION: u32 = 2;
 
 /// Where an idempotency key stands, as stored in Redis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +37,12 @@ pub enum IdemState {
         /// The serialized `Ok` value.
         outcome: serde_json::Value,
     },
+    /// The body succeeded, but its outcome could not be stored (too large, not encodable):
+    /// later callers get `OutcomeNotStored` and the body does not run again.
+    NotStored {
+        /// Why the outcome was not stored.
+        reason: String,
+    },
 }
 
 /// An idempotency record: who claimed the key, for which request, and how far it got.
@@ -36,6 +54,11 @@ pub struct IdemRecord {
     pub owner: String,
     /// The request fingerprint the key was claimed with.
     pub fp: String,
+    /// The claim's fencing token (the server's clock in µs when the claim was taken), as
+    /// decimal digits: a string, because the Lua scripts' `cjson` would round a 16-digit number.
+    /// Absent in version 1 records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
     /// Running or done.
     #[serde(flatten)]
     pub state: IdemState,
@@ -54,6 +77,7 @@ impl IdemRecord {
             v: VERSION,
             owner: owner.to_owned(),
             fp: fp.to_owned(),
+            fence: None,
             state: IdemState::Running,
         }
     }
@@ -64,8 +88,33 @@ impl IdemRecord {
             v: VERSION,
             owner: owner.to_owned(),
             fp: fp.to_owned(),
+            fence: None,
             state: IdemState::Done { outcome },
         }
+    }
+
+    /// The record of a body that finished with an outcome that cannot be stored.
+    pub fn not_stored(owner: &str, fp: &str, reason: impl Into<String>) -> Self {
+        IdemRecord {
+            v: VERSION,
+            owner: owner.to_owned(),
+            fp: fp.to_owned(),
+            fence: None,
+            state: IdemState::NotStored {
+                reason: reason.into(),
+            },
+        }
+    }
+
+    /// The same record carrying the fencing token `fence`.
+    pub fn with_fence(mut self, fence: impl Into<String>) -> Self {
+        self.fence = Some(fence.into());
+        self
+    }
+
+    /// The fencing token, if the record carries one.
+    pub fn fence(&self) -> Option<u64> {
+        self.fence.as_deref().and_then(|f| f.parse().ok())
     }
 
     /// The JSON text stored in Redis.
@@ -113,12 +162,12 @@ fn check_version(key: &str, raw: &[u8]) -> Result<(), RedisStoreError> {
         v: u32,
     }
     let Version { v } = serde_json::from_slice(raw).map_err(|e| undecodable(key, e))?;
-    if v == VERSION {
+    if v >= 1 {
         Ok(())
     } else {
         Err(RedisStoreError::Undecodable {
             key: key.to_owned(),
-            reason: format!("envelope version {v}, this build reads version {VERSION}"),
+            reason: format!("envelope version {v}: versions start at 1"),
         })
     }
 }
@@ -138,7 +187,7 @@ mod tests {
     fn records_round_trip() {
         let rec = IdemRecord::done("t", "fp", serde_json::json!({"id": 7}));
         let text = rec.encode().unwrap();
-        assert!(text.starts_with(r#"{"v":1,"#), "{text}");
+        assert!(text.starts_with(r#"{"v":2,"#), "{text}");
         assert_eq!(IdemRecord::decode("k", text.as_bytes()).unwrap(), rec);
         let value = encode_value(&vec![1, 2]).unwrap();
         assert_eq!(
@@ -148,8 +197,30 @@ mod tests {
     }
 
     #[test]
+    fn older_and_newer_envelopes_are_read() {
+        let v1 = br#"{"v":1,"state":"done","owner":"t","fp":"fp","outcome":7}"#;
+        let rec = IdemRecord::decode("k", v1).unwrap();
+        assert_eq!(rec.state, IdemState::Done { outcome: 7.into() });
+        let v3 = br#"{"v":3,"state":"running","owner":"t","fp":"fp","lease_ms":10,"extra":{}}"#;
+        assert_eq!(
+            IdemRecord::decode("k", v3).unwrap().state,
+            IdemState::Running
+        );
+        assert_eq!(decode_value::<u8>("k", br#"{"v":1,"value":5}"#).unwrap(), 5);
+        assert_eq!(
+            decode_value::<u8>("k", br#"{"v":9,"value":5,"generation":3}"#).unwrap(),
+            5
+        );
+        let future_state = br#"{"v":3,"state":"archived","owner":"t","fp":"fp"}"#;
+        assert!(matches!(
+            IdemRecord::decode("k", future_state),
+            Err(RedisStoreError::Undecodable { .. })
+        ));
+    }
+
+    #[test]
     fn foreign_data_is_a_typed_error() {
-        for raw in [&b"garbage"[..], br#"{"v":2,"value":1}"#, br#"{"v":1}"#] {
+        for raw in [&b"garbage"[..], br#"{"v":0,"value":1}"#, br#"{"v":1}"#] {
             assert!(matches!(
                 decode_value::<i32>("k", raw),
                 Err(RedisStoreError::Undecodable { .. })

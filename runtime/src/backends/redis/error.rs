@@ -55,6 +55,59 @@ pub enum RedisStoreError {
         /// What serde said.
         reason: String,
     },
+    /// A write was sent, and re-sent, but no answer came back (deadline passed, connection
+    /// lost), and reading the record afterwards could not decide whether it landed. It may
+    /// have landed, or may still land. Never retried as if nothing happened.
+    OutcomeUnknown {
+        /// The Redis key written.
+        key: String,
+        /// The last failure seen.
+        source: Box<RedisStoreError>,
+    },
+    /// The body finished but its outcome cannot be stored (not encodable, or larger than the
+    /// server accepts). The key is marked "done, outcome not stored": later calls get this
+    /// error too, and the body is not run again while the record lives.
+    OutcomeNotStored {
+        /// The Redis key of the record.
+        key: String,
+        /// Why the outcome could not be stored.
+        reason: String,
+    },
+    /// The server may evict keys: `maxmemory-policy` is not `noeviction` (or could not be
+    /// read). An evicted claim, lock or counter would silently void exactly-once and gap-free
+    /// numbering, so the store refuses to run. Set `maxmemory-policy noeviction`, or opt out
+    /// with `RedisStore::accept_eviction()` / `StoreOptions::accept_eviction`.
+    EvictionPolicy {
+        /// The policy the server reported, or why it is unknown.
+        policy: String,
+    },
+    /// A write reached the primary but not the store's `Durability` level (`WAIT`/`WAITAOF`
+    /// counted fewer replicas or fsyncs) within its timeout.
+    NotDurable {
+        /// The level asked for.
+        wanted: super::Durability,
+        /// Whether the primary fsynced it.
+        local: bool,
+        /// How many replicas acknowledged (or fsynced) it.
+        replicas: u32,
+    },
+    /// The store's options ask for something this deployment cannot do.
+    Unsupported {
+        /// What.
+        what: String,
+    },
+    /// The server lost its data since this process first used it (restarted without
+    /// persistence, flushed, or the epoch key was evicted): the store-wide epoch key is gone
+    /// or changed. Sequences refuse to hand out numbers, which could repeat earlier ones,
+    /// until the application calls `RedisStore::accept_data_loss()`.
+    DataLost {
+        /// The epoch key.
+        key: String,
+        /// The epoch this process saw first.
+        expected: String,
+        /// What the server holds now (`None`: nothing).
+        found: Option<String>,
+    },
 }
 
 impl RedisStoreError {
@@ -88,6 +141,38 @@ impl fmt::Display for RedisStoreError {
             RedisStoreError::Serialize { reason } => {
                 write!(f, "cannot serialize outcome: {reason}")
             }
+            RedisStoreError::OutcomeUnknown { key, source } => write!(
+                f,
+                "write to redis key `{key}` was sent but its outcome is unknown: {source}"
+            ),
+            RedisStoreError::OutcomeNotStored { key, reason } => write!(
+                f,
+                "outcome for redis key `{key}` cannot be stored: {reason}; the key is done without an outcome"
+            ),
+            RedisStoreError::EvictionPolicy { policy } => write!(
+                f,
+                "redis maxmemory-policy is `{policy}`: keys may be evicted, voiding the store's guarantees; \
+                 set `maxmemory-policy noeviction` or opt out with `RedisStore::accept_eviction()`"
+            ),
+            RedisStoreError::NotDurable {
+                wanted,
+                local,
+                replicas,
+            } => write!(
+                f,
+                "write not durable as asked ({wanted:?}): fsynced locally: {local}, replicas: {replicas}"
+            ),
+            RedisStoreError::Unsupported { what } => write!(f, "not supported: {what}"),
+            RedisStoreError::DataLost {
+                key,
+                expected,
+                found,
+            } => write!(
+                f,
+                "redis lost its data: epoch key `{key}` was `{expected}`, now {}; sequences refuse \
+                 until `RedisStore::accept_data_loss()`",
+                found.as_deref().map_or("missing".to_owned(), |e| format!("`{e}`"))
+            ),
         }
     }
 }
@@ -98,6 +183,7 @@ impl std::error::Error for RedisStoreError {
             RedisStoreError::Unavailable { source } | RedisStoreError::Command { source } => {
                 Some(source)
             }
+            RedisStoreError::OutcomeUnknown { source, .. } => Some(&**source),
             _ => None,
         }
     }

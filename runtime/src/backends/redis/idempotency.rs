@@ -1,10 +1,13 @@
 //! Exactly-once execution per idempotency key across processes and machines.
 //!
 //! # Protocol (one Redis key per logical key: `rf:{tag}:idem`)
-//! - **claim**: one `SET key <running record> NX PX <lease> GET`. `nil` means this caller owns
-//!   the key; otherwise Redis hands back the record that is there, in the same round trip: a
-//!   completed outcome to replay, a running claim to wait for, or another fingerprint
-//!   (`Conflict`). Never GET-then-SET.
+//! - **claim**: one Lua script: the record that is there — a completed outcome to replay, a
+//!   running claim to wait for, another fingerprint (`Conflict`), an outcome not stored — or,
+//!   if there is none, this caller's running record with a lease (`PX`) and a **fencing
+//!   token**: the server's clock in µs (`TIME`). A key is taken over only after the previous
+//!   owner's lease ran out, so every later owner's token is larger — unless the server's clock
+//!   steps back by more than a lease (or a failover lands on a replica whose clock is that far
+//!   behind). Never GET-then-SET.
 //! - **heartbeat**: while the body runs, the owner extends the lease every third of it (Lua,
 //!   token-checked). A crashed owner stops extending; after the lease the key is free and the
 //!   next claim (exactly one, `SET NX` decides) takes over.
@@ -17,13 +20,43 @@
 //!
 //! First execution therefore costs 2 round trips (claim + complete), a replay 1.
 //!
-//! # What it does not promise
-//! If Redis is unreachable when the outcome is to be stored (after a few re-sends), the caller
-//! gets the typed error and the claim stays until its lease ends; a later call then executes
-//! again. And a body that outlives its lease (the process was frozen longer than the lease) may
-//! overlap with the next owner: its completion is rejected, but its side effects are its own;
-//! bodies that write elsewhere should fence those writes or choose a lease well above their
-//! longest pause.
+//! # A finished body is never run again for its key
+//! Once the body returned `Ok`, nothing the caller does can free the key:
+//! - the completion is written by a task of its own (holding the connection, the heartbeat
+//!   and the encoded record), so dropping the caller's future while the completion is being
+//!   sent or re-sent does not stop it, and no release-on-drop guard is armed any more;
+//! - an outcome that cannot be stored — serde cannot encode it (e.g. a map with tuple keys),
+//!   or its record is larger than the server's `proto-max-bulk-len` (read on first use; Redis
+//!   defaults to 512 MiB) — is replaced by a small terminal record "done, outcome not stored":
+//!   the first caller keeps its value, every later caller gets `OutcomeNotStored` for the TTL;
+//! - the heartbeat keeps the lease alive until the completion's last re-send has returned.
+//!
+//! # A caller dropped *during* the body
+//! releases the key (in the background, token-checked), exactly like the in-process store: the
+//! body did not finish, so a retry may run it from the start at once, rather than waiting a
+//! whole lease. A body whose partial effects must not be repeated should make them
+//! idempotent, or run them in a task of its own (`tokio::spawn`) so that dropping the caller
+//! does not cut them off half-way.
+//!
+//! # A lost lease is never reported as success
+//! An owner that was frozen (or cut off) past its lease finds, at completion, another owner's
+//! record or none: its completion writes nothing and the caller gets `LeaseLost`; the
+//! successor's outcome stands. [`RedisIdempotency::run_watched`] hands the body a
+//! [`LeaseWatch`] that fires as soon as the heartbeat finds the lease gone.
+//!
+//! # Waiting for another owner
+//! A waiter subscribes to the key's wake-up channel (`<key>:wake`; one server only) and looks
+//! at the record as soon as the owner's completion or release publishes there, with jittered
+//! polling (2 ms growing to 100 ms) as the fallback: on a Cluster, when the pub/sub connection
+//! cannot be made, and for a claim that simply expires (a crashed owner publishes nothing).
+//!
+//! # Unknown outcomes
+//! If no answer to the completion comes back after its re-sends, one read decides when it can:
+//! our done record → success; another owner's record or none → `LeaseLost`; our running
+//! record (the write may still be queued) → `OutcomeUnknown`. The claim then stays until its
+//! lease ends; a later call replays if the write landed and executes again if it did not.
+//! If Redis refuses the write outright (e.g. out of memory under `noeviction`), the claim
+//! likewise stays until its lease ends and a retry executes again.
 
 use std::future::Future;
 use std::sync::LazyLock;
@@ -33,13 +66,31 @@ use redis::Script;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::connection::Connection;
+use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
-use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop};
+use super::lease::{owner_token, Backoff, Heartbeat, LeaseWatch, ReleaseOnDrop};
+use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::idempotent::{
     Claim as BackendClaim, Fingerprint, IdempotencyBackend, IdempotencyError, RecordKey,
 };
+
+/// The claim: the record that is there, or ours, written with the server's clock (µs) as its
+/// fencing token. Takeovers happen at least a lease apart, so the token of every later owner
+/// of a key is larger, unless the server's clock steps back by more than a lease.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur} end
+local now = redis.call('TIME')
+local fence = now[1] .. string.format('%06d', tonumber(now[2]))
+local record = (string.gsub(ARGV[1], '"fence":"%?"', '"fence":"' .. fence .. '"', 1))
+redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
+return {1, fence}
+"#,
+    )
+});
 
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -65,6 +116,7 @@ local ok, rec = pcall(cjson.decode, cur)
 if not ok or type(rec) ~= 'table' or rec.owner ~= ARGV[1] then return 0 end
 if rec.state == 'running' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '1') end
 end
 return 1
 "#,
@@ -79,6 +131,7 @@ if not cur then return 0 end
 local ok, rec = pcall(cjson.decode, cur)
 if ok and type(rec) == 'table' and rec.state == 'running' and rec.owner == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[1] .. ':wake', '0')
   return 1
 end
 return 0
@@ -98,6 +151,8 @@ pub enum Claim {
     InProgress,
     /// The key is claimed or completed by a request with another fingerprint.
     Conflict,
+    /// The body ran for this key, but its outcome could not be stored: the reason.
+    NotStored(String),
 }
 
 /// Proof of ownership of one idempotency key: the Redis key and the owner token.
@@ -106,6 +161,9 @@ pub struct OwnerClaim {
     key: String,
     token: String,
     fingerprint: String,
+    fence: u64,
+    // When the claim was sent: its lease runs at least until then + the lease.
+    granted: Instant,
 }
 
 impl OwnerClaim {
@@ -120,7 +178,16 @@ impl OwnerClaim {
             key: key.redis_key("idem"),
             token: token.into(),
             fingerprint: fingerprint.into(),
+            fence: 0,
+            granted: Instant::now(),
         }
+    }
+
+    /// The fencing token of this claim: larger than that of every earlier owner of the key
+    /// (it is the server's clock in µs at the claim; see the module docs). Hand it to the
+    /// systems the body writes to, so they refuse writes of a stale owner.
+    pub fn fence(&self) -> u64 {
+        self.fence
     }
 
     /// The owner token this claim writes with.
@@ -195,10 +262,33 @@ pub enum IdempotentError<E> {
         /// The logical key.
         key: String,
     },
-    /// Redis failed; see [`RedisStoreError`].
+    /// Redis failed before the body ran; see [`RedisStoreError`].
     Store(RedisStoreError),
     /// The body returned `Err`; nothing was stored and the key is free again.
     Body(E),
+    /// The body ran, but this caller's lease ran out before its outcome was recorded (the
+    /// process froze or was cut off past the lease, and another caller may have taken the key
+    /// over). Nothing was written: the key's result is the successor's, not this one.
+    LeaseLost {
+        /// The logical key.
+        key: String,
+    },
+    /// The body ran and its completion was sent, but whether it was recorded is unknown (no
+    /// answer after the re-sends). A later call replays it if it landed.
+    OutcomeUnknown {
+        /// The logical key.
+        key: String,
+        /// The last failure seen.
+        source: RedisStoreError,
+    },
+    /// An earlier call ran the body, but its outcome could not be stored (too large, not
+    /// encodable): the key is done and the body does not run again while the record lives.
+    OutcomeNotStored {
+        /// The logical key.
+        key: String,
+        /// Why the outcome was not stored.
+        reason: String,
+    },
 }
 
 impl<E> From<RedisStoreError> for IdempotentError<E> {
@@ -221,7 +311,8 @@ impl RedisStore {
 }
 
 impl<'s> RedisIdempotency<'s> {
-    /// One atomic claim attempt (`SET NX PX GET`): ownership, or what holds the key instead.
+    /// One atomic claim attempt (one script: `GET`, else `SET … PX` with a fencing token):
+    /// ownership, or what holds the key instead.
     pub async fn claim(
         &self,
         key: &RedisKey,
@@ -230,72 +321,74 @@ impl<'s> RedisIdempotency<'s> {
     ) -> Result<Claim, RedisStoreError> {
         let redis_key = key.redis_key("idem");
         let token = owner_token();
-        let record = IdemRecord::running(&token, fingerprint).encode()?;
-        let lease_ms = lease.as_millis().max(1) as u64;
-        // Re-sending is safe: if the first attempt landed, the retry finds our own token.
-        let found: Option<Vec<u8>> = self
+        let record = IdemRecord::running(&token, fingerprint)
+            .with_fence("?")
+            .encode()?;
+        let lease_ms = lease.as_millis().max(1).to_string();
+        let granted = Instant::now();
+        // Re-sending is safe: if the first attempt landed, the retry finds our own record.
+        let (claimed, found): (i64, Vec<u8>) = self
             .store
-            .run_retrying(|mut conn| {
-                let cmd = redis::cmd("SET")
-                    .arg(&redis_key)
-                    .arg(&record)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms)
-                    .arg("GET")
-                    .to_owned();
-                async move { cmd.query_async(&mut conn).await }
-            })
+            .eval(&CLAIM, &[&redis_key], &[&record, &lease_ms], true)
             .await?;
-        let Some(raw) = found else {
-            return Ok(Claim::Owner(OwnerClaim {
-                key: redis_key,
-                token,
+        let owner = |fence: u64| {
+            Claim::Owner(OwnerClaim {
+                key: redis_key.clone(),
+                token: token.clone(),
                 fingerprint: fingerprint.to_owned(),
-            }));
+                fence,
+                granted,
+            })
         };
-        let existing = IdemRecord::decode(&redis_key, &raw)?;
+        if claimed == 1 {
+            let fence = std::str::from_utf8(&found)
+                .ok()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
+            return self.durable(owner(fence)).await;
+        }
+        let existing = IdemRecord::decode(&redis_key, &found)?;
         Ok(match existing.state {
-            IdemState::Running if existing.owner == token => Claim::Owner(OwnerClaim {
-                key: redis_key,
-                token,
-                fingerprint: fingerprint.to_owned(),
-            }),
+            IdemState::Running if existing.owner == token => {
+                return self.durable(owner(existing.fence().unwrap_or(0))).await
+            }
             _ if existing.fp != fingerprint => Claim::Conflict,
             IdemState::Running => Claim::InProgress,
             IdemState::Done { outcome } => Claim::Replay(outcome),
+            IdemState::NotStored { reason } => Claim::NotStored(reason),
         })
     }
 
+    /// A claim counts once it reached the store's `Durability`; one that did not is given up.
+    async fn durable(&self, claim: Claim) -> Result<Claim, RedisStoreError> {
+        let Claim::Owner(owner) = &claim else {
+            return Ok(claim);
+        };
+        if let Err(err) = self.store.detached().await?.confirm().await {
+            let _ = self.release(owner).await;
+            return Err(err);
+        }
+        Ok(claim)
+    }
+
     /// Stores `outcome` for `ttl` if `claim` still owns the key; [`RedisStoreError::LeaseLost`]
-    /// (and nothing written) if its lease ended and the key moved on.
+    /// (and nothing written) if its lease ended and the key moved on. An outcome that cannot be
+    /// stored marks the key "done, outcome not stored" and returns
+    /// [`RedisStoreError::OutcomeNotStored`]; an answer lost after the re-sends that one read
+    /// cannot settle is [`RedisStoreError::OutcomeUnknown`].
+    ///
+    /// The write is finished by a task of its own: dropping this future does not stop it.
     pub async fn complete<T: Serialize + ?Sized>(
         &self,
         claim: &OwnerClaim,
         outcome: &T,
         ttl: Duration,
     ) -> Result<(), RedisStoreError> {
-        let outcome = serde_json::to_value(outcome).map_err(|e| RedisStoreError::Serialize {
-            reason: e.to_string(),
-        })?;
-        let record = IdemRecord::done(&claim.token, &claim.fingerprint, outcome).encode()?;
-        let ttl_ms = ttl.as_millis().max(1).to_string();
-        let done: i64 = self
-            .store
-            .eval(
-                &COMPLETE,
-                &[&claim.key],
-                &[&claim.token, &record, &ttl_ms],
-                true,
-            )
-            .await?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(RedisStoreError::LeaseLost {
-                key: claim.key.clone(),
-            })
-        }
+        let detached = self.store.detached().await?;
+        let max = self.store.max_record_bytes().await?;
+        Completion::new(detached, max, claim, outcome, ttl, None)?
+            .spawn()
+            .await
     }
 
     /// Gives the key up (the body failed): `true` if the claim was still ours and is gone.
@@ -335,6 +428,55 @@ impl<'s> RedisIdempotency<'s> {
             .transpose()
     }
 
+    /// Waits until `key`'s record is no longer a running claim, or `deadline` passes. Wakes on
+    /// the completion's or release's pub/sub hint (one server), with jittered polling as the
+    /// fallback (and the only way on a Cluster, or for a claim that simply expires).
+    async fn wait_settled(
+        &self,
+        key: &RedisKey,
+        deadline: Option<Instant>,
+    ) -> Result<Settled, RedisStoreError> {
+        let redis_key = key.redis_key("idem");
+        let listener = match self.store.wakeups().await {
+            Some(wakeups) => wakeups.listen(&format!("{redis_key}:wake")).await,
+            None => None,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        // Without a hint the claim just saw the key running: look again after a pause. With
+        // one, look at once: the completion may have come before the subscription.
+        let mut look = listener.is_some();
+        loop {
+            let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
+            if let Some(woken) = woken.as_mut().as_pin_mut() {
+                woken.enable();
+            }
+            if look {
+                match self.replay(key).await? {
+                    None => return Ok(Settled::Gone),
+                    Some(record) if record.state != IdemState::Running => {
+                        return Ok(Settled::Record(record))
+                    }
+                    Some(_) => {}
+                }
+            }
+            look = true;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Ok(Settled::TimedOut);
+            }
+            let hint = async {
+                match woken.as_mut().as_pin_mut() {
+                    Some(woken) => woken.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = hint => {}
+                () = backoff.wait(left) => {}
+            }
+        }
+    }
+
     /// Runs `body` at most once per key across every process sharing the store, and replays
     /// its `Ok` outcome to every other caller with the same `fingerprint`.
     ///
@@ -366,9 +508,27 @@ impl<'s> RedisIdempotency<'s> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
+        self.run_watched(key, fingerprint, options, |_| body())
+            .await
+    }
+
+    /// [`run`](Self::run), handing the body a [`LeaseWatch`] that fires once the claim's lease
+    /// is lost, so that a body can stop work whose outcome would be rejected.
+    pub async fn run_watched<T, E, F, Fut>(
+        &self,
+        key: &RedisKey,
+        fingerprint: &str,
+        options: IdempotencyOptions,
+        body: F,
+    ) -> Result<Outcome<T>, IdempotentError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(LeaseWatch) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let lease = self.store.store_options().lease;
         let started = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        let logical = || key.tag().to_owned();
         let claim = loop {
             match self.claim(key, fingerprint, lease).await? {
                 Claim::Owner(claim) => break claim,
@@ -379,54 +539,84 @@ impl<'s> RedisIdempotency<'s> {
                         replayed: true,
                     });
                 }
-                Claim::Conflict => {
-                    return Err(IdempotentError::Conflict {
-                        key: key.tag().to_owned(),
+                Claim::Conflict => return Err(IdempotentError::Conflict { key: logical() }),
+                Claim::NotStored(reason) => {
+                    return Err(IdempotentError::OutcomeNotStored {
+                        key: logical(),
+                        reason,
                     })
                 }
                 Claim::InProgress => {
-                    let waited = started.elapsed();
-                    if options.in_flight == InFlight::Reject || waited >= options.max_wait {
-                        return Err(IdempotentError::InProgress {
-                            key: key.tag().to_owned(),
-                        });
+                    if options.in_flight == InFlight::Reject {
+                        return Err(IdempotentError::InProgress { key: logical() });
                     }
-                    backoff.wait(Some(options.max_wait - waited)).await;
+                    let deadline = started + options.max_wait;
+                    match self.wait_settled(key, Some(deadline)).await? {
+                        Settled::TimedOut => {
+                            return Err(IdempotentError::InProgress { key: logical() })
+                        }
+                        Settled::Record(IdemRecord {
+                            fp,
+                            state: IdemState::Done { outcome },
+                            ..
+                        }) if fp == fingerprint => {
+                            let value = decode_outcome(&key.redis_key("idem"), outcome)?;
+                            return Ok(Outcome {
+                                value,
+                                replayed: true,
+                            });
+                        }
+                        // Claim again: it conflicts, reports the outcome not stored, or takes
+                        // over a key that was released or expired.
+                        Settled::Record(_) | Settled::Gone => {}
+                    }
                 }
             }
         };
 
-        let conn = self.store.connection().await?;
+        let detached = self.store.detached().await?;
+        let max = self.store.max_record_bytes().await?;
+        // Armed only while the body runs: a body cancelled or panicking gives the key up.
         let guard = ReleaseOnDrop::new(
             &RELEASE,
-            conn.clone(),
+            detached.conn.clone(),
             claim.key.clone(),
             claim.token.clone(),
         );
-        let heartbeat =
-            Heartbeat::start(&EXTEND, conn, claim.key.clone(), claim.token.clone(), lease);
-        let result = body().await;
-        drop(heartbeat);
+        let heartbeat = start_heartbeat(&detached, &claim);
+        let result = body(heartbeat.watch(claim.fence)).await;
         match result {
-            Ok(value) => match self.complete(&claim, &value, options.ttl).await {
-                Ok(()) => {
-                    guard.disarm();
-                    Ok(Outcome {
+            Ok(value) => {
+                // From here on the key is never freed: the completion finishes on its own.
+                guard.disarm();
+                let completion =
+                    Completion::new(detached, max, &claim, &value, options.ttl, Some(heartbeat))?;
+                match completion.spawn().await {
+                    Ok(()) => Ok(Outcome {
                         value,
                         replayed: false,
-                    })
+                    }),
+                    Err(RedisStoreError::OutcomeNotStored { reason, .. }) => {
+                        tracing::warn!(key = %claim.key, %reason, "idempotent outcome not stored; later calls get OutcomeNotStored");
+                        Ok(Outcome {
+                            value,
+                            replayed: false,
+                        })
+                    }
+                    Err(RedisStoreError::LeaseLost { .. }) => {
+                        Err(IdempotentError::LeaseLost { key: logical() })
+                    }
+                    Err(RedisStoreError::OutcomeUnknown { source, .. }) => {
+                        Err(IdempotentError::OutcomeUnknown {
+                            key: logical(),
+                            source: *source,
+                        })
+                    }
+                    Err(other) => Err(IdempotentError::Store(other)),
                 }
-                // A value that cannot be serialized: the guard gives the key up at once.
-                Err(err @ RedisStoreError::Serialize { .. }) => Err(err.into()),
-                // Rejected as stale (a release would be rejected too), or unknown after the
-                // re-sends: the claim then stays until its lease ends, rather than inviting the
-                // next caller to execute again right away.
-                Err(err) => {
-                    guard.disarm();
-                    Err(err.into())
-                }
-            },
+            }
             Err(err) => {
+                drop(heartbeat);
                 let released = self.release(&claim).await;
                 guard.disarm();
                 if let Err(store) = released {
@@ -434,6 +624,172 @@ impl<'s> RedisIdempotency<'s> {
                 }
                 Err(IdempotentError::Body(err))
             }
+        }
+    }
+}
+
+fn start_heartbeat(detached: &Detached, claim: &OwnerClaim) -> Heartbeat {
+    Heartbeat::start(
+        &EXTEND,
+        detached.conn.clone(),
+        claim.key.clone(),
+        claim.token.clone(),
+        detached.options.lease,
+        claim.granted,
+        detached.options.command_timeout,
+    )
+}
+
+/// How a wait for somebody else's claim ended.
+enum Settled {
+    /// The record is no longer a running claim.
+    Record(IdemRecord),
+    /// There is no record: released, or its lease expired.
+    Gone,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// The final write of a finished body, owned so that a task of its own can finish it.
+struct Completion {
+    detached: Detached,
+    key: String,
+    token: String,
+    record: String,
+    ttl_ms: String,
+    // Why the outcome itself is not in `record`, if it is not.
+    not_stored: Option<String>,
+    // Kept beating until the write has returned.
+    heartbeat: Option<Heartbeat>,
+    // "1": publish the wake-up hint (one node; a Cluster's waiters poll).
+    wake: &'static str,
+}
+
+impl Completion {
+    /// Encodes `outcome`, or the "done, outcome not stored" record if it cannot be stored
+    /// (not encodable, or a record longer than `max` bytes). Synchronous, so that nothing can
+    /// cancel the step between a finished body and its spawned write.
+    fn new<T: Serialize + ?Sized>(
+        detached: Detached,
+        max: u64,
+        claim: &OwnerClaim,
+        outcome: &T,
+        ttl: Duration,
+        heartbeat: Option<Heartbeat>,
+    ) -> Result<Completion, RedisStoreError> {
+        let encoded = serde_json::to_value(outcome)
+            .map_err(|e| format!("the outcome cannot be encoded as JSON: {e}"))
+            .and_then(|outcome| {
+                IdemRecord::done(&claim.token, &claim.fingerprint, outcome)
+                    .with_fence(claim.fence.to_string())
+                    .encode()
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|record| match record.len() as u64 {
+                len if len > max => Err(format!(
+                    "its record of {len} bytes exceeds the server's proto-max-bulk-len of {max} bytes"
+                )),
+                _ => Ok(record),
+            });
+        let (record, not_stored) = match encoded {
+            Ok(record) => (record, None),
+            Err(reason) => (
+                IdemRecord::not_stored(&claim.token, &claim.fingerprint, reason.clone())
+                    .with_fence(claim.fence.to_string())
+                    .encode()?,
+                Some(reason),
+            ),
+        };
+        Ok(Completion {
+            key: claim.key.clone(),
+            token: claim.token.clone(),
+            record,
+            ttl_ms: ttl.as_millis().max(1).to_string(),
+            not_stored,
+            heartbeat,
+            wake: if detached.conn.is_cluster() { "0" } else { "1" },
+            detached,
+        })
+    }
+
+    /// Writes the record on a task of its own and waits for it; the write goes on if this
+    /// future is dropped.
+    async fn spawn(self) -> Result<(), RedisStoreError> {
+        let key = self.key.clone();
+        let task = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(self.write()),
+            Err(_) => return self.write().await,
+        };
+        task.await.unwrap_or_else(|join| {
+            Err(RedisStoreError::OutcomeUnknown {
+                key,
+                source: Box::new(RedisStoreError::Serialize {
+                    reason: format!("the completion task failed: {join}"),
+                }),
+            })
+        })
+    }
+
+    async fn write(self) -> Result<(), RedisStoreError> {
+        let written: Result<i64, _> = self
+            .detached
+            .eval(
+                &COMPLETE,
+                &[&self.key],
+                &[&self.token, &self.record, &self.ttl_ms, self.wake],
+                true,
+            )
+            .await;
+        let result =
+            match written {
+                Ok(1) => self.detached.confirm().await.map_err(|source| {
+                    RedisStoreError::OutcomeUnknown {
+                        key: self.key.clone(),
+                        source: Box::new(source),
+                    }
+                }),
+                Ok(_) => Err(RedisStoreError::LeaseLost {
+                    key: self.key.clone(),
+                }),
+                Err(err) if err.is_retryable() => self.settle(err).await,
+                Err(err) => Err(err),
+            };
+        drop(self.heartbeat);
+        match (result, self.not_stored) {
+            (Ok(()), Some(reason)) => Err(RedisStoreError::OutcomeNotStored {
+                key: self.key,
+                reason,
+            }),
+            (result, _) => result,
+        }
+    }
+
+    /// No answer after the re-sends: one read decides if it can.
+    async fn settle(&self, last: RedisStoreError) -> Result<(), RedisStoreError> {
+        let unknown = |source| RedisStoreError::OutcomeUnknown {
+            key: self.key.clone(),
+            source: Box::new(source),
+        };
+        let found: Option<Vec<u8>> = match self
+            .detached
+            .run(|mut conn| {
+                let cmd = redis::cmd("GET").arg(&self.key).to_owned();
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await
+        {
+            Ok(found) => found,
+            Err(_) => return Err(unknown(last)),
+        };
+        let record = found.and_then(|raw| IdemRecord::decode(&self.key, &raw).ok());
+        match record {
+            Some(record) if record.owner == self.token => match record.state {
+                IdemState::Running => Err(unknown(last)),
+                IdemState::Done { .. } | IdemState::NotStored { .. } => Ok(()),
+            },
+            _ => Err(RedisStoreError::LeaseLost {
+                key: self.key.clone(),
+            }),
         }
     }
 }
@@ -446,11 +802,45 @@ fn unavailable(err: RedisStoreError) -> IdempotencyError {
     }
 }
 
+/// The attribute's error for a store failure on `client_key`: undecodable records, lost leases,
+/// unknown and unstored outcomes keep their own variants; the rest means "unavailable".
+fn refused(client_key: &str, err: RedisStoreError) -> IdempotencyError {
+    let key = client_key.to_owned();
+    match err {
+        RedisStoreError::Undecodable { reason, .. } => {
+            IdempotencyError::Undecodable { key, reason }
+        }
+        RedisStoreError::LeaseLost { .. } => IdempotencyError::LeaseLost { key },
+        RedisStoreError::OutcomeNotStored { reason, .. } => {
+            IdempotencyError::OutcomeNotStored { key, reason }
+        }
+        RedisStoreError::OutcomeUnknown { source, .. } => IdempotencyError::OutcomeUnknown {
+            key,
+            reason: source.to_string(),
+        },
+        other => unavailable(other),
+    }
+}
+
 /// A claim on an idempotency key in Redis, kept alive by a heartbeat until completed or released.
 pub struct RedisIdempotencyLease {
     claim: OwnerClaim,
-    conn: Connection,
-    _heartbeat: Heartbeat,
+    client_key: String,
+    detached: Detached,
+    max_record: u64,
+    heartbeat: Heartbeat,
+}
+
+impl RedisIdempotencyLease {
+    /// A watch on this claim's lease: fires once the heartbeat finds it lost.
+    pub fn watch(&self) -> LeaseWatch {
+        self.heartbeat.watch(self.claim.fence)
+    }
+
+    /// The claim's fencing token (see [`OwnerClaim::fence`]).
+    pub fn fence(&self) -> u64 {
+        self.claim.fence
+    }
 }
 
 impl<T> IdempotencyBackend<T> for RedisStore
@@ -471,32 +861,34 @@ where
         async move {
             let lease = self.store_options().lease;
             let fp = fingerprint.to_string();
+            let refuse = |err| refused(&client_key, err);
             match self
                 .idempotency()
                 .claim(&redis_key, &fp, lease)
                 .await
-                .map_err(unavailable)?
+                .map_err(refuse)?
             {
                 Claim::Owner(claim) => {
-                    let conn = self.connection().await.map_err(unavailable)?;
-                    let heartbeat = Heartbeat::start(
-                        &EXTEND,
-                        conn.clone(),
-                        claim.redis_key().to_owned(),
-                        claim.token().to_owned(),
-                        lease,
-                    );
+                    let detached = self.detached().await.map_err(refuse)?;
+                    let max_record = self.max_record_bytes().await.map_err(refuse)?;
+                    let heartbeat = start_heartbeat(&detached, &claim);
                     Ok(BackendClaim::Execute(RedisIdempotencyLease {
                         claim,
-                        conn,
-                        _heartbeat: heartbeat,
+                        client_key,
+                        detached,
+                        max_record,
+                        heartbeat,
                     }))
                 }
                 Claim::Replay(outcome) => Ok(BackendClaim::Replay(
-                    decode_outcome(&redis_key.redis_key("idem"), outcome).map_err(unavailable)?,
+                    decode_outcome(&redis_key.redis_key("idem"), outcome).map_err(refuse)?,
                 )),
                 Claim::InProgress => Ok(BackendClaim::InFlight(fingerprint)),
                 Claim::Conflict => Err(IdempotencyError::Conflict { key: client_key }),
+                Claim::NotStored(reason) => Err(IdempotencyError::OutcomeNotStored {
+                    key: client_key,
+                    reason,
+                }),
             }
         }
     }
@@ -511,29 +903,23 @@ where
         let client_key = key.client_key().to_owned();
         async move {
             let fp = in_flight.to_string();
-            let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
-            loop {
-                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                if left == Some(Duration::ZERO) {
-                    return Err(IdempotencyError::InProgress { key: client_key });
-                }
-                backoff.wait(left).await;
-                let Some(record) = self
-                    .idempotency()
-                    .replay(&redis_key)
-                    .await
-                    .map_err(unavailable)?
-                else {
-                    return Ok(None); // released or expired: claim again
-                };
-                match record.state {
-                    IdemState::Running => continue,
+            let refuse = |err| refused(&client_key, err);
+            match self
+                .idempotency()
+                .wait_settled(&redis_key, deadline)
+                .await
+                .map_err(refuse)?
+            {
+                Settled::TimedOut => Err(IdempotencyError::InProgress { key: client_key }),
+                Settled::Gone => Ok(None), // released or expired: claim again
+                Settled::Record(record) => match record.state {
                     IdemState::Done { outcome } if record.fp == fp => {
                         let outcome = decode_outcome(&redis_key.redis_key("idem"), outcome);
-                        return outcome.map(Some).map_err(unavailable);
+                        outcome.map(Some).map_err(refuse)
                     }
-                    IdemState::Done { .. } => return Ok(None), // the claim will report the conflict
-                }
+                    // The claim reports the conflict, or the outcome that was not stored.
+                    _ => Ok(None),
+                },
             }
         }
     }
@@ -546,27 +932,34 @@ where
     ) -> Result<(), IdempotencyError> {
         let RedisIdempotencyLease {
             claim,
-            conn: _,
-            _heartbeat,
+            client_key,
+            detached,
+            max_record,
+            heartbeat,
         } = lease;
-        drop(_heartbeat);
-        // On failure the claim stays until its lease ends (see `RedisIdempotency::run`).
-        self.idempotency()
-            .complete(&claim, outcome, ttl)
+        // Encoded and spawned in this first poll: a caller dropped from here on cannot stop
+        // the write, and the heartbeat beats until it returns.
+        let completion =
+            Completion::new(detached, max_record, &claim, outcome, ttl, Some(heartbeat))
+                .map_err(|err| refused(&client_key, err))?;
+        completion
+            .spawn()
             .await
-            .map_err(unavailable)
+            .map_err(|err| refused(&client_key, err))
     }
 
     fn release(&self, lease: Self::Lease) {
         let RedisIdempotencyLease {
             claim,
-            conn,
-            _heartbeat,
+            detached,
+            heartbeat,
+            ..
         } = lease;
+        drop(heartbeat);
         // Dropping an armed guard releases in the background (Drop-safe, never blocks).
         drop(ReleaseOnDrop::new(
             &RELEASE,
-            conn,
+            detached.conn,
             claim.redis_key().to_owned(),
             claim.token().to_owned(),
         ));

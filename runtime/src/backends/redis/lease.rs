@@ -1,12 +1,23 @@
 //! Owner tokens, lease heartbeats and waiting without hammering Redis.
 //!
-//! A holder of a claim or lock proves it is still the holder with its token; the Lua scripts
-//! refuse every write that does not carry the current token. While the holder's body runs, a
-//! [`Heartbeat`] task extends the lease every third of its length, so a long body keeps its
-//! claim, while a crashed (or SIGKILLed, or paused) holder stops extending and its lease ends.
+//! A holder of a claim or lock proves it is still the holder with its token (128 bits from the
+//! OS RNG); the Lua scripts refuse every write that does not carry the current token. While the
+//! holder's body runs, and until its final write (completion, commit) has returned, a
+//! [`Heartbeat`] task extends the lease; a crashed (or SIGKILLed, or paused) holder stops
+//! extending and its lease ends.
+//!
+//! # The heartbeat's slack
+//! Let `L` be the lease and `T = min(command timeout, L/3)` the deadline of one beat. A beat is
+//! due `L/3` after the *sending* of the last beat that landed (the lease then runs at least
+//! until that send + `L`). A beat that fails or times out is re-sent at once after a short
+//! pause (`L/50`, growing to `L/12`), not a full interval later. So the lease survives any
+//! stretch without a successful beat shorter than `2L/3 − T − L/12`: with the defaults
+//! (`L` = 10 s, `T` = 2 s) that is an outage of about 3.8 s. Once `L` has passed since the last
+//! landed beat, the heartbeat stops and reports the lease lost ([`LeaseWatch`]); so does a
+//! beat that finds the lease held by somebody else.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::{Arc, LazyLock};
 
@@ -14,7 +25,7 @@ use redis::Script;
 use xxhash_rust::xxh3::xxh3_128;
 
 use dashmap::DashMap;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
 use super::connection::Connection;
 use crate::sync::keyed_locks::Holder;
@@ -45,65 +56,146 @@ return 0
     )
 });
 
-/// A token that names one holder of one lease; unique across processes and machines with
-/// overwhelming probability (128 bits from process id, clock and a counter).
+/// A token that names one holder of one lease: 128 bits from the OS RNG (`getrandom`), so
+/// tokens neither repeat across processes and machines nor can be predicted.
 pub(crate) fn owner_token() -> String {
-    format!("{:032x}", entropy())
+    let mut bytes = [0u8; 16];
+    let random = match getrandom::fill(&mut bytes) {
+        Ok(()) => u128::from_le_bytes(bytes),
+        // No OS RNG (never on the platforms Redis clients run on): still unique, not secret.
+        Err(_) => entropy(),
+    };
+    format!("{random:032x}")
 }
 
+/// Cheap, non-cryptographic spread for jitter (and the fallback above).
 fn entropy() -> u128 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let mut seed = [0u8; 40];
+    let mut seed = [0u8; 28];
     seed[..16].copy_from_slice(&nanos.to_le_bytes());
     seed[16..24].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     seed[24..28].copy_from_slice(&std::process::id().to_le_bytes());
-    let local = &seed as *const _ as usize; // a stack address: differs between threads
-    seed[28..36].copy_from_slice(&(local as u64).to_le_bytes());
     xxh3_128(&seed)
 }
 
-/// Extends a lease while a body runs; stops when dropped.
+/// Tells a body whether the lease it runs under is still held: the heartbeat flips it once a
+/// beat finds the lease taken over, or once a whole lease has passed since the last beat that
+/// landed. Cheap to clone; `select!` on [`lost`](Self::lost) to stop work that would be
+/// rejected anyway.
+///
+/// ```no_run
+/// # async fn demo(mut watch: racefree_runtime::redis::LeaseWatch) {
+/// tokio::select! {
+///     _ = watch.lost() => { /* stop: another process owns the key now */ }
+///     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => { /* the work */ }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LeaseWatch {
+    lost: watch::Receiver<bool>,
+    fence: u64,
+}
+
+impl LeaseWatch {
+    /// The fencing token of the lease watched: larger than that of every earlier holder of
+    /// the key. Hand it to the systems the body writes to, so they can refuse a stale holder.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    /// `true` once the lease is known or presumed lost.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Completes when the lease is lost; never, while it is held.
+    pub async fn lost(&mut self) {
+        if self.lost.wait_for(|lost| *lost).await.is_err() {
+            // The heartbeat ended without a loss (the holder finished): never lost.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Extends a lease while a body runs and its final write is in flight; stops when dropped.
 pub(crate) struct Heartbeat {
     task: Option<tokio::task::JoinHandle<()>>,
+    lost: watch::Receiver<bool>,
 }
 
 impl Heartbeat {
-    /// Starts extending `key`'s lease held by `token`. `script` takes KEYS[1] = the lease key,
-    /// ARGV[1] = token, ARGV[2] = lease in ms, and returns 1 while `token` holds the lease.
+    /// Starts extending `key`'s lease held by `token`, granted by a command sent at `granted`.
+    /// `script` takes KEYS[1] = the lease key, ARGV[1] = token, ARGV[2] = lease in ms, and
+    /// returns 1 while `token` holds the lease.
     pub(crate) fn start(
         script: &'static Script,
         conn: Connection,
         key: String,
         token: String,
         lease: Duration,
+        granted: Instant,
+        command_timeout: Duration,
     ) -> Heartbeat {
+        let (report, lost) = watch::channel(false);
         // Outside a Tokio runtime (the driver itself needs one) there is nobody to beat: the
         // lease then simply runs its course.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Heartbeat { task: None };
+            return Heartbeat { task: None, lost };
         };
         let task = runtime.spawn(async move {
             let mut conn = conn;
-            let lease_ms = lease.as_millis() as u64;
+            let lease_ms = lease.as_millis().max(1) as u64;
+            let interval = lease / 3;
+            let attempt_deadline = command_timeout.min(interval).max(Duration::from_millis(1));
+            let mut landed = granted;
             loop {
-                tokio::time::sleep(lease / 3).await;
-                let mut invocation = script.prepare_invoke();
-                invocation.key(&key).arg(&token).arg(lease_ms);
-                let extend = invocation.invoke_async::<i64>(&mut conn);
-                match tokio::time::timeout(lease / 3, extend).await {
-                    Ok(Ok(1)) => {}
-                    // Somebody else holds it now; the holder's final write will be rejected.
-                    Ok(Ok(_)) => return,
-                    // Unknown: try again next beat; the lease has two more beats of slack.
-                    Ok(Err(_)) | Err(_) => {}
+                tokio::time::sleep_until((landed + interval).into()).await;
+                let mut pause = lease / 50;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= landed + lease {
+                        let _ = report.send(true); // expired as far as this process can tell
+                        return;
+                    }
+                    let mut invocation = script.prepare_invoke();
+                    invocation.key(&key).arg(&token).arg(lease_ms);
+                    let extend = invocation.invoke_async::<i64>(&mut conn);
+                    match tokio::time::timeout(attempt_deadline, extend).await {
+                        Ok(Ok(1)) => {
+                            landed = sent;
+                            break;
+                        }
+                        // Somebody else holds it now; the holder's final write will be rejected.
+                        Ok(Ok(_)) => {
+                            let _ = report.send(true);
+                            return;
+                        }
+                        // Unknown: beat again soon, not a whole interval later.
+                        Ok(Err(_)) | Err(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(lease / 12);
+                        }
+                    }
                 }
             }
         });
-        Heartbeat { task: Some(task) }
+        Heartbeat {
+            task: Some(task),
+            lost,
+        }
+    }
+
+    /// A watch on this lease (fencing token `fence`) for the body.
+    pub(crate) fn watch(&self, fence: u64) -> LeaseWatch {
+        LeaseWatch {
+            lost: self.lost.clone(),
+            fence,
+        }
     }
 }
 

@@ -37,15 +37,61 @@
 //! an async runtime is the classic way to stall one, so there is deliberately no blocking
 //! bridge; sync code keeps the in-process stores.
 //!
-//! Requires Redis 7.0 or newer (`SET … NX GET`).
+//! Requires Redis 7.0 or newer.
+//!
+//! # The deployment is checked on first use
+//! The first command of a store reads `maxmemory-policy` and `proto-max-bulk-len` (`CONFIG
+//! GET`). Unless the policy is `noeviction`, the store refuses every operation with
+//! [`RedisStoreError::EvictionPolicy`] naming the policy: under `allkeys-*` a counter or an
+//! outcome can be evicted (numbers restart, bodies re-run), under `volatile-*` live claims and
+//! locks (they carry a TTL) can. A server whose `CONFIG` is renamed or disabled (common on
+//! managed services) cannot be checked and is refused the same way ("unknown"). Opt out with
+//! [`RedisStore::accept_eviction`] when the policy is known to be safe or the risk is accepted.
+//! `proto-max-bulk-len` bounds the size of an outcome record (see `idempotency.rs`).
 //!
 //! # Leases need a running runtime
-//! A claim or a sequence lock is kept alive by a heartbeat task on the caller's Tokio runtime,
-//! which extends the lease every third of it (default lease 10 s, [`RedisStore::lease`]). A
-//! body that blocks every worker thread of that runtime for longer than the lease starves the
-//! heartbeat: the lease runs out and another process may take the key over while the body is
-//! still running, exactly as if this process had frozen. Keep blocking work in
+//! A claim or a sequence lock is kept alive by a heartbeat task on the caller's Tokio runtime
+//! (default lease 10 s, [`RedisStore::lease`]), from the claim until the final write (completion
+//! or commit) has returned. A beat is due a third of the lease after the last one that landed; a
+//! failed beat is re-sent at once, so the lease survives any stretch without a landed beat
+//! shorter than `2/3 × lease − min(command timeout, lease/3) − lease/12` (about 3.8 s with the
+//! defaults; see `lease.rs`). A body that blocks every worker thread of that runtime for longer
+//! starves the heartbeat: the lease runs out and another process may take the key over while
+//! the body is still running, exactly as if this process had frozen. That owner's final write
+//! is then refused and its caller gets `LeaseLost`, never `Ok`; its side effects are its own
+//! (fence them with the claim's or ticket's fencing token). Keep blocking work in
 //! `spawn_blocking`, or give the store a lease longer than the longest such stall.
+//!
+//! # What each failure means
+//! - `Store` / `StoreUnavailable`: nothing ran and nothing was consumed.
+//! - `LeaseLost`: this caller's lease ended; its write was refused; another caller's result
+//!   stands.
+//! - `OutcomeUnknown` / `CommitUnknown`: the final write was sent, no answer came back after
+//!   the re-sends, and one read could not settle it. It may have landed (or still land).
+//! - `OutcomeNotStored`: the body ran; its outcome could not be stored; the key is done.
+//! - `Undecodable`: a record exists that this build cannot read; nothing ran.
+//! - [`RedisStoreError::DataLost`]: the server lost its data since this process first saw it;
+//!   sequences refuse until [`RedisStore::accept_data_loss`].
+//!
+//! # Guarantee matrix
+//! "Exactly once" is per key and within the outcome's TTL; "gap-free" means every number handed
+//! to a successful call is committed and none is handed out twice.
+//!
+//! | Deployment | `#[idempotent]` | `#[sequenced]` | `#[cached]` |
+//! |---|---|---|---|
+//! | One node, AOF `appendfsync always` | exactly once; a crashed owner is taken over once after its lease; a stale owner gets `LeaseLost` | gap-free, no repeats, fences only grow | one fill per cold key and TTL |
+//! | One node, AOF `everysec` or RDB snapshots | a crash loses the last second (or everything since the snapshot): claims and outcomes written then are gone, and a retry runs the body again | a commit in the lost window is gone and its number is handed out again; the epoch key is older, so this is **not** detected | values lost: recomputed |
+//! | One node without persistence, restarted | everything lost: every key runs again | processes running across the restart refuse with `DataLost` until `accept_data_loss()`; a process started after the restart cannot tell and numbering restarts at `start` | cold cache |
+//! | Replica promoted (`REPLICAOF NO ONE`, Sentinel) | replication is asynchronous: writes the replica had not received are lost. A lost claim lets a second owner run concurrently (the first then gets `LeaseLost`); a lost outcome lets a retry run again | lost commits hand their numbers out again; lost fence increments repeat fences; not detected (the epoch key was replicated long before) | values lost: recomputed |
+//! | Redis Cluster | as one node, per shard (all keys of one logical key share a hash tag, so every script runs on one shard); a shard failover as above | as one node per shard; the epoch key lives on one shard, so only that shard's data loss is detected | as one node, per shard |
+//! | Server clock steps | leases are enforced by the server's clock: a forward jump ends leases early (a takeover while the owner runs; the owner gets `LeaseLost`); idempotency fencing tokens are server µs, so a backward step longer than a lease can make a later token smaller | leases as for `#[idempotent]`; fences are counters, unaffected | fill locks end early: a second fill, same value |
+//! | Client clock steps | none: waits and heartbeats use the monotonic clock | none | none |
+//!
+//! [`Durability`] closes the `everysec` and failover windows above, at one more round trip per
+//! write: with `Durability::Replicas` (`WAIT`) a claim, acquire, completion or commit counts
+//! only once that many replicas have it, and with `Durability::Fsynced` (`WAITAOF`) once it is
+//! fsynced; a write that does not get there is given up (claims, acquires) or reported unknown
+//! (completions, commits). One server with replicas only, not on a Cluster.
 
 mod cache;
 mod connection;
@@ -65,10 +111,11 @@ pub use idempotency::{
     RedisIdempotencyLease, RedisIdempotencyStore,
 };
 pub use keys::RedisKey;
+pub use lease::LeaseWatch;
 pub use sequence::{
     RedisSequence, RedisSequenceLease, RedisSequences, SeqTicket, SequenceOptions, SequencedError,
 };
-pub use store::{RedisStore, StoreOptions};
+pub use store::{Durability, RedisStore, StoreOptions};
 
 /// The `redis` driver this store is built on, for commands of your own on
 /// [`RedisStore::connection`].

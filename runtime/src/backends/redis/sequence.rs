@@ -12,7 +12,33 @@
 //!   lease ended (crash, pause) commits nothing: [`RedisStoreError::LeaseLost`].
 //! - **abort** (Lua): the body failed; free the lock, consume nothing.
 //!
-//! A sequenced call therefore costs 2 round trips uncontended. Fencing tokens only grow, so a
+//! A sequenced call therefore costs 2 round trips uncontended.
+//!
+//! # What a failure means
+//! - [`SequencedError::Store`] / `SequenceError::Store`: nothing was consumed — the acquire
+//!   failed, or the commit was refused before it ran (lease lost: `LeaseLost`).
+//! - [`SequencedError::CommitUnknown`] / `SequenceError::CommitUnknown`: the commit was sent
+//!   and re-sent but no answer came back, and its marker (read once more afterwards) was not
+//!   there yet: the number may have been consumed, or may still be (a paused server executes
+//!   queued commands later). Check the body's effect before retrying.
+//! - The commit is written by a task of its own and the heartbeat beats until it returns:
+//!   dropping the caller's future after the body returned `Ok` does not stop the commit.
+//!
+//! # Data loss
+//! A Redis that loses its data (restart without persistence, `FLUSHALL`, eviction) would
+//! hand out numbers again from the start. Each process remembers the store-wide epoch key
+//! (`rf:{racefree}:epoch`, written once with `SET NX`) it saw first, and every acquire checks it
+//! (inside the acquire script on one node; one extra `GET` on a Cluster, where the epoch lives
+//! in another slot). Gone or changed → [`RedisStoreError::DataLost`], refused until the
+//! application calls [`RedisStore::accept_data_loss`]. A process that *starts* after the loss
+//! cannot tell an emptied server from a new one: only persistence (`appendonly yes`,
+//! `appendfsync always`) closes that window.
+//!
+//! # Idle state
+//! A sequence's counter hash (`rf:{tag}:seq`) never expires — expiring it would restart the
+//! numbering silently; [`RedisSequences::reset`] removes a sequence's number explicitly. Commit
+//! markers (`rf:{tag}:done:<fence>`) live only as long as a commit can still be re-sent: twice
+//! the larger of one lease and `(retries + 1) × (command timeout + 100 ms)`. Fencing tokens only grow, so a
 //! body that writes elsewhere can hand [`SeqTicket::fence`] to that system and have it refuse
 //! writes with an older token (the classic fix for a paused lock holder).
 //!
@@ -21,7 +47,7 @@
 //! by the holder's remaining lease. There is no FIFO across processes.
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -34,11 +60,17 @@ use crate::sync::keyed_locks::Holder;
 use super::lease::{
     owner_token, Backoff, Heartbeat, LocalTurn, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
 };
+use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 
+// KEYS: lock, seq, and on one node the store's epoch key. ARGV: lease ms, token, epoch.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if KEYS[3] then
+  local epoch = redis.call('GET', KEYS[3])
+  if epoch ~= ARGV[3] then return {-1, epoch or ''} end
+end
 local holder = redis.call('GET', KEYS[1])
 if holder then
   local fence, token = string.match(holder, '^(%d+):(.*)$')
@@ -72,6 +104,20 @@ return 0
     )
 });
 
+// KEYS: lock. Frees the lock if it is held with the token ARGV[1], whatever its fence.
+static RELEASE_BY_TOKEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, -string.len(ARGV[1]) - 1) == ':' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
 // KEYS: lock, seq. A reset waits for the key like a call does: it never lands between a
 // holder's read of the counter and its commit.
 static RESET: LazyLock<Script> = LazyLock::new(|| {
@@ -84,12 +130,13 @@ return -1
     )
 });
 
-/// How long a commit's marker outlives it: far longer than any re-send of the commit.
-const COMMIT_MARKER_MS: &str = "300000";
+/// The store-wide epoch key (its own hash tag: on a Cluster it lives in one slot).
+const EPOCH_KEY: &str = "rf:{racefree}:epoch";
 
 /// The right to run one sequenced body: the number it may commit and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqTicket {
+    granted: Instant,
     lock: String,
     seq: String,
     done: String,
@@ -138,10 +185,26 @@ pub enum SequencedError<E> {
         /// The logical key.
         key: String,
     },
-    /// Redis failed (including a lease lost before the commit); no number was consumed.
+    /// Redis failed (including a lease lost before the commit, and a server that lost its
+    /// data, [`RedisStoreError::DataLost`]); no number was consumed.
     Store(RedisStoreError),
     /// The body returned `Err`; its number stays free for the next caller.
     Body(E),
+    /// The body returned `Ok` and its commit was sent, but whether it landed is unknown (no
+    /// answer after the re-sends, no marker yet): the number may be consumed.
+    CommitUnknown {
+        /// The logical key.
+        key: String,
+        /// The number that may have been consumed.
+        number: u64,
+        /// The last failure seen.
+        source: RedisStoreError,
+    },
+    /// The key's numbers are used up (the last committed one is `u64::MAX`). The body did not run.
+    Exhausted {
+        /// The logical key.
+        key: String,
+    },
 }
 
 impl<E> From<RedisStoreError> for SequencedError<E> {
@@ -165,7 +228,8 @@ impl RedisStore {
 
 impl<'s> RedisSequences<'s> {
     /// One attempt to take `key`'s lock for `lease`: the ticket, or the holder's remaining lease.
-    /// A key never committed starts at `start`.
+    /// A key never committed starts at `start`. Refuses with [`RedisStoreError::DataLost`] if
+    /// the server lost its data since this process first used it.
     pub async fn acquire(
         &self,
         key: &RedisKey,
@@ -175,50 +239,107 @@ impl<'s> RedisSequences<'s> {
         let (lock, seq) = (key.redis_key("lock"), key.redis_key("seq"));
         let lease_ms = lease.as_millis().max(1).to_string();
         let token = owner_token();
-        // Re-sending is safe: a lost reply's lock carries our token and is handed back to us.
-        let (fence, last): (i64, Option<i64>) = self
-            .store
-            .eval(&ACQUIRE, &[&lock, &seq], &[&lease_ms, &token], true)
-            .await?;
-        if fence == 0 {
-            return Ok(Err(Duration::from_millis(last.unwrap_or(0).max(0) as u64)));
+        let epoch = self.store.epoch().await?;
+        let cluster = self.store.connection().await?.is_cluster();
+        if cluster {
+            // The epoch lives in another slot: check it with a command of its own.
+            let found: Option<String> = self
+                .store
+                .run_retrying(|mut conn| {
+                    let cmd = redis::cmd("GET").arg(EPOCH_KEY).to_owned();
+                    async move { cmd.query_async(&mut conn).await }
+                })
+                .await?;
+            self.store.check_epoch(&epoch, found)?;
         }
+        let keys: &[&str] = if cluster {
+            &[&lock, &seq]
+        } else {
+            &[&lock, &seq, EPOCH_KEY]
+        };
+        let granted = Instant::now();
+        // Re-sending is safe: a lost reply's lock carries our token and is handed back to us.
+        let acquired: Result<(i64, Option<String>), _> = self
+            .store
+            .eval(&ACQUIRE, keys, &[&lease_ms, &token, &epoch], true)
+            .await;
+        let (fence, last) = match acquired {
+            Ok(acquired) => acquired,
+            Err(err) => {
+                if err.is_retryable() {
+                    self.release_unanswered(&lock, token).await;
+                }
+                return Err(err);
+            }
+        };
+        if fence == -1 {
+            self.store
+                .check_epoch(&epoch, last.clone().filter(|e| !e.is_empty()))?;
+        }
+        if fence <= 0 {
+            let remaining = last.and_then(|ms| ms.parse::<i64>().ok()).unwrap_or(0);
+            return Ok(Err(Duration::from_millis(remaining.max(0) as u64)));
+        }
+        let last = last
+            .map(|n| {
+                n.parse::<u64>().map_err(|_| RedisStoreError::Undecodable {
+                    key: seq.clone(),
+                    reason: format!("the last number `{n}` is not a u64"),
+                })
+            })
+            .transpose()?;
         let number = match last {
-            Some(last) => last as u64 + 1,
+            Some(last) => last.saturating_add(1),
             None => start,
         };
         let holder = format!("{fence}:{token}");
         let done = key.redis_key(&format!("done:{fence}"));
-        Ok(Ok(SeqTicket {
+        let ticket = SeqTicket {
+            granted,
             lock,
             seq,
             done,
             holder,
-            last: last.map(|n| n as u64),
+            last,
             number,
             fence: fence as u64,
-        }))
+        };
+        // The lock (and its fence) counts once it reached the store's durability.
+        if let Err(err) = self.store.detached().await?.confirm().await {
+            let _ = self.abort(&ticket).await;
+            return Err(err);
+        }
+        Ok(Ok(ticket))
     }
 
-    /// Consumes the ticket's number and frees the key, if the ticket still holds the lock.
-    pub async fn commit(&self, ticket: &SeqTicket) -> Result<(), RedisStoreError> {
-        let number = ticket.number.to_string();
-        let committed: i64 = self
-            .store
-            .eval(
-                &COMMIT,
-                &[&ticket.lock, &ticket.seq, &ticket.done],
-                &[&ticket.holder, &number, COMMIT_MARKER_MS],
-                true,
-            )
-            .await?;
-        if committed == 1 {
-            Ok(())
-        } else {
-            Err(RedisStoreError::LeaseLost {
-                key: ticket.lock.clone(),
-            })
+    /// An acquire that got no answer may still land (a paused server runs it later): send a
+    /// release for its token after it, in the background, so that it never holds the key for
+    /// a whole lease with nobody to use it.
+    async fn release_unanswered(&self, lock: &str, token: String) {
+        let Ok(detached) = self.store.detached().await else {
+            return;
+        };
+        let lock = lock.to_owned();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = detached
+                    .eval::<i64>(&RELEASE_BY_TOKEN, &[&lock], &[&token], true)
+                    .await;
+            });
         }
+    }
+
+    /// Consumes the ticket's number and frees the key, if the ticket still holds the lock:
+    /// [`RedisStoreError::LeaseLost`] (nothing consumed) if it does not, and
+    /// [`RedisStoreError::OutcomeUnknown`] if no answer came back and the marker cannot tell.
+    /// The commit is finished by a task of its own: dropping this future does not stop it.
+    pub async fn commit(&self, ticket: &SeqTicket) -> Result<(), RedisStoreError> {
+        let commit = Commit {
+            detached: self.store.detached().await?,
+            ticket: ticket.clone(),
+            heartbeat: None,
+        };
+        commit.spawn().await
     }
 
     /// Frees the key without consuming the number; `false` if the ticket no longer held it.
@@ -294,13 +415,26 @@ impl<'s> RedisSequences<'s> {
             .hold(key, start, deadline)
             .await
             .map_err(|e| e.into_sequenced(key))?;
+        if held.ticket.last == Some(u64::MAX) {
+            held.abort().await;
+            return Err(SequencedError::Exhausted {
+                key: key.tag().to_owned(),
+            });
+        }
         match held.holder.within(body(held.ticket.clone())).await {
             Ok(value) => {
                 let number = held.ticket.number;
-                held.commit(number)
-                    .await
-                    .map(|()| value)
-                    .map_err(SequencedError::Store)
+                match held.commit(number).await {
+                    Ok(()) => Ok(value),
+                    Err(RedisStoreError::OutcomeUnknown { source, .. }) => {
+                        Err(SequencedError::CommitUnknown {
+                            key: key.tag().to_owned(),
+                            number,
+                            source: *source,
+                        })
+                    }
+                    Err(other) => Err(SequencedError::Store(other)),
+                }
             }
             Err(err) => {
                 held.abort().await;
@@ -349,22 +483,25 @@ impl<'s> RedisSequences<'s> {
             }
         };
 
-        let conn = self.store.connection().await.map_err(HoldError::Store)?;
+        let detached = self.store.detached().await.map_err(HoldError::Store)?;
         let guard = ReleaseOnDrop::new(
             &RELEASE_LOCK,
-            conn.clone(),
+            detached.conn.clone(),
             ticket.lock.clone(),
             ticket.holder.clone(),
         );
         let heartbeat = Heartbeat::start(
             &EXTEND_LOCK,
-            conn,
+            detached.conn.clone(),
             ticket.lock.clone(),
             ticket.holder.clone(),
             lease,
+            ticket.granted,
+            detached.options.command_timeout,
         );
         let holder = local.enter();
         Ok(HeldKey {
+            detached,
             sequences: *self,
             ticket,
             holder,
@@ -401,6 +538,7 @@ impl HoldError {
 /// Dropped without [`commit`](HeldKey::commit): the lock is freed in the background and the
 /// number stays unused.
 pub(crate) struct HeldKey<'s> {
+    detached: Detached,
     sequences: RedisSequences<'s>,
     pub(crate) ticket: SeqTicket,
     pub(crate) holder: Holder,
@@ -410,23 +548,21 @@ pub(crate) struct HeldKey<'s> {
 }
 
 impl HeldKey<'_> {
-    /// Commits `number` as the key's last number and frees the key.
+    /// Commits `number` as the key's last number and frees the key. The commit runs on a
+    /// task of its own with the heartbeat, so a caller dropped meanwhile does not stop it.
     pub(crate) async fn commit(mut self, number: u64) -> Result<(), RedisStoreError> {
-        self.heartbeat = None;
         let mut ticket = self.ticket.clone();
         ticket.number = number;
-        let committed = self.sequences.commit(&ticket).await;
+        let commit = Commit {
+            detached: self.detached.clone(),
+            ticket,
+            heartbeat: self.heartbeat.take(),
+        };
+        // From here on the lock is only ever freed by the commit itself (or its lease).
         if let Some(guard) = self.guard.take() {
-            match committed {
-                // Committed (the lock is gone) or unknown after re-sends (the lease ends it).
-                Ok(())
-                | Err(RedisStoreError::Unavailable { .. } | RedisStoreError::Timeout { .. }) => {
-                    guard.disarm()
-                }
-                Err(_) => drop(guard),
-            }
+            guard.disarm();
         }
-        committed
+        commit.spawn().await
     }
 
     /// Frees the key now, consuming nothing.
@@ -438,6 +574,146 @@ impl HeldKey<'_> {
         if let Some(guard) = self.guard.take() {
             guard.disarm();
         }
+    }
+}
+
+/// A sequence commit, owned so that a task of its own can finish it.
+struct Commit {
+    detached: Detached,
+    ticket: SeqTicket,
+    // Kept beating until the commit has returned.
+    heartbeat: Option<Heartbeat>,
+}
+
+impl Commit {
+    async fn spawn(self) -> Result<(), RedisStoreError> {
+        let key = self.ticket.lock.clone();
+        let task = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(self.write()),
+            Err(_) => return self.write().await,
+        };
+        task.await.unwrap_or_else(|join| {
+            Err(RedisStoreError::OutcomeUnknown {
+                key,
+                source: Box::new(RedisStoreError::Serialize {
+                    reason: format!("the commit task failed: {join}"),
+                }),
+            })
+        })
+    }
+
+    async fn write(self) -> Result<(), RedisStoreError> {
+        let ticket = &self.ticket;
+        let number = ticket.number.to_string();
+        let marker_ms = self.detached.marker_ttl().as_millis().to_string();
+        let committed: Result<i64, _> = self
+            .detached
+            .eval(
+                &COMMIT,
+                &[&ticket.lock, &ticket.seq, &ticket.done],
+                &[&ticket.holder, &number, &marker_ms],
+                true,
+            )
+            .await;
+        let result =
+            match committed {
+                Ok(1) => self.detached.confirm().await.map_err(|source| {
+                    RedisStoreError::OutcomeUnknown {
+                        key: ticket.seq.clone(),
+                        source: Box::new(source),
+                    }
+                }),
+                Ok(_) => Err(RedisStoreError::LeaseLost {
+                    key: ticket.lock.clone(),
+                }),
+                Err(err) if err.is_retryable() => self.settle(err).await,
+                Err(err) => Err(err),
+            };
+        drop(self.heartbeat);
+        if let Err(RedisStoreError::LeaseLost { .. }) = &result {
+            // Token-checked: frees nothing that is not ours.
+            let _ = self
+                .detached
+                .eval::<i64>(&RELEASE_LOCK, &[&ticket.lock], &[&ticket.holder], false)
+                .await;
+        }
+        result
+    }
+
+    /// No answer after the re-sends: the marker, read once more, decides if it is there (a
+    /// read is served even while writes are paused); otherwise the commit may still land.
+    async fn settle(&self, last: RedisStoreError) -> Result<(), RedisStoreError> {
+        let marker = &self.ticket.done;
+        let found: Result<bool, _> = self
+            .detached
+            .run(|mut conn| {
+                let cmd = redis::cmd("EXISTS").arg(marker).to_owned();
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await;
+        match found {
+            Ok(true) => Ok(()),
+            _ => Err(RedisStoreError::OutcomeUnknown {
+                key: self.ticket.seq.clone(),
+                source: Box::new(last),
+            }),
+        }
+    }
+}
+
+impl RedisStore {
+    /// The store-wide epoch this process works in: read (or, on a new server, written with
+    /// `SET NX`) on first use and remembered.
+    pub(crate) async fn epoch(&self) -> Result<Arc<str>, RedisStoreError> {
+        if let Some(epoch) = self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(epoch);
+        }
+        let epoch = self.adopt_epoch().await?;
+        let mut slot = self.epoch.write().unwrap_or_else(|e| e.into_inner());
+        Ok(slot.get_or_insert(epoch).clone())
+    }
+
+    async fn adopt_epoch(&self) -> Result<Arc<str>, RedisStoreError> {
+        let token = owner_token();
+        let found: Option<String> = self
+            .run_retrying(|mut conn| {
+                let cmd = redis::cmd("SET")
+                    .arg(EPOCH_KEY)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("GET")
+                    .to_owned();
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await?;
+        Ok(found.unwrap_or(token).into())
+    }
+
+    fn check_epoch(&self, expected: &str, found: Option<String>) -> Result<(), RedisStoreError> {
+        if found.as_deref() == Some(expected) {
+            return Ok(());
+        }
+        Err(RedisStoreError::DataLost {
+            key: EPOCH_KEY.to_owned(),
+            expected: expected.to_owned(),
+            found,
+        })
+    }
+
+    /// Accepts that the server lost its data (see [`RedisStoreError::DataLost`]): this process
+    /// adopts the server's current epoch (or starts a new one) and its sequences run again.
+    /// Sequences whose counters were lost start from their `start` again, so reset or re-seed
+    /// them from the system of record first if their numbers must not repeat.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: &racefree_runtime::redis::RedisStore) -> Result<(), racefree_runtime::redis::RedisStoreError> {
+    /// store.accept_data_loss().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn accept_data_loss(&self) -> Result<(), RedisStoreError> {
+        let epoch = self.adopt_epoch().await?;
+        *self.epoch.write().unwrap_or_else(|e| e.into_inner()) = Some(epoch);
+        Ok(())
     }
 }
 
@@ -515,12 +791,18 @@ impl SequenceLease for RedisSequenceLease<'_> {
     }
 
     fn next_async(&mut self) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send {
-        std::future::ready(Ok(self.held.ticket.last().map(|n| n + 1)))
+        std::future::ready(match self.held.ticket.last() {
+            Some(u64::MAX) => Err(SequenceError::Exhausted),
+            last => Ok(last.map(|n| n + 1)),
+        })
     }
 
     async fn commit_async(self, used: u64) -> Result<(), SequenceError> {
         self.held.commit(used).await.map_err(|err| match err {
             RedisStoreError::LeaseLost { .. } => SequenceError::LeaseLost,
+            err @ RedisStoreError::OutcomeUnknown { .. } => {
+                SequenceError::CommitUnknown(Box::new(err))
+            }
             other => SequenceError::Store(Box::new(other)),
         })
     }

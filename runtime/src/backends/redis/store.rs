@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use tokio::sync::OnceCell;
 
-use super::connection::{cluster, Connection, Inner};
+use super::connection::{cluster, Connection, Inner, Wakeups};
 use super::lease::LocalKey;
 use super::RedisStoreError;
 use crate::sync::single_flight::SingleFlight;
@@ -30,10 +30,64 @@ pub struct StoreOptions {
     /// The most one command may take, including a reconnect; past it, [`RedisStoreError::Timeout`].
     pub command_timeout: Duration,
     /// How long a claim, sequence lock or fill lock lives without a heartbeat. The holder
-    /// extends it every third of this while its body runs; a crashed holder's lease ends after it.
+    /// extends it every third of this (sooner after a failed beat) while its body runs and its
+    /// final write is in flight; a crashed holder's lease ends after it.
     pub lease: Duration,
     /// How many times a token-checked command is re-sent after a lost connection or a timeout.
     pub retries: u32,
+    /// Run even though the server may evict keys (`maxmemory-policy` other than `noeviction`,
+    /// or a server whose `CONFIG` command is disabled so the policy cannot be read). Off by
+    /// default: an evicted claim, lock or counter voids every guarantee of this store.
+    pub accept_eviction: bool,
+    /// How far claims, completions, acquires and commits must have travelled before they
+    /// count as done (default: the primary's reply).
+    pub durability: Durability,
+}
+
+/// How far a write must have travelled before the store treats it as done: the primary's
+/// reply (the default), `WAIT` for replicas, or `WAITAOF` for fsyncs. Each level above
+/// [`Primary`](Durability::Primary) costs one more round trip per write, which it waits for.
+///
+/// A claim or an acquire that does not reach the level is given up (nothing ran, nothing was
+/// consumed, [`RedisStoreError::NotDurable`]); a completion or a commit that does not reach it
+/// is reported as unknown (`OutcomeUnknown` / `CommitUnknown`): it is on the primary, but a
+/// failover or a crash may still lose it. `WAIT` counts the writes of the connection it is sent
+/// on: if the connection was re-established between a write and its `WAIT`, the `WAIT` vouches
+/// for nothing (the window is one reconnect wide). One server only: on a Cluster this store cannot route
+/// `WAIT` to the key's shard, and refuses on first use ([`RedisStoreError::Unsupported`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use racefree_runtime::redis::{Durability, RedisStore};
+///
+/// let store = RedisStore::new("redis://127.0.0.1/").durability(Durability::Replicas {
+///     replicas: 1,
+///     timeout: Duration::from_millis(200),
+/// });
+/// # drop(store);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// In the primary's memory: done when it replies.
+    #[default]
+    Primary,
+    /// `WAIT replicas timeout`: acknowledged by at least `replicas` replicas.
+    Replicas {
+        /// How many replicas must acknowledge.
+        replicas: u32,
+        /// How long to wait for them.
+        timeout: Duration,
+    },
+    /// `WAITAOF local replicas timeout`: written to the append-only file and fsynced locally
+    /// (if `local`; needs `appendonly yes`) and on at least `replicas` replicas.
+    Fsynced {
+        /// Fsynced on the primary itself.
+        local: bool,
+        /// How many replicas must have fsynced.
+        replicas: u32,
+        /// How long to wait for them.
+        timeout: Duration,
+    },
 }
 
 impl StoreOptions {
@@ -43,6 +97,8 @@ impl StoreOptions {
             command_timeout: Duration::from_secs(2),
             lease: Duration::from_secs(10),
             retries: 3,
+            accept_eviction: false,
+            durability: Durability::Primary,
         }
     }
 }
@@ -78,7 +134,11 @@ impl Default for StoreOptions {
 pub struct RedisStore {
     target: Target,
     options: StoreOptions,
-    connection: OnceCell<Connection>,
+    connection: OnceCell<(Connection, Deployment)>,
+    // The wake-up hints' pub/sub connection, once one was made (one server only).
+    wakeups: tokio::sync::Mutex<Option<Arc<Wakeups>>>,
+    // The store-wide epoch this process first saw (see `RedisStore::accept_data_loss`).
+    pub(crate) epoch: std::sync::RwLock<Option<Arc<str>>>,
     // In-process coordination in front of Redis, so one process sends one request per key.
     pub(crate) fills: OnceLock<SingleFlight<String, Arc<str>>>,
     pub(crate) local_locks: OnceLock<DashMap<String, Arc<LocalKey>>>,
@@ -100,6 +160,8 @@ impl RedisStore {
             target,
             options: StoreOptions::new(),
             connection: OnceCell::const_new(),
+            epoch: std::sync::RwLock::new(None),
+            wakeups: tokio::sync::Mutex::const_new(None),
             fills: OnceLock::new(),
             local_locks: OnceLock::new(),
         }
@@ -143,6 +205,18 @@ impl RedisStore {
         self
     }
 
+    /// Runs even if the server may evict keys (see [`StoreOptions::accept_eviction`]).
+    pub const fn accept_eviction(mut self) -> Self {
+        self.options.accept_eviction = true;
+        self
+    }
+
+    /// Sets how far writes must travel before they count (see [`Durability`]).
+    pub const fn durability(mut self, durability: Durability) -> Self {
+        self.options.durability = durability;
+        self
+    }
+
     /// The options in force.
     pub fn store_options(&self) -> StoreOptions {
         self.options
@@ -150,18 +224,60 @@ impl RedisStore {
 
     /// The connection, established on first call. Cheap to clone; reconnects by itself after
     /// a lost connection (the command that saw the loss fails with a typed error).
+    ///
+    /// The first call also checks the deployment: it reads `maxmemory-policy` and
+    /// `proto-max-bulk-len` (`CONFIG GET`) and fails with [`RedisStoreError::EvictionPolicy`]
+    /// unless the policy is `noeviction` or the store [accepts eviction](Self::accept_eviction).
+    /// A server that refuses `CONFIG` (managed services often rename it) counts as "policy
+    /// unknown", which is refused the same way.
     pub async fn connection(&self) -> Result<Connection, RedisStoreError> {
+        Ok(self.connected().await?.0.clone())
+    }
+
+    async fn connected(&self) -> Result<&(Connection, Deployment), RedisStoreError> {
         let connect = self.connection.get_or_try_init(|| async {
-            let deadline = self.options.command_timeout;
-            let connecting = self.connect();
-            match tokio::time::timeout(deadline * 2, connecting).await {
-                Ok(conn) => conn,
-                Err(_) => Err(RedisStoreError::Timeout {
-                    after: deadline * 2,
-                }),
+            let deadline = self.options.command_timeout * 3;
+            let connecting = async {
+                let conn = self.connect().await?;
+                let deployment = Deployment::check(&conn, &self.options).await?;
+                Ok((conn, deployment))
+            };
+            match tokio::time::timeout(deadline, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(RedisStoreError::Timeout { after: deadline }),
             }
         });
-        connect.await.cloned()
+        connect.await
+    }
+
+    /// The most bytes one record may take: the server's `proto-max-bulk-len` (read on first
+    /// use; Redis's default of 512 MiB if it cannot be read).
+    pub async fn max_record_bytes(&self) -> Result<u64, RedisStoreError> {
+        Ok(self.connected().await?.1.max_bulk)
+    }
+
+    /// The wake-up hints (see [`Wakeups`]): `None` on a Cluster, or while the pub/sub
+    /// connection cannot be made (waiters then poll).
+    pub(crate) async fn wakeups(&self) -> Option<Arc<Wakeups>> {
+        let Target::Url(url) = &self.target else {
+            return None;
+        };
+        let mut slot = self.wakeups.lock().await;
+        if let Some(wakeups) = slot.as_ref().filter(|w| w.is_alive()) {
+            return Some(Arc::clone(wakeups));
+        }
+        let wakeups = Wakeups::connect(url, self.options.command_timeout).await;
+        slot.clone_from(&wakeups);
+        wakeups
+    }
+
+    /// A handle that runs commands without borrowing the store, for work that must outlive
+    /// the caller's future (a completion or commit finished by a spawned task).
+    pub(crate) async fn detached(&self) -> Result<Detached, RedisStoreError> {
+        Ok(Detached {
+            conn: self.connection().await?,
+            options: self.options,
+        })
     }
 
     async fn connect(&self) -> Result<Connection, RedisStoreError> {
@@ -189,10 +305,48 @@ impl RedisStore {
     /// Round trips this store has made so far (a script counts as one, as does a pipeline).
     /// Zero before the first connection.
     pub fn round_trips(&self) -> u64 {
-        self.connection.get().map_or(0, Connection::round_trips)
+        self.connection
+            .get()
+            .map_or(0, |(conn, _)| conn.round_trips())
     }
 
-    /// Runs one command under the store's deadline.
+    /// Runs a token-checked (hence repeatable) command, re-sending it after a lost connection
+    /// or a timeout, at most [`StoreOptions::retries`] times.
+    pub(crate) async fn run_retrying<T, F>(
+        &self,
+        command: impl FnMut(Connection) -> F,
+    ) -> Result<T, RedisStoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        self.detached().await?.run_retrying(command).await
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on first use) under the store's deadline;
+    /// `repeatable` scripts are re-sent after a lost connection or a timeout.
+    pub(crate) async fn eval<T: FromRedisValue>(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[&str],
+        repeatable: bool,
+    ) -> Result<T, RedisStoreError> {
+        self.detached()
+            .await?
+            .eval(script, keys, args, repeatable)
+            .await
+    }
+}
+
+/// The connection and the deadlines of a store, owned: what a spawned task needs to finish a
+/// write after the caller's future is gone.
+#[derive(Clone)]
+pub(crate) struct Detached {
+    pub(crate) conn: Connection,
+    pub(crate) options: StoreOptions,
+}
+
+impl Detached {
     pub(crate) async fn run<T, F>(
         &self,
         command: impl FnOnce(Connection) -> F,
@@ -200,12 +354,9 @@ impl RedisStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        with_deadline(self.options.command_timeout, command(conn)).await
+        with_deadline(self.options.command_timeout, command(self.conn.clone())).await
     }
 
-    /// Runs a token-checked (hence repeatable) command, re-sending it after a lost connection
-    /// or a timeout, at most [`StoreOptions::retries`] times.
     pub(crate) async fn run_retrying<T, F>(
         &self,
         mut command: impl FnMut(Connection) -> F,
@@ -224,11 +375,7 @@ impl RedisStore {
             }
         }
     }
-}
 
-impl RedisStore {
-    /// Runs a Lua script (EVALSHA, loading it on first use) under the store's deadline;
-    /// `repeatable` scripts are re-sent after a lost connection or a timeout.
     pub(crate) async fn eval<T: FromRedisValue>(
         &self,
         script: &'static Script,
@@ -251,6 +398,122 @@ impl RedisStore {
         } else {
             self.run(attempt).await
         }
+    }
+
+    /// Waits until this connection's writes so far reached the store's [`Durability`].
+    pub(crate) async fn confirm(&self) -> Result<(), RedisStoreError> {
+        let (cmd, wanted) = match self.options.durability {
+            Durability::Primary => return Ok(()),
+            Durability::Replicas { replicas, timeout } => (
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(timeout.as_millis().max(1) as u64)
+                    .to_owned(),
+                (0, replicas),
+            ),
+            Durability::Fsynced {
+                local,
+                replicas,
+                timeout,
+            } => (
+                redis::cmd("WAITAOF")
+                    .arg(u32::from(local))
+                    .arg(replicas)
+                    .arg(timeout.as_millis().max(1) as u64)
+                    .to_owned(),
+                (u32::from(local), replicas),
+            ),
+        };
+        let wait = match self.options.durability {
+            Durability::Replicas { timeout, .. } | Durability::Fsynced { timeout, .. } => timeout,
+            Durability::Primary => Duration::ZERO,
+        };
+        let deadline = self.options.command_timeout + wait;
+        let reached = with_deadline(deadline, async {
+            let mut conn = self.conn.clone();
+            match self.options.durability {
+                Durability::Fsynced { .. } => {
+                    let (local, replicas): (u32, u32) = cmd.query_async(&mut conn).await?;
+                    Ok((local, replicas))
+                }
+                _ => Ok((0, cmd.query_async::<u32>(&mut conn).await?)),
+            }
+        })
+        .await?;
+        if reached.0 >= wanted.0 && reached.1 >= wanted.1 {
+            Ok(())
+        } else {
+            Err(RedisStoreError::NotDurable {
+                wanted: self.options.durability,
+                local: reached.0 > 0,
+                replicas: reached.1,
+            })
+        }
+    }
+
+    /// How long a commit marker must outlive its commit: every re-send of the commit, with
+    /// room to spare, and never less than a lease.
+    pub(crate) fn marker_ttl(&self) -> Duration {
+        let resends = (self.options.command_timeout + Duration::from_millis(100))
+            * (self.options.retries + 1);
+        resends.max(self.options.lease) * 2
+    }
+}
+
+/// What the first connection found out about the server.
+#[derive(Debug, Clone)]
+pub(crate) struct Deployment {
+    /// `proto-max-bulk-len`: the largest string the server accepts.
+    pub(crate) max_bulk: u64,
+}
+
+/// Redis's default `proto-max-bulk-len` (512 MiB), assumed when the server's cannot be read.
+const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
+
+impl Deployment {
+    async fn check(
+        conn: &Connection,
+        options: &StoreOptions,
+    ) -> Result<Deployment, RedisStoreError> {
+        let config = with_deadline(options.command_timeout, async {
+            let mut conn = conn.clone();
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .arg("proto-max-bulk-len")
+                .query_async::<std::collections::HashMap<String, String>>(&mut conn)
+                .await
+        })
+        .await;
+        let config = match config {
+            Ok(config) => Ok(config),
+            // `CONFIG` renamed or disabled: the policy is unknown.
+            Err(RedisStoreError::Command { source }) => Err(source.to_string()),
+            Err(other) => return Err(other),
+        };
+        let policy = match &config {
+            Ok(config) => config.get("maxmemory-policy").cloned(),
+            Err(_) => None,
+        };
+        if policy.as_deref() != Some("noeviction") && !options.accept_eviction {
+            return Err(RedisStoreError::EvictionPolicy {
+                policy: match (&policy, &config) {
+                    (Some(policy), _) => policy.clone(),
+                    (None, Err(why)) => format!("unknown (CONFIG GET failed: {why})"),
+                    (None, Ok(_)) => "unknown (not reported by CONFIG GET)".to_owned(),
+                },
+            });
+        }
+        if options.durability != Durability::Primary && conn.is_cluster() {
+            return Err(RedisStoreError::Unsupported {
+                what: "a durability other than `Durability::Primary` on a Cluster (WAIT cannot be routed to the key's shard)".into(),
+            });
+        }
+        let max_bulk = config
+            .ok()
+            .and_then(|c| c.get("proto-max-bulk-len").and_then(|v| v.parse().ok()))
+            .unwrap_or(DEFAULT_MAX_BULK);
+        Ok(Deployment { max_bulk })
     }
 }
 
