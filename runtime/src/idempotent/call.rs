@@ -200,8 +200,21 @@ fn reentered<'a, B: IdempotencyBackend<T>, T>(
     }))
 }
 
-/// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
-pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
+/// A keyed call between its claims: what it claims, with which fingerprint, until when it waits.
+struct Claiming {
+    function: &'static str,
+    key: RecordKey,
+    fingerprint: Fingerprint,
+    policy: Policy,
+    deadline: Option<Instant>,
+}
+
+/// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
+/// without a key, an over-long key and re-entry end here.
+fn prepare<'a, B: IdempotencyBackend<T>, T>(
+    backend: &'a B,
+    call: Call,
+) -> Result<Claiming, Begin<'a, B, T>> {
     let Call {
         function,
         key,
@@ -210,29 +223,82 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
     } = call;
     let key = match key {
         Ok(Some(key)) => key,
-        Ok(None) => return unkeyed(backend, function, policy),
-        Err(refusal) => return Begin::Refuse(refusal),
+        Ok(None) => return Err(unkeyed(backend, function, policy)),
+        Err(refusal) => return Err(Begin::Refuse(refusal)),
     };
     if let Some(refusal) = reentered(function, &key) {
-        return refusal;
+        return Err(refusal);
     }
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
+    Ok(Claiming {
+        function,
+        key,
+        fingerprint,
+        policy,
+        deadline,
+    })
+}
+
+/// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
+/// duplicate in flight to wait for (unless the policy rejects it).
+fn claimed<'a, B: IdempotencyBackend<T>, T>(
+    backend: &'a B,
+    claiming: Claiming,
+    answer: Result<Claim<T, B::Lease, B::InFlight>, IdempotencyError>,
+    blocking: bool,
+) -> Result<(Claiming, B::InFlight), Begin<'a, B, T>> {
+    let Claiming {
+        function, policy, ..
+    } = claiming;
+    match answer {
+        Ok(Claim::Execute(lease)) => Err(execute(
+            backend,
+            function,
+            claiming.key,
+            lease,
+            policy,
+            blocking,
+        )),
+        Ok(Claim::Replay(outcome)) => Err(replayed(function, &claiming.key, outcome)),
+        Err(error) => Err(refuse(function, &claiming.key, error)),
+        Ok(Claim::InFlight(in_flight)) => match reject_in_flight(function, &claiming.key, policy) {
+            Some(refusal) => Err(refusal),
+            None => Ok((claiming, in_flight)),
+        },
+    }
+}
+
+/// What waiting for the duplicate gave: its outcome, an error, or (`None`) that it gave up
+/// and the call claims again, where one waiter wins.
+fn waited<'a, B: IdempotencyBackend<T>, T>(
+    claiming: &Claiming,
+    answer: Result<Option<T>, IdempotencyError>,
+) -> Option<Begin<'a, B, T>> {
+    match answer {
+        Ok(Some(outcome)) => Some(replayed(claiming.function, &claiming.key, outcome)),
+        Ok(None) => None,
+        Err(error) => Some(refuse(claiming.function, &claiming.key, error)),
+    }
+}
+
+/// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
+pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
+    let mut claiming = match prepare(backend, call) {
+        Ok(claiming) => claiming,
+        Err(begun) => return begun,
+    };
     loop {
-        let in_flight = match backend.claim(&key, fingerprint).await {
-            Ok(Claim::Execute(lease)) => {
-                return execute(backend, function, key, lease, policy, false)
-            }
-            Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
-            Ok(Claim::InFlight(in_flight)) => in_flight,
-            Err(error) => return refuse(function, &key, error),
+        let answer = backend.claim(&claiming.key, claiming.fingerprint).await;
+        let in_flight;
+        (claiming, in_flight) = match claimed(backend, claiming, answer, false) {
+            Ok(waiting) => waiting,
+            Err(begun) => return begun,
         };
-        if let Some(refusal) = reject_in_flight(function, &key, policy) {
-            return refusal;
-        }
-        match backend.wait(&key, in_flight, deadline).await {
-            Ok(Some(outcome)) => return replayed(function, &key, outcome),
-            Ok(None) => continue, // the owner gave up: claim again, one waiter wins
-            Err(error) => return refuse(function, &key, error),
+        let answer = backend
+            .wait(&claiming.key, in_flight, claiming.deadline)
+            .await;
+        if let Some(begun) = waited(&claiming, answer) {
+            return begun;
         }
     }
 }
@@ -242,37 +308,20 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
     backend: &B,
     call: Call,
 ) -> Begin<'_, B, T> {
-    let Call {
-        function,
-        key,
-        fingerprint,
-        policy,
-    } = call;
-    let key = match key {
-        Ok(Some(key)) => key,
-        Ok(None) => return unkeyed(backend, function, policy),
-        Err(refusal) => return Begin::Refuse(refusal),
+    let mut claiming = match prepare(backend, call) {
+        Ok(claiming) => claiming,
+        Err(begun) => return begun,
     };
-    if let Some(refusal) = reentered(function, &key) {
-        return refusal;
-    }
-    let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     loop {
-        let in_flight = match backend.claim_blocking(&key, fingerprint) {
-            Ok(Claim::Execute(lease)) => {
-                return execute(backend, function, key, lease, policy, true)
-            }
-            Ok(Claim::Replay(outcome)) => return replayed(function, &key, outcome),
-            Ok(Claim::InFlight(in_flight)) => in_flight,
-            Err(error) => return refuse(function, &key, error),
+        let answer = backend.claim_blocking(&claiming.key, claiming.fingerprint);
+        let in_flight;
+        (claiming, in_flight) = match claimed(backend, claiming, answer, true) {
+            Ok(waiting) => waiting,
+            Err(begun) => return begun,
         };
-        if let Some(refusal) = reject_in_flight(function, &key, policy) {
-            return refusal;
-        }
-        match backend.wait_blocking(&key, in_flight, deadline) {
-            Ok(Some(outcome)) => return replayed(function, &key, outcome),
-            Ok(None) => continue,
-            Err(error) => return refuse(function, &key, error),
+        let answer = backend.wait_blocking(&claiming.key, in_flight, claiming.deadline);
+        if let Some(begun) = waited(&claiming, answer) {
+            return begun;
         }
     }
 }
