@@ -105,6 +105,14 @@ pub mod redis {
     pub use racefree_runtime::backends::redis::*;
 }
 
+/// The SQL stores (features `postgres`, `sqlite`): `#[idempotent]` and `#[sequenced]` whose
+/// guarantee commits in the same database transaction as the body's effect. See
+/// [`racefree_runtime::backends::sql`].
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod sql {
+    pub use racefree_runtime::backends::sql::*;
+}
+
 /// HTTP around `#[idempotent]` for any tower stack (feature `tower`): the replay-marking
 /// [`ReplayLayer`](racefree_runtime::http::ReplayLayer), configurable key and replay headers,
 /// problem+json responses. See [`racefree_runtime::http`].

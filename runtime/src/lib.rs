@@ -11,6 +11,8 @@
 //! - `function.rs`: the one function-owned cell all three attributes keep their stores in.
 //! - `backends::redis` (feature `redis`): the Redis stores of all three attributes, one file
 //!   per attribute.
+//! - `backends::sql` (features `postgres`, `sqlite`): `#[idempotent]` and `#[sequenced]` whose
+//!   guarantee commits in the same transaction as the body's effect, one file per attribute.
 //! - `http` (feature `tower`; `axum` adds extractors): the HTTP pieces around `#[idempotent]`.
 //! - `__private`: the one door generated code goes through.
 
@@ -42,3 +44,5 @@ pub use sync::keyed_locks::{Holder, KeyGuard, KeyedLocks, LockError};
 
 #[cfg(feature = "redis")]
 pub use backends::redis;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use backends::sql;

@@ -5,3 +5,6 @@
 
 #[cfg(feature = "redis")]
 pub mod redis;
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod sql;

@@ -105,6 +105,23 @@ pub trait IdempotencyBackend<T>: Sync {
         ttl: Duration,
     ) -> impl Future<Output = Result<(), IdempotencyError>> + Send;
 
+    /// `true` if [`complete`](Self::complete) commits the body's effect together with the
+    /// outcome (a SQL store: the lease is the transaction the body wrote in). A failed
+    /// `complete` then means the effect did not happen, or may not have, and the caller must get
+    /// that error instead of the outcome. `false` (the default): the effect happened whatever
+    /// the store did, so the caller gets its outcome and the failure is logged.
+    const COMPLETE_COMMITS_EFFECT: bool = false;
+
+    /// The lease of a call without a key (it runs without idempotency). `None`, the default,
+    /// for stores whose leases only guard a key; a store whose lease is the transaction the
+    /// body writes in (a SQL store) opens one here, so that the body has its transaction
+    /// either way. [`complete`](Self::complete) and [`release`](Self::release) then end it.
+    fn lease_without_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<Self::Lease>, IdempotencyError>> + Send {
+        std::future::ready(Ok(None))
+    }
+
     /// Ends the claim without an outcome (an error not stored, a panic, a dropped future): the
     /// key becomes claimable again and waiters wake up so that one of them claims it. Called
     /// from `Drop`, so it must not block or panic; a networked store may finish the release in

@@ -173,6 +173,9 @@ pub struct Execution<'a, B: IdempotencyBackend<T>, T> {
     backend: &'a B,
     // `None` for a call without a key.
     claim: Option<(RecordKey, B::Lease)>,
+    // For a call without a key, what the store opened for it, if anything (a SQL store's
+    // transaction: see `IdempotencyBackend::lease_without_key`).
+    unkeyed_lease: Option<B::Lease>,
     function: &'static str,
     ttl: Duration,
     // The record key's holder, for re-entry detection; `None` for a call without a key.
@@ -285,6 +288,16 @@ fn waited<'a, B: IdempotencyBackend<T>, T>(
 pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
     let mut claiming = match prepare(backend, call) {
         Ok(claiming) => claiming,
+        // A call without a key: the store may open what its body runs in.
+        Err(Begin::Execute(mut execution)) => {
+            return match backend.lease_without_key().await {
+                Ok(lease) => {
+                    execution.unkeyed_lease = lease;
+                    Begin::Execute(execution)
+                }
+                Err(error) => Begin::Refuse(error),
+            };
+        }
         Err(begun) => return begun,
     };
     loop {
@@ -339,6 +352,7 @@ fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
     Begin::Execute(Execution {
         backend,
         claim: None,
+        unkeyed_lease: None,
         function,
         ttl: policy.ttl,
         holder: None,
@@ -359,6 +373,7 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
     Begin::Execute(Execution {
         backend,
         claim: Some((key, lease)),
+        unkeyed_lease: None,
         function,
         ttl: policy.ttl,
         holder: Some(holder),
@@ -412,8 +427,32 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// Runs an async body as executing this call's key: a call with the same key polled from
     /// within it is refused with [`IdempotencyError::Reentrant`] instead of waiting for itself.
     pub fn within<F: Future>(&self, body: F) -> Within<F> {
+        self.holder().within(body)
+    }
+
+    /// The holder an async body runs as ([`within`](Self::within)), for generated code that
+    /// must let go of the execution before the body borrows its lease (a `tx` parameter).
+    pub fn holder(&self) -> Holder {
         // A call without a key cannot be re-entered: a fresh holder matches nothing.
-        self.holder.unwrap_or_else(Holder::next).within(body)
+        self.holder.unwrap_or_else(Holder::next)
+    }
+
+    /// The lease the body runs under: for a SQL store, the transaction it writes in. `None`
+    /// for a call without a key on a store that opens nothing for such calls.
+    pub fn lease_mut(&mut self) -> Option<&mut B::Lease> {
+        match &mut self.claim {
+            Some((_, lease)) => Some(lease),
+            None => self.unkeyed_lease.as_mut(),
+        }
+    }
+
+    /// A call without a key whose store opened something for it: ends that the same way
+    /// (`complete`), nothing is recorded.
+    async fn finish_unkeyed(&mut self, outcome: &T) -> Result<(), IdempotencyError> {
+        match self.unkeyed_lease.take() {
+            Some(lease) => self.backend.complete(lease, outcome, self.ttl).await,
+            None => Ok(()),
+        }
     }
 
     /// Stores `outcome` for the call's key. If the store fails, the caller still gets its
@@ -422,6 +461,9 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     pub async fn complete(mut self, outcome: &T) {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
+            if let Err(error) = self.finish_unkeyed(outcome).await {
+                tracing::warn!(target: "racefree", function = self.function, %error, "idempotent call without a key: its transaction did not commit");
+            }
             return;
         };
         if let Err(error) = self.backend.complete(lease, outcome, self.ttl).await {
@@ -434,14 +476,18 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// `OutcomeUnknown` (whether it was recorded is unknown). An outcome the store could not
     /// hold (`OutcomeNotStored`) is logged and the caller keeps its value: the key is done,
     /// and later calls get the error instead of executing again.
+    ///
+    /// With a store whose `complete` commits the body's effect
+    /// ([`IdempotencyBackend::COMPLETE_COMMITS_EFFECT`], a SQL store) every failure is the
+    /// caller's, `OutcomeNotStored` too: the effect was rolled back with the outcome.
     pub async fn finish(mut self, outcome: &T) -> Result<(), IdempotencyError> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
-            return Ok(());
+            return self.finish_unkeyed(outcome).await;
         };
         match self.backend.complete(lease, outcome, self.ttl).await {
             Ok(()) => Ok(()),
-            Err(error @ IdempotencyError::OutcomeNotStored { .. }) => {
+            Err(error @ IdempotencyError::OutcomeNotStored { .. }) if !B::COMPLETE_COMMITS_EFFECT => {
                 self.store_failed(&key, &error);
                 Ok(())
             }
@@ -481,6 +527,9 @@ impl<B: BlockingIdempotencyBackend<T>, T> Execution<'_, B, T> {
 impl<B: IdempotencyBackend<T>, T> Drop for Execution<'_, B, T> {
     fn drop(&mut self) {
         if let Some((_, lease)) = self.claim.take() {
+            self.backend.release(lease);
+        }
+        if let Some(lease) = self.unkeyed_lease.take() {
             self.backend.release(lease);
         }
     }

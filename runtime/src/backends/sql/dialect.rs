@@ -1,0 +1,643 @@
+//! The statements that differ between PostgreSQL and SQLite, and nothing else: the protocols
+//! in `idempotent.rs` and `sequenced.rs` are written once over [`Dialect`], which says how
+//! each step is spelled and which lock makes it atomic.
+//!
+//! | step | PostgreSQL | SQLite |
+//! | --- | --- | --- |
+//! | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
+//! | "is this key in flight?" | `pg_try_advisory_xact_lock(hash(key))` | always "no": holding the write lock means nobody else is writing |
+//! | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
+//! | claim | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING` | the same |
+//! | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
+//! | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::{Pool, Transaction};
+
+use super::schema::{Statements, Tables};
+
+/// A committed idempotency record, as the claim reads it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Record {
+    pub(crate) fingerprint: String,
+    /// The versioned outcome (JSON text); `None` only for a row nobody should have committed.
+    pub(crate) outcome: Option<String>,
+    pub(crate) expired: bool,
+}
+
+/// A database racefree's SQL stores run on: [`sqlx::Postgres`] (feature `postgres`) or
+/// [`sqlx::Sqlite`] (feature `sqlite`). Sealed: the protocol's correctness rests on each
+/// dialect's locking, argued in the module docs.
+pub trait Dialect: sqlx::Database + sealed::Sealed {
+    #[doc(hidden)]
+    fn schema(tables: &Tables) -> String;
+
+    #[doc(hidden)]
+    fn statements(idempotency: &str, sequences: &str) -> Statements;
+
+    #[doc(hidden)]
+    fn migrate(
+        pool: &Pool<Self>,
+        tables: &Tables,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Opens the transaction a claim or a numbering runs in.
+    #[doc(hidden)]
+    fn begin_write(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
+
+    /// Bounds the lock waits of the rest of this transaction.
+    #[doc(hidden)]
+    fn limit_lock_wait(
+        conn: &mut Self::Connection,
+        wait: Duration,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn read_record(
+        pool: &Pool<Self>,
+        tables: &Tables,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn read_record_in(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
+
+    /// Takes the key's in-flight lock for the transaction if nobody holds it.
+    #[doc(hidden)]
+    fn try_lock_key(
+        conn: &mut Self::Connection,
+        lock: i64,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// Returns once nobody holds the key's in-flight lock (at most `wait`, then a lock-timeout
+    /// error).
+    #[doc(hidden)]
+    fn wait_unlocked(
+        pool: &Pool<Self>,
+        lock: i64,
+        wait: Option<Duration>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Inserts the in-flight record unless the key has one; `true` if inserted.
+    #[doc(hidden)]
+    fn insert_claim(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+        fingerprint: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// Turns an expired record into this caller's in-flight record; `true` if it was expired.
+    #[doc(hidden)]
+    fn replace_expired(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+        fingerprint: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn store_outcome(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+        outcome: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn purge_expired(
+        pool: &Pool<Self>,
+        tables: &Tables,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Locks the key's counter row (creating it for a key never seen) and moves its next
+    /// number on by one, in the transaction: the number before the move (`None` for a key
+    /// never committed) and the count of holdings (the fence).
+    #[doc(hidden)]
+    fn bump(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        name: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(Option<i64>, i64), sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn set_next(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        name: &str,
+        key: &str,
+        next: Option<i64>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    #[doc(hidden)]
+    fn read_next(
+        pool: &Pool<Self>,
+        tables: &Tables,
+        name: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<i64>, sqlx::Error>> + Send;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    #[cfg(feature = "postgres")]
+    impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// The statements of a schema script, one by one (prepared statements hold one each).
+fn statements_of(script: &str) -> impl Iterator<Item = &str> {
+    script
+        .split(";\n")
+        .map(str::trim)
+        .filter(|statement| !statement.is_empty())
+}
+
+/// A TTL as whole milliseconds, capped at 100 years so every database's date arithmetic holds.
+fn millis(ttl: Duration) -> i64 {
+    const CAP: u128 = 100 * 365 * 24 * 3600 * 1000;
+    ttl.as_millis().min(CAP) as i64
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use sqlx::{PgConnection, Postgres, Row};
+
+    const RECORD: &str = "SELECT fingerprint, outcome::text, expires_at <= clock_timestamp() FROM ";
+
+    fn record(row: sqlx::postgres::PgRow) -> Record {
+        Record {
+            fingerprint: row.get(0),
+            outcome: row.get(1),
+            expired: row.get(2),
+        }
+    }
+
+    impl Dialect for Postgres {
+        fn statements(idempotency: &str, sequences: &str) -> Statements {
+            statements(idempotency, sequences)
+        }
+
+        fn schema(tables: &Tables) -> String {
+            format!(
+                "CREATE TABLE IF NOT EXISTS {idem} (\n    \
+                     key         text        PRIMARY KEY,\n    \
+                     fingerprint text        NOT NULL,\n    \
+                     outcome     jsonb,\n    \
+                     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),\n    \
+                     expires_at  timestamptz NOT NULL\n\
+                 );\n\
+                 CREATE INDEX IF NOT EXISTS {idem_name}_expires_at ON {idem} (expires_at);\n\
+                 CREATE TABLE IF NOT EXISTS {seq} (\n    \
+                     name     text   NOT NULL,\n    \
+                     key      text   NOT NULL,\n    \
+                     next     bigint,\n    \
+                     holdings bigint NOT NULL,\n    \
+                     PRIMARY KEY (name, key)\n\
+                 );\n",
+                idem = tables.idempotency,
+                idem_name = tables.unqualified(&tables.idempotency),
+                seq = tables.sequences,
+            )
+        }
+
+        async fn migrate(pool: &Pool<Self>, tables: &Tables) -> Result<(), sqlx::Error> {
+            // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the catalog: one
+            // migrating process at a time.
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(tables.lock_id("migrate"))
+                .execute(&mut *tx)
+                .await?;
+            for statement in statements_of(&Self::schema(tables)) {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+
+        async fn begin_write(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+            pool.begin().await
+        }
+
+        async fn limit_lock_wait(
+            conn: &mut PgConnection,
+            wait: Duration,
+        ) -> Result<(), sqlx::Error> {
+            let ms = wait.as_millis().clamp(1, i32::MAX as u128);
+            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                .bind(format!("{ms}ms"))
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn read_record(
+            pool: &Pool<Self>,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_record)
+                .bind(key)
+                .fetch_optional(pool)
+                .await?;
+            Ok(row.map(record))
+        }
+
+        async fn read_record_in(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_record)
+                .bind(key)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(record))
+        }
+
+        async fn try_lock_key(conn: &mut PgConnection, lock: i64) -> Result<bool, sqlx::Error> {
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(lock)
+                .fetch_one(conn)
+                .await
+        }
+
+        async fn wait_unlocked(
+            pool: &Pool<Self>,
+            lock: i64,
+            wait: Option<Duration>,
+        ) -> Result<(), sqlx::Error> {
+            // Shared: every waiter gets through at once when the owner's transaction ends.
+            let mut tx = pool.begin().await?;
+            if let Some(wait) = wait {
+                Self::limit_lock_wait(&mut tx, wait).await?;
+            }
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                .bind(lock)
+                .execute(&mut *tx)
+                .await?;
+            tx.rollback().await
+        }
+
+        async fn insert_claim(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.insert_claim)
+                .bind(key)
+                .bind(fingerprint)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.is_some())
+        }
+
+        async fn replace_expired(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.replace_expired)
+                .bind(key)
+                .bind(fingerprint)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn store_outcome(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            key: &str,
+            outcome: &str,
+            ttl: Duration,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.store_outcome)
+                .bind(key)
+                .bind(outcome)
+                .bind(millis(ttl) as f64)
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.purge_expired).execute(pool).await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn bump(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<(Option<i64>, i64), sqlx::Error> {
+            let row = sqlx::query(&tables.sql.bump)
+                .bind(name)
+                .bind(key)
+                .fetch_one(conn)
+                .await?;
+            Ok((row.get(0), row.get(1)))
+        }
+
+        async fn set_next(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+            next: Option<i64>,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.set_next)
+                .bind(name)
+                .bind(key)
+                .bind(next)
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn read_next(
+            pool: &Pool<Self>,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<Option<i64>, sqlx::Error> {
+            let next: Option<Option<i64>> = sqlx::query_scalar(&tables.sql.read_next)
+                .bind(name)
+                .bind(key)
+                .fetch_optional(pool)
+                .await?;
+            Ok(next.flatten())
+        }
+    }
+
+    fn statements(idem: &str, seq: &str) -> Statements {
+        Statements {
+            read_record: format!("{RECORD}{idem} WHERE key = $1"),
+            insert_claim: format!(
+                "INSERT INTO {idem} (key, fingerprint, expires_at) VALUES ($1, $2, 'infinity') \
+                 ON CONFLICT (key) DO NOTHING RETURNING 1"
+            ),
+            replace_expired: format!(
+                "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = clock_timestamp(), \
+                 expires_at = 'infinity' WHERE key = $1 AND expires_at <= clock_timestamp()"
+            ),
+            store_outcome: format!(
+                "UPDATE {idem} SET outcome = $2::jsonb, \
+                 expires_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE key = $1"
+            ),
+            // SKIP LOCKED: a record being replaced by a claim in flight is not waited for
+            // (and is not expired once that claim commits).
+            purge_expired: format!(
+                "DELETE FROM {idem} WHERE key IN (SELECT key FROM {idem} \
+                 WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
+            ),
+            bump: format!(
+                "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
+                 ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
+                 RETURNING next - 1, holdings"
+            ),
+            set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
+            read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use sqlx::{Row, Sqlite, SqliteConnection};
+
+    /// SQLite's clock in Unix milliseconds (`julianday` works on every SQLite version).
+    const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+    /// "Never expires" for an in-flight record (`i64::MAX`).
+    const NEVER: i64 = i64::MAX;
+
+    fn record(row: sqlx::sqlite::SqliteRow) -> Record {
+        Record {
+            fingerprint: row.get(0),
+            outcome: row.get(1),
+            expired: row.get(2),
+        }
+    }
+
+    impl Dialect for Sqlite {
+        fn statements(idempotency: &str, sequences: &str) -> Statements {
+            statements(idempotency, sequences)
+        }
+
+        fn schema(tables: &Tables) -> String {
+            format!(
+                "CREATE TABLE IF NOT EXISTS {idem} (\n    \
+                     key         TEXT    PRIMARY KEY NOT NULL,\n    \
+                     fingerprint TEXT    NOT NULL,\n    \
+                     outcome     TEXT,\n    \
+                     created_at  INTEGER NOT NULL,\n    \
+                     expires_at  INTEGER NOT NULL\n\
+                 );\n\
+                 CREATE INDEX IF NOT EXISTS {idem_name}_expires_at ON {idem} (expires_at);\n\
+                 CREATE TABLE IF NOT EXISTS {seq} (\n    \
+                     name     TEXT    NOT NULL,\n    \
+                     key      TEXT    NOT NULL,\n    \
+                     next     INTEGER,\n    \
+                     holdings INTEGER NOT NULL,\n    \
+                     PRIMARY KEY (name, key)\n\
+                 );\n",
+                idem = tables.idempotency,
+                idem_name = tables.unqualified(&tables.idempotency),
+                seq = tables.sequences,
+            )
+        }
+
+        async fn migrate(pool: &Pool<Self>, tables: &Tables) -> Result<(), sqlx::Error> {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            for statement in statements_of(&Self::schema(tables)) {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+
+        async fn begin_write(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+            pool.begin_with("BEGIN IMMEDIATE").await
+        }
+
+        async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
+            // The write lock was taken by `BEGIN IMMEDIATE`: no lock waits are left.
+            Ok(())
+        }
+
+        async fn read_record(
+            pool: &Pool<Self>,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_record)
+                .bind(key)
+                .fetch_optional(pool)
+                .await?;
+            Ok(row.map(record))
+        }
+
+        async fn read_record_in(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_record)
+                .bind(key)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(record))
+        }
+
+        async fn try_lock_key(_: &mut SqliteConnection, _: i64) -> Result<bool, sqlx::Error> {
+            // `BEGIN IMMEDIATE` holds the database's write lock: no other claim is in flight.
+            Ok(true)
+        }
+
+        async fn wait_unlocked(
+            _: &Pool<Self>,
+            _: i64,
+            _: Option<Duration>,
+        ) -> Result<(), sqlx::Error> {
+            Ok(())
+        }
+
+        async fn insert_claim(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.insert_claim)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(NEVER)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.is_some())
+        }
+
+        async fn replace_expired(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.replace_expired)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(NEVER)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn store_outcome(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+            outcome: &str,
+            ttl: Duration,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.store_outcome)
+                .bind(key)
+                .bind(outcome)
+                .bind(millis(ttl))
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.purge_expired).execute(pool).await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn bump(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<(Option<i64>, i64), sqlx::Error> {
+            let row = sqlx::query(&tables.sql.bump)
+                .bind(name)
+                .bind(key)
+                .fetch_one(conn)
+                .await?;
+            Ok((row.get(0), row.get(1)))
+        }
+
+        async fn set_next(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+            next: Option<i64>,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.set_next)
+                .bind(name)
+                .bind(key)
+                .bind(next)
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn read_next(
+            pool: &Pool<Self>,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<Option<i64>, sqlx::Error> {
+            let next: Option<Option<i64>> = sqlx::query_scalar(&tables.sql.read_next)
+                .bind(name)
+                .bind(key)
+                .fetch_optional(pool)
+                .await?;
+            Ok(next.flatten())
+        }
+    }
+
+    fn statements(idem: &str, seq: &str) -> Statements {
+        Statements {
+            read_record: format!(
+                "SELECT fingerprint, outcome, expires_at <= {NOW_MS} FROM {idem} WHERE key = $1"
+            ),
+            insert_claim: format!(
+                "INSERT INTO {idem} (key, fingerprint, created_at, expires_at) \
+                 VALUES ($1, $2, {NOW_MS}, $3) ON CONFLICT (key) DO NOTHING RETURNING 1"
+            ),
+            replace_expired: format!(
+                "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = {NOW_MS}, \
+                 expires_at = $3 WHERE key = $1 AND expires_at <= {NOW_MS}"
+            ),
+            store_outcome: format!(
+                "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1"
+            ),
+            purge_expired: format!("DELETE FROM {idem} WHERE expires_at <= {NOW_MS}"),
+            bump: format!(
+                "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
+                 ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
+                 RETURNING next - 1, holdings"
+            ),
+            set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
+            read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! What a failed statement means for the caller: nothing happened, or nobody knows.
+//!
+//! Every statement before `COMMIT` fails *safe*: the transaction is rolled back (by the driver
+//! when the lease is dropped, by the server when the connection is gone), so the effect and the
+//! claim or number vanish together and the error says nothing was consumed
+//! ([`IdempotencyError::StoreUnavailable`], [`SequenceError::Store`]). Only a `COMMIT` whose answer
+//! never arrived is *unknown* ([`IdempotencyError::OutcomeUnknown`],
+//! [`SequenceError::CommitUnknown`]): the server may have committed just before the connection
+//! broke.
+
+use crate::idempotent::IdempotencyError;
+use crate::sequenced::SequenceError;
+
+/// Why a statement failed, in the terms the stores answer with.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The pool gave no connection within its `acquire_timeout`.
+    PoolExhausted(sqlx::Error),
+    /// A lock wait ran out (`lock_timeout` on PostgreSQL, `busy_timeout` on SQLite).
+    LockTimeout(sqlx::Error),
+    /// The connection broke (server down, killed backend, network): the statement's answer was
+    /// lost.
+    ConnectionLost(sqlx::Error),
+    /// The server answered with an error: the transaction is rolled back.
+    Rejected(sqlx::Error),
+}
+
+impl Failure {
+    pub(crate) fn of(error: sqlx::Error) -> Failure {
+        match &error {
+            sqlx::Error::PoolTimedOut => Failure::PoolExhausted(error),
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Failure::ConnectionLost(error),
+            sqlx::Error::Database(db) if from_sqlite(db.as_ref()) => {
+                match db
+                    .code()
+                    .as_deref()
+                    .and_then(|code| code.parse::<u32>().ok())
+                {
+                    // SQLITE_BUSY / SQLITE_LOCKED and their extended codes (primary code in
+                    // the low byte): busy_timeout ran out.
+                    Some(code) if matches!(code & 0xff, 5 | 6) => Failure::LockTimeout(error),
+                    _ => Failure::Rejected(error),
+                }
+            }
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // lock_not_available: lock_timeout ran out.
+                Some("55P03") => Failure::LockTimeout(error),
+                // admin_shutdown (pg_terminate_backend), crash_shutdown, cannot_connect_now,
+                // connection exceptions: the connection is gone with the answer.
+                Some("57P01" | "57P02" | "57P03") => Failure::ConnectionLost(error),
+                Some(code) if code.starts_with("08") => Failure::ConnectionLost(error),
+                _ => Failure::Rejected(error),
+            },
+            _ => Failure::Rejected(error),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::PoolExhausted(e) => {
+                format!("no database connection within the pool's acquire_timeout ({e})")
+            }
+            Failure::LockTimeout(e) => format!("waiting for a database lock timed out ({e})"),
+            Failure::ConnectionLost(e) => format!("database connection lost ({e})"),
+            Failure::Rejected(e) => describe_rejected(e),
+        }
+    }
+
+    /// For a statement before `COMMIT`: nothing was consumed.
+    pub(crate) fn unavailable(self) -> IdempotencyError {
+        IdempotencyError::StoreUnavailable {
+            reason: self.describe(),
+        }
+    }
+
+    /// For the `COMMIT` of an execution.
+    pub(crate) fn at_commit(self, client_key: &str) -> IdempotencyError {
+        match self {
+            Failure::ConnectionLost(_) => IdempotencyError::OutcomeUnknown {
+                key: client_key.to_owned(),
+                reason: self.describe(),
+            },
+            // The server refused to commit (e.g. a serialization failure): rolled back.
+            other => IdempotencyError::StoreUnavailable {
+                reason: format!("the transaction was rolled back: {}", other.describe()),
+            },
+        }
+    }
+
+    /// For a statement of a sequence holding before `COMMIT`.
+    pub(crate) fn sequence(self) -> SequenceError {
+        match self {
+            Failure::LockTimeout(_) => SequenceError::Timeout,
+            other => SequenceError::Store(other.describe().into()),
+        }
+    }
+
+    /// For the `COMMIT` of a sequence holding.
+    pub(crate) fn sequence_commit(self) -> SequenceError {
+        match self {
+            Failure::ConnectionLost(_) => SequenceError::CommitUnknown(self.describe().into()),
+            other => SequenceError::Store(
+                format!("the transaction was rolled back: {}", other.describe()).into(),
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn from_sqlite(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn from_sqlite(_: &dyn sqlx::error::DatabaseError) -> bool {
+    false
+}
+
+fn describe_rejected(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("57014") => format!("statement timeout ({error})"),
+            Some("40001" | "40P01") => {
+                format!("serialization failure: retry the call ({error})")
+            }
+            _ => error.to_string(),
+        },
+        _ => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_commit_is_unknown_a_refused_one_is_not() {
+        let lost = Failure::of(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(matches!(
+            lost.at_commit("k"),
+            IdempotencyError::OutcomeUnknown { .. }
+        ));
+        let exhausted = Failure::of(sqlx::Error::PoolTimedOut);
+        assert!(matches!(
+            exhausted.at_commit("k"),
+            IdempotencyError::StoreUnavailable { .. }
+        ));
+        assert!(matches!(
+            Failure::of(sqlx::Error::PoolTimedOut).sequence_commit(),
+            SequenceError::Store(_)
+        ));
+    }
+}

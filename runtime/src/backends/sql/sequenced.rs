@@ -1,0 +1,235 @@
+//! `#[sequenced]` on a SQL store: the number commits in the same transaction as the effect.
+//!
+//! # Protocol
+//! 1. **in-process turn**: callers of one key in this process queue FIFO on a
+//!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
+//!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
+//! 2. **acquire**: open the transaction ([`Dialect::begin_write`]; on SQLite `BEGIN IMMEDIATE`,
+//!    the database write lock), bound lock waits by the call's deadline (`lock_timeout`), and
+//!    `INSERT … ON CONFLICT (name, key) DO UPDATE SET next = next + 1, holdings = holdings + 1
+//!    RETURNING` the counter row. The row lock this takes *is* the key's lock across processes
+//!    and machines: the next holder's upsert waits until this transaction ends. The returned
+//!    number (`NULL` for a key never committed: the attribute then uses its `start`) is the
+//!    call's `Seq`.
+//! 3. **body**: writes its effect on the lease's connection ([`Tx`]).
+//! 4. **commit**: the counter already says `number + 1` (or is set to it, for a key's first
+//!    number), so `COMMIT` makes the effect and the consumed number visible at once.
+//! 5. **failure** (`Err`, panic, dropped future, crash, killed connection): the transaction
+//!    rolls back, undoing the bump with the effect. The next holder gets the same number.
+//!
+//! So numbers are unique (one row lock), gap-free (a number is consumed only by a commit that
+//! also commits the effect), and in commit order; a `UNIQUE(key, number)` constraint in the
+//! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's);
+//! a key's first number adds one `UPDATE`, a deadline one `SET LOCAL`.
+//!
+//! The fence ([`Seq::fence`](crate::Seq::fence)) is the count of committed holdings of the key;
+//! a holding that rolled back shares its fence with the next one, which is harmless here: a
+//! rolled-back holding's writes were in the same transaction and never happened.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::time::Instant;
+
+use serde::Serialize;
+use sqlx::Transaction;
+
+use super::dialect::Dialect;
+use super::error::Failure;
+use super::{InTransaction, SqlStore, Tx};
+use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
+use crate::sync::keyed_locks::{Holder, KeyGuard};
+
+/// One family of sequences of a [`SqlStore`]: `(name, key)` rows of its sequences table. The
+/// attribute passes only the key, so the store needs the family's name:
+/// `#[sequenced(key = customer, store = state.db.sequence("invoice_no"))]`. Keys are stored as
+/// their JSON encoding (`"acme"`, `42`, `["eu",7]`).
+pub struct SqlSequence<'s, D: Dialect> {
+    store: &'s SqlStore<D>,
+    name: Cow<'s, str>,
+}
+
+impl<D: Dialect> SqlStore<D> {
+    /// The sequences named `name` (a stable name: it is stored in every counter row).
+    pub fn sequence<'s>(&'s self, name: impl Into<Cow<'s, str>>) -> SqlSequence<'s, D> {
+        SqlSequence {
+            store: self,
+            name: name.into(),
+        }
+    }
+}
+
+impl<'s, D: Dialect> SqlSequence<'s, D> {
+    fn key_text<K: Serialize>(key: &K) -> Result<String, SequenceError> {
+        serde_json::to_string(key)
+            .map_err(|e| SequenceError::Store(format!("sequence key does not encode: {e}").into()))
+    }
+
+    /// The number the key's next successful call gets, `None` for a key never committed.
+    pub async fn next<K: Serialize>(&self, key: &K) -> Result<Option<u64>, SequenceError> {
+        let key = Self::key_text(key)?;
+        let (pool, tables) = self.pool_tables()?;
+        let next = D::read_next(pool, tables, &self.name, &key)
+            .await
+            .map_err(|e| Failure::of(e).sequence())?;
+        Ok(next.map(|n| n as u64))
+    }
+
+    fn pool_tables(&self) -> Result<(&'s sqlx::Pool<D>, &'s super::Tables), SequenceError> {
+        self.store
+            .store_pool()
+            .map_err(|e| SequenceError::Store(e.to_string().into()))
+    }
+
+    async fn acquire_key<K: Serialize>(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> Result<SqlSequenceLease<'s, D>, SequenceError> {
+        let key = Self::key_text(&key)?;
+        let (pool, tables) = self.pool_tables()?;
+        let turn = self
+            .store
+            .sequence_locks()
+            .lock_async(format!("{}\u{0}{key}", self.name), deadline)
+            .await?;
+        let mut tx = D::begin_write(pool)
+            .await
+            .map_err(|e| Failure::of(e).sequence())?;
+        if let Some(deadline) = deadline {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .ok_or(SequenceError::Timeout)?;
+            D::limit_lock_wait(&mut tx, left)
+                .await
+                .map_err(|e| Failure::of(e).sequence())?;
+        }
+        let (next, holdings) = D::bump(&mut tx, tables, &self.name, &key)
+            .await
+            .map_err(|e| Failure::of(e).sequence())?;
+        Ok(SqlSequenceLease {
+            tx,
+            store: self.store,
+            name: self.name.clone().into_owned(),
+            key,
+            next: next.map(|n| n as u64),
+            fence: holdings as u64,
+            turn,
+        })
+    }
+}
+
+impl<D: Dialect> std::fmt::Debug for SqlSequence<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSequence")
+            .field("database", &<D as sqlx::Database>::NAME)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<'s, D: Dialect, K: Serialize + Send> SequenceBackend<K> for SqlSequence<'s, D> {
+    type Lease<'a>
+        = SqlSequenceLease<'a, D>
+    where
+        Self: 'a;
+
+    fn acquire_async(
+        &self,
+        key: K,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Self::Lease<'_>, SequenceError>> + Send {
+        self.acquire_key(key, deadline)
+    }
+}
+
+/// A held key of a [`SqlSequence`]: the open transaction that locked the key's counter row.
+/// Committing writes the number and commits the body's effect with it; dropping rolls both
+/// back and lets the next caller have the key.
+pub struct SqlSequenceLease<'s, D: Dialect> {
+    // Declared before `turn`: the transaction is rolled back before this process's next
+    // caller of the key goes ahead.
+    tx: Transaction<'static, D>,
+    store: &'s SqlStore<D>,
+    name: String,
+    key: String,
+    next: Option<u64>,
+    fence: u64,
+    turn: KeyGuard<'s, String>,
+}
+
+impl<D: Dialect> SqlSequenceLease<'_, D> {
+    /// The transaction's connection, for the body's statements.
+    pub fn connection(&mut self) -> &mut D::Connection {
+        &mut self.tx
+    }
+
+    /// The transaction as a [`Tx`].
+    pub fn tx(&mut self) -> Tx<'_, D> {
+        Tx::of(self)
+    }
+}
+
+impl<D: Dialect> InTransaction<D> for SqlSequenceLease<'_, D> {
+    fn connection(&mut self) -> &mut D::Connection {
+        &mut self.tx
+    }
+}
+
+impl<D: Dialect> std::fmt::Debug for SqlSequenceLease<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSequenceLease")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("next", &self.next)
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
+    fn holder(&self) -> Holder {
+        self.turn.holder()
+    }
+
+    fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    fn next_async(&mut self) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send {
+        std::future::ready(Ok(self.next))
+    }
+
+    fn commit_async(self, used: u64) -> impl Future<Output = Result<(), SequenceError>> + Send {
+        async move {
+            let SqlSequenceLease {
+                mut tx,
+                store,
+                name,
+                key,
+                next,
+                turn,
+                ..
+            } = self;
+            // The upsert already moved the counter to `next + 1`.
+            if next != Some(used) {
+                let after = used
+                    .checked_add(1)
+                    .and_then(|n| i64::try_from(n).ok())
+                    .ok_or(SequenceError::Exhausted)?;
+                let (_, tables) = store
+                    .store_pool()
+                    .map_err(|e| SequenceError::Store(e.to_string().into()))?;
+                D::set_next(&mut tx, tables, &name, &key, Some(after))
+                    .await
+                    .map_err(|e| Failure::of(e).sequence())?;
+            }
+            let committed = tx
+                .commit()
+                .await
+                .map_err(|e| Failure::of(e).sequence_commit());
+            drop(turn);
+            committed
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! `#[idempotent]` on the SQL stores: the claim, the body's effect and the outcome commit in one
+//! transaction, so a crash, an `Err`, a dropped future or a killed connection leaves neither.
+//!
+//! Each scenario runs on PostgreSQL (a fresh schema on 127.0.0.1:5432, dropped at the end) and
+//! on SQLite (a fresh WAL file shared by several processes). The calls go through the
+//! protocol the attribute expands to (`begin` → body on the lease's connection → `finish`,
+//! or drop), with the effect `INSERT` on the store's transaction.
+//!
+//! Counting: `effects` is written in the store's transaction (what committed), `executions`
+//! outside it (every run of a body, committed or not), `outcomes` by each caller.
+
+#![cfg(any(feature = "postgres", feature = "sqlite"))]
+
+#[path = "support/sql.rs"]
+mod sql;
+
+use std::time::Duration;
+
+use racefree::__private::{begin, Begin, Call, Policy};
+use racefree::{Fingerprint, IdempotencyError};
+use sql::TestDb;
+
+/// Processes × callers of the cross-process scenarios.
+const WORKERS: usize = 4;
+const CALLERS: usize = 25;
+
+/// The store's pool and the side channel's (the same pool on PostgreSQL).
+#[cfg(feature = "postgres")]
+async fn pg_pools(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
+    let pool = db.pg_pool(8).await;
+    (pool.clone(), pool)
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
+    (
+        db.sqlite_pool(8, Duration::from_secs(20)).await,
+        db.sqlite_side_pool().await,
+    )
+}
+
+/// What a test body does after its effect `INSERT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Returns `Ok` after `ms` milliseconds.
+    Succeed { ms: u64 },
+    /// Returns `Err`: nothing stored, the transaction rolls back.
+    Fail,
+    /// Aborts the process (a crash after the effect).
+    Abort,
+    /// Never returns (the future is dropped from outside).
+    Hang,
+}
+
+macro_rules! suite {
+    ($db:ident, $feature:literal, $Database:ty, $pools:path, $new_db:path) => {
+        #[cfg(feature = $feature)]
+        mod $db {
+            use super::*;
+            use racefree::sql::SqlStore;
+            use sqlx::Pool;
+
+            pub type Store = SqlStore<$Database>;
+
+            /// The database a test runs on: the store, its pool (effects), and the side
+            /// channel (executions, outcomes, arrivals).
+            pub struct Env {
+                pub store: Store,
+                pub pool: Pool<$Database>,
+                pub side: Pool<$Database>,
+            }
+
+            /// The store's tables and the test's tables, on a fresh database.
+            pub async fn setup(db: &TestDb) -> Env {
+                let env = open(db).await;
+                env.store.migrate().await.unwrap();
+                for table in sql::TEST_TABLES {
+                    sqlx::query(table).execute(&env.pool).await.unwrap();
+                    if $feature == "sqlite" {
+                        sqlx::query(table).execute(&env.side).await.unwrap();
+                    }
+                }
+                env
+            }
+
+            pub async fn open(db: &TestDb) -> Env {
+                let (pool, side) = $pools(db).await;
+                Env { store: Store::new(pool.clone()), pool, side }
+            }
+
+            pub async fn count(pool: &Pool<$Database>, table: &str, key: &str) -> i64 {
+                sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE key = $1"))
+                    .bind(key)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
+
+            /// Waits until `n` participants arrived at `point` (the cross-process barrier).
+            pub async fn arrive(pool: &Pool<$Database>, point: &str, who: &str, n: i64) {
+                sqlx::query("INSERT INTO arrivals (point, who) VALUES ($1, $2)")
+                    .bind(point)
+                    .bind(who)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    let here: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM arrivals WHERE point = $1")
+                        .bind(point)
+                        .fetch_one(pool)
+                        .await
+                        .unwrap();
+                    if here >= n {
+                        return;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "barrier {point} never reached {n}");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+
+            impl Env {
+                pub async fn close(&self) {
+                    self.pool.close().await;
+                    self.side.close().await;
+                }
+            }
+
+            pub fn policy() -> Policy {
+                Policy::new(Duration::from_secs(3600))
+            }
+
+            /// One call of `tests::pay` with `key`, as `#[idempotent(key = key, store = store)]`
+            /// expands: the body records its run (autocommit), inserts its effect in the
+            /// store's transaction, then does `then`.
+            pub async fn pay(
+                env: &Env,
+                key: Option<&str>,
+                cents: u64,
+                who: &str,
+                policy: Policy,
+                then: Then,
+            ) -> Result<String, IdempotencyError> {
+                let call = Call::new("tests::pay", None, key, Fingerprint::of(&cents), policy);
+                let mut execution = match begin(&env.store, call).await {
+                    Begin::Execute(execution) => execution,
+                    Begin::Replay(outcome) => return Ok(outcome),
+                    Begin::Refuse(error) => return Err(error),
+                };
+                let key = key.unwrap_or("");
+                sqlx::query("INSERT INTO executions (key, who) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(who)
+                    .execute(&env.side)
+                    .await
+                    .unwrap();
+                let tx = execution.lease_mut().expect("a SQL store always opens a transaction").connection();
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(who)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                match then {
+                    Then::Succeed { ms } => {
+                        tokio::time::sleep(Duration::from_millis(ms)).await; // work; lets duplicates pile up
+                        let outcome = format!("receipt {cents} by {who}");
+                        execution.finish(&outcome).await?;
+                        Ok(outcome)
+                    }
+                    Then::Fail => {
+                        execution.release();
+                        Err(IdempotencyError::StoreUnavailable { reason: "the body failed".into() })
+                    }
+                    Then::Abort => std::process::abort(),
+                    Then::Hang => std::future::pending().await,
+                }
+            }
+
+            /// A child process's part of a scenario.
+            pub async fn child(db: &TestDb, mode: &str, worker: usize) {
+                let env = std::sync::Arc::new(open(db).await);
+                let who = format!("worker-{worker}");
+                match mode {
+                    "crowd" => {
+                        arrive(&env.side, "crowd", &who, WORKERS as i64).await;
+                        let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+                        let callers: Vec<_> = (0..CALLERS)
+                            .map(|caller| {
+                                let (env, gate) = (env.clone(), gate.clone());
+                                let who = format!("{who}/{caller}");
+                                tokio::spawn(async move {
+                                    gate.wait().await;
+                                    let outcome = pay(&env, Some("crowd"), 1999, &who, policy(), Then::Succeed { ms: 50 })
+                                        .await
+                                        .expect("every caller gets the outcome");
+                                    sqlx::query("INSERT INTO outcomes (key, outcome) VALUES ($1, $2)")
+                                        .bind("crowd")
+                                        .bind(outcome)
+                                        .execute(&env.side)
+                                        .await
+                                        .unwrap();
+                                })
+                            })
+                            .collect();
+                        for caller in callers {
+                            caller.await.unwrap();
+                        }
+                    }
+                    "abort-after-insert" => {
+                        let _ = pay(&env, Some("crash"), 500, &who, policy(), Then::Abort).await;
+                        unreachable!("the body aborts the process");
+                    }
+                    other => panic!("unknown child mode {other}"),
+                }
+            }
+
+            /// 4 processes × 25 callers, one key: one execution, one effect row, 100 equal
+            /// outcomes (and the one execution's outcome is what everyone got).
+            #[test]
+            fn crowd_of_processes_executes_once() {
+                let db = $new_db("crowd");
+                let rt = sql::runtime();
+                let env = rt.block_on(setup(&db));
+                let children: Vec<_> = (0..WORKERS)
+                    .map(|w| sql::spawn_child("child_entry", &db, "crowd", w, &[]))
+                    .collect();
+                assert!(sql::wait_children(children).into_iter().all(|ok| ok), "a child failed");
+                rt.block_on(async {
+                    assert_eq!(count(&env.side, "executions", "crowd").await, 1, "one execution");
+                    assert_eq!(count(&env.pool, "effects", "crowd").await, 1, "one effect row");
+                    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM outcomes WHERE key = 'crowd'")
+                        .fetch_all(&env.side)
+                        .await
+                        .unwrap();
+                    assert_eq!(outcomes.len(), WORKERS * CALLERS);
+                    let executor: String = sqlx::query_scalar("SELECT who FROM effects WHERE key = 'crowd'")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    let expected = format!("receipt 1999 by {executor}");
+                    assert!(outcomes.iter().all(|o| *o == expected), "all outcomes equal the execution's");
+                    env.close().await;
+                });
+            }
+
+            /// A process that aborts right after its effect `INSERT`: the server rolls the
+            /// transaction back, so the retry executes (once) and there is one effect row.
+            #[test]
+            fn crash_after_effect_leaves_nothing_and_retry_executes_once() {
+                let db = $new_db("crash");
+                let rt = sql::runtime();
+                let env = rt.block_on(setup(&db));
+                let child = sql::spawn_child("child_entry", &db, "abort-after-insert", 0, &[]);
+                assert_eq!(sql::wait_children(vec![child]), [false], "the child aborted");
+                rt.block_on(async {
+                    assert_eq!(count(&env.side, "executions", "crash").await, 1, "the child ran the body");
+                    assert_eq!(count(&env.pool, "effects", "crash").await, 0, "its effect rolled back");
+                    let first = pay(&env, Some("crash"), 500, "retry", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(first.unwrap(), "receipt 500 by retry");
+                    let again = pay(&env, Some("crash"), 500, "again", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(again.unwrap(), "receipt 500 by retry", "replayed");
+                    assert_eq!(count(&env.side, "executions", "crash").await, 2, "the retry executed once");
+                    assert_eq!(count(&env.pool, "effects", "crash").await, 1, "one effect row");
+                    env.close().await;
+                });
+            }
+
+            /// The client goes away mid-body (the handler future is dropped after the effect
+            /// `INSERT`): nothing commits, the retry executes once.
+            #[test]
+            fn dropped_future_after_effect_commits_nothing() {
+                let db = $new_db("dropped");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    let e = env.clone();
+                    let handler = tokio::spawn(async move {
+                        pay(&e, Some("gone"), 700, "gone", policy(), Then::Hang).await
+                    });
+                    // Wait until the body has inserted (observable: its run is recorded first).
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while count(&env.side, "executions", "gone").await == 0 {
+                        assert!(std::time::Instant::now() < deadline, "the body never ran");
+                        tokio::task::yield_now().await;
+                    }
+                    handler.abort();
+                    assert!(handler.await.unwrap_err().is_cancelled());
+                    let retry = pay(&env, Some("gone"), 700, "retry", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(retry.unwrap(), "receipt 700 by retry");
+                    assert_eq!(count(&env.side, "executions", "gone").await, 2);
+                    assert_eq!(count(&env.pool, "effects", "gone").await, 1, "only the retry's effect");
+                    let whose: String = sqlx::query_scalar("SELECT who FROM effects WHERE key = 'gone'")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(whose, "retry");
+                    env.close().await;
+                });
+            }
+
+            /// A body that returns `Err` after its `INSERT`: zero rows, and the key is free.
+            #[test]
+            fn err_after_effect_rolls_back_and_frees_the_key() {
+                let db = $new_db("err");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let failed = pay(&env, Some("err"), 5, "first", policy(), Then::Fail).await;
+                    assert!(failed.is_err());
+                    assert_eq!(count(&env.pool, "effects", "err").await, 0, "the effect rolled back");
+                    let record: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(record, 0, "no record left");
+                    let retry = pay(&env, Some("err"), 5, "retry", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(retry.unwrap(), "receipt 5 by retry", "the key was free: executed");
+                    assert_eq!(count(&env.pool, "effects", "err").await, 1);
+                    env.close().await;
+                });
+            }
+
+            /// Same key, another request: `Conflict`, the stored outcome untouched; a record
+            /// that does not decode is `Undecodable`, never a re-execution.
+            #[test]
+            fn conflict_and_undecodable_record_never_execute() {
+                let db = $new_db("conflict");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    pay(&env, Some("k"), 10, "first", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    let other = pay(&env, Some("k"), 11, "other", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(other, Err(IdempotencyError::Conflict { key: "k".into() }));
+                    let same = pay(&env, Some("k"), 10, "same", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(same.unwrap(), "receipt 10 by first");
+
+                    sqlx::query("UPDATE racefree_idempotency SET outcome = '{\"v\": 99, \"value\": 1}'")
+                        .execute(&env.pool)
+                        .await
+                        .unwrap();
+                    let undecodable = pay(&env, Some("k"), 10, "later", policy(), Then::Succeed { ms: 0 }).await;
+                    assert!(matches!(undecodable, Err(IdempotencyError::Undecodable { .. })), "{undecodable:?}");
+                    assert_eq!(count(&env.side, "executions", "k").await, 1, "nothing re-executed");
+                    env.close().await;
+                });
+            }
+
+            /// A call without a key runs in a transaction too (no record): its effect commits
+            /// on success and rolls back on `Err`.
+            #[test]
+            fn call_without_key_still_runs_in_a_transaction() {
+                let db = $new_db("nokey");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    pay(&env, None, 1, "a", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    pay(&env, None, 1, "b", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    assert!(pay(&env, None, 1, "c", policy(), Then::Fail).await.is_err());
+                    assert_eq!(count(&env.side, "executions", "").await, 3, "no key: every call executes");
+                    assert_eq!(count(&env.pool, "effects", "").await, 2, "the failed one rolled back");
+                    let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(records, 0);
+                    env.close().await;
+                });
+            }
+
+            /// Expired records are replaced by the next claim (which executes again);
+            /// `purge_expired` deletes only expired records, never a fresh or in-flight one.
+            #[test]
+            fn expired_records_execute_again_and_only_they_are_purged() {
+                let db = $new_db("expiry");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    for key in ["old-1", "old-2", "fresh"] {
+                        pay(&env, Some(key), 1, "first", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    }
+                    age(&env.pool, "tests::pay##old-1").await;
+                    age(&env.pool, "tests::pay##old-2").await;
+                    // An expired record is not replayed: the call executes and replaces it.
+                    let again = pay(&env, Some("old-1"), 2, "second", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(again.unwrap(), "receipt 2 by second", "another fingerprint is fine once expired");
+                    assert_eq!(count(&env.side, "executions", "old-1").await, 2);
+
+                    // A claim in flight on an expired record is not purged from under it.
+                    age(&env.pool, "tests::pay##old-1").await;
+                    let call = Call::new("tests::pay", None, Some("old-1"), Fingerprint::of(&3_u64), policy());
+                    let Begin::Execute(in_flight) = begin(&env.store, call).await else { panic!("expired: executes") };
+                    // PostgreSQL skips the row-locked record at once; SQLite's purge waits for
+                    // the write lock, i.e. until the claim commits its fresh record.
+                    let purge = tokio::spawn({
+                        let env = env.clone();
+                        async move { env.store.purge_expired().await.unwrap() }
+                    });
+                    if $feature == "postgres" {
+                        assert_eq!(purge.await.unwrap(), 1, "only old-2 goes");
+                        in_flight.finish(&"receipt 3".to_owned()).await.unwrap();
+                    } else {
+                        in_flight.finish(&"receipt 3".to_owned()).await.unwrap();
+                        assert_eq!(purge.await.unwrap(), 1, "only old-2 goes");
+                    }
+                    let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM racefree_idempotency ORDER BY key")
+                        .fetch_all(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(keys, ["tests::pay##fresh", "tests::pay##old-1"]);
+                    assert_eq!(env.store.purge_expired().await.unwrap(), 0);
+                    env.close().await;
+                });
+            }
+
+            /// Makes a record's `expires_at` lie in the past.
+            async fn age(pool: &Pool<$Database>, key: &str) {
+                let sql = if $feature == "postgres" {
+                    "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 second' WHERE key = $1"
+                } else {
+                    "UPDATE racefree_idempotency SET expires_at = 0 WHERE key = $1"
+                };
+                let done = sqlx::query(sql).bind(key).execute(pool).await.unwrap();
+                assert_eq!(done.rows_affected(), 1, "record {key}");
+            }
+        }
+    };
+}
+
+suite!(pg, "postgres", sqlx::Postgres, pg_pools, TestDb::pg);
+suite!(sqlite, "sqlite", sqlx::Sqlite, sqlite_pools, TestDb::sqlite);
+
+/// Not a test of its own: the body of the child processes. Without `RF_SQL_MODE` it returns.
+#[test]
+fn child_entry() {
+    let Some((mode, worker)) = sql::child_role() else {
+        return;
+    };
+    let db = TestDb::from_env();
+    sql::runtime().block_on(async move {
+        match db.kind {
+            #[cfg(feature = "postgres")]
+            "pg" => pg::child(&db, &mode, worker).await,
+            #[cfg(feature = "sqlite")]
+            "sqlite" => sqlite::child(&db, &mode, worker).await,
+            other => panic!("no {other} support built in"),
+        }
+    });
+}

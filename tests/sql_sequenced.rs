@@ -1,0 +1,1 @@
+#![cfg(any(feature = "postgres", feature = "sqlite"))]
