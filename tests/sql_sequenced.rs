@@ -1,1 +1,416 @@
+//! `#[sequenced]` on the SQL stores: the number commits in the same transaction as the effect,
+//! so numbers are unique and gap-free across processes, under `Err`, panics and crashes.
+//!
+//! Each scenario runs on PostgreSQL (a fresh schema, dropped at the end) and on SQLite (a
+//! fresh WAL file shared by several processes). Calls go through the protocol the attribute
+//! expands to (`acquire_async` → `next_async` (or `start`) → body on the lease's connection →
+//! `commit_async` on success, drop otherwise). The effect is an `INSERT` into `numbered`, which
+//! has `UNIQUE (key, number)`: a duplicate number would fail the call that tried it.
+
 #![cfg(any(feature = "postgres", feature = "sqlite"))]
+
+#[path = "support/sql.rs"]
+mod sql;
+
+use std::time::{Duration, Instant};
+
+use racefree::{SequenceBackend, SequenceError, SequenceLease};
+use sql::TestDb;
+
+/// Processes × callers of the cross-process scenarios.
+const WORKERS: usize = 4;
+const CALLERS: usize = 25;
+
+#[cfg(feature = "postgres")]
+async fn pg_pools(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
+    let pool = db.pg_pool(8).await;
+    (pool.clone(), pool)
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
+    (
+        db.sqlite_pool(8, Duration::from_secs(20)).await,
+        db.sqlite_side_pool().await,
+    )
+}
+
+/// What a numbered call's body does after its `INSERT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Succeed,
+    Fail,
+    Panic,
+    Abort,
+}
+
+/// The fault injected into the `worker`'s `caller`-th call of the faulty scenario: of 100
+/// calls, 1 aborts its process (worker 3), and of the rest every 5th fails and every 7th panics.
+fn fault(worker: usize, caller: usize) -> Then {
+    let index = worker * CALLERS + caller;
+    if worker == 3 && caller == 12 {
+        Then::Abort
+    } else if index % 5 == 0 {
+        Then::Fail
+    } else if index % 7 == 0 {
+        Then::Panic
+    } else {
+        Then::Succeed
+    }
+}
+
+macro_rules! suite {
+    ($db:ident, $feature:literal, $Database:ty, $pools:path, $new_db:path) => {
+        #[cfg(feature = $feature)]
+        mod $db {
+            use super::*;
+            use racefree::sql::SqlStore;
+            use sqlx::Pool;
+
+            pub type Store = SqlStore<$Database>;
+
+            /// The store, its pool (effects), and the side channel (outcomes, arrivals).
+            pub struct Env {
+                pub store: Store,
+                pub pool: Pool<$Database>,
+                pub side: Pool<$Database>,
+            }
+
+            pub async fn open(db: &TestDb) -> Env {
+                let (pool, side) = $pools(db).await;
+                Env {
+                    store: Store::new(pool.clone()),
+                    pool,
+                    side,
+                }
+            }
+
+            pub async fn setup(db: &TestDb) -> Env {
+                let env = open(db).await;
+                env.store.migrate().await.unwrap();
+                for table in sql::TEST_TABLES {
+                    sqlx::query(table).execute(&env.pool).await.unwrap();
+                    if $feature == "sqlite" {
+                        sqlx::query(table).execute(&env.side).await.unwrap();
+                    }
+                }
+                env
+            }
+
+            async fn arrive(pool: &Pool<$Database>, point: &str, who: &str, n: i64) {
+                sqlx::query("INSERT INTO arrivals (point, who) VALUES ($1, $2)")
+                    .bind(point)
+                    .bind(who)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let here: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM arrivals WHERE point = $1")
+                            .bind(point)
+                            .fetch_one(pool)
+                            .await
+                            .unwrap();
+                    if here >= n {
+                        return;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "barrier {point} never reached {n}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+
+            /// The numbers committed for `key`, in order.
+            pub async fn numbers(env: &Env, key: &str) -> Vec<i64> {
+                sqlx::query_scalar("SELECT number FROM numbered WHERE key = $1 ORDER BY number")
+                    .bind(key)
+                    .fetch_all(&env.pool)
+                    .await
+                    .unwrap()
+            }
+
+            /// One call of `#[sequenced(key = key, start = start, store = db.sequence("tests::invoice"))]`.
+            pub async fn invoice(
+                env: &Env,
+                key: &str,
+                start: u64,
+                who: &str,
+                deadline: Option<Instant>,
+                then: Then,
+            ) -> Result<u64, SequenceError> {
+                let invoices = env.store.sequence("tests::invoice");
+                let mut lease = invoices.acquire_async(key.to_owned(), deadline).await?;
+                let number = lease.next_async().await?.unwrap_or(start);
+                sqlx::query("INSERT INTO numbered (key, number, who) VALUES ($1, $2, $3)")
+                    .bind(key)
+                    .bind(number as i64)
+                    .bind(who)
+                    .execute(lease.connection())
+                    .await
+                    .expect("a number is never handed out twice (UNIQUE (key, number))");
+                match then {
+                    Then::Succeed => {
+                        lease.commit_async(number).await?;
+                        Ok(number)
+                    }
+                    Then::Fail => {
+                        drop(lease);
+                        Err(SequenceError::Store("the body failed".into()))
+                    }
+                    Then::Panic => panic!("injected panic after the INSERT"),
+                    Then::Abort => std::process::abort(),
+                }
+            }
+
+            pub async fn child(db: &TestDb, mode: &str, worker: usize) {
+                let env = std::sync::Arc::new(open(db).await);
+                let who = format!("worker-{worker}");
+                arrive(&env.side, mode, &who, WORKERS as i64).await;
+                let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+                let callers: Vec<_> = (0..CALLERS)
+                    .map(|caller| {
+                        let (env, gate) = (env.clone(), gate.clone());
+                        let who = format!("{who}/{caller}");
+                        let then = if mode == "faulty" {
+                            fault(worker, caller)
+                        } else {
+                            Then::Succeed
+                        };
+                        tokio::spawn(async move {
+                            gate.wait().await;
+                            let result = invoice(&env, "acme", 1, &who, None, then).await;
+                            if let Ok(number) = result {
+                                sqlx::query(
+                                    "INSERT INTO outcomes (key, outcome) VALUES ('acme', $1)",
+                                )
+                                .bind(number.to_string())
+                                .execute(&env.side)
+                                .await
+                                .unwrap();
+                            }
+                            (then, result.is_ok())
+                        })
+                    })
+                    .collect();
+                for caller in callers {
+                    match caller.await {
+                        Ok((then, ok)) => assert_eq!(ok, then == Then::Succeed, "{then:?}"),
+                        Err(panicked) => assert!(panicked.is_panic()),
+                    }
+                }
+            }
+
+            fn run(db: &TestDb, mode: &str) -> Vec<bool> {
+                let children: Vec<_> = (0..WORKERS)
+                    .map(|w| sql::spawn_child("child_entry", db, mode, w, &[]))
+                    .collect();
+                sql::wait_children(children)
+            }
+
+            /// 4 processes × 25 calls on one key: exactly 1..=100, the counter at 101.
+            #[test]
+            fn processes_share_one_gap_free_sequence() {
+                let db = $new_db("numbers");
+                let rt = sql::runtime();
+                let env = rt.block_on(setup(&db));
+                assert!(run(&db, "clean").into_iter().all(|ok| ok), "a child failed");
+                rt.block_on(async {
+                    assert_eq!(numbers(&env, "acme").await, (1..=100).collect::<Vec<i64>>());
+                    let next = env
+                        .store
+                        .sequence("tests::invoice")
+                        .next(&"acme")
+                        .await
+                        .unwrap();
+                    assert_eq!(next, Some(101));
+                    env.pool.close().await;
+                });
+            }
+
+            /// The same with injected `Err`s, panics and one process abort, all after the
+            /// body's `INSERT`: the committed numbers are exactly 1..=N (no duplicate, no gap),
+            /// one per success, and the counter is at N + 1.
+            #[test]
+            fn faults_after_the_insert_leave_no_gap() {
+                let db = $new_db("faulty");
+                let rt = sql::runtime();
+                let env = rt.block_on(setup(&db));
+                let exits = run(&db, "faulty");
+                assert_eq!(
+                    exits,
+                    [true, true, true, false],
+                    "worker 3 aborted, the others finished"
+                );
+                rt.block_on(async {
+                    let committed = numbers(&env, "acme").await;
+                    let n = committed.len() as i64;
+                    assert_eq!(
+                        committed,
+                        (1..=n).collect::<Vec<i64>>(),
+                        "contiguous from 1"
+                    );
+                    let reported: Vec<String> = sqlx::query_scalar("SELECT outcome FROM outcomes")
+                        .fetch_all(&env.side)
+                        .await
+                        .unwrap();
+                    // Workers 0-2 report every success; worker 3 only those before its abort.
+                    let survivors = (0..3)
+                        .flat_map(|w| (0..CALLERS).map(move |c| fault(w, c)))
+                        .filter(|then| *then == Then::Succeed)
+                        .count();
+                    assert!(
+                        reported.len() >= survivors && reported.len() as i64 <= n,
+                        "{} reported, {n} committed",
+                        reported.len()
+                    );
+                    let next = env
+                        .store
+                        .sequence("tests::invoice")
+                        .next(&"acme")
+                        .await
+                        .unwrap();
+                    assert_eq!(next, Some(n as u64 + 1));
+                    env.pool.close().await;
+                });
+            }
+
+            /// `start` applies to a key never seen; a failing first call does not consume it;
+            /// keys and families are independent.
+            #[test]
+            fn start_applies_to_a_new_key_until_its_first_success() {
+                let db = $new_db("start");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    assert!(invoice(&env, "new", 1000, "a", None, Then::Fail)
+                        .await
+                        .is_err());
+                    assert_eq!(
+                        invoice(&env, "new", 1000, "b", None, Then::Succeed)
+                            .await
+                            .unwrap(),
+                        1000
+                    );
+                    assert!(invoice(&env, "new", 1000, "c", None, Then::Fail)
+                        .await
+                        .is_err());
+                    assert_eq!(
+                        invoice(&env, "new", 1000, "d", None, Then::Succeed)
+                            .await
+                            .unwrap(),
+                        1001
+                    );
+                    assert_eq!(
+                        invoice(&env, "other", 1, "e", None, Then::Succeed)
+                            .await
+                            .unwrap(),
+                        1
+                    );
+                    assert_eq!(numbers(&env, "new").await, [1000, 1001]);
+                    let other_family = env.store.sequence("tests::receipt");
+                    assert_eq!(other_family.next(&"new").await.unwrap(), None);
+                    env.pool.close().await;
+                });
+            }
+
+            /// A dropped future after the body's `INSERT` (the client went away): nothing
+            /// committed, the next call gets the same number.
+            #[test]
+            fn dropped_future_after_the_insert_consumes_nothing() {
+                let db = $new_db("dropped");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    let (inserted, is_inserted) = tokio::sync::oneshot::channel();
+                    let e = env.clone();
+                    let handler = tokio::spawn(async move {
+                        let invoices = e.store.sequence("tests::invoice");
+                        let mut lease = invoices
+                            .acquire_async("acme".to_owned(), None)
+                            .await
+                            .unwrap();
+                        let number = lease.next_async().await.unwrap().unwrap_or(1);
+                        sqlx::query(
+                            "INSERT INTO numbered (key, number, who) VALUES ('acme', $1, 'gone')",
+                        )
+                        .bind(number as i64)
+                        .execute(lease.connection())
+                        .await
+                        .unwrap();
+                        inserted.send(()).unwrap();
+                        std::future::pending::<()>().await;
+                    });
+                    is_inserted.await.unwrap();
+                    handler.abort();
+                    assert!(handler.await.unwrap_err().is_cancelled());
+                    assert_eq!(
+                        invoice(&env, "acme", 1, "next", None, Then::Succeed)
+                            .await
+                            .unwrap(),
+                        1
+                    );
+                    assert_eq!(numbers(&env, "acme").await, [1]);
+                    env.pool.close().await;
+                });
+            }
+        }
+    };
+}
+
+suite!(pg, "postgres", sqlx::Postgres, pg_pools, TestDb::pg);
+suite!(sqlite, "sqlite", sqlx::Sqlite, sqlite_pools, TestDb::sqlite);
+
+/// Another process (here: another store on the same pool, with its own in-process queue)
+/// holding the key's row lock makes a call with a deadline fail with `Timeout` through
+/// PostgreSQL's `lock_timeout`, consuming nothing.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_deadline_bounds_the_wait_for_another_process() {
+    let db = TestDb::pg("deadline");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        let elsewhere = racefree::sql::PgStore::new(env.pool.clone());
+        let invoices = elsewhere.sequence("tests::invoice");
+        let held = invoices
+            .acquire_async("acme".to_owned(), None)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let deadline = Some(started + Duration::from_millis(200));
+        let timed_out = pg::invoice(&env, "acme", 1, "late", deadline, Then::Succeed).await;
+        assert!(
+            matches!(timed_out, Err(SequenceError::Timeout)),
+            "{timed_out:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(held);
+        assert_eq!(
+            pg::invoice(&env, "acme", 1, "next", None, Then::Succeed)
+                .await
+                .unwrap(),
+            1
+        );
+        env.pool.close().await;
+    });
+}
+
+/// Not a test of its own: the body of the child processes. Without `RF_SQL_MODE` it returns.
+#[test]
+fn child_entry() {
+    let Some((mode, worker)) = sql::child_role() else {
+        return;
+    };
+    let db = TestDb::from_env();
+    sql::runtime().block_on(async move {
+        match db.kind {
+            #[cfg(feature = "postgres")]
+            "pg" => pg::child(&db, &mode, worker).await,
+            #[cfg(feature = "sqlite")]
+            "sqlite" => sqlite::child(&db, &mode, worker).await,
+            other => panic!("no {other} support built in"),
+        }
+    });
+}
