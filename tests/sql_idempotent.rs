@@ -447,3 +447,236 @@ fn child_entry() {
         }
     });
 }
+
+/// `in_flight = "reject"` on PostgreSQL: while the owner's transaction is open a duplicate
+/// gets `InProgress` at once (the advisory lock is taken by someone), a waiting duplicate with
+/// a deadline gets `InProgress` at its deadline (`lock_timeout`); after the owner commits
+/// both replay its outcome. Nothing runs twice.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_reject_answers_in_progress_while_the_owner_is_open() {
+    use std::time::Instant;
+    let db = TestDb::pg("reject");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        let reject = pg::policy().reject_in_flight();
+        let call = Call::new(
+            "tests::pay",
+            None,
+            Some("r"),
+            Fingerprint::of(&1_u64),
+            reject,
+        );
+        let Begin::Execute(mut owner) = begin(&env.store, call).await else {
+            panic!("the first call executes")
+        };
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('r', 'owner')")
+            .execute(owner.lease_mut().unwrap().connection())
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let rejected = pg::pay(&env, Some("r"), 1, "dup", reject, Then::Succeed { ms: 0 }).await;
+        assert_eq!(
+            rejected,
+            Err(IdempotencyError::InProgress { key: "r".into() })
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered at once"
+        );
+
+        let patient = pg::policy().wait_timeout(Duration::from_millis(200));
+        let waited = pg::pay(
+            &env,
+            Some("r"),
+            1,
+            "waiter",
+            patient,
+            Then::Succeed { ms: 0 },
+        )
+        .await;
+        assert_eq!(
+            waited,
+            Err(IdempotencyError::InProgress { key: "r".into() })
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "waited for its deadline"
+        );
+
+        owner.finish(&"receipt by owner".to_owned()).await.unwrap();
+        let replayed = pg::pay(&env, Some("r"), 1, "late", reject, Then::Succeed { ms: 0 }).await;
+        assert_eq!(replayed.unwrap(), "receipt by owner");
+        assert_eq!(
+            pg::count(&env.side, "executions", "r").await,
+            0,
+            "no duplicate ran its body"
+        );
+        assert_eq!(pg::count(&env.pool, "effects", "r").await, 1);
+        env.close().await;
+    });
+}
+
+/// On SQLite a duplicate in flight cannot be told from another writer: with `reject` it
+/// still waits for the database's write lock, and a `busy_timeout` shorter than the owner's
+/// transaction turns that into `StoreUnavailable` (nothing ran); after the commit it replays.
+#[cfg(feature = "sqlite")]
+#[test]
+fn sqlite_duplicate_in_flight_waits_for_the_write_lock_bounded_by_busy_timeout() {
+    use racefree::sql::SqliteStore;
+    let db = TestDb::sqlite("reject");
+    sql::runtime().block_on(async {
+        let env = sqlite::setup(&db).await;
+        let reject = sqlite::policy().reject_in_flight();
+        let call = Call::new(
+            "tests::pay",
+            None,
+            Some("r"),
+            Fingerprint::of(&1_u64),
+            reject,
+        );
+        let Begin::Execute(mut owner) = begin(&env.store, call).await else {
+            panic!("the first call executes")
+        };
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('r', 'owner')")
+            .execute(owner.lease_mut().unwrap().connection())
+            .await
+            .unwrap();
+
+        let impatient = sqlite::Env {
+            store: SqliteStore::new(db.sqlite_pool(2, Duration::from_millis(100)).await),
+            pool: env.pool.clone(),
+            side: env.side.clone(),
+        };
+        let busy = sqlite::pay(
+            &impatient,
+            Some("r"),
+            1,
+            "dup",
+            reject,
+            Then::Succeed { ms: 0 },
+        )
+        .await;
+        assert!(
+            matches!(busy, Err(IdempotencyError::StoreUnavailable { .. })),
+            "{busy:?}"
+        );
+
+        owner.finish(&"receipt by owner".to_owned()).await.unwrap();
+        let replayed = sqlite::pay(
+            &impatient,
+            Some("r"),
+            1,
+            "late",
+            reject,
+            Then::Succeed { ms: 0 },
+        )
+        .await;
+        assert_eq!(replayed.unwrap(), "receipt by owner");
+        assert_eq!(sqlite::count(&env.side, "executions", "r").await, 0);
+        assert_eq!(sqlite::count(&env.pool, "effects", "r").await, 1);
+        env.close().await;
+    });
+}
+
+/// The connection is killed (`pg_terminate_backend`) in the middle of a body, and again
+/// after a body, before its outcome is written: both times the caller gets an error
+/// (the body's own, then `StoreUnavailable`), nothing committed, and the retry executes once
+/// on a fresh connection.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_killed_connection_is_a_typed_error_then_recovery() {
+    let db = TestDb::pg("killed");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        async fn kill(connection: &mut sqlx::PgConnection) {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            sql::pg_admin(&format!("SELECT pg_terminate_backend({pid})"));
+        }
+
+        // Mid-body: the body's next statement fails; it returns Err, the lease is released.
+        let call = Call::new(
+            "tests::pay",
+            None,
+            Some("kill"),
+            Fingerprint::of(&9_u64),
+            pg::policy(),
+        );
+        let Begin::<_, String>::Execute(mut execution) = begin(&env.store, call).await else {
+            panic!("the first call executes")
+        };
+        let connection = execution.lease_mut().unwrap().connection();
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('kill', 'first')")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        kill(connection).await;
+        let next = sqlx::query("INSERT INTO effects (key, who) VALUES ('kill', 'first-2')")
+            .execute(&mut *connection)
+            .await;
+        assert!(
+            next.is_err(),
+            "the killed connection fails the body's next statement"
+        );
+        execution.release();
+
+        // After the body: completing reports the failure instead of a false success.
+        let call = Call::new(
+            "tests::pay",
+            None,
+            Some("kill"),
+            Fingerprint::of(&9_u64),
+            pg::policy(),
+        );
+        let Begin::Execute(mut execution) = begin(&env.store, call).await else {
+            panic!("the key is free after the rollback")
+        };
+        let connection = execution.lease_mut().unwrap().connection();
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('kill', 'second')")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        kill(connection).await;
+        let finished = execution.finish(&"receipt".to_owned()).await;
+        assert!(
+            matches!(finished, Err(IdempotencyError::StoreUnavailable { .. })),
+            "{finished:?}"
+        );
+
+        assert_eq!(
+            pg::count(&env.pool, "effects", "kill").await,
+            0,
+            "nothing committed"
+        );
+        let retry = pg::pay(
+            &env,
+            Some("kill"),
+            9,
+            "retry",
+            pg::policy(),
+            Then::Succeed { ms: 0 },
+        )
+        .await;
+        assert_eq!(retry.unwrap(), "receipt 9 by retry");
+        let again = pg::pay(
+            &env,
+            Some("kill"),
+            9,
+            "again",
+            pg::policy(),
+            Then::Succeed { ms: 0 },
+        )
+        .await;
+        assert_eq!(again.unwrap(), "receipt 9 by retry", "replayed");
+        assert_eq!(
+            pg::count(&env.pool, "effects", "kill").await,
+            1,
+            "one effect row"
+        );
+        env.close().await;
+    });
+}
