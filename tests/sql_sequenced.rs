@@ -50,9 +50,9 @@ fn fault(worker: usize, caller: usize) -> Then {
     let index = worker * CALLERS + caller;
     if worker == 3 && caller == 12 {
         Then::Abort
-    } else if index % 5 == 0 {
+    } else if index.is_multiple_of(5) {
         Then::Fail
-    } else if index % 7 == 0 {
+    } else if index.is_multiple_of(7) {
         Then::Panic
     } else {
         Then::Succeed

@@ -1,15 +1,6 @@
 //! The statements that differ between PostgreSQL and SQLite, and nothing else: the protocols
 //! in `idempotent.rs` and `sequenced.rs` are written once over [`Dialect`], which says how
 //! each step is spelled and which lock makes it atomic.
-//!
-//! | step | PostgreSQL | SQLite |
-//! | --- | --- | --- |
-//! | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
-//! | "is this key in flight?" | `pg_try_advisory_xact_lock(hash(key))` | always "no": holding the write lock means nobody else is writing |
-//! | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
-//! | claim | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING` | the same |
-//! | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
-//! | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,9 +19,18 @@ pub struct Record {
     pub(crate) expired: bool,
 }
 
-/// A database racefree's SQL stores run on: [`sqlx::Postgres`] (feature `postgres`) or
-/// [`sqlx::Sqlite`] (feature `sqlite`). Sealed: the protocol's correctness rests on each
-/// dialect's locking, argued in the module docs.
+/// A database racefree's SQL stores run on: `sqlx::Postgres` (feature `postgres`) or
+/// `sqlx::Sqlite` (feature `sqlite`). Sealed: the protocol's correctness rests on each
+/// dialect's locking:
+///
+/// | step | PostgreSQL | SQLite |
+/// | --- | --- | --- |
+/// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
+/// | "is this key in flight?" | `pg_try_advisory_xact_lock(hash(key))` | always "no": holding the write lock means nobody else is writing |
+/// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
+/// | claim | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING` | the same |
+/// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
+/// | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
 pub trait Dialect: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn schema(tables: &Tables) -> String;

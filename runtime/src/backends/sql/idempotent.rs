@@ -173,24 +173,24 @@ impl<D: Dialect> SqlStore<D> {
                     key: Some(key.clone()),
                 }));
             }
-            match D::read_record_in(&mut tx, tables, key.as_str())
+            let Some(record) = D::read_record_in(&mut tx, tables, key.as_str())
+                .await
+                .map_err(unavailable)?
+            else {
+                continue;
+            };
+            if !record.expired {
+                // Dropping `tx` rolls back a transaction that wrote nothing.
+                return answer(key, &fingerprint, record).map(Claim::Replay);
+            }
+            if D::replace_expired(&mut tx, tables, key.as_str(), &fingerprint)
                 .await
                 .map_err(unavailable)?
             {
-                Some(record) if record.expired => {
-                    if D::replace_expired(&mut tx, tables, key.as_str(), &fingerprint)
-                        .await
-                        .map_err(unavailable)?
-                    {
-                        return Ok(Claim::Execute(SqlIdempotencyLease {
-                            tx,
-                            key: Some(key.clone()),
-                        }));
-                    }
-                }
-                // Dropping `tx` rolls back a transaction that wrote nothing.
-                Some(record) => return answer(key, &fingerprint, record).map(Claim::Replay),
-                None => {}
+                return Ok(Claim::Execute(SqlIdempotencyLease {
+                    tx,
+                    key: Some(key.clone()),
+                }));
             }
         }
         Err(IdempotencyError::StoreUnavailable {
@@ -285,14 +285,10 @@ where
         self.complete_key(lease, outcome, ttl)
     }
 
-    fn lease_without_key(
-        &self,
-    ) -> impl Future<Output = Result<Option<Self::Lease>, IdempotencyError>> + Send {
-        async move {
-            let (pool, _) = self.store_pool()?;
-            let tx = pool.begin().await.map_err(unavailable)?;
-            Ok(Some(SqlIdempotencyLease { tx, key: None }))
-        }
+    async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
+        let (pool, _) = self.store_pool()?;
+        let tx = pool.begin().await.map_err(unavailable)?;
+        Ok(Some(SqlIdempotencyLease { tx, key: None }))
     }
 
     fn release(&self, lease: Self::Lease) {

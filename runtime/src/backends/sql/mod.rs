@@ -12,12 +12,12 @@
 //!   has ([`SqlStore::new`]) or lazily from a URL for a `static` ([`SqlStore::lazy`]); a
 //!   configurable table prefix; [`migrate`](SqlStore::migrate) (the same SQL ships under
 //!   `migrations/`), [`purge_expired`](SqlStore::purge_expired).
-//! - `#[idempotent]`: `SqlStore` implements [`IdempotencyBackend`]; its lease
+//! - `#[idempotent]`: `SqlStore` implements [`IdempotencyBackend`](crate::IdempotencyBackend); its lease
 //!   ([`SqlIdempotencyLease`]) owns the transaction. Protocol: `idempotent.rs`.
 //! - `#[sequenced]`: [`SqlStore::sequence`] names a family of sequences and implements
-//!   [`SequenceBackend`]; its lease ([`SqlSequenceLease`]) owns the transaction. Protocol:
+//!   [`SequenceBackend`](crate::SequenceBackend); its lease ([`SqlSequenceLease`]) owns the transaction. Protocol:
 //!   `sequenced.rs`.
-//! - How PostgreSQL and SQLite differ (which lock makes each step atomic): [`dialect`].
+//! - How PostgreSQL and SQLite differ (which lock makes each step atomic): [`Dialect`].
 //!
 //! # What holds
 //!
@@ -26,11 +26,11 @@
 //! | body returns `Err` (not stored), panics, or its future is dropped (client gone) | effect and claim roll back together; the key is free; the retry executes once | effect and number roll back together; the next call gets the same number |
 //! | the process crashes after the effect, before `COMMIT` | the server rolls the transaction back when the connection drops: as above | as above |
 //! | the connection is killed mid-body (`pg_terminate_backend`), the server restarts | the body's next statement fails, nothing committed, the caller gets its error; the retry executes once | the call fails, nothing committed, no gap |
-//! | `COMMIT` sent, answer lost | [`IdempotencyError::OutcomeUnknown`]: a retry replays if it committed, executes if not — never both | [`SequenceError::CommitUnknown`]: check the effect |
+//! | `COMMIT` sent, answer lost | [`IdempotencyError::OutcomeUnknown`]: a retry replays if it committed, executes if not — never both | [`SequenceError::CommitUnknown`](crate::SequenceError::CommitUnknown): check the effect |
 //! | a concurrent duplicate (same key and fingerprint) | waits for the owner's transaction, then replays its committed outcome (or executes, if the owner rolled back); `in_flight = "reject"` answers `InProgress` at once on PostgreSQL | waits on the counter row's lock: numbers are unique, gap-free and in commit order across every process and machine on the database |
 //! | the same key with another fingerprint | `Conflict`, the stored outcome untouched | — |
 //! | a stored record that does not decode | [`IdempotencyError::Undecodable`], never a re-execution | — |
-//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT` | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`]; a lock wait past the deadline: [`SequenceError::Timeout`] |
+//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT` | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
 //! | failover to a synchronous replica | what was committed survives; with asynchronous replication, the last commits may be lost *together with their effects*, so records and effects still agree | as for idempotency |
 //!
 //! # What it does not promise

@@ -200,36 +200,34 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
         std::future::ready(Ok(self.next))
     }
 
-    fn commit_async(self, used: u64) -> impl Future<Output = Result<(), SequenceError>> + Send {
-        async move {
-            let SqlSequenceLease {
-                mut tx,
-                store,
-                name,
-                key,
-                next,
-                turn,
-                ..
-            } = self;
-            // The upsert already moved the counter to `next + 1`.
-            if next != Some(used) {
-                let after = used
-                    .checked_add(1)
-                    .and_then(|n| i64::try_from(n).ok())
-                    .ok_or(SequenceError::Exhausted)?;
-                let (_, tables) = store
-                    .store_pool()
-                    .map_err(|e| SequenceError::Store(e.to_string().into()))?;
-                D::set_next(&mut tx, tables, &name, &key, Some(after))
-                    .await
-                    .map_err(|e| Failure::of(e).sequence())?;
-            }
-            let committed = tx
-                .commit()
+    async fn commit_async(self, used: u64) -> Result<(), SequenceError> {
+        let SqlSequenceLease {
+            mut tx,
+            store,
+            name,
+            key,
+            next,
+            turn,
+            ..
+        } = self;
+        // The upsert already moved the counter to `next + 1`.
+        if next != Some(used) {
+            let after = used
+                .checked_add(1)
+                .and_then(|n| i64::try_from(n).ok())
+                .ok_or(SequenceError::Exhausted)?;
+            let (_, tables) = store
+                .store_pool()
+                .map_err(|e| SequenceError::Store(e.to_string().into()))?;
+            D::set_next(&mut tx, tables, &name, &key, Some(after))
                 .await
-                .map_err(|e| Failure::of(e).sequence_commit());
-            drop(turn);
-            committed
+                .map_err(|e| Failure::of(e).sequence())?;
         }
+        let committed = tx
+            .commit()
+            .await
+            .map_err(|e| Failure::of(e).sequence_commit());
+        drop(turn);
+        committed
     }
 }
