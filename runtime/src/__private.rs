@@ -21,3 +21,33 @@ pub fn seq(number: u64, fence: u64) -> Seq {
 pub fn issue_seq(number: u64, fence: u64) -> Result<Seq, SequenceError> {
     Seq::issue(number, fence)
 }
+
+/// The transaction a `tx: PgTx<'_>` / `tx: SqliteTx<'_>` parameter of an `#[idempotent]` body
+/// receives: the execution's lease is the store's transaction. A SQL store opens one for every
+/// call, with or without a key.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[inline]
+pub fn idempotent_tx<'e, B, T, D>(
+    execution: &'e mut crate::idempotent::call::Execution<'_, B, T>,
+) -> crate::backends::sql::Tx<'e, D>
+where
+    B: crate::idempotent::IdempotencyBackend<T>,
+    B::Lease: crate::backends::sql::InTransaction<D>,
+    D: crate::backends::sql::Dialect,
+{
+    let lease = execution
+        .lease_mut()
+        .expect("a SQL store opens a transaction for every call");
+    crate::backends::sql::Tx::of(lease)
+}
+
+/// The transaction a `tx` parameter of a `#[sequenced]` body receives: the lease's.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[inline]
+pub fn sequence_tx<L, D>(lease: &mut L) -> crate::backends::sql::Tx<'_, D>
+where
+    L: crate::backends::sql::InTransaction<D>,
+    D: crate::backends::sql::Dialect,
+{
+    crate::backends::sql::Tx::of(lease)
+}

@@ -19,6 +19,37 @@
 //!   `sequenced.rs`.
 //! - How PostgreSQL and SQLite differ (which lock makes each step atomic): [`Dialect`].
 //!
+//! # With the attributes
+//!
+//! ```ignore
+//! use racefree::sql::{PgStore, PgTx};
+//! use racefree::{idempotent, sequenced, IdempotencyError, Seq};
+//!
+//! struct App { db: PgStore }              // PgStore::new(pool) from the pool the app has
+//!
+//! #[idempotent(key = key, store = app.db)]
+//! async fn pay(app: &App, key: &str, cents: i64, mut tx: PgTx<'_>) -> Result<Receipt, Error> {
+//!     sqlx::query("INSERT INTO payments (key, cents) VALUES ($1, $2)")
+//!         .bind(key).bind(cents).execute(&mut *tx).await?;     // commits with the record
+//!     Ok(Receipt { cents })
+//! }
+//!
+//! #[sequenced(key = customer.to_owned(), store = app.db.sequence("invoice_no"))]
+//! async fn invoice(app: &App, customer: &str, seq: Seq, mut tx: PgTx<'_>) -> Result<u64, Error> {
+//!     sqlx::query("INSERT INTO invoices (customer, number) VALUES ($1, $2)")
+//!         .bind(customer).bind(seq.get() as i64).execute(&mut *tx).await?;
+//!     Ok(seq.get())                                             // the number commits with the row
+//! }
+//! // callers: pay(&app, "k-1", 1999).await, invoice(&app, "acme").await — no `tx`, no `seq`.
+//! ```
+//!
+//! The `tx` parameter (type `PgTx<'_>`, `SqliteTx<'_>` or `Tx<'_, D>`) is supplied by the
+//! attribute and absent from the callers' signature, like `seq: Seq`. The error type needs
+//! `From<IdempotencyError>` / `From<SequenceError>`, and the functions must be `async`.
+//! Without the attribute, the same protocol is available directly: `begin` → the lease's
+//! [`connection`](SqlIdempotencyLease::connection) → `finish`, and
+//! [`SqlSequence`]`::acquire_async` → [`SqlSequenceLease::connection`] → `commit_async`.
+//!
 //! # What holds
 //!
 //! | event | `#[idempotent]` | `#[sequenced]` |
