@@ -191,7 +191,8 @@ macro_rules! suite {
                                 let who = format!("{who}/{caller}");
                                 tokio::spawn(async move {
                                     gate.wait().await;
-                                    let outcome = pay(&env, Some("crowd"), 1999, &who, policy(), Then::Succeed { ms: 50 })
+                                    // Through the attribute: the body's INSERT is on its `tx`.
+                                    let outcome = charge(&env, "crowd", 1999, &who, false)
                                         .await
                                         .expect("every caller gets the outcome");
                                     sqlx::query("INSERT INTO outcomes (key, outcome) VALUES ($1, $2)")
@@ -215,8 +216,8 @@ macro_rules! suite {
                 }
             }
 
-            /// 4 processes × 25 callers, one key: one execution, one effect row, 100 equal
-            /// outcomes (and the one execution's outcome is what everyone got).
+            /// 4 processes × 25 callers of the `#[idempotent]` function `charge`, one key: one
+            /// execution, one effect row, 100 equal outcomes (the one execution's).
             #[test]
             fn crowd_of_processes_executes_once() {
                 let db = $new_db("crowd");
@@ -409,6 +410,74 @@ macro_rules! suite {
                         .unwrap();
                     assert_eq!(keys, ["tests::pay##fresh", "tests::pay##old-1"]);
                     assert_eq!(env.store.purge_expired().await.unwrap(), 0);
+                    env.close().await;
+                });
+            }
+
+            /// `pay` as the attribute writes it: the `tx` parameter is the store's transaction
+            /// and is not passed by callers.
+            #[racefree::idempotent(key = key, store = env.store, skip(env, who, fail))]
+            pub async fn charge(
+                env: &Env,
+                key: &str,
+                cents: u64,
+                who: &str,
+                fail: bool,
+                mut tx: racefree::sql::Tx<'_, $Database>,
+            ) -> Result<String, IdempotencyError> {
+                sqlx::query("INSERT INTO executions (key, who) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(who)
+                    .execute(&env.side)
+                    .await
+                    .unwrap();
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(who)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await; // work; duplicates pile up
+                if fail {
+                    return Err(IdempotencyError::StoreUnavailable { reason: "the body failed".into() });
+                }
+                Ok(format!("receipt {cents} by {who}"))
+            }
+
+            /// Through the attribute: 25 concurrent callers of one key → one execution, one
+            /// effect row, 25 equal outcomes; an `Err` after the `INSERT` leaves no row and a
+            /// free key; another payload is a `Conflict`.
+            #[test]
+            fn attribute_runs_the_body_in_the_store_transaction() {
+                let db = $new_db("attribute");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+                    let callers: Vec<_> = (0..CALLERS)
+                        .map(|caller| {
+                            let (env, gate) = (env.clone(), gate.clone());
+                            tokio::spawn(async move {
+                                gate.wait().await;
+                                charge(&env, "attr", 42, &format!("caller-{caller}"), false).await
+                            })
+                        })
+                        .collect();
+                    let mut outcomes = Vec::new();
+                    for caller in callers {
+                        outcomes.push(caller.await.unwrap().expect("every caller gets the outcome"));
+                    }
+                    assert_eq!(count(&env.side, "executions", "attr").await, 1, "one execution");
+                    assert_eq!(count(&env.pool, "effects", "attr").await, 1, "one effect row");
+                    assert!(outcomes.iter().all(|o| *o == outcomes[0]), "{outcomes:?}");
+
+                    assert!(charge(&env, "attr-err", 1, "first", true).await.is_err());
+                    assert_eq!(count(&env.pool, "effects", "attr-err").await, 0, "rolled back");
+                    assert_eq!(charge(&env, "attr-err", 1, "retry", false).await.unwrap(), "receipt 1 by retry");
+                    assert_eq!(count(&env.pool, "effects", "attr-err").await, 1);
+
+                    let other = charge(&env, "attr", 43, "other", false).await;
+                    assert_eq!(other, Err(IdempotencyError::Conflict { key: "attr".into() }));
                     env.close().await;
                 });
             }

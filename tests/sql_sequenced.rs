@@ -277,6 +277,65 @@ macro_rules! suite {
                 });
             }
 
+            /// `invoice` as the attribute writes it: `seq` and `tx` are supplied, not passed.
+            #[racefree::sequenced(key = key.to_owned(), start = 100, store = env.store.sequence("tests::attr"))]
+            async fn numbered(
+                env: &Env,
+                key: &str,
+                fail: bool,
+                seq: racefree::Seq,
+                mut tx: racefree::sql::Tx<'_, $Database>,
+            ) -> Result<u64, SequenceError> {
+                sqlx::query("INSERT INTO numbered (key, number, who) VALUES ($1, $2, 'attr')")
+                    .bind(key)
+                    .bind(seq.get() as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("a number is never handed out twice");
+                if fail {
+                    return Err(SequenceError::Store("the body failed".into()));
+                }
+                Ok(seq.get())
+            }
+
+            /// Through the attribute: 25 concurrent callers, every 4th failing after its
+            /// `INSERT`, on a new key with `start = 100` → the successes are exactly
+            /// 100..100 + successes, each row committed with its number.
+            #[test]
+            fn attribute_commits_the_number_with_the_row() {
+                let db = $new_db("attribute");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+                    let callers: Vec<_> = (0..CALLERS)
+                        .map(|caller| {
+                            let (env, gate) = (env.clone(), gate.clone());
+                            tokio::spawn(async move {
+                                gate.wait().await;
+                                numbered(&env, "attr", caller % 4 == 3).await
+                            })
+                        })
+                        .collect();
+                    let mut numbers = Vec::new();
+                    for caller in callers {
+                        if let Ok(number) = caller.await.unwrap() {
+                            numbers.push(number as i64);
+                        }
+                    }
+                    numbers.sort();
+                    let expected: Vec<i64> = (100..100 + numbers.len() as i64).collect();
+                    assert_eq!(numbers.len(), CALLERS - CALLERS / 4);
+                    assert_eq!(numbers, expected);
+                    let committed: Vec<i64> = sqlx::query_scalar("SELECT number FROM numbered WHERE key = 'attr' ORDER BY number")
+                        .fetch_all(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(committed, expected, "failed calls left no row");
+                    env.pool.close().await;
+                });
+            }
+
             /// `start` applies to a key never seen; a failing first call does not consume it;
             /// keys and families are independent.
             #[test]

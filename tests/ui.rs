@@ -3,10 +3,15 @@
 //! releases, so regenerate with `TRYBUILD=overwrite cargo test --test ui` and read the diff).
 //!
 //! They are pinned for the default features: rustc prints `String` as `std::string::String`
-//! once a dependency enabled by `redis`/`axum` exports another `String`, so with those features
+//! once a dependency enabled by `redis`/`axum`/`postgres`/`sqlite` exports another `String`, so with those features
 //! the messages differ in wording only. `.ci/test` runs this file without them.
 
-#![cfg(not(any(feature = "redis", feature = "axum")))]
+#![cfg(not(any(
+    feature = "redis",
+    feature = "axum",
+    feature = "postgres",
+    feature = "sqlite"
+)))]
 
 #[test]
 fn cached_ui() {

@@ -31,6 +31,7 @@ use crate::expand::{self, Body};
 use crate::key;
 use crate::mode::Mode;
 use crate::shape::{contains_impl_trait, FnShape, Output, Param};
+use crate::tx::{self, TxParam};
 use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
 
 /// What `#[idempotent(...)]` on this function asks for, checked.
@@ -48,6 +49,8 @@ struct Plan {
     store_errors: bool,
     /// The `Result<T, E>` the function returns.
     ret: Type,
+    /// A `tx` parameter: the SQL store's transaction, taken out of the signature.
+    tx: Option<TxParam>,
 }
 
 /// What a call does when its key's first call is still running.
@@ -69,9 +72,15 @@ enum Fingerprint {
 
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
+/// `item` is the function without its `tx` parameter (taken out by [`tx::take`], which may
+/// have reported errors already).
+fn validate(
+    args: Args,
+    item: &ItemFn,
+    tx: Option<TxParam>,
+    mut errors: Errors,
+) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Idempotent, args)?;
-    let mut errors = Errors::default();
     check_signature(Attr::Idempotent, item, &mut errors);
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
@@ -104,6 +113,9 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
             "with `store = ...` the store's own capacity applies: set it where the store is built, not here",
         ));
     }
+    if let Some(tx) = &tx {
+        tx::check(tx, store.is_some(), Mode::of(&item.sig), &mut errors);
+    }
     let fingerprint = match fingerprint {
         Some(expr) => Fingerprint::Given(expr),
         None => default_fingerprint(&shape, &skip, key.as_ref(), &mut errors),
@@ -120,6 +132,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         require_key,
         store_errors,
         ret: shape.output.ty().clone(),
+        tx,
     })
 }
 
@@ -178,16 +191,13 @@ fn bare_argument(key: &Expr) -> Option<Ident> {
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(
-        Attr::Idempotent,
-        item,
-        |item| item,
-        |item| {
-            let args: Args = syn::parse2(args)?;
-            let plan = validate(args, &item)?;
-            Ok(generate(plan, item))
-        },
-    )
+    expand::with_fallback(Attr::Idempotent, item, tx::without_tx_params, |mut item| {
+        let args: Args = syn::parse2(args)?;
+        let mut errors = Errors::default();
+        let tx = tx::take(&mut item, &mut errors);
+        let plan = validate(args, &item, tx, errors)?;
+        Ok(generate(plan, item))
+    })
 }
 
 fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
@@ -207,7 +217,23 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let finish = finish(&plan, mode, ret_span);
     // An async body runs as the executor of its key, so a call it polls with the same key is
     // `Reentrant` instead of waiting for itself (sync bodies are recognised by their thread).
-    let body = Body::of(&item).run_wrapped(|future| quote!(__racefree_execution.within(#future)));
+    // With a `tx` parameter the body borrows the execution's lease, so the holder is taken
+    // first.
+    let (bind_tx, body) = match &plan.tx {
+        Some(tx) => (
+            quote! {
+                let __racefree_holder = __racefree_execution.holder();
+                let __racefree_tx = ::racefree::__private::idempotent_tx(&mut __racefree_execution);
+            },
+            Body::of(&item)
+                .with_prelude(tx::bind(tx))
+                .run_wrapped(|future| quote!(__racefree_holder.within(#future))),
+        ),
+        None => (
+            quote!(),
+            Body::of(&item).run_wrapped(|future| quote!(__racefree_execution.within(#future))),
+        ),
+    };
     let block = quote! {{
         #path_fn
         #implementor
@@ -219,6 +245,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         };
         #call
         #begin
+        #bind_tx
         let __racefree_output: #ret = #body;
         #finish
         __racefree_output
@@ -244,6 +271,8 @@ fn pick_store(plan: &Plan, id_fn: &TokenStream, ret_span: Span) -> TokenStream {
         // Method-call syntax, so that auto-deref finds the store behind a `LazyLock` or `Arc`.
         Some(store) => quote_spanned! {store.span()=>
             let __racefree_store = {
+                // Unused when the store has an inherent `idempotency_store` (the SQL stores).
+                #[allow(unused_imports)]
                 use ::racefree::__private::StoreRef as _;
                 (#store).idempotency_store()
             };
@@ -339,10 +368,12 @@ fn begin(plan: &Plan, mode: Mode, ret_span: Span) -> TokenStream {
     let refused = quote_spanned! {ret_span=>
         ::core::result::Result::Err(::core::convert::From::from(__racefree_error))
     };
+    // The `tx` parameter borrows the lease mutably.
+    let mutability = plan.tx.as_ref().map(|_| quote!(mut));
     quote! {
         // `From::from` is the identity when `E` is `IdempotencyError` itself.
         #[allow(clippy::useless_conversion)]
-        let __racefree_execution = match ::racefree::__private::#begin(__racefree_store, __racefree_call) #await_ {
+        let #mutability __racefree_execution = match ::racefree::__private::#begin(__racefree_store, __racefree_call) #await_ {
             ::racefree::__private::Begin::Execute(__racefree_execution) => __racefree_execution,
             ::racefree::__private::Begin::Replay(__racefree_outcome) => return #replayed,
             ::racefree::__private::Begin::Refuse(__racefree_error) => return #refused,
@@ -351,16 +382,37 @@ fn begin(plan: &Plan, mode: Mode, ret_span: Span) -> TokenStream {
 }
 
 /// Stores a success (or, with `store_errors`, any outcome); releases the key after an `Err`.
+/// An async call finishes with `finish`, whose error (only a store whose `complete` commits
+/// the body's effect, a SQL store, reports one: the transaction did not commit, or may not
+/// have) replaces the outcome.
 fn finish(plan: &Plan, mode: Mode, ret_span: Span) -> TokenStream {
-    let complete = mode.call("complete_blocking", "complete", ret_span);
-    let await_ = mode.await_();
-    match plan.store_errors {
-        true => quote!(__racefree_execution.#complete(&__racefree_output) #await_;),
-        false => quote! {
-            match &__racefree_output {
-                ::core::result::Result::Ok(__racefree_value) => __racefree_execution.#complete(__racefree_value) #await_,
-                ::core::result::Result::Err(_) => __racefree_execution.release(),
+    let complete = match mode {
+        Mode::Sync => {
+            let complete = Ident::new("complete_blocking", ret_span);
+            quote!(__racefree_execution.#complete)
+        }
+        Mode::Async => quote!(__racefree_execution.finish),
+    };
+    let checked = |outcome: TokenStream| match mode {
+        Mode::Sync => quote!(#complete(#outcome);),
+        Mode::Async => quote_spanned! {ret_span=>
+            // `From::from` is the identity when `E` is `IdempotencyError` itself.
+            #[allow(clippy::useless_conversion)]
+            if let ::core::result::Result::Err(__racefree_error) = #complete(#outcome).await {
+                return ::core::result::Result::Err(::core::convert::From::from(__racefree_error));
             }
         },
+    };
+    match plan.store_errors {
+        true => checked(quote!(&__racefree_output)),
+        false => {
+            let store = checked(quote!(__racefree_value));
+            quote! {
+                match &__racefree_output {
+                    ::core::result::Result::Ok(__racefree_value) => { #store }
+                    ::core::result::Result::Err(_) => __racefree_execution.release(),
+                }
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ mod key;
 mod mode;
 mod sequenced;
 mod shape;
+mod tx;
 mod validate;
 
 use proc_macro::TokenStream;
@@ -169,6 +170,13 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   wrap the call in `racefree::replay::track(future)` or `track_sync(closure)`; ordinary
 ///   callers call the function as before.
 /// - The function must return `Result<T, E>` with `E: From<racefree::IdempotencyError>`.
+/// - With a SQL store (features `postgres`, `sqlite`: `store = <a racefree::sql::PgStore or
+///   SqliteStore>`), a parameter whose type is `PgTx<'_>`, `SqliteTx<'_>` or `Tx<'_, D>`
+///   (`racefree::sql`) is the store's transaction: supplied by the attribute and removed from
+///   the signature callers see, like `seq: Seq`. The body's writes on it (`.execute(&mut *tx)`)
+///   commit in one `COMMIT` with the outcome, and roll back with the claim on `Err`, panic, a
+///   dropped future or a crash. Such a function must be `async`; a failed `COMMIT` reaches the
+///   caller as `IdempotencyError::StoreUnavailable` or `OutcomeUnknown`, never as `Ok`.
 ///
 /// # Where it goes
 ///
@@ -240,6 +248,11 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// any value, for a function not returning `Result`); an `Err`, a panic or a dropped future
 /// leaves it for the next caller, so the numbers of a key are 1, 2, 3, ... in the order the
 /// calls finished.
+///
+/// With a SQL store (`store = db.sequence("name")`, features `postgres`, `sqlite`), a parameter
+/// of type `PgTx<'_>`, `SqliteTx<'_>` or `Tx<'_, D>` (`racefree::sql`) is the transaction that
+/// holds the key's counter row: supplied by the attribute like `Seq`, so the body's writes and
+/// the consumed number commit together (the function must be `async` and take a `Seq`).
 ///
 /// Without `store`, the attribute also emits `fn <name>_sequence() -> &'static SequenceHandle`
 /// to read, set and reset a key's next number (see [Where it goes](#where-it-goes)).

@@ -26,6 +26,7 @@ use crate::args::Args;
 use crate::expand::{self, Body};
 use crate::mode::Mode;
 use crate::shape::{erase_impl_trait, FnShape, Output};
+use crate::tx::{self, TxParam};
 use crate::validate::{check_signature, Attr, Errors, Named};
 
 /// What `#[sequenced(...)]` on this function asks for, checked.
@@ -37,6 +38,8 @@ struct Plan {
     /// `store = <expr>`; `None`: the function's own sequencer.
     store: Option<Expr>,
     seq: Option<SeqParam>,
+    /// A `tx` parameter: the SQL store's transaction, taken out of the signature.
+    tx: Option<TxParam>,
     output: Output,
 }
 
@@ -91,9 +94,15 @@ fn seq_param(item: &ItemFn, errors: &mut Errors) -> Option<SeqParam> {
     found
 }
 
-fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
+/// `item` is the function without its `tx` parameter (taken out by [`tx::take`], which may
+/// have reported errors already).
+fn validate(
+    args: Args,
+    item: &ItemFn,
+    tx: Option<TxParam>,
+    mut errors: Errors,
+) -> syn::Result<Plan> {
     let mut named = Named::check(Attr::Sequenced, args)?;
-    let mut errors = Errors::default();
     check_signature(Attr::Sequenced, item, &mut errors);
     let shape = FnShape::of(item);
     let timeout = errors.keep(named.duration("timeout")).flatten();
@@ -106,6 +115,15 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
             start,
             "`start` sets the first `Seq` number: add a `seq: Seq` parameter, or remove `start`",
         ));
+    }
+    if let Some(tx) = &tx {
+        tx::check(tx, store.is_some(), Mode::of(&item.sig), &mut errors);
+        if seq.is_none() {
+            errors.push(syn::Error::new_spanned(
+                &tx.arg,
+                "the transaction commits together with the call's number: add a `seq: Seq` parameter",
+            ));
+        }
     }
     if (timeout.is_some() || store.is_some()) && !matches!(shape.output, Output::Result(_)) {
         let why = if timeout.is_some() {
@@ -128,16 +146,24 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         timeout,
         store,
         seq,
+        tx,
         output: shape.output,
     })
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    expand::with_fallback(Attr::Sequenced, item, without_seq_params, |item| {
-        let args: Args = syn::parse2(args)?;
-        let plan = validate(args, &item)?;
-        Ok(generate(plan, item))
-    })
+    expand::with_fallback(
+        Attr::Sequenced,
+        item,
+        |item| tx::without_tx_params(without_seq_params(item)),
+        |mut item| {
+            let args: Args = syn::parse2(args)?;
+            let mut errors = Errors::default();
+            let tx = tx::take(&mut item, &mut errors);
+            let plan = validate(args, &item, tx, errors)?;
+            Ok(generate(plan, item))
+        },
+    )
 }
 
 /// The function as callers would see it, for the error case: without its `Seq` parameters
@@ -209,15 +235,22 @@ fn block(plan: &Plan, item: &ItemFn) -> TokenStream {
     let bind_key = bind_key(plan, implementor.is_some());
     let backend = pick_backend(plan, &id_fn);
     let acquire = acquire(plan, mode, &fail);
-    let mut body = Body::of(item);
-    if let Some(SeqParam { pat, ty, .. }) = &plan.seq {
-        body = body.with_prelude(quote! {
+    let bind_seq = plan.seq.as_ref().map(|SeqParam { pat, ty, .. }| {
+        quote! {
             #[allow(unused_variables)]
             let #pat: #ty = __racefree_seq;
-        });
-    }
+        }
+    });
+    let bind_tx = plan.tx.as_ref().map(tx::bind);
+    let body = Body::of(item).with_prelude(quote!(#bind_seq #bind_tx));
     let number = number(plan, mode, &fail);
     let (enter, run) = run_as_holder(body, mode);
+    // After `enter` (the holder is taken first): the body borrows the lease until it ends.
+    let tx = plan.tx.as_ref().map(|_| {
+        quote! {
+            let __racefree_tx = ::racefree::__private::sequence_tx(&mut __racefree_lease);
+        }
+    });
     let finish = finish(plan, mode, &fail);
     quote! {{
         #path_fn
@@ -227,6 +260,7 @@ fn block(plan: &Plan, item: &ItemFn) -> TokenStream {
         #acquire
         #enter
         #number
+        #tx
         // The body runs as a closure call (sync) or an async block with an unreachable
         // `loop {}` pinning its type (async): both intended, neither the user's to see.
         #[allow(clippy::redundant_closure_call, clippy::empty_loop)]
@@ -305,7 +339,8 @@ fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
     let acquire = mode.call("acquire", "acquire_async", proc_macro2::Span::call_site());
     let await_ = mode.await_();
     // `next` and `commit` take the lease mutably / by value; without a `Seq` neither runs.
-    let mutability = plan.seq.is_some().then(|| quote!(mut));
+    // (and a `tx` parameter borrows it mutably).
+    let mutability = (plan.seq.is_some() || plan.tx.is_some()).then(|| quote!(mut));
     quote! {
         let #mutability __racefree_lease = match ::racefree::__private::SequenceBackend::#acquire(__racefree_backend, __racefree_key, #deadline) #await_ {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
@@ -356,9 +391,10 @@ fn run_as_holder(body: Body, mode: Mode) -> (TokenStream, TokenStream) {
         &__racefree_lease
     ));
     match mode {
+        // Bound before the body may borrow the lease (a `tx` parameter).
         Mode::Async => (
-            quote!(),
-            body.run_wrapped(|future| quote!(#holder.within(#future))),
+            quote!(let __racefree_holder = #holder;),
+            body.run_wrapped(|future| quote!(__racefree_holder.within(#future))),
         ),
         Mode::Sync => (
             quote!(let __racefree_entered = #holder.enter();),

@@ -46,8 +46,10 @@
 //! The `tx` parameter (type `PgTx<'_>`, `SqliteTx<'_>` or `Tx<'_, D>`) is supplied by the
 //! attribute and absent from the callers' signature, like `seq: Seq`. The error type needs
 //! `From<IdempotencyError>` / `From<SequenceError>`, and the functions must be `async`.
-//! Without the attribute, the same protocol is available directly: `begin` → the lease's
-//! [`connection`](SqlIdempotencyLease::connection) → `finish`, and
+//! Misuse is a compile error at the parameter: a `tx` without `store = ...`, on a sync `fn`,
+//! by reference, twice, or (for `#[sequenced]`) without a `Seq`. Without the attribute, the
+//! same protocol is available directly: claim → the lease's
+//! [`connection`](SqlIdempotencyLease::connection) → complete, and
 //! [`SqlSequence`]`::acquire_async` → [`SqlSequenceLease::connection`] → `commit_async`.
 //!
 //! # What holds
@@ -262,6 +264,14 @@ impl<D: Dialect> SqlStore<D> {
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
         let tables = self.checked_tables()?;
         D::purge_expired(self.pool()?, tables).await
+    }
+
+    /// What `#[idempotent(store = ...)]` calls to find the store (see
+    /// `__private::StoreRef`): inherent here, because this store keeps outcomes of every type,
+    /// so the generic trait method could not tell which `IdempotencyBackend<T>` is meant.
+    #[doc(hidden)]
+    pub fn idempotency_store(&self) -> &Self {
+        self
     }
 
     fn checked_tables(&self) -> Result<&Tables, sqlx::Error> {
