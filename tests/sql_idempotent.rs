@@ -482,6 +482,86 @@ macro_rules! suite {
                 });
             }
 
+            /// `charge` inside the caller's transaction: the store is `db.within(&mut caller_tx)`,
+            /// handed in by the caller.
+            #[racefree::idempotent(key = key, store = in_tx, skip(in_tx))]
+            async fn charge_in(
+                in_tx: &racefree::sql::InCallerTx<'_, $Database>,
+                key: &str,
+                cents: u64,
+                mut tx: racefree::sql::Tx<'_, $Database>,
+            ) -> Result<String, IdempotencyError> {
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'in-tx')")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Ok(format!("receipt {cents}"))
+            }
+
+            /// Inside a transaction the caller opened: a rolled-back caller leaves neither the
+            /// record nor the effect (the retry executes); a committed one leaves both (the retry
+            /// replays); a body's `Err` rolls back only its savepoint, not the caller's writes.
+            #[test]
+            fn caller_transaction_decides_record_and_effect_together() {
+                let db = $new_db("caller");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let begin_caller = || async {
+                        match $feature {
+                            "sqlite" => env.pool.begin_with("BEGIN IMMEDIATE").await.unwrap(),
+                            _ => env.pool.begin().await.unwrap(),
+                        }
+                    };
+
+                    let mut caller = begin_caller().await;
+                    let in_tx = env.store.within(&mut caller);
+                    assert_eq!(charge_in(&in_tx, "c", 5).await.unwrap(), "receipt 5");
+                    caller.rollback().await.unwrap();
+                    assert_eq!(count(&env.pool, "effects", "c").await, 0, "rolled back with the caller");
+                    let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(records, 0, "so was the record: a retry executes");
+
+                    let mut caller = begin_caller().await;
+                    sqlx::query("INSERT INTO effects (key, who) VALUES ('c', 'caller')")
+                        .execute(&mut *caller)
+                        .await
+                        .unwrap();
+                    {
+                        let in_tx = env.store.within(&mut caller);
+                        let call = Call::new("tests::pay", None, Some("c-err"), Fingerprint::of(&1_u64), policy());
+                        let Begin::<_, String>::Execute(mut failing) = begin(&in_tx, call).await else {
+                            panic!("executes")
+                        };
+                        sqlx::query("INSERT INTO effects (key, who) VALUES ('c', 'failed body')")
+                            .execute(failing.lease_mut().unwrap().connection())
+                            .await
+                            .unwrap();
+                        failing.release(); // the body's Err: its savepoint rolls back
+                    }
+                    let in_tx = env.store.within(&mut caller);
+                    assert_eq!(charge_in(&in_tx, "c", 5).await.unwrap(), "receipt 5");
+                    caller.commit().await.unwrap();
+                    let whose: Vec<String> = sqlx::query_scalar("SELECT who FROM effects WHERE key = 'c' ORDER BY who")
+                        .fetch_all(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(whose, ["caller", "in-tx"], "the failed body's write rolled back alone");
+
+                    // A later call outside any caller transaction replays the committed outcome.
+                    let mut later = begin_caller().await;
+                    let in_tx = env.store.within(&mut later);
+                    assert_eq!(charge_in(&in_tx, "c", 5).await.unwrap(), "receipt 5");
+                    later.commit().await.unwrap();
+                    assert_eq!(count(&env.pool, "effects", "c").await, 2, "replayed: no new effect");
+                    env.close().await;
+                });
+            }
+
             /// Makes a record's `expires_at` lie in the past.
             async fn age(pool: &Pool<$Database>, key: &str) {
                 let sql = if $feature == "postgres" {

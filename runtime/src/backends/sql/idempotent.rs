@@ -40,7 +40,7 @@ use sqlx::Transaction;
 
 use super::dialect::{Dialect, Record};
 use super::error::Failure;
-use super::{InTransaction, SqlStore, Tx};
+use super::{InTransaction, SqlStore, Tables, Tx};
 use crate::idempotent::{Claim, Fingerprint, IdempotencyBackend, IdempotencyError, RecordKey};
 
 /// The longest record key (function, scope and client key) accepted, in bytes: PostgreSQL's
@@ -68,13 +68,16 @@ struct Decoded<T> {
 
 /// The claim of one key of a SQL store: the open transaction the body writes in, and the key
 /// (`None` for a call without a key, which gets a plain transaction). Completing it writes the
-/// outcome and commits; dropping it rolls back.
-pub struct SqlIdempotencyLease<D: Dialect> {
-    tx: Transaction<'static, D>,
+/// outcome and commits; dropping it rolls back. `'c` is `'static` for the store's own
+/// transactions and the caller's connection for [`SqlStore::within`] (then the transaction is
+/// a savepoint, and the caller's `COMMIT` is what makes it durable).
+pub struct SqlIdempotencyLease<'c, D: Dialect> {
+    tx: Transaction<'c, D>,
     key: Option<RecordKey>,
+    caller_commits: bool,
 }
 
-impl<D: Dialect> SqlIdempotencyLease<D> {
+impl<D: Dialect> SqlIdempotencyLease<'_, D> {
     /// The transaction's connection, for the body's statements.
     pub fn connection(&mut self) -> &mut D::Connection {
         &mut self.tx
@@ -86,13 +89,13 @@ impl<D: Dialect> SqlIdempotencyLease<D> {
     }
 }
 
-impl<D: Dialect> InTransaction<D> for SqlIdempotencyLease<D> {
+impl<D: Dialect> InTransaction<D> for SqlIdempotencyLease<'_, D> {
     fn connection(&mut self) -> &mut D::Connection {
         &mut self.tx
     }
 }
 
-impl<D: Dialect> std::fmt::Debug for SqlIdempotencyLease<D> {
+impl<D: Dialect> std::fmt::Debug for SqlIdempotencyLease<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqlIdempotencyLease")
             .field("key", &self.key)
@@ -134,18 +137,109 @@ fn answer<T: DeserializeOwned>(
     Ok(decoded.value)
 }
 
+fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
+    match key.as_str().len() {
+        len if len > MAX_KEY => Err(IdempotencyError::KeyTooLong { len, max: MAX_KEY }),
+        _ => Ok(()),
+    }
+}
+
+/// Steps 2–3 of the protocol in an open transaction `tx`: the key's in-flight lock, then the
+/// claim insert (or the committed record's answer, or the replacement of an expired one).
+async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
+    mut tx: Transaction<'c, D>,
+    tables: &Tables,
+    key: &RecordKey,
+    fingerprint: &str,
+    caller_commits: bool,
+) -> Result<Claim<T, SqlIdempotencyLease<'c, D>, i64>, IdempotencyError> {
+    let lock = tables.lock_id(key.as_str());
+    if !D::try_lock_key(&mut tx, lock).await.map_err(unavailable)? {
+        return Ok(Claim::InFlight(lock));
+    }
+    let lease = |tx| {
+        Claim::Execute(SqlIdempotencyLease {
+            tx,
+            key: Some(key.clone()),
+            caller_commits,
+        })
+    };
+    // Under the key's lock nobody else claims it, but a purge may delete an expired record
+    // between two statements: then insert again.
+    for _ in 0..3 {
+        if D::insert_claim(&mut tx, tables, key.as_str(), fingerprint)
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(lease(tx));
+        }
+        let Some(record) = D::read_record_in(&mut tx, tables, key.as_str())
+            .await
+            .map_err(unavailable)?
+        else {
+            continue;
+        };
+        if !record.expired {
+            // Dropping `tx` rolls back a transaction (or savepoint) that wrote nothing.
+            return answer(key, fingerprint, record).map(Claim::Replay);
+        }
+        if D::replace_expired(&mut tx, tables, key.as_str(), fingerprint)
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(lease(tx));
+        }
+    }
+    Err(IdempotencyError::StoreUnavailable {
+        reason: "the record kept changing under the claim (a concurrent purge?)".into(),
+    })
+}
+
+/// Step 4: the outcome, then `COMMIT` (or, in the caller's transaction, `RELEASE SAVEPOINT`).
+async fn complete_in<D: Dialect, T: Serialize>(
+    lease: SqlIdempotencyLease<'_, D>,
+    tables: &Tables,
+    outcome: &T,
+    ttl: Duration,
+) -> Result<(), IdempotencyError> {
+    let SqlIdempotencyLease {
+        mut tx,
+        key,
+        caller_commits,
+    } = lease;
+    let client_key = key.as_ref().map_or("", RecordKey::client_key).to_owned();
+    let committed = |result: Result<(), sqlx::Error>| {
+        result.map_err(|e| match caller_commits {
+            // Nothing is durable before the caller's own COMMIT: a lost answer is no worse.
+            true => unavailable(e),
+            false => Failure::of(e).at_commit(&client_key),
+        })
+    };
+    let Some(key) = key else {
+        // A call without a key: its transaction, nothing recorded.
+        return committed(tx.commit().await);
+    };
+    let encoded = serde_json::to_string(&Stored {
+        v: FORMAT,
+        value: outcome,
+    })
+    .map_err(|e| IdempotencyError::OutcomeNotStored {
+        key: key.client_key().to_owned(),
+        reason: format!("{e}; the transaction was rolled back"),
+    })?;
+    D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
+        .await
+        .map_err(unavailable)?;
+    committed(tx.commit().await)
+}
+
 impl<D: Dialect> SqlStore<D> {
     async fn claim_key<T: DeserializeOwned>(
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
-    ) -> Result<Claim<T, SqlIdempotencyLease<D>, i64>, IdempotencyError> {
-        if key.as_str().len() > MAX_KEY {
-            return Err(IdempotencyError::KeyTooLong {
-                len: key.as_str().len(),
-                max: MAX_KEY,
-            });
-        }
+    ) -> Result<Claim<T, SqlIdempotencyLease<'static, D>, i64>, IdempotencyError> {
+        check_len(key)?;
         let (pool, tables) = self.store_pool()?;
         let fingerprint = fingerprint.to_string();
         if let Some(record) = D::read_record(pool, tables, key.as_str())
@@ -156,74 +250,60 @@ impl<D: Dialect> SqlStore<D> {
                 return answer(key, &fingerprint, record).map(Claim::Replay);
             }
         }
-        let mut tx = D::begin_write(pool).await.map_err(unavailable)?;
-        let lock = tables.lock_id(key.as_str());
-        if !D::try_lock_key(&mut tx, lock).await.map_err(unavailable)? {
-            return Ok(Claim::InFlight(lock));
-        }
-        // Under the key's lock nobody else claims it, but a purge may delete an expired
-        // record between two statements: then insert again.
-        for _ in 0..3 {
-            if D::insert_claim(&mut tx, tables, key.as_str(), &fingerprint)
-                .await
-                .map_err(unavailable)?
-            {
-                return Ok(Claim::Execute(SqlIdempotencyLease {
-                    tx,
-                    key: Some(key.clone()),
-                }));
-            }
-            let Some(record) = D::read_record_in(&mut tx, tables, key.as_str())
-                .await
-                .map_err(unavailable)?
-            else {
-                continue;
-            };
-            if !record.expired {
-                // Dropping `tx` rolls back a transaction that wrote nothing.
-                return answer(key, &fingerprint, record).map(Claim::Replay);
-            }
-            if D::replace_expired(&mut tx, tables, key.as_str(), &fingerprint)
-                .await
-                .map_err(unavailable)?
-            {
-                return Ok(Claim::Execute(SqlIdempotencyLease {
-                    tx,
-                    key: Some(key.clone()),
-                }));
-            }
-        }
-        Err(IdempotencyError::StoreUnavailable {
-            reason: "the record kept changing under the claim (a concurrent purge?)".into(),
-        })
+        let tx = D::begin_write(pool).await.map_err(unavailable)?;
+        claim_in(tx, tables, key, &fingerprint, false).await
     }
 
     async fn complete_key<T: Serialize>(
         &self,
-        lease: SqlIdempotencyLease<D>,
+        lease: SqlIdempotencyLease<'static, D>,
         outcome: &T,
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
-        let SqlIdempotencyLease { mut tx, key } = lease;
-        let Some(key) = key else {
-            // A call without a key: its transaction, nothing recorded.
-            return tx.commit().await.map_err(|e| Failure::of(e).at_commit(""));
-        };
         let (_, tables) = self.store_pool()?;
-        let encoded = serde_json::to_string(&Stored {
-            v: FORMAT,
-            value: outcome,
-        })
-        .map_err(|e| IdempotencyError::OutcomeNotStored {
-            key: key.client_key().to_owned(),
-            reason: format!("{e}; the transaction was rolled back"),
-        })?;
-        D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
-            .await
-            .map_err(unavailable)?;
-        tx.commit()
-            .await
-            .map_err(|e| Failure::of(e).at_commit(key.client_key()))
+        complete_in(lease, tables, outcome, ttl).await
+    }
+
+    /// This store for calls inside a transaction the caller opened on `connection` (the
+    /// caller commits). Each call runs in a savepoint of it: on `Err`, panic or a dropped
+    /// future the savepoint rolls back (claim and effect, the caller's earlier writes stay);
+    /// on success it is released, and the record and the effect become durable with the
+    /// caller's `COMMIT` — or vanish together if the caller rolls back, so a retry executes.
+    /// Concurrent duplicates wait until the caller's transaction ends.
+    ///
+    /// It serves one call (the call's savepoint borrows the connection until it ends); make one
+    /// per call. A second call on it is refused with `StoreUnavailable`.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")]
+    /// # async fn demo(db: &racefree_runtime::sql::PgStore, pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = pool.begin().await?;                 // the handler's own transaction
+    /// // #[idempotent(key = key, store = db.within(&mut tx))] async fn pay(..., tx: PgTx<'_>)
+    /// let in_tx = db.within(&mut tx);
+    /// # drop(in_tx);
+    /// tx.commit().await?;                                // the record commits with the rest
+    /// # Ok(()) }
+    /// ```
+    pub fn within<'c>(&'c self, connection: &'c mut D::Connection) -> InCallerTx<'c, D> {
+        InCallerTx {
+            store: self,
+            connection: std::sync::Mutex::new(Some(connection)),
+        }
+    }
+}
+
+/// A [`SqlStore`] inside a transaction the caller opened ([`SqlStore::within`]).
+pub struct InCallerTx<'c, D: Dialect> {
+    store: &'c SqlStore<D>,
+    // Taken by the one call it serves: its savepoint borrows the connection.
+    connection: std::sync::Mutex<Option<&'c mut D::Connection>>,
+}
+
+impl<D: Dialect> std::fmt::Debug for InCallerTx<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InCallerTx")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -232,7 +312,7 @@ where
     D: Dialect,
     T: Serialize + DeserializeOwned + Send + Sync,
 {
-    type Lease = SqlIdempotencyLease<D>;
+    type Lease = SqlIdempotencyLease<'static, D>;
     /// The key's advisory lock number (PostgreSQL).
     type InFlight = i64;
 
@@ -288,11 +368,96 @@ where
     async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
         let (pool, _) = self.store_pool()?;
         let tx = pool.begin().await.map_err(unavailable)?;
-        Ok(Some(SqlIdempotencyLease { tx, key: None }))
+        Ok(Some(SqlIdempotencyLease {
+            tx,
+            key: None,
+            caller_commits: false,
+        }))
     }
 
     fn release(&self, lease: Self::Lease) {
         // sqlx rolls a dropped open transaction back before the connection is used again.
         drop(lease);
+    }
+}
+
+impl<'c, D, T> IdempotencyBackend<T> for InCallerTx<'c, D>
+where
+    D: Dialect,
+    T: Serialize + DeserializeOwned + Send + Sync,
+{
+    type Lease = SqlIdempotencyLease<'c, D>;
+    /// The key's advisory lock number (PostgreSQL).
+    type InFlight = i64;
+
+    const COMPLETE_COMMITS_EFFECT: bool = true;
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim<T, Self::Lease, i64>, IdempotencyError> {
+        check_len(key)?;
+        let (_, tables) = self.store.store_pool()?;
+        let connection = self.take_connection()?;
+        // A savepoint: the claim and the body's writes roll back alone, the caller commits.
+        let tx = sqlx::Connection::begin(connection)
+            .await
+            .map_err(unavailable)?;
+        claim_in(tx, tables, key, &fingerprint.to_string(), true).await
+    }
+
+    fn wait(
+        &self,
+        key: &RecordKey,
+        lock: i64,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Option<T>, IdempotencyError>> + Send {
+        IdempotencyBackend::<T>::wait(self.store, key, lock, deadline)
+    }
+
+    async fn complete(
+        &self,
+        lease: Self::Lease,
+        outcome: &T,
+        ttl: Duration,
+    ) -> Result<(), IdempotencyError> {
+        let (_, tables) = self.store.store_pool()?;
+        complete_in(lease, tables, outcome, ttl).await
+    }
+
+    async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
+        let connection = self.take_connection()?;
+        let tx = sqlx::Connection::begin(connection)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(SqlIdempotencyLease {
+            tx,
+            key: None,
+            caller_commits: true,
+        }))
+    }
+
+    fn release(&self, lease: Self::Lease) {
+        // Rolls the savepoint back (sqlx runs it before the connection's next statement).
+        drop(lease);
+    }
+}
+
+impl<'c, D: Dialect> InCallerTx<'c, D> {
+    fn take_connection(&self) -> Result<&'c mut D::Connection, IdempotencyError> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .ok_or_else(|| IdempotencyError::StoreUnavailable {
+                reason: "this in-transaction store served its call already: make one per call (SqlStore::within)".into(),
+            })
+    }
+
+    /// What `#[idempotent(store = db.within(&mut tx))]` calls to find the store.
+    #[doc(hidden)]
+    pub fn idempotency_store(&self) -> &Self {
+        self
     }
 }
