@@ -829,3 +829,129 @@ fn pg_killed_connection_is_a_typed_error_then_recovery() {
         env.close().await;
     });
 }
+
+/// Construction: a lazily created pool from a URL works on first use; a bad URL or a bad
+/// table prefix is a typed error on every call, never a panic; a prefix names the tables.
+#[cfg(feature = "sqlite")]
+#[test]
+fn lazy_store_and_prefix_fail_typed_and_name_the_tables() {
+    use racefree::sql::SqliteStore;
+    let dir = tempfile::tempdir().unwrap();
+    let url: &'static str = Box::leak(
+        format!("sqlite://{}?mode=rwc", dir.path().join("lazy.db").display()).into_boxed_str(),
+    );
+    sql::runtime().block_on(async {
+        let store = SqliteStore::lazy_with_prefix(url, "billing_");
+        store.migrate().await.unwrap();
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .fetch_all(store.pool().unwrap())
+                .await
+                .unwrap();
+        assert_eq!(tables, ["billing_idempotency", "billing_sequences"]);
+        let call = Call::new(
+            "tests::lazy",
+            None,
+            Some("k"),
+            Fingerprint::of(&1_u64),
+            sqlite::policy(),
+        );
+        let Begin::<_, String>::Execute(execution) = begin(&store, call).await else {
+            panic!("executes")
+        };
+        execution.finish(&"done".to_owned()).await.unwrap();
+
+        let broken = SqliteStore::lazy("not a url");
+        let call = Call::new(
+            "tests::lazy",
+            None,
+            Some("k"),
+            Fingerprint::of(&1_u64),
+            sqlite::policy(),
+        );
+        let refused = begin::<_, String>(&broken, call).await;
+        assert!(matches!(
+            refused,
+            Begin::Refuse(IdempotencyError::StoreUnavailable { .. })
+        ));
+        assert!(broken.migrate().await.is_err());
+
+        assert!(SqliteStore::new(store.pool().unwrap().clone())
+            .with_prefix("x; DROP TABLE y")
+            .is_err());
+        let bad_static = SqliteStore::lazy_with_prefix(url, "1bad");
+        assert!(
+            bad_static.migrate().await.is_err(),
+            "a bad const prefix fails, typed"
+        );
+    });
+}
+
+/// A pool with every connection held by a body: the next call waits the pool's
+/// `acquire_timeout`, then gets `StoreUnavailable` (nothing ran), and calls succeed again once
+/// the holder is done.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_exhausted_pool_is_store_unavailable() {
+    let db = TestDb::pg("exhausted");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        let schema = db.place.clone();
+        let tiny = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(300))
+            .after_connect(move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    sqlx::query(&format!("SET search_path TO {schema}"))
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect(sql::PG_URL)
+            .await
+            .unwrap();
+        let store = racefree::sql::PgStore::new(tiny.clone());
+        let call = Call::new(
+            "tests::tiny",
+            None,
+            Some("a"),
+            Fingerprint::of(&1_u64),
+            pg::policy(),
+        );
+        let Begin::<_, String>::Execute(holder) = begin(&store, call).await else {
+            panic!("executes")
+        };
+        let call = Call::new(
+            "tests::tiny",
+            None,
+            Some("b"),
+            Fingerprint::of(&1_u64),
+            pg::policy(),
+        );
+        let started = std::time::Instant::now();
+        let refused = begin::<_, String>(&store, call).await;
+        match refused {
+            Begin::Refuse(IdempotencyError::StoreUnavailable { reason }) => {
+                assert!(reason.contains("acquire_timeout"), "{reason}")
+            }
+            _ => panic!("an exhausted pool is StoreUnavailable"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        holder.finish(&"a".to_owned()).await.unwrap();
+        let call = Call::new(
+            "tests::tiny",
+            None,
+            Some("b"),
+            Fingerprint::of(&1_u64),
+            pg::policy(),
+        );
+        assert!(matches!(
+            begin::<_, String>(&store, call).await,
+            Begin::Execute(_)
+        ));
+        tiny.close().await;
+        env.close().await;
+    });
+}
