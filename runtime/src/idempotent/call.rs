@@ -487,7 +487,9 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         };
         match self.backend.complete(lease, outcome, self.ttl).await {
             Ok(()) => Ok(()),
-            Err(error @ IdempotencyError::OutcomeNotStored { .. }) if !B::COMPLETE_COMMITS_EFFECT => {
+            Err(error @ IdempotencyError::OutcomeNotStored { .. })
+                if !B::COMPLETE_COMMITS_EFFECT =>
+            {
                 self.store_failed(&key, &error);
                 Ok(())
             }
