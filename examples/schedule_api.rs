@@ -18,8 +18,24 @@
 //!
 //! The handler and the attribute are all the application writes: the key extractor, the error
 //! responses and the replay header come from `racefree::axum`.
+//!
+//! With the `postgres` feature and `DATABASE_URL` set, schedule runs are rows of a
+//! `schedule_runs` table (with a `team` and a `tenant` column) that the guarded body writes in
+//! the PostgreSQL idempotency store's transaction, so a run and its idempotency record commit
+//! together (both tables are created at start-up). `SCHEDULE_API_CRASH_AFTER_INSERT=1` makes
+//! the first generation abort the process right after it inserted its run (a crash drill: the
+//! run rolls back with the claim, and the client's retry executes once).
+//!
+//! ```text
+//! DATABASE_URL=postgres://postgres@127.0.0.1/test \
+//!     cargo run --example schedule_api --features axum,postgres
+//! ```
 
 #![allow(dead_code)]
+
+#[cfg(feature = "postgres")]
+#[path = "schedule_api/db.rs"]
+pub mod db;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -49,12 +65,16 @@ pub struct ScheduleRun {
     pub shifts: Vec<String>,
 }
 
-/// The application's state: a stand-in for the database the generator writes to.
+/// The application's state: a stand-in for the database the generator writes to, or (with
+/// `postgres` and `DATABASE_URL`) the database itself.
 pub struct App {
-    /// Schedule runs created (the effect that must happen once per key).
+    /// Schedule runs created in memory (the effect that must happen once per key).
     pub runs_created: AtomicU64,
     /// Generators wait for a permit before writing: unlimited in the server, a gate in tests.
     pub gate: Semaphore,
+    /// The PostgreSQL database, when there is one: runs are rows there instead.
+    #[cfg(feature = "postgres")]
+    pub db: Option<db::Db>,
 }
 
 impl App {
@@ -62,6 +82,18 @@ impl App {
         Arc::new(App {
             runs_created: AtomicU64::new(0),
             gate: Semaphore::new(Semaphore::MAX_PERMITS),
+            #[cfg(feature = "postgres")]
+            db: None,
+        })
+    }
+
+    /// An app whose runs are rows of `db`.
+    #[cfg(feature = "postgres")]
+    pub fn on_database(db: db::Db) -> Arc<App> {
+        Arc::new(App {
+            runs_created: AtomicU64::new(0),
+            gate: Semaphore::new(Semaphore::MAX_PERMITS),
+            db: Some(db),
         })
     }
 
@@ -70,15 +102,15 @@ impl App {
         Arc::new(App {
             runs_created: AtomicU64::new(0),
             gate: Semaphore::new(0),
+            #[cfg(feature = "postgres")]
+            db: None,
         })
     }
 
     async fn create_run(&self, request: &ScheduleRequest) -> ScheduleRun {
         let _permit = self.gate.acquire().await.expect("gate stays open");
         let id = self.runs_created.fetch_add(1, SeqCst) + 1;
-        let shifts = (1..=7)
-            .map(|day| format!("{} day {day} early/late/night", request.team))
-            .collect();
+        let shifts = shifts_of(request);
         ScheduleRun {
             id,
             team: request.team.clone(),
@@ -122,10 +154,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     }
 }
 
+/// The week's shifts, as the generator lays them out.
+pub fn shifts_of(request: &ScheduleRequest) -> Vec<String> {
+    (1..=7)
+        .map(|day| format!("{} day {day} early/late/night", request.team))
+        .collect()
+}
+
+/// A week that exists, or the error saying it does not.
+pub fn check_week(request: &ScheduleRequest) -> Result<(), ApiError> {
+    if request.week == 0 || request.week > 53 {
+        return Err(ApiError::Invalid(format!(
+            "week {} does not exist",
+            request.week
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub enum ApiError {
     Idempotency(IdempotencyError),
     Invalid(String),
+    /// The database failed; the run was not created (its transaction rolled back).
+    Database(String),
 }
 
 impl From<IdempotencyError> for ApiError {
@@ -144,6 +196,12 @@ impl IntoResponse for ApiError {
                 detail,
             )
             .into_response(),
+            ApiError::Database(detail) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Database unavailable",
+                detail,
+            )
+            .into_response(),
         }
     }
 }
@@ -156,12 +214,7 @@ pub async fn generate_schedule(
     key: Option<&str>,
     request: &ScheduleRequest,
 ) -> Result<ScheduleRun, ApiError> {
-    if request.week == 0 || request.week > 53 {
-        return Err(ApiError::Invalid(format!(
-            "week {} does not exist",
-            request.week
-        )));
-    }
+    check_week(request)?;
     Ok(app.create_run(request).await)
 }
 
@@ -181,6 +234,12 @@ async fn generate(
     key: ScopedKey<Tenant>,
     Json(request): Json<ScheduleRequest>,
 ) -> Result<Json<ScheduleRun>, ApiError> {
+    #[cfg(feature = "postgres")]
+    if let Some(db) = &app.db {
+        let run =
+            db::generate_schedule_in_db(db, key.principal(), key.as_deref(), &request).await?;
+        return Ok(Json(run));
+    }
     Ok(Json(
         generate_schedule(&app, key.principal(), key.as_deref(), &request).await?,
     ))
@@ -204,13 +263,27 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The in-memory app, or with `postgres` and `DATABASE_URL` the app on that database.
+async fn app() -> Arc<App> {
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let crash = std::env::var("SCHEDULE_API_CRASH_AFTER_INSERT").is_ok_and(|v| v == "1");
+        let db = db::Db::connect(&url, crash)
+            .await
+            .expect("connect to DATABASE_URL");
+        println!("schedule runs and idempotency records in PostgreSQL");
+        return App::on_database(db);
+    }
+    App::new()
+}
+
 #[tokio::main]
 async fn main() {
     let address =
         std::env::var("SCHEDULE_API_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let listener = tokio::net::TcpListener::bind(&address).await.expect("bind");
     println!("schedule API on http://{address}/api/schedule/generate");
-    axum::serve(listener, router(App::new()))
+    axum::serve(listener, router(app().await))
         .await
         .expect("serve");
 }

@@ -1,0 +1,435 @@
+//! The SQL stores against the bare transaction doing the same work, in one run, on PostgreSQL
+//! (a fresh schema on 127.0.0.1:5432, dropped at the end) and SQLite (a temp file):
+//!
+//! - `#[idempotent]` first execution (claim, the effect `INSERT` in the store's transaction,
+//!   outcome, `COMMIT`) vs a bare transaction with the same `INSERT` (target ≤ 1.3×);
+//! - a replay vs a bare primary-key `SELECT` of the same record (target ≤ 1.2×);
+//! - a `#[sequenced]` insert (counter row bumped in the transaction, the effect `INSERT`,
+//!   `COMMIT`) vs a bare transaction with the same `INSERT` (target ≤ 1.3×), and vs
+//!   `nextval()` + `INSERT` (PostgreSQL's sequence, which leaves gaps on rollback).
+//!
+//! The calls go through the stores' public protocol (`IdempotencyBackend`, `SequenceBackend`),
+//! which is what the attributes expand to. Round trips per call on PostgreSQL are counted by a
+//! loopback proxy between the pool and the server (one round trip = the client writing after
+//! it last heard from the server) and written as figures.
+//!
+//! `cargo bench --bench sql --features postgres,sqlite`
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use racefree::idempotency::{Claim, RecordKey};
+use racefree::sql::{PgStore, SqliteStore};
+use racefree::{Fingerprint, IdempotencyBackend, SequenceBackend, SequenceLease};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Executor, PgPool, SqlitePool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod support;
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const TTL: Duration = Duration::from_secs(3600);
+const TABLES: &[&str] = &[
+    "CREATE TABLE bench_effects (key TEXT NOT NULL, amount BIGINT NOT NULL)",
+    "CREATE TABLE bench_numbered (key TEXT NOT NULL, number BIGINT NOT NULL, UNIQUE (key, number))",
+    "CREATE TABLE bench_records (key TEXT PRIMARY KEY, outcome TEXT NOT NULL)",
+];
+
+fn fresh(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Relaxed)
+    )
+}
+
+/// Counts round trips through a loopback proxy: a client write after a server answer starts a
+/// new round trip.
+#[derive(Default)]
+struct RoundTrips(AtomicU64);
+
+async fn proxy(counter: Arc<RoundTrips>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                // Set by the server's answer, cleared by the next client write that it counts.
+                let answered = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let up_answered = Arc::clone(&answered);
+                let up = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if up_answered.swap(false, Relaxed) {
+                            counter.0.fetch_add(1, Relaxed);
+                        }
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        answered.store(true, Relaxed);
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    port
+}
+
+struct Pg {
+    pool: PgPool,
+    store: PgStore,
+    schema: String,
+    round_trips: Arc<RoundTrips>,
+}
+
+async fn pg() -> Pg {
+    let schema = fresh("rf_bench").replace('-', "_");
+    let admin = PgPool::connect(PG_URL)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    admin
+        .execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    admin.close().await;
+    let round_trips = Arc::new(RoundTrips::default());
+    let port = proxy(Arc::clone(&round_trips)).await;
+    let search_path = format!("SET search_path TO {schema}");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(move |conn, _| {
+            let search_path = search_path.clone();
+            Box::pin(async move {
+                conn.execute(search_path.as_str()).await?;
+                Ok(())
+            })
+        })
+        .connect(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .await
+        .unwrap();
+    for table in TABLES {
+        pool.execute(*table).await.unwrap();
+    }
+    pool.execute("CREATE SEQUENCE bench_seq").await.unwrap();
+    let store = PgStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    Pg {
+        pool,
+        store,
+        schema,
+        round_trips,
+    }
+}
+
+async fn drop_pg(pg: Pg) {
+    pg.pool.close().await;
+    let admin = PgPool::connect(PG_URL).await.unwrap();
+    admin
+        .execute(format!("DROP SCHEMA {} CASCADE", pg.schema).as_str())
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+async fn sqlite(dir: &tempfile::TempDir) -> (SqlitePool, SqliteStore) {
+    let options = SqliteConnectOptions::new()
+        .filename(dir.path().join("bench.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    for table in TABLES {
+        pool.execute(*table).await.unwrap();
+    }
+    let store = SqliteStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    (pool, store)
+}
+
+/// One `#[idempotent]` first execution: claim, the effect on the store's transaction, commit.
+macro_rules! first_execution {
+    ($store:expr, $key:expr) => {{
+        let key = RecordKey::new("bench::charge", None, &$key);
+        let fingerprint = Fingerprint::of(&("alice", 1999_u64));
+        let Ok(Claim::Execute(mut lease)) =
+            IdempotencyBackend::<String>::claim($store, &key, fingerprint).await
+        else {
+            panic!("a fresh key executes")
+        };
+        sqlx::query("INSERT INTO bench_effects (key, amount) VALUES ($1, $2)")
+            .bind(&$key)
+            .bind(1999_i64)
+            .execute(lease.connection())
+            .await
+            .unwrap();
+        IdempotencyBackend::<String>::complete($store, lease, &"receipt".to_owned(), TTL)
+            .await
+            .unwrap();
+    }};
+}
+
+macro_rules! bare_transaction {
+    ($pool:expr, $key:expr) => {{
+        let mut tx = $pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO bench_effects (key, amount) VALUES ($1, $2)")
+            .bind(&$key)
+            .bind(1999_i64)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }};
+}
+
+macro_rules! replay {
+    ($store:expr, $key:expr) => {{
+        let key = RecordKey::new("bench::charge", None, $key);
+        let fingerprint = Fingerprint::of(&("alice", 1999_u64));
+        match IdempotencyBackend::<String>::claim($store, &key, fingerprint).await {
+            Ok(Claim::Replay(outcome)) => outcome,
+            _ => panic!("a completed key replays"),
+        }
+    }};
+}
+
+macro_rules! bare_select {
+    ($pool:expr, $key:expr) => {{
+        let outcome: String =
+            sqlx::query_scalar("SELECT outcome FROM bench_records WHERE key = $1")
+                .bind($key)
+                .fetch_one($pool)
+                .await
+                .unwrap();
+        outcome
+    }};
+}
+
+macro_rules! sequenced_insert {
+    ($store:expr, $key:expr) => {{
+        let sequence = $store.sequence("bench::invoice");
+        let mut lease = sequence.acquire_async($key.to_owned(), None).await.unwrap();
+        let number = lease.next_async().await.unwrap().unwrap_or(1);
+        sqlx::query("INSERT INTO bench_numbered (key, number) VALUES ($1, $2)")
+            .bind($key)
+            .bind(number as i64)
+            .execute(lease.connection())
+            .await
+            .unwrap();
+        lease.commit_async(number).await.unwrap();
+    }};
+}
+
+macro_rules! bare_numbered_insert {
+    ($pool:expr, $key:expr, $number:expr) => {{
+        let mut tx = $pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO bench_numbered (key, number) VALUES ($1, $2)")
+            .bind($key)
+            .bind($number)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }};
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn postgres(c: &mut Criterion) {
+    let rt = runtime();
+    let pg = rt.block_on(pg());
+    let (pool, store) = (&pg.pool, &pg.store);
+
+    // Round trips per call, counted once each, before the timings.
+    let count = |what: &str, trips: u64| {
+        support::figure("sql/postgres round trips", what, trips as f64, "per call")
+    };
+    let measure = |f: &dyn Fn()| {
+        let before = pg.round_trips.0.load(Relaxed);
+        f();
+        pg.round_trips.0.load(Relaxed) - before
+    };
+    count(
+        "bare transaction INSERT",
+        measure(&|| rt.block_on(async { bare_transaction!(pool, fresh("rt")) })),
+    );
+    count(
+        "#[idempotent] first execution",
+        measure(&|| rt.block_on(async { first_execution!(store, fresh("rt")) })),
+    );
+    let replayed = fresh("replayed");
+    rt.block_on(async { first_execution!(store, replayed.clone()) });
+    rt.block_on(async {
+        sqlx::query("INSERT INTO bench_records (key, outcome) VALUES ($1, 'receipt')")
+            .bind(&replayed)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+    count(
+        "#[idempotent] replay",
+        measure(&|| {
+            rt.block_on(async { replay!(store, &replayed) });
+        }),
+    );
+    count(
+        "bare primary-key SELECT",
+        measure(&|| {
+            rt.block_on(async { bare_select!(pool, &replayed) });
+        }),
+    );
+    count(
+        "#[sequenced] insert",
+        measure(&|| rt.block_on(async { sequenced_insert!(store, "rt-customer") })),
+    );
+
+    let mut group = c.benchmark_group("sql/postgres first execution");
+    group.bench_function("bare transaction with the INSERT", |b| {
+        b.to_async(&rt)
+            .iter(|| async { bare_transaction!(pool, fresh("bare")) })
+    });
+    group.bench_function("racefree #[idempotent] first execution", |b| {
+        b.to_async(&rt)
+            .iter(|| async { first_execution!(store, fresh("first")) })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("sql/postgres replay");
+    group.bench_function("bare primary-key SELECT", |b| {
+        b.to_async(&rt)
+            .iter(|| async { bare_select!(pool, &replayed) })
+    });
+    group.bench_function("racefree #[idempotent] replay", |b| {
+        b.to_async(&rt).iter(|| async { replay!(store, &replayed) })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("sql/postgres numbered insert");
+    let bare_numbers = AtomicU64::new(0);
+    group.bench_function("bare transaction with the INSERT", |b| {
+        b.to_async(&rt).iter(|| async {
+            bare_numbered_insert!(
+                pool,
+                "bare-customer",
+                bare_numbers.fetch_add(1, Relaxed) as i64
+            )
+        })
+    });
+    group.bench_function("nextval() + INSERT (gaps on rollback)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut tx = pool.begin().await.unwrap();
+            let number: i64 = sqlx::query_scalar("SELECT nextval('bench_seq')")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO bench_numbered (key, number) VALUES ('nextval-customer', $1)")
+                .bind(number)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    });
+    group.bench_function("racefree #[sequenced] insert", |b| {
+        b.to_async(&rt)
+            .iter(|| async { sequenced_insert!(store, "racefree-customer") })
+    });
+    group.finish();
+    rt.block_on(drop_pg(pg));
+}
+
+fn sqlite_benches(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, store) = rt.block_on(sqlite(&dir));
+    let (pool, store) = (&pool, &store);
+    let replayed = fresh("replayed");
+    rt.block_on(async {
+        first_execution!(store, replayed.clone());
+        sqlx::query("INSERT INTO bench_records (key, outcome) VALUES ($1, 'receipt')")
+            .bind(&replayed)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+
+    let mut group = c.benchmark_group("sql/sqlite first execution");
+    group.bench_function("bare transaction with the INSERT", |b| {
+        b.to_async(&rt)
+            .iter(|| async { bare_transaction!(pool, fresh("bare")) })
+    });
+    group.bench_function("racefree #[idempotent] first execution", |b| {
+        b.to_async(&rt)
+            .iter(|| async { first_execution!(store, fresh("first")) })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("sql/sqlite replay");
+    group.bench_function("bare primary-key SELECT", |b| {
+        b.to_async(&rt)
+            .iter(|| async { bare_select!(pool, &replayed) })
+    });
+    group.bench_function("racefree #[idempotent] replay", |b| {
+        b.to_async(&rt).iter(|| async { replay!(store, &replayed) })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("sql/sqlite numbered insert");
+    let bare_numbers = AtomicU64::new(0);
+    group.bench_function("bare transaction with the INSERT", |b| {
+        b.to_async(&rt).iter(|| async {
+            bare_numbered_insert!(
+                pool,
+                "bare-customer",
+                bare_numbers.fetch_add(1, Relaxed) as i64
+            )
+        })
+    });
+    group.bench_function("racefree #[sequenced] insert", |b| {
+        b.to_async(&rt)
+            .iter(|| async { sequenced_insert!(store, "racefree-customer") })
+    });
+    group.finish();
+    rt.block_on(pool.close());
+}
+
+criterion_group! { name = benches; config = support::criterion(); targets = postgres, sqlite_benches }
+criterion_main!(benches);
