@@ -23,13 +23,40 @@
 //!   with the reason instead of blocking forever; on a multi-thread runtime it waits inside
 //!   `block_in_place` (see [`blocking`](crate::sync::blocking)).
 //!
-//! # Why not moka on the hit path
-//! moka's `get` costs several times a `DashMap` read (it records every access in a buffer for
-//! its admission policy), and `#[cached]` hits must cost about what the hand-written map would.
-//! So the hit path is hand-rolled: one `DashMap` read, one clone, a striped counter, and only
-//! when configured a clock read (TTL, the coarse clock of `clock.rs`) and a visited bit (capacity). The
-//! capacity policy is CLOCK (second chance): inserts append to a FIFO ring, eviction skips and
-//! clears entries that were hit since their last pass. `benches/cached.rs` shows the numbers.
+//! # The hit path writes no shared cache line
+//! A hit is one `papaya` read, one clone, one bump of this thread's own counter slot
+//! ([`stats`](super::stats)), and only when configured a coarse clock read (TTL, see
+//! [`clock`]) and a visited bit (capacity). None of it writes memory another core reads:
+//! - **The map read** pins `papaya`'s epoch guard, which is a store to this thread's own
+//!   reservation slot (on Linux a `membarrier`-backed light barrier, so no fence), then probes
+//!   with loads only. A `DashMap` read instead takes its shard's reader lock: a locked
+//!   read-modify-write on a word every core's hits share, which is why its hits did not get
+//!   faster with a second core.
+//! - **The TTL check** loads the entry's stamp and reads the clock; it writes only to remove an
+//!   entry it found expired.
+//! - **The CLOCK visited bit** is set with `fetch_or` only when it is not set yet, so a hot key
+//!   is written once per pass of the eviction hand, not once per hit.
+//! - **The hit counter** is a per-thread slot bumped with a plain load and store.
+//!
+//! Why `papaya` and not `scc::HashIndex`, the other lock-free-read map `benches/scaling.rs`
+//! measures: both write no shared line on a read, and on the loaded 2-core machine the bench
+//! ran on their figures were within its noise of each other (`HashIndex` scaled better in the
+//! raw runs, `racefree` on `papaya` scaled 1.3–1.8× from 1 to 2 threads where `DashMap` did
+//! 0.8–1.1×). By construction `HashIndex`'s guard is a full barrier (`lock xchg`) on every
+//! read and it cannot replace a value in place (an insert of a present key fails; an update
+//! copies), while `papaya`'s guard costs a plain store and its `insert`/`remove_if`/`retain`
+//! are the operations this cache already used. A quieter machine may reverse this. What it costs:
+//! each entry is its own heap allocation behind a pointer (one more dependent load per hit, and
+//! more memory per entry than an inline table), and writes are slower: a replaced or removed
+//! entry is retired through the epoch collector, which now and then issues a process-wide
+//! barrier. The single flight and the eviction ring keep their locks (writes dominate there).
+//!
+//! Why not moka: its `get` records every access in a buffer for its admission policy and costs
+//! several times a plain map read; `#[cached]` hits must cost about what a hand-written map
+//! would. The capacity policy is CLOCK (second chance): inserts append to a FIFO ring, eviction
+//! skips and clears entries that were hit since their last pass (a hit racing the hand may be
+//! evicted anyway: CLOCK is an approximation). `benches/cached.rs` and `benches/scaling.rs`
+//! show the numbers.
 
 use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
@@ -39,8 +66,6 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
-
-use dashmap::DashMap;
 
 use super::stats::{CacheStats, Counters};
 use crate::sync::blocking::Owner;
@@ -105,7 +130,7 @@ struct Slot<V> {
 /// assert_eq!(cache.stats().hits, 1);
 /// ```
 pub struct Cache<K, V, S = RandomState> {
-    entries: DashMap<K, Slot<V>, S>,
+    entries: papaya::HashMap<K, Slot<V>, S>,
     flights: SingleFlight<K, V, S>,
     config: CacheConfig,
     // The CLOCK ring; present only with a capacity.
@@ -215,7 +240,7 @@ where
     /// A cache bounded by `config`, named `name` in `tracing` events, hashing with `hasher`.
     pub fn with_config_and_hasher(config: CacheConfig, name: &'static str, hasher: S) -> Self {
         Cache {
-            entries: DashMap::with_hasher(hasher.clone()),
+            entries: papaya::HashMap::with_hasher(hasher.clone()),
             flights: SingleFlight::with_hasher(hasher),
             config,
             ring: config
@@ -246,14 +271,15 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let slot = self.entries.get(key)?;
+        // Pinning announces this thread in its own reservation slot; the probe only loads.
+        let entries = self.entries.pin();
+        let slot = entries.get(key)?;
         let stamp = slot.stamp.load(Relaxed);
         if self.config.ttl.is_some() {
             let now = self.now();
             if is_expired(stamp, now) {
-                drop(slot);
-                self.entries
-                    .remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
+                // `Err` means it was replaced by a live entry meanwhile: nothing to remove.
+                let _ = entries.remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
                 return None;
             }
         }
@@ -425,17 +451,18 @@ where
         };
         match &self.ring {
             None => {
-                self.entries.insert(key, slot);
+                self.entries.pin().insert(key, slot);
             }
             Some(ring) => {
                 let ring_key = key.clone();
                 // The map and the ring change together under the ring's lock, as in `clear`.
                 let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                if !self.entries.contains_key(&key) {
+                let entries = self.entries.pin();
+                if !entries.contains_key(&key) {
                     self.make_room(&mut ring);
                     ring.push_back(ring_key);
                 }
-                self.entries.insert(key, slot);
+                entries.insert(key, slot);
             }
         }
         if self.config.ttl.is_some() {
@@ -452,10 +479,12 @@ where
             return;
         };
         let now = self.config.ttl.map(|_| self.now());
-        while self.entries.len() >= capacity {
+        let entries = self.entries.pin();
+        while entries.len() >= capacity {
             let Some(key) = ring.pop_front() else { break };
             let mut second_chance = false;
-            self.entries.remove_if(&key, |_, slot| {
+            // `Err` is the second chance (or a key no longer stored): nothing removed.
+            let _ = entries.remove_if(&key, |_, slot| {
                 let stamp = slot.stamp.load(Relaxed);
                 if now.is_some_and(|now| is_expired(stamp, now)) || stamp & VISITED == 0 {
                     return true;
@@ -471,7 +500,7 @@ where
         // Keys invalidated and inserted again stand in the ring twice; keep it near the map's size.
         if ring.len() > 2 * capacity + 64 {
             let mut seen = HashSet::with_capacity(ring.len());
-            ring.retain(|k| self.entries.contains_key(k) && seen.insert(k.clone()));
+            ring.retain(|k| entries.contains_key(k) && seen.insert(k.clone()));
         }
     }
 
@@ -494,6 +523,7 @@ where
         }
         let now = self.now();
         self.entries
+            .pin()
             .retain(|_, slot| !is_expired(slot.stamp.load(Relaxed), now));
     }
 
@@ -504,17 +534,17 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.entries.remove(key).is_some()
+        self.entries.pin().remove(key).is_some()
     }
 
     /// Removes every entry. With a capacity, atomic with respect to inserts: an insert lands
     /// wholly before (and is removed) or wholly after (and stays, evictable as any other).
     pub fn clear(&self) {
         match &self.ring {
-            None => self.entries.clear(),
+            None => self.entries.pin().clear(),
             Some(ring) => {
                 let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                self.entries.clear();
+                self.entries.pin().clear();
                 ring.clear();
             }
         }
@@ -527,8 +557,9 @@ where
         let ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let tracked: HashSet<&K> = ring.iter().collect();
         self.entries
+            .pin()
             .iter()
-            .all(|entry| tracked.contains(entry.key()))
+            .all(|(key, _)| tracked.contains(key))
     }
 
     /// Entries stored (expired ones not yet purged included).
