@@ -3,9 +3,10 @@
 //!   `INFO commandstats` (targets: replay 1, first execution 2, sequenced call 2);
 //! - latency of each operation as a ratio of a bare `GET` and a bare `INCR`.
 //!
-//! `cargo bench --bench redis --features redis` (about 30 s; Redis at `REDIS_URL` or
-//! 127.0.0.1:6379, e.g. started by `bash .ci/redis.sh`). Under `cargo test` each benchmark runs
-//! once and the summary uses a few iterations.
+//! `cargo bench --bench redis --features redis` (about 30 s). It runs against a private
+//! `redis-server` it starts on a free loopback port (and stops at the end), so the shared server
+//! is left as it was; `REDIS_URL` points it at another server instead. Under `cargo test` each
+//! benchmark runs once and the summary uses a few iterations.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -42,7 +43,7 @@ impl Bench {
         self.store
             .connection()
             .await
-            .expect("Redis at REDIS_URL or 127.0.0.1:6379 (bash .ci/redis.sh)")
+            .expect("the bench's Redis server")
     }
 
     async fn get(&self) {
@@ -256,6 +257,48 @@ fn summary(rt: &Runtime, bench: &Bench, batches: u32, batch: u32) {
     println!();
 }
 
+/// A `redis-server` of this run's own, stopped when dropped.
+struct PrivateServer(std::process::Child);
+
+impl PrivateServer {
+    fn start() -> (PrivateServer, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--dir"])
+            .arg(std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (bash .ci/redis.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (PrivateServer(child), format!("redis://127.0.0.1:{port}/"))
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -263,7 +306,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let (_server, url) = match std::env::var("REDIS_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let (server, url) = PrivateServer::start();
+            (Some(server), url)
+        }
+    };
     let bench = Bench {
         store: RedisStore::new(url),
         run: format!(
