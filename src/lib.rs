@@ -94,6 +94,7 @@ pub use racefree_runtime::{
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
 };
 pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
+pub use racefree_runtime::{HandleKey, KeyOf, Keyed};
 pub use racefree_runtime::{
     Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer,
 };

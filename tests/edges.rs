@@ -143,7 +143,10 @@ fn functions_from_one_macro_rules_invocation_no_longer_share_a_cache() {
     assert_eq!((Tri::scaled(10), Quad::scaled(10)), (30, 40));
     assert_eq!((Tri::scaled(10), Quad::scaled(10)), (30, 40));
     let (tri, quad) = (Tri::scaled_cache(), Quad::scaled_cache());
-    assert!(!std::ptr::eq(tri, quad), "one cache for two functions");
+    assert!(
+        !std::ptr::eq(tri.handle(), quad.handle()),
+        "one cache for two functions"
+    );
     assert_eq!((tri.stats().hits, tri.stats().executions), (1, 1));
     assert_eq!((quad.stats().hits, quad.stats().executions), (1, 1));
     assert!(tri.name().contains("Tri::scaled"), "{}", tri.name());
@@ -229,6 +232,59 @@ fn record_keys_name_the_self_type_and_no_line() {
         "edges::Catalog::book#12:edges::Games#k",
     ];
     assert_eq!(keys, expected);
+}
+
+/// Issue 9.1: two functions whose record paths cannot differ (same module, same name: here
+/// in sibling blocks of one function) used to share one store's records silently, so the
+/// second replayed the first's outcome. The second to run is now refused with
+/// `SharedRecords` (its body does not run) naming both sites; distinct `scope`s separate them.
+#[test]
+fn same_named_functions_sharing_a_store_are_refused_instead_of_mixing_records() {
+    static SHARED: std::sync::LazyLock<IdempotencyStore<u64>> =
+        std::sync::LazyLock::new(IdempotencyStore::new);
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let first = {
+        #[idempotent(key = key, store = SHARED)]
+        fn refund(key: &str) -> Result<u64, IdempotencyError> {
+            RUNS.fetch_add(1, SeqCst);
+            Ok(1)
+        }
+        refund
+    };
+    let second = {
+        #[idempotent(key = key, store = SHARED)]
+        fn refund(key: &str) -> Result<u64, IdempotencyError> {
+            RUNS.fetch_add(1, SeqCst);
+            Ok(2)
+        }
+        refund
+    };
+    assert_eq!(first("r-1"), Ok(1));
+    assert_eq!(first("r-1"), Ok(1), "the first keeps working");
+    match second("r-1") {
+        Err(IdempotencyError::SharedRecords { first, second, .. }) => {
+            assert!(first.contains("edges.rs") && second.contains("edges.rs"));
+            assert_ne!(first, second);
+        }
+        other => panic!("the second function replayed or ran: {other:?}"),
+    }
+    assert_eq!(RUNS.load(SeqCst), 1, "the refused body did not run");
+
+    let tenant_a = {
+        #[idempotent(key = key, store = SHARED, scope = "a")]
+        fn void(key: &str) -> Result<u64, IdempotencyError> {
+            Ok(10)
+        }
+        void
+    };
+    let tenant_b = {
+        #[idempotent(key = key, store = SHARED, scope = "b")]
+        fn void(key: &str) -> Result<u64, IdempotencyError> {
+            Ok(20)
+        }
+        void
+    };
+    assert_eq!((tenant_a("v-1"), tenant_b("v-1")), (Ok(10), Ok(20)));
 }
 
 // ---------------------------------------------------------------------------------------------

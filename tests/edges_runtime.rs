@@ -777,8 +777,10 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 /// Issue 9.8: `<fn>_sequence().next(&"porto")` on a `String` key made a fresh sequencer for
 /// `&str` keys and answered `None`. Borrowed forms of a text key now find the function's
-/// sequencer, and a key of another type panics naming the key type instead of answering for
-/// a sequencer that does not exist (and makes none).
+/// sequencer. A key of another type does not compile through the typed accessor
+/// (`tests/ui/sequenced-handle-wrong-key-type.rs`); through the untyped handle (`.handle()`,
+/// which is what a key type the macro cannot name gives) it panics naming the key type
+/// instead of answering for a sequencer that does not exist (and makes none).
 #[test]
 fn sequence_handle_lookups_take_a_borrowed_key_and_refuse_a_wrong_one() {
     #[sequenced(key = city)]
@@ -795,7 +797,7 @@ fn sequence_handle_lookups_take_a_borrowed_key_and_refuse_a_wrong_one() {
     assert_eq!(sequence.next("lisbon"), None);
     assert_eq!(sequence.waiting("porto"), 0);
 
-    let wrong = catch_unwind(AssertUnwindSafe(|| sequence.next(&7_u32)))
+    let wrong = catch_unwind(AssertUnwindSafe(|| sequence.handle().next(&7_u32)))
         .expect_err("a wrong key type is loud");
     let message = panic_message(wrong);
     assert!(
@@ -811,7 +813,9 @@ fn sequence_handle_lookups_take_a_borrowed_key_and_refuse_a_wrong_one() {
 }
 
 /// Issue 9.8: `<fn>_cache().invalidate(&"a")` on a `String` key downcast `&dyn Any` to the
-/// wrong type and answered `false`; `CacheHandle::typed` finds the cache without making one.
+/// wrong type and answered `false`; `CacheHandle::typed` finds the cache without making one. A
+/// wrong key type does not compile through the typed accessor
+/// (`tests/ui/cached-handle-wrong-key-type.rs`) and panics through the untyped handle.
 #[test]
 fn cache_handle_invalidates_by_a_borrowed_key_and_refuses_a_wrong_one() {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -830,7 +834,7 @@ fn cache_handle_invalidates_by_a_borrowed_key_and_refuses_a_wrong_one() {
     assert!(!cache.invalidate("a"), "already gone");
     assert_eq!(RUNS.load(SeqCst), 2);
 
-    let wrong = catch_unwind(AssertUnwindSafe(|| cache.invalidate(&1_u8)))
+    let wrong = catch_unwind(AssertUnwindSafe(|| cache.handle().invalidate(&1_u8)))
         .expect_err("a wrong key type is loud");
     assert!(panic_message(wrong).contains("u8"));
     assert!(cache.typed::<String, String>().is_some());

@@ -155,7 +155,7 @@ fn waiters_acquire_in_arrival_order() {
             let mut waiters = Vec::new();
             for who in 0..WAITERS {
                 waiters.push(s.spawn(move || take_turn(key, who, None, order)));
-                until_waiting(take_turn_sequence(), &key, who + 1);
+                until_waiting(&take_turn_sequence(), &key, who + 1);
             }
             open.send(()).unwrap();
             holder.join().unwrap();

@@ -25,7 +25,7 @@ use crate::args::Args;
 use crate::expand::{self, Body};
 use crate::key;
 use crate::mode::Mode;
-use crate::shape::{contains_impl_trait, is_shared_ref, FnShape, Output, Param};
+use crate::shape::{contains_impl_trait, is_shared_ref, owned_key_type, FnShape, Output, Param};
 use crate::validate::{check_signature, check_skip, owned_arguments, Attr, Errors, Named};
 
 /// What `#[cached(...)]` on this function asks for, checked.
@@ -170,9 +170,28 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             quote!(::racefree::CacheHandle),
             quote!(::racefree::__private::CacheCell),
             config,
+            expand::AccessorKey::from(key_type(&plan.key, &item)),
         )
     });
     quote!(#item #accessor)
+}
+
+/// The key type as the cache stores it, where the signature names it (the default key: each
+/// argument not skipped, owned); `None` for `key = ...`.
+fn key_type(key: &Key, item: &ItemFn) -> Option<TokenStream> {
+    let params = match key {
+        Key::Given(_) => return None,
+        Key::Borrowed(param) => std::slice::from_ref(param),
+        Key::Arguments(params) => params.as_slice(),
+    };
+    let parts = params
+        .iter()
+        .map(|param| owned_key_type(&param.ty, item))
+        .collect::<Option<Vec<_>>>()?;
+    match parts.as_slice() {
+        [only] => Some(only.clone()),
+        _ => Some(quote!((#(#parts,)*))),
+    }
 }
 
 /// The function's own in-process cache, with the double check spelled out.

@@ -154,6 +154,23 @@ fn name_fn(fn_name: TokenStream, name: &Ident, suffix: TokenStream) -> TokenStre
     }
 }
 
+/// What the accessor's handle knows of the function's keys.
+pub enum AccessorKey {
+    /// The handle takes no keys (`#[idempotent]`'s): the accessor returns `&'static H`.
+    None,
+    /// The key type, read off the signature: the accessor returns `Keyed<H, K>`, whose lookups
+    /// take a `K` (or `&str` for a text key) and reject any other type at compile time.
+    Typed(TokenStream),
+    /// A key type the macro cannot name: `Keyed<H, dyn Any>`, checked when a lookup runs.
+    Unnamed,
+}
+
+impl AccessorKey {
+    pub fn from(key: Option<TokenStream>) -> AccessorKey {
+        key.map_or(AccessorKey::Unnamed, AccessorKey::Typed)
+    }
+}
+
 /// The accessor each attribute emits for the function's own store, e.g. `fn load_cache()`:
 /// the function's visibility (an associated fn inside an impl block), a `static` cell that
 /// finds the store by the function's id, and a doc line saying what `what` one can do with it.
@@ -164,19 +181,32 @@ pub fn handle_accessor(
     handle: TokenStream,
     cell: TokenStream,
     config: TokenStream,
+    key: AccessorKey,
 ) -> TokenStream {
     let vis = &item.vis;
     let name = &item.sig.ident;
     let accessor = format_ident!("{}_{}", name, suffix);
     let doc = format!(" The {what} of [`{name}`].");
     let id_fn = id_fn(name);
+    let key = match key {
+        AccessorKey::None => None,
+        AccessorKey::Typed(key) => Some(key),
+        AccessorKey::Unnamed => Some(quote!(dyn ::core::any::Any)),
+    };
+    let (ret, wrap) = match key {
+        None => (quote!(&'static #handle), quote!(__RACEFREE_CELL.handle())),
+        Some(key) => (
+            quote!(::racefree::Keyed<#handle, #key>),
+            quote!(::racefree::Keyed::new(__RACEFREE_CELL.handle())),
+        ),
+    };
     quote! {
         #[doc = #doc]
         #[allow(dead_code)]
-        #vis fn #accessor() -> &'static #handle {
+        #vis fn #accessor() -> #ret {
             #id_fn
             static __RACEFREE_CELL: #cell = #cell::with_id_fn(__racefree_id, #config);
-            __RACEFREE_CELL.handle()
+            #wrap
         }
     }
 }

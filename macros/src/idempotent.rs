@@ -212,7 +212,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     let store = pick_store(&plan, &id_fn, ret_span);
     let fingerprint = fingerprint(&plan.fingerprint);
     let implementor = expand::implementor(&item);
-    let call = call(&plan, implementor.is_some());
+    let call = call(&plan, name, implementor.is_some());
     let begin = begin(&plan, mode, ret_span);
     let finish = finish(&plan, mode, ret_span);
     // An async body runs as the executor of its key, so a call it polls with the same key is
@@ -260,6 +260,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             quote!(::racefree::IdempotencyHandle),
             quote!(::racefree::__private::IdempotencyCell),
             config,
+            expand::AccessorKey::None,
         )
     });
     quote!(#item #accessor)
@@ -308,7 +309,7 @@ fn fingerprint(fingerprint: &Fingerprint) -> TokenStream {
 
 /// Binds `__racefree_call`, the call's record: who (function path, scope, key), what
 /// (fingerprint), and the policy.
-fn call(plan: &Plan, per_implementor: bool) -> TokenStream {
+fn call(plan: &Plan, name: &Ident, per_implementor: bool) -> TokenStream {
     let scope = match &plan.scope {
         Some(scope) => quote_spanned! {scope.span()=>
             ::core::option::Option::Some(&(#scope) as &dyn ::core::fmt::Display)
@@ -327,9 +328,27 @@ fn call(plan: &Plan, per_implementor: bool) -> TokenStream {
     let policy = quote! {
         ::racefree::__private::Policy::new(::core::time::Duration::from_nanos(#nanos)) #reject #require_key
     };
+    // A given store may be shared: without a scope, the record path must be this function's
+    // alone (the function's own store is keyed by its id already).
+    let claim = (plan.store.is_some() && plan.scope.is_none() && !per_implementor).then(|| {
+        let line = quote_spanned!(name.span()=> ::core::line!());
+        let column = quote_spanned!(name.span()=> ::core::column!());
+        quote! {
+            .claimed({
+                static __RACEFREE_CLAIM: ::std::sync::OnceLock<::core::result::Result<(), ::racefree::IdempotencyError>> =
+                    ::std::sync::OnceLock::new();
+                __RACEFREE_CLAIM.get_or_init(|| {
+                    ::racefree::__private::claim_records(
+                        __racefree_path(),
+                        ::core::concat!(::core::file!(), ":", #line, ":", #column),
+                    )
+                })
+            })
+        }
+    });
     quote! {
         #bind_scope
-        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy);
+        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy) #claim;
     }
 }
 

@@ -25,7 +25,7 @@ use syn::{Expr, FnArg, ItemFn, Pat, ReturnType, Type};
 use crate::args::Args;
 use crate::expand::{self, Body};
 use crate::mode::Mode;
-use crate::shape::{erase_impl_trait, FnShape, Output};
+use crate::shape::{erase_impl_trait, nameable, owned_key_type, FnShape, Output, Param};
 use crate::tx::{self, TxParam};
 use crate::validate::{check_signature, Attr, Errors, Named};
 
@@ -211,9 +211,37 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             quote!(::racefree::SequenceHandle),
             quote!(::racefree::__private::SequenceCell),
             quote!(()),
+            expand::AccessorKey::from(key_type(plan.key.as_ref(), &item)),
         )
     });
     quote!(#item #accessor)
+}
+
+/// The key type as the sequencer stores it, where the signature names it: no `key` is `()`;
+/// `key = arg` is the argument's owned type (`&str` → `String`); `key = (a, b)` is the tuple
+/// of the arguments' types. Any other expression: `None`.
+fn key_type(key: Option<&Expr>, item: &ItemFn) -> Option<TokenStream> {
+    let shape = FnShape::of(item);
+    let param_of = |expr: &Expr| -> Option<Param> {
+        let Expr::Path(path) = expr else { return None };
+        let ident = path.path.get_ident()?;
+        shape.params.iter().find(|p| &p.ident == ident).cloned()
+    };
+    match key {
+        None => Some(quote!(())),
+        Some(Expr::Tuple(tuple)) => {
+            if !item.sig.generics.params.is_empty() {
+                return None;
+            }
+            let types = tuple
+                .elems
+                .iter()
+                .map(|elem| param_of(elem).map(|p| p.ty).filter(nameable))
+                .collect::<Option<Vec<_>>>()?;
+            Some(quote!((#(#types,)*)))
+        }
+        Some(expr) => owned_key_type(&param_of(expr)?.ty, item),
+    }
 }
 
 /// The new body: the steps of the sketch in the module doc, in order.

@@ -125,3 +125,69 @@ pub fn erase_impl_trait(ty: &Type) -> Type {
     Erase.visit_type_mut(&mut ty);
     ty
 }
+
+/// The key type one argument of type `ty` becomes once owned (`&str` → `String`, `&[T]` →
+/// `Vec<T>`, `&Id` → `Id`, `u64` → `u64`), as a type the function's accessor can name in its return type; `None`
+/// where it cannot: a lifetime or a reference inside, `impl Trait`, `_`, or a generic function
+/// (its key type differs per instantiation).
+pub fn owned_key_type(ty: &Type, item: &ItemFn) -> Option<TokenStream> {
+    if !item.sig.generics.params.is_empty() {
+        return None;
+    }
+    // Spelled out rather than as `<T as ToOwned>::Owned`, which would add a second error at
+    // the attribute when the argument cannot be a key (the key check already names it).
+    let owned = match ty {
+        Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
+            Type::Path(path) if path.qself.is_none() && path.path.is_ident("str") => {
+                quote::quote!(::std::string::String)
+            }
+            Type::Slice(slice) => {
+                let elem = &slice.elem;
+                quote::quote!(::std::vec::Vec<#elem>)
+            }
+            // `Path`, `OsStr`, a trait object: owned as something the syntax does not say.
+            Type::Path(path) if is_unsized_std(path) => return None,
+            Type::TraitObject(_) => return None,
+            inner => inner.to_token_stream(),
+        },
+        _ => ty.to_token_stream(),
+    };
+    let inner = match ty {
+        Type::Reference(r) => &*r.elem,
+        _ => ty,
+    };
+    nameable(inner).then_some(owned)
+}
+
+/// `Path`, `OsStr`, `CStr`: unsized, owned as another type.
+fn is_unsized_std(path: &syn::TypePath) -> bool {
+    path.path.segments.last().is_some_and(|last| {
+        ["Path", "OsStr", "CStr"]
+            .iter()
+            .any(|name| last.ident == name)
+    })
+}
+
+/// `true` for a type that means the same in a `fn() -> ...` return type with no generics:
+/// nothing borrowed, nothing inferred.
+pub fn nameable(ty: &Type) -> bool {
+    struct Check(bool);
+    impl<'ast> syn::visit::Visit<'ast> for Check {
+        fn visit_type(&mut self, ty: &'ast Type) {
+            match ty {
+                Type::Reference(_)
+                | Type::ImplTrait(_)
+                | Type::Infer(_)
+                | Type::Macro(_)
+                | Type::Verbatim(_) => self.0 = false,
+                _ => syn::visit::visit_type(self, ty),
+            }
+        }
+        fn visit_lifetime(&mut self, _: &'ast syn::Lifetime) {
+            self.0 = false;
+        }
+    }
+    let mut check = Check(true);
+    syn::visit::Visit::visit_type(&mut check, ty);
+    check.0
+}

@@ -3,7 +3,9 @@
 
 pub use crate::cached::{Always, AsyncCacheStore, CacheCell, CacheConfig, CacheStore, Lookup};
 pub use crate::function::{function_name, function_scope, implementor};
-pub use crate::idempotent::call::{begin, begin_blocking, Begin, Call, Policy, StoreRef};
+pub use crate::idempotent::call::{
+    begin, begin_blocking, claim_records, Begin, Call, Policy, StoreRef,
+};
 pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
 pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};

@@ -11,6 +11,7 @@
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Mutex, OnceLock};
 
 type AnyRef = &'static (dyn Any + Send + Sync);
@@ -282,6 +283,79 @@ impl HandleKey for str {
         Probe::Text(self)
     }
 }
+
+/// A function's handle seen with its key type `K`, as the generated accessor returns it when
+/// the key type can be read off the signature (`fn <name>_cache()`, `fn <name>_sequence()`):
+/// its lookups accept the key type itself or, for a text key, `str` and `&'static str`, and any
+/// other type is a compile error naming the key type. It derefs to the handle for everything
+/// that takes no key (`len`, `stats`, `clear`, ...).
+///
+/// Where the macro cannot name the key type (`key = <expr>` other than an argument, a generic
+/// function, an argument with a lifetime or `impl Trait` in its type), `K` is `dyn Any`: any
+/// [`HandleKey`] is accepted and a wrong type is found out when the lookup runs (it panics
+/// naming the function's key type).
+pub struct Keyed<H: 'static, K: ?Sized + 'static> {
+    handle: &'static H,
+    key: PhantomData<fn(&K)>,
+}
+
+impl<H: 'static, K: ?Sized + 'static> Keyed<H, K> {
+    #[doc(hidden)]
+    #[inline]
+    pub fn new(handle: &'static H) -> Self {
+        Keyed {
+            handle,
+            key: PhantomData,
+        }
+    }
+
+    /// The handle itself, without the key type.
+    #[inline]
+    pub fn handle(self) -> &'static H {
+        self.handle
+    }
+}
+
+impl<H: 'static, K: ?Sized + 'static> Clone for Keyed<H, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H: 'static, K: ?Sized + 'static> Copy for Keyed<H, K> {}
+
+impl<H: 'static, K: ?Sized + 'static> std::ops::Deref for Keyed<H, K> {
+    type Target = H;
+    #[inline]
+    fn deref(&self) -> &H {
+        self.handle
+    }
+}
+
+impl<H: std::fmt::Debug + 'static, K: ?Sized + 'static> std::fmt::Debug for Keyed<H, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.handle.fmt(f)
+    }
+}
+
+/// A key a [`Keyed`] handle with keys `K` accepts: `K` itself, and for a text key (`String`,
+/// `Box<str>`, `Arc<str>`) also `str` and `&'static str`. With `K = dyn Any` (a key type the
+/// macro could not name) every [`HandleKey`] is accepted and checked when the lookup runs.
+#[diagnostic::on_unimplemented(
+    message = "this function's keys are `{K}`, not `{Self}`",
+    label = "pass the key as the function builds it: a `{K}`",
+    note = "a text key (`String`, `Box<str>`, `Arc<str>`) also accepts `&str`"
+)]
+pub trait KeyOf<K: ?Sized>: HandleKey {}
+
+impl<K: Any> KeyOf<K> for K {}
+impl KeyOf<String> for str {}
+impl KeyOf<String> for &'static str {}
+impl KeyOf<Box<str>> for str {}
+impl KeyOf<Box<str>> for &'static str {}
+impl KeyOf<std::sync::Arc<str>> for str {}
+impl KeyOf<std::sync::Arc<str>> for &'static str {}
+impl<Q: HandleKey + ?Sized> KeyOf<dyn Any> for Q {}
 
 /// A key as a handle's type-erased stores see it.
 #[doc(hidden)]

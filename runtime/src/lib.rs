@@ -30,7 +30,7 @@ pub mod sequenced;
 pub mod sync;
 
 pub use cached::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheLead, CacheStats, Lookup};
-pub use function::HandleKey;
+pub use function::{HandleKey, KeyOf, Keyed};
 pub use idempotent::replay;
 pub use idempotent::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,

@@ -9,7 +9,9 @@ use std::hash::Hash;
 
 use super::cache::{Cache, CacheConfig};
 use super::stats::CacheStats;
-use crate::function::{ask_stores, FunctionCell, HandleKey, Home, PerType, Probe, Registry};
+use crate::function::{
+    ask_stores, FunctionCell, HandleKey, Home, KeyOf, Keyed, PerType, Probe, Registry,
+};
 
 /// What a handle needs from a typed cache.
 trait ErasedCache: Send + Sync {
@@ -177,6 +179,14 @@ impl CacheHandle {
     /// How the cache is bounded.
     pub fn config(&self) -> CacheConfig {
         self.config
+    }
+}
+
+impl<K: ?Sized + 'static> Keyed<CacheHandle, K> {
+    /// [`CacheHandle::invalidate`], for a key of the function's key type `K` (or, for a text
+    /// key, `&str`): another type does not compile.
+    pub fn invalidate<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> bool {
+        self.handle().invalidate(key)
     }
 }
 

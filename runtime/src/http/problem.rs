@@ -120,6 +120,7 @@ impl From<&IdempotencyError> for Problem {
             IdempotencyError::Undecodable { .. } => "Stored outcome cannot be decoded",
             IdempotencyError::Reentrant { .. } => "Idempotency key re-entered",
             IdempotencyError::WouldDeadlock { .. } => "Idempotent call would deadlock its runtime",
+            IdempotencyError::SharedRecords { .. } => "Idempotent functions share their records",
             _ => "Idempotency store unavailable",
         };
         let problem = Problem::new(status, title, error.to_string());

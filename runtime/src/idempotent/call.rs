@@ -137,6 +137,40 @@ impl Call {
     }
 }
 
+impl Call {
+    /// Refuses the call with `claim`'s error: the function's record path is another
+    /// function's (see [`claim_records`]).
+    pub fn claimed(mut self, claim: &Result<(), IdempotencyError>) -> Call {
+        if let Err(error) = claim {
+            self.key = Err(error.clone());
+        }
+        self
+    }
+}
+
+/// Claims `path`, the record path of the `#[idempotent]` function defined at `site`, for the
+/// process: the first function to run with a given store and no `scope` owns it, and another
+/// function with the same path is refused with [`IdempotencyError::SharedRecords`] instead of
+/// mixing its records with the first one's. Called once per function.
+pub fn claim_records(path: &'static str, site: &'static str) -> Result<(), IdempotencyError> {
+    static CLAIMS: std::sync::Mutex<Vec<(&str, &str)>> = std::sync::Mutex::new(Vec::new());
+    let mut claims = CLAIMS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match claims.iter().find(|(taken, _)| *taken == path) {
+        Some((_, first)) if *first != site => Err(IdempotencyError::SharedRecords {
+            path: path.to_owned(),
+            first: (*first).to_owned(),
+            second: site.to_owned(),
+        }),
+        Some(_) => Ok(()),
+        None => {
+            claims.push((path, site));
+            Ok(())
+        }
+    }
+}
+
 /// Keys and scopes are bounded on every store: an outsider's key must not grow the store's
 /// records (or a Redis key, or a SQL index entry) without limit.
 fn bounded_record_key(

@@ -88,6 +88,18 @@ pub enum IdempotencyError {
         /// The client's idempotency key.
         key: String,
     },
+    /// Two `#[idempotent]` functions that share a store also share their record path (same
+    /// module, `Self` type and name, e.g. same-named functions in sibling blocks of one
+    /// function) and have no `scope`: their records would mix, so the second one to run is
+    /// refused. Nothing ran. Give each a distinct `scope = "..."`. HTTP 500.
+    SharedRecords {
+        /// The record path both functions have.
+        path: String,
+        /// Where the function that ran first is defined (`file:line:column`).
+        first: String,
+        /// Where this function is defined.
+        second: String,
+    },
     /// The key or scope is longer than the store accepts. Nothing ran. HTTP 400.
     KeyTooLong {
         /// Its length in bytes.
@@ -110,7 +122,8 @@ impl IdempotencyError {
             | IdempotencyError::OutcomeNotStored { .. }
             | IdempotencyError::Undecodable { .. }
             | IdempotencyError::Reentrant { .. }
-            | IdempotencyError::WouldDeadlock { .. } => 500,
+            | IdempotencyError::WouldDeadlock { .. }
+            | IdempotencyError::SharedRecords { .. } => 500,
         }
     }
 }
@@ -157,6 +170,10 @@ impl fmt::Display for IdempotencyError {
             IdempotencyError::WouldDeadlock { key } => write!(
                 f,
                 "a blocking #[idempotent] call with key `{key}` would wait for an async call of its own thread's current-thread runtime, which cannot run while it blocks"
+            ),
+            IdempotencyError::SharedRecords { path, first, second } => write!(
+                f,
+                "the #[idempotent] functions at {first} and {second} have the same record path `{path}` and no `scope`, so their records would mix: give each a distinct `scope = \"...\"`"
             ),
             IdempotencyError::KeyTooLong { len, max } => write!(
                 f,

@@ -12,7 +12,9 @@ use std::pin::Pin;
 
 use super::error::SequenceError;
 use super::sequencer::Sequencer;
-use crate::function::{ask_stores, FunctionCell, HandleKey, Home, PerType, Probe, Registry};
+use crate::function::{
+    ask_stores, FunctionCell, HandleKey, Home, KeyOf, Keyed, PerType, Probe, Registry,
+};
 
 type Admin<T> = Pin<Box<dyn Future<Output = Result<T, SequenceError>> + Send>>;
 
@@ -230,6 +232,53 @@ impl SequenceHandle {
     /// The function these sequences belong to (`module::path::name@line:column`).
     pub fn name(&self) -> &'static str {
         self.name
+    }
+}
+
+/// The keyed calls of [`SequenceHandle`] for a key of the function's key type `K` (or, for a
+/// text key, `&str`): another type does not compile.
+impl<K: ?Sized + 'static> Keyed<SequenceHandle, K> {
+    /// [`SequenceHandle::next`].
+    pub fn next<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> Option<u64> {
+        self.handle().next(key)
+    }
+
+    /// [`SequenceHandle::reset`].
+    pub fn reset<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> Result<Option<u64>, SequenceError> {
+        self.handle().reset(key)
+    }
+
+    /// [`SequenceHandle::reset_async`].
+    pub fn reset_async<Q: KeyOf<K> + ?Sized>(
+        &self,
+        key: &Q,
+    ) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send + 'static {
+        self.handle().reset_async(key)
+    }
+
+    /// [`SequenceHandle::set_next`].
+    pub fn set_next<Q>(&self, key: &Q, next: u64) -> Result<(), SequenceError>
+    where
+        Q: KeyOf<K> + Eq + Hash + Clone + Send + Sync + 'static,
+    {
+        self.handle().set_next(key, next)
+    }
+
+    /// [`SequenceHandle::set_next_async`].
+    pub fn set_next_async<Q>(
+        &self,
+        key: &Q,
+        next: u64,
+    ) -> impl Future<Output = Result<(), SequenceError>> + Send + 'static
+    where
+        Q: KeyOf<K> + Eq + Hash + Clone + Send + Sync + 'static,
+    {
+        self.handle().set_next_async(key, next)
+    }
+
+    /// [`SequenceHandle::waiting`].
+    pub fn waiting<Q: KeyOf<K> + ?Sized>(&self, key: &Q) -> usize {
+        self.handle().waiting(key)
     }
 }
 
