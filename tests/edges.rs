@@ -413,6 +413,54 @@ fn async_fn_in_a_trait_impl_is_cached() {
     assert_eq!(METER_LOADS.load(SeqCst), 2);
 }
 
+/// Associated functions without `self`, in a trait and its impl.
+trait Registry {
+    fn lookup(id: u64) -> u64;
+    fn enroll(key: &str) -> Result<u64, IdempotencyError>;
+    fn serial(desk: u8) -> u64;
+}
+
+struct Office;
+
+static OFFICE_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+static OFFICE_ENROLLS: AtomicUsize = AtomicUsize::new(0);
+
+impl Registry for Office {
+    #[cached(no_accessor)]
+    fn lookup(id: u64) -> u64 {
+        OFFICE_LOOKUPS.fetch_add(1, SeqCst);
+        id * 2
+    }
+
+    #[idempotent(key = key, no_accessor)]
+    fn enroll(key: &str) -> Result<u64, IdempotencyError> {
+        Ok(OFFICE_ENROLLS.fetch_add(1, SeqCst) as u64 + 1)
+    }
+
+    #[sequenced(key = desk, no_accessor)]
+    fn serial(desk: u8, seq: Seq) -> u64 {
+        let _ = desk;
+        seq.get()
+    }
+}
+
+/// Issue 9.3: an associated function without `self` in a trait impl got an accessor, which is
+/// not a trait member (E0407). With `no_accessor` it compiles and keeps its own store.
+#[test]
+fn associated_functions_in_a_trait_impl_compile_with_no_accessor() {
+    assert_eq!((Office::lookup(4), Office::lookup(4)), (8, 8));
+    assert_eq!(OFFICE_LOOKUPS.load(SeqCst), 1, "the second call was a hit");
+    assert_eq!(
+        (Office::enroll("e-1"), Office::enroll("e-1")),
+        (Ok(1), Ok(1))
+    );
+    assert_eq!(OFFICE_ENROLLS.load(SeqCst), 1, "the second call replayed");
+    assert_eq!(
+        (Office::serial(1), Office::serial(1), Office::serial(2)),
+        (1, 2, 1)
+    );
+}
+
 #[sequenced]
 fn label(seq: Seq) -> impl Display {
     format!("#{seq}")

@@ -30,6 +30,8 @@ use crate::validate::{check_signature, check_skip, owned_arguments, Attr, Errors
 
 /// What `#[cached(...)]` on this function asks for, checked.
 struct Plan {
+    /// Emit `fn <name>_<store>()` (no `self`, no `store`, no `no_accessor`).
+    accessor: bool,
     key: Key,
     /// `store = <expr>`; `None`: the function's own cache, bounded by `ttl` and `capacity`.
     store: Option<Expr>,
@@ -58,6 +60,13 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
     let store = named.expr("store");
+    let accessor = expand::wants_accessor(
+        Attr::Cached,
+        item,
+        store.is_some(),
+        named.flag("no_accessor"),
+        &mut errors,
+    );
     let shared = named.flag("shared");
     let given_key = named.expr("key");
     check_instance(
@@ -96,6 +105,7 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         ));
     }
     Ok(Plan {
+        accessor,
         key,
         store,
         ttl,
@@ -161,7 +171,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         Some(store) => given_store(&plan, store, mode, body),
     };
     expand::replace_block(&mut item, block);
-    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
+    let accessor = plan.accessor.then(|| {
         let config = config(&plan);
         expand::handle_accessor(
             &item,
@@ -326,8 +336,8 @@ fn finish(output: &Output, ret_span: Span) -> TokenStream {
 /// `LazyLock`, `Arc` or `&`.
 fn given_store(plan: &Plan, store: &Expr, mode: Mode, body: Body) -> TokenStream {
     let store_tokens = store_receiver(store);
-    let trait_name = Ident::new(
-        mode.pick("CacheStore", "AsyncCacheStore"),
+    let ref_trait = Ident::new(
+        mode.pick("CacheStoreRef", "AsyncCacheStoreRef"),
         Span::call_site(),
     );
     // A store of the wrong type is reported at the method call: point it at the expression's end.
@@ -336,7 +346,7 @@ fn given_store(plan: &Plan, store: &Expr, mode: Mode, body: Body) -> TokenStream
         .into_iter()
         .last()
         .map_or(store.span(), |t| t.span());
-    let method = mode.call("run_cached", "run_cached_async", store_end);
+    let method = mode.call("run_in_store", "run_in_store_async", store_end);
     let key = owned_key(&plan.key);
     let body = body.deferred();
     let await_ = mode.await_();
@@ -351,7 +361,7 @@ fn given_store(plan: &Plan, store: &Expr, mode: Mode, body: Body) -> TokenStream
         _ => quote!(#store_tokens.#method(__racefree_key, __racefree_body) #await_),
     };
     quote! {{
-        use ::racefree::__private::#trait_name as _;
+        use ::racefree::__private::#ref_trait as _;
         let __racefree_key = #key;
         let __racefree_body = #body;
         #call

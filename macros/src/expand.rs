@@ -1,14 +1,14 @@
 //! Pieces every expansion shares: error fallback, the function's id, the accessor of its own
 //! store, the default key, running the user's body.
 
-use proc_macro2::{Ident, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{ItemFn, ReturnType, Stmt};
 
 use crate::mode::Mode;
 use crate::shape::erase_impl_trait;
-use crate::validate::Attr;
+use crate::validate::{Attr, Errors};
 
 /// Parses the item and runs `expand`; on error emits the function as callers see it
 /// (`as_called`: the signature without what the attribute supplies) next to the
@@ -110,6 +110,33 @@ pub fn implementor(item: &ItemFn) -> Option<TokenStream> {
 /// `store = ...` instead.
 pub fn has_accessor(item: &ItemFn) -> bool {
     item.sig.receiver().is_none()
+}
+
+/// Whether the attribute emits the accessor: for a function without `self` and without
+/// `store`, unless it says `no_accessor` (an associated function in a trait impl, where any
+/// added `fn` is E0407). `no_accessor` where there is no accessor anyway is an error.
+pub fn wants_accessor(
+    attr: Attr,
+    item: &ItemFn,
+    store: bool,
+    no_accessor: Option<Span>,
+    errors: &mut Errors,
+) -> bool {
+    let would = !store && has_accessor(item);
+    if let (Some(span), false) = (no_accessor, would) {
+        let why = match store {
+            true => "with `store = ...` there is no accessor",
+            false => "a method with `self` gets no accessor",
+        };
+        errors.push(syn::Error::new(
+            span,
+            format!(
+                "`no_accessor` is for a #[{}] function that would get one: {why}; remove `no_accessor`",
+                attr.name()
+            ),
+        ));
+    }
+    would && no_accessor.is_none()
 }
 
 /// Declares `fn __racefree_id() -> &'static str`: the function's process-unique id,

@@ -36,6 +36,8 @@ use crate::validate::{check_signature, check_skip, Attr, Errors, Named};
 
 /// What `#[idempotent(...)]` on this function asks for, checked.
 struct Plan {
+    /// Emit `fn <name>_<store>()` (no `self`, no `store`, no `no_accessor`).
+    accessor: bool,
     key: Expr,
     fingerprint: Fingerprint,
     scope: Option<Expr>,
@@ -97,6 +99,13 @@ fn validate(
     let store_errors = named.flag("store_errors").is_some();
     let scope = named.expr("scope");
     let store = named.expr("store");
+    let accessor = expand::wants_accessor(
+        Attr::Idempotent,
+        item,
+        store.is_some(),
+        named.flag("no_accessor"),
+        &mut errors,
+    );
     let fingerprint = named.expr("fingerprint");
     let key = named.expr("key");
     if key.is_none() {
@@ -122,6 +131,7 @@ fn validate(
     };
     errors.finish()?;
     Ok(Plan {
+        accessor,
         key: key.expect("checked above"),
         fingerprint,
         scope,
@@ -251,7 +261,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
         __racefree_output
     }};
     expand::replace_block(&mut item, block);
-    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
+    let accessor = plan.accessor.then(|| {
         let config = config(&plan);
         expand::handle_accessor(
             &item,

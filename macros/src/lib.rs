@@ -65,9 +65,11 @@ use proc_macro::TokenStream;
 ///   `Err`, `None`, a panic, a dropped future) its waiters are released and one of them computes
 ///   next: each gets its own attempt, one at a time, never a copy of another caller's error.
 /// - The value must be `Clone`; every caller gets a clone.
-/// - Without `store`, the attribute also emits `fn <name>_cache() -> &'static
-///   racefree::CacheHandle` (with the function's visibility; see
-///   [Where it goes](#where-it-goes)): `invalidate(&key)`, `clear()`, `len()`, `in_flight()`,
+/// - Without `store`, the attribute also emits `fn <name>_cache() -> racefree::Keyed<CacheHandle,
+///   K>` (with the function's visibility; see [Where it goes](#where-it-goes)), which derefs to
+///   the `racefree::CacheHandle`: `invalidate(&key)` (a key of another type than `K`, or `&str`
+///   for a text key, does not compile; `K` is `dyn Any`, checked at run time, where the key type
+///   cannot be read off the signature), `clear()`, `len()`, `in_flight()`,
 ///   `stats()` (`hits`, `coalesced`, `executions`). A generic function gets one cache per
 ///   concrete type.
 /// - `store = <expr>`: a store you own instead, e.g. a `racefree::Cache<K, V>` field
@@ -92,7 +94,8 @@ use proc_macro::TokenStream;
 /// function without a `self` receiver only: the attribute cannot see whether a method sits in
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
-/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// store takes `store = ...`. An associated function without `self` in a trait impl writes
+/// `no_accessor` (it keeps its own store, unreachable from outside) or `store = ...`; so does one in a
 /// trait. A trait default method (or a method of a generic impl) is one function for every
 /// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
 /// `Self` type to the record's scope whatever the store).
@@ -187,7 +190,8 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// function without a `self` receiver only: the attribute cannot see whether a method sits in
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
-/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// store takes `store = ...`. An associated function without `self` in a trait impl writes
+/// `no_accessor` (it keeps its own store, unreachable from outside) or `store = ...`; so does one in a
 /// trait. A trait default method (or a method of a generic impl) is one function for every
 /// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
 /// `Self` type to the record's scope whatever the store).
@@ -254,8 +258,10 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// holds the key's counter row: supplied by the attribute like `Seq`, so the body's writes and
 /// the consumed number commit together (the function must be `async` and take a `Seq`).
 ///
-/// Without `store`, the attribute also emits `fn <name>_sequence() -> &'static SequenceHandle`
-/// to read, set and reset a key's next number (see [Where it goes](#where-it-goes)).
+/// Without `store`, the attribute also emits `fn <name>_sequence() -> racefree::Keyed<SequenceHandle,
+/// K>` to read, set and reset a key's next number (see [Where it goes](#where-it-goes)); a key
+/// of another type than `K` does not compile (`K` is `dyn Any`, checked at run time, when `key`
+/// is not an argument or a tuple of arguments).
 ///
 /// Re-entering a key from inside its own body (the body calls, directly or not, a sequenced
 /// function with the same key on the same thread or within the body's future) would deadlock;
@@ -272,7 +278,8 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// function without a `self` receiver only: the attribute cannot see whether a method sits in
 /// an inherent impl, a trait impl or a trait, and an added `fn` would not be a member of the
 /// trait (E0407) or would make the trait not dyn-compatible. A method that needs to reach its
-/// store takes `store = ...`; so does an associated function without `self` in a trait impl or
+/// store takes `store = ...`. An associated function without `self` in a trait impl writes
+/// `no_accessor` (it keeps its own store, unreachable from outside) or `store = ...`; so does one in a
 /// trait. A trait default method (or a method of a generic impl) is one function for every
 /// `Self` type: its own store keeps each one's entries apart (and `#[idempotent]` adds the
 /// `Self` type to the record's scope whatever the store).

@@ -31,6 +31,8 @@ use crate::validate::{check_signature, Attr, Errors, Named};
 
 /// What `#[sequenced(...)]` on this function asks for, checked.
 struct Plan {
+    /// Emit `fn <name>_<store>()` (no `self`, no `store`, no `no_accessor`).
+    accessor: bool,
     /// `key = <expr>`; `None`: one sequence for all callers (the key `()`).
     key: Option<Expr>,
     start: Option<Expr>,
@@ -108,6 +110,13 @@ fn validate(
     let timeout = errors.keep(named.duration("timeout")).flatten();
     let start = named.expr("start");
     let store = named.expr("store");
+    let accessor = expand::wants_accessor(
+        Attr::Sequenced,
+        item,
+        store.is_some(),
+        named.flag("no_accessor"),
+        &mut errors,
+    );
     let key = named.expr("key");
     let seq = seq_param(item, &mut errors);
     if let (Some(start), None) = (&start, &seq) {
@@ -141,6 +150,7 @@ fn validate(
     }
     errors.finish()?;
     Ok(Plan {
+        accessor,
         key,
         start,
         timeout,
@@ -203,7 +213,7 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
     if let Some(seq) = &plan.seq {
         remove_param(&mut item, seq.index);
     }
-    let accessor = (plan.store.is_none() && expand::has_accessor(&item)).then(|| {
+    let accessor = plan.accessor.then(|| {
         expand::handle_accessor(
             &item,
             "sequence",
@@ -364,13 +374,21 @@ fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
-    let acquire = mode.call("acquire", "acquire_async", proc_macro2::Span::call_site());
+    // A store of the wrong type is reported where the trait is required: at the store.
+    let span = plan
+        .store
+        .as_ref()
+        .map_or_else(proc_macro2::Span::call_site, |store| store.span());
+    let acquire = mode.call("acquire", "acquire_async", span);
+    let call = quote_spanned! {span=>
+        ::racefree::__private::SequenceBackend::#acquire(__racefree_backend, __racefree_key, #deadline)
+    };
     let await_ = mode.await_();
     // `next` and `commit` take the lease mutably / by value; without a `Seq` neither runs.
     // (and a `tx` parameter borrows it mutably).
     let mutability = (plan.seq.is_some() || plan.tx.is_some()).then(|| quote!(mut));
     quote! {
-        let #mutability __racefree_lease = match ::racefree::__private::SequenceBackend::#acquire(__racefree_backend, __racefree_key, #deadline) #await_ {
+        let #mutability __racefree_lease = match #call #await_ {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
             ::core::result::Result::Err(__racefree_error) => #fail,
         };

@@ -49,6 +49,7 @@ impl Attr {
                     "store = <expression of type &racefree::Cache<K, V>>",
                 ),
                 ("shared", Kind::Flag, "shared"),
+                ("no_accessor", Kind::Flag, "no_accessor"),
             ],
             Attr::Idempotent => &[
                 (
@@ -69,12 +70,14 @@ impl Attr {
                 ("scope", Kind::Value, "scope = <expression>"),
                 ("capacity", Kind::Value, "capacity = 100_000"),
                 ("store", Kind::Value, "store = <expression>"),
+                ("no_accessor", Kind::Flag, "no_accessor"),
             ],
             Attr::Sequenced => &[
                 ("key", Kind::Value, "key = <expression over the arguments>"),
                 ("start", Kind::Value, "start = <expression>"),
                 ("timeout", Kind::Value, "timeout = \"5s\""),
                 ("store", Kind::Value, "store = <expression>"),
+                ("no_accessor", Kind::Flag, "no_accessor"),
             ],
         }
     }

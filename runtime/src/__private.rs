@@ -1,7 +1,10 @@
 //! Everything generated code needs, and nothing else: the one door between the macros and the
 //! runtime. Not a public API; the facade re-exports it as `racefree::__private`.
 
-pub use crate::cached::{Always, AsyncCacheStore, CacheCell, CacheConfig, CacheStore, Lookup};
+pub use crate::cached::{
+    Always, AsyncCacheStore, AsyncCacheStoreRef, CacheCell, CacheConfig, CacheStore, CacheStoreRef,
+    Lookup,
+};
 pub use crate::function::{function_name, function_scope, implementor};
 pub use crate::idempotent::call::{
     begin, begin_blocking, claim_records, Begin, Call, Policy, StoreRef,

@@ -14,3 +14,5 @@ pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
 pub use handle::{CacheCell, CacheHandle};
 pub use stats::CacheStats;
 pub use store::{Always, AsyncCacheStore, CacheStore};
+#[doc(hidden)]
+pub use store::{AsyncCacheStoreRef, CacheStoreRef};

@@ -84,6 +84,48 @@ pub trait AsyncCacheStore<K, R: Outcome> {
     fn run_cached_async(&self, key: K, body: impl Future<Output = R>) -> impl Future<Output = R>;
 }
 
+/// Finds the store behind `store = <expr>` by auto-deref (the expression may be a store or
+/// anything that dereferences to one: `LazyLock`, `Arc`, `Box`), and names what to write when
+/// it is not one (a method call on [`CacheStore`] itself would only say "no method named
+/// `run_cached`"). Generated code calls `(<expr>).run_in_store(key, body)` with this trait in
+/// scope.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a cache store for keys `{K}`",
+    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store (or dereference to one)",
+    note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
+    note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`"
+)]
+pub trait CacheStoreRef<K, R> {
+    fn run_in_store(&self, key: K, body: impl FnOnce() -> R) -> R;
+}
+
+impl<S: CacheStore<K, R> + ?Sized, K, R: Outcome> CacheStoreRef<K, R> for S {
+    #[inline]
+    fn run_in_store(&self, key: K, body: impl FnOnce() -> R) -> R {
+        self.run_cached(key, body)
+    }
+}
+
+/// [`CacheStoreRef`] for an async function's store.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a cache store for keys `{K}`",
+    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store (or dereference to one)",
+    note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
+    note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`"
+)]
+pub trait AsyncCacheStoreRef<K, R> {
+    fn run_in_store_async(&self, key: K, body: impl Future<Output = R>) -> impl Future<Output = R>;
+}
+
+impl<S: AsyncCacheStore<K, R> + ?Sized, K, R: Outcome> AsyncCacheStoreRef<K, R> for S {
+    #[inline]
+    fn run_in_store_async(&self, key: K, body: impl Future<Output = R>) -> impl Future<Output = R> {
+        self.run_cached_async(key, body)
+    }
+}
+
 impl<K, V, S, R> CacheStore<K, R> for Cache<K, V, S>
 where
     K: Eq + Hash + Clone,
