@@ -4,7 +4,7 @@
 //! 1. **in-process turn**: callers of one key in this process queue FIFO on a
 //!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
 //!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
-//! 2. **acquire**: open the transaction ([`Dialect::begin_write`]; on SQLite `BEGIN IMMEDIATE`,
+//! 2. **acquire**: open the transaction ([`Dialect::begin_on`]; on SQLite `BEGIN IMMEDIATE`,
 //!    the database write lock), bound lock waits by the call's deadline (`lock_timeout`), and
 //!    `INSERT … ON CONFLICT (name, key) DO UPDATE SET next = next + 1, holdings = holdings + 1
 //!    RETURNING` the counter row. The row lock this takes *is* the key's lock across processes
@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde::Serialize;
 use sqlx::Transaction;
 
-use super::dialect::Dialect;
+use super::dialect::{self, Dialect};
 use super::error::Failure;
 use super::{InTransaction, SqlStore, Tx};
 use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
@@ -92,7 +92,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .sequence_locks()
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
-        let mut tx = D::begin_write(pool)
+        let mut tx = dialect::begin_write(pool)
             .await
             .map_err(|e| Failure::of(e).sequence())?;
         if let Some(deadline) = deadline {
