@@ -69,7 +69,7 @@
 //! | the caller's own transaction rolls back after the call ([`SqlStore::within`]) | the record rolls back with the effect: the retry executes once (a store outside the transaction would replay `Ok` for an effect that does not exist) | the number rolls back with the effect: the next call gets it; other callers of the key wait for the caller's `COMMIT` or rollback ([`InCallerTx::sequence`]) |
 //! | the same key with another fingerprint | `Conflict`, the stored outcome untouched | — |
 //! | a stored record that does not decode | [`IdempotencyError::Undecodable`], never a re-execution | — |
-//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT` | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
+//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT`, a `COMMIT` the server refused | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
 //! | failover to a synchronous replica | what was committed survives; with asynchronous replication, the last commits may be lost *together with their effects*, so records and effects still agree | as for idempotency |
 //!
 //! # What it does not promise
