@@ -11,7 +11,10 @@
 //! The calls go through the stores' public protocol (`IdempotencyBackend`, `SequenceBackend`),
 //! which is what the attributes expand to. Round trips per call on PostgreSQL are counted by a
 //! loopback proxy between the pool and the server (one round trip = the client writing after
-//! it last heard from the server) and written as figures.
+//! it last heard from the server) and written as figures: the mean of 20 calls after 20
+//! warm-up calls (statements prepared, as in a running service), each call including the ping
+//! sqlx sends when its connection goes back to the pool. Counts do not depend on the machine's
+//! load; the timings do.
 //!
 //! `cargo bench --bench sql --features postgres,sqlite`
 
@@ -273,106 +276,134 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The three comparisons on one database: `$db` names it in the group names; `$pool` and
+/// `$store` are its pool and store, `$replayed` a key completed before (and its bare twin in
+/// `bench_records`). PostgreSQL also gets `nextval()` + `INSERT` in the numbered group.
+macro_rules! comparisons {
+    ($c:expr, $rt:expr, $db:literal, $pool:expr, $store:expr, $replayed:expr) => {{
+        let (rt, pool, store, replayed) = ($rt, $pool, $store, $replayed);
+        let mut group = $c.benchmark_group(concat!("sql/", $db, " first execution"));
+        group.bench_function("bare transaction with the INSERT", |b| {
+            b.to_async(rt)
+                .iter(|| async { bare_transaction!(pool, fresh("bare")) })
+        });
+        group.bench_function("racefree #[idempotent] first execution", |b| {
+            b.to_async(rt)
+                .iter(|| async { first_execution!(store, fresh("first")) })
+        });
+        group.finish();
+
+        let mut group = $c.benchmark_group(concat!("sql/", $db, " replay"));
+        group.bench_function("bare primary-key SELECT", |b| {
+            b.to_async(rt)
+                .iter(|| async { bare_select!(pool, replayed) })
+        });
+        group.bench_function("racefree #[idempotent] replay", |b| {
+            b.to_async(rt).iter(|| async { replay!(store, replayed) })
+        });
+        group.finish();
+
+        let mut group = $c.benchmark_group(concat!("sql/", $db, " numbered insert"));
+        let bare_numbers = AtomicU64::new(0);
+        group.bench_function("bare transaction with the INSERT", |b| {
+            b.to_async(rt).iter(|| async {
+                bare_numbered_insert!(
+                    pool,
+                    "bare-customer",
+                    bare_numbers.fetch_add(1, Relaxed) as i64
+                )
+            })
+        });
+        if $db == "postgres" {
+            group.bench_function("nextval() + INSERT (gaps on rollback)", |b| {
+                b.to_async(rt).iter(|| async {
+                    let mut tx = pool.begin().await.unwrap();
+                    let number: i64 = sqlx::query_scalar("SELECT nextval('bench_seq')")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                    sqlx::query(
+                        "INSERT INTO bench_numbered (key, number) VALUES ('nextval-customer', $1)",
+                    )
+                    .bind(number)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    tx.commit().await.unwrap();
+                })
+            });
+        }
+        group.bench_function("racefree #[sequenced] insert", |b| {
+            b.to_async(rt)
+                .iter(|| async { sequenced_insert!(store, "racefree-customer") })
+        });
+        group.finish();
+    }};
+}
+
+/// Calls per round-trip count (after as many warm-up calls, so every pooled connection has
+/// prepared the statements, as in a running service).
+const COUNTED_CALLS: u64 = 20;
+
 fn postgres(c: &mut Criterion) {
     let rt = runtime();
     let pg = rt.block_on(pg());
     let (pool, store) = (&pg.pool, &pg.store);
 
-    // Round trips per call, counted once each, before the timings.
-    let count = |what: &str, trips: u64| {
-        support::figure("sql/postgres round trips", what, trips as f64, "per call")
+    // Round trips per call, counted before the timings. sqlx pings a connection when it goes
+    // back to the pool, in the background: waiting until every connection is idle again
+    // counts that ping in the call that caused it (polled: sqlx signals nothing).
+    let settle = || {
+        rt.block_on(async {
+            while pool.num_idle() < pool.size() as usize {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
     };
-    let measure = |f: &dyn Fn()| {
+    let count = |what: &str, call: &dyn Fn()| {
+        for _ in 0..COUNTED_CALLS {
+            call();
+            settle();
+        }
         let before = pg.round_trips.0.load(Relaxed);
-        f();
-        pg.round_trips.0.load(Relaxed) - before
+        for _ in 0..COUNTED_CALLS {
+            call();
+            settle();
+        }
+        let trips = (pg.round_trips.0.load(Relaxed) - before) as f64 / COUNTED_CALLS as f64;
+        support::figure("sql/postgres round trips", what, trips, "per call");
     };
-    count(
-        "bare transaction INSERT",
-        measure(&|| rt.block_on(async { bare_transaction!(pool, fresh("rt")) })),
-    );
-    count(
-        "#[idempotent] first execution",
-        measure(&|| rt.block_on(async { first_execution!(store, fresh("rt")) })),
-    );
     let replayed = fresh("replayed");
-    rt.block_on(async { first_execution!(store, replayed.clone()) });
     rt.block_on(async {
+        first_execution!(store, replayed.clone());
         sqlx::query("INSERT INTO bench_records (key, outcome) VALUES ($1, 'receipt')")
             .bind(&replayed)
             .execute(pool)
             .await
             .unwrap();
     });
-    count(
-        "#[idempotent] replay",
-        measure(&|| {
-            rt.block_on(async { replay!(store, &replayed) });
-        }),
-    );
-    count(
-        "bare primary-key SELECT",
-        measure(&|| {
-            rt.block_on(async { bare_select!(pool, &replayed) });
-        }),
-    );
-    count(
-        "#[sequenced] insert",
-        measure(&|| rt.block_on(async { sequenced_insert!(store, "rt-customer") })),
-    );
+    count("bare transaction INSERT", &|| {
+        rt.block_on(async { bare_transaction!(pool, fresh("rt")) })
+    });
+    count("#[idempotent] first execution", &|| {
+        rt.block_on(async { first_execution!(store, fresh("rt")) })
+    });
+    count("bare primary-key SELECT", &|| {
+        rt.block_on(async { bare_select!(pool, &replayed) });
+    });
+    count("#[idempotent] replay", &|| {
+        rt.block_on(async { replay!(store, &replayed) });
+    });
+    let numbers = AtomicU64::new(1_000_000);
+    count("bare transaction numbered INSERT", &|| {
+        let number = numbers.fetch_add(1, Relaxed) as i64;
+        rt.block_on(async { bare_numbered_insert!(pool, "rt-bare", number) })
+    });
+    count("#[sequenced] insert", &|| {
+        rt.block_on(async { sequenced_insert!(store, "rt-customer") })
+    });
 
-    let mut group = c.benchmark_group("sql/postgres first execution");
-    group.bench_function("bare transaction with the INSERT", |b| {
-        b.to_async(&rt)
-            .iter(|| async { bare_transaction!(pool, fresh("bare")) })
-    });
-    group.bench_function("racefree #[idempotent] first execution", |b| {
-        b.to_async(&rt)
-            .iter(|| async { first_execution!(store, fresh("first")) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("sql/postgres replay");
-    group.bench_function("bare primary-key SELECT", |b| {
-        b.to_async(&rt)
-            .iter(|| async { bare_select!(pool, &replayed) })
-    });
-    group.bench_function("racefree #[idempotent] replay", |b| {
-        b.to_async(&rt).iter(|| async { replay!(store, &replayed) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("sql/postgres numbered insert");
-    let bare_numbers = AtomicU64::new(0);
-    group.bench_function("bare transaction with the INSERT", |b| {
-        b.to_async(&rt).iter(|| async {
-            bare_numbered_insert!(
-                pool,
-                "bare-customer",
-                bare_numbers.fetch_add(1, Relaxed) as i64
-            )
-        })
-    });
-    group.bench_function("nextval() + INSERT (gaps on rollback)", |b| {
-        b.to_async(&rt).iter(|| async {
-            let mut tx = pool.begin().await.unwrap();
-            let number: i64 = sqlx::query_scalar("SELECT nextval('bench_seq')")
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::query("INSERT INTO bench_numbered (key, number) VALUES ('nextval-customer', $1)")
-                .bind(number)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-        })
-    });
-    group.bench_function("racefree #[sequenced] insert", |b| {
-        b.to_async(&rt)
-            .iter(|| async { sequenced_insert!(store, "racefree-customer") })
-    });
-    group.finish();
+    comparisons!(c, &rt, "postgres", pool, store, &replayed);
     rt.block_on(drop_pg(pg));
 }
 
@@ -390,44 +421,7 @@ fn sqlite_benches(c: &mut Criterion) {
             .await
             .unwrap();
     });
-
-    let mut group = c.benchmark_group("sql/sqlite first execution");
-    group.bench_function("bare transaction with the INSERT", |b| {
-        b.to_async(&rt)
-            .iter(|| async { bare_transaction!(pool, fresh("bare")) })
-    });
-    group.bench_function("racefree #[idempotent] first execution", |b| {
-        b.to_async(&rt)
-            .iter(|| async { first_execution!(store, fresh("first")) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("sql/sqlite replay");
-    group.bench_function("bare primary-key SELECT", |b| {
-        b.to_async(&rt)
-            .iter(|| async { bare_select!(pool, &replayed) })
-    });
-    group.bench_function("racefree #[idempotent] replay", |b| {
-        b.to_async(&rt).iter(|| async { replay!(store, &replayed) })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("sql/sqlite numbered insert");
-    let bare_numbers = AtomicU64::new(0);
-    group.bench_function("bare transaction with the INSERT", |b| {
-        b.to_async(&rt).iter(|| async {
-            bare_numbered_insert!(
-                pool,
-                "bare-customer",
-                bare_numbers.fetch_add(1, Relaxed) as i64
-            )
-        })
-    });
-    group.bench_function("racefree #[sequenced] insert", |b| {
-        b.to_async(&rt)
-            .iter(|| async { sequenced_insert!(store, "racefree-customer") })
-    });
-    group.finish();
+    comparisons!(c, &rt, "sqlite", pool, store, &replayed);
     rt.block_on(pool.close());
 }
 

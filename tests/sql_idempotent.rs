@@ -11,6 +11,7 @@
 
 #![cfg(any(feature = "postgres", feature = "sqlite"))]
 
+#[macro_use]
 #[path = "support/sql.rs"]
 mod sql;
 
@@ -23,21 +24,6 @@ use sql::TestDb;
 /// Processes × callers of the cross-process scenarios.
 const WORKERS: usize = 4;
 const CALLERS: usize = 25;
-
-/// The store's pool and the side channel's (the same pool on PostgreSQL).
-#[cfg(feature = "postgres")]
-async fn pg_pools(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
-    let pool = db.pg_pool(8).await;
-    (pool.clone(), pool)
-}
-
-#[cfg(feature = "sqlite")]
-async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
-    (
-        db.sqlite_pool(8, Duration::from_secs(20)).await,
-        db.sqlite_side_pool().await,
-    )
-}
 
 /// What a test body does after its effect `INSERT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,74 +43,9 @@ macro_rules! suite {
         #[cfg(feature = $feature)]
         mod $db {
             use super::*;
-            use racefree::sql::SqlStore;
             use sqlx::Pool;
 
-            pub type Store = SqlStore<$Database>;
-
-            /// The database a test runs on: the store, its pool (effects), and the side
-            /// channel (executions, outcomes, arrivals).
-            pub struct Env {
-                pub store: Store,
-                pub pool: Pool<$Database>,
-                pub side: Pool<$Database>,
-            }
-
-            /// The store's tables and the test's tables, on a fresh database.
-            pub async fn setup(db: &TestDb) -> Env {
-                let env = open(db).await;
-                env.store.migrate().await.unwrap();
-                for table in sql::TEST_TABLES {
-                    sqlx::query(table).execute(&env.pool).await.unwrap();
-                    if $feature == "sqlite" {
-                        sqlx::query(table).execute(&env.side).await.unwrap();
-                    }
-                }
-                env
-            }
-
-            pub async fn open(db: &TestDb) -> Env {
-                let (pool, side) = $pools(db).await;
-                Env { store: Store::new(pool.clone()), pool, side }
-            }
-
-            pub async fn count(pool: &Pool<$Database>, table: &str, key: &str) -> i64 {
-                sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE key = $1"))
-                    .bind(key)
-                    .fetch_one(pool)
-                    .await
-                    .unwrap()
-            }
-
-            /// Waits until `n` participants arrived at `point` (the cross-process barrier).
-            pub async fn arrive(pool: &Pool<$Database>, point: &str, who: &str, n: i64) {
-                sqlx::query("INSERT INTO arrivals (point, who) VALUES ($1, $2)")
-                    .bind(point)
-                    .bind(who)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                loop {
-                    let here: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM arrivals WHERE point = $1")
-                        .bind(point)
-                        .fetch_one(pool)
-                        .await
-                        .unwrap();
-                    if here >= n {
-                        return;
-                    }
-                    assert!(std::time::Instant::now() < deadline, "barrier {point} never reached {n}");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-
-            impl Env {
-                pub async fn close(&self) {
-                    self.pool.close().await;
-                    self.side.close().await;
-                }
-            }
+            sql_env!($feature, $Database, $pools);
 
             pub fn policy() -> Policy {
                 Policy::new(Duration::from_secs(3600))
@@ -576,8 +497,14 @@ macro_rules! suite {
     };
 }
 
-suite!(pg, "postgres", sqlx::Postgres, pg_pools, TestDb::pg);
-suite!(sqlite, "sqlite", sqlx::Sqlite, sqlite_pools, TestDb::sqlite);
+suite!(pg, "postgres", sqlx::Postgres, sql::pg_pools, TestDb::pg);
+suite!(
+    sqlite,
+    "sqlite",
+    sqlx::Sqlite,
+    sql::sqlite_pools,
+    TestDb::sqlite
+);
 
 /// Not a test of its own: the body of the child processes. Without `RF_SQL_MODE` it returns.
 #[test]
@@ -826,6 +753,224 @@ fn pg_killed_connection_is_a_typed_error_then_recovery() {
             1,
             "one effect row"
         );
+        env.close().await;
+    });
+}
+
+/// The server restarts while a body is in its transaction (on a private cluster: the shared
+/// server is never restarted). Twice: once the body's next statement fails (the caller gets
+/// the body's error), once the body had finished and completing fails (`StoreUnavailable`,
+/// never `Ok` for an effect that rolled back). Both times nothing committed (0 rows, no
+/// record); the retry executes once (1 row) and the next call replays it.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_server_restart_mid_body_is_a_typed_error_then_recovery() {
+    let Some(server) = sql::PrivatePg::start() else {
+        return;
+    };
+    let server = std::sync::Arc::new(server);
+    sql::runtime().block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(20))
+            .connect(&server.url())
+            .await
+            .unwrap();
+        let env = pg::Env {
+            store: racefree::sql::PgStore::new(pool.clone()),
+            pool: pool.clone(),
+            side: pool,
+        };
+        env.store.migrate().await.unwrap();
+        for table in sql::TEST_TABLES {
+            sqlx::query(table).execute(&env.pool).await.unwrap();
+        }
+        let restart = || {
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || server.restart())
+        };
+        let call = || {
+            Call::new(
+                "tests::pay",
+                None,
+                Some("restart"),
+                Fingerprint::of(&3_u64),
+                pg::policy(),
+            )
+        };
+
+        // Mid-body: the body's next statement fails; it returns its error, the lease goes.
+        let Begin::<_, String>::Execute(mut execution) = begin(&env.store, call()).await else {
+            panic!("the first call executes")
+        };
+        let connection = execution.lease_mut().unwrap().connection();
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('restart', 'first')")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        restart().await.unwrap();
+        let next = sqlx::query("INSERT INTO effects (key, who) VALUES ('restart', 'first-2')")
+            .execute(&mut *connection)
+            .await;
+        assert!(next.is_err(), "the restart fails the body's next statement");
+        execution.release();
+        assert_eq!(
+            pg::count(&env.pool, "effects", "restart").await,
+            0,
+            "rolled back"
+        );
+
+        // After the body: completing reports the failure instead of a false success.
+        let Begin::<_, String>::Execute(mut execution) = begin(&env.store, call()).await else {
+            panic!("the key is free after the rollback")
+        };
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('restart', 'second')")
+            .execute(execution.lease_mut().unwrap().connection())
+            .await
+            .unwrap();
+        restart().await.unwrap();
+        let finished = execution.finish(&"receipt by second".to_owned()).await;
+        assert!(
+            matches!(finished, Err(IdempotencyError::StoreUnavailable { .. })),
+            "{finished:?}"
+        );
+        assert_eq!(
+            pg::count(&env.pool, "effects", "restart").await,
+            0,
+            "rolled back"
+        );
+        let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(records, 0, "no record survived the restart");
+
+        let retry = pg::pay(
+            &env,
+            Some("restart"),
+            3,
+            "retry",
+            pg::policy(),
+            Then::Succeed { ms: 0 },
+        );
+        assert_eq!(retry.await.unwrap(), "receipt 3 by retry");
+        assert_eq!(
+            pg::count(&env.pool, "effects", "restart").await,
+            1,
+            "executed once"
+        );
+        let again = pg::pay(
+            &env,
+            Some("restart"),
+            3,
+            "again",
+            pg::policy(),
+            Then::Succeed { ms: 0 },
+        );
+        assert_eq!(again.await.unwrap(), "receipt 3 by retry", "replayed");
+        assert_eq!(
+            pg::count(&env.side, "executions", "restart").await,
+            1,
+            "the replay ran nothing"
+        );
+        assert_eq!(
+            pg::count(&env.pool, "effects", "restart").await,
+            1,
+            "one effect row"
+        );
+        env.close().await;
+    });
+}
+
+/// A statement timeout (SQLSTATE 57014) and a serialization failure (40001) in the store's
+/// own statements are `StoreUnavailable` naming the cause, as documented: the outcome's
+/// `UPDATE` outlasting the pool's `statement_timeout`, the same `UPDATE` losing a conflict,
+/// and a conflict at `COMMIT` itself (a deferred trigger), which the server answered, so it is
+/// a rollback (`StoreUnavailable`), not `OutcomeUnknown`. Each time nothing committed (0
+/// rows, no record); once the faults are gone, the retry executes once and then replays.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_statement_timeout_and_serialization_failure_are_store_unavailable() {
+    let db = TestDb::pg("faults");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        sqlx::raw_sql(sql::PG_FAULTS)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TRIGGER slow BEFORE UPDATE ON racefree_idempotency FOR EACH ROW \
+               WHEN (NEW.key LIKE '%#slow') EXECUTE FUNCTION rf_slow(); \
+             CREATE TRIGGER conflict BEFORE UPDATE ON racefree_idempotency FOR EACH ROW \
+               WHEN (NEW.key LIKE '%#conflict') EXECUTE FUNCTION rf_serialization_failure(); \
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON racefree_idempotency \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+               WHEN (NEW.key LIKE '%#at-commit') EXECUTE FUNCTION rf_serialization_failure();",
+        )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        let impatient = pg::Env {
+            store: racefree::sql::PgStore::new(
+                db.pg_pool_with(4, "SET statement_timeout = '300ms'").await,
+            ),
+            pool: env.pool.clone(),
+            side: env.side.clone(),
+        };
+        let ok = Then::Succeed { ms: 0 };
+        let unavailable = |result: Result<String, IdempotencyError>| match result {
+            Err(IdempotencyError::StoreUnavailable { reason }) => reason,
+            other => panic!("expected StoreUnavailable, got {other:?}"),
+        };
+
+        let slow = pg::pay(&impatient, Some("slow"), 1, "first", pg::policy(), ok).await;
+        let reason = unavailable(slow);
+        assert!(reason.contains("statement timeout"), "{reason}");
+        let conflict = pg::pay(&env, Some("conflict"), 1, "first", pg::policy(), ok).await;
+        let reason = unavailable(conflict);
+        assert!(reason.contains("serialization failure"), "{reason}");
+        let at_commit = pg::pay(&env, Some("at-commit"), 1, "first", pg::policy(), ok).await;
+        let reason = unavailable(at_commit);
+        assert!(
+            reason.contains("rolled back") && reason.contains("serialization failure"),
+            "{reason}"
+        );
+        let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(records, 0, "no record committed");
+
+        sqlx::raw_sql(
+            "DROP TRIGGER slow ON racefree_idempotency; \
+             DROP TRIGGER conflict ON racefree_idempotency; \
+             DROP TRIGGER at_commit ON racefree_idempotency;",
+        )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        for key in ["slow", "conflict", "at-commit"] {
+            assert_eq!(
+                pg::count(&env.pool, "effects", key).await,
+                0,
+                "{key}: rolled back"
+            );
+            let retry = pg::pay(&impatient, Some(key), 1, "retry", pg::policy(), ok).await;
+            assert_eq!(retry.unwrap(), "receipt 1 by retry", "{key}");
+            let again = pg::pay(&impatient, Some(key), 1, "again", pg::policy(), ok).await;
+            assert_eq!(again.unwrap(), "receipt 1 by retry", "{key}: replayed");
+            assert_eq!(
+                pg::count(&env.side, "executions", key).await,
+                2,
+                "{key}: failed + retry"
+            );
+            assert_eq!(
+                pg::count(&env.pool, "effects", key).await,
+                1,
+                "{key}: one effect row"
+            );
+        }
+        impatient.store.pool().unwrap().close().await;
         env.close().await;
     });
 }

@@ -9,6 +9,7 @@
 
 #![cfg(any(feature = "postgres", feature = "sqlite"))]
 
+#[macro_use]
 #[path = "support/sql.rs"]
 mod sql;
 
@@ -20,20 +21,6 @@ use sql::TestDb;
 /// Processes × callers of the cross-process scenarios.
 const WORKERS: usize = 4;
 const CALLERS: usize = 25;
-
-#[cfg(feature = "postgres")]
-async fn pg_pools(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
-    let pool = db.pg_pool(8).await;
-    (pool.clone(), pool)
-}
-
-#[cfg(feature = "sqlite")]
-async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
-    (
-        db.sqlite_pool(8, Duration::from_secs(20)).await,
-        db.sqlite_side_pool().await,
-    )
-}
 
 /// What a numbered call's body does after its `INSERT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,64 +51,8 @@ macro_rules! suite {
         #[cfg(feature = $feature)]
         mod $db {
             use super::*;
-            use racefree::sql::SqlStore;
-            use sqlx::Pool;
 
-            pub type Store = SqlStore<$Database>;
-
-            /// The store, its pool (effects), and the side channel (outcomes, arrivals).
-            pub struct Env {
-                pub store: Store,
-                pub pool: Pool<$Database>,
-                pub side: Pool<$Database>,
-            }
-
-            pub async fn open(db: &TestDb) -> Env {
-                let (pool, side) = $pools(db).await;
-                Env {
-                    store: Store::new(pool.clone()),
-                    pool,
-                    side,
-                }
-            }
-
-            pub async fn setup(db: &TestDb) -> Env {
-                let env = open(db).await;
-                env.store.migrate().await.unwrap();
-                for table in sql::TEST_TABLES {
-                    sqlx::query(table).execute(&env.pool).await.unwrap();
-                    if $feature == "sqlite" {
-                        sqlx::query(table).execute(&env.side).await.unwrap();
-                    }
-                }
-                env
-            }
-
-            async fn arrive(pool: &Pool<$Database>, point: &str, who: &str, n: i64) {
-                sqlx::query("INSERT INTO arrivals (point, who) VALUES ($1, $2)")
-                    .bind(point)
-                    .bind(who)
-                    .execute(pool)
-                    .await
-                    .unwrap();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let here: i64 =
-                        sqlx::query_scalar("SELECT COUNT(*) FROM arrivals WHERE point = $1")
-                            .bind(point)
-                            .fetch_one(pool)
-                            .await
-                            .unwrap();
-                    if here >= n {
-                        return;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "barrier {point} never reached {n}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
+            sql_env!($feature, $Database, $pools);
 
             /// The numbers committed for `key`, in order.
             pub async fn numbers(env: &Env, key: &str) -> Vec<i64> {
@@ -375,6 +306,112 @@ macro_rules! suite {
                 });
             }
 
+            /// The caller's own transaction, as a handler opens it (on SQLite `BEGIN IMMEDIATE`:
+            /// its first statement writes, so it takes the write lock up front).
+            async fn begin_caller(env: &Env) -> sqlx::Transaction<'static, $Database> {
+                let begin = if $feature == "sqlite" { "BEGIN IMMEDIATE" } else { "BEGIN" };
+                env.pool.begin_with(begin).await.unwrap()
+            }
+
+            /// `#[sequenced(key = key, store = db.within(&mut tx).sequence("tests::invoice"))]`:
+            /// the number and the `INSERT` are in the caller's transaction `tx`, which commits
+            /// (or not) after the call.
+            async fn invoice_in(
+                env: &Env,
+                tx: &mut <$Database as sqlx::Database>::Connection,
+                key: &str,
+                who: &str,
+            ) -> Result<u64, SequenceError> {
+                let invoices = env.store.within(tx).sequence("tests::invoice");
+                let mut lease = invoices.acquire_async(key.to_owned(), None).await?;
+                let number = lease.next_async().await?.unwrap_or(1);
+                sqlx::query("INSERT INTO numbered (key, number, who) VALUES ($1, $2, $3)")
+                    .bind(key)
+                    .bind(number as i64)
+                    .bind(who)
+                    .execute(lease.connection())
+                    .await
+                    .expect("a number is never handed out twice (UNIQUE (key, number))");
+                lease.commit_async(number).await?;
+                Ok(number)
+            }
+
+            /// Inside the caller's transaction the number is consumed by the caller's
+            /// `COMMIT`: after a rollback (explicit, or the transaction dropped) the next call
+            /// gets the same number; after a commit it gets the next one, in the store's own
+            /// transactions too.
+            #[test]
+            fn caller_transaction_decides_whether_the_number_is_consumed() {
+                let db = $new_db("caller_tx");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let invoices = env.store.sequence("tests::invoice");
+                    let mut tx = begin_caller(&env).await;
+                    assert_eq!(invoice_in(&env, &mut tx, "acme", "rolled-back").await.unwrap(), 1);
+                    tx.rollback().await.unwrap();
+                    assert_eq!(numbers(&env, "acme").await, Vec::<i64>::new());
+                    assert_eq!(invoices.next(&"acme").await.unwrap(), None, "not consumed");
+
+                    let mut tx = begin_caller(&env).await;
+                    assert_eq!(invoice_in(&env, &mut tx, "acme", "committed").await.unwrap(), 1, "the same number again");
+                    tx.commit().await.unwrap();
+                    assert_eq!(numbers(&env, "acme").await, [1]);
+                    assert_eq!(invoices.next(&"acme").await.unwrap(), Some(2), "consumed");
+
+                    assert_eq!(invoice(&env, "acme", 1, "own", None, Then::Succeed).await.unwrap(), 2);
+                    let mut tx = begin_caller(&env).await;
+                    assert_eq!(invoice_in(&env, &mut tx, "acme", "dropped").await.unwrap(), 3);
+                    drop(tx);
+                    assert_eq!(invoice(&env, "acme", 1, "own", None, Then::Succeed).await.unwrap(), 3, "a dropped transaction consumed nothing");
+                    assert_eq!(numbers(&env, "acme").await, [1, 2, 3]);
+                    env.pool.close().await;
+                });
+            }
+
+            /// 8 concurrent callers × 10 rounds, released together by a barrier, each taking a
+            /// number in its own transaction, which then commits, or rolls back for every
+            /// third (caller + round). After every round the committed numbers are exactly
+            /// 1..=(commits so far): no duplicate, no gap, and the counter says the next one.
+            #[test]
+            fn caller_transactions_stay_gap_free_under_concurrency() {
+                const IN_TX: usize = 8;
+                const ROUNDS: usize = 10;
+                let db = $new_db("caller_tx_crowd");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = std::sync::Arc::new(setup(&db).await);
+                    let mut commits = 0;
+                    for round in 0..ROUNDS {
+                        let gate = std::sync::Arc::new(tokio::sync::Barrier::new(IN_TX));
+                        let callers: Vec<_> = (0..IN_TX)
+                            .map(|caller| {
+                                let (env, gate) = (env.clone(), gate.clone());
+                                tokio::spawn(async move {
+                                    gate.wait().await;
+                                    let mut tx = begin_caller(&env).await;
+                                    let who = format!("{round}/{caller}");
+                                    invoice_in(&env, &mut tx, "acme", &who).await.unwrap();
+                                    let commit = (caller + round) % 3 != 0;
+                                    match commit {
+                                        true => tx.commit().await.unwrap(),
+                                        false => tx.rollback().await.unwrap(),
+                                    }
+                                    commit
+                                })
+                            })
+                            .collect();
+                        for caller in callers {
+                            commits += caller.await.unwrap() as i64;
+                        }
+                        assert_eq!(numbers(&env, "acme").await, (1..=commits).collect::<Vec<_>>(), "round {round}");
+                        let next = env.store.sequence("tests::invoice").next(&"acme").await.unwrap();
+                        assert_eq!(next, Some(commits as u64 + 1), "round {round}");
+                    }
+                    env.pool.close().await;
+                });
+            }
+
             /// A dropped future after the body's `INSERT` (the client went away): nothing
             /// committed, the next call gets the same number.
             #[test]
@@ -419,8 +456,14 @@ macro_rules! suite {
     };
 }
 
-suite!(pg, "postgres", sqlx::Postgres, pg_pools, TestDb::pg);
-suite!(sqlite, "sqlite", sqlx::Sqlite, sqlite_pools, TestDb::sqlite);
+suite!(pg, "postgres", sqlx::Postgres, sql::pg_pools, TestDb::pg);
+suite!(
+    sqlite,
+    "sqlite",
+    sqlx::Sqlite,
+    sql::sqlite_pools,
+    TestDb::sqlite
+);
 
 /// Another process (here: another store on the same pool, with its own in-process queue)
 /// holding the key's row lock makes a call with a deadline fail with `Timeout` through
@@ -452,6 +495,81 @@ fn pg_deadline_bounds_the_wait_for_another_process() {
                 .unwrap(),
             1
         );
+        env.pool.close().await;
+    });
+}
+
+/// A statement timeout (SQLSTATE 57014) and a serialization failure (40001) while taking a
+/// number are `SequenceError::Store` naming the cause, as documented; a conflict at `COMMIT`
+/// (a deferred trigger) is `Store` too, not `CommitUnknown`: the server answered, so it rolled
+/// back. Nothing is consumed: once the faults are gone, each key's first number is still 1.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_statement_timeout_and_serialization_failure_are_typed() {
+    let db = TestDb::pg("faults");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        sqlx::raw_sql(sql::PG_FAULTS)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        // Keys are stored as their JSON encoding.
+        sqlx::raw_sql(
+            "CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON racefree_sequences FOR EACH ROW \
+               WHEN (NEW.key = '\"slow\"') EXECUTE FUNCTION rf_slow(); \
+             CREATE TRIGGER conflict BEFORE INSERT OR UPDATE ON racefree_sequences FOR EACH ROW \
+               WHEN (NEW.key = '\"conflict\"') EXECUTE FUNCTION rf_serialization_failure(); \
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT OR UPDATE ON racefree_sequences \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+               WHEN (NEW.key = '\"at-commit\"') EXECUTE FUNCTION rf_serialization_failure();",
+        )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        let impatient = pg::Env {
+            store: racefree::sql::PgStore::new(
+                db.pg_pool_with(4, "SET statement_timeout = '300ms'").await,
+            ),
+            pool: env.pool.clone(),
+            side: env.side.clone(),
+        };
+        let store_error = |result: Result<u64, SequenceError>| match result {
+            Err(SequenceError::Store(reason)) => reason.to_string(),
+            other => panic!("expected SequenceError::Store, got {other:?}"),
+        };
+
+        let slow = pg::invoice(&impatient, "slow", 1, "first", None, Then::Succeed).await;
+        let reason = store_error(slow);
+        assert!(reason.contains("statement timeout"), "{reason}");
+        let conflict = pg::invoice(&env, "conflict", 1, "first", None, Then::Succeed).await;
+        let reason = store_error(conflict);
+        assert!(reason.contains("serialization failure"), "{reason}");
+        let at_commit = pg::invoice(&env, "at-commit", 1, "first", None, Then::Succeed).await;
+        let reason = store_error(at_commit);
+        assert!(
+            reason.contains("rolled back") && reason.contains("serialization failure"),
+            "{reason}"
+        );
+
+        sqlx::raw_sql(
+            "DROP TRIGGER slow ON racefree_sequences; \
+             DROP TRIGGER conflict ON racefree_sequences; \
+             DROP TRIGGER at_commit ON racefree_sequences;",
+        )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        for key in ["slow", "conflict", "at-commit"] {
+            assert_eq!(
+                pg::numbers(&env, key).await,
+                Vec::<i64>::new(),
+                "{key}: rolled back"
+            );
+            let first = pg::invoice(&impatient, key, 1, "retry", None, Then::Succeed).await;
+            assert_eq!(first.unwrap(), 1, "{key}: the number was not consumed");
+            assert_eq!(pg::numbers(&env, key).await, [1], "{key}");
+        }
+        impatient.store.pool().unwrap().close().await;
         env.pool.close().await;
     });
 }

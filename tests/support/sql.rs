@@ -1,7 +1,8 @@
 //! The databases the SQL store tests run against: a fresh PostgreSQL schema (dropped when the
 //! test ends, however it ends) on the machine's server, or a fresh SQLite file in a temp dir;
 //! the tables the tests count effects in; and child processes sharing the database.
-//! Included with `#[path = "support/sql.rs"] mod sql;`.
+//! Included with `#[macro_use] #[path = "support/sql.rs"] mod sql;`; a suite's per-database
+//! module starts with `sql_env!(...)`.
 
 #![allow(dead_code)]
 
@@ -21,6 +22,116 @@ pub const TEST_TABLES: &[&str] = &[
     "CREATE TABLE numbered (key TEXT NOT NULL, number BIGINT NOT NULL, who TEXT NOT NULL, UNIQUE (key, number))",
     "CREATE TABLE arrivals (point TEXT NOT NULL, who TEXT NOT NULL)",
 ];
+
+/// Trigger functions that make a store's own statement fail the way a loaded or contended
+/// server does (create them in a test's schema, then attach them to the store's tables):
+/// `rf_slow` outlasts any short `statement_timeout` (SQLSTATE 57014), `rf_serialization_failure`
+/// raises SQLSTATE 40001, as a serializable transaction that lost a conflict does.
+pub const PG_FAULTS: &str = "\
+    CREATE FUNCTION rf_slow() RETURNS trigger LANGUAGE plpgsql AS \
+      $$ BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$; \
+    CREATE FUNCTION rf_serialization_failure() RETURNS trigger LANGUAGE plpgsql AS \
+      $$ BEGIN RAISE EXCEPTION 'injected conflict' USING ERRCODE = 'serialization_failure'; END $$;";
+
+/// The store's pool and the side channel's (the same pool on PostgreSQL).
+#[cfg(feature = "postgres")]
+pub async fn pg_pools(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
+    let pool = db.pg_pool(8).await;
+    (pool.clone(), pool)
+}
+
+/// The store's pool and the side channel's: a second file, so a body can write to it outside
+/// its own transaction (which holds the database's write lock).
+#[cfg(feature = "sqlite")]
+pub async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
+    (
+        db.sqlite_pool(8, Duration::from_secs(20)).await,
+        db.sqlite_side_pool().await,
+    )
+}
+
+/// What every suite module needs on its database (`$Database` under cargo feature
+/// `$feature`, pools from `$pools`): `Store`, `Env` (the store, its pool for effects, the side
+/// channel for executions, outcomes and arrivals), `open`, `setup` (the store's and the
+/// tests' tables on a fresh database), `count` and `arrive` (the cross-process barrier).
+macro_rules! sql_env {
+    ($feature:literal, $Database:ty, $pools:path) => {
+        pub type Store = racefree::sql::SqlStore<$Database>;
+
+        pub struct Env {
+            pub store: Store,
+            pub pool: sqlx::Pool<$Database>,
+            pub side: sqlx::Pool<$Database>,
+        }
+
+        impl Env {
+            #[allow(dead_code)]
+            pub async fn close(&self) {
+                self.pool.close().await;
+                self.side.close().await;
+            }
+        }
+
+        pub async fn open(db: &crate::sql::TestDb) -> Env {
+            let (pool, side) = $pools(db).await;
+            Env {
+                store: Store::new(pool.clone()),
+                pool,
+                side,
+            }
+        }
+
+        pub async fn setup(db: &crate::sql::TestDb) -> Env {
+            let env = open(db).await;
+            env.store.migrate().await.unwrap();
+            for table in crate::sql::TEST_TABLES {
+                sqlx::query(table).execute(&env.pool).await.unwrap();
+                if $feature == "sqlite" {
+                    sqlx::query(table).execute(&env.side).await.unwrap();
+                }
+            }
+            env
+        }
+
+        /// Rows of `table` for `key`.
+        #[allow(dead_code)]
+        pub async fn count(pool: &sqlx::Pool<$Database>, table: &str, key: &str) -> i64 {
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE key = $1"))
+                .bind(key)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
+
+        /// Waits until `n` participants arrived at `point` (the cross-process barrier; polled,
+        /// as processes share nothing else).
+        pub async fn arrive(pool: &sqlx::Pool<$Database>, point: &str, who: &str, n: i64) {
+            sqlx::query("INSERT INTO arrivals (point, who) VALUES ($1, $2)")
+                .bind(point)
+                .bind(who)
+                .execute(pool)
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let here: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM arrivals WHERE point = $1")
+                        .bind(point)
+                        .fetch_one(pool)
+                        .await
+                        .unwrap();
+                if here >= n {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "barrier {point} never reached {n}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+}
 
 /// A name no other test or earlier run uses.
 pub fn unique(name: &str) -> String {
@@ -91,15 +202,22 @@ impl TestDb {
     /// A pool on the schema (every connection's `search_path` is set to it).
     #[cfg(feature = "postgres")]
     pub async fn pg_pool(&self, max: u32) -> sqlx::PgPool {
-        let schema = self.place.clone();
+        self.pg_pool_with(max, "").await
+    }
+
+    /// [`pg_pool`](Self::pg_pool) whose connections also run `settings` (e.g.
+    /// `SET statement_timeout = '300ms'`) when they connect.
+    #[cfg(feature = "postgres")]
+    pub async fn pg_pool_with(&self, max: u32, settings: &str) -> sqlx::PgPool {
+        let session = format!("SET search_path TO {}; {settings}", self.place);
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(20))
             .after_connect(move |conn, _| {
-                let schema = schema.clone();
+                let session = session.clone();
                 Box::pin(async move {
-                    sqlx::query(&format!("SET search_path TO {schema}"))
-                        .execute(conn)
+                    // A simple query: it may hold several statements.
+                    sqlx::Executor::execute(conn, session.as_str())
                         .await
                         .map(drop)
                 })
@@ -233,4 +351,148 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A PostgreSQL cluster of this test's own (initdb in a temp dir, a free port, trust auth),
+/// for faults that must not touch the shared server: restarts. Stopped (immediately) when
+/// dropped.
+pub struct PrivatePg {
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+    options: String,
+    /// Root may not run PostgreSQL: then every command runs as the `postgres` user.
+    as_postgres: bool,
+    _dir: tempfile::TempDir,
+}
+
+/// Where the private clusters' binaries are (Debian's PostgreSQL 15 layout).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl PrivatePg {
+    /// A running private cluster, or `None` (with a message saying why) when the PostgreSQL
+    /// server binaries are not installed.
+    pub fn start() -> Option<PrivatePg> {
+        let bin = std::path::PathBuf::from(PG_BIN);
+        if !bin.join("initdb").exists() || !bin.join("pg_ctl").exists() {
+            eprintln!(
+                "SKIPPED: no {PG_BIN}/initdb or pg_ctl: a private PostgreSQL cluster cannot be started"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0\n"));
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["postgres:", dir.path().to_str().unwrap()])
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "chown the private cluster's dir to postgres"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.path().join("data");
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
+        let pg = PrivatePg {
+            bin,
+            data,
+            port,
+            options,
+            as_postgres,
+            _dir: dir,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        pg.pg_ctl("start");
+        Some(pg)
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast: every backend is terminated, open transactions roll back) and
+    /// starts it again on the same port; returns once it accepts connections.
+    pub fn restart(&self) {
+        self.pg_ctl("stop");
+        self.pg_ctl("start");
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let log = self.data.with_file_name("server.log");
+        let data = self.data.to_str().unwrap();
+        let mut args = vec!["-D", data, "-w", "-t", "60", "-m", "fast"];
+        if action == "start" {
+            args.extend(["-l", log.to_str().unwrap(), "-o", &self.options]);
+        }
+        args.push(action);
+        self.run("pg_ctl", &args);
+    }
+
+    /// `program` of the cluster's binaries, as the user that may run it.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        if self.as_postgres {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(program);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }

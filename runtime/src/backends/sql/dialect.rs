@@ -1,10 +1,13 @@
 //! The statements that differ between PostgreSQL and SQLite, and nothing else: the protocols
 //! in `idempotent.rs` and `sequenced.rs` are written once over [`Dialect`], which says how
-//! each step is spelled and which lock makes it atomic.
+//! each step is spelled and which lock makes it atomic. Steps whose only difference is the
+//! statement's text (rendered per dialect into [`Statements`]) are written once, by
+//! `same_steps!`, for both connection types.
 
 use std::future::Future;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::{Pool, Transaction};
 
 use super::schema::{Statements, Tables};
@@ -19,6 +22,19 @@ pub struct Record {
     pub(crate) expired: bool,
 }
 
+/// What one claim statement found.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Claimed {
+    /// The key's in-flight lock was free and is now this transaction's (always so on SQLite,
+    /// where the write lock is held).
+    pub(crate) locked: bool,
+    /// The in-flight record was inserted: the caller executes.
+    pub(crate) inserted: bool,
+    /// Otherwise the committed record the claim ran into, if it could see one.
+    pub(crate) record: Option<Record>,
+}
+
 /// A database racefree's SQL stores run on: `sqlx::Postgres` (feature `postgres`) or
 /// `sqlx::Sqlite` (feature `sqlite`). Sealed: the protocol's correctness rests on each
 /// dialect's locking:
@@ -26,9 +42,8 @@ pub struct Record {
 /// | step | PostgreSQL | SQLite |
 /// | --- | --- | --- |
 /// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
-/// | "is this key in flight?" | `pg_try_advisory_xact_lock(hash(key))` | always "no": holding the write lock means nobody else is writing |
+/// | claim: "is this key in flight?", insert, read | one statement: `pg_try_advisory_xact_lock(hash(key))`, and only if it was free `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, with the committed record beside it | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, then (only if not inserted) the record; never "in flight": holding the write lock means nobody else is writing |
 /// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
-/// | claim | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING` | the same |
 /// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
 /// | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
 pub trait Dialect: sqlx::Database + sealed::Sealed {
@@ -44,10 +59,11 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         tables: &Tables,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Opens the transaction a claim or a numbering runs in.
+    /// Opens the transaction a claim or a numbering runs in, on a connection already checked
+    /// out (so a read before it costs no second checkout).
     #[doc(hidden)]
-    fn begin_write(
-        pool: &Pool<Self>,
+    fn begin_on(
+        connection: PoolConnection<Self>,
     ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
 
     /// Bounds the lock waits of the rest of this transaction.
@@ -57,26 +73,17 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         wait: Duration,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// Claims `key` in the open transaction: takes its in-flight lock `lock` if nobody holds
+    /// it, and only then inserts the in-flight record unless the key has one; reports the
+    /// committed record otherwise.
     #[doc(hidden)]
-    fn read_record(
-        pool: &Pool<Self>,
-        tables: &Tables,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
-
-    #[doc(hidden)]
-    fn read_record_in(
+    fn claim(
         conn: &mut Self::Connection,
         tables: &Tables,
         key: &str,
-    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
-
-    /// Takes the key's in-flight lock for the transaction if nobody holds it.
-    #[doc(hidden)]
-    fn try_lock_key(
-        conn: &mut Self::Connection,
+        fingerprint: &str,
         lock: i64,
-    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Claimed, sqlx::Error>> + Send;
 
     /// Returns once nobody holds the key's in-flight lock (at most `wait`, then a lock-timeout
     /// error).
@@ -87,14 +94,12 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         wait: Option<Duration>,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Inserts the in-flight record unless the key has one; `true` if inserted.
     #[doc(hidden)]
-    fn insert_claim(
+    fn read_record(
         conn: &mut Self::Connection,
         tables: &Tables,
         key: &str,
-        fingerprint: &str,
-    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
 
     /// Turns an expired record into this caller's in-flight record; `true` if it was expired.
     #[doc(hidden)]
@@ -149,6 +154,13 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     ) -> impl Future<Output = Result<Option<i64>, sqlx::Error>> + Send;
 }
 
+/// Opens a writing transaction on a connection from `pool`.
+pub(crate) async fn begin_write<D: Dialect>(
+    pool: &Pool<D>,
+) -> Result<Transaction<'static, D>, sqlx::Error> {
+    D::begin_on(pool.acquire().await?).await
+}
+
 mod sealed {
     pub trait Sealed {}
     #[cfg(feature = "postgres")]
@@ -171,20 +183,120 @@ fn millis(ttl: Duration) -> i64 {
     ttl.as_millis().min(CAP) as i64
 }
 
+/// The steps that bind and decode the same on both databases (their statements' text, in
+/// `tables.sql`, is each dialect's own), as `Dialect` methods for connection type `$conn`.
+macro_rules! same_steps {
+    ($conn:ty) => {
+        async fn read_record(
+            conn: &mut $conn,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_record)
+                .bind(key)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(|row| Record {
+                fingerprint: sqlx::Row::get(&row, 0),
+                outcome: sqlx::Row::get(&row, 1),
+                expired: sqlx::Row::get(&row, 2),
+            }))
+        }
+
+        async fn replace_expired(
+            conn: &mut $conn,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.replace_expired)
+                .bind(key)
+                .bind(fingerprint)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn store_outcome(
+            conn: &mut $conn,
+            tables: &Tables,
+            key: &str,
+            outcome: &str,
+            ttl: Duration,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.store_outcome)
+                .bind(key)
+                .bind(outcome)
+                .bind(millis(ttl))
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
+            let done = sqlx::query(&tables.sql.purge_expired).execute(pool).await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn bump(
+            conn: &mut $conn,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<(Option<i64>, i64), sqlx::Error> {
+            let row = sqlx::query(&tables.sql.bump)
+                .bind(name)
+                .bind(key)
+                .fetch_one(conn)
+                .await?;
+            Ok((sqlx::Row::get(&row, 0), sqlx::Row::get(&row, 1)))
+        }
+
+        async fn set_next(
+            conn: &mut $conn,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+            next: Option<i64>,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&tables.sql.set_next)
+                .bind(name)
+                .bind(key)
+                .bind(next)
+                .execute(conn)
+                .await
+                .map(drop)
+        }
+
+        async fn read_next(
+            pool: &Pool<Self>,
+            tables: &Tables,
+            name: &str,
+            key: &str,
+        ) -> Result<Option<i64>, sqlx::Error> {
+            let next: Option<Option<i64>> = sqlx::query_scalar(&tables.sql.read_next)
+                .bind(name)
+                .bind(key)
+                .fetch_optional(pool)
+                .await?;
+            Ok(next.flatten())
+        }
+    };
+}
+
+/// The counter upsert, the same SQL on both databases.
+fn bump_sql(seq: &str) -> String {
+    format!(
+        "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
+         ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
+         RETURNING next - 1, holdings"
+    )
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
     use sqlx::{PgConnection, Postgres, Row};
-
-    const RECORD: &str = "SELECT fingerprint, outcome::text, expires_at <= clock_timestamp() FROM ";
-
-    fn record(row: sqlx::postgres::PgRow) -> Record {
-        Record {
-            fingerprint: row.get(0),
-            outcome: row.get(1),
-            expired: row.get(2),
-        }
-    }
 
     impl Dialect for Postgres {
         fn statements(idempotency: &str, sequences: &str) -> Statements {
@@ -228,8 +340,11 @@ mod postgres {
             tx.commit().await
         }
 
-        async fn begin_write(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
-            pool.begin().await
+        async fn begin_on(
+            connection: PoolConnection<Self>,
+        ) -> Result<Transaction<'static, Self>, sqlx::Error> {
+            // What `Pool::begin` does, on a connection this call already holds.
+            Transaction::begin(connection, None).await
         }
 
         async fn limit_lock_wait(
@@ -244,35 +359,29 @@ mod postgres {
                 .map(drop)
         }
 
-        async fn read_record(
-            pool: &Pool<Self>,
-            tables: &Tables,
-            key: &str,
-        ) -> Result<Option<Record>, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.read_record)
-                .bind(key)
-                .fetch_optional(pool)
-                .await?;
-            Ok(row.map(record))
-        }
-
-        async fn read_record_in(
+        async fn claim(
             conn: &mut PgConnection,
             tables: &Tables,
             key: &str,
-        ) -> Result<Option<Record>, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.read_record)
+            fingerprint: &str,
+            lock: i64,
+        ) -> Result<Claimed, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.claim)
                 .bind(key)
-                .fetch_optional(conn)
-                .await?;
-            Ok(row.map(record))
-        }
-
-        async fn try_lock_key(conn: &mut PgConnection, lock: i64) -> Result<bool, sqlx::Error> {
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(fingerprint)
                 .bind(lock)
                 .fetch_one(conn)
-                .await
+                .await?;
+            let fingerprint: Option<String> = row.get(2);
+            Ok(Claimed {
+                locked: row.get(0),
+                inserted: row.get(1),
+                record: fingerprint.map(|fingerprint| Record {
+                    fingerprint,
+                    outcome: row.get(3),
+                    expired: row.get::<Option<bool>, _>(4).unwrap_or(false),
+                }),
+            })
         }
 
         async fn wait_unlocked(
@@ -292,106 +401,28 @@ mod postgres {
             tx.rollback().await
         }
 
-        async fn insert_claim(
-            conn: &mut PgConnection,
-            tables: &Tables,
-            key: &str,
-            fingerprint: &str,
-        ) -> Result<bool, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.insert_claim)
-                .bind(key)
-                .bind(fingerprint)
-                .fetch_optional(conn)
-                .await?;
-            Ok(row.is_some())
-        }
-
-        async fn replace_expired(
-            conn: &mut PgConnection,
-            tables: &Tables,
-            key: &str,
-            fingerprint: &str,
-        ) -> Result<bool, sqlx::Error> {
-            let done = sqlx::query(&tables.sql.replace_expired)
-                .bind(key)
-                .bind(fingerprint)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected() == 1)
-        }
-
-        async fn store_outcome(
-            conn: &mut PgConnection,
-            tables: &Tables,
-            key: &str,
-            outcome: &str,
-            ttl: Duration,
-        ) -> Result<(), sqlx::Error> {
-            sqlx::query(&tables.sql.store_outcome)
-                .bind(key)
-                .bind(outcome)
-                .bind(millis(ttl) as f64)
-                .execute(conn)
-                .await
-                .map(drop)
-        }
-
-        async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
-            let done = sqlx::query(&tables.sql.purge_expired).execute(pool).await?;
-            Ok(done.rows_affected())
-        }
-
-        async fn bump(
-            conn: &mut PgConnection,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-        ) -> Result<(Option<i64>, i64), sqlx::Error> {
-            let row = sqlx::query(&tables.sql.bump)
-                .bind(name)
-                .bind(key)
-                .fetch_one(conn)
-                .await?;
-            Ok((row.get(0), row.get(1)))
-        }
-
-        async fn set_next(
-            conn: &mut PgConnection,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-            next: Option<i64>,
-        ) -> Result<(), sqlx::Error> {
-            sqlx::query(&tables.sql.set_next)
-                .bind(name)
-                .bind(key)
-                .bind(next)
-                .execute(conn)
-                .await
-                .map(drop)
-        }
-
-        async fn read_next(
-            pool: &Pool<Self>,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-        ) -> Result<Option<i64>, sqlx::Error> {
-            let next: Option<Option<i64>> = sqlx::query_scalar(&tables.sql.read_next)
-                .bind(name)
-                .bind(key)
-                .fetch_optional(pool)
-                .await?;
-            Ok(next.flatten())
-        }
+        same_steps!(PgConnection);
     }
 
     fn statements(idem: &str, seq: &str) -> Statements {
         Statements {
-            read_record: format!("{RECORD}{idem} WHERE key = $1"),
-            insert_claim: format!(
-                "INSERT INTO {idem} (key, fingerprint, expires_at) VALUES ($1, $2, 'infinity') \
-                 ON CONFLICT (key) DO NOTHING RETURNING 1"
+            read_record: format!(
+                "SELECT fingerprint, outcome::text, expires_at <= clock_timestamp() \
+                 FROM {idem} WHERE key = $1"
+            ),
+            // One round trip for the in-flight lock, the insert and the record. The lock CTE
+            // is volatile, so it runs once; the insert runs only if the lock was free, so a
+            // claim never waits on another transaction's uncommitted row. The outer SELECT
+            // reads the table as it was before this statement: a record it shows is
+            // committed, and after an insert it shows none.
+            claim: format!(
+                "WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held), \
+                      claim AS (INSERT INTO {idem} (key, fingerprint, expires_at) \
+                                SELECT $1, $2, 'infinity'::timestamptz FROM lock WHERE held \
+                                ON CONFLICT (key) DO NOTHING RETURNING 1) \
+                 SELECT lock.held, EXISTS (SELECT 1 FROM claim), \
+                        r.fingerprint, r.outcome::text, r.expires_at <= clock_timestamp() \
+                 FROM lock LEFT JOIN {idem} r ON r.key = $1"
             ),
             replace_expired: format!(
                 "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = clock_timestamp(), \
@@ -399,7 +430,7 @@ mod postgres {
             ),
             store_outcome: format!(
                 "UPDATE {idem} SET outcome = $2::jsonb, \
-                 expires_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE key = $1"
+                 expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond' WHERE key = $1"
             ),
             // SKIP LOCKED: a record being replaced by a claim in flight is not waited for
             // (and is not expired once that claim commits).
@@ -407,11 +438,7 @@ mod postgres {
                 "DELETE FROM {idem} WHERE key IN (SELECT key FROM {idem} \
                  WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
             ),
-            bump: format!(
-                "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
-                 ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
-                 RETURNING next - 1, holdings"
-            ),
+            bump: bump_sql(seq),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
         }
@@ -421,20 +448,12 @@ mod postgres {
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
-    use sqlx::{Row, Sqlite, SqliteConnection};
+    use sqlx::{Sqlite, SqliteConnection};
 
     /// SQLite's clock in Unix milliseconds (`julianday` works on every SQLite version).
     const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
     /// "Never expires" for an in-flight record (`i64::MAX`).
     const NEVER: i64 = i64::MAX;
-
-    fn record(row: sqlx::sqlite::SqliteRow) -> Record {
-        Record {
-            fingerprint: row.get(0),
-            outcome: row.get(1),
-            expired: row.get(2),
-        }
-    }
 
     impl Dialect for Sqlite {
         fn statements(idempotency: &str, sequences: &str) -> Statements {
@@ -472,8 +491,11 @@ mod sqlite {
             tx.commit().await
         }
 
-        async fn begin_write(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
-            pool.begin_with("BEGIN IMMEDIATE").await
+        async fn begin_on(
+            connection: PoolConnection<Self>,
+        ) -> Result<Transaction<'static, Self>, sqlx::Error> {
+            // What `Pool::begin_with` does, on a connection this call already holds.
+            Transaction::begin(connection, Some("BEGIN IMMEDIATE".into())).await
         }
 
         async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
@@ -481,33 +503,29 @@ mod sqlite {
             Ok(())
         }
 
-        async fn read_record(
-            pool: &Pool<Self>,
-            tables: &Tables,
-            key: &str,
-        ) -> Result<Option<Record>, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.read_record)
-                .bind(key)
-                .fetch_optional(pool)
-                .await?;
-            Ok(row.map(record))
-        }
-
-        async fn read_record_in(
+        async fn claim(
             conn: &mut SqliteConnection,
             tables: &Tables,
             key: &str,
-        ) -> Result<Option<Record>, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.read_record)
-                .bind(key)
-                .fetch_optional(conn)
-                .await?;
-            Ok(row.map(record))
-        }
-
-        async fn try_lock_key(_: &mut SqliteConnection, _: i64) -> Result<bool, sqlx::Error> {
+            fingerprint: &str,
+            _: i64,
+        ) -> Result<Claimed, sqlx::Error> {
             // `BEGIN IMMEDIATE` holds the database's write lock: no other claim is in flight.
-            Ok(true)
+            let inserted = sqlx::query(&tables.sql.claim)
+                .bind(key)
+                .bind(fingerprint)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some();
+            let record = match inserted {
+                true => None,
+                false => Self::read_record(conn, tables, key).await?,
+            };
+            Ok(Claimed {
+                locked: true,
+                inserted,
+                record,
+            })
         }
 
         async fn wait_unlocked(
@@ -518,100 +536,7 @@ mod sqlite {
             Ok(())
         }
 
-        async fn insert_claim(
-            conn: &mut SqliteConnection,
-            tables: &Tables,
-            key: &str,
-            fingerprint: &str,
-        ) -> Result<bool, sqlx::Error> {
-            let row = sqlx::query(&tables.sql.insert_claim)
-                .bind(key)
-                .bind(fingerprint)
-                .bind(NEVER)
-                .fetch_optional(conn)
-                .await?;
-            Ok(row.is_some())
-        }
-
-        async fn replace_expired(
-            conn: &mut SqliteConnection,
-            tables: &Tables,
-            key: &str,
-            fingerprint: &str,
-        ) -> Result<bool, sqlx::Error> {
-            let done = sqlx::query(&tables.sql.replace_expired)
-                .bind(key)
-                .bind(fingerprint)
-                .bind(NEVER)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected() == 1)
-        }
-
-        async fn store_outcome(
-            conn: &mut SqliteConnection,
-            tables: &Tables,
-            key: &str,
-            outcome: &str,
-            ttl: Duration,
-        ) -> Result<(), sqlx::Error> {
-            sqlx::query(&tables.sql.store_outcome)
-                .bind(key)
-                .bind(outcome)
-                .bind(millis(ttl))
-                .execute(conn)
-                .await
-                .map(drop)
-        }
-
-        async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
-            let done = sqlx::query(&tables.sql.purge_expired).execute(pool).await?;
-            Ok(done.rows_affected())
-        }
-
-        async fn bump(
-            conn: &mut SqliteConnection,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-        ) -> Result<(Option<i64>, i64), sqlx::Error> {
-            let row = sqlx::query(&tables.sql.bump)
-                .bind(name)
-                .bind(key)
-                .fetch_one(conn)
-                .await?;
-            Ok((row.get(0), row.get(1)))
-        }
-
-        async fn set_next(
-            conn: &mut SqliteConnection,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-            next: Option<i64>,
-        ) -> Result<(), sqlx::Error> {
-            sqlx::query(&tables.sql.set_next)
-                .bind(name)
-                .bind(key)
-                .bind(next)
-                .execute(conn)
-                .await
-                .map(drop)
-        }
-
-        async fn read_next(
-            pool: &Pool<Self>,
-            tables: &Tables,
-            name: &str,
-            key: &str,
-        ) -> Result<Option<i64>, sqlx::Error> {
-            let next: Option<Option<i64>> = sqlx::query_scalar(&tables.sql.read_next)
-                .bind(name)
-                .bind(key)
-                .fetch_optional(pool)
-                .await?;
-            Ok(next.flatten())
-        }
+        same_steps!(SqliteConnection);
     }
 
     fn statements(idem: &str, seq: &str) -> Statements {
@@ -619,23 +544,19 @@ mod sqlite {
             read_record: format!(
                 "SELECT fingerprint, outcome, expires_at <= {NOW_MS} FROM {idem} WHERE key = $1"
             ),
-            insert_claim: format!(
+            claim: format!(
                 "INSERT INTO {idem} (key, fingerprint, created_at, expires_at) \
-                 VALUES ($1, $2, {NOW_MS}, $3) ON CONFLICT (key) DO NOTHING RETURNING 1"
+                 VALUES ($1, $2, {NOW_MS}, {NEVER}) ON CONFLICT (key) DO NOTHING RETURNING 1"
             ),
             replace_expired: format!(
                 "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = {NOW_MS}, \
-                 expires_at = $3 WHERE key = $1 AND expires_at <= {NOW_MS}"
+                 expires_at = {NEVER} WHERE key = $1 AND expires_at <= {NOW_MS}"
             ),
             store_outcome: format!(
                 "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1"
             ),
             purge_expired: format!("DELETE FROM {idem} WHERE expires_at <= {NOW_MS}"),
-            bump: format!(
-                "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
-                 ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
-                 RETURNING next - 1, holdings"
-            ),
+            bump: bump_sql(seq),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
         }

@@ -1,15 +1,19 @@
 //! `#[idempotent]` on a SQL store: claim, body, outcome and `COMMIT` in one transaction.
 //!
 //! # Protocol
-//! 1. **replay without a transaction**: `SELECT` the key's record. Committed, unexpired, same
-//!    fingerprint → replay its outcome; another fingerprint → `Conflict`. (Committed records
-//!    are final until they expire, so reading them unlocked is safe: one round trip.)
-//! 2. **claim**: open the transaction ([`Dialect::begin_write`]), take the key's in-flight lock
-//!    (PostgreSQL: `pg_try_advisory_xact_lock(hash(table, key))`, answered at once; SQLite: the
-//!    write lock `BEGIN IMMEDIATE` took), then `INSERT … ON CONFLICT (key) DO NOTHING
-//!    RETURNING`. Inserted → the caller executes, holding the transaction. Not inserted → a
-//!    committed record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE` it
-//!    into this caller's claim (only while still expired) and execute.
+//! 1. **replay without a transaction**: check a connection out of the pool and `SELECT` the
+//!    key's record on it. Committed, unexpired, same fingerprint → replay its outcome; another
+//!    fingerprint → `Conflict`. (Committed records are final until they expire, so reading
+//!    them unlocked is safe: one round trip.)
+//! 2. **claim**: open the transaction on the same connection ([`Dialect::begin_on`]) and
+//!    claim in one statement ([`Dialect::claim`]). On PostgreSQL that statement takes the
+//!    key's in-flight lock (`pg_try_advisory_xact_lock(hash(table, key))`, answered at once)
+//!    and, only if it was free, runs `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`,
+//!    returning the committed record beside the result; on SQLite the write lock `BEGIN
+//!    IMMEDIATE` took stands for the in-flight lock. Inserted → the caller executes, holding
+//!    the transaction. Not inserted → a committed record exists: replay / `Conflict` as in 1,
+//!    or, if it has expired, `UPDATE` it into this caller's claim (only while still expired)
+//!    and execute.
 //! 3. **in flight** (PostgreSQL, the lock was taken): [`Claim::InFlight`]. `in_flight =
 //!    "reject"` answers `InProgress` now; otherwise [`wait`](IdempotencyBackend::wait) takes
 //!    the lock *shared* (every waiter passes together when the owner's transaction ends),
@@ -23,13 +27,15 @@
 //!    transaction is rolled back by the server. The claim never existed for anyone else.
 //!
 //! The primary key is the integrity guarantee (two claims of one key can never both commit);
-//! the advisory lock only lets PostgreSQL say "in flight" without waiting. The in-flight row
-//! is never visible to others: nothing can find a claim "running" after its owner is gone, so
-//! there are no lease timers.
+//! the advisory lock only lets PostgreSQL say "in flight" without waiting (and keeps a claim
+//! from queueing on another transaction's uncommitted insert). The in-flight row is never
+//! visible to others: nothing can find a claim "running" after its owner is gone, so there
+//! are no lease timers.
 //!
 //! Round trips (PostgreSQL): replay 1; first execution 5 + the body's own (read, `BEGIN`,
-//! lock, insert, … , outcome, `COMMIT`). A pool with `test_before_acquire` (sqlx's default)
-//! adds a ping per checkout.
+//! claim, … , outcome, `COMMIT`), on one checkout. A pool with `test_before_acquire`
+//! (sqlx's default) adds a ping per checkout, as it does to a bare transaction, and sqlx
+//! pings again (in the background) when the connection goes back to the pool.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -144,8 +150,8 @@ fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
     }
 }
 
-/// Steps 2–3 of the protocol in an open transaction `tx`: the key's in-flight lock, then the
-/// claim insert (or the committed record's answer, or the replacement of an expired one).
+/// Steps 2–3 of the protocol in an open transaction `tx`: the claim statement (in-flight
+/// lock and insert), then the committed record's answer, or the replacement of an expired one.
 async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
     mut tx: Transaction<'c, D>,
     tables: &Tables,
@@ -154,9 +160,6 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
     caller_commits: bool,
 ) -> Result<Claim<T, SqlIdempotencyLease<'c, D>, i64>, IdempotencyError> {
     let lock = tables.lock_id(key.as_str());
-    if !D::try_lock_key(&mut tx, lock).await.map_err(unavailable)? {
-        return Ok(Claim::InFlight(lock));
-    }
     let lease = |tx| {
         Claim::Execute(SqlIdempotencyLease {
             tx,
@@ -165,28 +168,27 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
         })
     };
     // Under the key's lock nobody else claims it, but a purge may delete an expired record
-    // between two statements: then insert again.
+    // between two statements, or a record may commit after the claim's snapshot: claim again.
     for _ in 0..3 {
-        if D::insert_claim(&mut tx, tables, key.as_str(), fingerprint)
+        let claimed = D::claim(&mut tx, tables, key.as_str(), fingerprint, lock)
             .await
-            .map_err(unavailable)?
-        {
+            .map_err(unavailable)?;
+        if claimed.inserted {
             return Ok(lease(tx));
         }
-        let Some(record) = D::read_record_in(&mut tx, tables, key.as_str())
-            .await
-            .map_err(unavailable)?
-        else {
-            continue;
-        };
-        if !record.expired {
+        let replaced = match claimed.record {
+            // Committed and final until it expires: whoever holds the lock will find it too.
             // Dropping `tx` rolls back a transaction (or savepoint) that wrote nothing.
-            return answer(key, fingerprint, record).map(Claim::Replay);
-        }
-        if D::replace_expired(&mut tx, tables, key.as_str(), fingerprint)
-            .await
-            .map_err(unavailable)?
-        {
+            Some(record) if !record.expired => {
+                return answer(key, fingerprint, record).map(Claim::Replay)
+            }
+            _ if !claimed.locked => return Ok(Claim::InFlight(lock)),
+            Some(_expired) => D::replace_expired(&mut tx, tables, key.as_str(), fingerprint)
+                .await
+                .map_err(unavailable)?,
+            None => false,
+        };
+        if replaced {
             return Ok(lease(tx));
         }
     }
@@ -242,7 +244,9 @@ impl<D: Dialect> SqlStore<D> {
         check_len(key)?;
         let (pool, tables) = self.store_pool()?;
         let fingerprint = fingerprint.to_string();
-        if let Some(record) = D::read_record(pool, tables, key.as_str())
+        // One checkout for the read and, if it does not answer, the claim's transaction.
+        let mut connection = pool.acquire().await.map_err(unavailable)?;
+        if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
             .await
             .map_err(unavailable)?
         {
@@ -250,7 +254,7 @@ impl<D: Dialect> SqlStore<D> {
                 return answer(key, &fingerprint, record).map(Claim::Replay);
             }
         }
-        let tx = D::begin_write(pool).await.map_err(unavailable)?;
+        let tx = D::begin_on(connection).await.map_err(unavailable)?;
         claim_in(tx, tables, key, &fingerprint, false).await
     }
 
@@ -294,9 +298,9 @@ impl<D: Dialect> SqlStore<D> {
 
 /// A [`SqlStore`] inside a transaction the caller opened ([`SqlStore::within`]).
 pub struct InCallerTx<'c, D: Dialect> {
-    store: &'c SqlStore<D>,
+    pub(super) store: &'c SqlStore<D>,
     // Taken by the one call it serves: its savepoint borrows the connection.
-    connection: std::sync::Mutex<Option<&'c mut D::Connection>>,
+    pub(super) connection: std::sync::Mutex<Option<&'c mut D::Connection>>,
 }
 
 impl<D: Dialect> std::fmt::Debug for InCallerTx<'_, D> {

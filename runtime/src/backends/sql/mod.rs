@@ -17,7 +17,8 @@
 //! - Inside a transaction the **caller** already opened (the caller commits):
 //!   [`SqlStore::within`]`(&mut caller_tx)` gives an [`InCallerTx`] for one call, which runs in a
 //!   savepoint of it; the record and the effect then commit — or roll back — with the caller's
-//!   transaction. (`#[idempotent]` only; for `#[sequenced]` use the store's own transaction.)
+//!   transaction. For `#[sequenced]`: `db.within(&mut caller_tx).sequence("name")`
+//!   ([`InCallerTx::sequence`]): the number is consumed by the caller's `COMMIT`.
 //! - `#[sequenced]`: [`SqlStore::sequence`] names a family of sequences and implements
 //!   [`SequenceBackend`](crate::SequenceBackend); its lease ([`SqlSequenceLease`]) owns the transaction. Protocol:
 //!   `sequenced.rs`.
@@ -65,10 +66,10 @@
 //! | the connection is killed mid-body (`pg_terminate_backend`), the server restarts | the body's next statement fails, nothing committed, the caller gets its error; the retry executes once | the call fails, nothing committed, no gap |
 //! | `COMMIT` sent, answer lost | [`IdempotencyError::OutcomeUnknown`]: a retry replays if it committed, executes if not — never both | [`SequenceError::CommitUnknown`](crate::SequenceError::CommitUnknown): check the effect |
 //! | a concurrent duplicate (same key and fingerprint) | waits for the owner's transaction, then replays its committed outcome (or executes, if the owner rolled back); `in_flight = "reject"` answers `InProgress` at once on PostgreSQL | waits on the counter row's lock: numbers are unique, gap-free and in commit order across every process and machine on the database |
-//! | the caller's own transaction rolls back after the call ([`SqlStore::within`]) | the record rolls back with the effect: the retry executes once (a store outside the transaction would replay `Ok` for an effect that does not exist) | not offered: the number is taken in the store's transaction |
+//! | the caller's own transaction rolls back after the call ([`SqlStore::within`]) | the record rolls back with the effect: the retry executes once (a store outside the transaction would replay `Ok` for an effect that does not exist) | the number rolls back with the effect: the next call gets it; other callers of the key wait for the caller's `COMMIT` or rollback ([`InCallerTx::sequence`]) |
 //! | the same key with another fingerprint | `Conflict`, the stored outcome untouched | — |
 //! | a stored record that does not decode | [`IdempotencyError::Undecodable`], never a re-execution | — |
-//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT` | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
+//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT`, a `COMMIT` the server refused | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
 //! | failover to a synchronous replica | what was committed survives; with asynchronous replication, the last commits may be lost *together with their effects*, so records and effects still agree | as for idempotency |
 //!
 //! # What it does not promise

@@ -26,7 +26,7 @@ pub struct Tables {
 #[derive(Debug, Clone)]
 pub struct Statements {
     pub(crate) read_record: String,
-    pub(crate) insert_claim: String,
+    pub(crate) claim: String,
     pub(crate) replace_expired: String,
     pub(crate) store_outcome: String,
     pub(crate) purge_expired: String,

@@ -4,8 +4,8 @@
 //! 1. **in-process turn**: callers of one key in this process queue FIFO on a
 //!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
 //!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
-//! 2. **acquire**: open the transaction ([`Dialect::begin_write`]; on SQLite `BEGIN IMMEDIATE`,
-//!    the database write lock), bound lock waits by the call's deadline (`lock_timeout`), and
+//! 2. **acquire**: open the transaction ([`Dialect::begin_on`]; on SQLite `BEGIN IMMEDIATE`,
+//!    the database write lock; in the caller's transaction, a savepoint of it), bound lock waits by the call's deadline (`lock_timeout`), and
 //!    `INSERT … ON CONFLICT (name, key) DO UPDATE SET next = next + 1, holdings = holdings + 1
 //!    RETURNING` the counter row. The row lock this takes *is* the key's lock across processes
 //!    and machines: the next holder's upsert waits until this transaction ends. The returned
@@ -22,22 +22,32 @@
 //! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's);
 //! a key's first number adds one `UPDATE`, a deadline one `SET LOCAL`.
 //!
+//! **In the caller's transaction** ([`InCallerTx::sequence`]): the same steps in a savepoint;
+//! "commit" releases the savepoint, and the number is consumed only when the caller's own
+//! `COMMIT` commits it together with the caller's effect. The counter row stays locked until
+//! then, so the next caller of the key (in any process) waits for that `COMMIT` or rollback:
+//! numbers stay unique, gap-free and in commit order. Such a call takes no turn in the store's
+//! in-process queue: the row lock outlives the call, and a turn held by a caller waiting on
+//! that lock could block the lock's owner from its own next call, a deadlock the database
+//! could not see.
+//!
 //! The fence ([`Seq::fence`](crate::Seq::fence)) is the count of committed holdings of the key;
 //! a holding that rolled back shares its fence with the next one, which is harmless here: a
 //! rolled-back holding's writes were in the same transaction and never happened.
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
 use sqlx::Transaction;
 
-use super::dialect::Dialect;
+use super::dialect::{self, Dialect};
 use super::error::Failure;
-use super::{InTransaction, SqlStore, Tx};
+use super::{InCallerTx, InTransaction, SqlStore, Tx};
 use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
-use crate::sync::keyed_locks::{Holder, KeyGuard};
+use crate::sync::keyed_locks::{Holder, KeyGuard, KeyedLocks};
 
 /// One family of sequences of a [`SqlStore`]: `(name, key)` rows of its sequences table. The
 /// attribute passes only the key, so the store needs the family's name:
@@ -46,6 +56,16 @@ use crate::sync::keyed_locks::{Holder, KeyGuard};
 pub struct SqlSequence<'s, D: Dialect> {
     store: &'s SqlStore<D>,
     name: Cow<'s, str>,
+    /// In the caller's transaction ([`InCallerTx::sequence`]): its connection, taken by the
+    /// one call this serves, and that call's own turn (see the module doc).
+    caller: Option<CallerTx<'s, D>>,
+}
+
+/// The caller's transaction a [`SqlSequence`] serves one call in.
+struct CallerTx<'s, D: Dialect> {
+    connection: Mutex<Option<&'s mut D::Connection>>,
+    /// The call's own turn: the store's queue would be wrong here (see the module doc).
+    turns: KeyedLocks<String>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -54,6 +74,36 @@ impl<D: Dialect> SqlStore<D> {
         SqlSequence {
             store: self,
             name: name.into(),
+            caller: None,
+        }
+    }
+}
+
+impl<'c, D: Dialect> InCallerTx<'c, D> {
+    /// The sequences named `name`, inside the caller's transaction (the caller commits): the
+    /// call takes its number in a savepoint, and the number is consumed by the caller's
+    /// `COMMIT`, together with the caller's own writes; a rollback (or a dropped transaction)
+    /// leaves it to the next call. Concurrent callers of the key wait for that `COMMIT` or
+    /// rollback. Serves one call, like [`SqlStore::within`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")]
+    /// # async fn demo(db: &racefree_runtime::sql::PgStore, pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = pool.begin().await?;                 // the handler's own transaction
+    /// // #[sequenced(key = customer, store = db.within(&mut tx).sequence("invoice_no"))]
+    /// let invoices = db.within(&mut tx).sequence("invoice_no");
+    /// # drop(invoices);
+    /// tx.commit().await?;                                // the number commits with the rest
+    /// # Ok(()) }
+    /// ```
+    pub fn sequence(self, name: impl Into<Cow<'c, str>>) -> SqlSequence<'c, D> {
+        SqlSequence {
+            store: self.store,
+            name: name.into(),
+            caller: Some(CallerTx {
+                connection: self.connection,
+                turns: KeyedLocks::new(),
+            }),
         }
     }
 }
@@ -84,17 +134,30 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
         &self,
         key: K,
         deadline: Option<Instant>,
-    ) -> Result<SqlSequenceLease<'s, D>, SequenceError> {
+    ) -> Result<SqlSequenceLease<'_, D>, SequenceError> {
         let key = Self::key_text(&key)?;
         let (pool, tables) = self.pool_tables()?;
-        let turn = self
-            .store
-            .sequence_locks()
+        let locks = match &self.caller {
+            Some(caller) => &caller.turns,
+            None => self.store.sequence_locks(),
+        };
+        let turn = locks
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
-        let mut tx = D::begin_write(pool)
-            .await
-            .map_err(|e| Failure::of(e).sequence())?;
+        let mut tx = match &self.caller {
+            None => dialect::begin_write(pool).await,
+            Some(caller) => {
+                let connection = caller
+                    .connection
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take()
+                    .ok_or_else(|| SequenceError::Store("this in-transaction sequence served its call already: make one per call (SqlStore::within)".into()))?;
+                // A savepoint: the bump and the body's writes roll back alone, the caller commits.
+                sqlx::Connection::begin(connection).await
+            }
+        }
+        .map_err(|e| Failure::of(e).sequence())?;
         if let Some(deadline) = deadline {
             let left = deadline
                 .checked_duration_since(Instant::now())
@@ -109,6 +172,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .map_err(|e| Failure::of(e).sequence())?;
         Ok(SqlSequenceLease {
             tx,
+            caller_commits: self.caller.is_some(),
             store: self.store,
             name: self.name.clone().into_owned(),
             key,
@@ -149,7 +213,9 @@ impl<'s, D: Dialect, K: Serialize + Send> SequenceBackend<K> for SqlSequence<'s,
 pub struct SqlSequenceLease<'s, D: Dialect> {
     // Declared before `turn`: the transaction is rolled back before this process's next
     // caller of the key goes ahead.
-    tx: Transaction<'static, D>,
+    tx: Transaction<'s, D>,
+    /// A savepoint of the caller's transaction: nothing is durable before the caller commits.
+    caller_commits: bool,
     store: &'s SqlStore<D>,
     name: String,
     key: String,
@@ -203,6 +269,7 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
     async fn commit_async(self, used: u64) -> Result<(), SequenceError> {
         let SqlSequenceLease {
             mut tx,
+            caller_commits,
             store,
             name,
             key,
@@ -223,10 +290,11 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
                 .await
                 .map_err(|e| Failure::of(e).sequence())?;
         }
-        let committed = tx
-            .commit()
-            .await
-            .map_err(|e| Failure::of(e).sequence_commit());
+        let committed = tx.commit().await.map_err(|e| match caller_commits {
+            // Releasing a savepoint: a lost answer is no worse, the caller's COMMIT decides.
+            true => Failure::of(e).sequence(),
+            false => Failure::of(e).sequence_commit(),
+        });
         drop(turn);
         committed
     }
