@@ -68,7 +68,9 @@ use serde::Serialize;
 
 use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
-use super::lease::{owner_token, Backoff, Heartbeat, LeaseWatch, ReleaseOnDrop};
+use super::lease::{
+    finish_final_write, owner_token, Backoff, FinalWriteKeys, Heartbeat, LeaseWatch, ReleaseOnDrop,
+};
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::idempotent::{
@@ -740,20 +742,12 @@ impl Completion {
                 true,
             )
             .await;
+        let keys = FinalWriteKeys {
+            record: &self.key,
+            lease: &self.key,
+        };
         let result =
-            match written {
-                Ok(1) => self.detached.confirm().await.map_err(|source| {
-                    RedisStoreError::OutcomeUnknown {
-                        key: self.key.clone(),
-                        source: Box::new(source),
-                    }
-                }),
-                Ok(_) => Err(RedisStoreError::LeaseLost {
-                    key: self.key.clone(),
-                }),
-                Err(err) if err.is_retryable() => self.settle(err).await,
-                Err(err) => Err(err),
-            };
+            finish_final_write(&self.detached, written, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
         match (result, self.not_stored) {
             (Ok(()), Some(reason)) => Err(RedisStoreError::OutcomeNotStored {

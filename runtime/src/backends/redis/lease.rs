@@ -21,6 +21,7 @@
 //! beat that finds the lease held by somebody else. The final write (completion, commit) is
 //! covered the same way: the heartbeat beats until it has returned.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +34,8 @@ use dashmap::DashMap;
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
 use super::connection::Connection;
+use super::store::Detached;
+use super::RedisStoreError;
 use crate::sync::keyed_locks::Holder;
 
 /// Extends a plain lock (`KEYS[1]` holds the holder's token) if `ARGV[1]` still holds it.
@@ -225,6 +228,44 @@ impl Drop for Heartbeat {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// The Redis keys a final write reports on: the record it writes (named by `OutcomeUnknown`)
+/// and the lease it is checked against (named by `LeaseLost`).
+pub(crate) struct FinalWriteKeys<'a> {
+    pub(crate) record: &'a str,
+    pub(crate) lease: &'a str,
+}
+
+/// Reads the answer of a token-checked final write (a completion, a commit) the one way every
+/// attribute does: `1` → it landed, and counts once [`Detached::confirm`] vouches for it
+/// (otherwise `OutcomeUnknown`: it is on the primary, maybe nowhere else); `0` → the token no
+/// longer held the lease, nothing was written (`LeaseLost`); no answer after the re-sends →
+/// `settle` decides (by reading what the write leaves behind) or reports it unknown; any other
+/// failure is passed on.
+pub(crate) async fn finish_final_write<Settled>(
+    detached: &Detached,
+    written: Result<i64, RedisStoreError>,
+    keys: FinalWriteKeys<'_>,
+    settle: impl FnOnce(RedisStoreError) -> Settled,
+) -> Result<(), RedisStoreError>
+where
+    Settled: Future<Output = Result<(), RedisStoreError>>,
+{
+    match written {
+        Ok(1) => detached
+            .confirm()
+            .await
+            .map_err(|source| RedisStoreError::OutcomeUnknown {
+                key: keys.record.to_owned(),
+                source: Box::new(source),
+            }),
+        Ok(_) => Err(RedisStoreError::LeaseLost {
+            key: keys.lease.to_owned(),
+        }),
+        Err(err) if err.is_retryable() => settle(err).await,
+        Err(err) => Err(err),
     }
 }
 
