@@ -1942,7 +1942,7 @@ async fn finishing_a_stale_execution_is_lease_lost() {
 /// well under the polling step (before: about half of it, ~50 ms). The completion publishes
 /// its (small) record, so in the median round the waiter makes no round trip between the
 /// owner's body returning and its own return (before: a `GET` after the hint; 2.4–3.0 round
-/// trips of delay in debug builds on a loaded machine, now 0–1.4).
+/// trips of delay in debug builds on a loaded machine, now 1.7–3.2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_on_completion_not_on_the_next_poll() {
     let url = support::server().url.clone();
