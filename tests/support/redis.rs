@@ -284,3 +284,81 @@ fn free_port() -> u16 {
         }
     }
 }
+
+/// A loopback TCP proxy in front of a server that can make replies slow: while
+/// [`delay_replies`](Proxy::delay_replies) is set, every chunk the server sends is handed to the
+/// client that much later (in order, as on a slow link); the requests pass at once, so the
+/// server executes them on time. Runs on the caller's Tokio runtime; stops when dropped.
+pub struct Proxy {
+    pub url: String,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = Arc::clone(&delay_ms);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                // Replies: read as they come, stamped with the delay in force on arrival, and
+                // written in order once that delay has passed.
+                let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel();
+                let delay = Arc::clone(&delay);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                        let due = tokio::time::Instant::now()
+                            + Duration::from_millis(delay.load(Relaxed));
+                        if queue.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((due, chunk)) = queued.recv().await {
+                        tokio::time::sleep_until(due).await;
+                        if client_tx.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy {
+            url: format!("redis://127.0.0.1:{port}/"),
+            delay_ms,
+            task,
+        }
+    }
+
+    /// Replies arriving from now on reach the client `delay` late (zero: at once again).
+    pub fn delay_replies(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

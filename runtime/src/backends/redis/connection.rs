@@ -99,7 +99,9 @@ impl ConnectionLike for Connection {
 /// Wake-up hints: a pub/sub connection of the store's own (one server only; a Cluster's
 /// waiters poll). Completions and releases `PUBLISH` on `<record key>:wake`; a waiter
 /// subscribes to its key's channel while it waits, and looks again as soon as a message comes,
-/// instead of at its next backoff step. A hint only: a missed message costs one backoff step.
+/// instead of at its next backoff step. A completion of a small record publishes the record
+/// itself, which a waiter then reads from the message instead of with a `GET` (it was the key's
+/// record at the moment it was published). A hint only: a missed message costs one backoff step.
 pub(crate) struct Wakeups {
     sink: tokio::sync::Mutex<redis::aio::PubSubSink>,
     channels: Arc<dashmap::DashMap<String, Channel>>,
@@ -111,7 +113,14 @@ pub(crate) struct Wakeups {
 
 struct Channel {
     listeners: usize,
-    notify: Arc<tokio::sync::Notify>,
+    signal: Arc<Signal>,
+}
+
+/// What a channel's listeners wait on: a wake-up, and the latest message with its number.
+#[derive(Default)]
+struct Signal {
+    notify: tokio::sync::Notify,
+    latest: std::sync::Mutex<(u64, Option<Vec<u8>>)>,
 }
 
 impl Wakeups {
@@ -136,7 +145,12 @@ impl Wakeups {
                         message = stream.next() => match message {
                             Some(message) => {
                                 if let Some(channel) = to_wake.get(message.get_channel_name()) {
-                                    channel.notify.notify_waiters();
+                                    let signal = &channel.signal;
+                                    {
+                                        let mut latest = signal.latest.lock().unwrap_or_else(|e| e.into_inner());
+                                        *latest = (latest.0 + 1, Some(message.get_payload_bytes().to_vec()));
+                                    }
+                                    signal.notify.notify_waiters();
                                 }
                             }
                             None => break,
@@ -146,7 +160,7 @@ impl Wakeups {
                 still_alive.store(false, Relaxed);
                 // Whoever listens now polls: wake them so they notice at once.
                 for channel in to_wake.iter() {
-                    channel.notify.notify_waiters();
+                    channel.signal.notify.notify_waiters();
                 }
             });
         Some(Arc::new(Wakeups {
@@ -164,21 +178,23 @@ impl Wakeups {
 
     /// Listens on `channel` until the listener is dropped; `None` if the subscription failed.
     pub(crate) async fn listen(self: &Arc<Self>, channel: &str) -> Option<Listener> {
-        let (notify, first) = {
+        let (signal, first) = {
             let mut entry = self
                 .channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| Channel {
                     listeners: 0,
-                    notify: Arc::default(),
+                    signal: Arc::default(),
                 });
             entry.listeners += 1;
-            (Arc::clone(&entry.notify), entry.listeners == 1)
+            (Arc::clone(&entry.signal), entry.listeners == 1)
         };
+        let seen = signal.latest.lock().unwrap_or_else(|e| e.into_inner()).0;
         let listener = Listener {
             wakeups: Arc::clone(self),
             channel: channel.to_owned(),
-            notify,
+            signal,
+            seen,
         };
         if first {
             let mut sink = self.sink.lock().await;
@@ -195,13 +211,25 @@ impl Wakeups {
 pub(crate) struct Listener {
     wakeups: Arc<Wakeups>,
     channel: String,
-    notify: Arc<tokio::sync::Notify>,
+    signal: Arc<Signal>,
+    // The number of the latest message when this listener began: older ones say nothing about
+    // the wait it serves.
+    seen: u64,
 }
 
 impl Listener {
     /// A wake-up registered now: completes at the next message on the channel.
     pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
+        self.signal.notify.notified()
+    }
+
+    /// The latest message that came on the channel since this listener began, if any.
+    pub(crate) fn latest(&self) -> Option<Vec<u8>> {
+        let latest = self.signal.latest.lock().unwrap_or_else(|e| e.into_inner());
+        match &*latest {
+            (number, Some(payload)) if *number > self.seen => Some(payload.clone()),
+            _ => None,
+        }
     }
 }
 

@@ -46,9 +46,11 @@
 //!
 //! # Waiting for another owner
 //! A waiter subscribes to the key's wake-up channel (`<key>:wake`; one server only) and looks
-//! at the record as soon as the owner's completion or release publishes there, with jittered
-//! polling (2 ms growing to 100 ms) as the fallback: on a Cluster, when the pub/sub connection
-//! cannot be made, and for a claim that simply expires (a crashed owner publishes nothing).
+//! at the record as soon as the owner's completion or release publishes there (a completed
+//! record of up to 64 KiB is the message itself, so the waiter returns without a `GET`), with jittered
+//! polling as the fallback: every 100 ms while subscribed (for a claim that simply expires: a
+//! crashed owner publishes nothing), 2 ms growing to 100 ms on a Cluster or when the pub/sub
+//! connection cannot be made.
 //!
 //! # Unknown outcomes
 //! If no answer to the completion comes back after its re-sends, one read decides when it can:
@@ -68,7 +70,9 @@ use serde::Serialize;
 
 use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
-use super::lease::{owner_token, Backoff, Heartbeat, LeaseWatch, ReleaseOnDrop};
+use super::lease::{
+    finish_final_write, owner_token, Backoff, FinalWriteKeys, Heartbeat, LeaseWatch, ReleaseOnDrop,
+};
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::idempotent::{
@@ -116,7 +120,8 @@ local ok, rec = pcall(cjson.decode, cur)
 if not ok or type(rec) ~= 'table' or rec.owner ~= ARGV[1] then return 0 end
 if rec.state == 'running' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '1') end
+  if ARGV[4] == '2' then redis.call('PUBLISH', KEYS[1] .. ':wake', ARGV[2])
+  elseif ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '1') end
 end
 return 1
 "#,
@@ -138,6 +143,10 @@ return 0
 "#,
     )
 });
+
+/// The largest completed record a completion publishes on its wake-up channel (larger ones
+/// publish a bare hint, and waiters `GET` the record).
+const PUBLISHED_RECORD_MAX: usize = 64 * 1024;
 
 /// What [`RedisIdempotency::claim`] found.
 #[derive(Debug)]
@@ -441,7 +450,13 @@ impl<'s> RedisIdempotency<'s> {
             Some(wakeups) => wakeups.listen(&format!("{redis_key}:wake")).await,
             None => None,
         };
-        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        // With a hint to wake it, polling is only the fallback (a crashed owner publishes
+        // nothing): no faster than its slowest step.
+        let first = match listener {
+            Some(_) => Duration::from_millis(100),
+            None => Duration::from_millis(2),
+        };
+        let mut backoff = Backoff::new(first, Duration::from_millis(100));
         // Without a hint the claim just saw the key running: look again after a pause. With
         // one, look at once: the completion may have come before the subscription.
         let mut look = listener.is_some();
@@ -451,6 +466,15 @@ impl<'s> RedisIdempotency<'s> {
                 woken.enable();
             }
             if look {
+                // A completion that published its record: read from the message, not Redis.
+                let published = listener.as_ref().and_then(Listener::latest);
+                if let Some(record) =
+                    published.and_then(|raw| IdemRecord::decode(&redis_key, &raw).ok())
+                {
+                    if record.state != IdemState::Running {
+                        return Ok(Settled::Record(record));
+                    }
+                }
                 match self.replay(key).await? {
                     None => return Ok(Settled::Gone),
                     Some(record) if record.state != IdemState::Running => {
@@ -661,7 +685,8 @@ struct Completion {
     not_stored: Option<String>,
     // Kept beating until the write has returned.
     heartbeat: Option<Heartbeat>,
-    // "1": publish the wake-up hint (one node; a Cluster's waiters poll).
+    // The wake-up hint (one node; a Cluster's waiters poll): "2" publishes the record itself
+    // (small ones), "1" a bare hint, "0" nothing.
     wake: &'static str,
 }
 
@@ -700,6 +725,11 @@ impl Completion {
                 Some(reason),
             ),
         };
+        let wake = match record.len() {
+            _ if detached.conn.is_cluster() => "0",
+            len if len <= PUBLISHED_RECORD_MAX => "2",
+            _ => "1",
+        };
         Ok(Completion {
             key: claim.key.clone(),
             token: claim.token.clone(),
@@ -707,7 +737,7 @@ impl Completion {
             ttl_ms: ttl.as_millis().max(1).to_string(),
             not_stored,
             heartbeat,
-            wake: if detached.conn.is_cluster() { "0" } else { "1" },
+            wake,
             detached,
         })
     }
@@ -740,20 +770,12 @@ impl Completion {
                 true,
             )
             .await;
+        let keys = FinalWriteKeys {
+            record: &self.key,
+            lease: &self.key,
+        };
         let result =
-            match written {
-                Ok(1) => self.detached.confirm().await.map_err(|source| {
-                    RedisStoreError::OutcomeUnknown {
-                        key: self.key.clone(),
-                        source: Box::new(source),
-                    }
-                }),
-                Ok(_) => Err(RedisStoreError::LeaseLost {
-                    key: self.key.clone(),
-                }),
-                Err(err) if err.is_retryable() => self.settle(err).await,
-                Err(err) => Err(err),
-            };
+            finish_final_write(&self.detached, written, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
         match (result, self.not_stored) {
             (Ok(()), Some(reason)) => Err(RedisStoreError::OutcomeNotStored {

@@ -7,15 +7,21 @@
 //! extending and its lease ends.
 //!
 //! # The heartbeat's slack
-//! Let `L` be the lease and `T = min(command timeout, L/3)` the deadline of one beat. A beat is
-//! due `L/3` after the *sending* of the last beat that landed (the lease then runs at least
-//! until that send + `L`). A beat that fails or times out is re-sent at once after a short
-//! pause (`L/50`, growing to `L/12`), not a full interval later. So the lease survives any
-//! stretch without a successful beat shorter than `2L/3 − T − L/12`: with the defaults
-//! (`L` = 10 s, `T` = 2 s) that is an outage of about 3.8 s. Once `L` has passed since the last
-//! landed beat, the heartbeat stops and reports the lease lost ([`LeaseWatch`]); so does a
-//! beat that finds the lease held by somebody else.
+//! Let `L` be the lease and `T = min(command timeout, L/3)` how long a beat may go unanswered
+//! before another is sent. A beat is due `L/3` after the *sending* of the last beat that was
+//! answered "held" (the lease then runs at least until that send + `L`). A beat is never given
+//! up while it can still help: one that is merely slow counts when its answer comes, however
+//! late, and after `T` without an answer a second beat joins it (in case the first was lost
+//! with its connection); a beat that fails at once is re-sent after `L/50`, growing to `L/12`.
+//! So, measured from a beat's due time, the lease survives answers delayed by anything up to
+//! `2L/3` (the server ran the beat on time), and an outage in which beats are lost outright
+//! shorter than `2L/3 − max(T, L/12)`: with the defaults (`L` = 10 s, `T` = 2 s), 6.6 s of
+//! slow answers or 4.6 s of outage. Once `L` has passed since the send of the last beat
+//! answered "held", the heartbeat stops and reports the lease lost ([`LeaseWatch`]); so does a
+//! beat that finds the lease held by somebody else. The final write (completion, commit) is
+//! covered the same way: the heartbeat beats until it has returned.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +34,8 @@ use dashmap::DashMap;
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
 use super::connection::Connection;
+use super::store::Detached;
+use super::RedisStoreError;
 use crate::sync::keyed_locks::Holder;
 
 /// Extends a plain lock (`KEYS[1]` holds the holder's token) if `ARGV[1]` still holds it.
@@ -148,38 +156,54 @@ impl Heartbeat {
             return Heartbeat { task: None, lost };
         };
         let task = runtime.spawn(async move {
-            let mut conn = conn;
+            use futures_util::stream::{FuturesUnordered, StreamExt};
             let lease_ms = lease.as_millis().max(1) as u64;
             let interval = lease / 3;
-            let attempt_deadline = command_timeout.min(interval).max(Duration::from_millis(1));
-            let mut landed = granted;
-            loop {
-                tokio::time::sleep_until((landed + interval).into()).await;
-                let mut pause = lease / 50;
-                loop {
-                    let sent = Instant::now();
-                    if sent >= landed + lease {
-                        let _ = report.send(true); // expired as far as this process can tell
-                        return;
-                    }
+            let patience = command_timeout.min(interval).max(Duration::from_millis(1));
+            let beat = |sent: Instant| {
+                let (mut conn, key, token) = (conn.clone(), key.clone(), token.clone());
+                async move {
                     let mut invocation = script.prepare_invoke();
                     invocation.key(&key).arg(&token).arg(lease_ms);
                     let extend = invocation.invoke_async::<i64>(&mut conn);
-                    match tokio::time::timeout(attempt_deadline, extend).await {
+                    // A beat answered after a whole lease can no longer help.
+                    (sent, tokio::time::timeout(lease, extend).await)
+                }
+            };
+            let mut in_flight = FuturesUnordered::new();
+            let mut landed = granted;
+            let mut next = granted + interval;
+            let mut pause = lease / 50;
+            loop {
+                let expiry = landed + lease;
+                tokio::select! {
+                    Some((sent, answer)) = in_flight.next() => match answer {
                         Ok(Ok(1)) => {
-                            landed = sent;
-                            break;
+                            landed = landed.max(sent);
+                            pause = lease / 50;
+                            next = next.max(landed + interval);
                         }
                         // Somebody else holds it now; the holder's final write will be rejected.
                         Ok(Ok(_)) => {
                             let _ = report.send(true);
                             return;
                         }
-                        // Unknown: beat again soon, not a whole interval later.
+                        // Failed at once (a broken connection): beat again soon.
                         Ok(Err(_)) | Err(_) => {
-                            tokio::time::sleep(pause).await;
+                            next = next.min(Instant::now() + pause);
                             pause = (pause * 2).min(lease / 12);
                         }
+                    },
+                    () = tokio::time::sleep_until(next.min(expiry).into()) => {
+                        let now = Instant::now();
+                        if now >= expiry {
+                            let _ = report.send(true); // expired as far as this process can tell
+                            return;
+                        }
+                        // Beats in flight stay in flight: a late answer still counts. This one
+                        // covers the case that they were lost.
+                        in_flight.push(beat(now));
+                        next = now + patience;
                     }
                 }
             }
@@ -204,6 +228,44 @@ impl Drop for Heartbeat {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// The Redis keys a final write reports on: the record it writes (named by `OutcomeUnknown`)
+/// and the lease it is checked against (named by `LeaseLost`).
+pub(crate) struct FinalWriteKeys<'a> {
+    pub(crate) record: &'a str,
+    pub(crate) lease: &'a str,
+}
+
+/// Reads the answer of a token-checked final write (a completion, a commit) the one way every
+/// attribute does: `1` → it landed, and counts once [`Detached::confirm`] vouches for it
+/// (otherwise `OutcomeUnknown`: it is on the primary, maybe nowhere else); `0` → the token no
+/// longer held the lease, nothing was written (`LeaseLost`); no answer after the re-sends →
+/// `settle` decides (by reading what the write leaves behind) or reports it unknown; any other
+/// failure is passed on.
+pub(crate) async fn finish_final_write<Settled>(
+    detached: &Detached,
+    written: Result<i64, RedisStoreError>,
+    keys: FinalWriteKeys<'_>,
+    settle: impl FnOnce(RedisStoreError) -> Settled,
+) -> Result<(), RedisStoreError>
+where
+    Settled: Future<Output = Result<(), RedisStoreError>>,
+{
+    match written {
+        Ok(1) => detached
+            .confirm()
+            .await
+            .map_err(|source| RedisStoreError::OutcomeUnknown {
+                key: keys.record.to_owned(),
+                source: Box::new(source),
+            }),
+        Ok(_) => Err(RedisStoreError::LeaseLost {
+            key: keys.lease.to_owned(),
+        }),
+        Err(err) if err.is_retryable() => settle(err).await,
+        Err(err) => Err(err),
     }
 }
 

@@ -53,9 +53,10 @@
 //! A claim or a sequence lock is kept alive by a heartbeat task on the caller's Tokio runtime
 //! (default lease 10 s, [`RedisStore::lease`]), from the claim until the final write (completion
 //! or commit) has returned. A beat is due a third of the lease after the last one that landed; a
-//! failed beat is re-sent at once, so the lease survives any stretch without a landed beat
-//! shorter than `2/3 × lease − min(command timeout, lease/3) − lease/12` (about 3.8 s with the
-//! defaults; see `lease.rs`). A body that blocks every worker thread of that runtime for longer
+//! slow beat still counts when its late answer comes, and an unanswered or failed one is joined
+//! by another soon, so the lease survives answers delayed by up to `2/3 × lease` and an outage
+//! shorter than `2/3 × lease − max(min(command timeout, lease/3), lease/12)` (6.6 s and 4.6 s
+//! with the defaults; see `lease.rs`). A body that blocks every worker thread of that runtime for longer
 //! starves the heartbeat: the lease runs out and another process may take the key over while
 //! the body is still running, exactly as if this process had frozen. That owner's final write
 //! is then refused and its caller gets `LeaseLost`, never `Ok`; its side effects are its own

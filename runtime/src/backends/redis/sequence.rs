@@ -58,7 +58,8 @@ use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
 use crate::sync::keyed_locks::Holder;
 
 use super::lease::{
-    owner_token, Backoff, Heartbeat, LocalTurn, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
+    finish_final_write, owner_token, Backoff, FinalWriteKeys, Heartbeat, LocalTurn, ReleaseOnDrop,
+    EXTEND_LOCK, RELEASE_LOCK,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -615,20 +616,12 @@ impl Commit {
                 true,
             )
             .await;
+        let keys = FinalWriteKeys {
+            record: &ticket.seq,
+            lease: &ticket.lock,
+        };
         let result =
-            match committed {
-                Ok(1) => self.detached.confirm().await.map_err(|source| {
-                    RedisStoreError::OutcomeUnknown {
-                        key: ticket.seq.clone(),
-                        source: Box::new(source),
-                    }
-                }),
-                Ok(_) => Err(RedisStoreError::LeaseLost {
-                    key: ticket.lock.clone(),
-                }),
-                Err(err) if err.is_retryable() => self.settle(err).await,
-                Err(err) => Err(err),
-            };
+            finish_final_write(&self.detached, committed, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
         if let Err(RedisStoreError::LeaseLost { .. }) = &result {
             // Token-checked: frees nothing that is not ours.
