@@ -89,11 +89,12 @@ pub use racefree_macros::{cached, idempotent, sequenced};
 pub use racefree_runtime::cached::store as cache_store;
 pub use racefree_runtime::idempotent as idempotency;
 pub use racefree_runtime::replay;
+pub use racefree_runtime::served;
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
 };
-pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
+pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats, Served};
 pub use racefree_runtime::{
     Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer,
 };

@@ -98,7 +98,12 @@ where
                 let outcome = body();
                 match outcome.cached_value() {
                     Some(value) => lead.complete(value.clone()),
-                    None => lead.abandon(),
+                    // With `stale_on_error`, the expired value instead of the failure.
+                    None => {
+                        if let Some(stale) = lead.fail() {
+                            return R::from_cached(stale);
+                        }
+                    }
                 }
                 outcome
             }
@@ -120,7 +125,11 @@ where
                 let outcome = body.await;
                 match outcome.cached_value() {
                     Some(value) => lead.complete(value.clone()),
-                    None => lead.abandon(),
+                    None => {
+                        if let Some(stale) = lead.fail() {
+                            return R::from_cached(stale);
+                        }
+                    }
                 }
                 outcome
             }
