@@ -108,6 +108,21 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
             "a cached function must return a nameable `Clone` type, not `impl Trait`",
         ));
     }
+    let own_cache_only = ttl.is_some()
+        || capacity.is_some()
+        || refresh.is_some()
+        || stale_on_error.is_some()
+        || share_errors.is_some();
+    if let (Some(store), true) = (&store, own_cache_only) {
+        // One error for the lot: the other checks below are about the function's own cache.
+        errors.push(syn::Error::new(
+            store.span(),
+            "with `store = ...` the store's own TTL and capacity apply: set them where the Cache is built, not here \
+             (`refresh`, `stale_on_error` and `share_errors` are for the function's own cache; a store \
+             built with `CacheConfig::stale_on_error` applies it itself)",
+        ));
+        return errors.finish().map(|()| unreachable!());
+    }
     if let (Some(refresh), Some(expr)) = (refresh, &refresh_expr) {
         check_refresh(
             item,
@@ -140,19 +155,6 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
         ));
     }
     errors.finish()?;
-    let own_cache_only = ttl.is_some()
-        || capacity.is_some()
-        || refresh.is_some()
-        || stale_on_error.is_some()
-        || share_errors.is_some();
-    if let (Some(store), true) = (&store, own_cache_only) {
-        return Err(syn::Error::new(
-            store.span(),
-            "with `store = ...` the store's own TTL and capacity apply: set them where the Cache is built, not here \
-             (`refresh`, `stale_on_error` and `share_errors` are for the function's own cache; a store \
-             built with `CacheConfig::stale_on_error` applies it itself)",
-        ));
-    }
     Ok(Plan {
         key,
         store,
@@ -309,10 +311,9 @@ fn own_cache(
     let finish = finish(plan, ret_span);
     let failed = match plan.share_errors {
         true => {
-            let shared_error = quote_spanned!(ret_span=> ::racefree::__private::shared_error);
             quote! {
                 ::racefree::__private::Answer::Failed(__racefree_error) => {
-                    return ::core::result::Result::Err(#shared_error(__racefree_error));
+                    return ::core::result::Result::Err(__racefree_error.into_error());
                 }
             }
         }
@@ -469,10 +470,13 @@ fn finish(plan: &Plan, ret_span: Span) -> TokenStream {
     let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
     let failed = match (plan.share_errors, plan.stale_on_error.is_some()) {
         (true, _) => {
+            // The `ShareableError` bound is checked here, once: spanned so that an error type
+            // that is not `Clone` is reported at the return type.
             let fail_with = Ident::new("fail_with", ret_span);
+            let error = Ident::new("__racefree_error", ret_span);
             quote! {
                 ::core::result::Result::Err(__racefree_error) => {
-                    if let ::core::option::Option::Some(__racefree_stale) = __racefree_lead.#fail_with(__racefree_error) {
+                    if let ::core::option::Option::Some(__racefree_stale) = __racefree_lead.#fail_with(#error) {
                         return ::core::result::Result::Ok(__racefree_stale);
                     }
                 }

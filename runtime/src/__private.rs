@@ -2,7 +2,7 @@
 //! runtime. Not a public API; the facade re-exports it as `racefree::__private`.
 
 pub use crate::cached::{
-    Always, Answer, AsyncCacheStore, CacheCell, CacheConfig, CacheStore, Lookup, SharedError,
+    Always, Answer, AsyncCacheStore, CacheCell, CacheConfig, CacheStore, Lookup,
 };
 pub use crate::function::{function_name, function_scope, implementor};
 pub use crate::idempotent::call::{begin, begin_blocking, Begin, Call, Policy, StoreRef};
@@ -10,16 +10,7 @@ pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
 pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};
 
-use crate::cached::ShareableError;
 use crate::sequenced::{Seq, SequenceError};
-
-/// The error a `share_errors` waiter returns: a clone of its failed lead's. Generic over the
-/// return position, so `E` is the function's error type and the `ShareableError` bound is
-/// reported at the function's return type.
-#[inline]
-pub fn shared_error<E: ShareableError>(error: SharedError) -> E {
-    error.into_error()
-}
 
 /// The `Seq` a call was given: its number and fencing token.
 #[inline]

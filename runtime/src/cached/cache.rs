@@ -150,7 +150,12 @@ impl CacheConfig {
 /// knows only the value type. [`into_error`](SharedError::into_error) gives each waiter its
 /// own clone.
 #[derive(Clone)]
-pub struct SharedError(Arc<dyn Any + Send + Sync>);
+pub struct SharedError {
+    error: Arc<dyn Any + Send + Sync>,
+    // Clones `error` as the type it was made from: the `Clone` bound is checked where the
+    // lead hands the error over, once, and a waiter needs only to name the type.
+    clone: fn(&(dyn Any + Send + Sync)) -> Box<dyn Any>,
+}
 
 /// What an error type needs so that waiters can receive the lead's error: each gets a clone.
 #[diagnostic::on_unimplemented(
@@ -165,7 +170,14 @@ impl<E: Clone + Send + Sync + 'static> ShareableError for E {}
 impl SharedError {
     /// Wraps the lead's error.
     pub fn new<E: ShareableError>(error: E) -> Self {
-        SharedError(Arc::new(error))
+        fn clone<E: Clone + 'static>(error: &(dyn Any + Send + Sync)) -> Box<dyn Any> {
+            let error: &E = error.downcast_ref().expect("made from an E");
+            Box::new(error.clone())
+        }
+        SharedError {
+            error: Arc::new(error),
+            clone: clone::<E>,
+        }
     }
 
     /// The lead's error, cloned.
@@ -173,10 +185,10 @@ impl SharedError {
     /// # Panics
     /// If the lead's error was not an `E`: only possible for a generic function whose error
     /// type varies while its key and value types do not (they then share one cache).
-    pub fn into_error<E: ShareableError>(self) -> E {
-        match self.0.downcast_ref::<E>() {
-            Some(error) => error.clone(),
-            None => panic!(
+    pub fn into_error<E: 'static>(self) -> E {
+        match (self.clone)(&*self.error).downcast::<E>() {
+            Ok(error) => *error,
+            Err(_) => panic!(
                 "share_errors: the failed caller's error is not a `{}` (a generic function whose error type is not determined by its key and value types shares one cache across error types)",
                 std::any::type_name::<E>()
             ),
