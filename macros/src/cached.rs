@@ -14,7 +14,8 @@
 //! }
 //! ```
 //!
-//! The match is on `Answer` (`cache.answer(key)`), which adds two cases to the lookup:
+//! With `refresh` or `share_errors` the match is on `Answer` (`cache.answer(key)`), which adds
+//! two cases to the lookup:
 //! `Refresh(value, refresh)`, a hit past the `refresh` age that hands this caller the one
 //! background recompute of the key (with `refresh`, the body is built before the match so
 //! that it can be moved to a thread or task: `refresh.spawn(body)`; otherwise it is dropped),
@@ -306,7 +307,11 @@ fn own_cache(
     let cache_method = Ident::new("cache", ret_span);
     let config = config(plan);
     let implementor = expand::implementor(item);
-    let (bind_key, lookup) = lookup_or_lead(&plan.key, implementor.is_some(), mode, ret_span);
+    // Only `refresh` and `share_errors` need `Answer`'s two extra cases; without them the
+    // lookup is `Lookup`'s, whose hit path is the shortest.
+    let answers = plan.refresh.is_some() || plan.share_errors;
+    let (bind_key, lookup) =
+        lookup_or_lead(&plan.key, implementor.is_some(), mode, ret_span, answers);
     let hit = hit(&plan.output);
     let finish = finish(plan, ret_span);
     let failed = match plan.share_errors {
@@ -319,7 +324,8 @@ fn own_cache(
         }
         // `Failed` comes only with `share_errors`.
         false => quote! {
-            ::racefree::__private::Answer::Failed(_) => {
+            ::racefree::__private::Answer::Failed(__racefree_error) => {
+                ::core::mem::drop(__racefree_error);
                 ::core::unreachable!("#[cached]: an error shared without `share_errors`")
             }
         },
@@ -346,11 +352,35 @@ fn own_cache(
         // `Refresh` comes only with `refresh`.
         None => (
             None,
-            quote!(::racefree::__private::Answer::Refresh(__racefree_value, _) => return #hit,),
+            quote! {
+                ::racefree::__private::Answer::Refresh(__racefree_value, __racefree_refresh) => {
+                    ::core::mem::drop(__racefree_refresh);
+                    return #hit;
+                }
+            },
             body.run(),
         ),
     };
     let deferred = deferred.map(|body| quote!(let __racefree_body = #body;));
+    let lookup = match answers {
+        // Bound first: matching the call's temporary would drop what is left of it on every
+        // hit, an out-of-line call.
+        true => quote! {
+            let __racefree_answer = #lookup;
+            let __racefree_lead = match __racefree_answer {
+                ::racefree::__private::Answer::Hit(__racefree_value) => return #hit,
+                #refresh
+                #failed
+                ::racefree::__private::Answer::Lead(__racefree_lead) => __racefree_lead,
+            };
+        },
+        false => quote! {
+            let __racefree_lead = match #lookup {
+                ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,
+                ::racefree::__private::Lookup::Lead(__racefree_lead) => __racefree_lead,
+            };
+        },
+    };
     quote! {{
         #implementor
         #bind_key
@@ -359,12 +389,7 @@ fn own_cache(
             ::racefree::__private::CacheCell::with_id_fn(__racefree_id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
         #deferred
-        let __racefree_lead = match #lookup {
-            ::racefree::__private::Answer::Hit(__racefree_value) => return #hit,
-            #refresh
-            #failed
-            ::racefree::__private::Answer::Lead(__racefree_lead) => __racefree_lead,
-        };
+        #lookup
         let __racefree_output: #ret = #run;
         #finish
         __racefree_output
@@ -413,6 +438,7 @@ fn lookup_or_lead(
     per_implementor: bool,
     mode: Mode,
     ret_span: Span,
+    answers: bool,
 ) -> (TokenStream, TokenStream) {
     let await_ = mode.await_();
     // The call needs `V: Clone`, and rustc reports an unmet bound at the receiver: make it a
@@ -423,7 +449,14 @@ fn lookup_or_lead(
     match key {
         Key::Borrowed(param) if !per_implementor => {
             let arg = key::borrowed(param);
-            let lookup = mode.call("answer_borrowed", "answer_borrowed_async", ret_span);
+            let lookup = match answers {
+                true => mode.call("answer_borrowed", "answer_borrowed_async", ret_span),
+                false => mode.call(
+                    "lookup_or_lead_borrowed",
+                    "lookup_or_lead_borrowed_async",
+                    ret_span,
+                ),
+            };
             (
                 quote!(),
                 quote!(#cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
@@ -435,7 +468,10 @@ fn lookup_or_lead(
                 true => quote!((__racefree_implementor, #key)),
                 false => key,
             };
-            let lookup = mode.call("answer", "answer_async", ret_span);
+            let lookup = match answers {
+                true => mode.call("answer", "answer_async", ret_span),
+                false => mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span),
+            };
             (
                 quote!(let __racefree_key = #key;),
                 quote!(#cache.#lookup(__racefree_key) #await_),

@@ -671,6 +671,8 @@ where
 
     // The miss path: join the key's flight, wait for its lead or become it. `errors`: the
     // caller can take `Answer::Failed` (otherwise a shared error is treated as no value).
+    // Out of line, so that a hit does not pay for its stack frame.
+    #[inline(never)]
     fn miss(&self, key: K, errors: bool) -> Answer<'_, K, V, S> {
         let mut waited = false;
         loop {
