@@ -9,6 +9,19 @@
 //! - **Failures are not shared.** When the lead ends without a value (an `Err`/`None` result, a
 //!   panic, a dropped future), its waiters wake up and one of them becomes the next lead: each
 //!   waiter gets its own attempt, one at a time, instead of a copy of somebody else's error.
+//!   With [`share_errors`](CacheConfig::share_errors) ([`Cache::answer`] and
+//!   [`CacheLead::fail_with`]) they get a clone of the lead's error instead.
+//! - **Refresh-ahead, at most one per entry.** With a [`refresh`](CacheConfig::refresh) age,
+//!   [`Cache::answer`] returns the value of an entry that old at once, and hands exactly one
+//!   caller a [`CacheRefresh`]: the hit that sets the entry's refresh bit (a `fetch_or`, so of
+//!   any number of concurrent hits one wins). The refresh holds the key's flight, so callers
+//!   that find the entry expired meanwhile wait for it. Its value replaces only the entry it was
+//!   started from (each insert has a sequence number): after an invalidation, a `clear`, an
+//!   eviction or a newer value it is dropped. A failed or dropped refresh clears the bit, so a
+//!   later hit may try again. [`Cache::lookup_or_lead`] does not refresh.
+//! - **Stale on error.** With [`stale_on_error`](CacheConfig::stale_on_error), an expired entry
+//!   is kept that much longer (never returned by a hit); [`CacheLead::fail`] hands it to the
+//!   failed lead and its waiters instead of nothing, counted in [`CacheStats::stale_served`].
 //! - **Bounded.** With a TTL, expired entries are never returned and are purged as the cache
 //!   grows; with a capacity, the entry count is kept at or below it after every insert.
 //! - **A TTL is exact.** An entry is returned until `ttl` has passed since it was inserted and
@@ -33,7 +46,10 @@
 //!   read-modify-write on a word every core's hits share, which is why its hits did not get
 //!   faster with a second core.
 //! - **The TTL check** loads the entry's stamp and reads the clock; it writes only to remove an
-//!   entry it found expired.
+//!   entry it found expired. With `refresh`, the age check compares the same stamp and clock
+//!   reading; only the hit that finds the entry due writes (its refresh bit), once.
+//! - **The per-call answer** ([`served`](super::served)) is one load of a `const`
+//!   thread-local; it writes (to that thread-local) only inside a tracking scope.
 //! - **The CLOCK visited bit** is set with `fetch_or` only when it is not set yet, so a hot key
 //!   is written once per pass of the eviction hand, not once per hit.
 //! - **The hit counter** is a per-thread slot bumped with a plain load and store.
