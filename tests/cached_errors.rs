@@ -182,3 +182,28 @@ async fn async_share_errors_hands_the_leads_error_to_every_waiter() {
         );
     }
 }
+
+// A `store = ...` Cache built with `CacheConfig::stale_on_error` applies it itself.
+#[test]
+fn a_store_built_with_stale_on_error_serves_the_expired_value() {
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    static STORE: std::sync::LazyLock<racefree::Cache<u64, u64>> = std::sync::LazyLock::new(|| {
+        racefree::Cache::with_config(
+            racefree::CacheConfig::new()
+                .ttl(Duration::from_millis(20))
+                .stale_on_error(Duration::from_secs(3600)),
+        )
+    });
+    #[cached(store = STORE)]
+    fn score(player: u64) -> Result<u64, String> {
+        match DOWN.load(SeqCst) {
+            true => Err("down".to_owned()),
+            false => Ok(player + 1),
+        }
+    }
+    assert_eq!(score(1), Ok(2));
+    DOWN.store(true, SeqCst);
+    std::thread::sleep(Duration::from_millis(30)); // past the ttl
+    assert_eq!(served::track_sync(|| score(1)), (Ok(2), Served::Stale));
+    assert_eq!(STORE.stats().stale_served, 1);
+}
