@@ -4,7 +4,9 @@
 //!
 //! - [`#[cached]`](cached): memoize; on a miss exactly one caller per key runs the body (per-key
 //!   lock, double check); everyone else waits and shares the value. TTL and capacity bounded;
-//!   only `Ok`/`Some` are kept.
+//!   only `Ok`/`Some` are kept. Opt in to refresh-ahead (`refresh = "30s"`), serving the last
+//!   value when the recompute fails (`stale_on_error = "10m"`) and handing a failed caller's
+//!   error to its waiters (`share_errors`); [`served::track`] tells how a call was answered.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,11 +91,12 @@ pub use racefree_macros::{cached, idempotent, sequenced};
 pub use racefree_runtime::cached::store as cache_store;
 pub use racefree_runtime::idempotent as idempotency;
 pub use racefree_runtime::replay;
+pub use racefree_runtime::served;
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
 };
-pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats};
+pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats, Served};
 pub use racefree_runtime::{HandleKey, KeyOf, Keyed};
 pub use racefree_runtime::{
     Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer,

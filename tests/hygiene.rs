@@ -55,6 +55,16 @@ async fn cached_result(x: u64) -> ::core::result::Result<u64, ::std::string::Str
     ::core::result::Result::Ok(x)
 }
 
+#[cached(refresh = "30s", ttl = "1m", stale_on_error = "5m", share_errors)]
+fn cached_refreshed(x: u64) -> ::core::result::Result<u64, Refused> {
+    ::core::result::Result::Ok(x)
+}
+
+#[cached(refresh = "30s", ttl = "1m")]
+async fn cached_refreshed_async(x: u64) -> u64 {
+    x
+}
+
 #[idempotent(key = key, ttl = "1h", in_flight = "reject", scope = tenant, capacity = 10)]
 fn idempotent_sync(tenant: u32, key: &str, n: u64) -> ::core::result::Result<u64, Refused> {
     ::core::result::Result::Ok(n)
@@ -126,6 +136,8 @@ fn generated_code_ignores_shadowing() {
     assert_eq!(cached_plain(1, "ab"), 3);
     assert_eq!(cached_option(1), ::core::option::Option::Some(2));
     assert_eq!(rt.block_on(cached_result(4)), ::core::result::Result::Ok(4));
+    assert_eq!(cached_refreshed(5), ::core::result::Result::Ok(5));
+    assert_eq!(rt.block_on(cached_refreshed_async(6)), 6);
 
     assert_eq!(idempotent_sync(1, "k", 2), ::core::result::Result::Ok(2));
     assert_eq!(

@@ -13,6 +13,15 @@
 //!     output
 //! }
 //! ```
+//!
+//! With `refresh` or `share_errors` the match is on `Answer` (`cache.answer(key)`), which adds
+//! two cases to the lookup:
+//! `Refresh(value, refresh)`, a hit past the `refresh` age that hands this caller the one
+//! background recompute of the key (with `refresh`, the body is built before the match so
+//! that it can be moved to a thread or task: `refresh.spawn(body)`; otherwise it is dropped),
+//! and `Failed(error)`, a waiter of a failed lead with `share_errors` (returned as its `Err`).
+//! With `stale_on_error` or `share_errors` a failing lead calls `lead.fail()` /
+//! `lead.fail_with(&error)`, which may hand back the expired value to return instead.
 
 use std::time::Duration;
 
@@ -37,6 +46,12 @@ struct Plan {
     store: Option<Expr>,
     ttl: Option<Duration>,
     capacity: Option<usize>,
+    /// Refresh-ahead: recompute in the background once an entry is this old (< `ttl`).
+    refresh: Option<Duration>,
+    /// Serve the expired value when the recompute fails, up to this long past `ttl`.
+    stale_on_error: Option<Duration>,
+    /// Waiters of a failed lead return its error.
+    share_errors: bool,
     output: Output,
 }
 
@@ -57,8 +72,14 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
     let shape = FnShape::of(item);
     let skip = named.idents("skip");
     check_skip(&shape, &skip, &mut errors);
+    let ttl_expr = named.peek_expr("ttl").cloned();
+    let refresh_expr = named.peek_expr("refresh").cloned();
+    let stale_expr = named.peek_expr("stale_on_error").cloned();
     let ttl = errors.keep(named.duration("ttl")).flatten();
     let capacity = errors.keep(named.positive_int("capacity")).flatten();
+    let refresh = errors.keep(named.duration("refresh")).flatten();
+    let stale_on_error = errors.keep(named.duration("stale_on_error")).flatten();
+    let share_errors = named.flag("share_errors");
     let store = named.expr("store");
     let accessor = expand::wants_accessor(
         Attr::Cached,
@@ -97,21 +118,117 @@ fn validate(args: Args, item: &ItemFn) -> syn::Result<Plan> {
             "a cached function must return a nameable `Clone` type, not `impl Trait`",
         ));
     }
-    errors.finish()?;
-    if let (Some(store), true) = (&store, ttl.is_some() || capacity.is_some()) {
-        return Err(syn::Error::new(
+    let own_cache_only = ttl.is_some()
+        || capacity.is_some()
+        || refresh.is_some()
+        || stale_on_error.is_some()
+        || share_errors.is_some();
+    if let (Some(store), true) = (&store, own_cache_only) {
+        // One error for the lot: the other checks below are about the function's own cache.
+        errors.push(syn::Error::new(
             store.span(),
-            "with `store = ...` the store's own TTL and capacity apply: set them where the Cache is built, not here",
+            "with `store = ...` the store's own TTL and capacity apply: set them where the Cache is built, not here \
+             (`refresh`, `stale_on_error` and `share_errors` are for the function's own cache; a store \
+             built with `CacheConfig::stale_on_error` applies it itself)",
+        ));
+        return errors.finish().map(|()| unreachable!());
+    }
+    if let (Some(refresh), Some(expr)) = (refresh, &refresh_expr) {
+        check_refresh(
+            item,
+            &shape,
+            refresh,
+            expr,
+            ttl,
+            ttl_expr.as_ref(),
+            &mut errors,
+        );
+    }
+    let is_result = matches!(shape.output, Output::Result(_));
+    if let (Some(_), Some(expr)) = (stale_on_error, &stale_expr) {
+        if ttl.is_none() {
+            errors.push(syn::Error::new_spanned(
+                expr,
+                "`stale_on_error` serves an entry for a while past its `ttl` when the recompute fails: give a `ttl` too, e.g. `ttl = \"5m\", stale_on_error = \"10m\"`",
+            ));
+        } else if !is_result {
+            errors.push(syn::Error::new_spanned(
+                expr,
+                "`stale_on_error` is for a function that returns a `Result` (it serves the last `Ok` value instead of an `Err`); remove it, or return a `Result`",
+            ));
+        }
+    }
+    if let (Some(span), false) = (share_errors, is_result) {
+        errors.push(syn::Error::new(
+            span,
+            "`share_errors` hands a failed caller's `Err` to its waiters: it needs a `Result` return type; remove it",
         ));
     }
+    errors.finish()?;
     Ok(Plan {
         accessor,
         key,
         store,
         ttl,
         capacity,
+        refresh,
+        stale_on_error,
+        share_errors: share_errors.is_some(),
         output: shape.output,
     })
+}
+
+/// `refresh` needs a longer `ttl`, and a body that can run after the call returned: on its own
+/// thread or task, so it owns what it uses.
+fn check_refresh(
+    item: &ItemFn,
+    shape: &FnShape,
+    refresh: Duration,
+    refresh_expr: &Expr,
+    ttl: Option<Duration>,
+    ttl_expr: Option<&Expr>,
+    errors: &mut Errors,
+) {
+    match ttl {
+        None => errors.push(syn::Error::new_spanned(
+            refresh_expr,
+            "`refresh` recomputes an entry in the background before its `ttl` ends: give a `ttl` too, e.g. `refresh = \"30s\", ttl = \"5m\"`",
+        )),
+        Some(ttl) if refresh >= ttl => {
+            let text = |expr: Option<&Expr>| expr.map(|e| e.to_token_stream().to_string()).unwrap_or_default();
+            let half = humantime::format_duration(Duration::from_secs((ttl / 2).as_secs().max(1)));
+            errors.push(syn::Error::new_spanned(
+                refresh_expr,
+                format!(
+                    "`refresh = {}` must be shorter than `ttl = {}`: an entry is recomputed in the background once it is `refresh` old and expires at `ttl`; write e.g. `refresh = \"{half}\"`",
+                    text(Some(refresh_expr)),
+                    text(ttl_expr),
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    if let Some(receiver) = item.sig.receiver() {
+        errors.push(syn::Error::new_spanned(
+            receiver,
+            "`refresh` runs the body again in the background after the call returned, so it cannot borrow `self`: use it on a function without `self` that takes owned arguments",
+        ));
+    }
+    for param in &shape.params {
+        if let syn::Type::Reference(reference) = &param.ty {
+            if reference
+                .lifetime
+                .as_ref()
+                .is_none_or(|l| l.ident != "static")
+            {
+                let ident = &param.ident;
+                errors.push(syn::Error::new_spanned(
+                    &param.arg,
+                    format!("`refresh` runs the body again in the background after the call returned, so it cannot borrow `{ident}`: take it owned (e.g. `String` for `&str`) or as `&'static`"),
+                ));
+            }
+        }
+    }
 }
 
 /// A method's default key is its other arguments: without `key`, `store` or `shared`, every
@@ -219,10 +336,80 @@ fn own_cache(
     let cache_method = Ident::new("cache", ret_span);
     let config = config(plan);
     let implementor = expand::implementor(item);
-    let (bind_key, lookup) = lookup_or_lead(&plan.key, implementor.is_some(), mode, ret_span);
+    // Only `refresh` and `share_errors` need `Answer`'s two extra cases; without them the
+    // lookup is `Lookup`'s, whose hit path is the shortest.
+    let answers = plan.refresh.is_some() || plan.share_errors;
+    let (bind_key, lookup) =
+        lookup_or_lead(&plan.key, implementor.is_some(), mode, ret_span, answers);
     let hit = hit(&plan.output);
-    let finish = finish(&plan.output, ret_span);
-    let body = body.run();
+    let finish = finish(plan, ret_span);
+    let failed = match plan.share_errors {
+        true => {
+            quote! {
+                ::racefree::__private::Answer::Failed(__racefree_error) => {
+                    return ::core::result::Result::Err(__racefree_error.into_error());
+                }
+            }
+        }
+        // `Failed` comes only with `share_errors`.
+        false => quote! {
+            ::racefree::__private::Answer::Failed(__racefree_error) => {
+                ::core::mem::drop(__racefree_error);
+                ::core::unreachable!("#[cached]: an error shared without `share_errors`")
+            }
+        },
+    };
+    // With `refresh` the body is built before the lookup, so that a hit due for refresh can
+    // move it to the background; otherwise it is built and run only by the lead.
+    let (deferred, refresh, run) = match plan.refresh {
+        Some(_) => (
+            Some(body.deferred()),
+            {
+                let spawn = spawn_refresh(&plan.output, mode);
+                quote! {
+                    ::racefree::__private::Answer::Refresh(__racefree_value, __racefree_refresh) => {
+                        #spawn
+                        return #hit;
+                    }
+                }
+            },
+            match mode {
+                Mode::Sync => quote!(__racefree_body()),
+                Mode::Async => quote!(__racefree_body.await),
+            },
+        ),
+        // `Refresh` comes only with `refresh`.
+        None => (
+            None,
+            quote! {
+                ::racefree::__private::Answer::Refresh(__racefree_value, __racefree_refresh) => {
+                    ::core::mem::drop(__racefree_refresh);
+                    return #hit;
+                }
+            },
+            body.run(),
+        ),
+    };
+    let deferred = deferred.map(|body| quote!(let __racefree_body = #body;));
+    let lookup = match answers {
+        // Bound first: matching the call's temporary would drop what is left of it on every
+        // hit, an out-of-line call.
+        true => quote! {
+            let __racefree_answer = #lookup;
+            let __racefree_lead = match __racefree_answer {
+                ::racefree::__private::Answer::Hit(__racefree_value) => return #hit,
+                #refresh
+                #failed
+                ::racefree::__private::Answer::Lead(__racefree_lead) => __racefree_lead,
+            };
+        },
+        false => quote! {
+            let __racefree_lead = match #lookup {
+                ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,
+                ::racefree::__private::Lookup::Lead(__racefree_lead) => __racefree_lead,
+            };
+        },
+    };
     quote! {{
         #implementor
         #bind_key
@@ -230,14 +417,27 @@ fn own_cache(
         static __RACEFREE_CACHE: ::racefree::__private::CacheCell =
             ::racefree::__private::CacheCell::with_id_fn(__racefree_id, #config);
         let __racefree_cache = __RACEFREE_CACHE.handle().#cache_method();
-        let __racefree_lead = match #lookup {
-            ::racefree::__private::Lookup::Hit(__racefree_value) => return #hit,
-            ::racefree::__private::Lookup::Lead(__racefree_lead) => __racefree_lead,
-        };
-        let __racefree_output: #ret = #body;
+        #deferred
+        #lookup
+        let __racefree_output: #ret = #run;
         #finish
         __racefree_output
     }}
+}
+
+/// A hit due for refresh hands the body to a thread (sync) or a task of the caller's Tokio
+/// runtime (async), wrapped so that the runtime sees an `Outcome`.
+fn spawn_refresh(output: &Output, mode: Mode) -> TokenStream {
+    match (output, mode) {
+        (Output::Plain(_), Mode::Sync) => quote! {
+            __racefree_refresh.spawn(move || ::racefree::__private::Always(__racefree_body()));
+        },
+        (Output::Plain(_), Mode::Async) => quote! {
+            __racefree_refresh.spawn_async(async move { ::racefree::__private::Always(__racefree_body.await) });
+        },
+        (_, Mode::Sync) => quote!(__racefree_refresh.spawn(__racefree_body);),
+        (_, Mode::Async) => quote!(__racefree_refresh.spawn_async(__racefree_body);),
+    }
 }
 
 /// The bounds of the function's own cache.
@@ -247,7 +447,17 @@ fn config(plan: &Plan) -> TokenStream {
         quote!(.ttl(::core::time::Duration::from_nanos(#nanos)))
     });
     let capacity = plan.capacity.map(|capacity| quote!(.capacity(#capacity)));
-    quote!(::racefree::__private::CacheConfig::new() #ttl #capacity)
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let refresh = plan.refresh.map(|d| {
+        let nanos = nanos(d);
+        quote!(.refresh(::core::time::Duration::from_nanos(#nanos)))
+    });
+    let stale = plan.stale_on_error.map(|d| {
+        let nanos = nanos(d);
+        quote!(.stale_on_error(::core::time::Duration::from_nanos(#nanos)))
+    });
+    let share = plan.share_errors.then(|| quote!(.share_errors()));
+    quote!(::racefree::__private::CacheConfig::new() #ttl #capacity #refresh #stale #share)
 }
 
 /// Binds the key, and the call that looks it up or makes this caller the key's lead. A method's
@@ -257,6 +467,7 @@ fn lookup_or_lead(
     per_implementor: bool,
     mode: Mode,
     ret_span: Span,
+    answers: bool,
 ) -> (TokenStream, TokenStream) {
     let await_ = mode.await_();
     // The call needs `V: Clone`, and rustc reports an unmet bound at the receiver: make it a
@@ -267,11 +478,14 @@ fn lookup_or_lead(
     match key {
         Key::Borrowed(param) if !per_implementor => {
             let arg = key::borrowed(param);
-            let lookup = mode.call(
-                "lookup_or_lead_borrowed",
-                "lookup_or_lead_borrowed_async",
-                ret_span,
-            );
+            let lookup = match answers {
+                true => mode.call("answer_borrowed", "answer_borrowed_async", ret_span),
+                false => mode.call(
+                    "lookup_or_lead_borrowed",
+                    "lookup_or_lead_borrowed_async",
+                    ret_span,
+                ),
+            };
             (
                 quote!(),
                 quote!(#cache.#lookup(#arg, ::std::borrow::ToOwned::to_owned) #await_),
@@ -283,7 +497,10 @@ fn lookup_or_lead(
                 true => quote!((__racefree_implementor, #key)),
                 false => key,
             };
-            let lookup = mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span);
+            let lookup = match answers {
+                true => mode.call("answer", "answer_async", ret_span),
+                false => mode.call("lookup_or_lead", "lookup_or_lead_async", ret_span),
+            };
             (
                 quote!(let __racefree_key = #key;),
                 quote!(#cache.#lookup(__racefree_key) #await_),
@@ -311,14 +528,39 @@ fn hit(output: &Output) -> TokenStream {
 }
 
 /// The lead completes the key with a clone of a success, or abandons it to the next waiter.
-fn finish(output: &Output, ret_span: Span) -> TokenStream {
+/// With `stale_on_error` / `share_errors` a failed lead may get the expired value back to
+/// return, and with `share_errors` it hands its error to the waiters.
+fn finish(plan: &Plan, ret_span: Span) -> TokenStream {
     let complete = Ident::new("complete", ret_span);
     let clone = quote_spanned!(ret_span=> ::core::clone::Clone::clone);
-    match output {
+    let failed = match (plan.share_errors, plan.stale_on_error.is_some()) {
+        (true, _) => {
+            // The `ShareableError` bound is checked here, once: spanned so that an error type
+            // that is not `Clone` is reported at the return type.
+            let fail_with = Ident::new("fail_with", ret_span);
+            let error = Ident::new("__racefree_error", ret_span);
+            quote! {
+                ::core::result::Result::Err(__racefree_error) => {
+                    if let ::core::option::Option::Some(__racefree_stale) = __racefree_lead.#fail_with(#error) {
+                        return ::core::result::Result::Ok(__racefree_stale);
+                    }
+                }
+            }
+        }
+        (false, true) => quote! {
+            ::core::result::Result::Err(_) => {
+                if let ::core::option::Option::Some(__racefree_stale) = __racefree_lead.fail() {
+                    return ::core::result::Result::Ok(__racefree_stale);
+                }
+            }
+        },
+        (false, false) => quote!(::core::result::Result::Err(_) => __racefree_lead.abandon(),),
+    };
+    match &plan.output {
         Output::Result(_) => quote! {
             match &__racefree_output {
                 ::core::result::Result::Ok(__racefree_value) => __racefree_lead.#complete(#clone(__racefree_value)),
-                ::core::result::Result::Err(_) => __racefree_lead.abandon(),
+                #failed
             }
         },
         Output::Option(_) => quote! {

@@ -54,6 +54,22 @@ use proc_macro::TokenStream;
 /// assert_eq!(fetch_user_cache().stats().hits, 1);
 /// ```
 ///
+/// Refresh-ahead, stale values on failure, shared errors, and the per-call answer:
+///
+/// ```
+/// use racefree::{cached, served, Served};
+///
+/// #[cached(refresh = "30s", ttl = "5m", stale_on_error = "1h", share_errors)]
+/// fn rate(pair: String) -> Result<f64, std::sync::Arc<std::io::Error>> {
+///     Ok(if pair == "EURUSD" { 1.08 } else { 1.0 })
+/// }
+///
+/// let (value, served) = served::track_sync(|| rate("EURUSD".into()));
+/// assert_eq!((value.unwrap(), served), (1.08, Served::Executed));
+/// let (value, served) = served::track_sync(|| rate("EURUSD".into()));
+/// assert_eq!((value.unwrap(), served), (1.08, Served::Hit));
+/// ```
+///
 /// - `key = <expr>`: the cache key; by default every argument except `self` and those in
 ///   `skip(...)`, owned (`&str` → `String`; several arguments make a tuple). `&mut` and
 ///   `impl Trait` arguments cannot be part of the default key.
@@ -64,14 +80,29 @@ use proc_macro::TokenStream;
 ///   path segment, so `io::Result<T>` counts). When the computing call ends without a value (an
 ///   `Err`, `None`, a panic, a dropped future) its waiters are released and one of them computes
 ///   next: each gets its own attempt, one at a time, never a copy of another caller's error.
+/// - `share_errors` (a `Result` return with `E: Clone + Send + Sync + 'static`; wrap another
+///   `E` in an `Arc`): the waiters of a failed call return a clone of its `Err` instead, so a
+///   failing backend is asked once per burst of callers.
+/// - `refresh = "30s"` with `ttl = "5m"` (shorter than it): refresh-ahead. A hit on an entry
+///   at least `refresh` old still returns it at once and starts exactly one background
+///   recompute of the key: a sync function's on a new thread, an async function's with
+///   `tokio::spawn` on the caller's runtime (outside a Tokio runtime it is skipped, and the
+///   entry is recomputed when its `ttl` ends). Success replaces the value; failure keeps the
+///   old one; an invalidation during the refresh wins. The body runs after the call returned,
+///   so it must own what it uses: no `self`, no borrowed arguments (compile errors).
+/// - `stale_on_error = "10m"` with a `ttl`, on a `Result` return: when the recompute of an
+///   expired entry fails, the entry is returned instead of the `Err` (to the computing call
+///   and its waiters) up to that long past its `ttl`; counted in `stats().stale_served`.
+/// - `racefree::served::track(future)` / `track_sync(f)` tell how a call was answered
+///   (`Served::Hit`, `Refreshing`, `Waited`, `Executed`, `Stale`) without changing it.
 /// - The value must be `Clone`; every caller gets a clone.
 /// - Without `store`, the attribute also emits `fn <name>_cache() -> racefree::Keyed<CacheHandle,
 ///   K>` (with the function's visibility; see [Where it goes](#where-it-goes)), which derefs to
 ///   the `racefree::CacheHandle`: `invalidate(&key)` (a key of another type than `K`, or `&str`
 ///   for a text key, does not compile; `K` is `dyn Any`, checked at run time, where the key type
 ///   cannot be read off the signature), `clear()`, `len()`, `in_flight()`,
-///   `stats()` (`hits`, `coalesced`, `executions`). A generic function gets one cache per
-///   concrete type.
+///   `stats()` (`hits`, `coalesced`, `executions`, `refreshes`, `refresh_failures`,
+///   `stale_served`). A generic function gets one cache per concrete type.
 /// - `store = <expr>`: a store you own instead, e.g. a `racefree::Cache<K, V>` field
 ///   (`store = self.rows`), or, with the `redis` feature, a `racefree::redis::RedisCacheStore`
 ///   (async functions returning `Result<T, E>` with `E: From<RedisStoreError>`).

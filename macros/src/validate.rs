@@ -50,6 +50,9 @@ impl Attr {
                 ),
                 ("shared", Kind::Flag, "shared"),
                 ("no_accessor", Kind::Flag, "no_accessor"),
+                ("refresh", Kind::Value, "refresh = \"30s\""),
+                ("stale_on_error", Kind::Value, "stale_on_error = \"10m\""),
+                ("share_errors", Kind::Flag, "share_errors"),
             ],
             Attr::Idempotent => &[
                 (
@@ -137,6 +140,14 @@ impl Named {
     fn take(&mut self, name: &str) -> Option<Arg> {
         let at = self.args.iter().position(|a| a.name == name)?;
         Some(self.args.remove(at))
+    }
+
+    /// `name = <expr>` as written, left in place (to point an error at it later).
+    pub fn peek_expr(&self, name: &str) -> Option<&Expr> {
+        match &self.args.iter().find(|a| a.name == name)?.value {
+            Value::Expr(expr) => Some(expr),
+            _ => None,
+        }
     }
 
     /// `name = <expr>`.

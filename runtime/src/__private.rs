@@ -2,8 +2,8 @@
 //! runtime. Not a public API; the facade re-exports it as `racefree::__private`.
 
 pub use crate::cached::{
-    Always, AsyncCacheStore, AsyncCacheStoreRef, CacheCell, CacheConfig, CacheStore, CacheStoreRef,
-    Lookup,
+    Always, Answer, AsyncCacheStore, AsyncCacheStoreRef, CacheCell, CacheConfig, CacheStore,
+    CacheStoreRef, Lookup,
 };
 pub use crate::function::{function_name, function_scope, implementor};
 pub use crate::idempotent::call::{

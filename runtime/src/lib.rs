@@ -29,7 +29,10 @@ pub mod idempotent;
 pub mod sequenced;
 pub mod sync;
 
-pub use cached::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheLead, CacheStats, Lookup};
+pub use cached::served;
+pub use cached::{
+    Cache, CacheBuilder, CacheConfig, CacheHandle, CacheLead, CacheStats, Lookup, Served,
+};
 pub use function::{HandleKey, KeyOf, Keyed};
 pub use idempotent::replay;
 pub use idempotent::{

@@ -9,6 +9,19 @@
 //! - **Failures are not shared.** When the lead ends without a value (an `Err`/`None` result, a
 //!   panic, a dropped future), its waiters wake up and one of them becomes the next lead: each
 //!   waiter gets its own attempt, one at a time, instead of a copy of somebody else's error.
+//!   With [`share_errors`](CacheConfig::share_errors) ([`Cache::answer`] and
+//!   [`CacheLead::fail_with`]) they get a clone of the lead's error instead.
+//! - **Refresh-ahead, at most one per entry.** With a [`refresh`](CacheConfig::refresh) age,
+//!   [`Cache::answer`] returns the value of an entry that old at once, and hands exactly one
+//!   caller a [`CacheRefresh`]: the hit that sets the entry's refresh bit (a `fetch_or`, so of
+//!   any number of concurrent hits one wins). The refresh holds the key's flight, so callers
+//!   that find the entry expired meanwhile wait for it. Its value replaces only the entry it was
+//!   started from (each insert has a sequence number): after an invalidation, a `clear`, an
+//!   eviction or a newer value it is dropped. A failed or dropped refresh clears the bit, so a
+//!   later hit may try again. [`Cache::lookup_or_lead`] does not refresh.
+//! - **Stale on error.** With [`stale_on_error`](CacheConfig::stale_on_error), an expired entry
+//!   is kept that much longer (never returned by a hit); [`CacheLead::fail`] hands it to the
+//!   failed lead and its waiters instead of nothing, counted in [`CacheStats::stale_served`].
 //! - **Bounded.** With a TTL, expired entries are never returned and are purged as the cache
 //!   grows; with a capacity, the entry count is kept at or below it after every insert.
 //! - **A TTL is exact.** An entry is returned until `ttl` has passed since it was inserted and
@@ -33,7 +46,10 @@
 //!   read-modify-write on a word every core's hits share, which is why its hits did not get
 //!   faster with a second core.
 //! - **The TTL check** loads the entry's stamp and reads the clock; it writes only to remove an
-//!   entry it found expired.
+//!   entry it found expired. With `refresh`, the age check compares the same stamp and clock
+//!   reading; only the hit that finds the entry due writes (its refresh bit), once.
+//! - **The per-call answer** ([`served`](super::served)) is one load of a `const`
+//!   thread-local; it writes (to that thread-local) only inside a tracking scope.
 //! - **The CLOCK visited bit** is set with `fetch_or` only when it is not set yet, so a hot key
 //!   is written once per pass of the eviction hand, not once per hit.
 //! - **The hit counter** is a per-thread slot bumped with a plain load and store.
@@ -58,23 +74,30 @@
 //! evicted anyway: CLOCK is an approximation). `benches/cached.rs` and `benches/scaling.rs`
 //! show the numbers.
 
+use std::any::Any;
 use std::borrow::Borrow;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::served::{record, Served};
 use super::stats::{CacheStats, Counters};
+use super::store::Outcome;
 use crate::sync::blocking::Owner;
 use crate::sync::clock;
 use crate::sync::single_flight::{Join, Lead, SingleFlight};
 pub use crate::sync::RandomState;
 
 const VISITED: u64 = 1 << 63;
-const DEADLINE: u64 = !VISITED;
+// Set by the one hit that starts the entry's background refresh; cleared if the refresh fails,
+// so that a later hit may try again (one at a time).
+const REFRESHING: u64 = 1 << 62;
+const DEADLINE: u64 = !(VISITED | REFRESHING);
 
 /// How a cache is bounded. `const` so that generated code can build it in a `static`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,6 +106,16 @@ pub struct CacheConfig {
     pub ttl: Option<Duration>,
     /// The most entries the cache keeps.
     pub capacity: Option<usize>,
+    /// Refresh-ahead: once an entry is this old, a hit still returns it at once and starts one
+    /// background recompute of its key ([`Answer::Refresh`]). Needs a `ttl`, and must be
+    /// shorter than it.
+    pub refresh: Option<Duration>,
+    /// When the recompute of an expired entry fails, the entry is served instead of the error
+    /// for up to this long past its `ttl` (it is kept that long). Needs a `ttl`.
+    pub stale_on_error: Option<Duration>,
+    /// Waiters of a lead that failed receive its error ([`Answer::Failed`]) instead of
+    /// computing again one by one.
+    pub share_errors: bool,
 }
 
 impl CacheConfig {
@@ -91,6 +124,9 @@ impl CacheConfig {
         CacheConfig {
             ttl: None,
             capacity: None,
+            refresh: None,
+            stale_on_error: None,
+            share_errors: false,
         }
     }
 
@@ -105,13 +141,100 @@ impl CacheConfig {
         self.capacity = Some(capacity);
         self
     }
+
+    /// Entries older than `refresh` are recomputed in the background on their next hit (see
+    /// [`CacheConfig::refresh`](CacheConfig#structfield.refresh)).
+    pub const fn refresh(mut self, refresh: Duration) -> Self {
+        self.refresh = Some(refresh);
+        self
+    }
+
+    /// A failed recompute serves the expired entry for up to `grace` past its TTL.
+    pub const fn stale_on_error(mut self, grace: Duration) -> Self {
+        self.stale_on_error = Some(grace);
+        self
+    }
+
+    /// Waiters of a failed lead receive its error.
+    pub const fn share_errors(mut self) -> Self {
+        self.share_errors = true;
+        self
+    }
+}
+
+/// A lead's error handed to its waiters (`share_errors`): type-erased, because the cache
+/// knows only the value type. [`into_error`](SharedError::into_error) gives each waiter its
+/// own clone.
+#[derive(Clone)]
+pub struct SharedError {
+    error: Arc<dyn Any + Send + Sync>,
+    // Clones `error` as the type it was made from: the `Clone` bound is checked where the
+    // lead hands the error over, once, and a waiter needs only to name the type.
+    clone: fn(&(dyn Any + Send + Sync)) -> Box<dyn Any>,
+}
+
+/// What an error type needs so that waiters can receive the lead's error: each gets a clone.
+#[diagnostic::on_unimplemented(
+    message = "`share_errors` hands the failed caller's error to every waiter, so `{Self}` must be `Clone + Send + Sync + 'static`",
+    label = "this error type is not `Clone + Send + Sync + 'static`",
+    note = "derive or implement `Clone` for the error, or wrap it: `Result<T, std::sync::Arc<{Self}>>`, or remove `share_errors` (waiters then compute again, one at a time)"
+)]
+pub trait ShareableError: Clone + Send + Sync + 'static {}
+
+impl<E: Clone + Send + Sync + 'static> ShareableError for E {}
+
+impl SharedError {
+    /// Wraps the lead's error.
+    pub fn new<E: ShareableError>(error: E) -> Self {
+        fn clone<E: Clone + 'static>(error: &(dyn Any + Send + Sync)) -> Box<dyn Any> {
+            let error: &E = error.downcast_ref().expect("made from an E");
+            Box::new(error.clone())
+        }
+        SharedError {
+            error: Arc::new(error),
+            clone: clone::<E>,
+        }
+    }
+
+    /// The lead's error, cloned.
+    ///
+    /// # Panics
+    /// If the lead's error was not an `E`: only possible for a generic function whose error
+    /// type varies while its key and value types do not (they then share one cache).
+    pub fn into_error<E: 'static>(self) -> E {
+        match (self.clone)(&*self.error).downcast::<E>() {
+            Ok(error) => *error,
+            Err(_) => panic!(
+                "share_errors: the failed caller's error is not a `{}` (a generic function whose error type is not determined by its key and value types shares one cache across error types)",
+                std::any::type_name::<E>()
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedError(..)")
+    }
+}
+
+// What a lead hands its waiters.
+#[derive(Clone)]
+enum Landed<V> {
+    Value(V),
+    // The recompute failed; this is the expired entry, within `stale_on_error`.
+    Stale(V),
+    Error(SharedError),
 }
 
 struct Slot<V> {
     value: V,
     // Bit 63: hit since the CLOCK hand last passed. Bits 0..63: deadline on `clock::now_nanos`,
-    // 0 for none.
+    // 0 for none. Bit 62: a hit started this entry's refresh.
     stamp: AtomicU64,
+    // Which insert made this entry: a refresh replaces only the entry it started from, so an
+    // invalidation (or any newer value) during the refresh wins.
+    seq: u64,
 }
 
 /// A concurrent memo cache with per-key single flight, optional TTL and capacity.
@@ -131,8 +254,13 @@ struct Slot<V> {
 /// ```
 pub struct Cache<K, V, S = RandomState> {
     entries: papaya::HashMap<K, Slot<V>, S>,
-    flights: SingleFlight<K, V, S>,
+    flights: SingleFlight<K, Landed<V>, S>,
     config: CacheConfig,
+    // `ttl - refresh` in nanoseconds: an entry is due for refresh this long before its deadline.
+    refresh_before_deadline: Option<u64>,
+    // `stale_on_error` in nanoseconds (0: none): how long past its deadline an entry is kept.
+    grace: u64,
+    next_seq: AtomicU64,
     // The CLOCK ring; present only with a capacity.
     ring: Option<Mutex<VecDeque<K>>>,
     inserts_since_sweep: AtomicUsize,
@@ -149,12 +277,40 @@ pub enum Lookup<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomStat
     Lead(CacheLead<'a, K, V, S>),
 }
 
+/// What [`Cache::answer`] found: a [`Lookup`] plus what refresh-ahead and `share_errors` add.
+/// This is what `#[cached]` expansions match on.
+pub enum Answer<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState> {
+    /// The value, from the cache (fresh, or stale within `stale_on_error`) or from the lead
+    /// this caller waited for.
+    Hit(V),
+    /// The cached value, past its `refresh` age, and the duty to recompute it in the
+    /// background: [`CacheRefresh::spawn`] (or dropping it, which skips this refresh).
+    Refresh(V, CacheRefresh<'a, K, V, S>),
+    /// The lead this caller waited for failed with this error (`share_errors` only).
+    Failed(SharedError),
+    /// Nobody has the value: this caller computes it and must finish the [`CacheLead`].
+    Lead(CacheLead<'a, K, V, S>),
+}
+
+/// The duty to recompute one key of a [`Cache`] in the background, handed out by a hit past
+/// the `refresh` age; at most one exists per key. While it lives, callers that find the key
+/// expired wait for it as for any lead. On success the new value replaces the entry it was
+/// started from, unless that entry was invalidated or replaced meanwhile (then it is dropped
+/// and waiters compute again); on failure the entry keeps its value and a later hit may start
+/// another refresh.
+pub struct CacheRefresh<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState> {
+    cache: &'a Cache<K, V, S>,
+    // `None` once finished.
+    lead: Option<Lead<'a, K, Landed<V>, S>>,
+    seq: u64,
+}
+
 /// The duty to compute one key of a [`Cache`]. [`complete`](CacheLead::complete) stores the
 /// value and hands it to the waiters; dropping the lead (error, panic, cancellation) lets one
 /// waiter take over.
 pub struct CacheLead<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = RandomState> {
     cache: &'a Cache<K, V, S>,
-    lead: Lead<'a, K, V, S>,
+    lead: Lead<'a, K, Landed<V>, S>,
 }
 
 /// Builds a [`Cache`]; the key and value types come from where the cache goes.
@@ -238,11 +394,29 @@ where
     S: BuildHasher + Clone,
 {
     /// A cache bounded by `config`, named `name` in `tracing` events, hashing with `hasher`.
+    ///
+    /// # Panics
+    /// If `config` has a `refresh` or `stale_on_error` without a `ttl`, or a `refresh` not
+    /// shorter than its `ttl` (`#[cached]` rejects these at compile time).
     pub fn with_config_and_hasher(config: CacheConfig, name: &'static str, hasher: S) -> Self {
+        let refresh_before_deadline = config.refresh.map(|refresh| {
+            let ttl = config.ttl.expect("a cache `refresh` needs a `ttl`");
+            assert!(
+                refresh < ttl,
+                "a cache `refresh` must be shorter than its `ttl`"
+            );
+            saturating_nanos(ttl - refresh)
+        });
+        if config.stale_on_error.is_some() {
+            assert!(config.ttl.is_some(), "`stale_on_error` needs a `ttl`");
+        }
         Cache {
             entries: papaya::HashMap::with_hasher(hasher.clone()),
             flights: SingleFlight::with_hasher(hasher),
             config,
+            refresh_before_deadline,
+            grace: config.stale_on_error.map_or(0, saturating_nanos),
+            next_seq: AtomicU64::new(0),
             ring: config
                 .capacity
                 .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
@@ -271,23 +445,65 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.peek_aged(key, false).map(|(value, _)| value)
+    }
+
+    // The hit path. With `refresh` asked and configured, also says how old the entry is: the
+    // check is a load of the stamp already read and the clock already read for the TTL; only
+    // the one hit that finds the entry due writes (sets REFRESHING).
+    #[inline]
+    fn peek_aged<Q>(&self, key: &Q, refresh: bool) -> Option<(V, Age)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         // Pinning announces this thread in its own reservation slot; the probe only loads.
         let entries = self.entries.pin();
         let slot = entries.get(key)?;
         let stamp = slot.stamp.load(Relaxed);
+        let mut age = Age::Fresh;
         if self.config.ttl.is_some() {
             let now = self.now();
             if is_expired(stamp, now) {
-                // `Err` means it was replaced by a live entry meanwhile: nothing to remove.
-                let _ = entries.remove_if(key, |_, slot| is_expired(slot.stamp.load(Relaxed), now));
+                // Kept while it may still be served stale or is being refreshed; `Err` means it
+                // was replaced by a live entry meanwhile: nothing to remove.
+                if self.removable(stamp, now) {
+                    let _ = entries
+                        .remove_if(key, |_, slot| self.removable(slot.stamp.load(Relaxed), now));
+                }
                 return None;
+            }
+            if let (true, Some(before)) = (refresh, self.refresh_before_deadline) {
+                age = self.refresh_age(slot, stamp, before, now);
             }
         }
         // Only write the shared line when the bit is not set yet: hot keys stay read-only.
         if self.ring.is_some() && stamp & VISITED == 0 {
             slot.stamp.fetch_or(VISITED, Relaxed);
         }
-        Some(slot.value.clone())
+        Some((slot.value.clone(), age))
+    }
+
+    #[inline]
+    fn refresh_age(&self, slot: &Slot<V>, stamp: u64, before: u64, now: u64) -> Age {
+        if stamp & REFRESHING != 0 {
+            return Age::Refreshing;
+        }
+        if !clock::is_past((stamp & DEADLINE).saturating_sub(before), now) {
+            return Age::Fresh;
+        }
+        // Of the hits that find it due, the one that sets the bit starts the refresh.
+        match slot.stamp.fetch_or(REFRESHING, Relaxed) & REFRESHING {
+            0 => Age::Due(slot.seq),
+            _ => Age::Refreshing,
+        }
+    }
+
+    // An expired entry stays while `stale_on_error` may still serve it, and while a refresh
+    // started from it runs (the refresh replaces it; its waiters find it gone otherwise).
+    #[inline]
+    fn removable(&self, stamp: u64, now: u64) -> bool {
+        stamp & REFRESHING == 0 && is_expired_by(stamp, self.grace, now)
     }
 
     /// The per-key double check: the cached value, or the value of the caller computing it
@@ -299,43 +515,20 @@ where
     /// Make the caller async, or call it from a multi-thread runtime.
     pub fn lookup_or_lead(&self, key: K) -> Lookup<'_, K, V, S> {
         if let Some(value) = self.get(&key) {
+            record(Served::Hit);
             return Lookup::Hit(value);
         }
-        let mut waited = false;
-        loop {
-            match self.join(&key, false) {
-                Step::Done(lookup) => return lookup,
-                Step::Wait(flight) => {
-                    self.note_wait(&mut waited);
-                    let landing = flight.wait_checked().unwrap_or_else(|error| {
-                        panic!("#[cached] {}: {error}", self.name);
-                    });
-                    if let Some(value) = landing {
-                        return Lookup::Hit(value.clone());
-                    }
-                }
-            }
-        }
+        self.miss(key, false).into_lookup()
     }
 
     /// [`lookup_or_lead`](Self::lookup_or_lead) for async callers: waiting awaits instead of
     /// blocking, and dropping the future while it waits leaves no trace.
     pub async fn lookup_or_lead_async(&self, key: K) -> Lookup<'_, K, V, S> {
         if let Some(value) = self.get(&key) {
+            record(Served::Hit);
             return Lookup::Hit(value);
         }
-        let mut waited = false;
-        loop {
-            match self.join(&key, true) {
-                Step::Done(lookup) => return lookup,
-                Step::Wait(flight) => {
-                    self.note_wait(&mut waited);
-                    if let Some(value) = flight.wait_async().await {
-                        return Lookup::Hit(value.clone());
-                    }
-                }
-            }
-        }
+        self.miss_async(key, false).await.into_lookup()
     }
 
     /// [`lookup_or_lead`](Self::lookup_or_lead) given the key in borrowed form (`&str` for a
@@ -350,8 +543,11 @@ where
         Q: Hash + Eq + ?Sized,
     {
         match self.get(key) {
-            Some(value) => Lookup::Hit(value),
-            None => self.lookup_or_lead(to_owned(key)),
+            Some(value) => {
+                record(Served::Hit);
+                Lookup::Hit(value)
+            }
+            None => self.miss(to_owned(key), false).into_lookup(),
         }
     }
 
@@ -366,8 +562,183 @@ where
         Q: Hash + Eq + ?Sized,
     {
         match self.get(key) {
-            Some(value) => Lookup::Hit(value),
-            None => self.lookup_or_lead_async(to_owned(key)).await,
+            Some(value) => {
+                record(Served::Hit);
+                Lookup::Hit(value)
+            }
+            None => self.miss_async(to_owned(key), false).await.into_lookup(),
+        }
+    }
+
+    /// [`lookup_or_lead`](Self::lookup_or_lead) with everything the cache's config adds: a hit
+    /// past the `refresh` age is [`Answer::Refresh`] (for at most one caller per entry), and
+    /// with `share_errors` a waiter of a failed lead gets [`Answer::Failed`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use racefree_runtime::cached::{Answer, Cache, CacheConfig};
+    ///
+    /// let config = CacheConfig::new().ttl(Duration::from_secs(60)).refresh(Duration::from_millis(1));
+    /// let cache: &'static Cache<u64, u64> = Box::leak(Box::new(Cache::with_config(config)));
+    /// let Answer::Lead(lead) = cache.answer(1) else { unreachable!() };
+    /// lead.complete(10);
+    /// std::thread::sleep(Duration::from_millis(5)); // past `refresh`
+    /// let Answer::Refresh(value, refresh) = cache.answer(1) else { unreachable!() };
+    /// assert_eq!(value, 10);                          // the current value, at once
+    /// assert!(matches!(cache.answer(1), Answer::Hit(10))); // one refresh per entry
+    /// refresh.run(|| Some(11));                       // or `spawn` it onto a thread
+    /// assert!(matches!(cache.answer(1), Answer::Hit(11)));
+    /// ```
+    pub fn answer(&self, key: K) -> Answer<'_, K, V, S> {
+        match self.peek_aged(&key, true) {
+            Some((value, age)) => self.answered_hit(value, age, || key, false),
+            None => self.miss(key, true),
+        }
+    }
+
+    /// [`answer`](Self::answer) for async callers. A refresh's lead is recorded as an async
+    /// task of this thread, which is where [`CacheRefresh::spawn_async`] puts it.
+    pub async fn answer_async(&self, key: K) -> Answer<'_, K, V, S> {
+        match self.peek_aged(&key, true) {
+            Some((value, age)) => self.answered_hit(value, age, || key, true),
+            None => self.miss_async(key, true).await,
+        }
+    }
+
+    /// [`answer`](Self::answer) given the key in borrowed form.
+    pub fn answer_borrowed<Q>(&self, key: &Q, to_owned: impl FnOnce(&Q) -> K) -> Answer<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.peek_aged(key, true) {
+            Some((value, age)) => self.answered_hit(value, age, || to_owned(key), false),
+            None => self.miss(to_owned(key), true),
+        }
+    }
+
+    /// [`answer_borrowed`](Self::answer_borrowed) for async callers.
+    pub async fn answer_borrowed_async<Q>(
+        &self,
+        key: &Q,
+        to_owned: impl FnOnce(&Q) -> K,
+    ) -> Answer<'_, K, V, S>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.peek_aged(key, true) {
+            Some((value, age)) => self.answered_hit(value, age, || to_owned(key), true),
+            None => self.miss_async(to_owned(key), true).await,
+        }
+    }
+
+    #[inline]
+    fn answered_hit(
+        &self,
+        value: V,
+        age: Age,
+        key: impl FnOnce() -> K,
+        asynchronous: bool,
+    ) -> Answer<'_, K, V, S> {
+        self.counters.hits.bump();
+        match age {
+            Age::Fresh => {
+                record(Served::Hit);
+                Answer::Hit(value)
+            }
+            Age::Refreshing => {
+                record(Served::Refreshing);
+                Answer::Hit(value)
+            }
+            Age::Due(seq) => {
+                record(Served::Refreshing);
+                match self.start_refresh(key(), seq, asynchronous) {
+                    Some(refresh) => Answer::Refresh(value, refresh),
+                    None => Answer::Hit(value),
+                }
+            }
+        }
+    }
+
+    #[cold]
+    fn start_refresh(
+        &self,
+        key: K,
+        seq: u64,
+        asynchronous: bool,
+    ) -> Option<CacheRefresh<'_, K, V, S>> {
+        // A sync refresh runs on a thread of its own, which a blocking waiter can always wait
+        // for; an async one is a task of this thread's runtime (see `blocking`).
+        let owner = match asynchronous {
+            true => Owner::here(true),
+            false => Owner::unknown(),
+        };
+        match self.flights.join_as(key, owner) {
+            // Somebody computes the key already; its value will replace this one.
+            Join::Follow(_) => None,
+            Join::Lead(lead) => Some(CacheRefresh {
+                cache: self,
+                lead: Some(lead),
+                seq,
+            }),
+        }
+    }
+
+    // The miss path: join the key's flight, wait for its lead or become it. `errors`: the
+    // caller can take `Answer::Failed` (otherwise a shared error is treated as no value).
+    // Out of line, so that a hit does not pay for its stack frame.
+    #[inline(never)]
+    fn miss(&self, key: K, errors: bool) -> Answer<'_, K, V, S> {
+        let mut waited = false;
+        loop {
+            match self.join(&key, false) {
+                Step::Done(answer) => return answer,
+                Step::Wait(flight) => {
+                    self.note_wait(&mut waited);
+                    let landing = flight.wait_checked().unwrap_or_else(|error| {
+                        panic!("#[cached] {}: {error}", self.name);
+                    });
+                    if let Some(answer) = self.landed(landing, errors) {
+                        return answer;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn miss_async(&self, key: K, errors: bool) -> Answer<'_, K, V, S> {
+        let mut waited = false;
+        loop {
+            match self.join(&key, true) {
+                Step::Done(answer) => return answer,
+                Step::Wait(flight) => {
+                    self.note_wait(&mut waited);
+                    if let Some(answer) = self.landed(flight.wait_async().await, errors) {
+                        return answer;
+                    }
+                }
+            }
+        }
+    }
+
+    // What a waiter takes from its lead's landing; `None`: no value, compute again.
+    fn landed(&self, landing: &Option<Landed<V>>, errors: bool) -> Option<Answer<'_, K, V, S>> {
+        match landing {
+            Some(Landed::Value(value)) => {
+                record(Served::Waited);
+                Some(Answer::Hit(value.clone()))
+            }
+            Some(Landed::Stale(value)) => {
+                self.counters.stale_served.fetch_add(1, Relaxed);
+                record(Served::Stale);
+                Some(Answer::Hit(value.clone()))
+            }
+            Some(Landed::Error(error)) if errors => {
+                record(Served::Waited);
+                Some(Answer::Failed(error.clone()))
+            }
+            Some(Landed::Error(_)) | None => None,
         }
     }
 
@@ -378,12 +749,13 @@ where
                 // Second check, now that we own the key: a lead that finished between our
                 // first look and our join has already filled it.
                 if let Some(value) = self.get(key) {
-                    lead.complete(value.clone());
-                    return Step::Done(Lookup::Hit(value));
+                    lead.complete(Landed::Value(value.clone()));
+                    record(Served::Hit);
+                    return Step::Done(Answer::Hit(value));
                 }
                 self.counters.executions.fetch_add(1, Relaxed);
                 tracing::debug!(target: "racefree", cache = self.name, "cache miss: executing");
-                Step::Done(Lookup::Lead(CacheLead { cache: self, lead }))
+                Step::Done(Answer::Lead(CacheLead { cache: self, lead }))
             }
         }
     }
@@ -440,15 +812,7 @@ where
     /// Stores `value` for `key`, replacing any previous value. With a capacity, room is made
     /// first, so the entry inserted is never the one evicted.
     pub fn insert(&self, key: K, value: V) {
-        let stamp = match self.config.ttl {
-            // From the precise clock; never 0, which would mean "no deadline".
-            Some(ttl) => clock::deadline_after(saturating_nanos(ttl)).clamp(1, DEADLINE),
-            None => 0,
-        };
-        let slot = Slot {
-            value,
-            stamp: AtomicU64::new(stamp),
-        };
+        let slot = self.new_slot(value);
         match &self.ring {
             None => {
                 self.entries.pin().insert(key, slot);
@@ -468,6 +832,48 @@ where
         if self.config.ttl.is_some() {
             self.sweep_now_and_then();
         }
+    }
+
+    fn new_slot(&self, value: V) -> Slot<V> {
+        let stamp = match self.config.ttl {
+            // From the precise clock; never 0, which would mean "no deadline".
+            Some(ttl) => clock::deadline_after(saturating_nanos(ttl)).clamp(1, DEADLINE),
+            None => 0,
+        };
+        Slot {
+            value,
+            stamp: AtomicU64::new(stamp),
+            seq: self.next_seq.fetch_add(1, Relaxed),
+        }
+    }
+
+    // A refresh's value goes in only over the entry it started from: not after an
+    // invalidation, a `clear`, an eviction or a newer value. The key is in the map (and the
+    // ring) already, so no room is made.
+    fn replace_if_current(&self, key: &K, seq: u64, value: &V) -> bool {
+        let entries = self.entries.pin();
+        let fresh = self.new_slot(value.clone());
+        let mut fresh = Some(fresh);
+        let replaced = entries.compute(key.clone(), |entry| match entry {
+            Some((_, slot)) if slot.seq == seq => match fresh.take() {
+                Some(slot) => papaya::Operation::Insert(slot),
+                // A retry of the CAS: build the entry again.
+                None => papaya::Operation::Insert(self.new_slot(value.clone())),
+            },
+            _ => papaya::Operation::Abort(()),
+        });
+        matches!(replaced, papaya::Compute::Updated { .. })
+    }
+
+    // The expired entry for `key` if `stale_on_error` may still serve it.
+    fn stale(&self, key: &K) -> Option<V> {
+        if self.grace == 0 {
+            return None;
+        }
+        let entries = self.entries.pin();
+        let slot = entries.get(key)?;
+        let now = self.now();
+        (!is_expired_by(slot.stamp.load(Relaxed), self.grace, now)).then(|| slot.value.clone())
     }
 
     // CLOCK: walk the ring from the front; an entry hit since the last pass loses its mark and
@@ -524,7 +930,7 @@ where
         let now = self.now();
         self.entries
             .pin()
-            .retain(|_, slot| !is_expired(slot.stamp.load(Relaxed), now));
+            .retain(|_, slot| !self.removable(slot.stamp.load(Relaxed), now));
     }
 
     /// Removes `key`; `true` if it was there. A computation under way is not interrupted and
@@ -598,9 +1004,41 @@ where
     }
 }
 
+impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Cache<K, V, S> {
+    // A refresh that failed or was dropped: the entry may start another one.
+    fn end_refresh(&self, key: &K, seq: u64) {
+        if let Some(slot) = self.entries.pin().get(key) {
+            if slot.seq == seq {
+                slot.stamp.fetch_and(!REFRESHING, Relaxed);
+            }
+        }
+    }
+}
+
 enum Step<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone> {
-    Done(Lookup<'a, K, V, S>),
-    Wait(std::sync::Arc<crate::sync::flight::Flight<V>>),
+    Done(Answer<'a, K, V, S>),
+    Wait(Arc<crate::sync::flight::Flight<Landed<V>>>),
+}
+
+// How old a hit's entry is, for refresh-ahead.
+#[derive(Clone, Copy)]
+enum Age {
+    Fresh,
+    // Past `refresh`, and a refresh is under way.
+    Refreshing,
+    // Past `refresh`: this caller starts the refresh of the entry made by insert `seq`.
+    Due(u64),
+}
+
+impl<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Answer<'a, K, V, S> {
+    // A miss without `errors` never answers `Failed`, and no miss answers `Refresh`.
+    fn into_lookup(self) -> Lookup<'a, K, V, S> {
+        match self {
+            Answer::Hit(value) | Answer::Refresh(value, _) => Lookup::Hit(value),
+            Answer::Lead(lead) => Lookup::Lead(lead),
+            Answer::Failed(_) => unreachable!("a lookup that does not take errors was given one"),
+        }
+    }
 }
 
 impl<K, V, S> CacheLead<'_, K, V, S>
@@ -612,20 +1050,163 @@ where
     /// Stores `value`, then hands it to every waiter.
     pub fn complete(self, value: V) {
         self.cache.insert(self.lead.key().clone(), value.clone());
-        self.lead.complete(value);
+        self.lead.complete(Landed::Value(value));
+        record(Served::Executed);
     }
 
     /// Gives up without a value: one waiter becomes the next lead. (Dropping does the same.)
     pub fn abandon(self) {
         tracing::debug!(target: "racefree", cache = self.cache.name, "no value to cache; releasing the key");
+        record(Served::Executed);
+    }
+
+    /// The computation failed: with `stale_on_error`, the expired entry if it is still within
+    /// its grace, which every waiter gets too (counted in [`CacheStats::stale_served`]);
+    /// otherwise `None`, as [`abandon`](Self::abandon).
+    pub fn fail(self) -> Option<V> {
+        match self.cache.stale(self.lead.key()) {
+            Some(value) => Some(self.serve_stale(value)),
+            None => {
+                self.abandon();
+                None
+            }
+        }
+    }
+
+    /// [`fail`](Self::fail) with the error: if there is no stale value to serve and the cache
+    /// shares errors, every waiter gets a clone of `error` ([`Answer::Failed`]).
+    pub fn fail_with<E: ShareableError>(self, error: &E) -> Option<V> {
+        if let Some(value) = self.cache.stale(self.lead.key()) {
+            return Some(self.serve_stale(value));
+        }
+        if self.cache.config.share_errors {
+            tracing::debug!(target: "racefree", cache = self.cache.name, "failed; handing the error to the waiters");
+            self.lead
+                .complete(Landed::Error(SharedError::new(error.clone())));
+            record(Served::Executed);
+            return None;
+        }
+        self.abandon();
+        None
+    }
+
+    fn serve_stale(self, value: V) -> V {
+        tracing::debug!(target: "racefree", cache = self.cache.name, "failed; serving the expired value (stale_on_error)");
+        self.cache.counters.stale_served.fetch_add(1, Relaxed);
+        self.lead.complete(Landed::Stale(value.clone()));
+        record(Served::Stale);
+        value
+    }
+}
+
+impl<K, V, S> CacheRefresh<'_, K, V, S>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    S: BuildHasher + Clone,
+{
+    /// Runs the recompute on this thread, then replaces the entry with its value, or keeps the
+    /// old value if it failed (an `Err`/`None` outcome).
+    pub fn run<R: Outcome<Value = V>>(mut self, body: impl FnOnce() -> R) {
+        self.starting();
+        let outcome = body();
+        self.finish(outcome.cached_value());
+    }
+
+    /// [`run`](Self::run) for a future.
+    pub async fn run_async<R: Outcome<Value = V>>(mut self, body: impl Future<Output = R>) {
+        self.starting();
+        let outcome = body.await;
+        self.finish(outcome.cached_value());
+    }
+
+    // Counted when it runs: a refresh skipped (no thread, no runtime) ran nothing.
+    fn starting(&self) {
+        self.cache.counters.executions.fetch_add(1, Relaxed);
+        self.cache.counters.refreshes.fetch_add(1, Relaxed);
+        tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: recomputing in the background");
+    }
+
+    fn finish(&mut self, value: Option<&V>) {
+        let Some(lead) = self.lead.take() else { return };
+        match value {
+            Some(value) if self.cache.replace_if_current(lead.key(), self.seq, value) => {
+                lead.complete(Landed::Value(value.clone()));
+            }
+            Some(_) => {
+                // Invalidated (or replaced) while it ran: its value may predate that. Waiters
+                // compute again.
+                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: entry invalidated meanwhile; value dropped");
+            }
+            None => {
+                self.cache.counters.refresh_failures.fetch_add(1, Relaxed);
+                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead failed; keeping the current value");
+                self.cache.end_refresh(lead.key(), self.seq);
+            }
+        }
+    }
+}
+
+impl<K, V, S> CacheRefresh<'static, K, V, S>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    /// Runs the recompute on a new thread (named `racefree-refresh`). If no thread can be
+    /// started, the refresh is skipped.
+    pub fn spawn<R: Outcome<Value = V>>(self, body: impl FnOnce() -> R + Send + 'static) {
+        let name = self.cache.name;
+        // On failure the closure, and with it the refresh, is dropped: skipped.
+        let spawned = std::thread::Builder::new()
+            .name("racefree-refresh".to_owned())
+            .spawn(move || self.run(body));
+        if let Err(error) = spawned {
+            tracing::warn!(target: "racefree", cache = name, %error, "refresh-ahead: no thread for the refresh; skipped");
+        }
+    }
+
+    /// Runs the recompute as a task of the caller's Tokio runtime (`tokio::spawn`). Outside a
+    /// Tokio runtime (another executor, `futures::executor::block_on`) nothing can run it in
+    /// the background: the refresh is skipped and the entry is recomputed when its TTL ends, as
+    /// without `refresh`.
+    pub fn spawn_async<R, F>(self, body: F)
+    where
+        R: Outcome<Value = V> + Send + 'static,
+        F: Future<Output = R> + Send + 'static,
+    {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.run_async(body));
+            }
+            Err(_) => {
+                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: not inside a Tokio runtime; skipped");
+            }
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Drop for CacheRefresh<'_, K, V, S> {
+    fn drop(&mut self) {
+        // Dropped without running (or unwinding out of the body): the entry may refresh again;
+        // dropping the lead wakes any waiter to compute.
+        if let Some(lead) = self.lead.take() {
+            self.cache.end_refresh(lead.key(), self.seq);
+        }
     }
 }
 
 // `now` is a coarse reading; `clock::is_past` confirms with the precise clock near the deadline.
 #[inline]
 fn is_expired(stamp: u64, now: u64) -> bool {
+    is_expired_by(stamp, 0, now)
+}
+
+// Past the deadline by more than `extra` nanoseconds.
+#[inline]
+fn is_expired_by(stamp: u64, extra: u64, now: u64) -> bool {
     let deadline = stamp & DEADLINE;
-    deadline != 0 && clock::is_past(deadline, now)
+    deadline != 0 && clock::is_past(deadline.saturating_add(extra), now)
 }
 
 fn saturating_nanos(d: Duration) -> u64 {

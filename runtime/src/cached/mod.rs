@@ -7,11 +7,16 @@
 
 pub mod cache;
 pub mod handle;
+pub mod served;
 pub mod stats;
 pub mod store;
 
-pub use cache::{Cache, CacheBuilder, CacheConfig, CacheLead, Lookup};
+pub use cache::{
+    Answer, Cache, CacheBuilder, CacheConfig, CacheLead, CacheRefresh, Lookup, ShareableError,
+    SharedError,
+};
 pub use handle::{CacheCell, CacheHandle};
+pub use served::Served;
 pub use stats::CacheStats;
 pub use store::{Always, AsyncCacheStore, CacheStore};
 #[doc(hidden)]

@@ -103,8 +103,14 @@ pub struct CacheStats {
     pub hits: u64,
     /// Calls that found the key being computed by another caller and waited for its result.
     pub coalesced: u64,
-    /// Times the function body ran.
+    /// Times the function body ran (background refreshes included).
     pub executions: u64,
+    /// Background recomputes started by hits past the `refresh` age (also in `executions`).
+    pub refreshes: u64,
+    /// Background recomputes that failed; the entry kept its value.
+    pub refresh_failures: u64,
+    /// Calls answered with an expired value because its recompute failed (`stale_on_error`).
+    pub stale_served: u64,
 }
 
 impl CacheStats {
@@ -113,6 +119,9 @@ impl CacheStats {
             hits: self.hits + other.hits,
             coalesced: self.coalesced + other.coalesced,
             executions: self.executions + other.executions,
+            refreshes: self.refreshes + other.refreshes,
+            refresh_failures: self.refresh_failures + other.refresh_failures,
+            stale_served: self.stale_served + other.stale_served,
         }
     }
 }
@@ -122,6 +131,9 @@ pub(crate) struct Counters {
     pub(crate) hits: StripedCounter,
     pub(crate) coalesced: AtomicU64,
     pub(crate) executions: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) refresh_failures: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
 }
 
 impl Counters {
@@ -130,6 +142,9 @@ impl Counters {
             hits: self.hits.get(),
             coalesced: self.coalesced.load(Relaxed),
             executions: self.executions.load(Relaxed),
+            refreshes: self.refreshes.load(Relaxed),
+            refresh_failures: self.refresh_failures.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
         }
     }
 
@@ -137,6 +152,9 @@ impl Counters {
         self.hits.reset();
         self.coalesced.store(0, Relaxed);
         self.executions.store(0, Relaxed);
+        self.refreshes.store(0, Relaxed);
+        self.refresh_failures.store(0, Relaxed);
+        self.stale_served.store(0, Relaxed);
     }
 }
 

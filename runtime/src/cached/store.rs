@@ -140,7 +140,12 @@ where
                 let outcome = body();
                 match outcome.cached_value() {
                     Some(value) => lead.complete(value.clone()),
-                    None => lead.abandon(),
+                    // With `stale_on_error`, the expired value instead of the failure.
+                    None => {
+                        if let Some(stale) = lead.fail() {
+                            return R::from_cached(stale);
+                        }
+                    }
                 }
                 outcome
             }
@@ -162,7 +167,11 @@ where
                 let outcome = body.await;
                 match outcome.cached_value() {
                     Some(value) => lead.complete(value.clone()),
-                    None => lead.abandon(),
+                    None => {
+                        if let Some(stale) = lead.fail() {
+                            return R::from_cached(stale);
+                        }
+                    }
                 }
                 outcome
             }
