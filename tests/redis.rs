@@ -2713,3 +2713,28 @@ async fn restarted_server_gets_the_scripts_before_they_run() {
         assert_eq!(noscript, 0, "round {round}");
     }
 }
+
+/// On a Cluster the scripts are loaded on every primary at connect: a first claim on each of
+/// 6 keys (spread over the shards by their hash tags) is one round trip, not three. After a
+/// `SCRIPT FLUSH` on every node the driver's fallback still makes the next claims succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_first_claims_are_one_round_trip() {
+    let cluster = support::Cluster::start();
+    let store = RedisStore::cluster(cluster.nodes.clone());
+    assert!(store.connection().await.unwrap().is_cluster());
+    let idem = store.idempotency();
+    let lease = Duration::from_secs(5);
+    for shard_key in 0..6 {
+        let key = RedisKey::new("tests::scripts", None, format!("c-first-{shard_key}"));
+        let before = store.round_trips();
+        let claim = idem.claim(&key, "fp", lease).await.unwrap();
+        assert!(matches!(claim, Claim::Owner(_)), "key {shard_key}");
+        assert_eq!(store.round_trips() - before, 1, "key {shard_key}");
+    }
+    cluster.cli_all(&["SCRIPT", "FLUSH"]);
+    for shard_key in 0..6 {
+        let key = RedisKey::new("tests::scripts", None, format!("c-flushed-{shard_key}"));
+        let claim = idem.claim(&key, "fp", lease).await.unwrap();
+        assert!(matches!(claim, Claim::Owner(_)), "key {shard_key}");
+    }
+}

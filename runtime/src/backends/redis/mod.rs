@@ -11,7 +11,7 @@
 //! One file per attribute holds that attribute's whole protocol: `idempotency.rs` (claim,
 //! complete, release, replay, and the `IdempotencyBackend` the attribute calls),
 //! `sequence.rs` (lock, fence, counter, commit, and the `SequenceBackend`), `cache.rs` (fill
-//! lock and value). Beside them: `connection.rs` (the counted connection), `lease.rs` (owner
+//! lock and value). Beside them: `connection.rs` (the counted connection, and every Lua script, loaded at connect), `lease.rs` (owner
 //! tokens, heartbeats, backoff, this process's FIFO turn), `envelope.rs` (versioned records),
 //! `keys.rs` (hash-tagged key names), `store.rs` (the lazily connected store).
 //!
