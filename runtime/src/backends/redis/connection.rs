@@ -454,3 +454,36 @@ impl Drop for Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A script defined but missing from `scripts()` would not be loaded ahead of its first
+    /// use, and pay the `NOSCRIPT` round trip again.
+    #[test]
+    fn every_script_is_in_the_preload_list() {
+        let sources = [
+            include_str!("cache.rs"),
+            include_str!("idempotency.rs"),
+            include_str!("lease.rs"),
+            include_str!("sequence.rs"),
+            include_str!("store.rs"),
+            include_str!("connection.rs"),
+        ];
+        let defined: usize = sources
+            .iter()
+            .map(|source| source.matches(concat!(": Lua = ", "Lua::new(")).count())
+            .sum();
+        assert_eq!(defined, super::scripts().len());
+        let mut hashes: Vec<&str> = super::scripts()
+            .iter()
+            .map(|lua| lua.script().get_hash())
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(
+            hashes.len(),
+            super::scripts().len(),
+            "a script listed twice"
+        );
+    }
+}
