@@ -2553,3 +2553,188 @@ async fn final_write_resent_past_the_lease_still_succeeds() {
         assert_eq!(rival.sequences().current(&key).await.unwrap(), Some(1));
     }
 }
+
+/// `calls` of a command (`INFO commandstats`) or `count` of an error (`INFO errorstats`) on a
+/// private server, 0 if it never happened.
+fn server_stat(server: &support::Private, section: &str, name: &str) -> u64 {
+    let info = server.cli(&["INFO", section]);
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .and_then(|fields| fields.split(',').next())
+        .and_then(|first| first.split('=').nth(1))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// What one call cost on the server: `EVALSHA`s, `SCRIPT` commands, `NOSCRIPT` answers.
+fn script_traffic(server: &support::Private) -> (u64, u64, u64) {
+    (
+        server_stat(server, "commandstats", "cmdstat_evalsha"),
+        server_stat(server, "commandstats", "cmdstat_script|load"),
+        server_stat(server, "errorstats", "errorstat_NOSCRIPT"),
+    )
+}
+
+/// Issue 11 follow-up: the scripts are loaded when the store connects, so the first claim,
+/// heartbeat beat, completion and release are each one `EVALSHA`, one round trip. Before: each
+/// script's first use was `EVALSHA` → `NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA` (3 round trips; on
+/// a slow link enough to lose a lease at its first beat). Each of 3 rounds on a fresh server
+/// and store: connect, reset the server's stats, then claim, extend (the heartbeat's script),
+/// complete, claim another key and release it; every step is one round trip and one `EVALSHA`,
+/// and the server saw no `SCRIPT LOAD` and answered no `NOSCRIPT`.
+#[tokio::test]
+async fn first_script_after_connect_is_one_round_trip() {
+    for round in 0..3 {
+        let server = support::Private::start(&[]);
+        let store = RedisStore::new(server.url.clone());
+        store.connection().await.unwrap();
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let idem = store.idempotency();
+        let lease = Duration::from_secs(5);
+        let one_trip = |before: u64, step: &str| {
+            assert_eq!(store.round_trips() - before, 1, "round {round}: {step}");
+        };
+
+        let key = RedisKey::new("tests::scripts", None, format!("first-{round}"));
+        let before = store.round_trips();
+        let Claim::Owner(owner) = idem.claim(&key, "fp", lease).await.unwrap() else {
+            panic!("round {round}: a fresh key is ours")
+        };
+        one_trip(before, "claim");
+        let before = store.round_trips();
+        assert!(idem.extend(&owner, lease).await.unwrap());
+        one_trip(before, "extend");
+        let before = store.round_trips();
+        idem.complete(&owner, &round, lease).await.unwrap();
+        one_trip(before, "complete");
+
+        let other = RedisKey::new("tests::scripts", None, format!("released-{round}"));
+        let Claim::Owner(owner) = idem.claim(&other, "fp", lease).await.unwrap() else {
+            panic!("round {round}: a fresh key is ours")
+        };
+        let before = store.round_trips();
+        assert!(idem.release(&owner).await.unwrap());
+        one_trip(before, "release");
+
+        assert_eq!(script_traffic(&server), (5, 0, 0), "round {round}");
+    }
+}
+
+/// The heartbeat's first beat on a fresh store pays no `NOSCRIPT` round trip either: a body
+/// that outlasts several beats (lease 300 ms, body 400 ms) makes only `EVALSHA`s, none of them
+/// answered `NOSCRIPT`, with no `SCRIPT LOAD` after the connect. 3 rounds, each on a fresh
+/// server: the outcome is stored, and the server's counts hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_heartbeat_after_connect_is_one_evalsha() {
+    for round in 0..3 {
+        let server = support::Private::start(&[]);
+        let store = RedisStore::new(server.url.clone()).lease(Duration::from_millis(300));
+        store.connection().await.unwrap();
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let key = RedisKey::new("tests::scripts", None, format!("beat-{round}"));
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok::<_, String>(round)
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcome.value, round);
+        let (evalsha, loads, noscript) = script_traffic(&server);
+        // The claim, at least one beat, the completion.
+        assert!(evalsha >= 3, "round {round}: {evalsha} EVALSHAs");
+        assert_eq!((loads, noscript), (0, 0), "round {round}");
+    }
+}
+
+/// The fallback stays: after a `SCRIPT FLUSH` the next script is answered `NOSCRIPT` once and
+/// succeeds with one more round trip (which loads every script again), and the next different
+/// script is one round trip again. 3 rounds of flush, claim, complete on one store.
+#[tokio::test]
+async fn script_flush_at_runtime_falls_back_once() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone());
+    let idem = store.idempotency();
+    let lease = Duration::from_secs(5);
+    store.connection().await.unwrap();
+    for round in 0..3 {
+        server.cli(&["SCRIPT", "FLUSH"]);
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let key = RedisKey::new("tests::scripts", None, format!("flushed-{round}"));
+        let before = store.round_trips();
+        let Claim::Owner(owner) = idem.claim(&key, "fp", lease).await.unwrap() else {
+            panic!("round {round}: a fresh key is ours")
+        };
+        assert_eq!(store.round_trips() - before, 2, "round {round}: claim");
+        let before = store.round_trips();
+        idem.complete(&owner, &round, lease).await.unwrap();
+        assert_eq!(store.round_trips() - before, 1, "round {round}: complete");
+        // Claim: NOSCRIPT, then loads + EVALSHA; completion: one EVALSHA.
+        assert_eq!(script_traffic(&server), (3, 13, 1), "round {round}");
+        let replay = idem
+            .run(&key, "fp", IdempotencyOptions::new(), must_not_run::<i32>)
+            .await
+            .unwrap();
+        assert!(replay.replayed && replay.value == round, "round {round}");
+    }
+}
+
+/// A server restarted (empty, without its scripts) under a connected store: once the store
+/// has seen the connection break, the first script on the new connection goes out with every
+/// `SCRIPT LOAD` in one pipeline, so no call is answered `NOSCRIPT`, and the heartbeat's script
+/// is there too. 3 restarts: calls fail with retryable errors while the server is away, then
+/// a claim succeeds; the new server answered no `NOSCRIPT`; an extend is one round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_server_gets_the_scripts_before_they_run() {
+    let mut server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone()).command_timeout(Duration::from_millis(500));
+    let idem = store.idempotency();
+    let lease = Duration::from_secs(5);
+    store.connection().await.unwrap();
+    for round in 0..3 {
+        server.restart();
+        let key = RedisKey::new("tests::scripts", None, format!("restarted-{round}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let owner = loop {
+            match idem.claim(&key, "fp", lease).await {
+                Ok(Claim::Owner(owner)) => break owner,
+                Err(err) if err.is_retryable() => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: never reconnected"
+            );
+        };
+        let before = store.round_trips();
+        assert!(idem.extend(&owner, lease).await.unwrap());
+        assert_eq!(store.round_trips() - before, 1, "round {round}: extend");
+        let (_, _, noscript) = script_traffic(&server);
+        assert_eq!(noscript, 0, "round {round}");
+    }
+}
+
+/// On a Cluster the scripts are loaded on every primary at connect: a first claim on each of
+/// 6 keys (spread over the shards by their hash tags) is one round trip, not three. After a
+/// `SCRIPT FLUSH` on every node the driver's fallback still makes the next claims succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_first_claims_are_one_round_trip() {
+    let cluster = support::Cluster::start();
+    let store = RedisStore::cluster(cluster.nodes.clone());
+    assert!(store.connection().await.unwrap().is_cluster());
+    let idem = store.idempotency();
+    let lease = Duration::from_secs(5);
+    for shard_key in 0..6 {
+        let key = RedisKey::new("tests::scripts", None, format!("c-first-{shard_key}"));
+        let before = store.round_trips();
+        let claim = idem.claim(&key, "fp", lease).await.unwrap();
+        assert!(matches!(claim, Claim::Owner(_)), "key {shard_key}");
+        assert_eq!(store.round_trips() - before, 1, "key {shard_key}");
+    }
+    cluster.cli_all(&["SCRIPT", "FLUSH"]);
+    for shard_key in 0..6 {
+        let key = RedisKey::new("tests::scripts", None, format!("c-flushed-{shard_key}"));
+        let claim = idem.claim(&key, "fp", lease).await.unwrap();
+        assert!(matches!(claim, Claim::Owner(_)), "key {shard_key}");
+    }
+}

@@ -21,10 +21,10 @@
 //! counters expire a day after their last invalidation, so a fill running longer than a day
 //! across an invalidation could still store its value.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::Script;
+use super::connection::Lua;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -34,9 +34,8 @@ use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::sync::single_flight::{Join, SingleFlight};
 
 // KEYS: value, fill lock, generation. The lead gets the generation it fills under.
-static GET_OR_LOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static GET_OR_LOCK: Lua = Lua::new(
+    r#"
 local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
@@ -45,13 +44,11 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 end
 return {3, tostring(redis.call('PTTL', KEYS[2]))}
 "#,
-    )
-});
+);
 
 // KEYS: value, fill lock, generation. ARGV: token, value, ttl ms, generation at the start.
-static FILL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static FILL: Lua = Lua::new(
+    r#"
 local mine = redis.call('GET', KEYS[2]) == ARGV[1]
 if mine then redis.call('DEL', KEYS[2]) end
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 2 end
@@ -62,20 +59,17 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3])
 return 0
 "#,
-    )
-});
+);
 
 // KEYS: value, generation.
-static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static INVALIDATE: Lua = Lua::new(
+    r#"
 redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], 86400000)
 return 1
 "#,
-    )
-});
+);
 
 /// How [`RedisCache::get_or_compute`] treats one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

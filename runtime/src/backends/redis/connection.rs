@@ -1,14 +1,26 @@
 //! The connection every Redis command goes through: one server (a `ConnectionManager` that
-//! reconnects) or a cluster, counting its round trips.
+//! reconnects) or a cluster, counting its round trips, and the Lua scripts the stores run on it.
+//!
+//! # Scripts are loaded before they are needed
+//! Every script of every store ([`SCRIPTS`]) is loaded (`SCRIPT LOAD`) when the store connects,
+//! so the first claim, heartbeat or final write is one `EVALSHA`, one round trip. The driver's
+//! `ConnectionManager` reconnects by itself and offers no hook, so this connection watches its
+//! own commands instead: a broken, dropped or timed-out command means the connection may have
+//! been re-made to a server that restarted without the scripts. The next script on one server
+//! then goes out as one pipeline — every `SCRIPT LOAD`, then its `EVALSHA` — still one round
+//! trip. A `NOSCRIPT` answer (a `SCRIPT FLUSH`, a restart nobody noticed) is answered the same
+//! way: one more round trip, after which every script is there again. On a Cluster the scripts
+//! are loaded on every primary at connect; later a `NOSCRIPT` is handled by the driver (load
+//! on the key's shard, re-send).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
 
 use super::RedisStoreError;
 
@@ -22,6 +34,94 @@ pub(super) async fn cluster<'a>(
         .retries(2)
         .build()?;
     Ok(client.get_async_connection().await?)
+}
+
+/// A Lua script with its source, so the store can load it ahead of its first use.
+pub(crate) struct Lua {
+    source: &'static str,
+    script: OnceLock<Script>,
+}
+
+impl Lua {
+    pub(crate) const fn new(source: &'static str) -> Lua {
+        Lua {
+            source,
+            script: OnceLock::new(),
+        }
+    }
+
+    fn script(&self) -> &Script {
+        self.script.get_or_init(|| Script::new(self.source))
+    }
+}
+
+/// Every script the stores run: what a connection loads before any of them is needed.
+pub(crate) fn scripts() -> [&'static Lua; 13] {
+    use super::{cache, idempotency, lease, sequence};
+    [
+        &cache::GET_OR_LOCK,
+        &cache::FILL,
+        &cache::INVALIDATE,
+        &idempotency::CLAIM,
+        &idempotency::EXTEND,
+        &idempotency::COMPLETE,
+        &idempotency::RELEASE,
+        &lease::EXTEND_LOCK,
+        &lease::RELEASE_LOCK,
+        &sequence::ACQUIRE,
+        &sequence::COMMIT,
+        &sequence::RELEASE_BY_TOKEN,
+        &sequence::RESET,
+    ]
+}
+
+/// Whether the server may have lost the scripts since they were last loaded: `lost` counts the
+/// commands that broke (each may have made the manager reconnect), `loaded` is `lost + 1` as it
+/// was when the last load was sent (0: never loaded).
+#[derive(Default)]
+struct ScriptState {
+    lost: AtomicU64,
+    loaded: AtomicU64,
+}
+
+impl ScriptState {
+    fn missing(&self) -> Option<u64> {
+        let lost = self.lost.load(Relaxed);
+        (self.loaded.load(Relaxed) != lost + 1).then_some(lost)
+    }
+
+    fn loaded_as_of(&self, lost: u64) {
+        self.loaded.fetch_max(lost + 1, Relaxed);
+    }
+}
+
+/// `true` for an error after which the connection may have been re-made.
+fn breaks_connection(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+}
+
+/// Marks the scripts as possibly lost unless disarmed: dropped with its command unanswered (a
+/// deadline ran out) or told of a broken connection.
+struct WatchCommand<'a> {
+    state: &'a ScriptState,
+    armed: bool,
+}
+
+impl WatchCommand<'_> {
+    fn answered<T>(mut self, result: &RedisResult<T>) {
+        self.armed = matches!(result, Err(err) if breaks_connection(err));
+    }
+}
+
+impl Drop for WatchCommand<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.lost.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -45,6 +145,7 @@ pub(super) enum Inner {
 pub struct Connection {
     inner: Inner,
     round_trips: Arc<AtomicU64>,
+    scripts: Arc<ScriptState>,
 }
 
 impl Connection {
@@ -52,7 +153,88 @@ impl Connection {
         Connection {
             inner,
             round_trips: Arc::new(AtomicU64::new(0)),
+            scripts: Arc::default(),
         }
+    }
+
+    /// Loads every script (one pipeline on one server; on a Cluster, each on every primary).
+    pub(super) async fn load_scripts(&mut self) -> RedisResult<()> {
+        let lost = self.scripts.lost.load(Relaxed);
+        if self.is_cluster() {
+            let loads = scripts().map(|lua| {
+                let mut conn = self.clone();
+                async move { lua.script().load_async(&mut conn).await }
+            });
+            for loaded in futures_util::future::join_all(loads).await {
+                loaded?;
+            }
+        } else {
+            let mut pipe = redis::pipe();
+            for lua in scripts() {
+                pipe.cmd("SCRIPT").arg("LOAD").arg(lua.source).ignore();
+            }
+            pipe.query_async::<()>(self).await?;
+        }
+        self.scripts.loaded_as_of(lost);
+        Ok(())
+    }
+
+    /// Runs `lua` with `EVALSHA`: one round trip, also right after a reconnect (see the module
+    /// doc); after a `NOSCRIPT`, one more that loads every script again.
+    pub(crate) async fn eval<T: FromRedisValue>(
+        &mut self,
+        lua: &Lua,
+        keys: &[&str],
+        args: &[&str],
+    ) -> RedisResult<T> {
+        let script = lua.script();
+        if self.is_cluster() {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            return invocation.invoke_async(self).await;
+        }
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        if let Some(lost) = self.scripts.missing() {
+            return self.load_and_eval(lost, &evalsha).await;
+        }
+        match evalsha.query_async(self).await {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                let lost = self.scripts.lost.load(Relaxed);
+                self.load_and_eval(lost, &evalsha).await
+            }
+            other => other,
+        }
+    }
+
+    async fn load_and_eval<T: FromRedisValue>(
+        &mut self,
+        lost: u64,
+        evalsha: &Cmd,
+    ) -> RedisResult<T> {
+        let mut pipe = redis::pipe();
+        for lua in scripts() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(lua.source).ignore();
+        }
+        pipe.add_command(evalsha.clone());
+        let result = pipe.query_async::<(T,)>(self).await;
+        match &result {
+            Err(err) if breaks_connection(err) => {}
+            // The loads went through, whatever the script itself answered.
+            _ => self.scripts.loaded_as_of(lost),
+        }
+        result.map(|(value,)| value)
     }
 
     /// Round trips made through this connection and its clones.
@@ -69,10 +251,19 @@ impl Connection {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.round_trips.fetch_add(1, Relaxed);
-        match &mut self.inner {
+        let watch = WatchCommand {
+            state: &self.scripts,
+            armed: true,
+        };
+        let sent = match &mut self.inner {
             Inner::Single(conn) => conn.req_packed_command(cmd),
             Inner::Cluster(conn) => conn.req_packed_command(cmd),
-        }
+        };
+        Box::pin(async move {
+            let result = sent.await;
+            watch.answered(&result);
+            result
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -82,10 +273,19 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         self.round_trips.fetch_add(1, Relaxed);
-        match &mut self.inner {
+        let watch = WatchCommand {
+            state: &self.scripts,
+            armed: true,
+        };
+        let sent = match &mut self.inner {
             Inner::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
             Inner::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
+        };
+        Box::pin(async move {
+            let result = sent.await;
+            watch.answered(&result);
+            result
+        })
     }
 
     fn get_db(&self) -> i64 {
@@ -252,5 +452,38 @@ impl Drop for Listener {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A script defined but missing from `scripts()` would not be loaded ahead of its first
+    /// use, and pay the `NOSCRIPT` round trip again.
+    #[test]
+    fn every_script_is_in_the_preload_list() {
+        let sources = [
+            include_str!("cache.rs"),
+            include_str!("idempotency.rs"),
+            include_str!("lease.rs"),
+            include_str!("sequence.rs"),
+            include_str!("store.rs"),
+            include_str!("connection.rs"),
+        ];
+        let defined: usize = sources
+            .iter()
+            .map(|source| source.matches(concat!(": Lua = ", "Lua::new(")).count())
+            .sum();
+        assert_eq!(defined, super::scripts().len());
+        let mut hashes: Vec<&str> = super::scripts()
+            .iter()
+            .map(|lua| lua.script().get_hash())
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(
+            hashes.len(),
+            super::scripts().len(),
+            "a script listed twice"
+        );
     }
 }

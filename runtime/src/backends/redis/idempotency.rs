@@ -61,10 +61,9 @@
 //! likewise stays until its lease ends and a retry executes again.
 
 use std::future::Future;
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use redis::Script;
+use super::connection::Lua;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -82,9 +81,8 @@ use crate::idempotent::{
 /// The claim: the record that is there, or ours, written with the server's clock (µs) as its
 /// fencing token. Takeovers happen at least a lease apart, so the token of every later owner
 /// of a key is larger, unless the server's clock steps back by more than a lease.
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static CLAIM: Lua = Lua::new(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
 local now = redis.call('TIME')
@@ -93,12 +91,10 @@ local record = (string.gsub(ARGV[1], '"fence":"%?"', '"fence":"' .. fence .. '"'
 redis.call('SET', KEYS[1], record, 'PX', ARGV[2])
 return {1, fence}
 "#,
-    )
-});
+);
 
-pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(crate) static EXTEND: Lua = Lua::new(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, rec = pcall(cjson.decode, cur)
@@ -108,12 +104,10 @@ if ok and type(rec) == 'table' and rec.state == 'running' and rec.owner == ARGV[
 end
 return 0
 "#,
-    )
-});
+);
 
-static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static COMPLETE: Lua = Lua::new(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, rec = pcall(cjson.decode, cur)
@@ -125,12 +119,10 @@ if rec.state == 'running' then
 end
 return 1
 "#,
-    )
-});
+);
 
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(crate) static RELEASE: Lua = Lua::new(
+    r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, rec = pcall(cjson.decode, cur)
@@ -141,8 +133,7 @@ if ok and type(rec) == 'table' and rec.state == 'running' and rec.owner == ARGV[
 end
 return 0
 "#,
-    )
-});
+);
 
 /// The largest completed record a completion publishes on its wake-up channel (larger ones
 /// publish a bare hint, and waiters `GET` the record).

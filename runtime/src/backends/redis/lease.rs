@@ -25,9 +25,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
-use redis::Script;
+use super::connection::Lua;
 use xxhash_rust::xxh3::xxh3_128;
 
 use dashmap::DashMap;
@@ -39,30 +39,26 @@ use super::RedisStoreError;
 use crate::sync::keyed_locks::Holder;
 
 /// Extends a plain lock (`KEYS[1]` holds the holder's token) if `ARGV[1]` still holds it.
-pub(crate) static EXTEND_LOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(crate) static EXTEND_LOCK: Lua = Lua::new(
+    r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 "#,
-    )
-});
+);
 
 /// Deletes a plain lock if `ARGV[1]` still holds it.
-pub(crate) static RELEASE_LOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(crate) static RELEASE_LOCK: Lua = Lua::new(
+    r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 "#,
-    )
-});
+);
 
 /// A token that names one holder of one lease: 128 bits from the OS RNG (`getrandom`), so
 /// tokens neither repeat across processes and machines nor can be predicted.
@@ -141,7 +137,7 @@ impl Heartbeat {
     /// `script` takes KEYS[1] = the lease key, ARGV[1] = token, ARGV[2] = lease in ms, and
     /// returns 1 while `token` holds the lease.
     pub(crate) fn start(
-        script: &'static Script,
+        script: &'static Lua,
         conn: Connection,
         key: String,
         token: String,
@@ -163,9 +159,9 @@ impl Heartbeat {
             let beat = |sent: Instant| {
                 let (mut conn, key, token) = (conn.clone(), key.clone(), token.clone());
                 async move {
-                    let mut invocation = script.prepare_invoke();
-                    invocation.key(&key).arg(&token).arg(lease_ms);
-                    let extend = invocation.invoke_async::<i64>(&mut conn);
+                    let lease_ms = lease_ms.to_string();
+                    let (keys, args) = ([key.as_str()], [token.as_str(), lease_ms.as_str()]);
+                    let extend = conn.eval::<i64>(script, &keys, &args);
                     // A beat answered after a whole lease can no longer help.
                     (sent, tokio::time::timeout(lease, extend).await)
                 }
@@ -277,7 +273,7 @@ pub(crate) struct ReleaseOnDrop {
 
 impl ReleaseOnDrop {
     pub(crate) fn new(
-        script: &'static Script,
+        script: &'static Lua,
         conn: Connection,
         key: String,
         token: String,
@@ -286,9 +282,8 @@ impl ReleaseOnDrop {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     let mut conn = conn;
-                    let mut invocation = script.prepare_invoke();
-                    invocation.key(&key).arg(&token);
-                    let release = invocation.invoke_async::<i64>(&mut conn);
+                    let (keys, args) = ([key.as_str()], [token.as_str()]);
+                    let release = conn.eval::<i64>(script, &keys, &args);
                     // Best effort: if this fails too, the lease ends by itself.
                     let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
                 });

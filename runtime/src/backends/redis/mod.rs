@@ -11,9 +11,10 @@
 //! One file per attribute holds that attribute's whole protocol: `idempotency.rs` (claim,
 //! complete, release, replay, and the `IdempotencyBackend` the attribute calls),
 //! `sequence.rs` (lock, fence, counter, commit, and the `SequenceBackend`), `cache.rs` (fill
-//! lock and value). Beside them: `connection.rs` (the counted connection), `lease.rs` (owner
-//! tokens, heartbeats, backoff, this process's FIFO turn), `envelope.rs` (versioned records),
-//! `keys.rs` (hash-tagged key names), `store.rs` (the lazily connected store).
+//! lock and value). Beside them: `connection.rs` (the counted connection, and the list of
+//! every Lua script, all loaded at connect), `lease.rs` (owner tokens, heartbeats, backoff,
+//! this process's FIFO turn), `envelope.rs` (versioned records), `keys.rs` (hash-tagged key
+//! names), `store.rs` (the lazily connected store).
 //!
 //! Every Redis key of one logical key shares one hash tag ([`RedisKey`]), so the multi-key
 //! scripts work on Redis Cluster. Records are versioned JSON ([`envelope`]). Failures are

@@ -47,11 +47,11 @@
 //! by the holder's remaining lease. There is no FIFO across processes.
 
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::connection::Lua;
 use dashmap::DashMap;
-use redis::Script;
 use serde::Serialize;
 
 use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
@@ -65,9 +65,8 @@ use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 
 // KEYS: lock, seq, and on one node the store's epoch key. ARGV: lease ms, token, epoch.
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static ACQUIRE: Lua = Lua::new(
+    r#"
 if KEYS[3] then
   local epoch = redis.call('GET', KEYS[3])
   if epoch ~= ARGV[3] then return {-1, epoch or ''} end
@@ -84,15 +83,13 @@ local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
 redis.call('SET', KEYS[1], fence .. ':' .. ARGV[2], 'PX', ARGV[1])
 return {fence, redis.call('HGET', KEYS[2], 'n')}
 "#,
-    )
-});
+);
 
 // KEYS: lock, seq, done marker of this holding. The marker (not the counter's last writer)
 // tells a re-sent commit whose first reply was lost that it did commit: by the time it is
 // re-sent, the next holder may have committed too.
-static COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static COMMIT: Lua = Lua::new(
+    r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('HSET', KEYS[2], 'n', ARGV[2])
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
@@ -102,13 +99,11 @@ end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 0
 "#,
-    )
-});
+);
 
 // KEYS: lock. Frees the lock if it is held with the token ARGV[1], whatever its fence.
-static RELEASE_BY_TOKEN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static RELEASE_BY_TOKEN: Lua = Lua::new(
+    r#"
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, -string.len(ARGV[1]) - 1) == ':' .. ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -116,20 +111,17 @@ if holder and string.sub(holder, -string.len(ARGV[1]) - 1) == ':' .. ARGV[1] the
 end
 return 0
 "#,
-    )
-});
+);
 
 // KEYS: lock, seq. A reset waits for the key like a call does: it never lands between a
 // holder's read of the counter and its commit.
-static RESET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub(super) static RESET: Lua = Lua::new(
+    r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('PTTL', KEYS[1]) end
 redis.call('HDEL', KEYS[2], 'n', 'committed')
 return -1
 "#,
-    )
-});
+);
 
 /// The store-wide epoch key (its own hash tag: on a Cluster it lives in one slot).
 const EPOCH_KEY: &str = "rf:{racefree}:epoch";

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script};
+use redis::FromRedisValue;
 use tokio::sync::OnceCell;
 
-use super::connection::{cluster, Connection, Inner, Wakeups};
+use super::connection::{cluster, Connection, Inner, Lua, Wakeups};
 use super::lease::LocalKey;
 use super::RedisStoreError;
 use crate::sync::single_flight::SingleFlight;
@@ -238,8 +238,11 @@ impl RedisStore {
         let connect = self.connection.get_or_try_init(|| async {
             let deadline = self.options.command_timeout * 3;
             let connecting = async {
-                let conn = self.connect().await?;
+                let mut conn = self.connect().await?;
                 let deployment = Deployment::check(&conn, &self.options).await?;
+                // So that no claim, heartbeat or final write pays a `NOSCRIPT` round trip on
+                // its first use. Best effort: a script that is missing is loaded when it runs.
+                let _ = with_deadline(self.options.command_timeout, conn.load_scripts()).await;
                 Ok((conn, deployment))
             };
             match tokio::time::timeout(deadline, connecting).await {
@@ -322,11 +325,11 @@ impl RedisStore {
         self.detached().await?.run_retrying(command).await
     }
 
-    /// Runs a Lua script (EVALSHA, loading it on first use) under the store's deadline;
+    /// Runs a Lua script (EVALSHA; the scripts are loaded at connect, see `connection.rs`) under the store's deadline;
     /// `repeatable` scripts are re-sent after a lost connection or a timeout.
     pub(crate) async fn eval<T: FromRedisValue>(
         &self,
-        script: &'static Script,
+        script: &'static Lua,
         keys: &[&str],
         args: &[&str],
         repeatable: bool,
@@ -378,21 +381,12 @@ impl Detached {
 
     pub(crate) async fn eval<T: FromRedisValue>(
         &self,
-        script: &'static Script,
+        script: &'static Lua,
         keys: &[&str],
         args: &[&str],
         repeatable: bool,
     ) -> Result<T, RedisStoreError> {
-        let attempt = |mut conn: Connection| async move {
-            let mut invocation = script.prepare_invoke();
-            for key in keys {
-                invocation.key(*key);
-            }
-            for arg in args {
-                invocation.arg(*arg);
-            }
-            invocation.invoke_async(&mut conn).await
-        };
+        let attempt = |mut conn: Connection| async move { conn.eval(script, keys, args).await };
         if repeatable {
             self.run_retrying(attempt).await
         } else {
