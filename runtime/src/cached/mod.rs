@@ -7,6 +7,8 @@
 
 pub mod cache;
 pub mod handle;
+#[cfg(feature = "moka")]
+pub mod moka;
 pub mod stats;
 pub mod store;
 
