@@ -3,10 +3,10 @@
 //!
 //! A function without `store` uses its own in-process [`Cache`] through the explicit
 //! `lookup_or_lead` / `complete` steps (see `macros/src/cached.rs`). With `store`, the
-//! expression's type decides: a [`Cache`] (e.g. a per-instance field), or a Redis cache store
-//! (feature `redis`), so the generated code hands the body to the store through these traits.
-//! Generated code calls them with method syntax, so a store behind `LazyLock`, `Arc` or `&` is
-//! found by auto-deref.
+//! expression's type decides: a [`Cache`] (e.g. a per-instance field), a moka cache (feature
+//! `moka`, see `cached/moka.rs`) or a Redis cache store (feature `redis`), so the generated code
+//! hands the body to the store through these traits. Generated code calls them with method
+//! syntax, so a store behind `LazyLock`, `Arc` or `&` is found by auto-deref.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
