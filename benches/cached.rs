@@ -2,7 +2,8 @@
 //! keys), 2-thread hit throughput, memory for 1M entries, and the stampede / false-blocking
 //! figures (executions, wall time) that motivate the crate.
 //!
-//! `cargo bench --bench cached`; `cargo run --example bench_report` turns the results into the
+//! `cargo bench --bench cached` (`--features moka` adds `#[cached(store = <moka cache>)]`'s hit);
+//! `cargo run --example bench_report` turns the results into the
 //! README's table of ratios.
 
 use std::hint::black_box;
@@ -51,6 +52,17 @@ fn cached_by_key_str(k: &str) -> usize {
     k.len()
 }
 
+// `store = ` a moka cache (feature `moka`): moka's `get` under racefree's single flight.
+#[cfg(feature = "moka")]
+static MOKA_STORE: std::sync::LazyLock<moka::sync::Cache<u64, u64>> =
+    std::sync::LazyLock::new(|| moka::sync::Cache::new(20_000));
+
+#[cfg(feature = "moka")]
+#[racefree::cached(key = k, store = MOKA_STORE)]
+fn racefree_moka(k: u64) -> u64 {
+    k
+}
+
 #[cached::macros::cached]
 fn cached_default(k: u64) -> u64 {
     k
@@ -68,6 +80,8 @@ fn hits(c: &mut Criterion) {
     for k in 0..KEYS {
         racefree_plain(k);
         racefree_bounded(k);
+        #[cfg(feature = "moka")]
+        racefree_moka(k);
         cached_default(k);
         cached_by_key(k);
         moka.insert(k, k);
@@ -91,6 +105,10 @@ fn hits(c: &mut Criterion) {
     g.bench_function("racefree", |b| b.iter(|| racefree_plain(black_box(next()))));
     g.bench_function("racefree ttl+capacity", |b| {
         b.iter(|| racefree_bounded(black_box(next())))
+    });
+    #[cfg(feature = "moka")]
+    g.bench_function("racefree store = moka", |b| {
+        b.iter(|| racefree_moka(black_box(next())))
     });
     g.bench_function("racefree async", |b| {
         b.to_async(&rt).iter(|| racefree_async(black_box(next())))

@@ -84,7 +84,42 @@
 //! in-process one: a [`Cache`] field of `self`, a shared [`Sequencer`], or, with the `redis`
 //! feature, the Redis stores in `racefree::redis` that carry the same guarantees across
 //! processes and machines. The `axum` feature adds the HTTP pieces around `#[idempotent]`.
+#![cfg_attr(
+    feature = "moka",
+    doc = r#"
+With the `moka` feature, `#[cached(store = ...)]` also takes a `moka::sync::Cache` (sync
+functions) or a `moka::future::Cache` (async ones), for W-TinyLFU admission, a weigher, per-entry
+expiry or eviction listeners; racefree's single flight is in front, with the same promises
+(one execution per cold key, failures not shared; see `racefree_runtime::cached::moka`):
 
+```
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::LazyLock;
+use racefree::cached;
+
+static RATES: LazyLock<moka::sync::Cache<String, f64>> = LazyLock::new(|| {
+    moka::sync::Cache::builder()
+        .max_capacity(1_000)
+        .time_to_live(std::time::Duration::from_secs(300))
+        .build()
+});
+static FETCHES: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(key = currency.to_owned(), store = RATES)]
+fn rate(currency: &str) -> Result<f64, String> {
+    FETCHES.fetch_add(1, SeqCst);
+    if currency == "XXX" { Err("unknown currency".into()) } else { Ok(1.08) }
+}
+
+let callers: Vec<_> = (0..8).map(|_| std::thread::spawn(|| rate("EUR"))).collect();
+for c in callers { assert_eq!(c.join().unwrap(), Ok(1.08)); }
+assert_eq!(FETCHES.load(SeqCst), 1);             // one fetch for eight callers
+assert!(rate("XXX").is_err() && rate("XXX").is_err());
+assert_eq!(FETCHES.load(SeqCst), 3);             // an error is not cached
+assert_eq!(RATES.get("EUR"), Some(1.08));
+```
+"#
+)]
 #![warn(missing_docs)]
 
 pub use racefree_macros::{cached, idempotent, sequenced};

@@ -1,5 +1,6 @@
 //! `#[cached]`: the memo [`Cache`] (TTL, capacity, single flight in front of the body), what
-//! `store = <expr>` takes ([`store`]), the function-owned [`CacheHandle`] and its [`stats`].
+//! `store = <expr>` takes ([`store`]; with feature `moka` also a moka cache, see `moka.rs`), the
+//! function-owned [`CacheHandle`] and its [`stats`].
 //!
 //! Promises and limits are in [`cache`]'s docs: one execution per cold key, failures not
 //! shared, bounded by TTL and capacity. This room knows nothing of the other attributes; it
@@ -7,6 +8,8 @@
 
 pub mod cache;
 pub mod handle;
+#[cfg(feature = "moka")]
+pub mod moka;
 pub mod served;
 pub mod stats;
 pub mod store;

@@ -3,10 +3,10 @@
 //!
 //! A function without `store` uses its own in-process [`Cache`] through the explicit
 //! `lookup_or_lead` / `complete` steps (see `macros/src/cached.rs`). With `store`, the
-//! expression's type decides: a [`Cache`] (e.g. a per-instance field), or a Redis cache store
-//! (feature `redis`), so the generated code hands the body to the store through these traits.
-//! Generated code calls them with method syntax, so a store behind `LazyLock`, `Arc` or `&` is
-//! found by auto-deref.
+//! expression's type decides: a [`Cache`] (e.g. a per-instance field), a moka cache (feature
+//! `moka`, see `cached/moka.rs`) or a Redis cache store (feature `redis`), so the generated code
+//! hands the body to the store through these traits. Generated code calls them with method
+//! syntax, so a store behind `LazyLock`, `Arc` or `&` is found by auto-deref.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
@@ -60,7 +60,7 @@ impl<T> Outcome for Always<T> {
 /// A store a sync `#[cached]` function can use.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a cache store for keys `{K}`",
-    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store",
+    label = "`store = ...` must be a `racefree::Cache`, a moka cache (feature `moka`) or a Redis cache store",
     note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
     note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`",
     note = "an argument that is a handle (a pool, a client) does not belong in the key `{K}`: leave it out with `skip(<argument>)`"
@@ -74,7 +74,7 @@ pub trait CacheStore<K, R: Outcome> {
 /// A store an async `#[cached]` function can use.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a cache store for keys `{K}`",
-    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store",
+    label = "`store = ...` must be a `racefree::Cache`, a moka cache (feature `moka`) or a Redis cache store",
     note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
     note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`",
     note = "an argument that is a handle (a pool, a client) does not belong in the key `{K}`: leave it out with `skip(<argument>)`"
@@ -92,7 +92,7 @@ pub trait AsyncCacheStore<K, R: Outcome> {
 #[doc(hidden)]
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a cache store for keys `{K}`",
-    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store (or dereference to one)",
+    label = "`store = ...` must be a `racefree::Cache`, a moka cache (feature `moka`) or a Redis cache store (or dereference to one)",
     note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
     note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`"
 )]
@@ -111,7 +111,7 @@ impl<S: CacheStore<K, R> + ?Sized, K, R: Outcome> CacheStoreRef<K, R> for S {
 #[doc(hidden)]
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a cache store for keys `{K}`",
-    label = "`store = ...` must be a `racefree::Cache` or a Redis cache store (or dereference to one)",
+    label = "`store = ...` must be a `racefree::Cache`, a moka cache (feature `moka`) or a Redis cache store (or dereference to one)",
     note = "for a per-instance cache keep a `racefree::Cache<K, V>` in a field and write `store = self.<field>`",
     note = "the cached value must be `Clone`; a Redis cache store also needs it to be `Serialize + Deserialize`"
 )]
