@@ -1,6 +1,6 @@
 //! A moka cache as the store of `#[cached(store = ...)]` (feature `moka`):
-//! [`moka::sync::Cache`](::moka::sync::Cache) for sync functions,
-//! [`moka::future::Cache`](::moka::future::Cache) for async ones, so a function gets moka's
+//! [`moka::sync::Cache`] for sync functions,
+//! [`moka::future::Cache`] for async ones, so a function gets moka's
 //! W-TinyLFU admission, weigher, per-entry expiry and eviction listeners with the same single
 //! flight as racefree's own [`Cache`](super::Cache).
 //!
