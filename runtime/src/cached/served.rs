@@ -34,7 +34,9 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::pin;
+use std::thread::LocalKey;
+
+use crate::sync::scope::{self, Tracked};
 
 /// How the (last) cache call inside a tracking scope was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -71,37 +73,16 @@ thread_local! {
     static CURRENT: Cell<Option<Served>> = const { Cell::new(None) };
 }
 
+impl Tracked for Served {
+    fn slot() -> &'static LocalKey<Cell<Option<Served>>> {
+        &CURRENT
+    }
+}
+
 /// Reports how a cache call was answered to the innermost active scope, if any.
 #[inline]
-pub(crate) fn record(served: Served) {
-    CURRENT.with(|current| {
-        if current.get().is_some() {
-            current.set(Some(served));
-        }
-    });
-}
-
-/// An active scope on this thread; puts the outer scope back when it ends, panics included.
-struct Entered {
-    outer: Option<Served>,
-}
-
-impl Entered {
-    fn enter(state: Served) -> Entered {
-        Entered {
-            outer: CURRENT.with(|current| current.replace(Some(state))),
-        }
-    }
-
-    fn leave(self) -> Served {
-        CURRENT.with(|current| current.get()).unwrap_or_default()
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        CURRENT.with(|current| current.set(self.outer));
-    }
+pub(crate) fn record(value: Served) {
+    scope::record(value)
 }
 
 /// Runs `f` in a new tracking scope; returns its value and how the cache calls in it were
@@ -114,9 +95,7 @@ impl Drop for Entered {
 /// assert_eq!(served, Served::NotRecorded);
 /// ```
 pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Served) {
-    let scope = Entered::enter(Served::NotRecorded);
-    let output = f();
-    (output, scope.leave())
+    scope::track_sync(f)
 }
 
 /// Runs `future` in a new tracking scope; resolves to its output and how the cache calls in
@@ -134,16 +113,7 @@ pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Served) {
 /// # });
 /// ```
 pub async fn track<F: Future>(future: F) -> (F::Output, Served) {
-    let mut future = pin!(future);
-    let mut state = Served::NotRecorded;
-    let output = std::future::poll_fn(|cx| {
-        let scope = Entered::enter(state);
-        let poll = future.as_mut().poll(cx);
-        state = scope.leave();
-        poll
-    })
-    .await;
-    (output, state)
+    scope::track(future).await
 }
 
 #[cfg(test)]

@@ -31,7 +31,9 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::pin;
+use std::thread::LocalKey;
+
+use crate::sync::scope::{self, Tracked};
 
 /// What the idempotent calls inside a tracking scope did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -57,37 +59,16 @@ thread_local! {
     static CURRENT: Cell<Option<Replay>> = const { Cell::new(None) };
 }
 
+impl Tracked for Replay {
+    fn slot() -> &'static LocalKey<Cell<Option<Replay>>> {
+        &CURRENT
+    }
+}
+
 /// Reports what an idempotent call did to the innermost active scope, if any.
 #[inline]
-pub fn record(replay: Replay) {
-    CURRENT.with(|current| {
-        if current.get().is_some() {
-            current.set(Some(replay));
-        }
-    });
-}
-
-/// An active scope on this thread; puts the outer scope back when it ends, panics included.
-struct Entered {
-    outer: Option<Replay>,
-}
-
-impl Entered {
-    fn enter(state: Replay) -> Entered {
-        Entered {
-            outer: CURRENT.with(|current| current.replace(Some(state))),
-        }
-    }
-
-    fn leave(self) -> Replay {
-        CURRENT.with(|current| current.get()).unwrap_or_default()
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        CURRENT.with(|current| current.set(self.outer));
-    }
+pub fn record(value: Replay) {
+    scope::record(value)
 }
 
 /// Runs `f` in a new tracking scope; returns its value and what the idempotent calls in it did.
@@ -99,9 +80,7 @@ impl Drop for Entered {
 /// assert_eq!(replay, Replay::NotRecorded);
 /// ```
 pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Replay) {
-    let scope = Entered::enter(Replay::NotRecorded);
-    let output = f();
-    (output, scope.leave())
+    scope::track_sync(f)
 }
 
 /// Runs `future` in a new tracking scope; resolves to its output and what the idempotent calls
@@ -120,16 +99,7 @@ pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Replay) {
 /// # });
 /// ```
 pub async fn track<F: Future>(future: F) -> (F::Output, Replay) {
-    let mut future = pin!(future);
-    let mut state = Replay::NotRecorded;
-    let output = std::future::poll_fn(|cx| {
-        let scope = Entered::enter(state);
-        let poll = future.as_mut().poll(cx);
-        state = scope.leave();
-        poll
-    })
-    .await;
-    (output, state)
+    scope::track(future).await
 }
 
 #[cfg(test)]

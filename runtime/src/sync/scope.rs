@@ -1,0 +1,75 @@
+//! A per-thread tracking scope: code run inside [`track_sync`] or [`track`] reports a value
+//! with [`record`], and the scope returns the last value reported while it was active. Used by
+//! `replay` (was this `#[idempotent]` call replayed?) and `served` (how was this `#[cached]`
+//! call answered?), each with its own thread-local slot.
+//!
+//! Outside a scope, [`record`] is one read of a `const` thread-local and a branch. Scopes nest:
+//! entering one saves the outer scope's state and leaving it (panics included) puts it back,
+//! so an inner scope's reports never reach the outer one. [`track`] enters the scope on every
+//! poll, so it follows the future across threads; futures spawned from inside are not in it.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::pin;
+use std::thread::LocalKey;
+
+/// A value a tracking scope collects; `Default` is "nothing reported". `slot` is its own
+/// thread-local, `None` when no scope is active on the thread.
+pub(crate) trait Tracked: Copy + Default + 'static {
+    fn slot() -> &'static LocalKey<Cell<Option<Self>>>;
+}
+
+/// Reports `value` to the innermost active scope, if any.
+#[inline]
+pub(crate) fn record<T: Tracked>(value: T) {
+    T::slot().with(|current| {
+        if current.get().is_some() {
+            current.set(Some(value));
+        }
+    });
+}
+
+/// An active scope on this thread; puts the outer scope back when it ends, panics included.
+struct Entered<T: Tracked> {
+    outer: Option<T>,
+}
+
+impl<T: Tracked> Entered<T> {
+    fn enter(state: T) -> Entered<T> {
+        Entered {
+            outer: T::slot().with(|current| current.replace(Some(state))),
+        }
+    }
+
+    fn leave(self) -> T {
+        T::slot().with(|current| current.get()).unwrap_or_default()
+    }
+}
+
+impl<T: Tracked> Drop for Entered<T> {
+    fn drop(&mut self) {
+        T::slot().with(|current| current.set(self.outer));
+    }
+}
+
+/// Runs `f` in a new scope; returns its value and the last value reported in it.
+pub(crate) fn track_sync<T: Tracked, R>(f: impl FnOnce() -> R) -> (R, T) {
+    let scope = Entered::enter(T::default());
+    let output = f();
+    (output, scope.leave())
+}
+
+/// Runs `future` in a new scope, entered on every poll; resolves to its output and the last
+/// value reported in it.
+pub(crate) async fn track<T: Tracked, F: Future>(future: F) -> (F::Output, T) {
+    let mut future = pin!(future);
+    let mut state = T::default();
+    let output = std::future::poll_fn(|cx| {
+        let scope = Entered::enter(state);
+        let poll = future.as_mut().poll(cx);
+        state = scope.leave();
+        poll
+    })
+    .await;
+    (output, state)
+}
