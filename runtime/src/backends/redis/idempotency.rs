@@ -70,7 +70,8 @@ use serde::Serialize;
 use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
 use super::lease::{
-    finish_final_write, owner_token, Backoff, FinalWriteKeys, Heartbeat, LeaseWatch, ReleaseOnDrop,
+    finish_final_write, outlive_caller, owner_token, Backoff, FinalWriteKeys, Heartbeat,
+    LeaseWatch, ReleaseOnDrop,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -736,19 +737,7 @@ impl Completion {
     /// Writes the record on a task of its own and waits for it; the write goes on if this
     /// future is dropped.
     async fn spawn(self) -> Result<(), RedisStoreError> {
-        let key = self.key.clone();
-        let task = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => runtime.spawn(self.write()),
-            Err(_) => return self.write().await,
-        };
-        task.await.unwrap_or_else(|join| {
-            Err(RedisStoreError::OutcomeUnknown {
-                key,
-                source: Box::new(RedisStoreError::Serialize {
-                    reason: format!("the completion task failed: {join}"),
-                }),
-            })
-        })
+        outlive_caller(self.key.clone(), "completion", self.write()).await
     }
 
     async fn write(self) -> Result<(), RedisStoreError> {

@@ -227,6 +227,30 @@ impl Drop for Heartbeat {
     }
 }
 
+/// Runs a final write (a completion, a commit) on a task of its own and waits for it: the
+/// write goes on if the caller's future is dropped, so a finished body is never left
+/// half-recorded. Without a Tokio runtime it runs in place. A task that fails (panics, or its
+/// runtime shuts down) leaves the write's fate unknown: `OutcomeUnknown` for `key`, saying
+/// which `what` failed.
+pub(crate) async fn outlive_caller(
+    key: String,
+    what: &str,
+    write: impl Future<Output = Result<(), RedisStoreError>> + Send + 'static,
+) -> Result<(), RedisStoreError> {
+    let task = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime.spawn(write),
+        Err(_) => return write.await,
+    };
+    task.await.unwrap_or_else(|join| {
+        Err(RedisStoreError::OutcomeUnknown {
+            key,
+            source: Box::new(RedisStoreError::Serialize {
+                reason: format!("the {what} task failed: {join}"),
+            }),
+        })
+    })
+}
+
 /// The Redis keys a final write reports on: the record it writes (named by `OutcomeUnknown`)
 /// and the lease it is checked against (named by `LeaseLost`).
 pub(crate) struct FinalWriteKeys<'a> {

@@ -58,8 +58,8 @@ use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
 use crate::sync::keyed_locks::Holder;
 
 use super::lease::{
-    finish_final_write, owner_token, Backoff, FinalWriteKeys, Heartbeat, LocalTurn, ReleaseOnDrop,
-    EXTEND_LOCK, RELEASE_LOCK,
+    finish_final_write, outlive_caller, owner_token, Backoff, FinalWriteKeys, Heartbeat, LocalTurn,
+    ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -580,19 +580,7 @@ struct Commit {
 
 impl Commit {
     async fn spawn(self) -> Result<(), RedisStoreError> {
-        let key = self.ticket.lock.clone();
-        let task = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => runtime.spawn(self.write()),
-            Err(_) => return self.write().await,
-        };
-        task.await.unwrap_or_else(|join| {
-            Err(RedisStoreError::OutcomeUnknown {
-                key,
-                source: Box::new(RedisStoreError::Serialize {
-                    reason: format!("the commit task failed: {join}"),
-                }),
-            })
-        })
+        outlive_caller(self.ticket.lock.clone(), "commit", self.write()).await
     }
 
     async fn write(self) -> Result<(), RedisStoreError> {
