@@ -136,25 +136,25 @@ pub fn owned_key_type(ty: &Type, item: &ItemFn) -> Option<TokenStream> {
     }
     // Spelled out rather than as `<T as ToOwned>::Owned`, which would add a second error at
     // the attribute when the argument cannot be a key (the key check already names it).
-    let owned = match ty {
-        Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
-            Type::Path(path) if path.qself.is_none() && path.path.is_ident("str") => {
-                quote::quote!(::std::string::String)
-            }
-            Type::Slice(slice) => {
-                let elem = &slice.elem;
-                quote::quote!(::std::vec::Vec<#elem>)
-            }
-            // `Path`, `OsStr`, a trait object: owned as something the syntax does not say.
-            Type::Path(path) if is_unsized_std(path) => return None,
-            Type::TraitObject(_) => return None,
-            inner => inner.to_token_stream(),
-        },
-        _ => ty.to_token_stream(),
-    };
-    let inner = match ty {
-        Type::Reference(r) => &*r.elem,
-        _ => ty,
+    let (inner, owned) = match ty {
+        Type::Reference(r) if r.mutability.is_none() => {
+            let owned = match &*r.elem {
+                Type::Path(path) if path.qself.is_none() && path.path.is_ident("str") => {
+                    quote::quote!(::std::string::String)
+                }
+                Type::Slice(slice) => {
+                    let elem = &slice.elem;
+                    quote::quote!(::std::vec::Vec<#elem>)
+                }
+                // `Path`, `OsStr`, a trait object: owned as something the syntax does not say.
+                Type::Path(path) if is_unsized_std(path) => return None,
+                Type::TraitObject(_) => return None,
+                inner => inner.to_token_stream(),
+            };
+            (&*r.elem, owned)
+        }
+        // A `&mut T` stays a reference here, which `nameable` refuses.
+        _ => (ty, ty.to_token_stream()),
     };
     nameable(inner).then_some(owned)
 }
