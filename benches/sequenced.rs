@@ -2,7 +2,8 @@
 //! - uncontended call overhead (one key, one caller) vs a bare `tokio::sync::Mutex`
 //!   lock/unlock (target: at most 3x) and vs `AtomicU64::fetch_add` (the lower bound: a number
 //!   with neither gap-freedom nor mutual exclusion);
-//! - contended throughput, 2 threads on one key, vs a `Mutex<HashMap<K, u64>>` counter;
+//! - contended throughput, 2 threads on one key, vs a `Mutex<HashMap<K, u64>>` counter, a
+//!   `tokio::sync::Mutex` (FIFO, as `#[sequenced]` is) and a `std::sync::Mutex` (barging);
 //! - the cost of 100,000 distinct keys (lock entry created and removed per call; with `Seq`,
 //!   one counter kept per key) vs the same `Mutex<HashMap>`.
 //!
@@ -112,6 +113,29 @@ fn contention(c: &mut Criterion) {
             two_threads(iters.div_ceil(2), || {
                 let mut map = map.lock().unwrap();
                 let next = map.entry(7).or_insert(0);
+                *next += 1;
+                black_box(*next);
+            })
+        })
+    });
+    // The two locks a hand-written per-key section would use: tokio's is FIFO like
+    // #[sequenced] (a waiter is handed the lock in arrival order); std's lets the releasing
+    // thread barge back in, which is faster under contention and unfair.
+    let fifo = tokio::sync::Mutex::new(0_u64);
+    g.bench_function("tokio::sync::Mutex (FIFO) blocking_lock", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters.div_ceil(2), || {
+                let mut next = fifo.blocking_lock();
+                *next += 1;
+                black_box(*next);
+            })
+        })
+    });
+    let barging = Mutex::new(0_u64);
+    g.bench_function("std::sync::Mutex (barging)", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters.div_ceil(2), || {
+                let mut next = barging.lock().unwrap();
                 *next += 1;
                 black_box(*next);
             })

@@ -2008,6 +2008,58 @@ async fn waiters_wake_on_completion_not_on_the_next_poll() {
     assert_eq!(waiter_trips[waiter_trips.len() / 2], 0, "{waiter_trips:?}");
 }
 
+/// Issue 11: a `#[sequenced]` caller waiting on a key another process holds wakes on the
+/// holder's commit, not on its next backoff step. 20 rounds, each: a holder whose body runs
+/// 300 ms (long enough for a poller's backoff to reach its 50 ms steps) and a waiter on another
+/// store instance (another connection and another local queue, as another process). What must
+/// hold: the waiter gets the next number every round, and the median delay from the holder's
+/// commit to the waiter's return stays well under the polling step (before: waiters only
+/// polled, so it was about half a step, ~25 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequenced_waiters_in_other_processes_wake_on_the_commit() {
+    let url = support::server().url.clone();
+    let (holder_store, waiter_store) = (RedisStore::new(url.clone()), RedisStore::new(url));
+    let prefix = support::unique("seqwake");
+    let mut delays = Vec::new();
+    for round in 0..20_u64 {
+        let key = RedisKey::new("tests::faults::seqwake", Some(&prefix), format!("k{round}"));
+        let (held, held_rx) = tokio::sync::oneshot::channel();
+        let holder = async {
+            let number = holder_store
+                .sequences()
+                .run(&key, 1, SequenceOptions::default(), |ticket| async move {
+                    let _ = held.send(());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, String>(ticket.number())
+                })
+                .await
+                .unwrap();
+            (number, Instant::now())
+        };
+        let waiter = async {
+            held_rx.await.unwrap();
+            let number = waiter_store
+                .sequences()
+                .run(&key, 1, SequenceOptions::default(), |ticket| async move {
+                    Ok::<_, String>(ticket.number())
+                })
+                .await
+                .unwrap();
+            (number, Instant::now())
+        };
+        let ((first, committed), (second, returned)) = tokio::join!(holder, waiter);
+        assert_eq!((first, second), (1, 2), "round {round}");
+        delays.push(returned.saturating_duration_since(committed));
+    }
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    println!(
+        "sequenced waiter wake-up delay: median {median:?}, max {:?}",
+        delays[delays.len() - 1]
+    );
+    assert!(median < Duration::from_millis(10), "median {median:?}");
+}
+
 /// Issue 11, points 1–4 on a 3-node Redis Cluster (every node with `proto-max-bulk-len 1mb`):
 /// a caller dropped after `Ok` while its connections are killed never re-runs the body (3
 /// rounds, 1 execution each); an outcome too large or not encodable runs once and is then

@@ -54,11 +54,22 @@ pub(crate) static RELEASE_LOCK: Lua = Lua::new(
     r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
   return 1
 end
 return 0
 "#,
 );
+
+/// The `ARGV` flag that makes a release (or a sequence commit) publish its lock's wake-up hint
+/// on `<lock>:wake`: `"1"` on one node, `"0"` on a Cluster (whose waiters poll, and where a
+/// `PUBLISH` would be broadcast to every node).
+pub(crate) fn wake_flag(conn: &Connection) -> &'static str {
+    match conn.is_cluster() {
+        true => "0",
+        false => "1",
+    }
+}
 
 /// A token that names one holder of one lease: 128 bits from the OS RNG (`getrandom`), so
 /// tokens neither repeat across processes and machines nor can be predicted.
@@ -306,7 +317,8 @@ impl ReleaseOnDrop {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     let mut conn = conn;
-                    let (keys, args) = ([key.as_str()], [token.as_str()]);
+                    let wake = wake_flag(&conn);
+                    let (keys, args) = ([key.as_str()], [token.as_str(), wake]);
                     let release = conn.eval::<i64>(script, &keys, &args);
                     // Best effort: if this fails too, the lease ends by itself.
                     let _ = tokio::time::timeout(Duration::from_secs(5), release).await;

@@ -43,14 +43,17 @@
 //! writes with an older token (the classic fix for a paused lock holder).
 //!
 //! Waiting: inside one process, callers queue on a FIFO async mutex per key, so only the head
-//! of the queue talks to Redis; across processes the head retries with jittered backoff capped
-//! by the holder's remaining lease. There is no FIFO across processes.
+//! of the queue talks to Redis. Across processes the head subscribes to the lock's wake-up
+//! channel (`rf:{tag}:lock:wake`, one server only) and tries again as soon as a commit or a
+//! release publishes on it; jittered polling capped by the holder's remaining lease is the
+//! fallback (every 100 ms while subscribed, for a holder that crashed; 1 ms growing to 50 ms on
+//! a Cluster, whose waiters only poll). There is no FIFO across processes.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::connection::Lua;
+use super::connection::{Listener, Lua};
 use dashmap::DashMap;
 use serde::Serialize;
 
@@ -58,8 +61,8 @@ use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
 use crate::sync::keyed_locks::Holder;
 
 use super::lease::{
-    finish_final_write, outlive_caller, owner_token, Backoff, FinalWriteKeys, Heartbeat, LocalTurn,
-    ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
+    finish_final_write, outlive_caller, owner_token, wake_flag, Backoff, FinalWriteKeys, Heartbeat,
+    LocalTurn, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -87,13 +90,14 @@ return {fence, redis.call('HGET', KEYS[2], 'n')}
 
 // KEYS: lock, seq, done marker of this holding. The marker (not the counter's last writer)
 // tells a re-sent commit whose first reply was lost that it did commit: by the time it is
-// re-sent, the next holder may have committed too.
+// re-sent, the next holder may have committed too. ARGV[4]: the wake flag (`wake_flag`).
 pub(super) static COMMIT: Lua = Lua::new(
     r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('HSET', KEYS[2], 'n', ARGV[2])
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   redis.call('DEL', KEYS[1])
+  if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
   return 1
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
@@ -337,9 +341,15 @@ impl<'s> RedisSequences<'s> {
 
     /// Frees the key without consuming the number; `false` if the ticket no longer held it.
     pub async fn abort(&self, ticket: &SeqTicket) -> Result<bool, RedisStoreError> {
+        let wake = wake_flag(&self.store.connection().await?);
         let aborted: i64 = self
             .store
-            .eval(&RELEASE_LOCK, &[&ticket.lock], &[&ticket.holder], true)
+            .eval(
+                &RELEASE_LOCK,
+                &[&ticket.lock],
+                &[&ticket.holder, wake],
+                true,
+            )
             .await?;
         Ok(aborted == 1)
     }
@@ -457,23 +467,13 @@ impl<'s> RedisSequences<'s> {
             None => local.wait().await,
         }
 
-        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
-        let ticket = loop {
-            match self
-                .acquire(key, start, lease)
-                .await
-                .map_err(HoldError::Store)?
-            {
-                Ok(ticket) => break ticket,
-                Err(remaining) => {
-                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                    if left == Some(Duration::ZERO) {
-                        return Err(HoldError::Timeout);
-                    }
-                    let cap = left.map_or(remaining, |left| left.min(remaining));
-                    backoff.wait(Some(cap)).await;
-                }
-            }
+        let ticket = match self
+            .acquire(key, start, lease)
+            .await
+            .map_err(HoldError::Store)?
+        {
+            Ok(ticket) => ticket,
+            Err(_) => self.wait_for_release(key, start, deadline).await?,
         };
 
         let detached = self.store.detached().await.map_err(HoldError::Store)?;
@@ -502,6 +502,67 @@ impl<'s> RedisSequences<'s> {
             guard: Some(guard),
             _local: local,
         })
+    }
+}
+
+impl RedisSequences<'_> {
+    /// Takes `key` once another process frees it: tries again on the lock's wake-up hint (one
+    /// server), or after a jittered pause capped by the holder's remaining lease.
+    async fn wait_for_release(
+        &self,
+        key: &RedisKey,
+        start: u64,
+        deadline: Option<Instant>,
+    ) -> Result<SeqTicket, HoldError> {
+        let lease = self.store.store_options().lease;
+        let listener = match self.store.wakeups().await {
+            Some(wakeups) => {
+                wakeups
+                    .listen(&format!("{}:wake", key.redis_key("lock")))
+                    .await
+            }
+            None => None,
+        };
+        // With a hint, polling is only the fallback (a crashed holder publishes nothing).
+        let mut backoff = match listener {
+            Some(_) => Backoff::new(Duration::from_millis(100), Duration::from_millis(100)),
+            None => Backoff::new(Duration::from_millis(1), Duration::from_millis(50)),
+        };
+        // Subscribed: look again at once, the release may have come before the subscription.
+        let mut look = listener.is_some();
+        let mut remaining = lease;
+        loop {
+            let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
+            if let Some(woken) = woken.as_mut().as_pin_mut() {
+                woken.enable();
+            }
+            if look {
+                match self
+                    .acquire(key, start, lease)
+                    .await
+                    .map_err(HoldError::Store)?
+                {
+                    Ok(ticket) => return Ok(ticket),
+                    Err(left) => remaining = left,
+                }
+            }
+            look = true;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Err(HoldError::Timeout);
+            }
+            let cap = left.map_or(remaining, |left| left.min(remaining));
+            let hint = async {
+                match woken.as_mut().as_pin_mut() {
+                    Some(woken) => woken.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = hint => {}
+                () = backoff.wait(Some(cap)) => {}
+            }
+        }
     }
 }
 
@@ -587,12 +648,13 @@ impl Commit {
         let ticket = &self.ticket;
         let number = ticket.number.to_string();
         let marker_ms = self.detached.marker_ttl().as_millis().to_string();
+        let wake = wake_flag(&self.detached.conn);
         let committed: Result<i64, _> = self
             .detached
             .eval(
                 &COMMIT,
                 &[&ticket.lock, &ticket.seq, &ticket.done],
-                &[&ticket.holder, &number, &marker_ms],
+                &[&ticket.holder, &number, &marker_ms, wake],
                 true,
             )
             .await;
@@ -607,7 +669,12 @@ impl Commit {
             // Token-checked: frees nothing that is not ours.
             let _ = self
                 .detached
-                .eval::<i64>(&RELEASE_LOCK, &[&ticket.lock], &[&ticket.holder], false)
+                .eval::<i64>(
+                    &RELEASE_LOCK,
+                    &[&ticket.lock],
+                    &[&ticket.holder, wake],
+                    false,
+                )
                 .await;
         }
         result
