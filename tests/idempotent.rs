@@ -348,6 +348,54 @@ fn err_outcome_is_not_stored_and_the_retry_executes() {
     assert_eq!(STORED_EXECUTIONS.load(SeqCst), 1);
 }
 
+/// An error that holds a source that is not `Clone` (`std::io::Error`) in an `Arc`: what
+/// `store_errors` asks of it with the in-process store (issue 13).
+#[derive(Debug, Clone)]
+enum PayError {
+    Io(Arc<std::io::Error>),
+    // Read through `Debug` only.
+    #[allow(dead_code)]
+    Idempotency(IdempotencyError),
+}
+
+impl From<std::io::Error> for PayError {
+    fn from(e: std::io::Error) -> Self {
+        PayError::Io(Arc::new(e))
+    }
+}
+
+impl From<IdempotencyError> for PayError {
+    fn from(e: IdempotencyError) -> Self {
+        PayError::Idempotency(e)
+    }
+}
+
+// 5. `store_errors` with an error whose source is not `Clone`: held in an `Arc`, the first
+//    call's `std::io::Error` itself (the same allocation) is replayed to every later call with
+//    the key, and the body ran once.
+#[test]
+fn store_errors_replays_an_io_error_held_in_an_arc() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    #[idempotent(key = key, store_errors)]
+    fn charge(key: &str, cents: u64) -> Result<u64, PayError> {
+        EXECUTIONS.fetch_add(1, SeqCst);
+        let gateway: Result<u64, std::io::Error> =
+            Err(std::io::Error::other(format!("gateway refused {cents}")));
+        Ok(gateway?)
+    }
+    let Err(PayError::Io(first)) = charge("pay-io", 500) else {
+        panic!("the gateway's error")
+    };
+    for _ in 0..3 {
+        let Err(PayError::Io(replayed)) = charge("pay-io", 500) else {
+            panic!("the stored error")
+        };
+        assert!(Arc::ptr_eq(&first, &replayed), "the stored error itself");
+    }
+    assert_eq!(first.to_string(), "gateway refused 500");
+    assert_eq!(EXECUTIONS.load(SeqCst), 1);
+}
+
 #[idempotent(key = key, skip(gate, executions))]
 async fn fail_first(
     key: &str,

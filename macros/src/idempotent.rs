@@ -290,7 +290,12 @@ fn pick_store(plan: &Plan, id_fn: &TokenStream, ret_span: Span) -> TokenStream {
         },
         None => {
             let config = config(plan);
-            let store_method = Ident::new("store", ret_span);
+            // With `store_errors` the error type's bound gets its own message.
+            let method = match plan.store_errors {
+                true => "store_with_errors",
+                false => "store",
+            };
+            let store_method = Ident::new(method, ret_span);
             quote! {
                 #id_fn
                 static __RACEFREE_IDEMPOTENCY: ::racefree::__private::IdempotencyCell =

@@ -181,7 +181,8 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 ///   outcome stays.
 /// - An `Err`, a panic or a dropped future releases the key: the retry (or one waiter)
 ///   executes again. `store_errors` keeps `Err` outcomes too (then `E: Clone`, and the whole
-///   `Result` is what is stored and replayed).
+///   `Result` is what is stored and replayed; a source that is not `Clone`, such as
+///   `std::io::Error`, goes in an `Arc`).
 /// - `key = <expr>` evaluates to `&str`, `String` or an `Option` of them; `None` runs the body
 ///   without idempotency, or refuses with `IdempotencyError::MissingKey` under `require_key`.
 /// - Keys are per function and per `scope = <expr>` (any `Display`, e.g. a tenant id). The

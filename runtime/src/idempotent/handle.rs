@@ -65,6 +65,18 @@ impl IdempotencyHandle {
         )
     }
 
+    /// The function's store for `store_errors` outcomes, `Result<O, E>`: [`store`](Self::store)
+    /// with the error's bound spelled out, so that an error type that is not `Clone` is reported
+    /// as what `store_errors` needs of it.
+    #[inline]
+    pub fn store_with_errors<O, E>(&self) -> &'static IdempotencyStore<Result<O, E>>
+    where
+        O: Clone + Send + Sync + 'static,
+        E: StorableError,
+    {
+        self.store()
+    }
+
     fn each(&self) -> Vec<&'static dyn ErasedStore> {
         self.stores.each()
     }
@@ -149,3 +161,35 @@ impl IdempotencyCell {
         FunctionCell::with_config(id, config)
     }
 }
+
+/// What `store_errors` needs of the error type with the in-process store: it keeps the `Err`
+/// as a value and hands a clone to every later call with the key.
+///
+/// An error with a source that is not `Clone` (`std::io::Error`, `sqlx::Error`) holds it in an
+/// `Arc` and wraps it in its `From`, so that `?` still works:
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// #[derive(Debug, Clone)]
+/// enum PayError {
+///     Io(Arc<std::io::Error>),
+/// }
+///
+/// impl From<std::io::Error> for PayError {
+///     fn from(e: std::io::Error) -> Self {
+///         PayError::Io(Arc::new(e))
+///     }
+/// }
+///
+/// fn storable<E: racefree_runtime::idempotent::StorableError>() {}
+/// storable::<PayError>();
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`store_errors` keeps the `Err` and replays it to later calls with the key, so `{Self}` must be `Clone + Send + Sync + 'static`",
+    label = "the error type `store_errors` stores",
+    note = "derive `Clone` for it, holding a source that is not `Clone` in an `Arc` (`Io(std::sync::Arc<std::io::Error>)`, with a `From<std::io::Error>` that wraps it, so `?` still works); a Redis or SQL store (`store = ...`) needs `Serialize + Deserialize` instead; or remove `store_errors` (an `Err` then frees the key and a retry runs again)"
+)]
+pub trait StorableError: Clone + Send + Sync + 'static {}
+
+impl<E: Clone + Send + Sync + 'static> StorableError for E {}

@@ -18,7 +18,7 @@ pub mod replay;
 pub use backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 pub use error::IdempotencyError;
 pub use fingerprint::{Fingerprint, StableHasher};
-pub use handle::{IdempotencyCell, IdempotencyHandle};
+pub use handle::{IdempotencyCell, IdempotencyHandle, StorableError};
 pub use key::{IntoIdempotencyKey, RecordKey};
 pub use memory::{
     IdempotencyConfig, IdempotencyStats, IdempotencyStore, IdempotencyStoreBuilder, ManualClock,
