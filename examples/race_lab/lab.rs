@@ -5,7 +5,12 @@
 //! The database scenarios (schedule generation, event store, work orders, inventory, queue
 //! reorder) run on a real SQL database (`db.rs`: a fresh SQLite file by default, a fresh
 //! PostgreSQL schema with `--database-url`): the naive rows race against it with real
-//! `SELECT MAX()+1`, read-modify-write and check-then-insert statements. The naive versions
+//! `SELECT MAX()+1`, read-modify-write and check-then-insert statements. The racefree rows
+//! use racefree's SQL store of the same database (`SqlStore<Sqlite>` or `SqlStore<Postgres>`,
+//! its tables made by `migrate()` in the fresh database) and write their effect through the
+//! store's transaction (the attribute's `tx` parameter), so the idempotency record or the
+//! consumed number commits in the same `COMMIT` as the effect. The scenarios are written once,
+//! generic over the database (`db::Lab`). The naive versions
 //! also wait for simulated I/O (a few milliseconds of `sleep`, standing for the rest of the
 //! request's work) between their read and their write, as real code does: that gap is where
 //! the race lives, and it is wide enough that the naive rows fail on every run, also on a
@@ -19,12 +24,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use racefree::{cached, idempotent, sequenced, IdempotencyError, Seq};
-use sqlx::Row as _;
+use racefree::sql::Tx;
+use racefree::{cached, idempotent, sequenced, IdempotencyError, Seq, SequenceError};
 
 #[path = "db.rs"]
 pub mod db;
-use db::Db;
+use db::Bind::{Int, Text};
+use db::{Db, Lab, Sql};
 
 /// One side (naive or racefree) of one scenario.
 #[derive(Debug, Clone)]
@@ -179,19 +185,107 @@ where
     }
 }
 
-/// Runs `scenario` on a fresh database with `tables`, then removes the database.
-fn on_database<R, F>(tables: &[&str], scenario: impl FnOnce(Arc<Db>) -> F) -> R
+// ---------------------------------------------------------------------------------------------
+// The database scenarios run on the database `--database-url` chose. Their racefree rows use
+// racefree's SQL store of that database (`db.store`), and write their effect through the
+// transaction the store opened (`tx`): the record or number commits with the effect.
+
+/// What a database call of the lab fails with: the store, or one of its own statements.
+#[derive(Debug)]
+pub enum DbError {
+    Idempotency(IdempotencyError),
+    Sequence(SequenceError),
+    Statement(sqlx::Error),
+}
+
+impl From<IdempotencyError> for DbError {
+    fn from(error: IdempotencyError) -> Self {
+        DbError::Idempotency(error)
+    }
+}
+
+impl From<SequenceError> for DbError {
+    fn from(error: SequenceError) -> Self {
+        DbError::Sequence(error)
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> Self {
+        DbError::Statement(error)
+    }
+}
+
+impl DbError {
+    /// A `UNIQUE` constraint refused the row.
+    fn is_duplicate_key(&self) -> bool {
+        matches!(self, DbError::Statement(sqlx::Error::Database(e)) if e.is_unique_violation())
+    }
+}
+
+/// The calls that failed, for a row's `observed` ("" when none did: every row's assertion
+/// also requires that).
+#[derive(Debug, Default)]
+struct Failed(Vec<DbError>);
+
+impl Failed {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.first() {
+            None => Ok(()),
+            Some(first) => write!(f, ", failed calls: {} (first: {first:?})", self.0.len()),
+        }
+    }
+}
+
+/// The outputs of the calls that succeeded, and the errors of the others.
+fn succeeded<T>(results: Vec<Result<T, DbError>>) -> (Vec<T>, Failed) {
+    let mut failed = Failed::default();
+    let outputs = results
+        .into_iter()
+        .filter_map(|result| result.map_err(|e| failed.0.push(e)).ok())
+        .collect();
+    (outputs, failed)
+}
+
+/// Runs `$scenario` (an `async fn` generic over [`Lab`], given the `Arc<Db<D>>` as `$db`) on a
+/// fresh database of the kind `--database-url` chose.
+macro_rules! on_chosen_database {
+    ($tables:expr, |$db:ident| $scenario:expr) => {
+        match db::Kind::chosen() {
+            db::Kind::Sqlite => on_database::<sqlx::Sqlite, _, _>($tables, |$db| $scenario),
+            db::Kind::Postgres => on_database::<sqlx::Postgres, _, _>($tables, |$db| $scenario),
+        }
+    };
+}
+
+/// Runs `scenario` on a fresh database of kind `D` with `tables` and the store's tables, then
+/// removes the database.
+fn on_database<D: Lab, R, F>(tables: &[&str], scenario: impl FnOnce(Arc<Db<D>>) -> F) -> R
 where
     F: std::future::Future<Output = R>,
 {
     runtime().block_on(async {
-        let db = Arc::new(Db::fresh(tables).await);
+        let db = Arc::new(Db::<D>::fresh(tables).await);
         let result = scenario(Arc::clone(&db)).await;
-        if let Ok(db) = Arc::try_unwrap(db) {
-            db.drop_all().await;
-        }
+        db.drop_all().await;
         result
     })
+}
+
+impl<D: Lab> Db<D> {
+    /// Rows in `table`.
+    async fn count(&self, table: &str) -> i64 {
+        self.sql()
+            .scalar(&format!("SELECT COUNT(*) FROM {table}"), &[])
+            .await
+            .expect("count the rows")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,66 +423,84 @@ const SCHEDULE_TABLES: &[&str] = &[
 ];
 
 /// The effect: the solver's run, inserted into `schedule_runs`.
-async fn create_schedule_run(db: &Db, key: &str, week: u32) -> String {
+async fn create_schedule_run<D: Lab>(
+    mut sql: Sql<'_, D>,
+    key: &str,
+    week: u32,
+) -> Result<String, DbError> {
     io().await; // the solver
-    sqlx::query("INSERT INTO schedule_runs (run_key, week) VALUES ($1, $2)")
-        .bind(key)
-        .bind(i64::from(week))
-        .execute(&db.pool)
-        .await
-        .expect("insert the run");
-    let n = db.scalar("SELECT COUNT(*) FROM schedule_runs", &[]).await;
-    format!("schedule run #{n} for week {week}")
+    sql.execute(
+        "INSERT INTO schedule_runs (run_key, week) VALUES ($1, $2)",
+        &[Text(key), Int(week.into())],
+    )
+    .await?;
+    let n = sql
+        .scalar("SELECT COUNT(*) FROM schedule_runs", &[])
+        .await?;
+    Ok(format!("schedule run #{n} for week {week}"))
 }
 
 /// The naive idempotency check against the database: SELECT the stored response, miss,
 /// execute, INSERT the response.
-async fn naive_generate_schedule(db: &Db, key: &str, week: u32) -> String {
-    let stored = sqlx::query("SELECT response FROM idempotency_records WHERE record_key = $1")
-        .bind(key)
-        .fetch_optional(&db.pool)
-        .await
-        .expect("look the key up");
-    if let Some(row) = stored {
-        return row.get::<String, _>(0);
+async fn naive_generate_schedule<D: Lab>(
+    db: &Db<D>,
+    key: &str,
+    week: u32,
+) -> Result<String, DbError> {
+    let stored = db
+        .sql()
+        .texts(
+            "SELECT response FROM idempotency_records WHERE record_key = $1",
+            &[Text(key)],
+        )
+        .await?;
+    if let Some(response) = stored.into_iter().next() {
+        return Ok(response);
     }
-    let response = create_schedule_run(db, key, week).await;
-    sqlx::query("INSERT INTO idempotency_records (record_key, response) VALUES ($1, $2)")
-        .bind(key)
-        .bind(&response)
-        .execute(&db.pool)
-        .await
-        .expect("store the response");
-    response
+    let response = create_schedule_run(db.sql(), key, week).await?;
+    db.sql()
+        .execute(
+            "INSERT INTO idempotency_records (record_key, response) VALUES ($1, $2)",
+            &[Text(key), Text(&response)],
+        )
+        .await?;
+    Ok(response)
 }
 
-#[idempotent(key = key, skip(db))]
-async fn generate_schedule(db: &Db, key: &str, week: u32) -> Result<String, ApiError> {
-    Ok(create_schedule_run(db, key, week).await)
+/// The same run in the store's transaction: the run's row and the key's record commit together.
+#[idempotent(key = key, store = db.store, skip(db))]
+async fn generate_schedule<D: Lab>(
+    db: &Db<D>,
+    key: &str,
+    week: u32,
+    mut tx: Tx<'_, D>,
+) -> Result<String, DbError> {
+    create_schedule_run(Sql::of(&mut tx), key, week).await
 }
 
 fn schedule_generation(variant: Variant) -> (bool, String) {
+    on_chosen_database!(SCHEDULE_TABLES, |db| generate_schedules(db, variant))
+}
+
+async fn generate_schedules<D: Lab>(db: Arc<Db<D>>, variant: Variant) -> (bool, String) {
     let key = format!("idem-{}", fresh());
-    on_database(SCHEDULE_TABLES, |db| async move {
-        let outcomes = released(100, |_| {
-            let (db, key) = (db.clone(), key.clone());
-            async move {
-                match variant {
-                    Variant::Naive => naive_generate_schedule(&db, &key, 48).await,
-                    Variant::Racefree => generate_schedule(&db, &key, 48)
-                        .await
-                        .expect("no idempotency error"),
-                }
+    let outcomes = released(100, |_| {
+        let (db, key) = (db.clone(), key.clone());
+        async move {
+            match variant {
+                Variant::Naive => naive_generate_schedule(&db, &key, 48).await,
+                Variant::Racefree => generate_schedule(&db, &key, 48).await,
             }
-        })
-        .await;
-        let runs = db.scalar("SELECT COUNT(*) FROM schedule_runs", &[]).await;
-        let distinct = outcomes.iter().collect::<HashSet<_>>().len();
-        (
-            runs == 1 && distinct == 1,
-            format!("schedule_runs rows: {runs}, distinct outcomes: {distinct}"),
-        )
+        }
     })
+    .await;
+    let (outcomes, failed) = succeeded(outcomes);
+    let runs = db.count("schedule_runs").await;
+    let distinct = outcomes.iter().collect::<HashSet<_>>().len();
+    (
+        runs == 1 && distinct == 1 && failed.is_empty(),
+        format!("schedule_runs rows: {runs}, distinct outcomes: {distinct}{failed}"),
+    )
 }
 
 fn idempotent_writes<F>(
@@ -419,57 +531,71 @@ where
 const EVENT_TABLES: &[&str] =
     &["CREATE TABLE events (aggregate TEXT NOT NULL, seq BIGINT NOT NULL, body TEXT NOT NULL)"];
 
-async fn insert_event(db: &Db, aggregate: &str, seq: i64) {
-    sqlx::query("INSERT INTO events (aggregate, seq, body) VALUES ($1, $2, $3)")
-        .bind(aggregate)
-        .bind(seq)
-        .bind("{\"type\":\"ItemAdded\"}")
-        .execute(&db.pool)
-        .await
-        .expect("append the event");
+async fn insert_event<D: Lab>(
+    mut sql: Sql<'_, D>,
+    aggregate: &str,
+    seq: i64,
+) -> Result<(), DbError> {
+    sql.execute(
+        "INSERT INTO events (aggregate, seq, body) VALUES ($1, $2, $3)",
+        &[Text(aggregate), Int(seq), Text("{\"type\":\"ItemAdded\"}")],
+    )
+    .await?;
+    Ok(())
 }
 
-async fn naive_append(db: &Db, aggregate: &str) {
+async fn naive_append<D: Lab>(db: &Db<D>, aggregate: &str) -> Result<(), DbError> {
     let next = db
+        .sql()
         .scalar(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE aggregate = $1",
-            &[aggregate],
+            &[Text(aggregate)],
         )
-        .await;
+        .await?;
     io().await; // building and serializing the event
-    insert_event(db, aggregate, next).await;
+    insert_event(db.sql(), aggregate, next).await
 }
 
-#[sequenced(key = aggregate.to_owned())]
-async fn append(db: &Db, aggregate: &str, seq: Seq) {
+/// The number comes from the store's counter row, and is consumed by the `COMMIT` of the event.
+#[sequenced(key = aggregate.to_owned(), store = db.store.sequence("events"))]
+async fn append<D: Lab>(
+    db: &Db<D>,
+    aggregate: &str,
+    seq: Seq,
+    mut tx: Tx<'_, D>,
+) -> Result<(), DbError> {
     io().await;
-    insert_event(db, aggregate, seq.get() as i64).await;
+    insert_event(Sql::of(&mut tx), aggregate, seq.get() as i64).await
 }
 
 fn event_store(variant: Variant) -> (bool, String) {
+    on_chosen_database!(EVENT_TABLES, |db| append_events(db, variant))
+}
+
+async fn append_events<D: Lab>(db: Arc<Db<D>>, variant: Variant) -> (bool, String) {
     let aggregate = format!("order-{}", fresh());
-    on_database(EVENT_TABLES, |db| async move {
-        released(100, |_| {
-            let (db, aggregate) = (db.clone(), aggregate.clone());
-            async move {
-                match variant {
-                    Variant::Naive => naive_append(&db, &aggregate).await,
-                    Variant::Racefree => append(&db, &aggregate).await,
-                }
+    let results = released(100, |_| {
+        let (db, aggregate) = (db.clone(), aggregate.clone());
+        async move {
+            match variant {
+                Variant::Naive => naive_append(&db, &aggregate).await,
+                Variant::Racefree => append(&db, &aggregate).await,
             }
-        })
-        .await;
-        let numbers: Vec<i64> = sqlx::query("SELECT seq FROM events ORDER BY seq")
-            .fetch_all(&db.pool)
-            .await
-            .expect("read the events")
-            .iter()
-            .map(|row| row.get::<i64, _>(0))
-            .collect();
-        let duplicates = numbers.len() - numbers.iter().collect::<HashSet<_>>().len();
-        let exact = numbers == (1..=100).collect::<Vec<i64>>();
-        (exact, format!("duplicate numbers: {duplicates}"))
+        }
     })
+    .await;
+    let (_, failed) = succeeded(results);
+    let numbers = db
+        .sql()
+        .ints("SELECT seq FROM events ORDER BY seq", &[])
+        .await
+        .expect("read the events");
+    let duplicates = numbers.len() - numbers.iter().collect::<HashSet<_>>().len();
+    let exact = numbers == (1..=100).collect::<Vec<i64>>();
+    (
+        exact && failed.is_empty(),
+        format!("duplicate numbers: {duplicates}{failed}"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,51 +603,68 @@ fn event_store(variant: Variant) -> (bool, String) {
 
 const WORK_ORDER_TABLES: &[&str] = &["CREATE TABLE work_orders (no BIGINT NOT NULL UNIQUE)"];
 
-#[derive(Debug)]
-pub struct DuplicateKey(String);
-
-async fn max_work_order(db: &Db) -> u64 {
-    db.scalar("SELECT COALESCE(MAX(no), 0) FROM work_orders", &[])
-        .await as u64
-}
-
-async fn insert_work_order(db: &Db, no: u64) -> Result<u64, DuplicateKey> {
-    sqlx::query("INSERT INTO work_orders (no) VALUES ($1)")
-        .bind(no as i64)
-        .execute(&db.pool)
+async fn max_work_order<D: Lab>(db: &Db<D>) -> u64 {
+    db.sql()
+        .scalar("SELECT COALESCE(MAX(no), 0) FROM work_orders", &[])
         .await
-        .map(|_| no)
-        .map_err(|error| DuplicateKey(error.to_string()))
+        .expect("read the highest number") as u64
 }
 
-async fn naive_work_order(db: &Db) -> Result<u64, DuplicateKey> {
+async fn insert_work_order<D: Lab>(mut sql: Sql<'_, D>, no: u64) -> Result<u64, DbError> {
+    sql.execute(
+        "INSERT INTO work_orders (no) VALUES ($1)",
+        &[Int(no as i64)],
+    )
+    .await?;
+    Ok(no)
+}
+
+async fn naive_work_order<D: Lab>(db: &Db<D>) -> Result<u64, DbError> {
     let no = max_work_order(db).await + 1;
     io().await;
-    insert_work_order(db, no).await
+    insert_work_order(db.sql(), no).await
 }
 
-// One sequence per lab database, starting after the highest number already in the table.
-#[sequenced(key = db.id, start = max_work_order(db).await + 1)]
-async fn create_work_order(db: &Db, seq: Seq) -> Result<u64, DuplicateKey> {
+// One sequence of the database's work-order numbers, starting after the highest number already
+// in the table; a number is consumed by the `COMMIT` of its row.
+#[sequenced(start = max_work_order(db).await + 1, store = db.store.sequence("work_order_no"))]
+async fn create_work_order<D: Lab>(
+    db: &Db<D>,
+    seq: Seq,
+    mut tx: Tx<'_, D>,
+) -> Result<u64, DbError> {
     io().await;
-    insert_work_order(db, seq.get()).await
+    insert_work_order(Sql::of(&mut tx), seq.get()).await
 }
 
 fn work_orders(variant: Variant) -> (bool, String) {
-    on_database(WORK_ORDER_TABLES, |db| async move {
-        let results = released(100, |_| {
-            let db = db.clone();
-            async move {
-                match variant {
-                    Variant::Naive => naive_work_order(&db).await,
-                    Variant::Racefree => create_work_order(&db).await,
-                }
+    on_chosen_database!(WORK_ORDER_TABLES, |db| create_work_orders(db, variant))
+}
+
+async fn create_work_orders<D: Lab>(db: Arc<Db<D>>, variant: Variant) -> (bool, String) {
+    let results = released(100, |_| {
+        let db = db.clone();
+        async move {
+            match variant {
+                Variant::Naive => naive_work_order(&db).await,
+                Variant::Racefree => create_work_order(&db).await,
             }
-        })
-        .await;
-        let failures = results.iter().filter(|r| r.is_err()).count();
-        (failures == 0, format!("duplicate-key failures: {failures}"))
+        }
     })
+    .await;
+    let (_, failed) = succeeded(results);
+    let duplicates = failed.0.iter().filter(|e| e.is_duplicate_key()).count();
+    let others = Failed(
+        failed
+            .0
+            .into_iter()
+            .filter(|e| !e.is_duplicate_key())
+            .collect(),
+    );
+    (
+        duplicates == 0 && others.is_empty(),
+        format!("duplicate-key failures: {duplicates}{others}"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -529,54 +672,70 @@ fn work_orders(variant: Variant) -> (bool, String) {
 
 const STOCK_TABLES: &[&str] = &["CREATE TABLE stock (sku TEXT PRIMARY KEY, qty BIGINT NOT NULL)"];
 
-async fn read_modify_write(db: &Db, sku: &str, qty: i64) {
-    let current = db
-        .scalar("SELECT qty FROM stock WHERE sku = $1", &[sku])
-        .await;
+async fn read_modify_write<D: Lab>(
+    mut sql: Sql<'_, D>,
+    sku: &str,
+    qty: i64,
+) -> Result<(), DbError> {
+    let current = sql
+        .scalar("SELECT qty FROM stock WHERE sku = $1", &[Text(sku)])
+        .await?;
     io().await;
-    sqlx::query("UPDATE stock SET qty = $1 WHERE sku = $2")
-        .bind(current + qty)
-        .bind(sku)
-        .execute(&db.pool)
-        .await
-        .expect("write the quantity");
+    sql.execute(
+        "UPDATE stock SET qty = $1 WHERE sku = $2",
+        &[Int(current + qty), Text(sku)],
+    )
+    .await?;
+    Ok(())
 }
 
-async fn naive_add_stock(db: &Db, sku: &str, qty: i64) {
-    read_modify_write(db, sku, qty).await
+async fn naive_add_stock<D: Lab>(db: &Db<D>, sku: &str, qty: i64) -> Result<(), DbError> {
+    read_modify_write(db.sql(), sku, qty).await
 }
 
-#[sequenced(key = sku.to_owned())]
-async fn add_stock(db: &Db, sku: &str, qty: i64) {
-    read_modify_write(db, sku, qty).await
+/// The same read-modify-write, one call per SKU at a time, in the transaction that holds the
+/// SKU's counter row (the number itself is not needed: the turn is).
+#[sequenced(key = sku.to_owned(), store = db.store.sequence("stock"))]
+async fn add_stock<D: Lab>(
+    db: &Db<D>,
+    sku: &str,
+    qty: i64,
+    _turn: Seq,
+    mut tx: Tx<'_, D>,
+) -> Result<(), DbError> {
+    read_modify_write(Sql::of(&mut tx), sku, qty).await
 }
 
 fn inventory(variant: Variant) -> (bool, String) {
+    on_chosen_database!(STOCK_TABLES, |db| add_stocks(db, variant))
+}
+
+async fn add_stocks<D: Lab>(db: Arc<Db<D>>, variant: Variant) -> (bool, String) {
     let sku = format!("sku-{}", fresh());
-    on_database(STOCK_TABLES, |db| async move {
-        sqlx::query("INSERT INTO stock (sku, qty) VALUES ($1, 0)")
-            .bind(&sku)
-            .execute(&db.pool)
-            .await
-            .expect("seed the SKU");
-        released(100, |_| {
-            let (db, sku) = (db.clone(), sku.clone());
-            async move {
-                match variant {
-                    Variant::Naive => naive_add_stock(&db, &sku, 1).await,
-                    Variant::Racefree => add_stock(&db, &sku, 1).await,
-                }
+    db.sql()
+        .execute("INSERT INTO stock (sku, qty) VALUES ($1, 0)", &[Text(&sku)])
+        .await
+        .expect("seed the SKU");
+    let results = released(100, |_| {
+        let (db, sku) = (db.clone(), sku.clone());
+        async move {
+            match variant {
+                Variant::Naive => naive_add_stock(&db, &sku, 1).await,
+                Variant::Racefree => add_stock(&db, &sku, 1).await,
             }
-        })
-        .await;
-        let qty = db
-            .scalar("SELECT qty FROM stock WHERE sku = $1", &[&sku])
-            .await;
-        (
-            qty == 100,
-            format!("stock: {qty}, lost updates: {}", 100 - qty),
-        )
+        }
     })
+    .await;
+    let (_, failed) = succeeded(results);
+    let qty = db
+        .sql()
+        .scalar("SELECT qty FROM stock WHERE sku = $1", &[Text(&sku)])
+        .await
+        .expect("read the quantity");
+    (
+        qty == 100 && failed.is_empty(),
+        format!("stock: {qty}, lost updates: {}{failed}", 100 - qty),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,14 +746,10 @@ fn inventory(variant: Variant) -> (bool, String) {
 const QUEUE_TABLES: &[&str] = &["CREATE TABLE queue (item TEXT PRIMARY KEY, pos BIGINT NOT NULL)"];
 const QUEUE_ITEMS: [&str; 7] = ["p0", "p1", "X", "p3", "p4", "Y", "p6"];
 
-async fn queue_order(db: &Db) -> Vec<String> {
-    sqlx::query("SELECT item FROM queue ORDER BY pos, item")
-        .fetch_all(&db.pool)
-        .await
-        .expect("read the queue")
-        .iter()
-        .map(|row| row.get::<String, _>(0))
-        .collect()
+async fn queue_order<D: Lab>(mut sql: Sql<'_, D>) -> Result<Vec<String>, DbError> {
+    Ok(sql
+        .texts("SELECT item FROM queue ORDER BY pos, item", &[])
+        .await?)
 }
 
 fn moved(order: &[String], item: &str, to: usize) -> Vec<String> {
@@ -605,78 +760,96 @@ fn moved(order: &[String], item: &str, to: usize) -> Vec<String> {
     order
 }
 
-async fn move_item(db: &Db, item: &str, to: usize) {
-    let before = queue_order(db).await;
+/// Writes the positions that differ between `before` and `after`.
+async fn save_positions<D: Lab>(
+    mut sql: Sql<'_, D>,
+    before: &[String],
+    after: &[String],
+) -> Result<(), DbError> {
+    for (pos, item) in after.iter().enumerate() {
+        if before.get(pos) != Some(item) {
+            sql.execute(
+                "UPDATE queue SET pos = $1 WHERE item = $2",
+                &[Int(pos as i64), Text(item)],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn naive_reorder<D: Lab>(db: &Db<D>, item: &str, to: usize) -> Result<(), DbError> {
+    let before = queue_order(db.sql()).await?;
     let after = moved(&before, item, to);
     io().await;
     // The changes of one move commit together, as a dispatcher's save would.
-    let mut tx = db.pool.begin().await.expect("begin");
-    for (pos, item) in after.iter().enumerate() {
-        if before.get(pos) != Some(item) {
-            sqlx::query("UPDATE queue SET pos = $1 WHERE item = $2")
-                .bind(pos as i64)
-                .bind(item)
-                .execute(&mut *tx)
-                .await
-                .expect("write a position");
-        }
-    }
-    tx.commit().await.expect("commit the move");
+    let mut tx = db.pool.begin().await?;
+    save_positions(Sql::<D>::Tx(&mut tx), &before, &after).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-async fn naive_reorder(db: &Db, item: &str, to: usize) {
-    move_item(db, item, to).await
-}
-
-#[sequenced(key = db.id)]
-async fn reorder(db: &Db, item: &str, to: usize) {
-    move_item(db, item, to).await
+/// The same move, one at a time, read and written in the transaction that holds the queue's
+/// counter row (the turn is what this needs, not the number).
+#[sequenced(store = db.store.sequence("queue"))]
+async fn reorder<D: Lab>(
+    db: &Db<D>,
+    item: &str,
+    to: usize,
+    _turn: Seq,
+    mut tx: Tx<'_, D>,
+) -> Result<(), DbError> {
+    let before = queue_order(Sql::of(&mut tx)).await?;
+    let after = moved(&before, item, to);
+    io().await;
+    save_positions(Sql::of(&mut tx), &before, &after).await
 }
 
 fn queue_reorder(variant: Variant) -> (bool, String) {
-    on_database(QUEUE_TABLES, |db| async move {
-        for (pos, item) in QUEUE_ITEMS.iter().enumerate() {
-            sqlx::query("INSERT INTO queue (item, pos) VALUES ($1, $2)")
-                .bind(*item)
-                .bind(pos as i64)
-                .execute(&db.pool)
-                .await
-                .expect("seed the queue");
-        }
-        let moves = [("X", 0), ("p1", usize::MAX)];
-        released(2, |i| {
-            let db = db.clone();
-            let (item, to) = moves[i];
-            async move {
-                match variant {
-                    Variant::Naive => naive_reorder(&db, item, to).await,
-                    Variant::Racefree => reorder(&db, item, to).await,
-                }
+    on_chosen_database!(QUEUE_TABLES, |db| reorder_queue(db, variant))
+}
+
+async fn reorder_queue<D: Lab>(db: Arc<Db<D>>, variant: Variant) -> (bool, String) {
+    for (pos, item) in QUEUE_ITEMS.iter().enumerate() {
+        db.sql()
+            .execute(
+                "INSERT INTO queue (item, pos) VALUES ($1, $2)",
+                &[Text(item), Int(pos as i64)],
+            )
+            .await
+            .expect("seed the queue");
+    }
+    let moves = [("X", 0), ("p1", usize::MAX)];
+    let results = released(2, |i| {
+        let db = db.clone();
+        let (item, to) = moves[i];
+        async move {
+            match variant {
+                Variant::Naive => naive_reorder(&db, item, to).await,
+                Variant::Racefree => reorder(&db, item, to).await,
             }
-        })
-        .await;
-        let positions: Vec<(String, i64)> =
-            sqlx::query("SELECT item, pos FROM queue ORDER BY item")
-                .fetch_all(&db.pool)
-                .await
-                .expect("read the positions")
-                .iter()
-                .map(|row| (row.get::<String, _>(0), row.get::<i64, _>(1)))
-                .collect();
-        let mut seen: Vec<i64> = positions.iter().map(|(_, pos)| *pos).collect();
-        seen.sort_unstable();
-        let ok = seen == (0..positions.len() as i64).collect::<Vec<_>>();
-        let described: Vec<String> = positions
-            .iter()
-            .map(|(item, pos)| format!("{item}={pos}"))
-            .collect();
-        (
-            ok,
-            if ok {
-                "consistent order".to_owned()
-            } else {
-                format!("conflicting positions: {}", described.join(" "))
-            },
-        )
+        }
     })
+    .await;
+    let (_, failed) = succeeded(results);
+    let positions = db
+        .sql()
+        .ints("SELECT pos FROM queue ORDER BY pos", &[])
+        .await
+        .expect("read the positions");
+    let permutation = positions == (0..QUEUE_ITEMS.len() as i64).collect::<Vec<_>>();
+    let observed = if permutation {
+        "consistent order".to_owned()
+    } else {
+        let described = db
+            .sql()
+            .texts("SELECT item || '=' || pos FROM queue ORDER BY item", &[])
+            .await
+            .expect("read the positions");
+        format!("conflicting positions: {}", described.join(" "))
+    };
+    (
+        permutation && failed.is_empty(),
+        format!("{observed}{failed}"),
+    )
 }

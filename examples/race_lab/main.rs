@@ -2,13 +2,16 @@
 //! side by side, with numbers.
 //!
 //! ```text
-//! cargo run --release --example race_lab                      # the table
-//! cargo run --release --example race_lab -- --json            # the same as JSON
-//! cargo run --release --example race_lab -- --scenario inventory
-//! cargo run --release --example race_lab -- --database-url postgres://postgres@127.0.0.1/test
+//! cargo run --release --example race_lab --features sqlite,postgres              # the table
+//! cargo run --release --example race_lab --features sqlite,postgres -- --json    # as JSON
+//! cargo run --release --example race_lab --features sqlite,postgres -- --scenario inventory
+//! cargo run --release --example race_lab --features sqlite,postgres -- \
+//!     --database-url postgres://postgres@127.0.0.1/test
 //! ```
-//! The database scenarios run on a fresh SQLite file by default (nothing to install), or in a
-//! fresh schema of the PostgreSQL given by `--database-url` (dropped afterwards).
+//! The database scenarios run on a fresh SQLite file by default (sqlx bundles SQLite: nothing
+//! to install), or in a fresh schema of the PostgreSQL given by `--database-url` (dropped
+//! afterwards); their racefree rows use racefree's SQL store of that database, so the record
+//! or the number commits in the same transaction as the effect.
 //! Exits non-zero if a racefree row ever shows the race.
 
 mod lab;
