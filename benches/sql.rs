@@ -16,6 +16,10 @@
 //! sqlx sends when its connection goes back to the pool. Counts do not depend on the machine's
 //! load; the timings do.
 //!
+//! Criterion times one contender after the other; on a machine shared with other work the
+//! same comparisons are also paired call by call (`paired!`) and their median ratios written as
+//! figures (`sql/<db> paired ratio`): those are the ratios to read there.
+//!
 //! `cargo bench --bench sql --features postgres,sqlite`
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -276,6 +280,41 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Pairs per paired ratio.
+const PAIRED_ROUNDS: usize = 300;
+
+/// Times `$bare` and `$ours` alternately, one call each per round, the order flipping every
+/// round, and records the ratio of their median times as a figure. Criterion times one
+/// contender after the other, seconds apart: on a machine shared with other work (a commit's
+/// `fsync` waits behind every other writer's) that compares two different loads. Paired calls
+/// see the same load, so their ratio is the comparison that holds up there.
+macro_rules! paired {
+    ($rt:expr, $group:expr, $name:expr, bare: $bare:expr, ours: $ours:expr) => {{
+        let (mut bare, mut ours) = (Vec::new(), Vec::new());
+        $rt.block_on(async {
+            for round in 0..PAIRED_ROUNDS {
+                if round % 2 == 0 {
+                    let started = std::time::Instant::now();
+                    $bare;
+                    bare.push(started.elapsed());
+                }
+                let started = std::time::Instant::now();
+                $ours;
+                ours.push(started.elapsed());
+                if round % 2 == 1 {
+                    let started = std::time::Instant::now();
+                    $bare;
+                    bare.push(started.elapsed());
+                }
+            }
+        });
+        bare.sort();
+        ours.sort();
+        let (bare, ours) = (bare[bare.len() / 2], ours[ours.len() / 2]);
+        support::figure($group, $name, ours.as_secs_f64() / bare.as_secs_f64(), "x");
+    }};
+}
+
 /// The three comparisons on one database: `$db` names it in the group names; `$pool` and
 /// `$store` are its pool and store, `$replayed` a key completed before (and its bare twin in
 /// `bench_records`). PostgreSQL also gets `nextval()` + `INSERT` in the numbered group.
@@ -338,6 +377,19 @@ macro_rules! comparisons {
                 .iter(|| async { sequenced_insert!(store, "racefree-customer") })
         });
         group.finish();
+
+        // The same comparisons paired call by call (see `paired!`): the ratios to read on a
+        // machine that other work shares.
+        let paired = concat!("sql/", $db, " paired ratio (median of racefree / bare)");
+        paired!(rt, paired, "#[idempotent] first execution vs bare transaction",
+            bare: bare_transaction!(pool, fresh("paired-bare")),
+            ours: first_execution!(store, fresh("paired-first")));
+        paired!(rt, paired, "#[idempotent] replay vs bare primary-key SELECT",
+            bare: bare_select!(pool, replayed),
+            ours: replay!(store, replayed));
+        paired!(rt, paired, "#[sequenced] insert vs bare transaction",
+            bare: bare_numbered_insert!(pool, "paired-bare", bare_numbers.fetch_add(1, Relaxed) as i64),
+            ours: sequenced_insert!(store, "paired-customer"));
     }};
 }
 

@@ -69,6 +69,7 @@ struct Version {
 
 #[derive(Deserialize)]
 struct Decoded<T> {
+    v: u32,
     value: T,
 }
 
@@ -130,17 +131,24 @@ fn answer<T: DeserializeOwned>(
     let text = record
         .outcome
         .ok_or_else(|| undecodable("the record has no outcome".into()))?;
-    let version: Version = serde_json::from_str(&text)
-        .map_err(|e| undecodable(format!("not a versioned outcome: {e}")))?;
-    if version.v != FORMAT {
-        return Err(undecodable(format!(
-            "outcome format {} (this version reads {FORMAT})",
-            version.v
-        )));
+    // One parse when the record is what this version wrote.
+    match serde_json::from_str::<Decoded<T>>(&text) {
+        Ok(decoded) if decoded.v == FORMAT => Ok(decoded.value),
+        // Not what this version wrote: the version, read on its own, says why.
+        decoded => {
+            let version: Version = serde_json::from_str(&text)
+                .map_err(|e| undecodable(format!("not a versioned outcome: {e}")))?;
+            if version.v != FORMAT {
+                return Err(undecodable(format!(
+                    "outcome format {} (this version reads {FORMAT})",
+                    version.v
+                )));
+            }
+            Err(undecodable(
+                decoded.err().map(|e| e.to_string()).unwrap_or_default(),
+            ))
+        }
     }
-    let decoded: Decoded<T> =
-        serde_json::from_str(&text).map_err(|e| undecodable(e.to_string()))?;
-    Ok(decoded.value)
 }
 
 fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
