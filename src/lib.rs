@@ -120,6 +120,48 @@ assert_eq!(RATES.get("EUR"), Some(1.08));
 ```
 "#
 )]
+#![cfg_attr(
+    feature = "metrics",
+    doc = r#"
+With the `metrics` feature, every attribute reports through the [`metrics`](https://docs.rs/metrics)
+facade to whatever recorder the application installed (Prometheus, StatsD, ...): hits,
+coalesced waits, executions, replays, conflicts, evictions and store errors as counters, lock
+and flight waits as histograms, each labelled with the `function` and the `store`. The names
+and units are listed in [`telemetry`]. Install the recorder before the first call:
+
+```
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use racefree::cached;
+
+#[cached]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+let recorder = DebuggingRecorder::new();
+let snapshotter = recorder.snapshotter();
+metrics::with_local_recorder(&recorder, || {
+    for _ in 0..3 {
+        square(4);
+    }
+});
+let counters: Vec<(String, String, u64)> = snapshotter
+    .snapshot()
+    .into_vec()
+    .into_iter()
+    .filter_map(|(key, _, _, value)| match value {
+        DebugValue::Counter(n) if n > 0 => {
+            let function = key.key().labels().find(|l| l.key() == "function")?.value().to_owned();
+            Some((key.key().name().to_owned(), function, n))
+        }
+        _ => None,
+    })
+    .collect();
+assert!(counters.contains(&("racefree_executions_total".into(), "rust_out::square".into(), 1)));
+assert!(counters.contains(&("racefree_cache_hits_total".into(), "rust_out::square".into(), 2)));
+```
+"#
+)]
 #![warn(missing_docs)]
 
 pub use racefree_macros::{cached, idempotent, sequenced};
@@ -127,6 +169,7 @@ pub use racefree_runtime::cached::store as cache_store;
 pub use racefree_runtime::idempotent as idempotency;
 pub use racefree_runtime::replay;
 pub use racefree_runtime::served;
+pub use racefree_runtime::telemetry;
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,

@@ -363,7 +363,9 @@ fn call(plan: &Plan, name: &Ident, per_implementor: bool) -> TokenStream {
     });
     quote! {
         #bind_scope
-        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy) #claim;
+        static __RACEFREE_METER: ::racefree::__private::MeterCell = ::racefree::__private::MeterCell::new();
+        let __racefree_call = ::racefree::__private::Call::new(__racefree_path(), #scope, #key, __racefree_fingerprint, #policy)
+            .metered(&__RACEFREE_METER) #claim;
     }
 }
 

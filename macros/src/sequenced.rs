@@ -258,8 +258,8 @@ fn key_type(key: Option<&Expr>, item: &ItemFn) -> Option<TokenStream> {
 fn block(plan: &Plan, item: &ItemFn) -> TokenStream {
     let name = &item.sig.ident;
     let id_fn = expand::id_fn(name);
-    // Only a panic names the function; a typed error does not.
-    let path_fn = (!plan.typed_errors()).then(|| expand::path_fn(name));
+    // A panic names the function, and so do its metrics.
+    let path_fn = expand::path_fn(name);
     let mode = Mode::of(&item.sig);
     let ret = erase_impl_trait(plan.output.ty());
     let fail = fail(plan);
@@ -387,12 +387,26 @@ fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
     // `next` and `commit` take the lease mutably / by value; without a `Seq` neither runs.
     // (and a `tx` parameter borrows it mutably).
     let mutability = (plan.seq.is_some() || plan.tx.is_some()).then(|| quote!(mut));
+    // The wait is timed, and the function's metrics learn the store from the lease (feature
+    // `metrics`; without it these are empty).
     quote! {
-        let #mutability __racefree_lease = match #call #await_ {
+        static __RACEFREE_METER: ::racefree::__private::MeterCell = ::racefree::__private::MeterCell::new();
+        let __racefree_started = ::racefree::__private::Started::now();
+        let __racefree_acquired = #call #await_;
+        let __racefree_meter = ::racefree::__private::acquired(&__RACEFREE_METER, __racefree_path, __racefree_started, &__racefree_acquired);
+        let #mutability __racefree_lease = match __racefree_acquired {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
             ::core::result::Result::Err(__racefree_error) => #fail,
         };
     }
+}
+
+/// A store's error after the key was acquired: counted against the function, then `fail`.
+fn store_failed(fail: &TokenStream) -> TokenStream {
+    quote! {{
+        ::racefree::__private::sequence_failed_in_store(__racefree_meter, &__racefree_error);
+        #fail
+    }}
 }
 
 /// Binds `__racefree_number` (the key's next number, or `start` for a new key, evaluated here
@@ -412,6 +426,7 @@ fn number(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
     };
     let next = mode.call("next", "next_async", proc_macro2::Span::call_site());
     let await_ = mode.await_();
+    let fail = store_failed(fail);
     quote! {
         let __racefree_number: u64 = match ::racefree::__private::SequenceLease::#next(&mut __racefree_lease) #await_ {
             ::core::result::Result::Ok(::core::option::Option::Some(__racefree_next)) => __racefree_next,
@@ -461,6 +476,7 @@ fn finish(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
     };
     let commit = mode.call("commit", "commit_async", proc_macro2::Span::call_site());
     let await_ = mode.await_();
+    let fail = store_failed(fail);
     quote! {
         if #succeeded {
             if let ::core::result::Result::Err(__racefree_error) = ::racefree::__private::SequenceLease::#commit(__racefree_lease, __racefree_number) #await_ {

@@ -13,7 +13,38 @@ pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
 pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};
 
+pub use crate::telemetry::{MeterCell, Started};
+
 use crate::sequenced::{Seq, SequenceError};
+use crate::telemetry::MeterRef;
+
+/// What a `#[sequenced]` call's acquire tells its function's metrics: how long it waited for
+/// the key (also when it timed out), that its body will run, or the store's error.
+#[inline]
+pub fn acquired<L: crate::SequenceLease>(
+    cell: &'static MeterCell,
+    function: fn() -> &'static str,
+    started: Started,
+    acquired: &Result<L, SequenceError>,
+) -> MeterRef {
+    let meter = cell.meter(function, L::STORE);
+    match acquired {
+        Ok(_) => {
+            meter.lock_waited(started);
+            meter.executed();
+        }
+        Err(SequenceError::Timeout) => meter.lock_waited(started),
+        Err(error) => meter.store_error(crate::telemetry::sequence_error_kind(error)),
+    }
+    meter
+}
+
+/// A `#[sequenced]` store's error after the key was acquired (reading or committing the
+/// number), counted against the function.
+#[inline]
+pub fn sequence_failed_in_store(meter: MeterRef, error: &SequenceError) {
+    meter.store_error(crate::telemetry::sequence_error_kind(error));
+}
 
 /// The `Seq` a call was given: its number and fencing token.
 #[inline]

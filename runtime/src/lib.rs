@@ -14,6 +14,8 @@
 //! - `backends::sql` (features `postgres`, `sqlite`): `#[idempotent]` and `#[sequenced]` whose
 //!   guarantee commits in the same transaction as the body's effect, one file per attribute.
 //! - `http` (feature `tower`; `axum` adds extractors): the HTTP pieces around `#[idempotent]`.
+//! - [`telemetry`]: what racefree reports, the `metrics` (feature `metrics`) and the outcome
+//!   words of its `tracing` events, named in one place.
 //! - `__private`: the one door generated code goes through.
 
 #![warn(missing_docs)]
@@ -28,6 +30,7 @@ pub mod http;
 pub mod idempotent;
 pub mod sequenced;
 pub mod sync;
+pub mod telemetry;
 
 pub use cached::served;
 pub use cached::{

@@ -91,6 +91,7 @@ use super::store::Outcome;
 use crate::sync::blocking::Owner;
 use crate::sync::clock;
 use crate::sync::single_flight::{Join, Lead, SingleFlight};
+use crate::telemetry::{outcome, Meter, Started};
 pub use crate::sync::RandomState;
 
 const VISITED: u64 = 1 << 63;
@@ -266,6 +267,8 @@ pub struct Cache<K, V, S = RandomState> {
     inserts_since_sweep: AtomicUsize,
     left_by_last_sweep: AtomicUsize,
     counters: Counters,
+    // What `metrics` sees (feature `metrics`; nothing otherwise): registered at creation.
+    meter: Meter,
     name: &'static str,
 }
 
@@ -423,6 +426,7 @@ where
             inserts_since_sweep: AtomicUsize::new(0),
             left_by_last_sweep: AtomicUsize::new(0),
             counters: Counters::default(),
+            meter: Meter::new(name, "memory"),
             name,
         }
     }
@@ -436,6 +440,7 @@ where
     {
         let value = self.peek(key)?;
         self.counters.hits.bump();
+        self.meter.hit();
         Some(value)
     }
 
@@ -642,6 +647,7 @@ where
         asynchronous: bool,
     ) -> Answer<'_, K, V, S> {
         self.counters.hits.bump();
+        self.meter.hit();
         match age {
             Age::Fresh => {
                 record(Served::Hit);
@@ -696,9 +702,11 @@ where
                 Step::Done(answer) => return answer,
                 Step::Wait(flight) => {
                     self.note_wait(&mut waited);
+                    let started = Started::now();
                     let landing = flight.wait_checked().unwrap_or_else(|error| {
                         panic!("#[cached] {}: {error}", self.name);
                     });
+                    self.meter.flight_waited(started);
                     if let Some(answer) = self.landed(landing, errors) {
                         return answer;
                     }
@@ -714,7 +722,10 @@ where
                 Step::Done(answer) => return answer,
                 Step::Wait(flight) => {
                     self.note_wait(&mut waited);
-                    if let Some(answer) = self.landed(flight.wait_async().await, errors) {
+                    let started = Started::now();
+                    let landing = flight.wait_async().await;
+                    self.meter.flight_waited(started);
+                    if let Some(answer) = self.landed(landing, errors) {
                         return answer;
                     }
                 }
@@ -754,7 +765,8 @@ where
                     return Step::Done(Answer::Hit(value));
                 }
                 self.counters.executions.fetch_add(1, Relaxed);
-                tracing::debug!(target: "racefree", cache = self.name, "cache miss: executing");
+                self.meter.executed();
+                tracing::debug!(target: "racefree", function = self.name, outcome = outcome::EXECUTED, "cache miss: executing");
                 Step::Done(Answer::Lead(CacheLead { cache: self, lead }))
             }
         }
@@ -764,7 +776,8 @@ where
         if !*waited {
             *waited = true;
             self.counters.coalesced.fetch_add(1, Relaxed);
-            tracing::debug!(target: "racefree", cache = self.name, "cache miss: waiting for the caller computing it");
+            self.meter.cache_waited();
+            tracing::debug!(target: "racefree", function = self.name, outcome = outcome::WAITED, "cache miss: waiting for the caller computing it");
         }
     }
 
@@ -890,7 +903,7 @@ where
             let Some(key) = ring.pop_front() else { break };
             let mut second_chance = false;
             // `Err` is the second chance (or a key no longer stored): nothing removed.
-            let _ = entries.remove_if(&key, |_, slot| {
+            let removed = entries.remove_if(&key, |_, slot| {
                 let stamp = slot.stamp.load(Relaxed);
                 if now.is_some_and(|now| is_expired(stamp, now)) || stamp & VISITED == 0 {
                     return true;
@@ -899,6 +912,9 @@ where
                 second_chance = true;
                 false
             });
+            if let Ok(Some(_)) = removed {
+                self.meter.evicted(1);
+            }
             if second_chance {
                 ring.push_back(key);
             }
@@ -1056,7 +1072,7 @@ where
 
     /// Gives up without a value: one waiter becomes the next lead. (Dropping does the same.)
     pub fn abandon(self) {
-        tracing::debug!(target: "racefree", cache = self.cache.name, "no value to cache; releasing the key");
+        tracing::debug!(target: "racefree", function = self.cache.name, "no value to cache; releasing the key");
         record(Served::Executed);
     }
 
@@ -1080,7 +1096,7 @@ where
             return Some(self.serve_stale(value));
         }
         if self.cache.config.share_errors {
-            tracing::debug!(target: "racefree", cache = self.cache.name, "failed; handing the error to the waiters");
+            tracing::debug!(target: "racefree", function = self.cache.name, "failed; handing the error to the waiters");
             self.lead
                 .complete(Landed::Error(SharedError::new(error.clone())));
             record(Served::Executed);
@@ -1091,7 +1107,7 @@ where
     }
 
     fn serve_stale(self, value: V) -> V {
-        tracing::debug!(target: "racefree", cache = self.cache.name, "failed; serving the expired value (stale_on_error)");
+        tracing::debug!(target: "racefree", function = self.cache.name, "failed; serving the expired value (stale_on_error)");
         self.cache.counters.stale_served.fetch_add(1, Relaxed);
         self.lead.complete(Landed::Stale(value.clone()));
         record(Served::Stale);
@@ -1124,7 +1140,8 @@ where
     fn starting(&self) {
         self.cache.counters.executions.fetch_add(1, Relaxed);
         self.cache.counters.refreshes.fetch_add(1, Relaxed);
-        tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: recomputing in the background");
+        self.cache.meter.executed();
+        tracing::debug!(target: "racefree", function = self.cache.name, "refresh-ahead: recomputing in the background");
     }
 
     fn finish(&mut self, value: Option<&V>) {
@@ -1136,11 +1153,11 @@ where
             Some(_) => {
                 // Invalidated (or replaced) while it ran: its value may predate that. Waiters
                 // compute again.
-                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: entry invalidated meanwhile; value dropped");
+                tracing::debug!(target: "racefree", function = self.cache.name, "refresh-ahead: entry invalidated meanwhile; value dropped");
             }
             None => {
                 self.cache.counters.refresh_failures.fetch_add(1, Relaxed);
-                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead failed; keeping the current value");
+                tracing::debug!(target: "racefree", function = self.cache.name, "refresh-ahead failed; keeping the current value");
                 self.cache.end_refresh(lead.key(), self.seq);
             }
         }
@@ -1162,7 +1179,7 @@ where
             .name("racefree-refresh".to_owned())
             .spawn(move || self.run(body));
         if let Err(error) = spawned {
-            tracing::warn!(target: "racefree", cache = name, %error, "refresh-ahead: no thread for the refresh; skipped");
+            tracing::warn!(target: "racefree", function = name, %error, "refresh-ahead: no thread for the refresh; skipped");
         }
     }
 
@@ -1180,7 +1197,7 @@ where
                 runtime.spawn(self.run_async(body));
             }
             Err(_) => {
-                tracing::debug!(target: "racefree", cache = self.cache.name, "refresh-ahead: not inside a Tokio runtime; skipped");
+                tracing::debug!(target: "racefree", function = self.cache.name, "refresh-ahead: not inside a Tokio runtime; skipped");
             }
         }
     }

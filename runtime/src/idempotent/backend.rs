@@ -64,6 +64,11 @@ pub trait IdempotencyBackend<T>: Sync {
     /// What a caller needs to wait for a claim held by somebody else.
     type InFlight: Send;
 
+    /// The kind of store, as the `store` label of racefree's metrics names it (feature
+    /// `metrics`, see [`telemetry`](crate::telemetry)): `memory`, `redis`, `postgres`,
+    /// `sqlite`; `custom` unless a store of your own says otherwise.
+    const STORE: &'static str = "custom";
+
     /// Atomically, for `key`:
     /// - no record, or an expired one → record "in flight with `fingerprint`" and return
     ///   [`Claim::Execute`]; no other caller can get `Execute` for the key until the lease is

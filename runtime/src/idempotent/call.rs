@@ -22,6 +22,7 @@ use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use crate::sync::keyed_locks::{EnteredMark, Holder, Within};
+use crate::telemetry::{self, outcome, Meter, MeterCell, MeterRef, Started};
 
 use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 use super::error::IdempotencyError;
@@ -113,6 +114,8 @@ pub struct Call {
     key: Result<Option<RecordKey>, IdempotencyError>,
     fingerprint: Fingerprint,
     policy: Policy,
+    // The function's handles (feature `metrics`), registered on its first call.
+    meter: Option<&'static MeterCell>,
 }
 
 impl Call {
@@ -133,6 +136,22 @@ impl Call {
             key,
             fingerprint,
             policy,
+            meter: None,
+        }
+    }
+
+    /// Reports the call through the function's own handles (what `#[idempotent]` declares);
+    /// without them, a call finds its function's handles in a process-wide map.
+    #[inline]
+    pub fn metered(mut self, cell: &'static MeterCell) -> Call {
+        self.meter = Some(cell);
+        self
+    }
+
+    fn meter<B: IdempotencyBackend<T>, T>(&self) -> MeterRef {
+        match self.meter {
+            Some(cell) => cell.meter(|| self.function, B::STORE),
+            None => Meter::shared(self.function, B::STORE),
         }
     }
 }
@@ -211,6 +230,7 @@ pub struct Execution<'a, B: IdempotencyBackend<T>, T> {
     // transaction: see `IdempotencyBackend::lease_without_key`).
     unkeyed_lease: Option<B::Lease>,
     function: &'static str,
+    meter: MeterRef,
     ttl: Duration,
     // The record key's holder, for re-entry detection; `None` for a call without a key.
     holder: Option<Holder>,
@@ -240,6 +260,7 @@ fn reentered<'a, B: IdempotencyBackend<T>, T>(
 /// A keyed call between its claims: what it claims, with which fingerprint, until when it waits.
 struct Claiming {
     function: &'static str,
+    meter: MeterRef,
     key: RecordKey,
     fingerprint: Fingerprint,
     policy: Policy,
@@ -252,15 +273,17 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     call: Call,
 ) -> Result<Claiming, Begin<'a, B, T>> {
+    let meter = call.meter::<B, T>();
     let Call {
         function,
         key,
         fingerprint,
         policy,
+        ..
     } = call;
     let key = match key {
         Ok(Some(key)) => key,
-        Ok(None) => return Err(unkeyed(backend, function, policy)),
+        Ok(None) => return Err(unkeyed(backend, function, meter, policy)),
         Err(refusal) => return Err(Begin::Refuse(refusal)),
     };
     if let Some(refusal) = reentered(function, &key) {
@@ -269,6 +292,7 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     Ok(Claiming {
         function,
+        meter,
         key,
         fingerprint,
         policy,
@@ -285,20 +309,23 @@ fn claimed<'a, B: IdempotencyBackend<T>, T>(
     blocking: bool,
 ) -> Result<(Claiming, B::InFlight), Begin<'a, B, T>> {
     let Claiming {
-        function, policy, ..
+        function,
+        meter,
+        policy,
+        ..
     } = claiming;
     match answer {
         Ok(Claim::Execute(lease)) => Err(execute(
             backend,
-            function,
+            (function, meter),
             claiming.key,
             lease,
             policy,
             blocking,
         )),
-        Ok(Claim::Replay(outcome)) => Err(replayed(function, &claiming.key, outcome)),
-        Err(error) => Err(refuse(function, &claiming.key, error)),
-        Ok(Claim::InFlight(in_flight)) => match reject_in_flight(function, &claiming.key, policy) {
+        Ok(Claim::Replay(outcome)) => Err(replayed(function, meter, &claiming.key, outcome)),
+        Err(error) => Err(refuse(function, meter, &claiming.key, error)),
+        Ok(Claim::InFlight(in_flight)) => match reject_in_flight(function, meter, &claiming.key, policy) {
             Some(refusal) => Err(refusal),
             None => Ok((claiming, in_flight)),
         },
@@ -312,9 +339,9 @@ fn waited<'a, B: IdempotencyBackend<T>, T>(
     answer: Result<Option<T>, IdempotencyError>,
 ) -> Option<Begin<'a, B, T>> {
     match answer {
-        Ok(Some(outcome)) => Some(replayed(claiming.function, &claiming.key, outcome)),
+        Ok(Some(outcome)) => Some(replayed(claiming.function, claiming.meter, &claiming.key, outcome)),
         Ok(None) => None,
-        Err(error) => Some(refuse(claiming.function, &claiming.key, error)),
+        Err(error) => Some(refuse(claiming.function, claiming.meter, &claiming.key, error)),
     }
 }
 
@@ -329,7 +356,10 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
                     execution.unkeyed_lease = lease;
                     Begin::Execute(execution)
                 }
-                Err(error) => Begin::Refuse(error),
+                Err(error) => {
+                    execution.meter.store_error(telemetry::idempotency_error_kind(&error));
+                    Begin::Refuse(error)
+                }
             };
         }
         Err(begun) => return begun,
@@ -341,9 +371,11 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
             Ok(waiting) => waiting,
             Err(begun) => return begun,
         };
+        let started = Started::now();
         let answer = backend
             .wait(&claiming.key, in_flight, claiming.deadline)
             .await;
+        claiming.meter.flight_waited(started);
         if let Some(begun) = waited(&claiming, answer) {
             return begun;
         }
@@ -366,7 +398,9 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
             Ok(waiting) => waiting,
             Err(begun) => return begun,
         };
+        let started = Started::now();
         let answer = backend.wait_blocking(&claiming.key, in_flight, claiming.deadline);
+        claiming.meter.flight_waited(started);
         if let Some(begun) = waited(&claiming, answer) {
             return begun;
         }
@@ -376,18 +410,21 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
 fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     function: &'static str,
+    meter: MeterRef,
     policy: Policy,
 ) -> Begin<'a, B, T> {
     if policy.require_key {
-        tracing::debug!(target: "racefree", function, "idempotent call without a key: refused");
+        tracing::debug!(target: "racefree", function, outcome = outcome::ERROR, "idempotent call without a key: refused");
         return Begin::Refuse(IdempotencyError::MissingKey);
     }
-    tracing::debug!(target: "racefree", function, "idempotent call without a key: executing without idempotency");
+    tracing::debug!(target: "racefree", function, outcome = outcome::EXECUTED, "idempotent call without a key: executing without idempotency");
+    meter.executed();
     Begin::Execute(Execution {
         backend,
         claim: None,
         unkeyed_lease: None,
         function,
+        meter,
         ttl: policy.ttl,
         holder: None,
         _entered: None,
@@ -396,19 +433,21 @@ fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
 
 fn execute<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
-    function: &'static str,
+    (function, meter): (&'static str, MeterRef),
     key: RecordKey,
     lease: B::Lease,
     policy: Policy,
     blocking: bool,
 ) -> Begin<'a, B, T> {
-    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: executing");
+    tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::EXECUTED, "idempotent call: executing");
+    meter.executed();
     let holder = record_holder(&key);
     Begin::Execute(Execution {
         backend,
         claim: Some((key, lease)),
         unkeyed_lease: None,
         function,
+        meter,
         ttl: policy.ttl,
         holder: Some(holder),
         // The sync body runs on this thread until the execution ends.
@@ -418,25 +457,30 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
 
 fn replayed<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
+    meter: MeterRef,
     key: &RecordKey,
     outcome: T,
 ) -> Begin<'a, B, T> {
-    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: replaying the stored outcome");
+    tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::REPLAYED, "idempotent call: replaying the stored outcome");
+    meter.replayed();
     replay::record(Replay::Replayed);
     Begin::Replay(outcome)
 }
 
 fn refuse<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
+    meter: MeterRef,
     key: &RecordKey,
     error: IdempotencyError,
 ) -> Begin<'a, B, T> {
     match &error {
         IdempotencyError::Conflict { .. } => {
-            tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: key reused with a different request (conflict)")
+            tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::CONFLICT, "idempotent call: key reused with a different request (conflict)");
+            meter.conflict();
         }
         _ => {
-            tracing::debug!(target: "racefree", function, key = key.client_key(), %error, "idempotent call refused")
+            tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::ERROR, %error, "idempotent call refused");
+            meter.store_error(telemetry::idempotency_error_kind(&error));
         }
     }
     Begin::Refuse(error)
@@ -444,16 +488,18 @@ fn refuse<'a, B: IdempotencyBackend<T>, T>(
 
 fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
+    meter: MeterRef,
     key: &RecordKey,
     policy: Policy,
 ) -> Option<Begin<'a, B, T>> {
     if policy.in_flight == OnInFlight::Reject {
-        tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: duplicate in flight, rejected");
+        tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::ERROR, "idempotent call: duplicate in flight, rejected");
         return Some(Begin::Refuse(IdempotencyError::InProgress {
             key: key.client_key().to_owned(),
         }));
     }
-    tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call: duplicate in flight, waiting");
+    tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::WAITED, "idempotent call: duplicate in flight, waiting");
+    meter.idempotent_waited();
     None
 }
 
@@ -496,6 +542,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
             if let Err(error) = self.finish_unkeyed(outcome).await {
+                self.meter.store_error(telemetry::idempotency_error_kind(&error));
                 tracing::warn!(target: "racefree", function = self.function, %error, "idempotent call without a key: its transaction did not commit");
             }
             return;
@@ -517,7 +564,11 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     pub async fn finish(mut self, outcome: &T) -> Result<(), IdempotencyError> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
-            return self.finish_unkeyed(outcome).await;
+            let finished = self.finish_unkeyed(outcome).await;
+            if let Err(error) = &finished {
+                self.meter.store_error(telemetry::idempotency_error_kind(error));
+            }
+            return finished;
         };
         match self.backend.complete(lease, outcome, self.ttl).await {
             Ok(()) => Ok(()),
@@ -543,6 +594,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     fn store_failed(&self, key: &RecordKey, error: &IdempotencyError) {
+        self.meter.store_error(telemetry::idempotency_error_kind(error));
         tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored");
     }
 }

@@ -52,6 +52,7 @@ use super::key::RecordKey;
 use crate::sync::blocking::Owner;
 use crate::sync::flight::Flight;
 use crate::sync::RandomState;
+use crate::telemetry::Meter;
 
 /// The most outcomes an in-process store keeps unless told otherwise: 100 000, a few tens of
 /// megabytes for typical outcomes (the schedule API example's records take about 800 bytes
@@ -169,6 +170,8 @@ pub struct IdempotencyStore<T> {
     // a key completed again later has a later deadline).
     stored: Mutex<Outcomes>,
     counters: Counters,
+    // Its evictions, for `metrics` (feature `metrics`; nothing otherwise).
+    meter: Meter,
     name: &'static str,
 }
 
@@ -229,6 +232,7 @@ impl IdempotencyStoreBuilder {
             clock: self.clock,
             stored: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
+            meter: Meter::new(self.name, "memory"),
             name: self.name,
         }
     }
@@ -586,6 +590,7 @@ impl<T: Clone> IdempotencyStore<T> {
 
     fn note_evictions(&self, evicted: u64, capacity: usize, now: u64) {
         let total = self.counters.evictions.fetch_add(evicted, Relaxed) + evicted;
+        self.meter.evicted(evicted);
         let warned_at = self.counters.warned_at.load(Relaxed);
         let due = warned_at == 0 || now.saturating_sub(warned_at) >= saturating_nanos(WARN_EVERY);
         if due
@@ -625,6 +630,7 @@ where
 {
     type Lease = StoreLease<T>;
     type InFlight = Arc<Flight<T>>;
+    const STORE: &'static str = "memory";
 
     async fn claim(
         &self,

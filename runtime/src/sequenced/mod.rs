@@ -138,6 +138,11 @@ pub trait SequenceBackend<K> {
 
 /// A held key of a [`SequenceBackend`]. See there for what each method must guarantee.
 pub trait SequenceLease {
+    /// The kind of store this lease is from, as the `store` label of racefree's metrics names
+    /// it (feature `metrics`, see [`telemetry`](crate::telemetry)): `memory`, `redis`,
+    /// `postgres`, `sqlite`; `custom` unless a store of your own says otherwise.
+    const STORE: &'static str = "custom";
+
     /// This holding, for re-entry detection: the generated code runs the body under it
     /// ([`Holder::enter`], [`Holder::within`]).
     fn holder(&self) -> Holder;

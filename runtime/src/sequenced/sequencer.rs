@@ -216,6 +216,8 @@ where
     K: Eq + Hash + Clone + Send + Sync,
     S: BuildHasher + Clone + Send + Sync,
 {
+    const STORE: &'static str = "memory";
+
     fn holder(&self) -> Holder {
         self.guard.holder()
     }

@@ -32,6 +32,7 @@ use super::envelope::{decode_value, encode_value};
 use super::lease::{owner_token, Backoff, Heartbeat, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK};
 use super::{RedisKey, RedisStore, RedisStoreError};
 use crate::sync::single_flight::{Join, SingleFlight};
+use crate::telemetry::{self, Meter, Started};
 
 // KEYS: value, fill lock, generation. The lead gets the generation it fills under.
 pub(super) static GET_OR_LOCK: Lua = Lua::new(
@@ -156,13 +157,36 @@ impl<'s> RedisCache<'s> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
+        self.get_or_compute_metered(key, options, compute, &Meter::DISABLED)
+            .await
+    }
+
+    // `get_or_compute`, reporting to `meter` (a `RedisCacheStore`'s function).
+    async fn get_or_compute_metered<T, E, F, Fut>(
+        &self,
+        key: &RedisKey,
+        options: CacheOptions,
+        compute: F,
+        meter: &Meter,
+    ) -> Result<T, CachedError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let val = key.redis_key("val");
         let fills: &SingleFlight<String, Arc<str>> =
             self.store.fills.get_or_init(SingleFlight::new);
         let mut compute = Some(compute);
         loop {
             match fills.join(val.clone()) {
-                Join::Follow(flight) => match flight.wait_async().await {
+                Join::Follow(flight) => match {
+                    meter.cache_waited();
+                    let started = Started::now();
+                    let landed = flight.wait_async().await;
+                    meter.flight_waited(started);
+                    landed
+                } {
                     Some(text) => return Ok(decode_value(&val, text.as_bytes())?),
                     // The lead failed: try again, possibly as the next lead.
                     None => continue,
@@ -171,7 +195,7 @@ impl<'s> RedisCache<'s> {
                     let compute = compute
                         .take()
                         .expect("a caller leads at most once: leading ends the loop");
-                    let (text, value) = self.fill(key, options, compute).await?;
+                    let (text, value) = self.fill(key, options, compute, meter).await?;
                     lead.complete(text);
                     return Ok(value);
                 }
@@ -184,6 +208,7 @@ impl<'s> RedisCache<'s> {
         key: &RedisKey,
         options: CacheOptions,
         compute: F,
+        meter: &Meter,
     ) -> Result<(Arc<str>, T), CachedError<E>>
     where
         T: Serialize + DeserializeOwned,
@@ -198,12 +223,19 @@ impl<'s> RedisCache<'s> {
         let lease = self.store.store_options().lease;
         let token = owner_token();
         let started = Instant::now();
+        let wait_started = Started::now();
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
         let mut granted;
+        // Waiting for another process's fill: its value is not a hit of this call.
+        let mut waited = false;
         let generation = loop {
             granted = Instant::now();
             match self.get_or_lock(&val, &lock, &gen, &token, lease).await? {
                 Found::Value(raw) => {
+                    match waited {
+                        true => meter.flight_waited(wait_started),
+                        false => meter.hit(),
+                    }
                     let value: T = decode_value(&val, &raw)?;
                     let text =
                         String::from_utf8(raw).map_err(|e| RedisStoreError::Undecodable {
@@ -214,6 +246,9 @@ impl<'s> RedisCache<'s> {
                 }
                 Found::Lead(generation) => break generation,
                 Found::Held(remaining) => {
+                    if !std::mem::replace(&mut waited, true) {
+                        meter.cache_waited();
+                    }
                     let waited = started.elapsed();
                     if waited >= options.max_wait {
                         return Err(RedisStoreError::Timeout {
@@ -239,6 +274,7 @@ impl<'s> RedisCache<'s> {
             granted,
             self.store.store_options().command_timeout,
         );
+        meter.executed();
         let computed = compute().await;
         drop(heartbeat);
         // On any early return below the guard frees the fill lock in the background.
@@ -361,15 +397,21 @@ where
         key: K,
         body: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        let key = self.key(&key)?;
+        let meter = Meter::shared(self.name, "redis");
+        let key = self
+            .key(&key)
+            .inspect_err(|error| meter.store_error(telemetry::redis_error_kind(error)))?;
         match self
             .store
             .cache()
-            .get_or_compute(&key, self.options, || body)
+            .get_or_compute_metered(&key, self.options, || body, &meter)
             .await
         {
             Ok(value) => Ok(value),
-            Err(CachedError::Store(error)) => Err(E::from(error)),
+            Err(CachedError::Store(error)) => {
+                meter.store_error(telemetry::redis_error_kind(&error));
+                Err(E::from(error))
+            }
             Err(CachedError::Body(error)) => Err(error),
         }
     }

@@ -851,6 +851,7 @@ where
 {
     type Lease = RedisIdempotencyLease;
     type InFlight = Fingerprint;
+    const STORE: &'static str = "redis";
 
     fn claim(
         &self,
@@ -1024,6 +1025,7 @@ where
 {
     type Lease = RedisIdempotencyLease;
     type InFlight = Fingerprint;
+    const STORE: &'static str = "redis";
 
     fn claim(
         &self,

@@ -822,6 +822,8 @@ impl<'s, K: Serialize> SequenceBackend<K> for RedisSequence<'s> {
 }
 
 impl SequenceLease for RedisSequenceLease<'_> {
+    const STORE: &'static str = "redis";
+
     fn holder(&self) -> Holder {
         self.held.holder
     }

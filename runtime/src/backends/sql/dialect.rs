@@ -47,6 +47,10 @@ pub struct Claimed {
 /// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
 /// | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
 pub trait Dialect: sqlx::Database + sealed::Sealed {
+    /// The database, as the `store` label of racefree's metrics names it.
+    #[doc(hidden)]
+    const STORE_NAME: &'static str;
+
     #[doc(hidden)]
     fn schema(tables: &Tables) -> String;
 
@@ -299,6 +303,8 @@ mod postgres {
     use sqlx::{PgConnection, Postgres, Row};
 
     impl Dialect for Postgres {
+        const STORE_NAME: &'static str = "postgres";
+
         fn statements(idempotency: &str, sequences: &str) -> Statements {
             statements(idempotency, sequences)
         }
@@ -456,6 +462,8 @@ mod sqlite {
     const NEVER: i64 = i64::MAX;
 
     impl Dialect for Sqlite {
+        const STORE_NAME: &'static str = "sqlite";
+
         fn statements(idempotency: &str, sequences: &str) -> Statements {
             statements(idempotency, sequences)
         }

@@ -327,6 +327,7 @@ where
     type Lease = SqlIdempotencyLease<'static, D>;
     /// The key's advisory lock number (PostgreSQL).
     type InFlight = i64;
+    const STORE: &'static str = D::STORE_NAME;
 
     const COMPLETE_COMMITS_EFFECT: bool = true;
 
@@ -401,6 +402,7 @@ where
     type Lease = SqlIdempotencyLease<'c, D>;
     /// The key's advisory lock number (PostgreSQL).
     type InFlight = i64;
+    const STORE: &'static str = D::STORE_NAME;
 
     const COMPLETE_COMMITS_EFFECT: bool = true;
 

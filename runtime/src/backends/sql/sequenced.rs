@@ -254,6 +254,8 @@ impl<D: Dialect> std::fmt::Debug for SqlSequenceLease<'_, D> {
 }
 
 impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
+    const STORE: &'static str = D::STORE_NAME;
+
     fn holder(&self) -> Holder {
         self.turn.holder()
     }
