@@ -38,15 +38,16 @@ fn tracing_events_for_execute_and_coalesce() {
     assert_eq!((leader.join().unwrap(), follower.join().unwrap()), (1, 1));
     let messages = messages.0.lock().unwrap().clone();
     assert!(
-        messages
-            .iter()
-            .any(|m| m.starts_with("DEBUG racefree") && m.contains("executing")),
+        messages.iter().any(|m| m.starts_with("DEBUG racefree")
+            && m.contains("executing")
+            && m.contains("outcome=\"executed\"")
+            && m.contains("function=\"cached_tracing::")),
         "{messages:?}"
     );
     assert!(
-        messages
-            .iter()
-            .any(|m| m.starts_with("DEBUG racefree") && m.contains("waiting")),
+        messages.iter().any(|m| m.starts_with("DEBUG racefree")
+            && m.contains("waiting")
+            && m.contains("outcome=\"waited\"")),
         "{messages:?}"
     );
 }

@@ -1,5 +1,6 @@
 //! `#[idempotent]` emits debug-level `tracing` events (target `racefree`) when a call executes,
-//! replays, conflicts and waits for a duplicate in flight. In a test binary of its own: tracing
+//! replays, conflicts and waits for a duplicate in flight, each with its `function` and
+//! `outcome`. In a test binary of its own: tracing
 //! caches each callsite's interest process-wide.
 
 use racefree::{idempotent, IdempotencyError};
@@ -47,10 +48,16 @@ async fn tracing_events_for_execute_wait_replay_and_conflict() {
         .iter()
         .filter(|l| l.starts_with("DEBUG racefree ") && l.contains("key=\"k\""))
         .collect();
-    for expected in ["executing", "waiting", "replaying", "conflict"] {
+    for (expected, outcome) in [
+        ("executing", "executed"),
+        ("waiting", "waited"),
+        ("replaying", "replayed"),
+        ("conflict", "conflict"),
+    ] {
         assert!(
-            ours.iter().any(|l| l.contains(expected)),
-            "no `{expected}` event in {ours:#?}"
+            ours.iter()
+                .any(|l| l.contains(expected) && l.contains(&format!("outcome=\"{outcome}\""))),
+            "no `{expected}` event with outcome {outcome:?} in {ours:#?}"
         );
     }
     assert!(

@@ -220,14 +220,18 @@ fn idempotent_counts_executions_waits_replays_and_conflicts_per_round() {
                     .await;
                     PAY_GATE.add_permits(1);
                 };
-                let (outcomes, ()) = common::guarded("a round", futures::future::join(callers, open)).await;
+                let (outcomes, ()) =
+                    common::guarded("a round", futures::future::join(callers, open)).await;
                 assert!(outcomes.iter().all(|o| *o == Ok(5)), "{outcomes:?}");
                 assert_eq!(
                     pay(&key, 6).await,
                     Err(IdempotencyError::Conflict { key: key.clone() })
                 );
                 assert_eq!(recorded.counter(EXECUTIONS, FUNCTION), round);
-                assert_eq!(recorded.counter(IDEMPOTENT_WAITS, FUNCTION), (CALLERS - 1) * round);
+                assert_eq!(
+                    recorded.counter(IDEMPOTENT_WAITS, FUNCTION),
+                    (CALLERS - 1) * round
+                );
                 assert_eq!(recorded.counter(REPLAYS, FUNCTION), (CALLERS - 1) * round);
                 assert_eq!(recorded.counter(CONFLICTS, FUNCTION), round);
                 assert_eq!(
@@ -279,7 +283,11 @@ fn sequenced_records_one_lock_wait_per_call() {
     numbers.sort_unstable();
     assert_eq!(numbers, (1..=CALLERS * ROUNDS).collect::<Vec<_>>());
     let memory = recorded.read(LOCK_WAIT, &[("function", FUNCTION), ("store", "memory")]);
-    assert_eq!(memory.1.len() as u64, CALLERS * ROUNDS, "labelled store = \"memory\"");
+    assert_eq!(
+        memory.1.len() as u64,
+        CALLERS * ROUNDS,
+        "labelled store = \"memory\""
+    );
 }
 
 // A `Cache` built by hand is labelled with its name; without one it reports nothing.
@@ -296,7 +304,11 @@ fn a_named_cache_reports_and_an_unnamed_one_does_not() {
     });
     assert_eq!(recorded.counter(CACHE_HITS, "app::prices"), 1);
     assert_eq!(recorded.counter(EXECUTIONS, "app::prices"), 1);
-    assert_eq!(recorded.read(CACHE_HITS, &[]).0, 1, "only the named cache counts");
+    assert_eq!(
+        recorded.read(CACHE_HITS, &[]).0,
+        1,
+        "only the named cache counts"
+    );
 }
 
 #[cfg(feature = "redis")]
@@ -306,8 +318,8 @@ mod redis_store {
 
     use racefree::redis::{RedisCacheStore, RedisIdempotencyStore, RedisStore, RedisStoreError};
 
-    use super::*;
     use super::redis;
+    use super::*;
 
     static REDIS: OnceLock<RedisStore> = OnceLock::new();
     static RATES: OnceLock<RedisCacheStore<'static>> = OnceLock::new();
@@ -341,11 +353,9 @@ mod redis_store {
     fn redis_calls_and_store_errors_are_counted() {
         let mut server = redis::Private::start(&[]);
         let store = RedisStore::new(server.url.clone()).command_timeout(Duration::from_millis(500));
-        REDIS.set(store).ok().expect("set once");
-        RATES
-            .set(RedisCacheStore::new(redis_store(), "metrics::rate", Duration::from_secs(60)))
-            .ok()
-            .expect("set once");
+        assert!(REDIS.set(store).is_ok(), "set once");
+        let rates = RedisCacheStore::new(redis_store(), "metrics::rate", Duration::from_secs(60));
+        assert!(RATES.set(rates).is_ok(), "set once");
         let recorded = Recorded::new();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -375,7 +385,10 @@ mod redis_store {
         assert_eq!(recorded.read(STORE_ERRORS, &idempotent).0, 1);
         assert_eq!(
             recorded
-                .read(STORE_ERRORS, &[("function", function), ("kind", "unavailable")])
+                .read(
+                    STORE_ERRORS,
+                    &[("function", function), ("kind", "unavailable")]
+                )
                 .0,
             1
         );
@@ -430,11 +443,17 @@ mod sql_store {
                 assert!(invoice(&app).await.is_err());
             })
         });
-        let booked = [("function", "metrics::sql_store::book"), ("store", "sqlite")];
+        let booked = [
+            ("function", "metrics::sql_store::book"),
+            ("store", "sqlite"),
+        ];
         assert_eq!(recorded.read(EXECUTIONS, &booked).0, 1);
         assert_eq!(recorded.read(REPLAYS, &booked).0, 1);
         assert_eq!(recorded.read(STORE_ERRORS, &booked).0, 1);
-        let invoiced = [("function", "metrics::sql_store::invoice"), ("store", "sqlite")];
+        let invoiced = [
+            ("function", "metrics::sql_store::invoice"),
+            ("store", "sqlite"),
+        ];
         assert_eq!(recorded.read(LOCK_WAIT, &invoiced).1.len(), 3);
         assert_eq!(recorded.read(EXECUTIONS, &invoiced).0, 3);
         assert_eq!(recorded.read(STORE_ERRORS, &invoiced).0, 1);

@@ -91,8 +91,8 @@ use super::store::Outcome;
 use crate::sync::blocking::Owner;
 use crate::sync::clock;
 use crate::sync::single_flight::{Join, Lead, SingleFlight};
-use crate::telemetry::{outcome, Meter, Started};
 pub use crate::sync::RandomState;
+use crate::telemetry::{outcome, Meter, Started};
 
 const VISITED: u64 = 1 << 63;
 // Set by the one hit that starts the entry's background refresh; cleared if the refresh fails,

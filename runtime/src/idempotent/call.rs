@@ -325,10 +325,12 @@ fn claimed<'a, B: IdempotencyBackend<T>, T>(
         )),
         Ok(Claim::Replay(outcome)) => Err(replayed(function, meter, &claiming.key, outcome)),
         Err(error) => Err(refuse(function, meter, &claiming.key, error)),
-        Ok(Claim::InFlight(in_flight)) => match reject_in_flight(function, meter, &claiming.key, policy) {
-            Some(refusal) => Err(refusal),
-            None => Ok((claiming, in_flight)),
-        },
+        Ok(Claim::InFlight(in_flight)) => {
+            match reject_in_flight(function, meter, &claiming.key, policy) {
+                Some(refusal) => Err(refusal),
+                None => Ok((claiming, in_flight)),
+            }
+        }
     }
 }
 
@@ -339,9 +341,19 @@ fn waited<'a, B: IdempotencyBackend<T>, T>(
     answer: Result<Option<T>, IdempotencyError>,
 ) -> Option<Begin<'a, B, T>> {
     match answer {
-        Ok(Some(outcome)) => Some(replayed(claiming.function, claiming.meter, &claiming.key, outcome)),
+        Ok(Some(outcome)) => Some(replayed(
+            claiming.function,
+            claiming.meter,
+            &claiming.key,
+            outcome,
+        )),
         Ok(None) => None,
-        Err(error) => Some(refuse(claiming.function, claiming.meter, &claiming.key, error)),
+        Err(error) => Some(refuse(
+            claiming.function,
+            claiming.meter,
+            &claiming.key,
+            error,
+        )),
     }
 }
 
@@ -357,7 +369,9 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
                     Begin::Execute(execution)
                 }
                 Err(error) => {
-                    execution.meter.store_error(telemetry::idempotency_error_kind(&error));
+                    execution
+                        .meter
+                        .store_error(telemetry::idempotency_error_kind(&error));
                     Begin::Refuse(error)
                 }
             };
@@ -542,7 +556,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
             if let Err(error) = self.finish_unkeyed(outcome).await {
-                self.meter.store_error(telemetry::idempotency_error_kind(&error));
+                self.meter
+                    .store_error(telemetry::idempotency_error_kind(&error));
                 tracing::warn!(target: "racefree", function = self.function, %error, "idempotent call without a key: its transaction did not commit");
             }
             return;
@@ -566,7 +581,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         let Some((key, lease)) = self.claim.take() else {
             let finished = self.finish_unkeyed(outcome).await;
             if let Err(error) = &finished {
-                self.meter.store_error(telemetry::idempotency_error_kind(error));
+                self.meter
+                    .store_error(telemetry::idempotency_error_kind(error));
             }
             return finished;
         };
@@ -594,7 +610,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     fn store_failed(&self, key: &RecordKey, error: &IdempotencyError) {
-        self.meter.store_error(telemetry::idempotency_error_kind(error));
+        self.meter
+            .store_error(telemetry::idempotency_error_kind(error));
         tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored");
     }
 }

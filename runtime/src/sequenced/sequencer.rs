@@ -207,7 +207,7 @@ where
                     .insert(key.clone(), used.saturating_add(1));
             }
         }
-        tracing::debug!(target: "racefree", sequencer = self.sequencer.name, seq = used, "committed");
+        tracing::debug!(target: "racefree", sequencer = self.sequencer.name, seq = used, outcome = crate::telemetry::outcome::EXECUTED, "committed");
     }
 }
 

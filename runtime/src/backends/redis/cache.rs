@@ -178,19 +178,23 @@ impl<'s> RedisCache<'s> {
         let fills: &SingleFlight<String, Arc<str>> =
             self.store.fills.get_or_init(SingleFlight::new);
         let mut compute = Some(compute);
+        // A call that waits is counted once, however many leads it waits for.
+        let mut waited = false;
         loop {
             match fills.join(val.clone()) {
-                Join::Follow(flight) => match {
-                    meter.cache_waited();
+                Join::Follow(flight) => {
+                    if !std::mem::replace(&mut waited, true) {
+                        meter.cache_waited();
+                    }
                     let started = Started::now();
                     let landed = flight.wait_async().await;
                     meter.flight_waited(started);
-                    landed
-                } {
-                    Some(text) => return Ok(decode_value(&val, text.as_bytes())?),
-                    // The lead failed: try again, possibly as the next lead.
-                    None => continue,
-                },
+                    match landed {
+                        Some(text) => return Ok(decode_value(&val, text.as_bytes())?),
+                        // The lead failed: try again, possibly as the next lead.
+                        None => continue,
+                    }
+                }
                 Join::Lead(lead) => {
                     let compute = compute
                         .take()
