@@ -65,4 +65,24 @@ async fn tracing_events_for_execute_wait_replay_and_conflict() {
             .all(|l| l.contains("function=\"idempotent_tracing::traced\"")),
         "{ours:#?}"
     );
+
+    // Four calls, four `idempotent` spans naming the function; their outcomes as recorded.
+    let spans = lines
+        .iter()
+        .filter(|l| {
+            l.starts_with("SPAN idempotent ")
+                && l.contains("function=\"idempotent_tracing::traced\"")
+        })
+        .count();
+    assert_eq!(spans, 4, "{lines:#?}");
+    let recorded = |field: &str| {
+        lines
+            .iter()
+            .filter(|l| l.starts_with("RECORD idempotent ") && l.contains(field))
+            .count()
+    };
+    assert_eq!(recorded("outcome=\"executed\""), 1, "{lines:#?}");
+    assert_eq!(recorded("outcome=\"replayed\""), 2, "{lines:#?}");
+    assert_eq!(recorded("outcome=\"conflict\""), 1, "{lines:#?}");
+    assert_eq!(recorded("waited=true"), 1, "{lines:#?}");
 }

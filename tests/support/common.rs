@@ -53,14 +53,44 @@ impl Messages {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+struct Visit<'a>(&'a mut String);
+
+impl tracing::field::Visit for Visit<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?} ", field.name(), value));
+    }
+}
+
+/// Events as `"LEVEL target field=value …"`; spans as `"SPAN name field=value …"` when they
+/// open and `"RECORD name field=value …"` when a field is recorded later.
+impl<S> tracing_subscriber::Layer<S> for Messages
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut line = format!("SPAN {} ", attrs.metadata().name());
+        attrs.record(&mut Visit(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let name = ctx.span(id).map_or("?", |span| span.name());
+        let mut line = format!("RECORD {name} ");
+        values.record(&mut Visit(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Visit<'a>(&'a mut String);
-        impl tracing::field::Visit for Visit<'_> {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                self.0.push_str(&format!("{}={:?} ", field.name(), value));
-            }
-        }
         let mut line = format!(
             "{} {} ",
             event.metadata().level(),

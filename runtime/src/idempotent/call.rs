@@ -8,7 +8,11 @@
 //!    panic, a cancelled future) frees the key for the next caller.
 //!
 //! Sync and async differ only in how they wait and talk to the backend. Every step reports
-//! to `tracing` (target `racefree`) and the outcome to the [`replay`] scope.
+//! to `tracing` (target `racefree`) and the outcome to the [`replay`] scope. A call is one
+//! `idempotent` span (level `debug`) with the fields `function`, `outcome` (`executed`,
+//! `replayed`, `conflict`, `error`) and `waited` (it waited for a duplicate in flight): the
+//! protocol's steps run inside it, and it closes when the call ends; the body's own events
+//! are not in it.
 //!
 //! A call that re-enters the record key its own caller is executing (a body calling its
 //! function with its own key) is refused with [`IdempotencyError::Reentrant`] instead of
@@ -20,6 +24,8 @@ use std::fmt::Display;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
+
+use tracing::Instrument as _;
 
 use crate::sync::keyed_locks::{EnteredMark, Holder, Within};
 use crate::telemetry::{self, outcome, Meter, MeterCell, MeterRef, Started};
@@ -230,7 +236,8 @@ pub struct Execution<'a, B: IdempotencyBackend<T>, T> {
     // transaction: see `IdempotencyBackend::lease_without_key`).
     unkeyed_lease: Option<B::Lease>,
     function: &'static str,
-    meter: MeterRef,
+    // Its metrics, and its span: held, so that it closes when the execution ends.
+    report: Report,
     ttl: Duration,
     // The record key's holder, for re-entry detection; `None` for a call without a key.
     holder: Option<Holder>,
@@ -257,10 +264,23 @@ fn reentered<'a, B: IdempotencyBackend<T>, T>(
     }))
 }
 
+/// What a call reports to: its function's metrics and its own span.
+struct Report {
+    meter: MeterRef,
+    span: tracing::Span,
+}
+
+impl Report {
+    /// Records the call's outcome on its span.
+    fn decided(&self, outcome: &'static str) {
+        self.span.record("outcome", outcome);
+    }
+}
+
 /// A keyed call between its claims: what it claims, with which fingerprint, until when it waits.
 struct Claiming {
     function: &'static str,
-    meter: MeterRef,
+    report: Report,
     key: RecordKey,
     fingerprint: Fingerprint,
     policy: Policy,
@@ -269,11 +289,17 @@ struct Claiming {
 
 /// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
 /// without a key, an over-long key and re-entry end here.
+// `Err` is the call ending early, returned as its `Begin` at once: not an error to keep small.
+#[allow(clippy::result_large_err)]
 fn prepare<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     call: Call,
+    span: tracing::Span,
 ) -> Result<Claiming, Begin<'a, B, T>> {
-    let meter = call.meter::<B, T>();
+    let report = Report {
+        meter: call.meter::<B, T>(),
+        span,
+    };
     let Call {
         function,
         key,
@@ -283,16 +309,20 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
     } = call;
     let key = match key {
         Ok(Some(key)) => key,
-        Ok(None) => return Err(unkeyed(backend, function, meter, policy)),
-        Err(refusal) => return Err(Begin::Refuse(refusal)),
+        Ok(None) => return Err(unkeyed(backend, function, report, policy)),
+        Err(refusal) => {
+            report.decided(outcome::ERROR);
+            return Err(Begin::Refuse(refusal));
+        }
     };
     if let Some(refusal) = reentered(function, &key) {
+        report.decided(outcome::ERROR);
         return Err(refusal);
     }
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     Ok(Claiming {
         function,
-        meter,
+        report,
         key,
         fingerprint,
         policy,
@@ -302,6 +332,7 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
 
 /// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
 /// duplicate in flight to wait for (unless the policy rejects it).
+#[allow(clippy::result_large_err)]
 fn claimed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     claiming: Claiming,
@@ -309,24 +340,22 @@ fn claimed<'a, B: IdempotencyBackend<T>, T>(
     blocking: bool,
 ) -> Result<(Claiming, B::InFlight), Begin<'a, B, T>> {
     let Claiming {
-        function,
-        meter,
-        policy,
-        ..
+        function, policy, ..
     } = claiming;
+    let report = &claiming.report;
     match answer {
         Ok(Claim::Execute(lease)) => Err(execute(
             backend,
-            (function, meter),
+            (function, claiming.report),
             claiming.key,
             lease,
             policy,
             blocking,
         )),
-        Ok(Claim::Replay(outcome)) => Err(replayed(function, meter, &claiming.key, outcome)),
-        Err(error) => Err(refuse(function, meter, &claiming.key, error)),
+        Ok(Claim::Replay(outcome)) => Err(replayed(function, report, &claiming.key, outcome)),
+        Err(error) => Err(refuse(function, report, &claiming.key, error)),
         Ok(Claim::InFlight(in_flight)) => {
-            match reject_in_flight(function, meter, &claiming.key, policy) {
+            match reject_in_flight(function, report, &claiming.key, policy) {
                 Some(refusal) => Err(refusal),
                 None => Ok((claiming, in_flight)),
             }
@@ -343,35 +372,53 @@ fn waited<'a, B: IdempotencyBackend<T>, T>(
     match answer {
         Ok(Some(outcome)) => Some(replayed(
             claiming.function,
-            claiming.meter,
+            &claiming.report,
             &claiming.key,
             outcome,
         )),
         Ok(None) => None,
         Err(error) => Some(refuse(
             claiming.function,
-            claiming.meter,
+            &claiming.report,
             &claiming.key,
             error,
         )),
     }
 }
 
+/// The span of one call; its `outcome` and `waited` are recorded as they are decided.
+fn call_span(function: &'static str) -> tracing::Span {
+    tracing::debug_span!(target: "racefree", "idempotent", function, outcome = tracing::field::Empty, waited = tracing::field::Empty)
+}
+
 /// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
 pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
-    let mut claiming = match prepare(backend, call) {
+    let span = call_span(call.function);
+    begin_in_span(backend, call, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn begin_in_span<B: IdempotencyBackend<T>, T>(
+    backend: &B,
+    call: Call,
+    span: tracing::Span,
+) -> Begin<'_, B, T> {
+    let mut claiming = match prepare(backend, call, span) {
         Ok(claiming) => claiming,
         // A call without a key: the store may open what its body runs in.
         Err(Begin::Execute(mut execution)) => {
             return match backend.lease_without_key().await {
                 Ok(lease) => {
                     execution.unkeyed_lease = lease;
-                    Begin::Execute(execution)
+                    run_unkeyed(execution)
                 }
                 Err(error) => {
-                    execution
+                    let report = &execution.report;
+                    report
                         .meter
                         .store_error(telemetry::idempotency_error_kind(&error));
+                    report.decided(outcome::ERROR);
                     Begin::Refuse(error)
                 }
             };
@@ -389,7 +436,7 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
         let answer = backend
             .wait(&claiming.key, in_flight, claiming.deadline)
             .await;
-        claiming.meter.flight_waited(started);
+        claiming.report.meter.flight_waited(started);
         if let Some(begun) = waited(&claiming, answer) {
             return begun;
         }
@@ -401,8 +448,11 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
     backend: &B,
     call: Call,
 ) -> Begin<'_, B, T> {
-    let mut claiming = match prepare(backend, call) {
+    let span = call_span(call.function);
+    let _in_span = span.enter();
+    let mut claiming = match prepare(backend, call, span.clone()) {
         Ok(claiming) => claiming,
+        Err(Begin::Execute(execution)) => return run_unkeyed(execution),
         Err(begun) => return begun,
     };
     loop {
@@ -414,7 +464,7 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
         };
         let started = Started::now();
         let answer = backend.wait_blocking(&claiming.key, in_flight, claiming.deadline);
-        claiming.meter.flight_waited(started);
+        claiming.report.meter.flight_waited(started);
         if let Some(begun) = waited(&claiming, answer) {
             return begun;
         }
@@ -424,44 +474,53 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
 fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     function: &'static str,
-    meter: MeterRef,
+    report: Report,
     policy: Policy,
 ) -> Begin<'a, B, T> {
     if policy.require_key {
         tracing::debug!(target: "racefree", function, outcome = outcome::ERROR, "idempotent call without a key: refused");
+        report.decided(outcome::ERROR);
         return Begin::Refuse(IdempotencyError::MissingKey);
     }
     tracing::debug!(target: "racefree", function, outcome = outcome::EXECUTED, "idempotent call without a key: executing without idempotency");
-    meter.executed();
+    // Counted as executed by `run_unkeyed`, once the store opened what the body runs in.
     Begin::Execute(Execution {
         backend,
         claim: None,
         unkeyed_lease: None,
         function,
-        meter,
+        report,
         ttl: policy.ttl,
         holder: None,
         _entered: None,
     })
 }
 
+/// A call without a key runs its body.
+fn run_unkeyed<B: IdempotencyBackend<T>, T>(execution: Execution<'_, B, T>) -> Begin<'_, B, T> {
+    execution.report.meter.executed();
+    execution.report.decided(outcome::EXECUTED);
+    Begin::Execute(execution)
+}
+
 fn execute<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
-    (function, meter): (&'static str, MeterRef),
+    (function, report): (&'static str, Report),
     key: RecordKey,
     lease: B::Lease,
     policy: Policy,
     blocking: bool,
 ) -> Begin<'a, B, T> {
     tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::EXECUTED, "idempotent call: executing");
-    meter.executed();
+    report.meter.executed();
+    report.decided(outcome::EXECUTED);
     let holder = record_holder(&key);
     Begin::Execute(Execution {
         backend,
         claim: Some((key, lease)),
         unkeyed_lease: None,
         function,
-        meter,
+        report,
         ttl: policy.ttl,
         holder: Some(holder),
         // The sync body runs on this thread until the execution ends.
@@ -471,30 +530,35 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
 
 fn replayed<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
-    meter: MeterRef,
+    report: &Report,
     key: &RecordKey,
     outcome: T,
 ) -> Begin<'a, B, T> {
     tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::REPLAYED, "idempotent call: replaying the stored outcome");
-    meter.replayed();
+    report.meter.replayed();
+    report.decided(outcome::REPLAYED);
     replay::record(Replay::Replayed);
     Begin::Replay(outcome)
 }
 
 fn refuse<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
-    meter: MeterRef,
+    report: &Report,
     key: &RecordKey,
     error: IdempotencyError,
 ) -> Begin<'a, B, T> {
     match &error {
         IdempotencyError::Conflict { .. } => {
             tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::CONFLICT, "idempotent call: key reused with a different request (conflict)");
-            meter.conflict();
+            report.meter.conflict();
+            report.decided(outcome::CONFLICT);
         }
         _ => {
             tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::ERROR, %error, "idempotent call refused");
-            meter.store_error(telemetry::idempotency_error_kind(&error));
+            report
+                .meter
+                .store_error(telemetry::idempotency_error_kind(&error));
+            report.decided(outcome::ERROR);
         }
     }
     Begin::Refuse(error)
@@ -502,18 +566,20 @@ fn refuse<'a, B: IdempotencyBackend<T>, T>(
 
 fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
-    meter: MeterRef,
+    report: &Report,
     key: &RecordKey,
     policy: Policy,
 ) -> Option<Begin<'a, B, T>> {
     if policy.in_flight == OnInFlight::Reject {
         tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::ERROR, "idempotent call: duplicate in flight, rejected");
+        report.decided(outcome::ERROR);
         return Some(Begin::Refuse(IdempotencyError::InProgress {
             key: key.client_key().to_owned(),
         }));
     }
     tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::WAITED, "idempotent call: duplicate in flight, waiting");
-    meter.idempotent_waited();
+    report.meter.idempotent_waited();
+    report.span.record("waited", true);
     None
 }
 
@@ -556,7 +622,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
             if let Err(error) = self.finish_unkeyed(outcome).await {
-                self.meter
+                self.report
+                    .meter
                     .store_error(telemetry::idempotency_error_kind(&error));
                 tracing::warn!(target: "racefree", function = self.function, %error, "idempotent call without a key: its transaction did not commit");
             }
@@ -581,7 +648,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
         let Some((key, lease)) = self.claim.take() else {
             let finished = self.finish_unkeyed(outcome).await;
             if let Err(error) = &finished {
-                self.meter
+                self.report
+                    .meter
                     .store_error(telemetry::idempotency_error_kind(error));
             }
             return finished;
@@ -610,7 +678,8 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     fn store_failed(&self, key: &RecordKey, error: &IdempotencyError) {
-        self.meter
+        self.report
+            .meter
             .store_error(telemetry::idempotency_error_kind(error));
         tracing::warn!(target: "racefree", function = self.function, key = key.client_key(), %error, "idempotent call: outcome could not be stored");
     }
