@@ -2,7 +2,9 @@
 //! keys), 2-thread hit throughput, memory for 1M entries, and the stampede / false-blocking
 //! figures (executions, wall time) that motivate the crate.
 //!
-//! `cargo bench --bench cached` (`--features moka` adds `#[cached(store = <moka cache>)]`'s hit);
+//! `cargo bench --bench cached` (`--features moka` adds `#[cached(store = <moka cache>)]`'s hit;
+//! `--features metrics` builds every row with the metrics hooks, no recorder installed, and
+//! adds a hit counted by a recorder);
 //! `cargo run --example bench_report` turns the results into the
 //! README's table of ratios.
 
@@ -34,6 +36,13 @@ fn racefree_plain(k: u64) -> u64 {
 
 #[racefree::cached(ttl = "1h", capacity = 20_000)]
 fn racefree_bounded(k: u64) -> u64 {
+    k
+}
+
+// Its handles are registered with a recorder (see `hits`): each hit bumps a real counter.
+#[cfg(feature = "metrics")]
+#[racefree::cached]
+fn racefree_metered(k: u64) -> u64 {
     k
 }
 
@@ -95,6 +104,16 @@ fn hits(c: &mut Criterion) {
             racefree_async(k).await;
         }
     });
+    // The cache is created under the recorder, so its handles count into it (atomically).
+    #[cfg(feature = "metrics")]
+    {
+        let recorder = Box::leak(Box::new(metrics_util::debugging::DebuggingRecorder::new()));
+        metrics::with_local_recorder(recorder, || {
+            for k in 0..KEYS {
+                racefree_metered(k);
+            }
+        });
+    }
 
     let mut g = c.benchmark_group("cached/hit");
     let mut i = 0u64;
@@ -105,6 +124,10 @@ fn hits(c: &mut Criterion) {
     g.bench_function("racefree", |b| b.iter(|| racefree_plain(black_box(next()))));
     g.bench_function("racefree ttl+capacity", |b| {
         b.iter(|| racefree_bounded(black_box(next())))
+    });
+    #[cfg(feature = "metrics")]
+    g.bench_function("racefree + metrics recorder", |b| {
+        b.iter(|| racefree_metered(black_box(next())))
     });
     #[cfg(feature = "moka")]
     g.bench_function("racefree store = moka", |b| {

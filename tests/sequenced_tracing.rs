@@ -1,6 +1,7 @@
 //! `#[sequenced]` emits debug-level `tracing` events (target `racefree`) when a caller
-//! acquires a free key, waits, is handed the key, and commits its number. In a test binary of
-//! its own: tracing caches each callsite's interest process-wide.
+//! acquires a free key, waits, is handed the key, and commits its number, and one `sequenced`
+//! span per call carries its `function` and `outcome`. In a test binary of its own: tracing
+//! caches each callsite's interest process-wide.
 
 use std::sync::mpsc;
 
@@ -53,4 +54,15 @@ fn tracing_events_for_acquire_wait_handoff_and_commit() {
     ] {
         assert!(has(text), "no event with {text:?} in {lines:#?}");
     }
+    // Two calls, two `sequenced` spans naming the function, both executed.
+    let spans = lines
+        .iter()
+        .filter(|l| l.starts_with("SPAN sequenced function=\"sequenced_tracing::traced\""))
+        .count();
+    assert_eq!(spans, 2, "{lines:#?}");
+    let executed = lines
+        .iter()
+        .filter(|l| l.starts_with("RECORD sequenced outcome=\"executed\""))
+        .count();
+    assert_eq!(executed, 2, "{lines:#?}");
 }

@@ -387,13 +387,13 @@ fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
     // `next` and `commit` take the lease mutably / by value; without a `Seq` neither runs.
     // (and a `tx` parameter borrows it mutably).
     let mutability = (plan.seq.is_some() || plan.tx.is_some()).then(|| quote!(mut));
-    // The wait is timed, and the function's metrics learn the store from the lease (feature
-    // `metrics`; without it these are empty).
+    // The call's span opens before the wait, which is timed; the function's metrics learn the
+    // store from the lease (feature `metrics`; without it they are empty).
     quote! {
         static __RACEFREE_METER: ::racefree::__private::MeterCell = ::racefree::__private::MeterCell::new();
-        let __racefree_started = ::racefree::__private::Started::now();
+        let mut __racefree_call = ::racefree::__private::SequencedCall::start(&__RACEFREE_METER, __racefree_path);
         let __racefree_acquired = #call #await_;
-        let __racefree_meter = ::racefree::__private::acquired(&__RACEFREE_METER, __racefree_path, __racefree_started, &__racefree_acquired);
+        __racefree_call.acquired(&__racefree_acquired);
         let #mutability __racefree_lease = match __racefree_acquired {
             ::core::result::Result::Ok(__racefree_lease) => __racefree_lease,
             ::core::result::Result::Err(__racefree_error) => #fail,
@@ -404,7 +404,7 @@ fn acquire(plan: &Plan, mode: Mode, fail: &TokenStream) -> TokenStream {
 /// A store's error after the key was acquired: counted against the function, then `fail`.
 fn store_failed(fail: &TokenStream) -> TokenStream {
     quote! {{
-        ::racefree::__private::sequence_failed_in_store(__racefree_meter, &__racefree_error);
+        __racefree_call.failed(&__racefree_error);
         #fail
     }}
 }

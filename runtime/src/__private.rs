@@ -16,34 +16,61 @@ pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};
 pub use crate::telemetry::{MeterCell, Started};
 
 use crate::sequenced::{Seq, SequenceError};
-use crate::telemetry::MeterRef;
+use crate::telemetry::{outcome, MeterRef};
 
-/// What a `#[sequenced]` call's acquire tells its function's metrics: how long it waited for
-/// the key (also when it timed out), that its body will run, or the store's error.
-#[inline]
-pub fn acquired<L: crate::SequenceLease>(
+/// One `#[sequenced]` call as its function's metrics and `tracing` see it: a `sequenced` span
+/// (level `debug`, fields `function` and `outcome`, `executed` or `error`) open from before
+/// the wait for the key until the call returns, the wait timed, the store's errors counted.
+pub struct SequencedCall {
     cell: &'static MeterCell,
     function: fn() -> &'static str,
     started: Started,
-    acquired: &Result<L, SequenceError>,
-) -> MeterRef {
-    let meter = cell.meter(function, L::STORE);
-    match acquired {
-        Ok(_) => {
-            meter.lock_waited(started);
-            meter.executed();
-        }
-        Err(SequenceError::Timeout) => meter.lock_waited(started),
-        Err(error) => meter.store_error(crate::telemetry::sequence_error_kind(error)),
-    }
-    meter
+    // Known once the key is acquired: the lease names its store.
+    meter: Option<MeterRef>,
+    span: tracing::Span,
 }
 
-/// A `#[sequenced]` store's error after the key was acquired (reading or committing the
-/// number), counted against the function.
-#[inline]
-pub fn sequence_failed_in_store(meter: MeterRef, error: &SequenceError) {
-    meter.store_error(crate::telemetry::sequence_error_kind(error));
+impl SequencedCall {
+    /// Before the wait for the key.
+    #[inline]
+    pub fn start(cell: &'static MeterCell, function: fn() -> &'static str) -> SequencedCall {
+        SequencedCall {
+            cell,
+            function,
+            started: Started::now(),
+            meter: None,
+            span: tracing::debug_span!(target: "racefree", "sequenced", function = function(), outcome = tracing::field::Empty),
+        }
+    }
+
+    /// The wait ended: how long it took (also when it timed out), that the body will run, or
+    /// the store's error.
+    #[inline]
+    pub fn acquired<L: crate::SequenceLease>(&mut self, acquired: &Result<L, SequenceError>) {
+        let meter = *self.meter.insert(self.cell.meter(self.function, L::STORE));
+        match acquired {
+            Ok(_) => {
+                meter.lock_waited(self.started);
+                meter.executed();
+                self.span.record("outcome", outcome::EXECUTED);
+            }
+            Err(error) => {
+                if let SequenceError::Timeout = error {
+                    meter.lock_waited(self.started);
+                }
+                self.failed(error);
+            }
+        }
+    }
+
+    /// The call failed with `error` (counted if it is the store's).
+    #[inline]
+    pub fn failed(&self, error: &SequenceError) {
+        if let Some(meter) = self.meter {
+            meter.store_error(crate::telemetry::sequence_error_kind(error));
+        }
+        self.span.record("outcome", outcome::ERROR);
+    }
 }
 
 /// The `Seq` a call was given: its number and fencing token.
