@@ -1,5 +1,6 @@
-//! What racefree reports about its calls: counters and histograms through the [`metrics`]
-//! facade (feature `metrics`), and the outcome words its `tracing` events carry. This is the
+//! What racefree reports about its calls: counters and histograms through the
+//! [`metrics`](https://docs.rs/metrics) facade (feature `metrics`), and the fields of its
+//! `tracing` spans and events. This is the
 //! one place that names them; the attributes and the stores bump them with one-line hooks.
 //!
 //! # Metrics (feature `metrics`)
@@ -68,10 +69,18 @@
 //! ```
 //!
 //! # Tracing
-//! The events that decide a call (target `racefree`, level `debug`) carry `function` and
-//! `outcome`: one of [`outcome::EXECUTED`], [`outcome::REPLAYED`], [`outcome::HIT`],
-//! [`outcome::WAITED`], [`outcome::CONFLICT`], [`outcome::ERROR`]. A `#[cached]` hit emits no
-//! event (it is counted instead): an event per hit would cost more than the hit.
+//! Target `racefree`, level `debug`, with or without the feature:
+//! - every `#[idempotent]` call is an `idempotent` span with the fields `function`, `outcome`
+//!   and `waited` (`true` if it waited for a duplicate in flight); the protocol's steps run
+//!   inside it, and it closes when the call ends;
+//! - every `#[sequenced]` call is a `sequenced` span with `function` and `outcome`, open from
+//!   before the wait for the key until the call returns;
+//! - the events that decide a call carry `function` and `outcome` too, `#[cached]`'s included.
+//!
+//! `outcome` is one of [`outcome::EXECUTED`], [`outcome::REPLAYED`], [`outcome::WAITED`],
+//! [`outcome::CONFLICT`], [`outcome::ERROR`] ([`outcome::HIT`] names a hit, which emits
+//! nothing). A `#[cached]` call has no span and a hit no event: either would cost more than
+//! the hit; hits are counted instead.
 
 #[cfg(feature = "metrics")]
 use std::collections::HashMap;
