@@ -4,8 +4,8 @@
 //! store errors, and the lock and flight waits (sample count, mean, max).
 //!
 //! ```text
-//! cargo run --release --features metrics --example race_lab_metrics
-//! cargo run --release --features metrics --example race_lab_metrics -- --database-url postgres://postgres@127.0.0.1/test
+//! cargo run --release --features metrics,sqlite,postgres --example race_lab_metrics
+//! cargo run --release --features metrics,sqlite,postgres --example race_lab_metrics -- --database-url postgres://postgres@127.0.0.1/test
 //! ```
 //! An application installs its exporter here instead (`metrics-exporter-prometheus`, ...);
 //! this example uses `metrics-util`'s `DebuggingRecorder` to print what an exporter would
@@ -88,7 +88,7 @@ fn main() {
         values.insert((metric, label("function"), label("store")), value);
     }
 
-    println!("\n{:<48} {:<52} {:<7} value", "metric", "function", "store");
+    println!("\n{:<48} {:<52} {:<8} value", "metric", "function", "store");
     for ((metric, function, store), value) in &values {
         let value = match value {
             Value::Count(n) => n.to_string(),
@@ -103,7 +103,7 @@ fn main() {
                 )
             }
         };
-        println!("{metric:<48} {function:<52} {store:<7} {value}");
+        println!("{metric:<48} {function:<52} {store:<8} {value}");
     }
     println!("\ndatabase scenarios ran on {}.", lab::db::describe());
     if !broken.is_empty() {
