@@ -244,6 +244,54 @@ fn idempotent_counts_executions_waits_replays_and_conflicts_per_round() {
     });
 }
 
+static REFUND_GATE: Mutex<()> = Mutex::new(());
+
+#[idempotent(key = key)]
+fn refund(key: &str, cents: u64) -> Result<u64, IdempotencyError> {
+    let _gate = REFUND_GATE.lock().unwrap();
+    Ok(cents)
+}
+
+// The sync protocol: 8 threads × 10 rounds, a fresh key each round, released by a barrier;
+// the owner's body is held until the 7 duplicates wait for it. Every round: one more
+// execution, 7 more waits, flight-wait samples and replays.
+#[test]
+fn sync_idempotent_counts_one_execution_and_seven_replays_per_round() {
+    const CALLERS: u64 = 8;
+    const ROUNDS: u64 = 10;
+    const FUNCTION: &str = "metrics::refund";
+    let recorded = Recorded::new();
+    for round in 1..=ROUNDS {
+        let key = format!("r-{round}");
+        let gate = REFUND_GATE.lock().unwrap();
+        let barrier = Barrier::new(CALLERS as usize);
+        std::thread::scope(|s| {
+            for _ in 0..CALLERS {
+                s.spawn(|| {
+                    recorded.run(|| {
+                        barrier.wait();
+                        assert_eq!(refund(&key, 4), Ok(4));
+                    })
+                });
+            }
+            common::until_sync("the duplicates wait", || {
+                refund_idempotency_store().stats().waits == (CALLERS - 1) * round
+            });
+            drop(gate);
+        });
+        assert_eq!(recorded.counter(EXECUTIONS, FUNCTION), round);
+        assert_eq!(
+            recorded.counter(IDEMPOTENT_WAITS, FUNCTION),
+            (CALLERS - 1) * round
+        );
+        assert_eq!(recorded.counter(REPLAYS, FUNCTION), (CALLERS - 1) * round);
+        assert_eq!(
+            recorded.samples(FLIGHT_WAIT, FUNCTION).len() as u64,
+            (CALLERS - 1) * round
+        );
+    }
+}
+
 #[sequenced(key = desk)]
 fn ticket(desk: u8, seq: Seq) -> u64 {
     seq.get()
@@ -378,6 +426,12 @@ mod redis_store {
         assert_eq!(recorded.read(EXECUTIONS, &cached).0, 1);
         assert_eq!(recorded.read(CACHE_HITS, &cached).0, 1);
         assert_eq!(recorded.read(STORE_ERRORS, &cached).0, 1);
+        let down = [("function", "metrics::rate"), ("kind", "unavailable")];
+        assert_eq!(
+            recorded.read(STORE_ERRORS, &down).0,
+            1,
+            "a stopped server is unavailable"
+        );
         let function = "metrics::redis_store::transfer";
         let idempotent = [("function", function), ("store", "redis")];
         assert_eq!(recorded.read(EXECUTIONS, &idempotent).0, 1);
@@ -457,5 +511,9 @@ mod sql_store {
         assert_eq!(recorded.read(LOCK_WAIT, &invoiced).1.len(), 3);
         assert_eq!(recorded.read(EXECUTIONS, &invoiced).0, 3);
         assert_eq!(recorded.read(STORE_ERRORS, &invoiced).0, 1);
+        for function in ["metrics::sql_store::book", "metrics::sql_store::invoice"] {
+            let closed = [("function", function), ("kind", "unavailable")];
+            assert_eq!(recorded.read(STORE_ERRORS, &closed).0, 1, "{function}");
+        }
     }
 }
