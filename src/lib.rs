@@ -174,6 +174,7 @@ pub use racefree_runtime::idempotent as idempotency;
 pub use racefree_runtime::replay;
 pub use racefree_runtime::served;
 pub use racefree_runtime::telemetry;
+pub use racefree_runtime::turn;
 pub use racefree_runtime::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
@@ -181,7 +182,7 @@ pub use racefree_runtime::{
 pub use racefree_runtime::{Cache, CacheBuilder, CacheConfig, CacheHandle, CacheStats, Served};
 pub use racefree_runtime::{HandleKey, KeyOf, Keyed};
 pub use racefree_runtime::{
-    Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer,
+    Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease, Sequencer, Turn,
 };
 
 /// The Redis store (feature `redis`): the three attributes across processes and machines.

@@ -200,3 +200,85 @@ async fn sequenced_reentry_on_redis_is_detected() {
         "{result:?}"
     );
 }
+
+/// `REDIS` and `SHARED` are two stores on one server, as two processes would be.
+#[sequenced(key = shop, store = REDIS.sequence("tests::redis_attributes::turns"))]
+async fn take_turn_here(
+    shop: &str,
+    park: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
+    seq: Seq,
+) -> Result<u64, ApiError> {
+    if let Some((entered, until)) = park {
+        let _ = entered.send(());
+        let _ = until.await;
+    }
+    Ok(seq.get())
+}
+
+#[sequenced(key = shop, store = SHARED.sequence("tests::redis_attributes::turns"))]
+async fn take_turn_elsewhere(shop: &str, seq: Seq) -> Result<u64, ApiError> {
+    Ok(seq.get())
+}
+
+/// The per-call answer on Redis (`turn::track`), 5 rounds on a fresh key each: a holder parked
+/// in its body (`AtOnce`); a caller on the other store, as another process, released only once
+/// it is seen waiting (subscribed to the key's wake-up channel), so it `Waited`; then a call on
+/// the idle key (`AtOnce`). Numbers 1, 2, 3 in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_tells_waiting_calls_from_free_ones_on_redis() {
+    use racefree::redis::driver;
+    use racefree::Turn;
+    let mut conn = REDIS.connection().await.unwrap();
+    for round in 0..5 {
+        let shop = format!("{}-turn-{round}", *RUN);
+        let (entered_tx, entered) = tokio::sync::oneshot::channel();
+        let (release, until) = tokio::sync::oneshot::channel();
+        let holder = tokio::spawn({
+            let shop = shop.clone();
+            racefree::turn::track(
+                async move { take_turn_here(&shop, Some((entered_tx, until))).await },
+            )
+        });
+        entered.await.unwrap();
+        let elsewhere = tokio::spawn({
+            let shop = shop.clone();
+            racefree::turn::track(async move { take_turn_elsewhere(&shop).await })
+        });
+        // Seen waiting: subscribed to the key's wake-up channel (`...<shop>...:lock:wake`).
+        let pattern = format!("*{shop}*:wake");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let channels: Vec<String> = driver::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !channels.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the caller never waited"
+            );
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        let (first, holder_turn) = holder.await.unwrap();
+        let (second, elsewhere_turn) = elsewhere.await.unwrap();
+        let (third, after_turn) = racefree::turn::track(take_turn_here(&shop, None)).await;
+        assert_eq!(
+            [first.unwrap(), second.unwrap(), third.unwrap()],
+            [1, 2, 3],
+            "round {round}"
+        );
+        assert_eq!(
+            (holder_turn, elsewhere_turn, after_turn),
+            (Turn::AtOnce, Turn::Waited, Turn::AtOnce),
+            "round {round}"
+        );
+    }
+}

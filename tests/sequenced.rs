@@ -723,3 +723,61 @@ async fn start_runs_once_per_key_and_may_fail() {
     assert_eq!(START_EVALUATIONS.load(Ordering::SeqCst), 2);
     assert_eq!(numbered_from_storage_sequence().locked(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. The per-call answer (issue 13): `turn::track` tells a call that waited for its key from
+//    one that found it free.
+
+#[sequenced(key = key)]
+fn turn_taker(key: u64, gate: Option<mpsc::Receiver<()>>, seq: Seq) -> u64 {
+    if let Some(gate) = gate {
+        gate.recv().unwrap();
+    }
+    seq.get()
+}
+
+/// 10 rounds, 2 callers on a fresh key each round: a holder parked in its body, and a second
+/// caller that starts once the holder holds the key and is seen queued before the holder is let
+/// go. Every round: the holder's turn is `AtOnce` and the second caller's `Waited`; their
+/// numbers are 1 and 2; a third call afterwards, on the idle key, is `AtOnce` again.
+#[test]
+fn turn_tells_a_waiting_call_from_one_that_found_the_key_free() {
+    for round in 0..10 {
+        let key = 9_000 + round;
+        let (open, gate) = mpsc::channel();
+        std::thread::scope(|s| {
+            let holder =
+                s.spawn(move || racefree::turn::track_sync(|| turn_taker(key, Some(gate))));
+            while turn_taker_sequence().locked() == 0 {
+                std::thread::yield_now();
+            }
+            let waiter = s.spawn(move || racefree::turn::track_sync(|| turn_taker(key, None)));
+            until_waiting(&turn_taker_sequence(), &key, 1);
+            open.send(()).unwrap();
+            let (first, holder_turn) = holder.join().unwrap();
+            let (second, waiter_turn) = waiter.join().unwrap();
+            assert_eq!((first, second), (1, 2), "round {round}");
+            assert_eq!(holder_turn, racefree::Turn::AtOnce, "round {round}");
+            assert_eq!(waiter_turn, racefree::Turn::Waited, "round {round}");
+        });
+        let (third, turn) = racefree::turn::track_sync(|| turn_taker(key, None));
+        assert_eq!((third, turn), (3, racefree::Turn::AtOnce), "round {round}");
+    }
+}
+
+/// The same for async calls, on one thread: the holder is parked in its body, the second call
+/// is polled once (queued), then both finish. 10 rounds; in every round `AtOnce` then `Waited`.
+#[tokio::test]
+async fn turn_tracks_async_calls_across_polls() {
+    for round in 0..10 {
+        let key = 19_000 + round;
+        let (release, until) = tokio::sync::oneshot::channel();
+        let mut holder = Box::pin(racefree::turn::track(hold(key, Some(until))));
+        assert!((&mut holder).now_or_never().is_none(), "holds the key");
+        let mut waiter = Box::pin(racefree::turn::track(hold(key, None)));
+        assert!((&mut waiter).now_or_never().is_none(), "queued behind it");
+        release.send(()).unwrap();
+        assert_eq!(holder.await, (1, racefree::Turn::AtOnce), "round {round}");
+        assert_eq!(waiter.await, (2, racefree::Turn::Waited), "round {round}");
+    }
+}

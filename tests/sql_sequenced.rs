@@ -591,3 +591,28 @@ fn child_entry() {
         }
     });
 }
+
+/// The per-call answer (`turn::track`) on a SQL store: a caller waits, if at all, on the
+/// counter row's lock inside the database, which the store cannot see, so every call reports
+/// `Unknown` — never a guess. 3 calls on one key, numbers 1..=3.
+#[cfg(feature = "sqlite")]
+mod turn_on_sql {
+    use racefree::sql::SqliteStore;
+    use racefree::{sequenced, Seq, SequenceError, Turn};
+
+    #[sequenced(key = key.to_owned(), store = store.sequence("tests::turn"))]
+    async fn numbered(store: &SqliteStore, key: &str, seq: Seq) -> Result<u64, SequenceError> {
+        Ok(seq.get())
+    }
+
+    #[tokio::test]
+    async fn turn_is_unknown_on_a_sql_store() {
+        let db = super::sql::TestDb::sqlite("turn");
+        let store = SqliteStore::new(db.sqlite_pool(2, std::time::Duration::from_secs(5)).await);
+        store.migrate().await.unwrap();
+        for expected in 1..=3 {
+            let (number, turn) = racefree::turn::track(numbered(&store, "acme")).await;
+            assert_eq!((number.unwrap(), turn), (expected, Turn::Unknown));
+        }
+    }
+}

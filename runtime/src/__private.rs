@@ -49,7 +49,8 @@ impl SequencedCall {
     pub fn acquired<L: crate::SequenceLease>(&mut self, acquired: &Result<L, SequenceError>) {
         let meter = *self.meter.insert(self.cell.meter(self.function, L::STORE));
         match acquired {
-            Ok(_) => {
+            Ok(lease) => {
+                crate::turn::record(crate::turn::Turn::of(lease.waited()));
                 meter.lock_waited(self.started);
                 meter.executed();
                 self.span.record("outcome", outcome::EXECUTED);

@@ -42,9 +42,10 @@ pub use idempotent::{
     BlockingIdempotencyBackend, Fingerprint, IdempotencyBackend, IdempotencyError,
     IdempotencyHandle, IdempotencyStats, IdempotencyStore, Replay,
 };
+pub use sequenced::turn;
 pub use sequenced::{
     LocalSequenceLease, Seq, SequenceBackend, SequenceError, SequenceHandle, SequenceLease,
-    Sequencer,
+    Sequencer, Turn,
 };
 pub use sync::keyed_locks::{Holder, KeyGuard, KeyedLocks, LockError};
 

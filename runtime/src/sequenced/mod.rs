@@ -20,6 +20,7 @@ pub mod error;
 pub mod handle;
 pub mod key;
 pub mod sequencer;
+pub mod turn;
 
 use std::future::Future;
 use std::time::Instant;
@@ -27,6 +28,7 @@ use std::time::Instant;
 pub use error::SequenceError;
 pub use handle::{SequenceCell, SequenceHandle};
 pub use sequencer::{LocalSequenceLease, Sequencer};
+pub use turn::Turn;
 
 use crate::sync::keyed_locks::Holder;
 
@@ -149,6 +151,13 @@ pub trait SequenceLease {
 
     /// The fencing token of this holding.
     fn fence(&self) -> u64;
+
+    /// `Some(true)` if this call waited for another holding of its key before it got it,
+    /// `Some(false)` if the key was free, `None` if the store cannot tell (what
+    /// [`turn::track`](crate::turn::track) reports as [`Turn::Unknown`](crate::turn::Turn::Unknown)).
+    fn waited(&self) -> Option<bool> {
+        None
+    }
 
     /// The key's next number, `None` if the key has none yet.
     fn next(&mut self) -> Result<Option<u64>, SequenceError> {

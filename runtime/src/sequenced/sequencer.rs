@@ -226,6 +226,10 @@ where
         self.guard.holder().get()
     }
 
+    fn waited(&self) -> Option<bool> {
+        Some(self.guard.waited())
+    }
+
     fn next(&mut self) -> Result<Option<u64>, SequenceError> {
         Ok(self.sequencer.next(self.guard.key()))
     }

@@ -451,6 +451,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
                     locks: self,
                     key: Some(key),
                     holder,
+                    waited: false,
                 })
             }
         }
@@ -474,6 +475,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
                     locks: self,
                     key: Some(key),
                     holder,
+                    waited: false,
                 }))
             }
             Entry::Occupied(mut entry) => {
@@ -571,6 +573,7 @@ impl<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone> Ticket<'a, K, S> {
                 locks: self.locks,
                 key: Some(key),
                 holder,
+                waited: true,
             })
         } else {
             tracing::debug!(target: "racefree", "timed out waiting for the key; left the queue");
@@ -615,12 +618,19 @@ pub struct KeyGuard<'a, K: Eq + Hash + Clone, S: BuildHasher + Clone = RandomSta
     locks: &'a KeyedLocks<K, S>,
     key: Option<K>,
     holder: Holder,
+    waited: bool,
 }
 
 impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyGuard<'_, K, S> {
     /// The key held.
     pub fn key(&self) -> &K {
         self.key.as_ref().expect("held until drop")
+    }
+
+    /// `true` if this holding queued behind another before it got the key; `false` if the key
+    /// was free when it arrived.
+    pub fn waited(&self) -> bool {
+        self.waited
     }
 
     /// This holding: its number is the key's fencing token, and code run under it

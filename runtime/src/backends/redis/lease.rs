@@ -409,10 +409,17 @@ impl<'a> LocalTurn<'a> {
         holder.is_some_and(Holder::is_running_here)
     }
 
-    pub(crate) async fn wait(&mut self) {
-        if let Some(local) = &self.local {
-            self.turn = Some(Arc::clone(&local.turn).lock_owned().await);
-        }
+    /// Waits for this process's turn at the key; `true` if another caller had it first.
+    pub(crate) async fn wait(&mut self) -> bool {
+        let Some(local) = &self.local else {
+            return false;
+        };
+        let (turn, waited) = match Arc::clone(&local.turn).try_lock_owned() {
+            Ok(turn) => (turn, false),
+            Err(_) => (Arc::clone(&local.turn).lock_owned().await, true),
+        };
+        self.turn = Some(turn);
+        waited
     }
 
     pub(crate) fn enter(&self) -> Holder {

@@ -460,20 +460,20 @@ impl<'s> RedisSequences<'s> {
         if local.held_by_caller() {
             return Err(HoldError::Reentrant);
         }
-        match deadline {
+        let waited_here = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), local.wait())
                 .await
                 .map_err(|_| HoldError::Timeout)?,
             None => local.wait().await,
-        }
+        };
 
-        let ticket = match self
+        let (ticket, waited) = match self
             .acquire(key, start, lease)
             .await
             .map_err(HoldError::Store)?
         {
-            Ok(ticket) => ticket,
-            Err(_) => self.wait_for_release(key, start, deadline).await?,
+            Ok(ticket) => (ticket, waited_here),
+            Err(_) => (self.wait_for_release(key, start, deadline).await?, true),
         };
 
         let detached = self.store.detached().await.map_err(HoldError::Store)?;
@@ -497,6 +497,7 @@ impl<'s> RedisSequences<'s> {
             detached,
             sequences: *self,
             ticket,
+            waited,
             holder,
             heartbeat: Some(heartbeat),
             guard: Some(guard),
@@ -595,6 +596,8 @@ pub(crate) struct HeldKey<'s> {
     detached: Detached,
     sequences: RedisSequences<'s>,
     pub(crate) ticket: SeqTicket,
+    // Another caller, here or in another process, had the key first.
+    waited: bool,
     pub(crate) holder: Holder,
     heartbeat: Option<Heartbeat>,
     guard: Option<ReleaseOnDrop>,
@@ -830,6 +833,10 @@ impl SequenceLease for RedisSequenceLease<'_> {
 
     fn fence(&self) -> u64 {
         self.held.ticket.fence()
+    }
+
+    fn waited(&self) -> Option<bool> {
+        Some(self.held.waited)
     }
 
     fn next_async(&mut self) -> impl Future<Output = Result<Option<u64>, SequenceError>> + Send {
