@@ -117,6 +117,7 @@ pub struct Call {
 
 impl Call {
     /// The call of `function` (a build-stable path) with the client's `key`, in `scope`.
+    #[inline]
     pub fn new<'k>(
         function: &'static str,
         scope: Option<&dyn Display>,
@@ -173,6 +174,7 @@ pub fn claim_records(path: &'static str, site: &'static str) -> Result<(), Idemp
 
 /// Keys and scopes are bounded on every store: an outsider's key must not grow the store's
 /// records (or a Redis key, or a SQL index entry) without limit.
+#[inline]
 fn bounded_record_key(
     function: &'static str,
     scope: Option<&dyn Display>,
@@ -228,7 +230,8 @@ fn reentered<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,
 ) -> Option<Begin<'a, B, T>> {
-    if !record_holder(key).is_running_here() {
+    // Most calls run under no holder at all: no need to hash the key.
+    if Holder::none_running_here() || !record_holder(key).is_running_here() {
         return None;
     }
     tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call re-entered its own key: refused");
@@ -248,6 +251,7 @@ struct Claiming {
 
 /// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
 /// without a key, an over-long key and re-entry end here.
+#[inline]
 fn prepare<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     call: Call,
@@ -278,6 +282,7 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
 
 /// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
 /// duplicate in flight to wait for (unless the policy rejects it).
+#[inline]
 fn claimed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     claiming: Claiming,
@@ -307,6 +312,7 @@ fn claimed<'a, B: IdempotencyBackend<T>, T>(
 
 /// What waiting for the duplicate gave: its outcome, an error, or (`None`) that it gave up
 /// and the call claims again, where one waiter wins.
+#[inline]
 fn waited<'a, B: IdempotencyBackend<T>, T>(
     claiming: &Claiming,
     answer: Result<Option<T>, IdempotencyError>,
@@ -319,6 +325,7 @@ fn waited<'a, B: IdempotencyBackend<T>, T>(
 }
 
 /// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
+#[inline]
 pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
     let mut claiming = match prepare(backend, call) {
         Ok(claiming) => claiming,
@@ -351,6 +358,7 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
 }
 
 /// [`begin`] for sync functions: waiting blocks the thread.
+#[inline]
 pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
     backend: &B,
     call: Call,
@@ -394,6 +402,7 @@ fn unkeyed<'a, B: IdempotencyBackend<T>, T>(
     })
 }
 
+#[inline]
 fn execute<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     function: &'static str,
@@ -416,6 +425,7 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
     })
 }
 
+#[inline]
 fn replayed<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,
@@ -426,6 +436,7 @@ fn replayed<'a, B: IdempotencyBackend<T>, T>(
     Begin::Replay(outcome)
 }
 
+#[cold]
 fn refuse<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,
@@ -442,6 +453,7 @@ fn refuse<'a, B: IdempotencyBackend<T>, T>(
     Begin::Refuse(error)
 }
 
+#[cold]
 fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,
@@ -514,6 +526,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// With a store whose `complete` commits the body's effect
     /// ([`IdempotencyBackend::COMPLETE_COMMITS_EFFECT`], a SQL store) every failure is the
     /// caller's, `OutcomeNotStored` too: the effect was rolled back with the outcome.
+    #[inline]
     pub async fn finish(mut self, outcome: &T) -> Result<(), IdempotencyError> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
@@ -535,6 +548,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     /// Frees the call's key without storing anything: the next call with the key executes.
+    #[inline]
     pub fn release(self) {
         replay::record(Replay::Fresh);
         if let Some((key, _)) = &self.claim {
@@ -549,6 +563,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
 
 impl<B: BlockingIdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// [`complete`](Self::complete) for sync functions.
+    #[inline]
     pub fn complete_blocking(mut self, outcome: &T) {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {

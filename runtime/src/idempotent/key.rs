@@ -24,6 +24,7 @@ pub struct RecordKey {
 
 impl RecordKey {
     /// The key of `client_key` for `function` (a build-stable path), in `scope` if given.
+    #[inline]
     pub fn new(function: &str, scope: Option<&dyn Display>, client_key: &str) -> RecordKey {
         let mut text = String::with_capacity(function.len() + client_key.len() + 2);
         text.push_str(function);

@@ -7,6 +7,12 @@
 //! [`IdempotencyStore::claim_now`] is the per-key check: one atomic entry operation decides
 //! between running the body (no live record), replaying (done, same fingerprint), waiting or
 //! rejecting (in flight, same fingerprint) and a conflict (either state, other fingerprint).
+//! Answers that change nothing (a replay, a conflict, a duplicate in flight) come from a read of
+//! the record under a shared lock, without an owned key; only taking a key over writes.
+//!
+//! A first execution pays for what it needs and no more: the record's key is allocated once
+//! (and shared with the list of stored outcomes), the cell its waiters wait on only once a
+//! duplicate waits, and the outcome is cloned for waiters only if there are any.
 //!
 //! # What the in-process store promises
 //! - **At most one execution per live key.** Claims go through `DashMap`'s entry API, never
@@ -38,8 +44,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
@@ -139,7 +146,14 @@ struct Counters {
 enum Record<T> {
     InFlight {
         fingerprint: Fingerprint,
-        flight: Arc<Flight<T>>,
+        // Which claim this is (the store's execution count when it was made), so that a lease
+        // only ever ends its own record.
+        claim: u64,
+        // Who runs the body, for waiters that block.
+        owner: Owner,
+        // What duplicates wait on: made by the first of them (under the shared lock, hence the
+        // `OnceLock`), so that an execution nobody waits for allocates none.
+        waiters: OnceLock<Arc<Flight<T>>>,
     },
     // `expires`: on the store's clock, in nanoseconds.
     Done {
@@ -271,7 +285,8 @@ type Outcomes = VecDeque<(Arc<str>, u64)>;
 pub struct StoreLease<T> {
     key: Arc<str>,
     fingerprint: Fingerprint,
-    flight: Arc<Flight<T>>,
+    claim: u64,
+    _outcome: PhantomData<fn() -> T>,
 }
 
 impl IdempotencyStore<()> {
@@ -386,13 +401,18 @@ impl<T> IdempotencyStore<T> {
 
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
-        let StoreLease { key, flight, .. } = lease;
+        let StoreLease { key, claim, .. } = lease;
         // Leave the map first, then wake the waiters: each claims again and one executes.
+        let mut waiters = None;
         crate::sync::cleanup(|| {
-            self.records
-                .remove_if(&key, |_, record| is_flight(record, &flight));
+            let left = self
+                .records
+                .remove_if(&key, |_, record| is_claim(record, claim));
+            waiters = left.and_then(|(_, record)| record.into_waiters());
         });
-        flight.complete(None);
+        if let Some(waiters) = waiters {
+            waiters.complete(None);
+        }
     }
 }
 
@@ -403,79 +423,92 @@ impl<T: Clone> IdempotencyStore<T> {
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::unknown())
+        self.claim_as(key, fingerprint, Owner::unknown)
     }
 
-    // `owner`: who runs the body if this claim executes, for waiters that block.
+    // `owner`: who runs the body if this claim executes, for waiters that block (asked only
+    // then: a replay need not know).
+    #[inline]
     fn claim_as(
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
-        owner: Owner,
+        owner: impl FnOnce() -> Owner,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
-        // Replays, the common case of a retry, need neither an owned key nor a write lock.
+        // Replays, conflicts and duplicates in flight need neither an owned key nor a write lock.
         if let Some(record) = self.records.get(key.as_str()) {
-            if let Record::Done {
-                fingerprint: stored,
-                outcome,
-                expires,
-            } = record.value()
-            {
-                if !self.is_past(*expires, self.now()) {
-                    return self.replay_or_conflict(key, *stored, fingerprint, outcome);
-                }
+            if let Some(answer) = self.answer(record.value(), key, fingerprint, self.now()) {
+                return answer;
             }
         }
         let now = self.now();
+        let claim = |stored_key: &Arc<str>| self.execute(Arc::clone(stored_key), fingerprint);
         match self.records.entry(Arc::from(key.as_str())) {
-            Entry::Occupied(mut entry) => match entry.get() {
-                record if self.is_expired(record, now) => {
-                    let flight = Arc::new(Flight::owned_by(owner));
-                    let stored_key = Arc::clone(entry.key());
-                    entry.insert(Record::InFlight {
-                        fingerprint,
-                        flight: Arc::clone(&flight),
-                    });
-                    Ok(self.execute(stored_key, fingerprint, flight))
+            Entry::Occupied(mut entry) => {
+                if let Some(answer) = self.answer(entry.get(), key, fingerprint, now) {
+                    return answer;
                 }
-                Record::Done {
-                    fingerprint: stored,
-                    outcome,
-                    ..
-                } => self.replay_or_conflict(key, *stored, fingerprint, outcome),
-                Record::InFlight {
-                    fingerprint: claimed,
-                    ..
-                } if *claimed != fingerprint => Err(self.conflict(key)),
-                Record::InFlight { flight, .. } => {
-                    self.counters.waits.fetch_add(1, Relaxed);
-                    Ok(Claim::InFlight(Arc::clone(flight)))
-                }
-            },
+                let (lease, record) = claim(entry.key());
+                entry.insert(record(owner()));
+                Ok(lease)
+            }
             Entry::Vacant(entry) => {
-                let flight = Arc::new(Flight::owned_by(owner));
-                let stored_key = Arc::clone(entry.key());
-                entry.insert(Record::InFlight {
-                    fingerprint,
-                    flight: Arc::clone(&flight),
-                });
-                Ok(self.execute(stored_key, fingerprint, flight))
+                let (lease, record) = claim(entry.key());
+                entry.insert(record(owner()));
+                Ok(lease)
             }
         }
     }
 
+    /// What a live record answers a claim with `fingerprint`: replay, conflict, or wait;
+    /// `None` if the key may be taken over (the record expired).
+    #[inline]
+    fn answer(
+        &self,
+        record: &Record<T>,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        now: u64,
+    ) -> Option<Result<StoreClaim<T>, IdempotencyError>> {
+        match record {
+            Record::Done { expires, .. } if self.is_past(*expires, now) => None,
+            Record::Done {
+                fingerprint: stored,
+                outcome,
+                ..
+            } => Some(self.replay_or_conflict(key, *stored, fingerprint, outcome)),
+            Record::InFlight {
+                fingerprint: claimed,
+                ..
+            } if *claimed != fingerprint => Some(Err(self.conflict(key))),
+            Record::InFlight { owner, waiters, .. } => {
+                self.counters.waits.fetch_add(1, Relaxed);
+                let flight = waiters.get_or_init(|| Arc::new(Flight::owned_by(*owner)));
+                Some(Ok(Claim::InFlight(Arc::clone(flight))))
+            }
+        }
+    }
+
+    // The lease of a new claim, and the in-flight record for it (given its owner).
     fn execute(
         &self,
         key: Arc<str>,
         fingerprint: Fingerprint,
-        flight: Arc<Flight<T>>,
-    ) -> StoreClaim<T> {
-        self.counters.executions.fetch_add(1, Relaxed);
-        Claim::Execute(StoreLease {
+    ) -> (StoreClaim<T>, impl FnOnce(Owner) -> Record<T>) {
+        let claim = self.counters.executions.fetch_add(1, Relaxed);
+        let lease = Claim::Execute(StoreLease {
             key,
             fingerprint,
-            flight,
-        })
+            claim,
+            _outcome: PhantomData,
+        });
+        let record = move |owner| Record::InFlight {
+            fingerprint,
+            claim,
+            owner,
+            waiters: OnceLock::new(),
+        };
+        (lease, record)
     }
 
     fn replay_or_conflict(
@@ -502,7 +535,7 @@ impl<T: Clone> IdempotencyStore<T> {
     /// Stores the outcome, then wakes the waiters; see [`IdempotencyBackend::complete`].
     pub fn complete_lease(&self, lease: StoreLease<T>, outcome: &T, ttl: Duration) {
         // A panicking `Clone` must not leave the key in flight (and its waiters waiting)
-        // forever: until both copies exist, unwinding releases the lease.
+        // forever: until the record holds its copy, unwinding releases the lease.
         struct ReleaseOnUnwind<'a, T: Clone>(&'a IdempotencyStore<T>, Option<StoreLease<T>>);
         impl<T: Clone> Drop for ReleaseOnUnwind<'_, T> {
             fn drop(&mut self) {
@@ -512,11 +545,12 @@ impl<T: Clone> IdempotencyStore<T> {
             }
         }
         let mut guard = ReleaseOnUnwind(self, Some(lease));
-        let (for_record, for_waiters) = (outcome.clone(), outcome.clone());
+        let for_record = outcome.clone();
         let Some(StoreLease {
             key,
             fingerprint,
-            flight,
+            claim,
+            ..
         }) = guard.1.take()
         else {
             unreachable!("the guard holds the lease until here")
@@ -526,16 +560,21 @@ impl<T: Clone> IdempotencyStore<T> {
             Clock::System => crate::sync::clock::deadline_after(saturating_nanos(ttl)),
             Clock::Manual(hand) => hand.load(Relaxed).saturating_add(saturating_nanos(ttl)),
         };
-        if let Some(mut record) = self.records.get_mut(&key) {
-            if is_flight(&record, &flight) {
-                *record = Record::Done {
-                    fingerprint,
-                    outcome: for_record,
-                    expires,
-                };
+        let done = Record::Done {
+            fingerprint,
+            outcome: for_record,
+            expires,
+        };
+        // Only this lease ends its in-flight record, so it is there.
+        let waiters = match self.records.get_mut(&key) {
+            Some(mut record) if is_claim(&record, claim) => {
+                std::mem::replace(&mut *record, done).into_waiters()
             }
+            _ => None,
+        };
+        if let Some(waiters) = waiters {
+            wake(&waiters, outcome);
         }
-        flight.complete(Some(for_waiters));
         let mut stored = self.outcomes();
         stored.push_back((key, expires));
         let now = self.now();
@@ -611,8 +650,33 @@ fn is_outcome<T>(record: &Record<T>, deadline: u64) -> bool {
     matches!(record, Record::Done { expires, .. } if *expires == deadline)
 }
 
-fn is_flight<T>(record: &Record<T>, flight: &Arc<Flight<T>>) -> bool {
-    matches!(record, Record::InFlight { flight: current, .. } if Arc::ptr_eq(current, flight))
+fn is_claim<T>(record: &Record<T>, claim: u64) -> bool {
+    matches!(record, Record::InFlight { claim: current, .. } if *current == claim)
+}
+
+impl<T> Record<T> {
+    // What the duplicates of an in-flight record wait on, if any waits.
+    fn into_waiters(self) -> Option<Arc<Flight<T>>> {
+        match self {
+            Record::InFlight { waiters, .. } => waiters.into_inner(),
+            Record::Done { .. } => None,
+        }
+    }
+}
+
+// Hands the stored outcome to the waiters. Should its `Clone` panic, they are woken with
+// nothing and claim again, which replays the outcome already stored.
+fn wake<T: Clone>(waiters: &Flight<T>, outcome: &T) {
+    struct WakeOnUnwind<'a, T>(&'a Flight<T>);
+    impl<T> Drop for WakeOnUnwind<'_, T> {
+        fn drop(&mut self) {
+            self.0.complete(None);
+        }
+    }
+    let unwinding = WakeOnUnwind(waiters);
+    let landing = outcome.clone();
+    std::mem::forget(unwinding);
+    waiters.complete(Some(landing));
 }
 
 fn saturating_nanos(d: Duration) -> u64 {
@@ -631,7 +695,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::here(true))
+        self.claim_as(key, fingerprint, || Owner::here(true))
     }
 
     async fn wait(
@@ -675,7 +739,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::here(false))
+        self.claim_as(key, fingerprint, || Owner::here(false))
     }
 
     fn wait_blocking(
