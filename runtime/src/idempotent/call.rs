@@ -251,7 +251,7 @@ struct Claiming {
 
 /// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
 /// without a key, an over-long key and re-entry end here.
-#[inline]
+#[inline(always)]
 fn prepare<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     call: Call,
@@ -282,7 +282,7 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
 
 /// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
 /// duplicate in flight to wait for (unless the policy rejects it).
-#[inline]
+#[inline(always)]
 fn claimed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     claiming: Claiming,
@@ -358,7 +358,7 @@ pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begi
 }
 
 /// [`begin`] for sync functions: waiting blocks the thread.
-#[inline]
+#[inline(always)]
 pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
     backend: &B,
     call: Call,
@@ -425,7 +425,7 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
     })
 }
 
-#[inline]
+#[inline(always)]
 fn replayed<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,

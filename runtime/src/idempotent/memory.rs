@@ -10,13 +10,16 @@
 //! Answers that change nothing (a replay, a conflict, a duplicate in flight) come from a read of
 //! the record under a shared lock, without an owned key; only taking a key over writes.
 //!
-//! A first execution pays for what it needs and no more: the record's key is allocated once
-//! (and shared with the list of stored outcomes), the cell its waiters wait on only once a
-//! duplicate waits, and the outcome is cloned for waiters only if there are any.
+//! A first execution pays for what it needs and no more: the key is hashed once per call and
+//! copied once, into its record; the cell its waiters wait on is made only once a duplicate
+//! waits, and the outcome is cloned for waiters only if there are any. Records keep their hash
+//! and their claim number, so that completing, releasing, purging and resizing find or move a
+//! record without reading its key again (under a stream of unique keys, the old keys are cold
+//! memory).
 //!
 //! # What the in-process store promises
-//! - **At most one execution per live key.** Claims go through `DashMap`'s entry API, never
-//!   get-then-insert.
+//! - **At most one execution per live key.** A claim decides and takes a key in one entry
+//!   operation under its shard's write lock, never get-then-insert.
 //! - **Conflicts change nothing.** A different fingerprint under a used key is refused without
 //!   touching the record.
 //! - **Failures release.** Releasing (an `Err` not stored, a panic, a dropped future) removes
@@ -44,13 +47,13 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use hashbrown::hash_table::{Entry, HashTable};
 
 use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 use super::error::IdempotencyError;
@@ -155,12 +158,48 @@ enum Record<T> {
         // `OnceLock`), so that an execution nobody waits for allocates none.
         waiters: OnceLock<Arc<Flight<T>>>,
     },
-    // `expires`: on the store's clock, in nanoseconds.
+    // `expires`: on the store's clock, in nanoseconds. `claim`: the one that stored it, which
+    // tells this outcome from a later one of the same key.
     Done {
         fingerprint: Fingerprint,
         outcome: T,
         expires: u64,
+        claim: u64,
     },
+}
+
+/// One record in its shard's table, with the hash of its key (see the module doc).
+struct Slot<T> {
+    hash: u64,
+    key: Box<str>,
+    record: Record<T>,
+}
+
+// Aligned so that two shards' locks never share a cache line.
+#[repr(align(128))]
+struct Shard<T>(RwLock<HashTable<Slot<T>>>);
+
+impl<T> Shard<T> {
+    fn read(&self) -> RwLockReadGuard<'_, HashTable<Slot<T>>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // A panic under the write lock (an outcome's `Drop`) leaves the table consistent.
+    fn write(&self) -> RwLockWriteGuard<'_, HashTable<Slot<T>>> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A stored outcome in the order they were stored: where its record is, and which it is.
+#[derive(Debug, Clone, Copy)]
+struct Listed {
+    hash: u64,
+    claim: u64,
+    expires: u64,
 }
 
 /// The in-process idempotency store: the default of `#[idempotent]`, or shared between
@@ -175,12 +214,13 @@ enum Record<T> {
 /// assert_eq!(PAYMENTS.config().capacity, Some(500_000));
 /// ```
 pub struct IdempotencyStore<T> {
+    // Records sharded by their key's hash (as `DashMap` does, but keeping each hash).
+    shards: Box<[Shard<T>]>,
     // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
-    records: DashMap<Arc<str>, Record<T>, RandomState>,
+    hasher: RandomState,
     config: IdempotencyConfig,
     clock: Clock,
-    // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
-    // a key completed again later has a later deadline).
+    // Stored outcomes, oldest first.
     stored: Mutex<Outcomes>,
     counters: Counters,
     name: &'static str,
@@ -237,8 +277,14 @@ impl IdempotencyStoreBuilder {
 
     /// The store.
     pub fn build<T>(self) -> IdempotencyStore<T> {
+        // As many shards as `DashMap` would have: four per core.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = (0..(cores * 4).next_power_of_two())
+            .map(|_| Shard(RwLock::new(HashTable::new())))
+            .collect();
         IdempotencyStore {
-            records: DashMap::with_hasher(RandomState::default()),
+            shards,
+            hasher: RandomState::default(),
             config: self.config,
             clock: self.clock,
             stored: Mutex::new(VecDeque::new()),
@@ -277,13 +323,14 @@ impl<T> Default for IdempotencyStore<T> {
 /// What [`IdempotencyStore::claim_now`] found.
 pub type StoreClaim<T> = Claim<T, StoreLease<T>, Arc<Flight<T>>>;
 
-// Keys of stored outcomes, oldest first, with the deadline that identifies each outcome.
-type Outcomes = VecDeque<(Arc<str>, u64)>;
+// Stored outcomes, oldest first.
+type Outcomes = VecDeque<Listed>;
 
 /// The claim of one key in an [`IdempotencyStore`].
 #[derive(Debug)]
 pub struct StoreLease<T> {
-    key: Arc<str>,
+    // Where the record is (its key's hash) and which claim it is.
+    hash: u64,
     fingerprint: Fingerprint,
     claim: u64,
     _outcome: PhantomData<fn() -> T>,
@@ -316,20 +363,24 @@ impl<T> IdempotencyStore<T> {
 
     /// Records stored, in flight and done (expired ones not yet purged included).
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
     /// `true` when there is no record.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// Keys being executed right now.
     pub fn in_flight(&self) -> usize {
-        self.records
+        self.shards
             .iter()
-            .filter(|r| matches!(r.value(), Record::InFlight { .. }))
-            .count()
+            .map(|shard| {
+                let table = shard.read();
+                let in_flight = |slot: &&Slot<T>| matches!(slot.record, Record::InFlight { .. });
+                table.iter().filter(in_flight).count()
+            })
+            .sum()
     }
 
     /// Removes every expired outcome now; in-flight records and live outcomes stay. (Expired
@@ -339,17 +390,37 @@ impl<T> IdempotencyStore<T> {
     pub fn purge_expired(&self) {
         let now = self.now();
         let mut stored = self.outcomes();
-        self.records
-            .retain(|_, record| !self.is_expired(record, now));
-        stored.retain(|&(_, expires)| !self.is_past(expires, now));
+        for shard in &self.shards {
+            shard
+                .write()
+                .retain(|slot| !self.is_expired(&slot.record, now));
+        }
+        stored.retain(|listed| !self.is_past(listed.expires, now));
     }
 
     /// Forgets every outcome. Calls in flight finish and store theirs.
     pub fn clear(&self) {
         let mut stored = self.outcomes();
-        self.records
-            .retain(|_, record| matches!(record, Record::InFlight { .. }));
+        for shard in &self.shards {
+            shard
+                .write()
+                .retain(|slot| matches!(slot.record, Record::InFlight { .. }));
+        }
         stored.clear();
+    }
+
+    fn shard(&self, hash: u64) -> &Shard<T> {
+        // Bits that neither a table's bucket index (the low ones) nor its tag (the top 7) uses.
+        &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)]
+    }
+
+    // Removes the record of `claim` if it is in flight (`Record::InFlight`) or stored
+    // (`Record::Done`), whichever `is` asks for; the record is dropped by the caller, outside
+    // the lock.
+    fn remove(&self, hash: u64, is: impl FnMut(&Slot<T>) -> bool) -> Option<Record<T>> {
+        let mut table = self.shard(hash).write();
+        let entry = table.find_entry(hash, is).ok()?;
+        Some(entry.remove().0.record)
     }
 
     fn outcomes(&self) -> std::sync::MutexGuard<'_, Outcomes> {
@@ -401,14 +472,12 @@ impl<T> IdempotencyStore<T> {
 
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
-        let StoreLease { key, claim, .. } = lease;
+        let StoreLease { hash, claim, .. } = lease;
         // Leave the map first, then wake the waiters: each claims again and one executes.
         let mut waiters = None;
         crate::sync::cleanup(|| {
-            let left = self
-                .records
-                .remove_if(&key, |_, record| is_claim(record, claim));
-            waiters = left.and_then(|(_, record)| record.into_waiters());
+            let left = self.remove(hash, |slot| is_claim(&slot.record, claim));
+            waiters = left.and_then(Record::into_waiters);
         });
         if let Some(waiters) = waiters {
             waiters.complete(None);
@@ -435,26 +504,35 @@ impl<T: Clone> IdempotencyStore<T> {
         fingerprint: Fingerprint,
         owner: impl FnOnce() -> Owner,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
+        let hash = self.hasher.hash_one(key.as_str());
+        let shard = self.shard(hash);
+        let is_key = |slot: &Slot<T>| *slot.key == *key.as_str();
         // Replays, conflicts and duplicates in flight need neither an owned key nor a write lock.
-        if let Some(record) = self.records.get(key.as_str()) {
-            if let Some(answer) = self.answer(record.value(), key, fingerprint, self.now()) {
+        if let Some(slot) = shard.read().find(hash, is_key) {
+            if let Some(answer) = self.answer(&slot.record, key, fingerprint, self.now()) {
                 return answer;
             }
         }
         let now = self.now();
-        let claim = |stored_key: &Arc<str>| self.execute(Arc::clone(stored_key), fingerprint);
-        match self.records.entry(Arc::from(key.as_str())) {
+        let mut table = shard.write();
+        match table.entry(hash, is_key, |slot| slot.hash) {
             Entry::Occupied(mut entry) => {
-                if let Some(answer) = self.answer(entry.get(), key, fingerprint, now) {
+                if let Some(answer) = self.answer(&entry.get().record, key, fingerprint, now) {
                     return answer;
                 }
-                let (lease, record) = claim(entry.key());
-                entry.insert(record(owner()));
+                let (lease, record) = self.execute(hash, fingerprint);
+                // The expired outcome is dropped under the lock, as it would be if it were
+                // removed first.
+                entry.get_mut().record = record(owner());
                 Ok(lease)
             }
             Entry::Vacant(entry) => {
-                let (lease, record) = claim(entry.key());
-                entry.insert(record(owner()));
+                let (lease, record) = self.execute(hash, fingerprint);
+                entry.insert(Slot {
+                    hash,
+                    key: key.as_str().into(),
+                    record: record(owner()),
+                });
                 Ok(lease)
             }
         }
@@ -462,7 +540,7 @@ impl<T: Clone> IdempotencyStore<T> {
 
     /// What a live record answers a claim with `fingerprint`: replay, conflict, or wait;
     /// `None` if the key may be taken over (the record expired).
-    #[inline]
+    #[inline(always)]
     fn answer(
         &self,
         record: &Record<T>,
@@ -492,12 +570,12 @@ impl<T: Clone> IdempotencyStore<T> {
     // The lease of a new claim, and the in-flight record for it (given its owner).
     fn execute(
         &self,
-        key: Arc<str>,
+        hash: u64,
         fingerprint: Fingerprint,
     ) -> (StoreClaim<T>, impl FnOnce(Owner) -> Record<T>) {
         let claim = self.counters.executions.fetch_add(1, Relaxed);
         let lease = Claim::Execute(StoreLease {
-            key,
+            hash,
             fingerprint,
             claim,
             _outcome: PhantomData,
@@ -547,7 +625,7 @@ impl<T: Clone> IdempotencyStore<T> {
         let mut guard = ReleaseOnUnwind(self, Some(lease));
         let for_record = outcome.clone();
         let Some(StoreLease {
-            key,
+            hash,
             fingerprint,
             claim,
             ..
@@ -555,29 +633,37 @@ impl<T: Clone> IdempotencyStore<T> {
         else {
             unreachable!("the guard holds the lease until here")
         };
-        let expires = match &self.clock {
-            // From the precise clock, so that the coarse reads of `is_past` keep `ttl` exact.
-            Clock::System => crate::sync::clock::deadline_after(saturating_nanos(ttl)),
-            Clock::Manual(hand) => hand.load(Relaxed).saturating_add(saturating_nanos(ttl)),
+        // The deadline from the precise clock, so that the coarse reads of `is_past` keep `ttl`
+        // exact; the same reading serves the purge below (a precise reading is as good as a
+        // coarse one there).
+        let now = match &self.clock {
+            Clock::System => crate::sync::clock::precise_nanos(),
+            Clock::Manual(hand) => hand.load(Relaxed),
         };
+        let expires = now.saturating_add(saturating_nanos(ttl)).max(1);
         let done = Record::Done {
             fingerprint,
             outcome: for_record,
             expires,
+            claim,
         };
         // Only this lease ends its in-flight record, so it is there.
-        let waiters = match self.records.get_mut(&key) {
-            Some(mut record) if is_claim(&record, claim) => {
-                std::mem::replace(&mut *record, done).into_waiters()
+        let waiters = {
+            let mut table = self.shard(hash).write();
+            match table.find_mut(hash, |slot| is_claim(&slot.record, claim)) {
+                Some(slot) => std::mem::replace(&mut slot.record, done).into_waiters(),
+                None => None,
             }
-            _ => None,
         };
         if let Some(waiters) = waiters {
             wake(&waiters, outcome);
         }
         let mut stored = self.outcomes();
-        stored.push_back((key, expires));
-        let now = self.now();
+        stored.push_back(Listed {
+            hash,
+            claim,
+            expires,
+        });
         self.purge_front(&mut stored, now);
         self.evict_over_capacity(&mut stored, now);
     }
@@ -586,14 +672,13 @@ impl<T: Clone> IdempotencyStore<T> {
     fn purge_front(&self, stored: &mut Outcomes, now: u64) {
         for _ in 0..PURGE_PER_STORE {
             match stored.front() {
-                Some(&(_, deadline)) if self.is_past(deadline, now) => {}
+                Some(listed) if self.is_past(listed.expires, now) => {}
                 _ => break,
             }
-            let Some((key, deadline)) = stored.pop_front() else {
+            let Some(listed) = stored.pop_front() else {
                 break;
             };
-            self.records
-                .remove_if(&key, |_, record| is_outcome(record, deadline));
+            self.remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim));
         }
     }
 
@@ -607,14 +692,13 @@ impl<T: Clone> IdempotencyStore<T> {
         };
         let mut evicted = 0;
         while stored.len() > capacity {
-            let Some((key, deadline)) = stored.pop_front() else {
+            let Some(listed) = stored.pop_front() else {
                 break;
             };
             let removed = self
-                .records
-                .remove_if(&key, |_, record| is_outcome(record, deadline))
+                .remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim))
                 .is_some();
-            if removed && !self.is_past(deadline, now) {
+            if removed && !self.is_past(listed.expires, now) {
                 evicted += 1;
             }
         }
@@ -645,9 +729,9 @@ impl<T: Clone> IdempotencyStore<T> {
     }
 }
 
-// The stored outcome with this deadline (not a later one of the same key).
-fn is_outcome<T>(record: &Record<T>, deadline: u64) -> bool {
-    matches!(record, Record::Done { expires, .. } if *expires == deadline)
+// The outcome stored by this claim (not a later one of the same key).
+fn is_outcome<T>(record: &Record<T>, claim: u64) -> bool {
+    matches!(record, Record::Done { claim: stored_by, .. } if *stored_by == claim)
 }
 
 fn is_claim<T>(record: &Record<T>, claim: u64) -> bool {
