@@ -10,8 +10,8 @@
 //! Answers that change nothing (a replay, a conflict, a duplicate in flight) come from a read of
 //! the record under a shared lock, without an owned key; only taking a key over writes.
 //!
-//! A first execution pays for what it needs and no more: the key is hashed once per call and
-//! copied once, into its record; the cell its waiters wait on is made only once a duplicate
+//! A first execution pays for what it needs and no more: the store hashes the key once and
+//! copies it once, into its record; the cell its waiters wait on is made only once a duplicate
 //! waits, and the outcome is cloned for waiters only if there are any. Records keep their hash
 //! and their claim number, so that completing, releasing, purging and resizing find or move a
 //! record without reading its key again (under a stream of unique keys, the old keys are cold
