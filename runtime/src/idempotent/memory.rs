@@ -171,8 +171,40 @@ enum Record<T> {
 /// One record in its shard's table, with the hash of its key (see the module doc).
 struct Slot<T> {
     hash: u64,
-    key: Box<str>,
+    key: StoredKey,
     record: Record<T>,
+}
+
+/// A record's key, only ever compared: short keys live in the slot itself, so that storing a
+/// record allocates nothing and dropping one frees nothing (an old record is cold memory).
+enum StoredKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Boxed(Box<[u8]>),
+}
+
+/// The longest key kept in its slot (`StoredKey` then takes 64 bytes).
+const INLINE_KEY: usize = 62;
+
+impl StoredKey {
+    fn new(key: &str) -> StoredKey {
+        let key = key.as_bytes();
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key);
+                StoredKey::Inline { len, bytes }
+            }
+            _ => StoredKey::Boxed(key.into()),
+        }
+    }
+
+    fn is(&self, key: &str) -> bool {
+        let stored = match self {
+            StoredKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            StoredKey::Boxed(bytes) => bytes,
+        };
+        stored == key.as_bytes()
+    }
 }
 
 // Aligned so that two shards' locks never share a cache line.
@@ -506,7 +538,7 @@ impl<T: Clone> IdempotencyStore<T> {
     ) -> Result<StoreClaim<T>, IdempotencyError> {
         let hash = self.hasher.hash_one(key.as_str());
         let shard = self.shard(hash);
-        let is_key = |slot: &Slot<T>| *slot.key == *key.as_str();
+        let is_key = |slot: &Slot<T>| slot.key.is(key.as_str());
         // Replays, conflicts and duplicates in flight need neither an owned key nor a write lock.
         if let Some(slot) = shard.read().find(hash, is_key) {
             if let Some(answer) = self.answer(&slot.record, key, fingerprint, self.now()) {
@@ -530,7 +562,7 @@ impl<T: Clone> IdempotencyStore<T> {
                 let (lease, record) = self.execute(hash, fingerprint);
                 entry.insert(Slot {
                     hash,
-                    key: key.as_str().into(),
+                    key: StoredKey::new(key.as_str()),
                     record: record(owner()),
                 });
                 Ok(lease)
@@ -898,6 +930,30 @@ mod tests {
         }
         // 1000 live; a sweep every max(1024, 1000) stores.
         assert!(largest <= 1000 + 2 * 1024, "grew to {largest}");
+    }
+
+    // Keys at, just past and far past the inline length, and two long keys that differ only
+    // after it: each is its own record, replayed as itself.
+    #[test]
+    fn keys_of_every_length_are_told_apart() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::new();
+        let inline = "k".repeat(INLINE_KEY - 3); // with `f##`: exactly INLINE_KEY bytes
+        let keys = [
+            inline.clone(),
+            format!("{inline}x"),
+            format!("{}a", "k".repeat(200)),
+            format!("{}b", "k".repeat(200)),
+        ];
+        for (n, key) in (0..).zip(&keys) {
+            let Claim::Execute(lease) = claim(&store, key, 1) else {
+                panic!("fresh key {n}")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(60));
+        }
+        for (n, key) in (0..).zip(&keys) {
+            assert!(matches!(claim(&store, key, 1), Claim::Replay(stored) if stored == n));
+        }
+        assert_eq!(store.len(), keys.len());
     }
 
     #[test]
