@@ -72,6 +72,35 @@ fn racefree_moka(k: u64) -> u64 {
     k
 }
 
+// A generic function: one cache per concrete type, found by walking the types before it.
+// Three types with the same work (a `u64` in a newtype), so the third walks past two.
+#[derive(Clone)]
+struct Metres(u64);
+#[derive(Clone)]
+struct Grams(u64);
+#[derive(Clone)]
+struct Seconds(u64);
+impl From<u64> for Metres {
+    fn from(k: u64) -> Self {
+        Metres(k)
+    }
+}
+impl From<u64> for Grams {
+    fn from(k: u64) -> Self {
+        Grams(k)
+    }
+}
+impl From<u64> for Seconds {
+    fn from(k: u64) -> Self {
+        Seconds(k)
+    }
+}
+
+#[racefree::cached]
+fn racefree_generic<T: From<u64> + Clone + Send + Sync + 'static>(k: u64) -> T {
+    T::from(k)
+}
+
 #[cached::macros::cached]
 fn cached_default(k: u64) -> u64 {
     k
@@ -88,6 +117,9 @@ fn hits(c: &mut Criterion) {
     let quick = quick_cache::sync::Cache::<u64, u64>::new(20_000);
     for k in 0..KEYS {
         racefree_plain(k);
+        racefree_generic::<Metres>(k);
+        racefree_generic::<Grams>(k);
+        racefree_generic::<Seconds>(k);
         racefree_bounded(k);
         #[cfg(feature = "moka")]
         racefree_moka(k);
@@ -150,6 +182,19 @@ fn hits(c: &mut Criterion) {
     });
     g.bench_function("cached by_key", |b| {
         b.iter(|| cached_by_key(black_box(next())))
+    });
+    g.finish();
+
+    // The issue: every concrete type of a generic function hits at the first type's speed.
+    let mut g = c.benchmark_group("cached/hit generic fn");
+    g.bench_function("first concrete type", |b| {
+        b.iter(|| racefree_generic::<Metres>(black_box(next())).0)
+    });
+    g.bench_function("second concrete type", |b| {
+        b.iter(|| racefree_generic::<Grams>(black_box(next())).0)
+    });
+    g.bench_function("third concrete type", |b| {
+        b.iter(|| racefree_generic::<Seconds>(black_box(next())).0)
     });
     g.finish();
 

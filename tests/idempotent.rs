@@ -780,6 +780,140 @@ fn sync_fn_executes_once_under_concurrent_threads() {
     }
 }
 
+// 10b. Duplicates racing the completion (the store makes the cell waiters wait on only when the
+//      first of them arrives, and completion takes it out of the record): 8 threads × 300
+//      rounds released by a barrier, a body that returns at once, so duplicates arrive before,
+//      during and after it completes. Every round: one execution, 8 equal outcomes.
+#[test]
+fn duplicates_racing_the_completion_get_the_one_outcome() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    #[idempotent(key = key)]
+    fn book_room(key: &str, nights: u64) -> Result<(usize, u64), ApiError> {
+        Ok((EXECUTIONS.fetch_add(1, SeqCst) + 1, nights))
+    }
+    const CALLERS: usize = 8;
+    for round in 0..300 {
+        let key: Arc<str> = format!("room-{round}").into();
+        let before = EXECUTIONS.load(SeqCst);
+        let barrier = Arc::new(Barrier::new(CALLERS));
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let (key, barrier) = (key.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    book_room(&key, 3)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+        assert_eq!(
+            EXECUTIONS.load(SeqCst),
+            before + 1,
+            "round {round}: one execution"
+        );
+        assert!(
+            outcomes.iter().all(|o| *o == Ok((before + 1, 3))),
+            "round {round}: {outcomes:?}"
+        );
+    }
+    assert_eq!(book_room_idempotency_store().in_flight(), 0);
+}
+
+// 10c. The same race when the first execution fails (its `Err` is not stored: the key is
+//      released and the waiters claim again): 8 threads × 300 rounds released by a barrier.
+//      Every round: exactly two executions, the failed one's caller gets its `Err`, the 7
+//      others the second execution's outcome.
+#[test]
+fn duplicates_racing_a_failed_execution_get_the_next_outcome() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    static ROUND_START: AtomicUsize = AtomicUsize::new(0);
+    #[idempotent(key = key)]
+    fn reserve_seat(key: &str, seat: u64) -> Result<(usize, u64), ApiError> {
+        let n = EXECUTIONS.fetch_add(1, SeqCst) + 1;
+        if n == ROUND_START.load(SeqCst) + 1 {
+            return Err(ApiError::Failed(
+                "the first attempt of a round fails".into(),
+            ));
+        }
+        Ok((n, seat))
+    }
+    const CALLERS: usize = 8;
+    for round in 0..300 {
+        let key: Arc<str> = format!("seat-{round}").into();
+        let before = EXECUTIONS.load(SeqCst);
+        ROUND_START.store(before, SeqCst);
+        let barrier = Arc::new(Barrier::new(CALLERS));
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let (key, barrier) = (key.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    reserve_seat(&key, 12)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+        assert_eq!(
+            EXECUTIONS.load(SeqCst),
+            before + 2,
+            "round {round}: two executions"
+        );
+        let failed = outcomes.iter().filter(|o| o.is_err()).count();
+        let served = outcomes
+            .iter()
+            .filter(|o| **o == Ok((before + 2, 12)))
+            .count();
+        assert_eq!(
+            (failed, served),
+            (1, CALLERS - 1),
+            "round {round}: {outcomes:?}"
+        );
+    }
+    assert_eq!(reserve_seat_idempotency_store().in_flight(), 0);
+}
+
+// 10d. Async duplicates racing the completion: 16 tasks × 200 rounds on a 2-worker runtime,
+//      released by a barrier, a body that yields once. Every round: one execution, 16 equal
+//      outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_duplicates_racing_the_completion_get_the_one_outcome() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    #[idempotent(key = key)]
+    async fn ship_parcel(key: &str, grams: u64) -> Result<(usize, u64), ApiError> {
+        tokio::task::yield_now().await;
+        Ok((EXECUTIONS.fetch_add(1, SeqCst) + 1, grams))
+    }
+    const CALLERS: usize = 16;
+    for round in 0..200 {
+        let key: Arc<str> = format!("parcel-{round}").into();
+        let before = EXECUTIONS.load(SeqCst);
+        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let (key, barrier) = (key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    ship_parcel(&key, 900).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for caller in callers {
+            outcomes.push(caller.await.unwrap());
+        }
+        assert_eq!(
+            EXECUTIONS.load(SeqCst),
+            before + 1,
+            "round {round}: one execution"
+        );
+        assert!(
+            outcomes.iter().all(|o| *o == Ok((before + 1, 900))),
+            "round {round}: {outcomes:?}"
+        );
+    }
+    assert_eq!(ship_parcel_idempotency_store().in_flight(), 0);
+}
+
 // Generic functions get one store per outcome type; methods can point `store` at a field.
 #[test]
 fn generic_functions_and_methods_with_their_own_store() {

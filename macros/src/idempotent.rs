@@ -4,6 +4,7 @@
 //! fn f(args) -> Result<T, E> {
 //!     let store = <the function's own in-process store, or `store`>;
 //!     let fingerprint = <hash of the arguments not skipped, or of `fingerprint`>;
+//!                          // stable BLAKE3 for a given store, keyed SipHash for the own one
 //!     let call = Call::new(<function path>, <scope>, <key>, fingerprint, <policy>);
 //!                                                          // a method's scope: implementor first
 //!     let execution = match begin(store, call) {          // claim; wait for or reject duplicates
@@ -244,12 +245,18 @@ fn generate(plan: Plan, mut item: ItemFn) -> TokenStream {
             Body::of(&item).run_wrapped(|future| quote!(__racefree_execution.within(#future))),
         ),
     };
+    // The function's own store never lets its fingerprints out of the process; a given store
+    // may (Redis, SQL), so it gets the fingerprint that is the same in every process.
+    let hasher = match plan.store {
+        None => quote!(ProcessHasher),
+        Some(_) => quote!(StableHasher),
+    };
     let block = quote! {{
         #path_fn
         #implementor
         #store
         let __racefree_fingerprint = {
-            let mut __racefree_hasher = ::racefree::__private::StableHasher::new();
+            let mut __racefree_hasher = ::racefree::__private::#hasher::new();
             #fingerprint
             __racefree_hasher.fingerprint()
         };

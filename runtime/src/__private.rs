@@ -9,6 +9,7 @@ pub use crate::function::{function_name, function_scope, implementor};
 pub use crate::idempotent::call::{
     begin, begin_blocking, claim_records, Begin, Call, Policy, StoreRef,
 };
+pub use crate::idempotent::fingerprint::ProcessHasher;
 pub use crate::idempotent::{IdempotencyCell, IdempotencyConfig, StableHasher};
 pub use crate::sequenced::key::{sequence_failed, KeyByRef, KeyByValue, KeyWrap};
 pub use crate::sequenced::{SequenceBackend, SequenceCell, SequenceLease};

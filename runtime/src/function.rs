@@ -19,14 +19,21 @@ type AnyRef = &'static (dyn Any + Send + Sync);
 /// One value per concrete type `T`, created on first use and kept for the life of the process.
 /// `D` is the type-erased view (a trait object) through which all of them are inspected.
 ///
-/// The values form an append-only chain of leaked nodes: finding a type reads one `OnceLock`
-/// per type ahead of it and takes no lock, so every concrete type of a generic function hits as
-/// fast as the first (a generic function has a handful of types). Only creating a value takes
-/// the mutex, and only to keep two threads from creating the same type twice.
+/// Finding a type takes no lock and costs the same for every type: each value sits in a slot
+/// picked by its `TypeId`'s own hash (a constant for each `T`, so the slot is known at compile
+/// time), next to the slots of earlier types whose slot was taken. A walk past other types only
+/// happens for slot collisions, or past [`SLOTS`] types (beyond those, values are found on the
+/// append-only chain `each` also reads). Only creating a value takes the mutex, and only to
+/// keep two threads from creating the same type twice.
 pub(crate) struct PerType<D: ?Sized + 'static> {
+    slots: [OnceLock<&'static Node<D>>; SLOTS],
+    // Every value, in the order they were created.
     head: OnceLock<&'static Node<D>>,
     creating: Mutex<()>,
 }
+
+/// How many types are found in one step (a generic function has a handful of types).
+const SLOTS: usize = 16;
 
 struct Node<D: ?Sized + 'static> {
     type_id: TypeId,
@@ -35,9 +42,32 @@ struct Node<D: ?Sized + 'static> {
     next: OnceLock<&'static Node<D>>,
 }
 
+// The slot a type's value is looked for first: its `TypeId` already is a hash.
+#[inline]
+fn slot_of<T: Any>() -> usize {
+    struct Take(u64);
+    impl std::hash::Hasher for Take {
+        fn write(&mut self, bytes: &[u8]) {
+            for &byte in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 ^= n;
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+    let mut take = Take(0);
+    std::hash::Hash::hash(&TypeId::of::<T>(), &mut take);
+    take.0 as usize % SLOTS
+}
+
 impl<D: ?Sized + 'static> PerType<D> {
     pub(crate) const fn new() -> Self {
         PerType {
+            slots: [const { OnceLock::new() }; SLOTS],
             head: OnceLock::new(),
             creating: Mutex::new(()),
         }
@@ -59,6 +89,23 @@ impl<D: ?Sized + 'static> PerType<D> {
     /// The value for `T`, if one was created.
     #[inline]
     pub(crate) fn find<T: Any>(&self) -> Option<&'static T> {
+        let first = slot_of::<T>();
+        for step in 0..SLOTS {
+            match self.slots[(first + step) % SLOTS].get() {
+                Some(node) if node.type_id == TypeId::of::<T>() => {
+                    return node.value.downcast_ref()
+                }
+                Some(_) => {}
+                // Slots fill up in order from a type's first slot: `T` is in none further on.
+                None => return None,
+            }
+        }
+        self.find_on_chain()
+    }
+
+    // Past `SLOTS` types.
+    #[cold]
+    fn find_on_chain<T: Any>(&self) -> Option<&'static T> {
         let mut link = &self.head;
         while let Some(node) = link.get() {
             if node.type_id == TypeId::of::<T>() {
@@ -94,8 +141,17 @@ impl<D: ?Sized + 'static> PerType<D> {
         while let Some(next) = link.get() {
             link = &next.next;
         }
-        // Appends happen only here, under the mutex: the tail is still empty.
+        // Appends and slot fills happen only here, under the mutex: the tail is still empty,
+        // and a free slot stays free until set here. The chain first, so that `each` lists
+        // every value a lookup can find.
         let _ = link.set(node);
+        let first = slot_of::<T>();
+        if let Some(free) = (0..SLOTS)
+            .map(|step| &self.slots[(first + step) % SLOTS])
+            .find(|slot| slot.get().is_none())
+        {
+            let _ = free.set(node);
+        }
         value
     }
 
@@ -445,7 +501,40 @@ pub(crate) fn ask_stores<D: ?Sized, R>(
 
 #[cfg(test)]
 mod tests {
-    use super::{function_name, implementor};
+    use super::{function_name, implementor, PerType, SLOTS};
+
+    // More types than slots, so that some collide and the last ones live on the chain only:
+    // each is created once, found again as itself, and listed in creation order.
+    #[test]
+    fn every_type_is_found_past_collisions_and_past_the_slots() {
+        struct Ty<const N: usize>;
+        static TYPES: PerType<dyn std::any::Any + Send + Sync> = PerType::new();
+        let mut created = Vec::new();
+        macro_rules! each_type {
+            ($($n:literal)*) => {$(
+                let value = TYPES.get_or_create(|| (Ty::<$n>, $n as usize), |v| v);
+                assert_eq!(value.1, $n);
+                created.push(value as *const _ as *const ());
+            )*};
+        }
+        each_type!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
+        assert!(created.len() > SLOTS);
+        macro_rules! found_again {
+            ($($n:literal)*) => {$(
+                let found = TYPES.find::<(Ty<$n>, usize)>().expect("created above");
+                assert!(std::ptr::eq(found as *const _ as *const (), created[$n]));
+            )*};
+        }
+        found_again!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
+        assert!(TYPES.find::<(Ty<24>, usize)>().is_none());
+        let listed: Vec<_> = TYPES
+            .each()
+            .into_iter()
+            .map(|v| v.downcast_ref::<(Ty<0>, usize)>().is_some())
+            .collect();
+        assert_eq!(listed.len(), created.len());
+        assert!(listed[0] && !listed[1..].iter().any(|&first| first));
+    }
 
     #[test]
     fn function_name_keeps_the_self_type_and_drops_the_marker() {

@@ -126,6 +126,7 @@ pub struct Call {
 
 impl Call {
     /// The call of `function` (a build-stable path) with the client's `key`, in `scope`.
+    #[inline]
     pub fn new<'k>(
         function: &'static str,
         scope: Option<&dyn Display>,
@@ -198,6 +199,7 @@ pub fn claim_records(path: &'static str, site: &'static str) -> Result<(), Idemp
 
 /// Keys and scopes are bounded on every store: an outsider's key must not grow the store's
 /// records (or a Redis key, or a SQL index entry) without limit.
+#[inline]
 fn bounded_record_key(
     function: &'static str,
     scope: Option<&dyn Display>,
@@ -255,7 +257,8 @@ fn reentered<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     key: &RecordKey,
 ) -> Option<Begin<'a, B, T>> {
-    if !record_holder(key).is_running_here() {
+    // Most calls run under no holder at all: no need to hash the key.
+    if Holder::none_running_here() || !record_holder(key).is_running_here() {
         return None;
     }
     tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call re-entered its own key: refused");
@@ -291,6 +294,7 @@ struct Claiming {
 /// without a key, an over-long key and re-entry end here.
 // `Err` is the call ending early, returned as its `Begin` at once: not an error to keep small.
 #[allow(clippy::result_large_err)]
+#[inline(always)]
 fn prepare<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     call: Call,
@@ -333,6 +337,7 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
 /// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
 /// duplicate in flight to wait for (unless the policy rejects it).
 #[allow(clippy::result_large_err)]
+#[inline(always)]
 fn claimed<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     claiming: Claiming,
@@ -365,6 +370,7 @@ fn claimed<'a, B: IdempotencyBackend<T>, T>(
 
 /// What waiting for the duplicate gave: its outcome, an error, or (`None`) that it gave up
 /// and the call claims again, where one waiter wins.
+#[inline]
 fn waited<'a, B: IdempotencyBackend<T>, T>(
     claiming: &Claiming,
     answer: Result<Option<T>, IdempotencyError>,
@@ -392,6 +398,7 @@ fn call_span(function: &'static str) -> tracing::Span {
 }
 
 /// Begins `call` against `backend`, waiting asynchronously for a duplicate in flight.
+#[inline]
 pub async fn begin<B: IdempotencyBackend<T>, T>(backend: &B, call: Call) -> Begin<'_, B, T> {
     let span = call_span(call.function);
     begin_in_span(backend, call, span.clone())
@@ -444,6 +451,7 @@ async fn begin_in_span<B: IdempotencyBackend<T>, T>(
 }
 
 /// [`begin`] for sync functions: waiting blocks the thread.
+#[inline(always)]
 pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
     backend: &B,
     call: Call,
@@ -503,6 +511,7 @@ fn run_unkeyed<B: IdempotencyBackend<T>, T>(execution: Execution<'_, B, T>) -> B
     Begin::Execute(execution)
 }
 
+#[inline]
 fn execute<'a, B: IdempotencyBackend<T>, T>(
     backend: &'a B,
     (function, report): (&'static str, Report),
@@ -528,6 +537,7 @@ fn execute<'a, B: IdempotencyBackend<T>, T>(
     })
 }
 
+#[inline(always)]
 fn replayed<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     report: &Report,
@@ -541,6 +551,7 @@ fn replayed<'a, B: IdempotencyBackend<T>, T>(
     Begin::Replay(outcome)
 }
 
+#[cold]
 fn refuse<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     report: &Report,
@@ -564,6 +575,7 @@ fn refuse<'a, B: IdempotencyBackend<T>, T>(
     Begin::Refuse(error)
 }
 
+#[cold]
 fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
     function: &'static str,
     report: &Report,
@@ -643,6 +655,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// With a store whose `complete` commits the body's effect
     /// ([`IdempotencyBackend::COMPLETE_COMMITS_EFFECT`], a SQL store) every failure is the
     /// caller's, `OutcomeNotStored` too: the effect was rolled back with the outcome.
+    #[inline]
     pub async fn finish(mut self, outcome: &T) -> Result<(), IdempotencyError> {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {
@@ -670,6 +683,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
     }
 
     /// Frees the call's key without storing anything: the next call with the key executes.
+    #[inline]
     pub fn release(self) {
         replay::record(Replay::Fresh);
         if let Some((key, _)) = &self.claim {
@@ -687,6 +701,7 @@ impl<B: IdempotencyBackend<T>, T> Execution<'_, B, T> {
 
 impl<B: BlockingIdempotencyBackend<T>, T> Execution<'_, B, T> {
     /// [`complete`](Self::complete) for sync functions.
+    #[inline]
     pub fn complete_blocking(mut self, outcome: &T) {
         replay::record(Replay::Fresh);
         let Some((key, lease)) = self.claim.take() else {

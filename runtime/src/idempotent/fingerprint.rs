@@ -20,6 +20,18 @@
 //! only makes its own retries replay its own outcome. Keys are still best scoped by the
 //! caller (`scope = ...`): a fingerprint protects the payload, not the key.
 //!
+//! # Fingerprints that never leave the process
+//! A function's own in-process store (no `store = ...`) compares fingerprints only with
+//! fingerprints the same process computed, so they need not be stable: its calls use
+//! [`ProcessHasher`], SipHash-2-4 with 128-bit output keyed with a secret drawn once per process.
+//! SipHash is a keyed pseudorandom function, so the guarantee above holds: no digest is ever
+//! shown and the key never leaves the process, so a payload with another request's
+//! fingerprint can only be guessed (about 2^128 tries against the running service). It costs a
+//! fifth of BLAKE3 on a small request (~17 ns against ~80 ns, which was most of a replay). A
+//! fast unkeyed or merely seeded hash (XXH3, foldhash) would not do: their collisions can be
+//! found without the seed. A collision would silently replay another payload's outcome, so
+//! the digest stays 128 bits.
+//!
 //! What it promises: equal values give equal fingerprints on every platform and across builds,
 //! as long as the values' `Hash` impls stay the same (those of `std` types and `#[derive(Hash)]`
 //! do in practice; a hand-written impl that hashes a pointer or a random value does not).
@@ -203,6 +215,89 @@ impl Hasher for StableHasher {
     fn write_isize(&mut self, i: isize) {
         self.write_i64(i as i64);
     }
+}
+
+/// A [`Hasher`] for fingerprints compared only within this process: SipHash-2-4, 128-bit
+/// output, keyed with 128 secret bits drawn once per process (see the module doc). What a
+/// function's own in-process store fingerprints with; a fingerprint that may be compared in
+/// another process or build needs [`StableHasher`].
+///
+/// ```
+/// use std::hash::Hash;
+/// use racefree_runtime::idempotent::fingerprint::ProcessHasher;
+///
+/// let of = |request: &(&str, u64)| {
+///     let mut hasher = ProcessHasher::new();
+///     request.hash(&mut hasher);
+///     hasher.fingerprint()
+/// };
+/// assert_eq!(of(&("alice", 500)), of(&("alice", 500)));
+/// assert_ne!(of(&("alice", 500)), of(&("alice", 501)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ProcessHasher(siphasher::sip128::SipHasher24);
+
+impl ProcessHasher {
+    /// A hasher with nothing written, keyed with this process's secret.
+    #[inline]
+    pub fn new() -> Self {
+        let (k0, k1) = process_key();
+        ProcessHasher(siphasher::sip128::SipHasher24::new_with_keys(k0, k1))
+    }
+
+    /// The 128-bit digest of everything written.
+    #[inline]
+    pub fn fingerprint(&self) -> Fingerprint {
+        use siphasher::sip128::Hasher128 as _;
+        Fingerprint(self.0.finish128().as_u128())
+    }
+}
+
+impl Default for ProcessHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hasher for ProcessHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.0.write_u8(i);
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.0.write_u16(i);
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.0.write_u32(i);
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0.write_u64(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.0.write_usize(i);
+    }
+    fn finish(&self) -> u64 {
+        self.fingerprint().0 as u64
+    }
+}
+
+// The secret: two outputs of std's SipHash keyed from the operating system's randomness (what
+// `HashMap` relies on against chosen collisions), drawn on first use.
+fn process_key() -> (u64, u64) {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        let state = std::hash::RandomState::new();
+        (state.hash_one(0_u8), state.hash_one(1_u8))
+    })
 }
 
 #[cfg(test)]

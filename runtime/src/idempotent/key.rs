@@ -1,6 +1,7 @@
 //! The store key of one `#[idempotent]` record, and what `key = <expr>` may evaluate to.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt::{self, Display, Write as _};
 
 /// The store key of one record: function, scope and the client's key, encoded so that no two
@@ -16,16 +17,28 @@ use std::fmt::{self, Display, Write as _};
 /// assert_eq!(key.client_key(), "order-17");
 /// assert_eq!(RecordKey::new("billing::charge", None, "k").as_str(), "billing::charge##k");
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(PartialEq, Eq, Hash)]
 pub struct RecordKey {
     text: String,
     client_key_at: usize,
 }
 
+thread_local! {
+    // The buffer of the last record key dropped on this thread, for the next one built here:
+    // in the steady state a call's record key costs no allocation (it lives for one call).
+    static SPARE: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// The longest buffer kept for reuse: a record key is at most a path and 2 × 255 bytes.
+const SPARE_MAX: usize = 1024;
+
 impl RecordKey {
     /// The key of `client_key` for `function` (a build-stable path), in `scope` if given.
+    #[inline]
     pub fn new(function: &str, scope: Option<&dyn Display>, client_key: &str) -> RecordKey {
-        let mut text = String::with_capacity(function.len() + client_key.len() + 2);
+        let mut text = SPARE.with(Cell::take);
+        text.clear();
+        text.reserve(function.len() + client_key.len() + 2);
         text.push_str(function);
         text.push('#');
         if let Some(scope) = scope {
@@ -49,6 +62,31 @@ impl RecordKey {
     /// The key the client sent, as errors report it.
     pub fn client_key(&self) -> &str {
         &self.text[self.client_key_at..]
+    }
+}
+
+impl Clone for RecordKey {
+    fn clone(&self) -> Self {
+        RecordKey {
+            text: self.text.clone(),
+            client_key_at: self.client_key_at,
+        }
+    }
+}
+
+impl Drop for RecordKey {
+    #[inline]
+    fn drop(&mut self) {
+        let text = std::mem::take(&mut self.text);
+        if text.capacity() <= SPARE_MAX {
+            // `try_with`: during the thread's teardown the buffer is simply freed.
+            let _ = SPARE.try_with(|spare| {
+                let previous = spare.replace(text);
+                if previous.capacity() > 0 {
+                    spare.set(previous);
+                }
+            });
+        }
     }
 }
 

@@ -7,10 +7,19 @@
 //! [`IdempotencyStore::claim_now`] is the per-key check: one atomic entry operation decides
 //! between running the body (no live record), replaying (done, same fingerprint), waiting or
 //! rejecting (in flight, same fingerprint) and a conflict (either state, other fingerprint).
+//! Answers that change nothing (a replay, a conflict, a duplicate in flight) come from a read of
+//! the record under a shared lock, without an owned key; only taking a key over writes.
+//!
+//! A first execution pays for what it needs and no more: the store hashes the key once and
+//! copies it once, into its record; the cell its waiters wait on is made only once a duplicate
+//! waits, and the outcome is cloned for waiters only if there are any. Records keep their hash
+//! and their claim number, so that completing, releasing, purging and resizing find or move a
+//! record without reading its key again (under a stream of unique keys, the old keys are cold
+//! memory).
 //!
 //! # What the in-process store promises
-//! - **At most one execution per live key.** Claims go through `DashMap`'s entry API, never
-//!   get-then-insert.
+//! - **At most one execution per live key.** A claim decides and takes a key in one entry
+//!   operation under its shard's write lock, never get-then-insert.
 //! - **Conflicts change nothing.** A different fingerprint under a used key is refused without
 //!   touching the record.
 //! - **Failures release.** Releasing (an `Err` not stored, a panic, a dropped future) removes
@@ -38,12 +47,13 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::hash::BuildHasher;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use hashbrown::hash_table::{Entry, HashTable};
 
 use super::backend::{BlockingIdempotencyBackend, Claim, IdempotencyBackend};
 use super::error::IdempotencyError;
@@ -140,14 +150,89 @@ struct Counters {
 enum Record<T> {
     InFlight {
         fingerprint: Fingerprint,
-        flight: Arc<Flight<T>>,
+        // Which claim this is (the store's execution count when it was made), so that a lease
+        // only ever ends its own record.
+        claim: u64,
+        // Who runs the body, for waiters that block.
+        owner: Owner,
+        // What duplicates wait on: made by the first of them (under the shared lock, hence the
+        // `OnceLock`), so that an execution nobody waits for allocates none.
+        waiters: OnceLock<Arc<Flight<T>>>,
     },
-    // `expires`: on the store's clock, in nanoseconds.
+    // `expires`: on the store's clock, in nanoseconds. `claim`: the one that stored it, which
+    // tells this outcome from a later one of the same key.
     Done {
         fingerprint: Fingerprint,
         outcome: T,
         expires: u64,
+        claim: u64,
     },
+}
+
+/// One record in its shard's table, with the hash of its key (see the module doc).
+struct Slot<T> {
+    hash: u64,
+    key: StoredKey,
+    record: Record<T>,
+}
+
+/// A record's key, only ever compared: short keys live in the slot itself, so that storing a
+/// record allocates nothing and dropping one frees nothing (an old record is cold memory).
+enum StoredKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Boxed(Box<[u8]>),
+}
+
+/// The longest key kept in its slot (`StoredKey` then takes 64 bytes).
+const INLINE_KEY: usize = 62;
+
+impl StoredKey {
+    fn new(key: &str) -> StoredKey {
+        let key = key.as_bytes();
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key);
+                StoredKey::Inline { len, bytes }
+            }
+            _ => StoredKey::Boxed(key.into()),
+        }
+    }
+
+    fn is(&self, key: &str) -> bool {
+        let stored = match self {
+            StoredKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            StoredKey::Boxed(bytes) => bytes,
+        };
+        stored == key.as_bytes()
+    }
+}
+
+// Aligned so that two shards' locks never share a cache line.
+#[repr(align(128))]
+struct Shard<T>(RwLock<HashTable<Slot<T>>>);
+
+impl<T> Shard<T> {
+    fn read(&self) -> RwLockReadGuard<'_, HashTable<Slot<T>>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // A panic under the write lock (an outcome's `Drop`) leaves the table consistent.
+    fn write(&self) -> RwLockWriteGuard<'_, HashTable<Slot<T>>> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A stored outcome in the order they were stored: where its record is, and which it is.
+#[derive(Debug, Clone, Copy)]
+struct Listed {
+    hash: u64,
+    claim: u64,
+    expires: u64,
 }
 
 /// The in-process idempotency store: the default of `#[idempotent]`, or shared between
@@ -162,12 +247,13 @@ enum Record<T> {
 /// assert_eq!(PAYMENTS.config().capacity, Some(500_000));
 /// ```
 pub struct IdempotencyStore<T> {
+    // Records sharded by their key's hash (as `DashMap` does, but keeping each hash).
+    shards: Box<[Shard<T>]>,
     // foldhash, seeded per process: SipHash would cost more than the rest of a replay.
-    records: DashMap<Arc<str>, Record<T>, RandomState>,
+    hasher: RandomState,
     config: IdempotencyConfig,
     clock: Clock,
-    // Keys of stored outcomes, oldest first, with their deadline (which identifies the outcome:
-    // a key completed again later has a later deadline).
+    // Stored outcomes, oldest first.
     stored: Mutex<Outcomes>,
     counters: Counters,
     // Its evictions, for `metrics` (feature `metrics`; nothing otherwise).
@@ -226,8 +312,14 @@ impl IdempotencyStoreBuilder {
 
     /// The store.
     pub fn build<T>(self) -> IdempotencyStore<T> {
+        // As many shards as `DashMap` would have: four per core.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = (0..(cores * 4).next_power_of_two())
+            .map(|_| Shard(RwLock::new(HashTable::new())))
+            .collect();
         IdempotencyStore {
-            records: DashMap::with_hasher(RandomState::default()),
+            shards,
+            hasher: RandomState::default(),
             config: self.config,
             clock: self.clock,
             stored: Mutex::new(VecDeque::new()),
@@ -267,15 +359,17 @@ impl<T> Default for IdempotencyStore<T> {
 /// What [`IdempotencyStore::claim_now`] found.
 pub type StoreClaim<T> = Claim<T, StoreLease<T>, Arc<Flight<T>>>;
 
-// Keys of stored outcomes, oldest first, with the deadline that identifies each outcome.
-type Outcomes = VecDeque<(Arc<str>, u64)>;
+// Stored outcomes, oldest first.
+type Outcomes = VecDeque<Listed>;
 
 /// The claim of one key in an [`IdempotencyStore`].
 #[derive(Debug)]
 pub struct StoreLease<T> {
-    key: Arc<str>,
+    // Where the record is (its key's hash) and which claim it is.
+    hash: u64,
     fingerprint: Fingerprint,
-    flight: Arc<Flight<T>>,
+    claim: u64,
+    _outcome: PhantomData<fn() -> T>,
 }
 
 impl IdempotencyStore<()> {
@@ -305,20 +399,24 @@ impl<T> IdempotencyStore<T> {
 
     /// Records stored, in flight and done (expired ones not yet purged included).
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
     /// `true` when there is no record.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// Keys being executed right now.
     pub fn in_flight(&self) -> usize {
-        self.records
+        self.shards
             .iter()
-            .filter(|r| matches!(r.value(), Record::InFlight { .. }))
-            .count()
+            .map(|shard| {
+                let table = shard.read();
+                let in_flight = |slot: &&Slot<T>| matches!(slot.record, Record::InFlight { .. });
+                table.iter().filter(in_flight).count()
+            })
+            .sum()
     }
 
     /// Removes every expired outcome now; in-flight records and live outcomes stay. (Expired
@@ -328,17 +426,37 @@ impl<T> IdempotencyStore<T> {
     pub fn purge_expired(&self) {
         let now = self.now();
         let mut stored = self.outcomes();
-        self.records
-            .retain(|_, record| !self.is_expired(record, now));
-        stored.retain(|&(_, expires)| !self.is_past(expires, now));
+        for shard in &self.shards {
+            shard
+                .write()
+                .retain(|slot| !self.is_expired(&slot.record, now));
+        }
+        stored.retain(|listed| !self.is_past(listed.expires, now));
     }
 
     /// Forgets every outcome. Calls in flight finish and store theirs.
     pub fn clear(&self) {
         let mut stored = self.outcomes();
-        self.records
-            .retain(|_, record| matches!(record, Record::InFlight { .. }));
+        for shard in &self.shards {
+            shard
+                .write()
+                .retain(|slot| matches!(slot.record, Record::InFlight { .. }));
+        }
         stored.clear();
+    }
+
+    fn shard(&self, hash: u64) -> &Shard<T> {
+        // Bits that neither a table's bucket index (the low ones) nor its tag (the top 7) uses.
+        &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)]
+    }
+
+    // Removes the record of `claim` if it is in flight (`Record::InFlight`) or stored
+    // (`Record::Done`), whichever `is` asks for; the record is dropped by the caller, outside
+    // the lock.
+    fn remove(&self, hash: u64, is: impl FnMut(&Slot<T>) -> bool) -> Option<Record<T>> {
+        let mut table = self.shard(hash).write();
+        let entry = table.find_entry(hash, is).ok()?;
+        Some(entry.remove().0.record)
     }
 
     fn outcomes(&self) -> std::sync::MutexGuard<'_, Outcomes> {
@@ -390,13 +508,16 @@ impl<T> IdempotencyStore<T> {
 
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
-        let StoreLease { key, flight, .. } = lease;
+        let StoreLease { hash, claim, .. } = lease;
         // Leave the map first, then wake the waiters: each claims again and one executes.
+        let mut waiters = None;
         crate::sync::cleanup(|| {
-            self.records
-                .remove_if(&key, |_, record| is_flight(record, &flight));
+            let left = self.remove(hash, |slot| is_claim(&slot.record, claim));
+            waiters = left.and_then(Record::into_waiters);
         });
-        flight.complete(None);
+        if let Some(waiters) = waiters {
+            waiters.complete(None);
+        }
     }
 }
 
@@ -407,79 +528,101 @@ impl<T: Clone> IdempotencyStore<T> {
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::unknown())
+        self.claim_as(key, fingerprint, Owner::unknown)
     }
 
-    // `owner`: who runs the body if this claim executes, for waiters that block.
+    // `owner`: who runs the body if this claim executes, for waiters that block (asked only
+    // then: a replay need not know).
+    #[inline]
     fn claim_as(
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
-        owner: Owner,
+        owner: impl FnOnce() -> Owner,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
-        // Replays, the common case of a retry, need neither an owned key nor a write lock.
-        if let Some(record) = self.records.get(key.as_str()) {
-            if let Record::Done {
-                fingerprint: stored,
-                outcome,
-                expires,
-            } = record.value()
-            {
-                if !self.is_past(*expires, self.now()) {
-                    return self.replay_or_conflict(key, *stored, fingerprint, outcome);
-                }
+        let hash = self.hasher.hash_one(key.as_str());
+        let shard = self.shard(hash);
+        let is_key = |slot: &Slot<T>| slot.key.is(key.as_str());
+        // Replays, conflicts and duplicates in flight need neither an owned key nor a write lock.
+        if let Some(slot) = shard.read().find(hash, is_key) {
+            if let Some(answer) = self.answer(&slot.record, key, fingerprint, self.now()) {
+                return answer;
             }
         }
         let now = self.now();
-        match self.records.entry(Arc::from(key.as_str())) {
-            Entry::Occupied(mut entry) => match entry.get() {
-                record if self.is_expired(record, now) => {
-                    let flight = Arc::new(Flight::owned_by(owner));
-                    let stored_key = Arc::clone(entry.key());
-                    entry.insert(Record::InFlight {
-                        fingerprint,
-                        flight: Arc::clone(&flight),
-                    });
-                    Ok(self.execute(stored_key, fingerprint, flight))
+        let mut table = shard.write();
+        match table.entry(hash, is_key, |slot| slot.hash) {
+            Entry::Occupied(mut entry) => {
+                if let Some(answer) = self.answer(&entry.get().record, key, fingerprint, now) {
+                    return answer;
                 }
-                Record::Done {
-                    fingerprint: stored,
-                    outcome,
-                    ..
-                } => self.replay_or_conflict(key, *stored, fingerprint, outcome),
-                Record::InFlight {
-                    fingerprint: claimed,
-                    ..
-                } if *claimed != fingerprint => Err(self.conflict(key)),
-                Record::InFlight { flight, .. } => {
-                    self.counters.waits.fetch_add(1, Relaxed);
-                    Ok(Claim::InFlight(Arc::clone(flight)))
-                }
-            },
+                let (lease, record) = self.execute(hash, fingerprint);
+                // The expired outcome is dropped under the lock, as it would be if it were
+                // removed first.
+                entry.get_mut().record = record(owner());
+                Ok(lease)
+            }
             Entry::Vacant(entry) => {
-                let flight = Arc::new(Flight::owned_by(owner));
-                let stored_key = Arc::clone(entry.key());
-                entry.insert(Record::InFlight {
-                    fingerprint,
-                    flight: Arc::clone(&flight),
+                let (lease, record) = self.execute(hash, fingerprint);
+                entry.insert(Slot {
+                    hash,
+                    key: StoredKey::new(key.as_str()),
+                    record: record(owner()),
                 });
-                Ok(self.execute(stored_key, fingerprint, flight))
+                Ok(lease)
             }
         }
     }
 
+    /// What a live record answers a claim with `fingerprint`: replay, conflict, or wait;
+    /// `None` if the key may be taken over (the record expired).
+    #[inline(always)]
+    fn answer(
+        &self,
+        record: &Record<T>,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        now: u64,
+    ) -> Option<Result<StoreClaim<T>, IdempotencyError>> {
+        match record {
+            Record::Done { expires, .. } if self.is_past(*expires, now) => None,
+            Record::Done {
+                fingerprint: stored,
+                outcome,
+                ..
+            } => Some(self.replay_or_conflict(key, *stored, fingerprint, outcome)),
+            Record::InFlight {
+                fingerprint: claimed,
+                ..
+            } if *claimed != fingerprint => Some(Err(self.conflict(key))),
+            Record::InFlight { owner, waiters, .. } => {
+                self.counters.waits.fetch_add(1, Relaxed);
+                let flight = waiters.get_or_init(|| Arc::new(Flight::owned_by(*owner)));
+                Some(Ok(Claim::InFlight(Arc::clone(flight))))
+            }
+        }
+    }
+
+    // The lease of a new claim, and the in-flight record for it (given its owner).
     fn execute(
         &self,
-        key: Arc<str>,
+        hash: u64,
         fingerprint: Fingerprint,
-        flight: Arc<Flight<T>>,
-    ) -> StoreClaim<T> {
-        self.counters.executions.fetch_add(1, Relaxed);
-        Claim::Execute(StoreLease {
-            key,
+    ) -> (StoreClaim<T>, impl FnOnce(Owner) -> Record<T>) {
+        let claim = self.counters.executions.fetch_add(1, Relaxed);
+        let lease = Claim::Execute(StoreLease {
+            hash,
             fingerprint,
-            flight,
-        })
+            claim,
+            _outcome: PhantomData,
+        });
+        let record = move |owner| Record::InFlight {
+            fingerprint,
+            claim,
+            owner,
+            waiters: OnceLock::new(),
+        };
+        (lease, record)
     }
 
     fn replay_or_conflict(
@@ -506,7 +649,7 @@ impl<T: Clone> IdempotencyStore<T> {
     /// Stores the outcome, then wakes the waiters; see [`IdempotencyBackend::complete`].
     pub fn complete_lease(&self, lease: StoreLease<T>, outcome: &T, ttl: Duration) {
         // A panicking `Clone` must not leave the key in flight (and its waiters waiting)
-        // forever: until both copies exist, unwinding releases the lease.
+        // forever: until the record holds its copy, unwinding releases the lease.
         struct ReleaseOnUnwind<'a, T: Clone>(&'a IdempotencyStore<T>, Option<StoreLease<T>>);
         impl<T: Clone> Drop for ReleaseOnUnwind<'_, T> {
             fn drop(&mut self) {
@@ -516,33 +659,47 @@ impl<T: Clone> IdempotencyStore<T> {
             }
         }
         let mut guard = ReleaseOnUnwind(self, Some(lease));
-        let (for_record, for_waiters) = (outcome.clone(), outcome.clone());
+        let for_record = outcome.clone();
         let Some(StoreLease {
-            key,
+            hash,
             fingerprint,
-            flight,
+            claim,
+            ..
         }) = guard.1.take()
         else {
             unreachable!("the guard holds the lease until here")
         };
-        let expires = match &self.clock {
-            // From the precise clock, so that the coarse reads of `is_past` keep `ttl` exact.
-            Clock::System => crate::sync::clock::deadline_after(saturating_nanos(ttl)),
-            Clock::Manual(hand) => hand.load(Relaxed).saturating_add(saturating_nanos(ttl)),
+        // The deadline from the precise clock, so that the coarse reads of `is_past` keep `ttl`
+        // exact; the same reading serves the purge below (a precise reading is as good as a
+        // coarse one there).
+        let now = match &self.clock {
+            Clock::System => crate::sync::clock::precise_nanos(),
+            Clock::Manual(hand) => hand.load(Relaxed),
         };
-        if let Some(mut record) = self.records.get_mut(&key) {
-            if is_flight(&record, &flight) {
-                *record = Record::Done {
-                    fingerprint,
-                    outcome: for_record,
-                    expires,
-                };
+        let expires = now.saturating_add(saturating_nanos(ttl)).max(1);
+        let done = Record::Done {
+            fingerprint,
+            outcome: for_record,
+            expires,
+            claim,
+        };
+        // Only this lease ends its in-flight record, so it is there.
+        let waiters = {
+            let mut table = self.shard(hash).write();
+            match table.find_mut(hash, |slot| is_claim(&slot.record, claim)) {
+                Some(slot) => std::mem::replace(&mut slot.record, done).into_waiters(),
+                None => None,
             }
+        };
+        if let Some(waiters) = waiters {
+            wake(&waiters, outcome);
         }
-        flight.complete(Some(for_waiters));
         let mut stored = self.outcomes();
-        stored.push_back((key, expires));
-        let now = self.now();
+        stored.push_back(Listed {
+            hash,
+            claim,
+            expires,
+        });
         self.purge_front(&mut stored, now);
         self.evict_over_capacity(&mut stored, now);
     }
@@ -551,14 +708,13 @@ impl<T: Clone> IdempotencyStore<T> {
     fn purge_front(&self, stored: &mut Outcomes, now: u64) {
         for _ in 0..PURGE_PER_STORE {
             match stored.front() {
-                Some(&(_, deadline)) if self.is_past(deadline, now) => {}
+                Some(listed) if self.is_past(listed.expires, now) => {}
                 _ => break,
             }
-            let Some((key, deadline)) = stored.pop_front() else {
+            let Some(listed) = stored.pop_front() else {
                 break;
             };
-            self.records
-                .remove_if(&key, |_, record| is_outcome(record, deadline));
+            self.remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim));
         }
     }
 
@@ -572,14 +728,13 @@ impl<T: Clone> IdempotencyStore<T> {
         };
         let mut evicted = 0;
         while stored.len() > capacity {
-            let Some((key, deadline)) = stored.pop_front() else {
+            let Some(listed) = stored.pop_front() else {
                 break;
             };
             let removed = self
-                .records
-                .remove_if(&key, |_, record| is_outcome(record, deadline))
+                .remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim))
                 .is_some();
-            if removed && !self.is_past(deadline, now) {
+            if removed && !self.is_past(listed.expires, now) {
                 evicted += 1;
             }
         }
@@ -611,13 +766,38 @@ impl<T: Clone> IdempotencyStore<T> {
     }
 }
 
-// The stored outcome with this deadline (not a later one of the same key).
-fn is_outcome<T>(record: &Record<T>, deadline: u64) -> bool {
-    matches!(record, Record::Done { expires, .. } if *expires == deadline)
+// The outcome stored by this claim (not a later one of the same key).
+fn is_outcome<T>(record: &Record<T>, claim: u64) -> bool {
+    matches!(record, Record::Done { claim: stored_by, .. } if *stored_by == claim)
 }
 
-fn is_flight<T>(record: &Record<T>, flight: &Arc<Flight<T>>) -> bool {
-    matches!(record, Record::InFlight { flight: current, .. } if Arc::ptr_eq(current, flight))
+fn is_claim<T>(record: &Record<T>, claim: u64) -> bool {
+    matches!(record, Record::InFlight { claim: current, .. } if *current == claim)
+}
+
+impl<T> Record<T> {
+    // What the duplicates of an in-flight record wait on, if any waits.
+    fn into_waiters(self) -> Option<Arc<Flight<T>>> {
+        match self {
+            Record::InFlight { waiters, .. } => waiters.into_inner(),
+            Record::Done { .. } => None,
+        }
+    }
+}
+
+// Hands the stored outcome to the waiters. Should its `Clone` panic, they are woken with
+// nothing and claim again, which replays the outcome already stored.
+fn wake<T: Clone>(waiters: &Flight<T>, outcome: &T) {
+    struct WakeOnUnwind<'a, T>(&'a Flight<T>);
+    impl<T> Drop for WakeOnUnwind<'_, T> {
+        fn drop(&mut self) {
+            self.0.complete(None);
+        }
+    }
+    let unwinding = WakeOnUnwind(waiters);
+    let landing = outcome.clone();
+    std::mem::forget(unwinding);
+    waiters.complete(Some(landing));
 }
 
 fn saturating_nanos(d: Duration) -> u64 {
@@ -637,7 +817,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::here(true))
+        self.claim_as(key, fingerprint, || Owner::here(true))
     }
 
     async fn wait(
@@ -681,7 +861,7 @@ where
         key: &RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Claim<T, Self::Lease, Self::InFlight>, IdempotencyError> {
-        self.claim_as(key, fingerprint, Owner::here(false))
+        self.claim_as(key, fingerprint, || Owner::here(false))
     }
 
     fn wait_blocking(
@@ -756,6 +936,30 @@ mod tests {
         }
         // 1000 live; a sweep every max(1024, 1000) stores.
         assert!(largest <= 1000 + 2 * 1024, "grew to {largest}");
+    }
+
+    // Keys at, just past and far past the inline length, and two long keys that differ only
+    // after it: each is its own record, replayed as itself.
+    #[test]
+    fn keys_of_every_length_are_told_apart() {
+        let store: IdempotencyStore<u64> = IdempotencyStore::new();
+        let inline = "k".repeat(INLINE_KEY - 3); // with `f##`: exactly INLINE_KEY bytes
+        let keys = [
+            inline.clone(),
+            format!("{inline}x"),
+            format!("{}a", "k".repeat(200)),
+            format!("{}b", "k".repeat(200)),
+        ];
+        for (n, key) in (0..).zip(&keys) {
+            let Claim::Execute(lease) = claim(&store, key, 1) else {
+                panic!("fresh key {n}")
+            };
+            store.complete_lease(lease, &n, Duration::from_secs(60));
+        }
+        for (n, key) in (0..).zip(&keys) {
+            assert!(matches!(claim(&store, key, 1), Claim::Replay(stored) if stored == n));
+        }
+        assert_eq!(store.len(), keys.len());
     }
 
     #[test]

@@ -146,6 +146,13 @@ impl Holder {
         })
     }
 
+    /// `true` if no code runs under any holder on this thread right now (then
+    /// [`is_running_here`](Holder::is_running_here) is `false` for every holder).
+    #[inline]
+    pub(crate) fn none_running_here() -> bool {
+        RUNNING.with(|running| running.borrow().is_empty())
+    }
+
     /// Marks the current thread as running under this holder until the returned value is
     /// dropped: for a sync body.
     ///
