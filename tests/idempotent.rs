@@ -97,7 +97,7 @@ async fn hundred_concurrent_identical_calls_execute_once_and_share_the_outcome()
         let key: Arc<str> = format!("shift-{round}").into();
         let gate = Arc::new(Semaphore::new(0));
         let executions = Arc::new(AtomicUsize::new(0));
-        let waits_before = store.stats().waits;
+        let (waits_before, replays_before) = (store.stats().waits, store.stats().replays);
         let during = released_together(CALLERS, |_| {
             let (key, gate, executions) = (key.clone(), gate.clone(), executions.clone());
             async move { book_shift(&key, 7, &gate, &executions).await }
@@ -122,6 +122,11 @@ async fn hundred_concurrent_identical_calls_execute_once_and_share_the_outcome()
         assert!(
             outcomes.iter().all(|o| *o == Ok((1, 7))),
             "round {round}: one shared outcome: {outcomes:?}"
+        );
+        assert_eq!(
+            store.stats().replays - replays_before,
+            2 * CALLERS as u64 - 1,
+            "round {round}: every caller but the one that executed is a replay, waiters included"
         );
     }
 }

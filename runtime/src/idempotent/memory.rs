@@ -639,6 +639,15 @@ impl<T: Clone> IdempotencyStore<T> {
         Ok(Claim::Replay(outcome.clone()))
     }
 
+    /// What a waiter's flight landed with: the owner's outcome (a replay, counted), or nothing
+    /// (the owner failed or went away: the waiter claims again).
+    fn landed(&self, landing: &Option<T>) -> Option<T> {
+        if landing.is_some() {
+            self.counters.replays.fetch_add(1, Relaxed);
+        }
+        landing.clone()
+    }
+
     fn conflict(&self, key: &RecordKey) -> IdempotencyError {
         self.counters.conflicts.fetch_add(1, Relaxed);
         IdempotencyError::Conflict {
@@ -827,10 +836,10 @@ where
         deadline: Option<Instant>,
     ) -> Result<Option<T>, IdempotencyError> {
         let Some(deadline) = deadline else {
-            return Ok(flight.wait_async().await.clone());
+            return Ok(self.landed(flight.wait_async().await));
         };
         match tokio::time::timeout_at(deadline.into(), flight.wait_async()).await {
-            Ok(landing) => Ok(landing.clone()),
+            Ok(landing) => Ok(self.landed(landing)),
             Err(_) => Err(IdempotencyError::InProgress {
                 key: key.client_key().to_owned(),
             }),
@@ -874,12 +883,12 @@ where
             key: key.client_key().to_owned(),
         };
         match deadline {
-            None => Ok(flight.wait_checked().map_err(would_deadlock)?.clone()),
+            None => Ok(self.landed(flight.wait_checked().map_err(would_deadlock)?)),
             Some(deadline) => match flight
                 .wait_deadline_checked(deadline)
                 .map_err(would_deadlock)?
             {
-                Some(landing) => Ok(landing.clone()),
+                Some(landing) => Ok(self.landed(landing)),
                 None => Err(IdempotencyError::InProgress {
                     key: key.client_key().to_owned(),
                 }),
