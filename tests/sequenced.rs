@@ -770,7 +770,8 @@ fn turn_tells_a_waiting_call_from_one_that_found_the_key_free() {
 #[tokio::test]
 async fn turn_tracks_async_calls_across_polls() {
     for round in 0..10 {
-        let key = 19_000 + round;
+        // Past the 100,000 keys `cancelled_waiter_leaves_no_entry` uses on `hold`.
+        let key = 1_000_000 + round;
         let (release, until) = tokio::sync::oneshot::channel();
         let mut holder = Box::pin(racefree::turn::track(hold(key, Some(until))));
         assert!((&mut holder).now_or_never().is_none(), "holds the key");

@@ -11,6 +11,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::thread::LocalKey;
 
 /// A value a tracking scope collects; `Default` is "nothing reported". `slot` is its own
@@ -19,9 +20,17 @@ pub(crate) trait Tracked: Copy + Default + 'static {
     fn slot() -> &'static LocalKey<Cell<Option<Self>>>;
 }
 
+/// Scopes active right now, on any thread and of any kind. While none is (the common case),
+/// [`record`] is one relaxed load of a line nobody writes, and never touches the thread-local
+/// (measured: reading it cost ~10 ns of an 80 ns `#[sequenced]` call).
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
 /// Reports `value` to the innermost active scope, if any.
 #[inline]
 pub(crate) fn record<T: Tracked>(value: T) {
+    if ACTIVE.load(Relaxed) == 0 {
+        return;
+    }
     T::slot().with(|current| {
         if current.get().is_some() {
             current.set(Some(value));
@@ -36,6 +45,7 @@ struct Entered<T: Tracked> {
 
 impl<T: Tracked> Entered<T> {
     fn enter(state: T) -> Entered<T> {
+        ACTIVE.fetch_add(1, Relaxed);
         Entered {
             outer: T::slot().with(|current| current.replace(Some(state))),
         }
@@ -49,6 +59,7 @@ impl<T: Tracked> Entered<T> {
 impl<T: Tracked> Drop for Entered<T> {
     fn drop(&mut self) {
         T::slot().with(|current| current.set(self.outer));
+        ACTIVE.fetch_sub(1, Relaxed);
     }
 }
 
