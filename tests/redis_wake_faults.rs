@@ -237,3 +237,69 @@ async fn a_dropped_holder_wakes_the_waiter_elsewhere_and_consumes_no_number() {
     );
     assert!(median < Duration::from_millis(25), "{delays:?}");
 }
+
+// --- probe c: the store outlives the runtime that first waited on it ---------------------
+
+static RT_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
+static RT_HERE: LazyLock<RedisStore> = LazyLock::new(|| RedisStore::new(RT_SERVER.url.clone()));
+static RT_THERE: LazyLock<RedisStore> = LazyLock::new(|| RedisStore::new(RT_SERVER.url.clone()));
+
+#[sequenced(key = shop, store = RT_HERE.sequence("tests::redis_wake_faults::runtimes"))]
+async fn rt_hold(shop: &str, hold: Park, seq: Seq) -> Result<u64, SequenceError> {
+    park(hold).await;
+    Ok(seq.get())
+}
+
+#[sequenced(key = shop, store = RT_THERE.sequence("tests::redis_wake_faults::runtimes"))]
+async fn rt_take(shop: &str, seq: Seq) -> Result<u64, SequenceError> {
+    Ok(seq.get())
+}
+
+/// One round on a fresh key: a holder parks, a caller on the other store waits; it must be
+/// seen subscribed to the key's wake-up channel before the holder is let go. Numbers 1, 2.
+async fn rt_round(shop: &str, what: &str) {
+    let mut conn = RT_HERE.connection().await.unwrap();
+    let (entered_tx, entered) = oneshot::channel();
+    let (release, until) = oneshot::channel();
+    let holder = tokio::spawn({
+        let shop = shop.to_owned();
+        async move { rt_hold(&shop, Some((entered_tx, until))).await }
+    });
+    entered.await.unwrap();
+    let waiter = tokio::spawn({
+        let shop = shop.to_owned();
+        async move { rt_take(&shop).await }
+    });
+    until_subscribed(&mut conn, shop, what).await;
+    release.send(()).unwrap();
+    let first = tokio::time::timeout(PATIENCE, holder)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.unwrap(), second.unwrap()), (1, 2), "{what}");
+}
+
+/// A store is a `static` that outlives runtimes (a test binary's `#[tokio::test]`s, a worker
+/// per runtime): 3 runtimes one after the other, one round each on a fresh key. What must hold
+/// in every runtime, not only the first: the waiting store subscribes to the key's wake-up
+/// channel (its pub/sub connection and dispatcher were spawned on the first runtime, which is
+/// gone; it must not keep handing out that dead one).
+#[test]
+fn wake_ups_survive_the_runtime_that_first_waited() {
+    LazyLock::force(&RT_SERVER);
+    let run = support::unique("rt");
+    for generation in 0..3 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shop = format!("{run}-{generation}");
+        runtime.block_on(rt_round(&shop, &format!("runtime {generation}")));
+        drop(runtime);
+    }
+}
