@@ -11,9 +11,9 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use racefree::cached;
 use racefree::redis::{driver, RedisCacheStore, RedisStore, RedisStoreError};
-use racefree::telemetry::{CACHE_HITS, CACHE_WAITS, EXECUTIONS};
+use racefree::telemetry::{CACHE_HITS, CACHE_WAITS, EXECUTIONS, STORE_ERRORS};
+use racefree::{cached, sequenced, Seq, SequenceError};
 use tokio::sync::oneshot;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -183,5 +183,105 @@ fn a_call_whose_lead_is_dropped_counts_one_wait() {
         counts,
         (2, 1, 0),
         "(waits, executions, hits): two calls waited, one body ran elsewhere"
+    );
+}
+
+// --- the kind of a store error: the same Redis failure, the same `kind` -------------------
+
+static PAUSED_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
+static PAUSED: LazyLock<RedisStore> = LazyLock::new(|| {
+    RedisStore::new(PAUSED_SERVER.url.clone()).command_timeout(Duration::from_millis(200))
+});
+static PAUSED_RATES: LazyLock<RedisCacheStore<'static>> =
+    LazyLock::new(|| RedisCacheStore::new(&PAUSED, "tests::paused_rate", Duration::from_secs(60)));
+
+fn paused_rates() -> &'static RedisCacheStore<'static> {
+    &PAUSED_RATES
+}
+
+#[cached(key = currency.to_owned(), store = paused_rates())]
+async fn paused_rate(currency: &str) -> Result<u64, RedisStoreError> {
+    Ok(currency.len() as u64)
+}
+
+#[sequenced(key = desk.to_owned(), store = PAUSED.sequence("tests::paused_ticket"))]
+async fn paused_ticket(desk: &str, seq: Seq) -> Result<u64, SequenceError> {
+    Ok(seq.get())
+}
+
+/// The kinds of `racefree_store_errors_total` `function` has counted, with their counts.
+fn kinds(
+    recorder: &Snapshotter,
+    seen: &mut HashMap<(String, String), u64>,
+    function: &str,
+) -> Vec<(String, u64)> {
+    for (key, _, _, value) in recorder.snapshot().into_vec() {
+        let key = key.key();
+        let label = |name: &str| {
+            key.labels()
+                .find(|l| l.key() == name)
+                .map(|l| l.value().to_owned())
+        };
+        if let (DebugValue::Counter(n), true) = (value, key.name() == STORE_ERRORS) {
+            let series = (
+                label("function").unwrap_or_default(),
+                label("kind").unwrap_or_default(),
+            );
+            *seen.entry(series).or_default() += n;
+        }
+    }
+    let mut kinds: Vec<(String, u64)> = seen
+        .iter()
+        .filter(|((f, _), _)| f == function)
+        .map(|((_, kind), n)| (kind.clone(), *n))
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+/// One round: a `#[cached]` and a `#[sequenced]` function on one Redis store (200 ms command
+/// timeout) each succeed once; then the server pauses every client for 3 s (`CLIENT PAUSE
+/// 3000 ALL`) and one call of each fails. The same fault must be counted under the same
+/// `kind` for both attributes, the one the telemetry docs list for it (`timeout`), not under a
+/// blanket `unavailable` for the one whose error boxes the store's.
+#[test]
+fn one_redis_timeout_is_one_kind_for_every_attribute() {
+    LazyLock::force(&PAUSED_SERVER);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let desk = support::unique("desk");
+            assert_eq!(paused_rate(&desk).await.unwrap(), desk.len() as u64);
+            assert_eq!(paused_ticket(&desk).await.unwrap(), 1);
+            assert_eq!(PAUSED_SERVER.cli(&["CLIENT", "PAUSE", "3000", "ALL"]), "OK");
+            let cached = paused_rate(&support::unique("usd")).await;
+            let sequenced = paused_ticket(&desk).await;
+            assert!(
+                cached.is_err() && sequenced.is_err(),
+                "{cached:?} {sequenced:?}"
+            );
+            println!("cached: {cached:?}\nsequenced: {sequenced:?}");
+        })
+    });
+    let mut seen = HashMap::new();
+    let cached = kinds(&snapshotter, &mut seen, "tests::paused_rate");
+    let sequenced = kinds(
+        &snapshotter,
+        &mut seen,
+        "metrics_redis_faults::paused_ticket",
+    );
+    assert_eq!(
+        cached,
+        [("timeout".to_owned(), 1)],
+        "the cached call's kind"
+    );
+    assert_eq!(
+        sequenced, cached,
+        "the sequenced call's kind, for the same fault"
     );
 }
