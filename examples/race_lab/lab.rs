@@ -270,11 +270,15 @@ fn on_database<D: Lab, R, F>(tables: &[&str], scenario: impl FnOnce(Arc<Db<D>>) 
 where
     F: std::future::Future<Output = R>,
 {
+    use futures::FutureExt as _;
     runtime().block_on(async {
         let db = Arc::new(Db::<D>::fresh(tables).await);
-        let result = scenario(Arc::clone(&db)).await;
+        // A scenario that panics still removes its database (a schema on a shared server).
+        let result = std::panic::AssertUnwindSafe(scenario(Arc::clone(&db)))
+            .catch_unwind()
+            .await;
         db.drop_all().await;
-        result
+        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 

@@ -20,8 +20,9 @@ use crate::sequenced::{Seq, SequenceError};
 use crate::telemetry::{outcome, MeterRef};
 
 /// One `#[sequenced]` call as its function's metrics and `tracing` see it: a `sequenced` span
-/// (level `debug`, fields `function` and `outcome`, `executed` or `error`) open from before
-/// the wait for the key until the call returns, the wait timed, the store's errors counted.
+/// (level `debug`, fields `function` and `outcome`, `executed` or `error`) alive from before
+/// the wait for the key until the call returns (never entered: the store's and the body's
+/// events are not inside it), the wait timed, the store's errors counted.
 pub struct SequencedCall {
     cell: &'static MeterCell,
     function: fn() -> &'static str,

@@ -199,7 +199,8 @@ impl<'s> RedisCache<'s> {
                     let compute = compute
                         .take()
                         .expect("a caller leads at most once: leading ends the loop");
-                    let (text, value) = self.fill(key, options, compute, meter).await?;
+                    let (text, value) =
+                        self.fill(key, options, compute, meter, &mut waited).await?;
                     lead.complete(text);
                     return Ok(value);
                 }
@@ -213,6 +214,8 @@ impl<'s> RedisCache<'s> {
         options: CacheOptions,
         compute: F,
         meter: &Meter,
+        // The call's: counted once however many leads it waits for, here or in this process.
+        waited: &mut bool,
     ) -> Result<(Arc<str>, T), CachedError<E>>
     where
         T: Serialize + DeserializeOwned,
@@ -231,14 +234,16 @@ impl<'s> RedisCache<'s> {
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
         let mut granted;
         // Waiting for another process's fill: its value is not a hit of this call.
-        let mut waited = false;
+        let mut waited_here = false;
         let generation = loop {
             granted = Instant::now();
             match self.get_or_lock(&val, &lock, &gen, &token, lease).await? {
                 Found::Value(raw) => {
-                    match waited {
-                        true => meter.flight_waited(wait_started),
-                        false => meter.hit(),
+                    if waited_here {
+                        meter.flight_waited(wait_started);
+                    }
+                    if !*waited {
+                        meter.hit();
                     }
                     let value: T = decode_value(&val, &raw)?;
                     let text =
@@ -250,7 +255,8 @@ impl<'s> RedisCache<'s> {
                 }
                 Found::Lead(generation) => break generation,
                 Found::Held(remaining) => {
-                    if !std::mem::replace(&mut waited, true) {
+                    waited_here = true;
+                    if !std::mem::replace(waited, true) {
                         meter.cache_waited();
                     }
                     let waited = started.elapsed();

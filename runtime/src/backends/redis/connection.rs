@@ -339,6 +339,13 @@ impl Wakeups {
         tokio::runtime::Handle::try_current()
             .ok()?
             .spawn(async move {
+                // However the dispatcher ends — the stream closed, the store dropped, or the
+                // runtime it runs on shut down (which drops this task mid-`await`) — the
+                // store learns it and makes a new one; its listeners poll meanwhile.
+                let _dead_on_exit = DeadOnExit {
+                    alive: still_alive,
+                    channels: Arc::clone(&to_wake),
+                };
                 loop {
                     tokio::select! {
                         _ = &mut stopped => break,
@@ -356,11 +363,6 @@ impl Wakeups {
                             None => break,
                         },
                     }
-                }
-                still_alive.store(false, Relaxed);
-                // Whoever listens now polls: wake them so they notice at once.
-                for channel in to_wake.iter() {
-                    channel.signal.notify.notify_waiters();
                 }
             });
         Some(Arc::new(Wakeups {
@@ -400,10 +402,30 @@ impl Wakeups {
             let mut sink = self.sink.lock().await;
             match tokio::time::timeout(self.timeout, sink.subscribe(channel)).await {
                 Ok(Ok(())) => {}
-                _ => return None,
+                _ => {
+                    // A connection that cannot subscribe is no use to the next waiter either.
+                    self.alive.store(false, Relaxed);
+                    return None;
+                }
             }
         }
         Some(listener)
+    }
+}
+
+/// Marks the wake-up connection dead when its dispatcher task ends, and wakes every listener
+/// so that it notices at once and polls.
+struct DeadOnExit {
+    alive: Arc<std::sync::atomic::AtomicBool>,
+    channels: Arc<dashmap::DashMap<String, Channel>>,
+}
+
+impl Drop for DeadOnExit {
+    fn drop(&mut self) {
+        self.alive.store(false, Relaxed);
+        for channel in self.channels.iter() {
+            channel.signal.notify.notify_waiters();
+        }
     }
 }
 
