@@ -154,7 +154,7 @@ pub trait SequenceLease {
 
     /// `Some(true)` if this call waited for another holding of its key before it got it,
     /// `Some(false)` if the key was free, `None` if the store cannot tell (what
-    /// [`turn::track`](crate::turn::track) reports as [`Turn::Unknown`](crate::turn::Turn::Unknown)).
+    /// [`turn::track`] reports as [`Turn::Unknown`]).
     fn waited(&self) -> Option<bool> {
         None
     }
