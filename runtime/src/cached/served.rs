@@ -115,23 +115,3 @@ pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Served) {
 pub async fn track<F: Future>(future: F) -> (F::Output, Served) {
     scope::track(future).await
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nested_scopes_do_not_leak_into_each_other() {
-        let (((), inner), outer) = track_sync(|| {
-            record(Served::Executed);
-            track_sync(|| record(Served::Hit))
-        });
-        assert_eq!((inner, outer), (Served::Hit, Served::Executed));
-    }
-
-    #[test]
-    fn recording_outside_a_scope_is_a_no_op() {
-        record(Served::Hit);
-        assert_eq!(track_sync(|| ()).1, Served::NotRecorded);
-    }
-}

@@ -101,32 +101,3 @@ pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Replay) {
 pub async fn track<F: Future>(future: F) -> (F::Output, Replay) {
     scope::track(future).await
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nested_scopes_do_not_leak_into_each_other() {
-        let (((), inner), outer) = track_sync(|| {
-            record(Replay::Fresh);
-            track_sync(|| record(Replay::Replayed))
-        });
-        assert_eq!((inner, outer), (Replay::Replayed, Replay::Fresh));
-    }
-
-    #[test]
-    fn recording_outside_a_scope_is_a_no_op() {
-        record(Replay::Replayed);
-        assert_eq!(track_sync(|| ()).1, Replay::NotRecorded);
-    }
-
-    #[test]
-    fn a_panicking_scope_restores_the_outer_one() {
-        let (_, outer) = track_sync(|| {
-            let _ = std::panic::catch_unwind(|| track_sync(|| panic!("inside")));
-            record(Replay::Fresh);
-        });
-        assert_eq!(outer, Replay::Fresh);
-    }
-}

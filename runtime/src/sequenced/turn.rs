@@ -92,23 +92,3 @@ pub fn track_sync<R>(f: impl FnOnce() -> R) -> (R, Turn) {
 pub async fn track<F: Future>(future: F) -> (F::Output, Turn) {
     scope::track(future).await
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nested_scopes_do_not_leak_into_each_other() {
-        let (((), inner), outer) = track_sync(|| {
-            record(Turn::Waited);
-            track_sync(|| record(Turn::AtOnce))
-        });
-        assert_eq!((inner, outer), (Turn::AtOnce, Turn::Waited));
-    }
-
-    #[test]
-    fn recording_outside_a_scope_is_a_no_op() {
-        record(Turn::Waited);
-        assert_eq!(track_sync(|| ()).1, Turn::NotRecorded);
-    }
-}

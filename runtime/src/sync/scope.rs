@@ -84,3 +84,83 @@ pub(crate) async fn track<T: Tracked, F: Future>(future: F) -> (F::Output, T) {
     .await;
     (output, state)
 }
+
+/// The scope's contract, checked once for each kind that uses it (`replay`, `served`, `turn`):
+/// `first` and `second` are two values of the kind other than the default.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Replay, Served, Turn};
+
+    fn nested_scopes_do_not_leak_into_each_other<T: Tracked + PartialEq + std::fmt::Debug>(
+        first: T,
+        second: T,
+    ) {
+        let (((), inner), outer) = track_sync(|| {
+            record(first);
+            track_sync(|| record(second))
+        });
+        assert_eq!((inner, outer), (second, first));
+    }
+
+    fn recording_outside_a_scope_is_a_no_op<T: Tracked + PartialEq + std::fmt::Debug>(value: T) {
+        record(value);
+        assert_eq!(track_sync::<T, ()>(|| ()).1, T::default());
+    }
+
+    fn a_panicking_scope_restores_the_outer_one<T: Tracked + PartialEq + std::fmt::Debug>(
+        value: T,
+    ) {
+        let ((), outer) = track_sync::<T, ()>(|| {
+            let _ = std::panic::catch_unwind(|| track_sync::<T, ()>(|| panic!("inside")));
+            record(value);
+        });
+        assert_eq!(outer, value);
+    }
+
+    /// A scope active on one thread (so `record` looks at thread-locals everywhere) does not
+    /// take reports from another thread.
+    fn a_scope_on_another_thread_takes_nothing<T>(value: T)
+    where
+        T: Tracked + PartialEq + std::fmt::Debug + Send,
+    {
+        let (entered, inside) = std::sync::mpsc::channel();
+        let (release, done) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            track_sync::<T, ()>(|| {
+                entered.send(()).unwrap();
+                done.recv().unwrap();
+            })
+            .1
+        });
+        inside.recv().unwrap();
+        record(value);
+        release.send(()).unwrap();
+        assert_eq!(other.join().unwrap(), T::default());
+    }
+
+    fn contract<T>(first: T, second: T)
+    where
+        T: Tracked + PartialEq + std::fmt::Debug + Send,
+    {
+        nested_scopes_do_not_leak_into_each_other(first, second);
+        recording_outside_a_scope_is_a_no_op(first);
+        a_panicking_scope_restores_the_outer_one(first);
+        a_scope_on_another_thread_takes_nothing(first);
+    }
+
+    #[test]
+    fn replay_scopes_keep_the_contract() {
+        contract(Replay::Fresh, Replay::Replayed);
+    }
+
+    #[test]
+    fn served_scopes_keep_the_contract() {
+        contract(Served::Executed, Served::Hit);
+    }
+
+    #[test]
+    fn turn_scopes_keep_the_contract() {
+        contract(Turn::Waited, Turn::AtOnce);
+    }
+}
