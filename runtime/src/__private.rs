@@ -62,7 +62,7 @@ impl SequencedCall {
                 crate::turn::record(crate::turn::Turn::of(lease.waited()));
                 meter.lock_waited(self.started);
                 meter.executed();
-                crate::telemetry::record(&self.span, "outcome", outcome::EXECUTED);
+                self.span.record("outcome", outcome::EXECUTED);
             }
             Err(error) => {
                 if let SequenceError::Timeout = error {
@@ -79,7 +79,7 @@ impl SequencedCall {
         if let Some(meter) = self.meter {
             meter.store_error(crate::telemetry::sequence_error_kind(error));
         }
-        crate::telemetry::record(&self.span, "outcome", outcome::ERROR);
+        self.span.record("outcome", outcome::ERROR);
     }
 }
 

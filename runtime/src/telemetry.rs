@@ -478,13 +478,3 @@ pub(crate) fn redis_error_kind(error: &crate::redis::RedisStoreError) -> Option<
         _ => "other",
     })
 }
-
-/// Records `value` in `span`'s field `field`, if the span is enabled. A disabled span (no
-/// subscriber wants it) would still look the field up by name on every `record`, which costs
-/// more than a whole uncontended `#[sequenced]` lock: skipped.
-#[inline]
-pub(crate) fn record(span: &tracing::Span, field: &str, value: impl tracing::Value) {
-    if !span.is_disabled() {
-        span.record(field, value);
-    }
-}

@@ -276,7 +276,7 @@ struct Report {
 impl Report {
     /// Records the call's outcome on its span.
     fn decided(&self, outcome: &'static str) {
-        crate::telemetry::record(&self.span, "outcome", outcome);
+        self.span.record("outcome", outcome);
     }
 }
 
@@ -599,7 +599,7 @@ fn reject_in_flight<'a, B: IdempotencyBackend<T>, T>(
     }
     tracing::debug!(target: "racefree", function, key = key.client_key(), outcome = outcome::WAITED, "idempotent call: duplicate in flight, waiting");
     report.meter.idempotent_waited();
-    crate::telemetry::record(&report.span, "waited", true);
+    report.span.record("waited", true);
     None
 }
 
