@@ -67,11 +67,10 @@ use super::connection::Lua;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::connection::Listener;
 use super::envelope::{decode_outcome, IdemRecord, IdemState};
 use super::lease::{
-    finish_final_write, outlive_caller, owner_token, Backoff, FinalWriteKeys, Heartbeat,
-    LeaseWatch, ReleaseOnDrop,
+    finish_final_write, outlive_caller, owner_token, wait_for_key, FinalWriteKeys, Heartbeat,
+    LeaseWatch, Look, ReleaseOnDrop,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -438,59 +437,34 @@ impl<'s> RedisIdempotency<'s> {
         deadline: Option<Instant>,
     ) -> Result<Settled, RedisStoreError> {
         let redis_key = key.redis_key("idem");
-        let listener = match self.store.wakeups().await {
-            Some(wakeups) => wakeups.listen(&format!("{redis_key}:wake")).await,
-            None => None,
-        };
-        // With a hint to wake it, polling is only the fallback (a crashed owner publishes
-        // nothing): no faster than its slowest step.
-        let first = match listener {
-            Some(_) => Duration::from_millis(100),
-            None => Duration::from_millis(2),
-        };
-        let mut backoff = Backoff::new(first, Duration::from_millis(100));
-        // Without a hint the claim just saw the key running: look again after a pause. With
-        // one, look at once: the completion may have come before the subscription.
-        let mut look = listener.is_some();
-        loop {
-            let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
-            if let Some(woken) = woken.as_mut().as_pin_mut() {
-                woken.enable();
-            }
-            if look {
+        let channel = format!("{redis_key}:wake");
+        let polls = (Duration::from_millis(2), Duration::from_millis(100));
+        let redis_key = &redis_key;
+        let settled = wait_for_key(
+            self.store,
+            &channel,
+            polls,
+            deadline,
+            |published| async move {
                 // A completion that published its record: read from the message, not Redis.
-                let published = listener.as_ref().and_then(Listener::latest);
                 if let Some(record) =
-                    published.and_then(|raw| IdemRecord::decode(&redis_key, &raw).ok())
+                    published.and_then(|raw| IdemRecord::decode(redis_key, &raw).ok())
                 {
                     if record.state != IdemState::Running {
-                        return Ok(Settled::Record(record));
+                        return Ok::<_, RedisStoreError>(Look::Done(Settled::Record(record)));
                     }
                 }
-                match self.replay(key).await? {
-                    None => return Ok(Settled::Gone),
+                Ok(match self.replay(key).await? {
+                    None => Look::Done(Settled::Gone),
                     Some(record) if record.state != IdemState::Running => {
-                        return Ok(Settled::Record(record))
+                        Look::Done(Settled::Record(record))
                     }
-                    Some(_) => {}
-                }
-            }
-            look = true;
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left == Some(Duration::ZERO) {
-                return Ok(Settled::TimedOut);
-            }
-            let hint = async {
-                match woken.as_mut().as_pin_mut() {
-                    Some(woken) => woken.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = hint => {}
-                () = backoff.wait(left) => {}
-            }
-        }
+                    Some(_) => Look::Again(None),
+                })
+            },
+        )
+        .await?;
+        Ok(settled.unwrap_or(Settled::TimedOut))
     }
 
     /// Runs `body` at most once per key across every process sharing the store, and replays

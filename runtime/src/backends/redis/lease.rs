@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use dashmap::DashMap;
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
-use super::connection::Connection;
+use super::connection::{Connection, Listener};
 use super::store::Detached;
 use super::RedisStoreError;
 use crate::sync::keyed_locks::Holder;
@@ -369,6 +369,76 @@ impl Backoff {
         let pause = self.pause();
         let pause = cap.map_or(pause, |cap| pause.min(cap.max(Duration::from_millis(1))));
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// What one look at a key somebody else holds found: the answer, or a reason to look again
+/// after a pause of at most the given cap (e.g. the holder's remaining lease).
+pub(crate) enum Look<T> {
+    Done(T),
+    Again(Option<Duration>),
+}
+
+/// Waits for somebody else's key: runs `look` until it answers, or returns `None` once
+/// `deadline` passes. Between looks it wakes on the first message on `channel` (the key's
+/// pub/sub hint, one server only) or after a jittered pause: every 100 ms while subscribed
+/// (the fallback, for an owner that crashed and publishes nothing), otherwise growing from
+/// `first` to `max` (a Cluster, or no pub/sub connection). Subscribed, it looks at once: the
+/// message may have come before the subscription; otherwise the caller has just seen the key
+/// busy, and it pauses first. `look` gets the latest message's payload since the wait began.
+pub(crate) async fn wait_for_key<T, E, F, Fut>(
+    store: &super::RedisStore,
+    channel: &str,
+    (first, max): (Duration, Duration),
+    deadline: Option<Instant>,
+    mut look: F,
+) -> Result<Option<T>, E>
+where
+    F: FnMut(Option<Vec<u8>>) -> Fut,
+    Fut: Future<Output = Result<Look<T>, E>>,
+{
+    const FALLBACK: Duration = Duration::from_millis(100);
+    let listener = match store.wakeups().await {
+        Some(wakeups) => wakeups.listen(channel).await,
+        None => None,
+    };
+    let mut backoff = match listener {
+        Some(_) => Backoff::new(FALLBACK, FALLBACK),
+        None => Backoff::new(first, max),
+    };
+    let mut look_now = listener.is_some();
+    let mut cap = None;
+    loop {
+        // Registered before the look, so that a message that comes during it still wakes.
+        let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
+        if let Some(woken) = woken.as_mut().as_pin_mut() {
+            woken.enable();
+        }
+        if look_now {
+            match look(listener.as_ref().and_then(Listener::latest)).await? {
+                Look::Done(done) => return Ok(Some(done)),
+                Look::Again(until) => cap = until,
+            }
+        }
+        look_now = true;
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return Ok(None);
+        }
+        let pause = match (left, cap) {
+            (Some(left), Some(cap)) => Some(left.min(cap)),
+            (left, cap) => left.or(cap),
+        };
+        let hint = async {
+            match woken.as_mut().as_pin_mut() {
+                Some(woken) => woken.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = hint => {}
+            () = backoff.wait(pause) => {}
+        }
     }
 }
 

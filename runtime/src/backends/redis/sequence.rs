@@ -53,7 +53,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::connection::{Listener, Lua};
+use super::connection::Lua;
 use dashmap::DashMap;
 use serde::Serialize;
 
@@ -61,8 +61,8 @@ use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
 use crate::sync::keyed_locks::Holder;
 
 use super::lease::{
-    finish_final_write, outlive_caller, owner_token, wake_flag, Backoff, FinalWriteKeys, Heartbeat,
-    LocalTurn, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
+    finish_final_write, outlive_caller, owner_token, wait_for_key, wake_flag, Backoff,
+    FinalWriteKeys, Heartbeat, LocalTurn, Look, ReleaseOnDrop, EXTEND_LOCK, RELEASE_LOCK,
 };
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
@@ -516,54 +516,17 @@ impl RedisSequences<'_> {
         deadline: Option<Instant>,
     ) -> Result<SeqTicket, HoldError> {
         let lease = self.store.store_options().lease;
-        let listener = match self.store.wakeups().await {
-            Some(wakeups) => {
-                wakeups
-                    .listen(&format!("{}:wake", key.redis_key("lock")))
-                    .await
-            }
-            None => None,
-        };
-        // With a hint, polling is only the fallback (a crashed holder publishes nothing).
-        let mut backoff = match listener {
-            Some(_) => Backoff::new(Duration::from_millis(100), Duration::from_millis(100)),
-            None => Backoff::new(Duration::from_millis(1), Duration::from_millis(50)),
-        };
-        // Subscribed: look again at once, the release may have come before the subscription.
-        let mut look = listener.is_some();
-        let mut remaining = lease;
-        loop {
-            let mut woken = std::pin::pin!(listener.as_ref().map(Listener::notified));
-            if let Some(woken) = woken.as_mut().as_pin_mut() {
-                woken.enable();
-            }
-            if look {
-                match self
-                    .acquire(key, start, lease)
-                    .await
-                    .map_err(HoldError::Store)?
-                {
-                    Ok(ticket) => return Ok(ticket),
-                    Err(left) => remaining = left,
-                }
-            }
-            look = true;
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left == Some(Duration::ZERO) {
-                return Err(HoldError::Timeout);
-            }
-            let cap = left.map_or(remaining, |left| left.min(remaining));
-            let hint = async {
-                match woken.as_mut().as_pin_mut() {
-                    Some(woken) => woken.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = hint => {}
-                () = backoff.wait(Some(cap)) => {}
-            }
-        }
+        let channel = format!("{}:wake", key.redis_key("lock"));
+        let polls = (Duration::from_millis(1), Duration::from_millis(50));
+        let taken = wait_for_key(self.store, &channel, polls, deadline, |_| async move {
+            Ok(match self.acquire(key, start, lease).await? {
+                Ok(ticket) => Look::Done(ticket),
+                Err(remaining) => Look::Again(Some(remaining)),
+            })
+        })
+        .await
+        .map_err(HoldError::Store)?;
+        taken.ok_or(HoldError::Timeout)
     }
 }
 
