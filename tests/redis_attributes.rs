@@ -229,7 +229,6 @@ async fn take_turn_elsewhere(shop: &str, seq: Seq) -> Result<u64, ApiError> {
 /// the idle key (`AtOnce`). Numbers 1, 2, 3 in that order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_tells_waiting_calls_from_free_ones_on_redis() {
-    use racefree::redis::driver;
     use racefree::Turn;
     let mut conn = REDIS.connection().await.unwrap();
     for round in 0..5 {
@@ -247,25 +246,8 @@ async fn turn_tells_waiting_calls_from_free_ones_on_redis() {
             let shop = shop.clone();
             racefree::turn::track(async move { take_turn_elsewhere(&shop).await })
         });
-        // Seen waiting: subscribed to the key's wake-up channel (`...<shop>...:lock:wake`).
-        let pattern = format!("*{shop}*:wake");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let channels: Vec<String> = driver::cmd("PUBSUB")
-                .arg("CHANNELS")
-                .arg(&pattern)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if !channels.is_empty() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {round}: the caller never waited"
-            );
-            tokio::task::yield_now().await;
-        }
+        // Seen waiting: subscribed to the key's wake-up channel.
+        support::until_subscribed(&mut conn, &shop, &format!("round {round}")).await;
         release.send(()).unwrap();
         let (first, holder_turn) = holder.await.unwrap();
         let (second, elsewhere_turn) = elsewhere.await.unwrap();

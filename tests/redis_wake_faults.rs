@@ -30,26 +30,6 @@ async fn park(park: Park) {
     }
 }
 
-/// The lock wake-up channels that have a subscriber now (`PUBSUB CHANNELS`; a `PSUBSCRIBE`
-/// pattern is not listed).
-async fn subscribed(conn: &mut racefree::redis::Connection, shop: &str) -> Vec<String> {
-    driver::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg(format!("*{shop}*:lock:wake"))
-        .query_async(conn)
-        .await
-        .unwrap()
-}
-
-/// Yields until the waiter on `shop` is subscribed to the key's wake-up channel.
-async fn until_subscribed(conn: &mut racefree::redis::Connection, shop: &str, what: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while subscribed(conn, shop).await.is_empty() {
-        assert!(Instant::now() < deadline, "{what}: never subscribed");
-        tokio::task::yield_now().await;
-    }
-}
-
 // --- probe a: the waiter's pub/sub connection is killed while it waits -------------------
 
 static KILL_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
@@ -93,7 +73,7 @@ async fn a_waiter_whose_pubsub_connection_is_killed_still_gets_the_key() {
             let shop = shop.clone();
             racefree::turn::track(async move { kill_take(&shop).await })
         });
-        until_subscribed(&mut conn, &shop, &format!("round {round}")).await;
+        support::until_subscribed(&mut conn, &shop, &format!("round {round}")).await;
 
         let killed: i64 = driver::cmd("CLIENT")
             .arg("KILL")
@@ -104,7 +84,7 @@ async fn a_waiter_whose_pubsub_connection_is_killed_still_gets_the_key() {
             .unwrap();
         assert!(killed >= 1, "round {round}: no pub/sub client killed");
         assert!(
-            subscribed(&mut conn, &shop).await.is_empty(),
+            support::subscribed(&mut conn, &shop).await.is_empty(),
             "round {round}: the waiter's subscription outlived the kill"
         );
         // Past a few fallback polls, with the key still held: the waiter must still wait.
@@ -191,7 +171,7 @@ async fn a_dropped_holder_wakes_the_waiter_elsewhere_and_consumes_no_number() {
             let shop = shop.clone();
             racefree::turn::track(async move { drop_take(&shop).await })
         });
-        until_subscribed(&mut conn, &shop, &format!("round {round}")).await;
+        support::until_subscribed(&mut conn, &shop, &format!("round {round}")).await;
 
         holder.abort();
         let aborted = Instant::now();
@@ -270,7 +250,7 @@ async fn rt_round(shop: &str, what: &str) {
         let shop = shop.to_owned();
         async move { rt_take(&shop).await }
     });
-    until_subscribed(&mut conn, shop, what).await;
+    support::until_subscribed(&mut conn, shop, what).await;
     release.send(()).unwrap();
     let first = tokio::time::timeout(PATIENCE, holder)
         .await

@@ -362,3 +362,25 @@ impl Drop for Proxy {
         self.task.abort();
     }
 }
+
+#[cfg(feature = "redis")]
+/// The lock wake-up channels that have a subscriber now (`PUBSUB CHANNELS`; a `PSUBSCRIBE`
+/// pattern is not listed).
+pub async fn subscribed(conn: &mut racefree::redis::Connection, shop: &str) -> Vec<String> {
+    racefree::redis::driver::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("*{shop}*:lock:wake"))
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[cfg(feature = "redis")]
+/// Yields until the waiter on `shop` is subscribed to the key's wake-up channel.
+pub async fn until_subscribed(conn: &mut racefree::redis::Connection, shop: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscribed(conn, shop).await.is_empty() {
+        assert!(Instant::now() < deadline, "{what}: never subscribed");
+        tokio::task::yield_now().await;
+    }
+}
