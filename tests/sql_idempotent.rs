@@ -268,6 +268,42 @@ macro_rules! suite {
                 });
             }
 
+            /// Keys and outcomes are written into the statements that open and commit the
+            /// transaction (no parameters there): quotes, backslashes, SQL and non-ASCII text
+            /// in either are stored and replayed byte for byte, and execute nothing else.
+            #[test]
+            fn keys_and_outcomes_that_look_like_sql_round_trip() {
+                let db = $new_db("quoting");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let keys = [
+                        "it's",
+                        r"back\slash\",
+                        r"E'\'",
+                        "'); DROP TABLE effects; --",
+                        "$$; COMMIT; $$",
+                        "ключ-🔑",
+                    ];
+                    for key in keys {
+                        let first = pay(&env, Some(key), 1, key, policy(), Then::Succeed { ms: 0 }).await;
+                        assert_eq!(first.unwrap(), format!("receipt 1 by {key}"), "{key}");
+                        let again = pay(&env, Some(key), 1, "again", policy(), Then::Succeed { ms: 0 }).await;
+                        assert_eq!(again.unwrap(), format!("receipt 1 by {key}"), "{key}: replayed");
+                        assert_eq!(count(&env.side, "executions", key).await, 1, "{key}: executed once");
+                        assert_eq!(count(&env.pool, "effects", key).await, 1, "{key}: one effect row");
+                    }
+                    let stored: Vec<String> = sqlx::query_scalar("SELECT key FROM racefree_idempotency ORDER BY key")
+                        .fetch_all(&env.pool)
+                        .await
+                        .unwrap();
+                    let mut expected: Vec<String> = keys.iter().map(|key| format!("tests::pay##{key}")).collect();
+                    expected.sort();
+                    assert_eq!(stored, expected, "the record keys, byte for byte");
+                    env.close().await;
+                });
+            }
+
             /// A call without a key runs in a transaction too (no record): its effect commits
             /// on success and rolls back on `Err`.
             #[test]
@@ -1098,5 +1134,189 @@ fn pg_exhausted_pool_is_store_unavailable() {
         ));
         tiny.close().await;
         env.close().await;
+    });
+}
+
+/// PostgreSQL sends a first execution's claim with its `BEGIN`, and its outcome with its
+/// `COMMIT`, by executing statements each connection prepares once. A connection that lost
+/// them (a `DEALLOCATE`, a `DISCARD ALL`) prepares them again on its next claim: on a pool of
+/// one connection, a claim after they are dropped still executes once, and replays still
+/// replay.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_statements_dropped_from_a_connection_are_prepared_again() {
+    let db = TestDb::pg("prepared");
+    sql::runtime().block_on(async {
+        let tables = pg::setup(&db).await;
+        let one = db.pg_pool(1).await;
+        let env = pg::Env {
+            store: racefree::sql::PgStore::new(one.clone()),
+            pool: one.clone(),
+            side: tables.side.clone(),
+        };
+        let ours = || async {
+            sqlx::query_scalar::<_, String>(
+                "SELECT name FROM pg_prepared_statements WHERE name LIKE 'racefree\\_%' ORDER BY name",
+            )
+            .fetch_all(&one)
+            .await
+            .unwrap()
+        };
+        let pay = |key: &'static str, who: &'static str| {
+            pg::pay(&env, Some(key), 1, who, pg::policy(), Then::Succeed { ms: 0 })
+        };
+        assert_eq!(pay("a", "first").await.unwrap(), "receipt 1 by first");
+        let prepared = ours().await;
+        assert_eq!(prepared.len(), 2, "the claim and the outcome: {prepared:?}");
+        for name in &prepared {
+            sqlx::query(&format!("DEALLOCATE {name}"))
+                .execute(&one)
+                .await
+                .unwrap();
+        }
+        assert!(ours().await.is_empty());
+
+        assert_eq!(pay("b", "second").await.unwrap(), "receipt 1 by second");
+        assert_eq!(ours().await, prepared, "prepared again, under the same names");
+        assert_eq!(pay("a", "later").await.unwrap(), "receipt 1 by first", "replayed");
+        assert_eq!(pay("b", "later").await.unwrap(), "receipt 1 by second", "replayed");
+        for key in ["a", "b"] {
+            assert_eq!(pg::count(&env.side, "executions", key).await, 1, "{key}: once");
+            assert_eq!(pg::count(&one, "effects", key).await, 1, "{key}: one row");
+        }
+        one.close().await;
+        tables.close().await;
+    });
+}
+
+/// What the cutting proxy does to the client's next `COMMIT` (the outcome is sent with it).
+#[cfg(feature = "postgres")]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Pass everything.
+    Never,
+    /// Pass the `COMMIT` to the server, then cut the connection before its answer.
+    AfterSending,
+    /// Cut the connection instead of passing the `COMMIT`.
+    BeforeSending,
+}
+
+/// A loopback proxy to the machine's PostgreSQL that cuts a connection at its `COMMIT`, as
+/// `cut` says (then passes everything again).
+#[cfg(feature = "postgres")]
+async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect("127.0.0.1:5432")
+                .await
+                .unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            let cut = cut.clone();
+            let answers = tokio::spawn(async move {
+                tokio::io::copy(&mut from_server, &mut to_client).await.ok();
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                    let action = match commit {
+                        true => std::mem::replace(&mut *cut.lock().unwrap(), Cut::Never),
+                        false => Cut::Never,
+                    };
+                    if action != Cut::BeforeSending && to_server.write_all(&buf[..n]).await.is_err()
+                    {
+                        break;
+                    }
+                    if action != Cut::Never {
+                        // The client hears nothing more: its answer is lost.
+                        answers.abort();
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The connection is lost with the answer to the `COMMIT` that carries the outcome. The store
+/// settles what happened (waits for the key's in-flight lock, which the lost transaction
+/// holds until it ends, and reads the record) instead of guessing: a commit that reached the
+/// server is `Ok` (and replays, one effect row); one that did not is `StoreUnavailable`
+/// (no row, and the retry executes once). Never `Ok` for an effect that is not there.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
+    let db = TestDb::pg("lost_commit");
+    sql::runtime().block_on(async {
+        let tables = pg::setup(&db).await;
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(Cut::Never));
+        let port = cutting_proxy(cut.clone()).await;
+        let schema = db.place.clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(20))
+            .after_connect(move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    sqlx::query(&format!("SET search_path TO {schema}"))
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+            .await
+            .unwrap();
+        let env = pg::Env {
+            store: racefree::sql::PgStore::new(pool.clone()),
+            pool: pool.clone(),
+            side: tables.side.clone(),
+        };
+        let pay = |key: &'static str, who: &'static str| {
+            pg::pay(
+                &env,
+                Some(key),
+                1,
+                who,
+                pg::policy(),
+                Then::Succeed { ms: 0 },
+            )
+        };
+
+        *cut.lock().unwrap() = Cut::AfterSending;
+        assert_eq!(
+            pay("landed", "first").await,
+            Ok("receipt 1 by first".into()),
+            "committed, and settled as such"
+        );
+        assert_eq!(
+            pay("landed", "again").await.unwrap(),
+            "receipt 1 by first",
+            "replayed"
+        );
+        assert_eq!(pg::count(&tables.pool, "effects", "landed").await, 1);
+        assert_eq!(pg::count(&env.side, "executions", "landed").await, 1);
+
+        *cut.lock().unwrap() = Cut::BeforeSending;
+        let lost = pay("lost", "first").await;
+        assert!(
+            matches!(lost, Err(IdempotencyError::StoreUnavailable { .. })),
+            "not committed, and settled as such: {lost:?}"
+        );
+        assert_eq!(pg::count(&tables.pool, "effects", "lost").await, 0);
+        assert_eq!(
+            pay("lost", "retry").await.unwrap(),
+            "receipt 1 by retry",
+            "executed once more"
+        );
+        assert_eq!(pg::count(&tables.pool, "effects", "lost").await, 1);
+        assert_eq!(pg::count(&env.side, "executions", "lost").await, 2);
+        pool.close().await;
+        tables.close().await;
     });
 }

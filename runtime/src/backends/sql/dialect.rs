@@ -10,7 +10,7 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 use sqlx::{Pool, Transaction};
 
-use super::schema::{Statements, Tables};
+use super::schema::{Prepared, Statements, Tables};
 
 /// A committed idempotency record, as the claim reads it.
 #[doc(hidden)]
@@ -69,6 +69,65 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     fn begin_on(
         connection: PoolConnection<Self>,
     ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
+
+    /// How a writing transaction begins, when not plain `BEGIN` (SQLite: `BEGIN IMMEDIATE`).
+    #[doc(hidden)]
+    const BEGIN: Option<&'static str>;
+
+    /// Whether [`commit_with_outcome`](Self::commit_with_outcome) executes a statement
+    /// prepared in the session ([`prepare`](Self::prepare)), which a session reached by
+    /// another route may lack.
+    #[doc(hidden)]
+    const PREPARES: bool;
+
+    /// The claim's insert, sent in one round trip with `BEGIN`, as a statement without
+    /// parameters (on PostgreSQL, `EXECUTE` of a statement the connection prepared once,
+    /// [`prepare`](Self::prepare)); `None` where a claim after `BEGIN` costs no round trip
+    /// (SQLite: the connection is a thread of this process). It inserts `key`'s in-flight
+    /// record and *fails* ([`refused_claim`](Self::refused_claim)) when the key has a record
+    /// (committed, or expired) or another transaction holds the key's in-flight lock `lock`:
+    /// `BEGIN` returns no rows through sqlx, so the failure is the answer, and the claim that
+    /// reads why ([`claim`](Self::claim)) runs only then.
+    #[doc(hidden)]
+    fn claim_on_begin(tables: &Tables, key: &str, fingerprint: &str, lock: i64) -> Option<String>;
+
+    /// Whether `error` is [`claim_on_begin`](Self::claim_on_begin)'s refusal (a unique or
+    /// not-null violation), not a failure of the database.
+    #[doc(hidden)]
+    fn refused_claim(error: &sqlx::Error) -> bool;
+
+    /// Whether `error` says the connection lacks the statements
+    /// [`prepare`](Self::prepare) prepares (a new connection, or a `DISCARD ALL`).
+    #[doc(hidden)]
+    fn unprepared(error: &sqlx::Error) -> bool;
+
+    /// Prepares, on `conn` outside any transaction, the statements it lacks of those that
+    /// [`claim_on_begin`](Self::claim_on_begin) and
+    /// [`commit_with_outcome`](Self::commit_with_outcome) execute by name.
+    #[doc(hidden)]
+    fn prepare(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Writes the outcome and commits, in one round trip, then opens an empty transaction
+    /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends). Any error means
+    /// nothing committed, except a lost connection.
+    #[doc(hidden)]
+    fn commit_with_outcome(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+        outcome: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Runs `sql` (one or more statements, no parameters) as one simple query.
+    #[doc(hidden)]
+    fn execute_raw<'c>(
+        conn: &'c mut Self::Connection,
+        sql: &'c str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
     /// Bounds the lock waits of the rest of this transaction.
     #[doc(hidden)]
@@ -187,6 +246,14 @@ fn millis(ttl: Duration) -> i64 {
     ttl.as_millis().min(CAP) as i64
 }
 
+/// `code` of a database error, if `error` is one.
+fn database_code(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    match error {
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
+    }
+}
+
 /// The steps that bind and decode the same on both databases (their statements' text, in
 /// `tables.sql`, is each dialect's own), as `Dialect` methods for connection type `$conn`.
 macro_rules! same_steps {
@@ -205,6 +272,15 @@ macro_rules! same_steps {
                 outcome: sqlx::Row::get(&row, 1),
                 expired: sqlx::Row::get(&row, 2),
             }))
+        }
+
+        fn execute_raw<'c>(
+            conn: &'c mut $conn,
+            sql: &'c str,
+        ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c {
+            // `Executor::execute` on the connection (not `raw_sql`, whose future is not `Send`
+            // for every lifetime): a `&str` without arguments goes as one simple query.
+            async move { sqlx::Executor::execute(conn, sql).await.map(drop) }
         }
 
         async fn replace_expired(
@@ -353,6 +429,68 @@ mod postgres {
             Transaction::begin(connection, None).await
         }
 
+        const BEGIN: Option<&'static str> = None;
+        const PREPARES: bool = true;
+
+        fn claim_on_begin(
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+            lock: i64,
+        ) -> Option<String> {
+            let claim = &tables.sql.prepared.claim;
+            Some(format!(
+                "EXECUTE {claim}({}, {}, '{lock}')",
+                text(key),
+                text(fingerprint)
+            ))
+        }
+
+        fn refused_claim(error: &sqlx::Error) -> bool {
+            // unique_violation (the key has a record), not_null_violation (its lock is held)
+            matches!(database_code(error).as_deref(), Some("23505" | "23502"))
+        }
+
+        fn unprepared(error: &sqlx::Error) -> bool {
+            // invalid_sql_statement_name: "prepared statement … does not exist"
+            database_code(error).as_deref() == Some("26000")
+        }
+
+        async fn prepare(conn: &mut PgConnection, tables: &Tables) -> Result<(), sqlx::Error> {
+            let prepared = &tables.sql.prepared;
+            let have: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE name = ANY($1)")
+                    .bind([&prepared.claim, &prepared.outcome])
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for (name, statement) in [
+                (&prepared.claim, &prepared.prepare_claim),
+                (&prepared.outcome, &prepared.prepare_outcome),
+            ] {
+                if !have.contains(name) {
+                    Self::execute_raw(conn, statement).await?;
+                }
+            }
+            Ok(())
+        }
+
+        async fn commit_with_outcome(
+            conn: &mut PgConnection,
+            tables: &Tables,
+            key: &str,
+            outcome: &str,
+            ttl: Duration,
+        ) -> Result<(), sqlx::Error> {
+            let sql = format!(
+                "EXECUTE {}({}, {}, '{}'); COMMIT; BEGIN",
+                tables.sql.prepared.outcome,
+                text(key),
+                text(outcome),
+                millis(ttl),
+            );
+            Self::execute_raw(conn, &sql).await
+        }
+
         async fn limit_lock_wait(
             conn: &mut PgConnection,
             wait: Duration,
@@ -410,6 +548,23 @@ mod postgres {
         same_steps!(PgConnection);
     }
 
+    /// `value` as a PostgreSQL string constant: an escape string (`E'…'`), whose backslashes
+    /// mean the same whatever `standard_conforming_strings` says, with `\` and `'` doubled so
+    /// nothing in `value` can end it. A constant, so the planner uses the key's index.
+    fn text(value: &str) -> String {
+        let mut out = String::with_capacity(value.len() + 3);
+        out.push_str("E'");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\'' => out.push_str("''"),
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+        out
+    }
+
     fn statements(idem: &str, seq: &str) -> Statements {
         Statements {
             read_record: format!(
@@ -447,6 +602,25 @@ mod postgres {
             bump: bump_sql(seq),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
+            commit_outcome: String::new(),
+            // The claim with `BEGIN`: no `ON CONFLICT`, so a record of the key fails the
+            // insert (23505); a lock another transaction holds makes `expires_at` NULL, which
+            // fails it too (23502) before the key's index is looked at, so it never waits on
+            // another claim. The outcome with `COMMIT`: `store_outcome`'s update.
+            prepared: Prepared::new(
+                &format!(
+                    "(text, text, bigint) AS \
+                     WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held) \
+                     INSERT INTO {idem} (key, fingerprint, expires_at) \
+                     SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END FROM lock"
+                ),
+                &format!(
+                    "(text, text, float8) AS \
+                     UPDATE {idem} SET outcome = $2::jsonb, \
+                     expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE key = $1"
+                ),
+            ),
         }
     }
 }
@@ -504,6 +678,44 @@ mod sqlite {
         ) -> Result<Transaction<'static, Self>, sqlx::Error> {
             // What `Pool::begin_with` does, on a connection this call already holds.
             Transaction::begin(connection, Some("BEGIN IMMEDIATE".into())).await
+        }
+
+        const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+        const PREPARES: bool = false;
+
+        fn claim_on_begin(_: &Tables, _: &str, _: &str, _: i64) -> Option<String> {
+            // A statement after `BEGIN IMMEDIATE` is a hand-off to the connection's thread,
+            // cheaper than compiling a statement with its values written in on every call.
+            None
+        }
+
+        fn refused_claim(_: &sqlx::Error) -> bool {
+            false
+        }
+
+        fn unprepared(_: &sqlx::Error) -> bool {
+            false
+        }
+
+        async fn prepare(_: &mut SqliteConnection, _: &Tables) -> Result<(), sqlx::Error> {
+            Ok(())
+        }
+
+        async fn commit_with_outcome(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+            outcome: &str,
+            ttl: Duration,
+        ) -> Result<(), sqlx::Error> {
+            // One prepared query of three statements (sqlx caches all three compiled).
+            sqlx::query(&tables.sql.commit_outcome)
+                .bind(key)
+                .bind(outcome)
+                .bind(millis(ttl))
+                .execute(conn)
+                .await
+                .map(drop)
         }
 
         async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
@@ -567,6 +779,11 @@ mod sqlite {
             bump: bump_sql(seq),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
+            commit_outcome: format!(
+                "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1; \
+                 COMMIT; BEGIN"
+            ),
+            prepared: Prepared::default(),
         }
     }
 }

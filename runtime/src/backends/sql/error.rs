@@ -85,9 +85,14 @@ impl Failure {
                 reason: self.describe(),
             },
             // The server refused to commit (e.g. a serialization failure): rolled back.
-            other => IdempotencyError::StoreUnavailable {
-                reason: format!("the transaction was rolled back: {}", other.describe()),
-            },
+            other => other.rolled_back(),
+        }
+    }
+
+    /// For a `COMMIT` known not to have committed.
+    pub(crate) fn rolled_back(self) -> IdempotencyError {
+        IdempotencyError::StoreUnavailable {
+            reason: format!("the transaction was rolled back: {}", self.describe()),
         }
     }
 

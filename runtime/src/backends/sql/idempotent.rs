@@ -5,15 +5,19 @@
 //!    key's record on it. Committed, unexpired, same fingerprint → replay its outcome; another
 //!    fingerprint → `Conflict`. (Committed records are final until they expire, so reading
 //!    them unlocked is safe: one round trip.)
-//! 2. **claim**: open the transaction on the same connection ([`Dialect::begin_on`]) and
-//!    claim in one statement ([`Dialect::claim`]). On PostgreSQL that statement takes the
-//!    key's in-flight lock (`pg_try_advisory_xact_lock(hash(table, key))`, answered at once)
-//!    and, only if it was free, runs `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`,
-//!    returning the committed record beside the result; on SQLite the write lock `BEGIN
-//!    IMMEDIATE` took stands for the in-flight lock. Inserted → the caller executes, holding
-//!    the transaction. Not inserted → a committed record exists: replay / `Conflict` as in 1,
-//!    or, if it has expired, `UPDATE` it into this caller's claim (only while still expired)
-//!    and execute.
+//! 2. **claim**: open the transaction on the same connection and claim in it. The usual
+//!    case costs one round trip on PostgreSQL: `BEGIN` is sent with the claim's insert
+//!    ([`Dialect::claim_on_begin`]), which takes the key's in-flight lock
+//!    (`pg_try_advisory_xact_lock(hash(table, key))`, answered at once) and inserts the
+//!    in-flight record, and *fails* if the lock is held or the key has a record. Only then is
+//!    the insert rolled back and the claim that reads why ([`Dialect::claim`]) sent after a
+//!    fresh `BEGIN`: it takes the lock and, only if it was free, runs `INSERT … ON CONFLICT
+//!    (key) DO NOTHING RETURNING`, returning the committed record beside the result. On SQLite
+//!    the write lock `BEGIN IMMEDIATE` took stands for the in-flight lock, and the claim
+//!    follows `BEGIN` (a statement there is a hand-off to the connection's thread, not a round
+//!    trip). Inserted → the caller executes, holding the transaction. Not inserted → a
+//!    committed record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE`
+//!    it into this caller's claim (only while still expired) and execute.
 //! 3. **in flight** (PostgreSQL, the lock was taken): [`Claim::InFlight`]. `in_flight =
 //!    "reject"` answers `InProgress` now; otherwise [`wait`](IdempotencyBackend::wait) takes
 //!    the lock *shared* (every waiter passes together when the owner's transaction ends),
@@ -21,7 +25,12 @@
 //!    then replays the owner's committed outcome, or, if the owner rolled back, one caller wins
 //!    the claim.
 //! 4. **complete**: `UPDATE` the record with the outcome (versioned JSON) and its
-//!    `expires_at`, then `COMMIT`, which makes the effect and the record visible at once.
+//!    `expires_at`, and `COMMIT`, in one round trip ([`Dialect::commit_with_outcome`]): the
+//!    effect and the record become visible at once. If the connection is lost with the
+//!    answer, the store waits (a few seconds at most) for the key's in-flight lock, which the
+//!    lost transaction holds until it ends, and reads the record: its outcome → `Ok`; none →
+//!    `StoreUnavailable` (rolled back); otherwise, or if that cannot be read,
+//!    `OutcomeUnknown`.
 //! 5. **release** (an `Err` not stored, a panic, a dropped future): drop the transaction;
 //!    sqlx rolls it back before the connection is reused, and a crashed process's
 //!    transaction is rolled back by the server. The claim never existed for anyone else.
@@ -32,20 +41,23 @@
 //! visible to others: nothing can find a claim "running" after its owner is gone, so there
 //! are no lease timers.
 //!
-//! Round trips (PostgreSQL): replay 1; first execution 5 + the body's own (read, `BEGIN`,
-//! claim, … , outcome, `COMMIT`), on one checkout. A pool with `test_before_acquire`
+//! Round trips (PostgreSQL): replay 1; first execution 3 + the body's own (read, `BEGIN` with
+//! the claim, … , outcome with `COMMIT`), on one checkout. A pool with `test_before_acquire`
 //! (sqlx's default) adds a ping per checkout, as it does to a bare transaction, and sqlx
-//! pings again (in the background) when the connection goes back to the pool.
+//! pings again (in the background) when the connection goes back to the pool: that ping
+//! also carries the `ROLLBACK` of the empty transaction the commit leaves open (see
+//! `transaction.rs`).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sqlx::Transaction;
+use sqlx::Pool;
 
 use super::dialect::{Dialect, Record};
 use super::error::Failure;
+use super::transaction::{Began, Owned, StoreTx};
 use super::{InTransaction, SqlStore, Tables, Tx};
 use crate::idempotent::{Claim, Fingerprint, IdempotencyBackend, IdempotencyError, RecordKey};
 
@@ -79,7 +91,7 @@ struct Decoded<T> {
 /// transactions and the caller's connection for [`SqlStore::within`] (then the transaction is
 /// a savepoint, and the caller's `COMMIT` is what makes it durable).
 pub struct SqlIdempotencyLease<'c, D: Dialect> {
-    tx: Transaction<'c, D>,
+    tx: StoreTx<'c, D>,
     key: Option<RecordKey>,
     caller_commits: bool,
 }
@@ -161,7 +173,7 @@ fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
 /// Steps 2–3 of the protocol in an open transaction `tx`: the claim statement (in-flight
 /// lock and insert), then the committed record's answer, or the replacement of an expired one.
 async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
-    mut tx: Transaction<'c, D>,
+    mut tx: StoreTx<'c, D>,
     tables: &Tables,
     key: &RecordKey,
     fingerprint: &str,
@@ -205,15 +217,54 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
     })
 }
 
+/// Whether the store's own transaction that wrote `encoded` for `key` committed, after the
+/// connection was lost with the answer to its `COMMIT` (sent at `sent`): `None` if that
+/// cannot be told.
+///
+/// The lost transaction holds the key's in-flight lock until it ends, so once the lock is
+/// free (waited for at most [`SETTLE_WAIT`]) a read shows its fate: the record with this
+/// outcome → committed (or a duplicate committed the same outcome: the caller's answer is the
+/// same); another outcome → not this one; no record → not committed, unless the record could
+/// have expired and been purged since (less than a second of its TTL left).
+async fn settle<D: Dialect>(
+    pool: &Pool<D>,
+    tables: &Tables,
+    key: &RecordKey,
+    encoded: &str,
+    sent: Instant,
+    ttl: Duration,
+) -> Option<bool> {
+    const SETTLE_WAIT: Duration = Duration::from_secs(5);
+    let lock = tables.lock_id(key.as_str());
+    D::wait_unlocked(pool, lock, Some(SETTLE_WAIT)).await.ok()?;
+    let mut connection = pool.acquire().await.ok()?;
+    let record = D::read_record(&mut connection, tables, key.as_str())
+        .await
+        .ok()?;
+    match record {
+        Some(record) => {
+            let ours = serde_json::from_str::<serde_json::Value>(encoded).ok();
+            let stored = record
+                .outcome
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+            Some(ours.is_some() && ours == stored)
+        }
+        None if sent.elapsed() + Duration::from_secs(1) < ttl => Some(false),
+        None => None,
+    }
+}
+
 /// Step 4: the outcome, then `COMMIT` (or, in the caller's transaction, `RELEASE SAVEPOINT`).
+/// `pool` (the store's own transactions) settles a commit whose answer was lost.
 async fn complete_in<D: Dialect, T: Serialize>(
     lease: SqlIdempotencyLease<'_, D>,
     tables: &Tables,
+    pool: Option<&Pool<D>>,
     outcome: &T,
     ttl: Duration,
 ) -> Result<(), IdempotencyError> {
     let SqlIdempotencyLease {
-        mut tx,
+        tx,
         key,
         caller_commits,
     } = lease;
@@ -237,10 +288,36 @@ async fn complete_in<D: Dialect, T: Serialize>(
         key: key.client_key().to_owned(),
         reason: format!("{e}; the transaction was rolled back"),
     })?;
-    D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
-        .await
-        .map_err(unavailable)?;
-    committed(tx.commit().await)
+    match tx {
+        // The outcome and `COMMIT` in one round trip.
+        StoreTx::Own(tx) if tx.one_trip_commit() => {
+            let sent = Instant::now();
+            let committed = tx
+                .commit_with_outcome(tables, key.as_str(), &encoded, ttl)
+                .await;
+            let lost = match committed.map_err(Failure::of) {
+                Ok(()) => return Ok(()),
+                Err(lost @ Failure::ConnectionLost(_)) => lost,
+                Err(refused) => return Err(refused.at_commit(&client_key)),
+            };
+            let settled = match pool {
+                Some(pool) => settle(pool, tables, &key, &encoded, sent, ttl).await,
+                None => None,
+            };
+            match settled {
+                Some(true) => Ok(()),
+                Some(false) => Err(lost.rolled_back()),
+                None => Err(lost.at_commit(&client_key)),
+            }
+        }
+        // The outcome, then `COMMIT` (or `RELEASE SAVEPOINT`).
+        mut tx => {
+            D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
+                .await
+                .map_err(unavailable)?;
+            committed(tx.commit().await)
+        }
+    }
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -262,8 +339,31 @@ impl<D: Dialect> SqlStore<D> {
                 return answer(key, &fingerprint, record).map(Claim::Replay);
             }
         }
-        let tx = D::begin_on(connection).await.map_err(unavailable)?;
-        claim_in(tx, tables, key, &fingerprint, false).await
+        // `BEGIN` with the insert: the usual first execution claims in this one round trip.
+        let lock = tables.lock_id(key.as_str());
+        let tx = match D::claim_on_begin(tables, key.as_str(), &fingerprint, lock) {
+            Some(insert) => match Owned::begin_claiming(connection, tables, &insert)
+                .await
+                .map_err(unavailable)?
+            {
+                Began::Claimed(tx) => {
+                    return Ok(Claim::Execute(SqlIdempotencyLease {
+                        tx: StoreTx::Own(tx),
+                        key: Some(key.clone()),
+                        caller_commits: false,
+                    }))
+                }
+                // Taken since the read (or expired, or in flight): the claim that reads why.
+                Began::Refused(mut tx) => {
+                    tx.begin_again().await.map_err(unavailable)?;
+                    tx
+                }
+            },
+            None => Owned::begin_writing(connection)
+                .await
+                .map_err(unavailable)?,
+        };
+        claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await
     }
 
     async fn complete_key<T: Serialize>(
@@ -272,8 +372,8 @@ impl<D: Dialect> SqlStore<D> {
         outcome: &T,
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
-        let (_, tables) = self.store_pool()?;
-        complete_in(lease, tables, outcome, ttl).await
+        let (pool, tables) = self.store_pool()?;
+        complete_in(lease, tables, Some(pool), outcome, ttl).await
     }
 
     /// This store for calls inside a transaction the caller opened on `connection` (the
@@ -380,9 +480,10 @@ where
 
     async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
         let (pool, _) = self.store_pool()?;
-        let tx = pool.begin().await.map_err(unavailable)?;
+        let connection = pool.acquire().await.map_err(unavailable)?;
+        let tx = Owned::begin(connection).await.map_err(unavailable)?;
         Ok(Some(SqlIdempotencyLease {
-            tx,
+            tx: StoreTx::Own(tx),
             key: None,
             caller_commits: false,
         }))
@@ -418,7 +519,14 @@ where
         let tx = sqlx::Connection::begin(connection)
             .await
             .map_err(unavailable)?;
-        claim_in(tx, tables, key, &fingerprint.to_string(), true).await
+        claim_in(
+            StoreTx::Savepoint(tx),
+            tables,
+            key,
+            &fingerprint.to_string(),
+            true,
+        )
+        .await
     }
 
     fn wait(
@@ -437,7 +545,8 @@ where
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
         let (_, tables) = self.store.store_pool()?;
-        complete_in(lease, tables, outcome, ttl).await
+        // Nothing is durable before the caller's `COMMIT`: nothing to settle.
+        complete_in(lease, tables, None, outcome, ttl).await
     }
 
     async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
@@ -446,7 +555,7 @@ where
             .await
             .map_err(unavailable)?;
         Ok(Some(SqlIdempotencyLease {
-            tx,
+            tx: StoreTx::Savepoint(tx),
             key: None,
             caller_commits: true,
         }))

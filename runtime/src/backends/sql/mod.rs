@@ -64,7 +64,7 @@
 //! | body returns `Err` (not stored), panics, or its future is dropped (client gone) | effect and claim roll back together; the key is free; the retry executes once | effect and number roll back together; the next call gets the same number |
 //! | the process crashes after the effect, before `COMMIT` | the server rolls the transaction back when the connection drops: as above | as above |
 //! | the connection is killed mid-body (`pg_terminate_backend`), the server restarts | the body's next statement fails, nothing committed, the caller gets its error; the retry executes once | the call fails, nothing committed, no gap |
-//! | `COMMIT` sent, answer lost | [`IdempotencyError::OutcomeUnknown`]: a retry replays if it committed, executes if not — never both | [`SequenceError::CommitUnknown`](crate::SequenceError::CommitUnknown): check the effect |
+//! | `COMMIT` sent, answer lost | settled: once the key's in-flight lock is free (the lost transaction has ended), the record is read: this outcome → `Ok`, none → [`IdempotencyError::StoreUnavailable`]; [`IdempotencyError::OutcomeUnknown`] only if that read fails. A retry replays if it committed, executes if not — never both | [`SequenceError::CommitUnknown`](crate::SequenceError::CommitUnknown): check the effect |
 //! | a concurrent duplicate (same key and fingerprint) | waits for the owner's transaction, then replays its committed outcome (or executes, if the owner rolled back); `in_flight = "reject"` answers `InProgress` at once on PostgreSQL | waits on the counter row's lock: numbers are unique, gap-free and in commit order across every process and machine on the database |
 //! | the caller's own transaction rolls back after the call ([`SqlStore::within`]) | the record rolls back with the effect: the retry executes once (a store outside the transaction would replay `Ok` for an effect that does not exist) | the number rolls back with the effect: the next call gets it; other callers of the key wait for the caller's `COMMIT` or rollback ([`InCallerTx::sequence`]) |
 //! | the same key with another fingerprint | `Conflict`, the stored outcome untouched | — |
@@ -98,6 +98,7 @@ mod error;
 mod idempotent;
 mod schema;
 mod sequenced;
+mod transaction;
 
 use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};

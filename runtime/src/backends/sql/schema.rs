@@ -33,6 +33,42 @@ pub struct Statements {
     pub(crate) bump: String,
     pub(crate) set_next: String,
     pub(crate) read_next: String,
+    /// SQLite: the outcome, `COMMIT` and an empty `BEGIN`, one prepared query.
+    pub(crate) commit_outcome: String,
+    /// PostgreSQL: the statements executed by name inside simple queries.
+    pub(crate) prepared: Prepared,
+}
+
+/// PostgreSQL statements a connection prepares once (SQL `PREPARE`) so that a simple query
+/// (the only kind that can carry `BEGIN` or `COMMIT` with another statement in one round
+/// trip) can `EXECUTE` them without planning them again. Named after a hash of their text,
+/// so stores with other tables, or another version's statements, never collide.
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    pub(crate) claim: String,
+    pub(crate) prepare_claim: String,
+    pub(crate) outcome: String,
+    pub(crate) prepare_outcome: String,
+}
+
+impl Prepared {
+    /// `claim` and `outcome` are `PREPARE` bodies: `(types) AS statement`.
+    pub(crate) fn new(claim: &str, outcome: &str) -> Prepared {
+        let name = |kind: &str, body: &str| {
+            format!(
+                "racefree_{kind}_{:016x}",
+                xxhash_rust::xxh3::xxh3_64(body.as_bytes())
+            )
+        };
+        let (claim_name, outcome_name) = (name("claim", claim), name("outcome", outcome));
+        Prepared {
+            prepare_claim: format!("PREPARE {claim_name} {claim}"),
+            prepare_outcome: format!("PREPARE {outcome_name} {outcome}"),
+            claim: claim_name,
+            outcome: outcome_name,
+        }
+    }
 }
 
 /// A table prefix that is not `[A-Za-z_][A-Za-z0-9_]*`, optionally after one `schema.`.

@@ -1,0 +1,236 @@
+//! The transaction an idempotent call runs in: one the store opened on a pooled connection
+//! ([`StoreTx::Own`]), or a savepoint of the caller's ([`StoreTx::Savepoint`]).
+//!
+//! The store's own transactions save two round trips on a first execution on PostgreSQL by
+//! sending, in one simple query, what sqlx would send as two statements:
+//! - `BEGIN` and the claim's insert; the claim is answered by whether that insert failed
+//!   ([`Dialect::claim_on_begin`]), since `BEGIN` returns no rows through sqlx;
+//! - the outcome's `UPDATE` and `COMMIT` ([`Dialect::commit_with_outcome`]), then a `BEGIN`
+//!   of an empty transaction, so the `ROLLBACK` sqlx queues when the transaction is dropped
+//!   has something to end (it travels with the ping sqlx sends when the connection goes back
+//!   to the pool, and warns about nothing).
+//!
+//! A simple query takes no parameters: the statements are prepared once per connection
+//! (SQL `PREPARE`) and executed by name with their values written in as escaped constants.
+//!
+//! sqlx's [`TransactionManager`] keeps its transaction depth right throughout, so a body
+//! that opens a transaction on the connection gets a savepoint, as with [`sqlx::Transaction`].
+//! A future dropped while `BEGIN` is on the wire cannot know whether the server began: the
+//! connection is then closed instead of going back to the pool (the server rolls back).
+
+use std::borrow::Cow;
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Transaction, TransactionManager};
+
+use super::dialect::Dialect;
+use super::schema::Tables;
+
+/// What opening a transaction with the claim's insert came to.
+pub(crate) enum Began<D: Dialect> {
+    /// The insert went in: the key is this transaction's.
+    Claimed(Owned<D>),
+    /// The insert was refused (a record, or another claim, holds the key) and rolled back:
+    /// the connection, outside any transaction, for the claim that reads why
+    /// ([`Owned::begin_again`]).
+    Refused(Owned<D>),
+}
+
+/// A transaction opened on a pooled connection by the store.
+pub(crate) struct Owned<D: Dialect> {
+    connection: PoolConnection<D>,
+    state: State,
+    /// [`commit_with_outcome`](Self::commit_with_outcome) can run in this transaction: the
+    /// statements it executes by name exist in its session (proven by the claim that ran in
+    /// it), or the database prepares nothing by name.
+    one_trip_commit: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A `BEGIN` (or the `ROLLBACK` of a refused one) is on the wire: whether a transaction is
+    /// open is unknown until it answers.
+    Unknown,
+    /// Open, and known to sqlx's transaction manager (depth 1).
+    Open,
+    /// Ended, nothing to roll back.
+    Ended,
+}
+
+impl<D: Dialect> Owned<D> {
+    /// `BEGIN` on `connection`, as `Pool::begin` sends it.
+    pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
+        let mut tx = Owned {
+            connection,
+            state: State::Ended,
+            one_trip_commit: false,
+        };
+        tx.begin_with(None).await?;
+        Ok(tx)
+    }
+
+    /// A writing transaction (on SQLite `BEGIN IMMEDIATE`) on `connection`.
+    pub(crate) async fn begin_writing(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
+        let mut tx = Owned {
+            connection,
+            state: State::Ended,
+            one_trip_commit: false,
+        };
+        tx.begin_again().await?;
+        Ok(tx)
+    }
+
+    /// A writing transaction again, on a connection whose transaction ended
+    /// ([`Began::Refused`]).
+    pub(crate) async fn begin_again(&mut self) -> Result<(), sqlx::Error> {
+        self.begin_with(D::BEGIN.map(Into::into)).await?;
+        // A new transaction may run in another server session (a pooler in transaction
+        // mode): only a claim sent with `BEGIN` proves the statements are there.
+        self.one_trip_commit = !D::PREPARES;
+        Ok(())
+    }
+
+    async fn begin_with(
+        &mut self,
+        statement: Option<Cow<'static, str>>,
+    ) -> Result<(), sqlx::Error> {
+        debug_assert!(self.state == State::Ended);
+        self.state = State::Unknown;
+        D::TransactionManager::begin(&mut self.connection, statement).await?;
+        self.state = State::Open;
+        Ok(())
+    }
+
+    /// A writing transaction and `insert` (the claim's insert, which fails if the key is
+    /// taken, [`Dialect::claim_on_begin`]) in one round trip. A refused insert is rolled back
+    /// here (one more round trip, only then). On a connection that has not prepared the
+    /// statements `insert` executes, they are prepared and it is sent again.
+    pub(crate) async fn begin_claiming(
+        connection: PoolConnection<D>,
+        tables: &Tables,
+        insert: &str,
+    ) -> Result<Began<D>, sqlx::Error> {
+        let mut tx = Owned {
+            connection,
+            state: State::Ended,
+            one_trip_commit: false,
+        };
+        let statement = format!("{}; {insert}", D::BEGIN.unwrap_or("BEGIN"));
+        let mut prepared = false;
+        loop {
+            let error = match tx.begin_with(Some(statement.clone().into())).await {
+                Ok(()) => {
+                    tx.one_trip_commit = true;
+                    return Ok(Began::Claimed(tx));
+                }
+                Err(error) => error,
+            };
+            let refused = D::refused_claim(&error);
+            let unprepared = D::unprepared(&error);
+            if !refused && !unprepared {
+                return Err(error);
+            }
+            // The server began, then failed the insert; sqlx counted no transaction, so this
+            // ends it (on PostgreSQL it is aborted, on SQLite still open).
+            D::execute_raw(&mut tx.connection, "ROLLBACK").await?;
+            tx.state = State::Ended;
+            if refused || prepared {
+                // Prepared, and still not there: a pooler that runs each transaction in
+                // another session. The claim that reads why works anywhere.
+                return Ok(Began::Refused(tx));
+            }
+            D::prepare(&mut tx.connection, tables).await?;
+            prepared = true;
+        }
+    }
+
+    /// Whether [`commit_with_outcome`](Self::commit_with_outcome) can run in this
+    /// transaction; otherwise the outcome is written as its own statement before `COMMIT`.
+    pub(crate) fn one_trip_commit(&self) -> bool {
+        self.one_trip_commit
+    }
+
+    /// The outcome's write and `COMMIT` in one round trip
+    /// ([`Dialect::commit_with_outcome`]). Any error means nothing committed, except a lost
+    /// connection: then nobody knows.
+    pub(crate) async fn commit_with_outcome(
+        mut self,
+        tables: &Tables,
+        key: &str,
+        outcome: &str,
+        ttl: Duration,
+    ) -> Result<(), sqlx::Error> {
+        D::commit_with_outcome(&mut self.connection, tables, key, outcome, ttl).await
+        // Dropping `self` (still `Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
+    }
+
+    /// `COMMIT`, as `Transaction::commit` sends it.
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        D::TransactionManager::commit(&mut self.connection).await?;
+        self.state = State::Ended;
+        Ok(())
+    }
+}
+
+impl<D: Dialect> Drop for Owned<D> {
+    fn drop(&mut self) {
+        match self.state {
+            // Maybe inside a transaction sqlx does not know about: never reuse the connection.
+            State::Unknown => self.connection.close_on_drop(),
+            // Queued; sent before the connection's next statement (the pool's release ping).
+            State::Open => D::TransactionManager::start_rollback(&mut self.connection),
+            State::Ended => {}
+        }
+    }
+}
+
+impl<D: Dialect> Deref for Owned<D> {
+    type Target = D::Connection;
+    fn deref(&self) -> &D::Connection {
+        &self.connection
+    }
+}
+
+impl<D: Dialect> DerefMut for Owned<D> {
+    fn deref_mut(&mut self) -> &mut D::Connection {
+        &mut self.connection
+    }
+}
+
+/// The transaction of an idempotency lease.
+pub(crate) enum StoreTx<'c, D: Dialect> {
+    Own(Owned<D>),
+    /// In the caller's transaction ([`SqlStore::within`](super::SqlStore::within)).
+    Savepoint(Transaction<'c, D>),
+}
+
+impl<D: Dialect> StoreTx<'_, D> {
+    /// `COMMIT` (or, in the caller's transaction, `RELEASE SAVEPOINT`).
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            StoreTx::Own(tx) => tx.commit().await,
+            StoreTx::Savepoint(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl<D: Dialect> Deref for StoreTx<'_, D> {
+    type Target = D::Connection;
+    fn deref(&self) -> &D::Connection {
+        match self {
+            StoreTx::Own(tx) => tx,
+            StoreTx::Savepoint(tx) => tx,
+        }
+    }
+}
+
+impl<D: Dialect> DerefMut for StoreTx<'_, D> {
+    fn deref_mut(&mut self) -> &mut D::Connection {
+        match self {
+            StoreTx::Own(tx) => tx,
+            StoreTx::Savepoint(tx) => tx,
+        }
+    }
+}
