@@ -42,7 +42,7 @@ pub struct Claimed {
 /// | step | PostgreSQL | SQLite |
 /// | --- | --- | --- |
 /// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
-/// | claim: "is this key in flight?", insert, read | one statement: `pg_try_advisory_xact_lock(hash(key))`, and only if it was free `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, with the committed record beside it | `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, then (only if not inserted) the record; never "in flight": holding the write lock means nobody else is writing |
+/// | claim: "is this key in flight?", insert, read | sent with `BEGIN`: `pg_try_advisory_xact_lock(hash(key))` and an `INSERT` that fails if the lock is held or the key has a record; only then one statement that takes the lock and, only if it was free, runs `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, with the committed record beside it | the write lock is the claim: the record is read under it and written whole at `COMMIT` (in a caller's transaction: `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, then the record); never "in flight": holding the write lock means nobody else is writing |
 /// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
 /// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
 /// | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
@@ -110,14 +110,23 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         tables: &Tables,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// Whether a transaction opened with [`BEGIN`](Self::BEGIN) already excludes every other
+    /// claim (SQLite: `BEGIN IMMEDIATE` holds the database's one write lock), so a claim need
+    /// write no in-flight record: the completion writes the record whole.
+    #[doc(hidden)]
+    const WRITE_LOCK_CLAIMS: bool;
+
     /// Writes the outcome and commits, in one round trip, then opens an empty transaction
-    /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends). Any error means
-    /// nothing committed, except a lost connection.
+    /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends). With `whole` (the
+    /// fingerprint of a claim that wrote no record, [`WRITE_LOCK_CLAIMS`](Self::WRITE_LOCK_CLAIMS))
+    /// it writes the whole record, over an expired one. Any error means nothing committed,
+    /// except a lost connection.
     #[doc(hidden)]
     fn commit_with_outcome(
         conn: &mut Self::Connection,
         tables: &Tables,
         key: &str,
+        whole: Option<&str>,
         outcome: &str,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
@@ -431,6 +440,7 @@ mod postgres {
 
         const BEGIN: Option<&'static str> = None;
         const PREPARES: bool = true;
+        const WRITE_LOCK_CLAIMS: bool = false;
 
         fn claim_on_begin(
             tables: &Tables,
@@ -478,9 +488,16 @@ mod postgres {
             conn: &mut PgConnection,
             tables: &Tables,
             key: &str,
+            whole: Option<&str>,
             outcome: &str,
             ttl: Duration,
         ) -> Result<(), sqlx::Error> {
+            if whole.is_some() {
+                // A claim always writes its record here (`WRITE_LOCK_CLAIMS` is false).
+                return Err(sqlx::Error::Protocol(
+                    "racefree: a PostgreSQL claim without its record".into(),
+                ));
+            }
             let sql = format!(
                 "EXECUTE {}({}, {}, '{}'); COMMIT; BEGIN",
                 tables.sql.prepared.outcome,
@@ -603,6 +620,7 @@ mod postgres {
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
+            commit_record: String::new(),
             // The claim with `BEGIN`: no `ON CONFLICT`, so a record of the key fails the
             // insert (23505); a lock another transaction holds makes `expires_at` NULL, which
             // fails it too (23502) before the key's index is looked at, so it never waits on
@@ -682,6 +700,7 @@ mod sqlite {
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
         const PREPARES: bool = false;
+        const WRITE_LOCK_CLAIMS: bool = true;
 
         fn claim_on_begin(_: &Tables, _: &str, _: &str, _: i64) -> Option<String> {
             // A statement after `BEGIN IMMEDIATE` is a hand-off to the connection's thread,
@@ -705,17 +724,23 @@ mod sqlite {
             conn: &mut SqliteConnection,
             tables: &Tables,
             key: &str,
+            whole: Option<&str>,
             outcome: &str,
             ttl: Duration,
         ) -> Result<(), sqlx::Error> {
             // One prepared query of three statements (sqlx caches all three compiled).
-            sqlx::query(&tables.sql.commit_outcome)
-                .bind(key)
-                .bind(outcome)
-                .bind(millis(ttl))
-                .execute(conn)
-                .await
-                .map(drop)
+            let query = match whole {
+                Some(fingerprint) => sqlx::query(&tables.sql.commit_record)
+                    .bind(key)
+                    .bind(outcome)
+                    .bind(millis(ttl))
+                    .bind(fingerprint),
+                None => sqlx::query(&tables.sql.commit_outcome)
+                    .bind(key)
+                    .bind(outcome)
+                    .bind(millis(ttl)),
+            };
+            query.execute(conn).await.map(drop)
         }
 
         async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
@@ -781,6 +806,14 @@ mod sqlite {
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: format!(
                 "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1; \
+                 COMMIT; BEGIN"
+            ),
+            commit_record: format!(
+                "INSERT INTO {idem} (key, fingerprint, outcome, created_at, expires_at) \
+                 VALUES ($1, $4, $2, {NOW_MS}, {NOW_MS} + $3) \
+                 ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                 outcome = excluded.outcome, created_at = excluded.created_at, \
+                 expires_at = excluded.expires_at; \
                  COMMIT; BEGIN"
             ),
             prepared: Prepared::default(),

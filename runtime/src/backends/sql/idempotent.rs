@@ -12,12 +12,15 @@
 //!    in-flight record, and *fails* if the lock is held or the key has a record. Only then is
 //!    the insert rolled back and the claim that reads why ([`Dialect::claim`]) sent after a
 //!    fresh `BEGIN`: it takes the lock and, only if it was free, runs `INSERT … ON CONFLICT
-//!    (key) DO NOTHING RETURNING`, returning the committed record beside the result. On SQLite
-//!    the write lock `BEGIN IMMEDIATE` took stands for the in-flight lock, and the claim
-//!    follows `BEGIN` (a statement there is a hand-off to the connection's thread, not a round
-//!    trip). Inserted → the caller executes, holding the transaction. Not inserted → a
-//!    committed record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE`
-//!    it into this caller's claim (only while still expired) and execute.
+//!    (key) DO NOTHING RETURNING`, returning the committed record beside the result.
+//!    Inserted → the caller executes, holding the transaction. Not inserted → a committed
+//!    record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE` it into this
+//!    caller's claim (only while still expired) and execute. On SQLite the write lock `BEGIN
+//!    IMMEDIATE` takes *is* the claim (nobody else writes until the transaction ends): the
+//!    record is read again under it (a record committed since step 1 answers), and none is
+//!    written until step 4 writes it whole, over an expired one. In a caller's transaction
+//!    ([`SqlStore::within`]), which may not hold the write lock, the claim inserts its
+//!    in-flight record as on PostgreSQL.
 //! 3. **in flight** (PostgreSQL, the lock was taken): [`Claim::InFlight`]. `in_flight =
 //!    "reject"` answers `InProgress` now; otherwise [`wait`](IdempotencyBackend::wait) takes
 //!    the lock *shared* (every waiter passes together when the owner's transaction ends),
@@ -25,7 +28,8 @@
 //!    then replays the owner's committed outcome, or, if the owner rolled back, one caller wins
 //!    the claim.
 //! 4. **complete**: `UPDATE` the record with the outcome (versioned JSON) and its
-//!    `expires_at`, and `COMMIT`, in one round trip ([`Dialect::commit_with_outcome`]): the
+//!    `expires_at` (on SQLite, write the record), and `COMMIT`, in one round trip
+//!    ([`Dialect::commit_with_outcome`]): the
 //!    effect and the record become visible at once. If the connection is lost with the
 //!    answer, the store waits (a few seconds at most) for the key's in-flight lock, which the
 //!    lost transaction holds until it ends, and reads the record: its outcome → `Ok`; none →
@@ -94,6 +98,10 @@ pub struct SqlIdempotencyLease<'c, D: Dialect> {
     tx: StoreTx<'c, D>,
     key: Option<RecordKey>,
     caller_commits: bool,
+    /// The fingerprint, when the claim wrote no in-flight record because the transaction's
+    /// write lock already excludes every other claim (SQLite's `BEGIN IMMEDIATE`): the
+    /// completion then writes the record whole, one write instead of two.
+    unrecorded: Option<String>,
 }
 
 impl<D: Dialect> SqlIdempotencyLease<'_, D> {
@@ -185,6 +193,7 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
             tx,
             key: Some(key.clone()),
             caller_commits,
+            unrecorded: None,
         })
     };
     // Under the key's lock nobody else claims it, but a purge may delete an expired record
@@ -267,6 +276,7 @@ async fn complete_in<D: Dialect, T: Serialize>(
         tx,
         key,
         caller_commits,
+        unrecorded,
     } = lease;
     let client_key = key.as_ref().map_or("", RecordKey::client_key).to_owned();
     let committed = |result: Result<(), sqlx::Error>| {
@@ -290,10 +300,10 @@ async fn complete_in<D: Dialect, T: Serialize>(
     })?;
     match tx {
         // The outcome and `COMMIT` in one round trip.
-        StoreTx::Own(tx) if tx.one_trip_commit() => {
+        StoreTx::Own(tx) if tx.one_trip_commit() || unrecorded.is_some() => {
             let sent = Instant::now();
             let committed = tx
-                .commit_with_outcome(tables, key.as_str(), &encoded, ttl)
+                .commit_with_outcome(tables, key.as_str(), unrecorded.as_deref(), &encoded, ttl)
                 .await;
             let lost = match committed.map_err(Failure::of) {
                 Ok(()) => return Ok(()),
@@ -351,6 +361,7 @@ impl<D: Dialect> SqlStore<D> {
                         tx: StoreTx::Own(tx),
                         key: Some(key.clone()),
                         caller_commits: false,
+                        unrecorded: None,
                     }))
                 }
                 // Taken since the read (or expired, or in flight): the claim that reads why.
@@ -363,7 +374,24 @@ impl<D: Dialect> SqlStore<D> {
                 .await
                 .map_err(unavailable)?,
         };
-        claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await
+        if !D::WRITE_LOCK_CLAIMS {
+            return claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await;
+        }
+        // The write lock is the claim: nobody else writes until this transaction ends. A
+        // record committed since the read answers; an expired one is overwritten at the end.
+        let mut tx = tx;
+        match D::read_record(&mut tx, tables, key.as_str())
+            .await
+            .map_err(unavailable)?
+        {
+            Some(record) if !record.expired => answer(key, &fingerprint, record).map(Claim::Replay),
+            _ => Ok(Claim::Execute(SqlIdempotencyLease {
+                tx: StoreTx::Own(tx),
+                key: Some(key.clone()),
+                caller_commits: false,
+                unrecorded: Some(fingerprint),
+            })),
+        }
     }
 
     async fn complete_key<T: Serialize>(
@@ -486,6 +514,7 @@ where
             tx: StoreTx::Own(tx),
             key: None,
             caller_commits: false,
+            unrecorded: None,
         }))
     }
 
@@ -558,6 +587,7 @@ where
             tx: StoreTx::Savepoint(tx),
             key: None,
             caller_commits: true,
+            unrecorded: None,
         }))
     }
 

@@ -35,6 +35,8 @@ pub struct Statements {
     pub(crate) read_next: String,
     /// SQLite: the outcome, `COMMIT` and an empty `BEGIN`, one prepared query.
     pub(crate) commit_outcome: String,
+    /// SQLite: the same, writing the whole record (the claim wrote none).
+    pub(crate) commit_record: String,
     /// PostgreSQL: the statements executed by name inside simple queries.
     pub(crate) prepared: Prepared,
 }

@@ -159,10 +159,11 @@ impl<D: Dialect> Owned<D> {
         mut self,
         tables: &Tables,
         key: &str,
+        whole: Option<&str>,
         outcome: &str,
         ttl: Duration,
     ) -> Result<(), sqlx::Error> {
-        D::commit_with_outcome(&mut self.connection, tables, key, outcome, ttl).await
+        D::commit_with_outcome(&mut self.connection, tables, key, whole, outcome, ttl).await
         // Dropping `self` (still `Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
     }
 
