@@ -1077,22 +1077,9 @@ fn pg_exhausted_pool_is_store_unavailable() {
     let db = TestDb::pg("exhausted");
     sql::runtime().block_on(async {
         let env = pg::setup(&db).await;
-        let schema = db.place.clone();
-        let tiny = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_millis(300))
-            .after_connect(move |conn, _| {
-                let schema = schema.clone();
-                Box::pin(async move {
-                    sqlx::query(&format!("SET search_path TO {schema}"))
-                        .execute(conn)
-                        .await
-                        .map(drop)
-                })
-            })
-            .connect(sql::PG_URL)
-            .await
-            .unwrap();
+        let tiny = db
+            .pg_pool_via(sql::PG_URL, 1, Duration::from_millis(300))
+            .await;
         let store = racefree::sql::PgStore::new(tiny.clone());
         let call = Call::new(
             "tests::tiny",
@@ -1256,22 +1243,8 @@ fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
         let tables = pg::setup(&db).await;
         let cut = std::sync::Arc::new(std::sync::Mutex::new(Cut::Never));
         let port = cutting_proxy(cut.clone()).await;
-        let schema = db.place.clone();
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(20))
-            .after_connect(move |conn, _| {
-                let schema = schema.clone();
-                Box::pin(async move {
-                    sqlx::query(&format!("SET search_path TO {schema}"))
-                        .execute(conn)
-                        .await
-                        .map(drop)
-                })
-            })
-            .connect(&format!("postgres://postgres@127.0.0.1:{port}/test"))
-            .await
-            .unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+        let pool = db.pg_pool_via(&url, 2, Duration::from_secs(20)).await;
         let env = pg::Env {
             store: racefree::sql::PgStore::new(pool.clone()),
             pool: pool.clone(),

@@ -227,6 +227,29 @@ impl TestDb {
             .expect("PostgreSQL at 127.0.0.1:5432 (user postgres, db test) must be running")
     }
 
+    /// A pool on the schema through `url` (e.g. a proxy in front of the server), with at most
+    /// `max` connections and `acquire` as its `acquire_timeout`.
+    #[cfg(feature = "postgres")]
+    #[allow(dead_code)]
+    pub async fn pg_pool_via(&self, url: &str, max: u32, acquire: Duration) -> sqlx::PgPool {
+        let schema = self.place.clone();
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(acquire)
+            .after_connect(move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    sqlx::query(&format!("SET search_path TO {schema}"))
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect(url)
+            .await
+            .expect("PostgreSQL behind the given URL")
+    }
+
     /// A pool on the file: WAL (several processes share it), `busy_timeout` as given.
     #[cfg(feature = "sqlite")]
     pub async fn sqlite_pool(&self, max: u32, busy: Duration) -> sqlx::SqlitePool {
