@@ -39,7 +39,7 @@ enum Then {
 }
 
 macro_rules! suite {
-    ($db:ident, $feature:literal, $Database:ty, $pools:path, $new_db:path) => {
+    ($db:ident, $feature:literal, $Database:ty, $pools:path, $one:path, $new_db:path) => {
         #[cfg(feature = $feature)]
         mod $db {
             use super::*;
@@ -304,6 +304,75 @@ macro_rules! suite {
                 });
             }
 
+            /// The caller's future is dropped at every point of a completion (its outcome
+            /// write and `COMMIT` are one query): 60 rounds on a pool of one connection, the
+            /// round's drop after `round × 40 µs`, with an effect big enough to make the
+            /// commit take a while. In every round the connection the call leaves behind is
+            /// outside any transaction (a transaction of the application's own on it commits
+            /// for everyone to see), and the next call replays the dropped call's outcome if
+            /// its commit landed and executes if not: one effect row either way.
+            #[test]
+            fn completions_dropped_anywhere_leave_the_connection_clean() {
+                let db = $new_db("dropped_completion");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    setup(&db).await.close().await;
+                    let (pool, side) = $one(&db).await;
+                    let env = Env { store: Store::new(pool.clone()), pool, side };
+                    let filler = "x".repeat(256 * 1024);
+                    for round in 0..60u64 {
+                        let key = format!("drop-{round}");
+                        let call = Call::new("tests::pay", None, Some(key.as_str()), Fingerprint::of(&round), policy());
+                        let Begin::<_, String>::Execute(mut execution) = begin(&env.store, call).await else {
+                            panic!("round {round}: a fresh key executes")
+                        };
+                        let tx = execution.lease_mut().unwrap().connection();
+                        sqlx::query("INSERT INTO effects (key, who) VALUES ($1, $2)")
+                            .bind(&key)
+                            .bind(&filler)
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                        let outcome = format!("receipt {round}");
+                        let finish = execution.finish(&outcome);
+                        let _ = tokio::time::timeout(Duration::from_micros(40 * round), finish).await;
+
+                        // The application's own transaction on the connection left behind.
+                        let mut own = env.pool.begin().await.unwrap();
+                        sqlx::query("INSERT INTO outcomes (key, outcome) VALUES ($1, 'own')")
+                            .bind(&key)
+                            .execute(&mut *own)
+                            .await
+                            .unwrap();
+                        own.commit().await.unwrap();
+                        let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outcomes WHERE key = $1")
+                            .bind(&key)
+                            .fetch_one(&env.pool)
+                            .await
+                            .unwrap();
+                        assert_eq!(seen, 1, "round {round}: the application's commit took effect");
+
+                        // Whatever the dropped commit came to (the server may still be
+                        // finishing it), the next call sees it: it replays the outcome if it
+                        // committed, and executes if not, never both.
+                        let again = pay(&env, Some(&key), round, "again", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                        assert_eq!(count(&env.pool, "effects", &key).await, 1, "round {round}: one effect row");
+                        let whose: String = sqlx::query_scalar("SELECT who FROM effects WHERE key = $1")
+                            .bind(&key)
+                            .fetch_one(&env.pool)
+                            .await
+                            .unwrap();
+                        if again == outcome {
+                            assert_eq!(whose, filler, "round {round}: replayed the dropped call's commit");
+                        } else {
+                            assert_eq!(again, format!("receipt {round} by again"), "round {round}");
+                            assert_eq!(whose, "again", "round {round}: executed once more");
+                        }
+                    }
+                    env.close().await;
+                });
+            }
+
             /// A call without a key runs in a transaction too (no record): its effect commits
             /// on success and rolls back on `Err`.
             #[test]
@@ -533,12 +602,20 @@ macro_rules! suite {
     };
 }
 
-suite!(pg, "postgres", sqlx::Postgres, sql::pg_pools, TestDb::pg);
+suite!(
+    pg,
+    "postgres",
+    sqlx::Postgres,
+    sql::pg_pools,
+    sql::pg_pool_of_one,
+    TestDb::pg
+);
 suite!(
     sqlite,
     "sqlite",
     sqlx::Sqlite,
     sql::sqlite_pools,
+    sql::sqlite_pool_of_one,
     TestDb::sqlite
 );
 
@@ -1165,9 +1242,19 @@ fn pg_statements_dropped_from_a_connection_are_prepared_again() {
 
         assert_eq!(pay("b", "second").await.unwrap(), "receipt 1 by second");
         assert_eq!(ours().await, prepared, "prepared again, under the same names");
+
+        // Only the outcome's statement gone: the claim finds out (it executes both), so the
+        // commit never runs into its absence after the body.
+        let outcome = prepared.iter().find(|name| name.contains("outcome")).unwrap();
+        sqlx::query(&format!("DEALLOCATE {outcome}"))
+            .execute(&one)
+            .await
+            .unwrap();
+        assert_eq!(pay("c", "third").await.unwrap(), "receipt 1 by third");
+        assert_eq!(ours().await, prepared, "the missing one prepared again");
         assert_eq!(pay("a", "later").await.unwrap(), "receipt 1 by first", "replayed");
         assert_eq!(pay("b", "later").await.unwrap(), "receipt 1 by second", "replayed");
-        for key in ["a", "b"] {
+        for key in ["a", "b", "c"] {
             assert_eq!(pg::count(&env.side, "executions", key).await, 1, "{key}: once");
             assert_eq!(pg::count(&one, "effects", key).await, 1, "{key}: one row");
         }
@@ -1289,6 +1376,33 @@ fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
         );
         assert_eq!(pg::count(&tables.pool, "effects", "lost").await, 1);
         assert_eq!(pg::count(&env.side, "executions", "lost").await, 2);
+
+        // An outcome `jsonb` gives back in another spelling (1e16 comes back as
+        // 10000000000000000): the database compares, so the landed commit is still `Ok`.
+        *cut.lock().unwrap() = Cut::AfterSending;
+        let call = Call::new(
+            "tests::float",
+            None,
+            Some("float"),
+            Fingerprint::of(&1_u64),
+            pg::policy(),
+        );
+        let Begin::<_, f64>::Execute(execution) = begin(&env.store, call).await else {
+            panic!("a fresh key executes")
+        };
+        assert_eq!(
+            execution.finish(&1e16).await,
+            Ok(()),
+            "committed, and settled as such"
+        );
+        let call = Call::new(
+            "tests::float",
+            None,
+            Some("float"),
+            Fingerprint::of(&1_u64),
+            pg::policy(),
+        );
+        assert!(matches!(begin::<_, f64>(&env.store, call).await, Begin::Replay(v) if v == 1e16));
         pool.close().await;
         tables.close().await;
     });

@@ -50,6 +50,24 @@ pub async fn sqlite_pools(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
     )
 }
 
+/// [`pg_pools`] with a store pool of one connection, so every call reuses the connection the
+/// call before it left behind.
+#[cfg(feature = "postgres")]
+#[allow(dead_code)]
+pub async fn pg_pool_of_one(db: &TestDb) -> (sqlx::PgPool, sqlx::PgPool) {
+    (db.pg_pool(1).await, db.pg_pool(2).await)
+}
+
+/// [`sqlite_pools`] with a store pool of one connection.
+#[cfg(feature = "sqlite")]
+#[allow(dead_code)]
+pub async fn sqlite_pool_of_one(db: &TestDb) -> (sqlx::SqlitePool, sqlx::SqlitePool) {
+    (
+        db.sqlite_pool(1, Duration::from_secs(20)).await,
+        db.sqlite_side_pool().await,
+    )
+}
+
 /// What every suite module needs on its database (`$Database` under cargo feature
 /// `$feature`, pools from `$pools`): `Store`, `Env` (the store, its pool for effects, the side
 /// channel for executions, outcomes and arrivals), `open`, `setup` (the store's and the

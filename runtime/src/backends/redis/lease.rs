@@ -307,9 +307,16 @@ where
     W: Future<Output = Result<(), RedisStoreError>> + Send + 'static,
 {
     fn drop(&mut self) {
-        // Dropped unfinished: the caller gave up. The write goes on by itself.
+        // Dropped unfinished: the caller gave up. The write goes on by itself, and says how it
+        // ended, since nobody waits for it any more.
         if let Some(write) = self.write.take() {
-            self.runtime.spawn(write);
+            let (key, what) = (self.key.take().unwrap_or_default(), self.what.to_owned());
+            self.runtime.spawn(async move {
+                match write.await {
+                    Ok(()) => tracing::debug!(target: "racefree", %key, what, "finished after its caller left"),
+                    Err(error) => tracing::warn!(target: "racefree", %key, what, %error, "failed after its caller left"),
+                }
+            });
         }
     }
 }

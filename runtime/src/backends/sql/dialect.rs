@@ -35,6 +35,28 @@ pub struct Claimed {
     pub(crate) record: Option<Record>,
 }
 
+/// What a settling read ([`Dialect::read_settled`]) found of the key's record.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Settled {
+    /// Its fingerprint and outcome are the ones the lost commit wrote (compared by the
+    /// database: `jsonb` keeps no text).
+    pub(crate) ours: bool,
+    pub(crate) expired: bool,
+}
+
+/// How a `COMMIT` sent with other statements ([`Dialect::commit_with_outcome`]) ended, when it
+/// committed.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Committed, and the empty transaction opened after it is there, as sqlx counts.
+    Clean,
+    /// Committed, but the statement after `COMMIT` failed: the session is not in the state
+    /// sqlx counts (the connection must not be reused).
+    Unclean,
+}
+
 /// A database racefree's SQL stores run on: `sqlx::Postgres` (feature `postgres`) or
 /// `sqlx::Sqlite` (feature `sqlite`). Sealed: the protocol's correctness rests on each
 /// dialect's locking:
@@ -117,9 +139,10 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     const WRITE_LOCK_CLAIMS: bool;
 
     /// Writes the outcome and commits, in one round trip, then opens an empty transaction
-    /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends). With `whole` (the
+    /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends), counting the
+    /// statements that completed: an error after `COMMIT` completed is still a commit. With `whole` (the
     /// fingerprint of a claim that wrote no record, [`WRITE_LOCK_CLAIMS`](Self::WRITE_LOCK_CLAIMS))
-    /// it writes the whole record, over an expired one. Any error means nothing committed,
+    /// it writes the whole record, over an expired one. An error means nothing committed,
     /// except a lost connection.
     #[doc(hidden)]
     fn commit_with_outcome(
@@ -129,7 +152,18 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         whole: Option<&str>,
         outcome: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Committed, sqlx::Error>> + Send;
+
+    /// The key's record as a settling read sees it: whether it is the one with `fingerprint`
+    /// and `outcome`, and whether it has expired.
+    #[doc(hidden)]
+    fn read_settled(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+        fingerprint: &str,
+        outcome: &str,
+    ) -> impl Future<Output = Result<Option<Settled>, sqlx::Error>> + Send;
 
     /// Runs `sql` (one or more statements, no parameters) as one simple query.
     #[doc(hidden)]
@@ -255,7 +289,36 @@ fn millis(ttl: Duration) -> i64 {
     ttl.as_millis().min(CAP) as i64
 }
 
+/// Drives a multi-statement query's results to the end: how many of its statements
+/// completed, and the error that stopped it, if one did.
+async fn completed<S, L, R>(mut results: S) -> (usize, Option<sqlx::Error>)
+where
+    S: futures_util::Stream<Item = Result<sqlx::Either<L, R>, sqlx::Error>> + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut done = 0;
+    while let Some(result) = results.next().await {
+        match result {
+            Ok(sqlx::Either::Left(_)) => done += 1,
+            Ok(sqlx::Either::Right(_)) => {}
+            Err(error) => return (done, Some(error)),
+        }
+    }
+    (done, None)
+}
+
+/// What a "…; COMMIT; BEGIN" query came to, from [`completed`]: the second statement is the
+/// `COMMIT`.
+fn commit_of((done, error): (usize, Option<sqlx::Error>)) -> Result<Committed, sqlx::Error> {
+    match error {
+        None => Ok(Committed::Clean),
+        Some(_) if done >= 2 => Ok(Committed::Unclean),
+        Some(error) => Err(error),
+    }
+}
+
 /// `code` of a database error, if `error` is one.
+#[cfg(feature = "postgres")]
 fn database_code(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     match error {
         sqlx::Error::Database(db) => db.code(),
@@ -280,6 +343,25 @@ macro_rules! same_steps {
                 fingerprint: sqlx::Row::get(&row, 0),
                 outcome: sqlx::Row::get(&row, 1),
                 expired: sqlx::Row::get(&row, 2),
+            }))
+        }
+
+        async fn read_settled(
+            conn: &mut $conn,
+            tables: &Tables,
+            key: &str,
+            fingerprint: &str,
+            outcome: &str,
+        ) -> Result<Option<Settled>, sqlx::Error> {
+            let row = sqlx::query(&tables.sql.read_settled)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(outcome)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(|row| Settled {
+                ours: sqlx::Row::get::<Option<bool>, _>(&row, 0).unwrap_or(false),
+                expired: sqlx::Row::get(&row, 1),
             }))
         }
 
@@ -448,11 +530,15 @@ mod postgres {
             fingerprint: &str,
             lock: i64,
         ) -> Option<String> {
-            let claim = &tables.sql.prepared.claim;
+            let prepared = &tables.sql.prepared;
+            // The outcome statement too, on no row (key NULL): proof that the commit will
+            // find it in this session (a pooler may give each session other statements).
             Some(format!(
-                "EXECUTE {claim}({}, {}, '{lock}')",
+                "EXECUTE {}({}, {}, '{lock}'); EXECUTE {}(NULL, NULL, NULL)",
+                prepared.claim,
                 text(key),
-                text(fingerprint)
+                text(fingerprint),
+                prepared.outcome,
             ))
         }
 
@@ -468,17 +554,11 @@ mod postgres {
 
         async fn prepare(conn: &mut PgConnection, tables: &Tables) -> Result<(), sqlx::Error> {
             let prepared = &tables.sql.prepared;
-            let have: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE name = ANY($1)")
-                    .bind([&prepared.claim, &prepared.outcome])
-                    .fetch_all(&mut *conn)
-                    .await?;
-            for (name, statement) in [
-                (&prepared.claim, &prepared.prepare_claim),
-                (&prepared.outcome, &prepared.prepare_outcome),
-            ] {
-                if !have.contains(name) {
-                    Self::execute_raw(conn, statement).await?;
+            for statement in [&prepared.prepare_claim, &prepared.prepare_outcome] {
+                match Self::execute_raw(conn, statement).await {
+                    // duplicate_prepared_statement: this session has it already.
+                    Err(error) if database_code(&error).as_deref() == Some("42P05") => {}
+                    done => done?,
                 }
             }
             Ok(())
@@ -491,7 +571,7 @@ mod postgres {
             whole: Option<&str>,
             outcome: &str,
             ttl: Duration,
-        ) -> Result<(), sqlx::Error> {
+        ) -> Result<Committed, sqlx::Error> {
             if whole.is_some() {
                 // A claim always writes its record here (`WRITE_LOCK_CLAIMS` is false).
                 return Err(sqlx::Error::Protocol(
@@ -505,7 +585,7 @@ mod postgres {
                 text(outcome),
                 millis(ttl),
             );
-            Self::execute_raw(conn, &sql).await
+            commit_of(completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await)
         }
 
         async fn limit_lock_wait(
@@ -565,20 +645,18 @@ mod postgres {
         same_steps!(PgConnection);
     }
 
-    /// `value` as a PostgreSQL string constant: an escape string (`E'…'`), whose backslashes
-    /// mean the same whatever `standard_conforming_strings` says, with `\` and `'` doubled so
-    /// nothing in `value` can end it. A constant, so the planner uses the key's index.
+    /// `value` as a PostgreSQL `text` expression: its UTF-8 bytes in hex, decoded by the
+    /// server. Hex digits cannot end a literal whatever the session's `client_encoding`,
+    /// `standard_conforming_strings` or `backslash_quote` say. An argument of `EXECUTE` is
+    /// evaluated once, as a bound parameter is, so this costs no planning.
     fn text(value: &str) -> String {
-        let mut out = String::with_capacity(value.len() + 3);
-        out.push_str("E'");
-        for c in value.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\'' => out.push_str("''"),
-                c => out.push(c),
-            }
+        use std::fmt::Write;
+        let mut out = String::with_capacity(2 * value.len() + 40);
+        out.push_str("convert_from(decode('");
+        for byte in value.bytes() {
+            let _ = write!(out, "{byte:02x}");
         }
-        out.push('\'');
+        out.push_str("', 'hex'), 'UTF8')");
         out
     }
 
@@ -621,6 +699,10 @@ mod postgres {
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
             commit_record: String::new(),
+            read_settled: format!(
+                "SELECT fingerprint = $2 AND outcome = $3::jsonb, expires_at <= clock_timestamp() \
+                 FROM {idem} WHERE key = $1"
+            ),
             // The claim with `BEGIN`: no `ON CONFLICT`, so a record of the key fails the
             // insert (23505); a lock another transaction holds makes `expires_at` NULL, which
             // fails it too (23502) before the key's index is looked at, so it never waits on
@@ -727,7 +809,7 @@ mod sqlite {
             whole: Option<&str>,
             outcome: &str,
             ttl: Duration,
-        ) -> Result<(), sqlx::Error> {
+        ) -> Result<Committed, sqlx::Error> {
             // One prepared query of three statements (sqlx caches all three compiled).
             let query = match whole {
                 Some(fingerprint) => sqlx::query(&tables.sql.commit_record)
@@ -740,7 +822,7 @@ mod sqlite {
                     .bind(outcome)
                     .bind(millis(ttl)),
             };
-            query.execute(conn).await.map(drop)
+            commit_of(completed(sqlx::Executor::fetch_many(conn, query)).await)
         }
 
         async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
@@ -815,6 +897,10 @@ mod sqlite {
                  outcome = excluded.outcome, created_at = excluded.created_at, \
                  expires_at = excluded.expires_at; \
                  COMMIT; BEGIN"
+            ),
+            read_settled: format!(
+                "SELECT fingerprint = $2 AND outcome = $3, expires_at <= {NOW_MS} \
+                 FROM {idem} WHERE key = $1"
             ),
             prepared: Prepared::default(),
         }

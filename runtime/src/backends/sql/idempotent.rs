@@ -59,7 +59,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::Pool;
 
-use super::dialect::{Dialect, Record};
+use super::dialect::{Dialect, Record, Settled};
 use super::error::Failure;
 use super::transaction::{Began, Owned, StoreTx};
 use super::{InTransaction, SqlStore, Tables, Tx};
@@ -98,10 +98,12 @@ pub struct SqlIdempotencyLease<'c, D: Dialect> {
     tx: StoreTx<'c, D>,
     key: Option<RecordKey>,
     caller_commits: bool,
-    /// The fingerprint, when the claim wrote no in-flight record because the transaction's
-    /// write lock already excludes every other claim (SQLite's `BEGIN IMMEDIATE`): the
-    /// completion then writes the record whole, one write instead of two.
-    unrecorded: Option<String>,
+    /// The request's fingerprint (empty for a call without a key).
+    fingerprint: String,
+    /// The claim wrote its in-flight record. Not when the transaction's write lock already
+    /// excludes every other claim (SQLite's `BEGIN IMMEDIATE`): the completion then writes
+    /// the record whole, one write instead of two.
+    recorded: bool,
 }
 
 impl<D: Dialect> SqlIdempotencyLease<'_, D> {
@@ -193,7 +195,8 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
             tx,
             key: Some(key.clone()),
             caller_commits,
-            unrecorded: None,
+            fingerprint: fingerprint.to_owned(),
+            recorded: true,
         })
     };
     // Under the key's lock nobody else claims it, but a purge may delete an expired record
@@ -226,19 +229,23 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
     })
 }
 
-/// Whether the store's own transaction that wrote `encoded` for `key` committed, after the
-/// connection was lost with the answer to its `COMMIT` (sent at `sent`): `None` if that
-/// cannot be told.
+/// Whether the store's own transaction that wrote `encoded` for `key` (request
+/// `fingerprint`) committed, after the connection was lost with the answer to its `COMMIT`
+/// (sent at `sent`): `None` if that cannot be told.
 ///
 /// The lost transaction holds the key's in-flight lock until it ends, so once the lock is
-/// free (waited for at most [`SETTLE_WAIT`]) a read shows its fate: the record with this
-/// outcome → committed (or a duplicate committed the same outcome: the caller's answer is the
-/// same); another outcome → not this one; no record → not committed, unless the record could
-/// have expired and been purged since (less than a second of its TTL left).
+/// free (waited for at most [`SETTLE_WAIT`]) a read shows its fate. The database compares
+/// (`jsonb` does not keep the text it was given):
+/// - an unexpired record of this fingerprint with this outcome → committed (or a duplicate of
+///   the same request committed the same outcome since: the caller's answer is the same);
+/// - such a record, expired → `None`: it may be an older one this call was replacing;
+/// - no record, or another one → not committed, if this call's record could not have expired
+///   and been purged or replaced since (more than a second of its TTL left); else `None`.
 async fn settle<D: Dialect>(
     pool: &Pool<D>,
     tables: &Tables,
     key: &RecordKey,
+    fingerprint: &str,
     encoded: &str,
     sent: Instant,
     ttl: Duration,
@@ -247,19 +254,21 @@ async fn settle<D: Dialect>(
     let lock = tables.lock_id(key.as_str());
     D::wait_unlocked(pool, lock, Some(SETTLE_WAIT)).await.ok()?;
     let mut connection = pool.acquire().await.ok()?;
-    let record = D::read_record(&mut connection, tables, key.as_str())
+    let found = D::read_settled(&mut connection, tables, key.as_str(), fingerprint, encoded)
         .await
         .ok()?;
-    match record {
-        Some(record) => {
-            let ours = serde_json::from_str::<serde_json::Value>(encoded).ok();
-            let stored = record
-                .outcome
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-            Some(ours.is_some() && ours == stored)
-        }
-        None if sent.elapsed() + Duration::from_secs(1) < ttl => Some(false),
-        None => None,
+    let fresh = sent.elapsed() + Duration::from_secs(1) < ttl;
+    match found {
+        Some(Settled {
+            ours: true,
+            expired: false,
+        }) => Some(true),
+        Some(Settled {
+            ours: true,
+            expired: true,
+        }) => None,
+        _ if fresh => Some(false),
+        _ => None,
     }
 }
 
@@ -276,7 +285,8 @@ async fn complete_in<D: Dialect, T: Serialize>(
         tx,
         key,
         caller_commits,
-        unrecorded,
+        fingerprint,
+        recorded,
     } = lease;
     let client_key = key.as_ref().map_or("", RecordKey::client_key).to_owned();
     let committed = |result: Result<(), sqlx::Error>| {
@@ -300,10 +310,11 @@ async fn complete_in<D: Dialect, T: Serialize>(
     })?;
     match tx {
         // The outcome and `COMMIT` in one round trip.
-        StoreTx::Own(tx) if tx.one_trip_commit() || unrecorded.is_some() => {
+        StoreTx::Own(tx) if tx.one_trip_commit() || !recorded => {
             let sent = Instant::now();
+            let whole = (!recorded).then_some(fingerprint.as_str());
             let committed = tx
-                .commit_with_outcome(tables, key.as_str(), unrecorded.as_deref(), &encoded, ttl)
+                .commit_with_outcome(tables, key.as_str(), whole, &encoded, ttl)
                 .await;
             let lost = match committed.map_err(Failure::of) {
                 Ok(()) => return Ok(()),
@@ -311,7 +322,7 @@ async fn complete_in<D: Dialect, T: Serialize>(
                 Err(refused) => return Err(refused.at_commit(&client_key)),
             };
             let settled = match pool {
-                Some(pool) => settle(pool, tables, &key, &encoded, sent, ttl).await,
+                Some(pool) => settle(pool, tables, &key, &fingerprint, &encoded, sent, ttl).await,
                 None => None,
             };
             match settled {
@@ -361,7 +372,8 @@ impl<D: Dialect> SqlStore<D> {
                         tx: StoreTx::Own(tx),
                         key: Some(key.clone()),
                         caller_commits: false,
-                        unrecorded: None,
+                        fingerprint,
+                        recorded: true,
                     }))
                 }
                 // Taken since the read (or expired, or in flight): the claim that reads why.
@@ -389,7 +401,8 @@ impl<D: Dialect> SqlStore<D> {
                 tx: StoreTx::Own(tx),
                 key: Some(key.clone()),
                 caller_commits: false,
-                unrecorded: Some(fingerprint),
+                fingerprint,
+                recorded: false,
             })),
         }
     }
@@ -514,7 +527,8 @@ where
             tx: StoreTx::Own(tx),
             key: None,
             caller_commits: false,
-            unrecorded: None,
+            fingerprint: String::new(),
+            recorded: false,
         }))
     }
 
@@ -587,7 +601,8 @@ where
             tx: StoreTx::Savepoint(tx),
             key: None,
             caller_commits: true,
-            unrecorded: None,
+            fingerprint: String::new(),
+            recorded: false,
         }))
     }
 

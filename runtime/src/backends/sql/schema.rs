@@ -34,10 +34,15 @@ pub struct Statements {
     pub(crate) set_next: String,
     pub(crate) read_next: String,
     /// SQLite: the outcome, `COMMIT` and an empty `BEGIN`, one prepared query.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) commit_outcome: String,
     /// SQLite: the same, writing the whole record (the claim wrote none).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) commit_record: String,
+    /// Whether the key's record has a given fingerprint and outcome, and has expired.
+    pub(crate) read_settled: String,
     /// PostgreSQL: the statements executed by name inside simple queries.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) prepared: Prepared,
 }
 
@@ -47,6 +52,7 @@ pub struct Statements {
 /// so stores with other tables, or another version's statements, never collide.
 #[doc(hidden)]
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub struct Prepared {
     pub(crate) claim: String,
     pub(crate) prepare_claim: String,
@@ -54,6 +60,7 @@ pub struct Prepared {
     pub(crate) prepare_outcome: String,
 }
 
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 impl Prepared {
     /// `claim` and `outcome` are `PREPARE` bodies: `(types) AS statement`.
     pub(crate) fn new(claim: &str, outcome: &str) -> Prepared {

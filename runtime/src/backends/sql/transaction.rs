@@ -11,7 +11,10 @@
 //!   to the pool, and warns about nothing).
 //!
 //! A simple query takes no parameters: the statements are prepared once per connection
-//! (SQL `PREPARE`) and executed by name with their values written in as escaped constants.
+//! (SQL `PREPARE`) and executed by name with their values written in (in hex). The claim
+//! also executes the outcome's statement on no row, so a session that lacks it is found out
+//! before the body runs, not at its `COMMIT`. Statements after `COMMIT` are counted: an error
+//! after `COMMIT` completed is still a commit (and the connection is closed).
 //!
 //! sqlx's [`TransactionManager`] keeps its transaction depth right throughout, so a body
 //! that opens a transaction on the connection gets a savepoint, as with [`sqlx::Transaction`].
@@ -25,7 +28,7 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 use sqlx::{Transaction, TransactionManager};
 
-use super::dialect::Dialect;
+use super::dialect::{Committed, Dialect};
 use super::schema::Tables;
 
 /// What opening a transaction with the claim's insert came to.
@@ -163,8 +166,25 @@ impl<D: Dialect> Owned<D> {
         outcome: &str,
         ttl: Duration,
     ) -> Result<(), sqlx::Error> {
-        D::commit_with_outcome(&mut self.connection, tables, key, whole, outcome, ttl).await
-        // Dropping `self` (still `Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
+        // Dropped meanwhile, the statements may have stopped anywhere (SQLite's thread stops
+        // between them): the connection is then closed, never reused in a state sqlx does
+        // not count.
+        self.state = State::Unknown;
+        match D::commit_with_outcome(&mut self.connection, tables, key, whole, outcome, ttl).await {
+            // Dropping `self` (`Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
+            Ok(Committed::Clean) => {
+                self.state = State::Open;
+                Ok(())
+            }
+            Ok(Committed::Unclean) => Ok(()),
+            // The server refused before `COMMIT` completed: the transaction is still open (or
+            // aborted), as sqlx counts it, and the queued `ROLLBACK` ends it.
+            Err(error @ sqlx::Error::Database(_)) => {
+                self.state = State::Open;
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// `COMMIT`, as `Transaction::commit` sends it.
