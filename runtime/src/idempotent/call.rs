@@ -253,18 +253,22 @@ fn record_holder(key: &RecordKey) -> Holder {
     Holder::tagged(foldhash::fast::FixedState::default().hash_one(key.as_str()))
 }
 
-fn reentered<'a, B: IdempotencyBackend<T>, T>(
-    function: &'static str,
-    key: &RecordKey,
-) -> Option<Begin<'a, B, T>> {
+// A `bool`, not the refusal: a `Begin` returned through memory and tested at once stalls the
+// store-forwarding of every call (measured on the replay path).
+#[inline(always)]
+fn reentered(function: &'static str, key: &RecordKey) -> bool {
     // Most calls run under no holder at all: no need to hash the key.
-    if Holder::none_running_here() || !record_holder(key).is_running_here() {
-        return None;
+    !Holder::none_running_here() && reentered_slow(function, key)
+}
+
+#[cold]
+#[inline(never)]
+fn reentered_slow(function: &'static str, key: &RecordKey) -> bool {
+    if !record_holder(key).is_running_here() {
+        return false;
     }
     tracing::debug!(target: "racefree", function, key = key.client_key(), "idempotent call re-entered its own key: refused");
-    Some(Begin::Refuse(IdempotencyError::Reentrant {
-        key: key.client_key().to_owned(),
-    }))
+    true
 }
 
 /// What a call reports to: its function's metrics and its own span.
@@ -319,9 +323,11 @@ fn prepare<'a, B: IdempotencyBackend<T>, T>(
             return Err(Begin::Refuse(refusal));
         }
     };
-    if let Some(refusal) = reentered(function, &key) {
+    if reentered(function, &key) {
         report.decided(outcome::ERROR);
-        return Err(refusal);
+        return Err(Begin::Refuse(IdempotencyError::Reentrant {
+            key: key.client_key().to_owned(),
+        }));
     }
     let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
     Ok(Claiming {

@@ -12,10 +12,16 @@
 //!
 //! A first execution pays for what it needs and no more: the store hashes the key once and
 //! copies it once, into its record; the cell its waiters wait on is made only once a duplicate
-//! waits, and the outcome is cloned for waiters only if there are any. Records keep their hash
-//! and their claim number, so that completing, releasing, purging and resizing find or move a
-//! record without reading its key again (under a stream of unique keys, the old keys are cold
-//! memory).
+//! waits, and the outcome is cloned for waiters only if there are any.
+//!
+//! Under a stream of unique keys a first execution's cost is memory, not instructions: the
+//! store holds one `ttl` of records, far more than the caches, and each one it stores it also
+//! removes one that expired, which is cold. So each shard keeps its records in a slab and finds
+//! them through an index of 8-byte entries (the cell, and half the key's hash): the index stays
+//! in cache, a lease and the list of stored outcomes know their record's cell (completing,
+//! releasing and purging go straight to it, and resizing the index reads no record), and a new
+//! record takes the cell an expired one just left, memory its removal brought into the cache.
+//! The one cold access left per first execution is reading the expired record to remove it.
 //!
 //! # What the in-process store promises
 //! - **At most one execution per live key.** A claim decides and takes a key in one entry
@@ -138,7 +144,6 @@ pub struct IdempotencyStats {
 
 #[derive(Default)]
 struct Counters {
-    executions: AtomicU64,
     replays: AtomicU64,
     waits: AtomicU64,
     conflicts: AtomicU64,
@@ -149,8 +154,8 @@ struct Counters {
 
 enum Record<T> {
     InFlight {
-        fingerprint: Fingerprint,
-        // Which claim this is (the store's execution count when it was made), so that a lease
+        fingerprint: Stamp,
+        // Which claim this is (its shard's claim count when it was made), so that a lease
         // only ever ends its own record.
         claim: u64,
         // Who runs the body, for waiters that block.
@@ -162,18 +167,144 @@ enum Record<T> {
     // `expires`: on the store's clock, in nanoseconds. `claim`: the one that stored it, which
     // tells this outcome from a later one of the same key.
     Done {
-        fingerprint: Fingerprint,
+        fingerprint: Stamp,
         outcome: T,
         expires: u64,
         claim: u64,
     },
 }
 
-/// One record in its shard's table, with the hash of its key (see the module doc).
+/// A fingerprint as a record keeps it: a `u128` is 16-byte aligned, which made a slot 144
+/// bytes (three cache lines) where 128 are used.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp([u64; 2]);
+
+impl From<Fingerprint> for Stamp {
+    #[inline(always)]
+    fn from(fingerprint: Fingerprint) -> Stamp {
+        let bits = fingerprint.0;
+        Stamp([bits as u64, (bits >> 64) as u64])
+    }
+}
+
+/// One record in its shard's slab.
 struct Slot<T> {
-    hash: u64,
     key: StoredKey,
     record: Record<T>,
+}
+
+/// A shard's records: a slab of slots, found through an index of small entries (see the
+/// module doc).
+struct Records<T> {
+    index: HashTable<Locator>,
+    slab: Vec<Option<Slot<T>>>,
+    // Free cells of `slab`, the one freed last at the end: a new record takes the cell an
+    // expired one just left, memory that its removal brought into the cache.
+    free: Vec<u32>,
+}
+
+/// Where a key's record is: its cell in the slab, and the low half of the key's hash (which
+/// spares reading the slot of another key whose index entry shares the tag).
+#[derive(Clone, Copy)]
+struct Locator {
+    cell: u32,
+    hash: u32,
+}
+
+/// The hash the index places a locator by: all of it from the 32 bits the locator keeps, so
+/// that a resize rehashes the index without reading a slot (multiplying by an odd constant
+/// spreads them over the 64 bits hashbrown reads, the top ones for its tags).
+#[inline(always)]
+fn index_hash(low: u32) -> u64 {
+    u64::from(low).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl<T> Records<T> {
+    fn new() -> Records<T> {
+        Records {
+            index: HashTable::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot<T>> {
+        self.slab.iter().flatten()
+    }
+
+    // The slot of an index entry: always there.
+    #[inline(always)]
+    fn at(slab: &[Option<Slot<T>>], cell: u32) -> &Slot<T> {
+        match &slab[cell as usize] {
+            Some(slot) => slot,
+            None => unreachable!("an index entry points at a record"),
+        }
+    }
+
+    #[inline(always)]
+    fn find(&self, hash: u64, key: &str) -> Option<&Slot<T>> {
+        let low = hash as u32;
+        let slab = &self.slab;
+        let found = self.index.find(index_hash(low), |locator| {
+            locator.hash == low && Self::at(slab, locator.cell).key.is(key)
+        })?;
+        Some(Self::at(slab, found.cell))
+    }
+
+    /// The record in `cell`, if it is there and `is` says it is the one.
+    fn get_mut(&mut self, cell: u32, is: impl FnOnce(&Record<T>) -> bool) -> Option<&mut Slot<T>> {
+        let slot = self.slab.get_mut(cell as usize)?.as_mut()?;
+        is(&slot.record).then_some(slot)
+    }
+
+    /// Removes the record in `cell` (of a key hashed `hash`) if `is` says it is the one: its
+    /// index entry goes, its cell is freed.
+    fn remove(
+        &mut self,
+        hash: u64,
+        cell: u32,
+        is: impl FnOnce(&Record<T>) -> bool,
+    ) -> Option<Record<T>> {
+        self.get_mut(cell, is)?;
+        let low = hash as u32;
+        if let Ok(entry) = self
+            .index
+            .find_entry(index_hash(low), |locator| locator.cell == cell)
+        {
+            entry.remove();
+        }
+        let slot = self.slab[cell as usize].take()?;
+        self.free.push(cell);
+        Some(slot.record)
+    }
+
+    /// Keeps the records `keep` says to keep; the others are dropped here.
+    fn retain(&mut self, mut keep: impl FnMut(&Record<T>) -> bool) {
+        let Records { index, slab, free } = self;
+        index.retain(|locator| {
+            let cell = locator.cell as usize;
+            let kept = slab[cell].as_ref().is_some_and(|slot| keep(&slot.record));
+            if !kept {
+                slab[cell] = None;
+                free.push(locator.cell);
+            }
+            kept
+        });
+    }
+
+    /// A cell for a new record: the last one freed, or a new one.
+    fn vacant_cell(slab: &mut Vec<Option<Slot<T>>>, free: &mut Vec<u32>) -> u32 {
+        if let Some(cell) = free.pop() {
+            return cell;
+        }
+        let cell = u32::try_from(slab.len()).expect("fewer than 2^32 records per shard");
+        slab.push(None);
+        cell
+    }
 }
 
 /// A record's key, only ever compared: short keys live in the slot itself, so that storing a
@@ -210,18 +341,31 @@ impl StoredKey {
 
 // Aligned so that two shards' locks never share a cache line.
 #[repr(align(128))]
-struct Shard<T>(RwLock<HashTable<Slot<T>>>);
+struct Shard<T> {
+    table: RwLock<Records<T>>,
+    // Claims made in this shard: the next claim's number, and its share of
+    // `IdempotencyStats::executions`. Only ever written under the write lock, so it needs no
+    // atomic read-modify-write (a claim number only tells records of one shard apart).
+    claims: AtomicU64,
+}
 
 impl<T> Shard<T> {
-    fn read(&self) -> RwLockReadGuard<'_, HashTable<Slot<T>>> {
-        self.0
+    fn new() -> Shard<T> {
+        Shard {
+            table: RwLock::new(Records::new()),
+            claims: AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Records<T>> {
+        self.table
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     // A panic under the write lock (an outcome's `Drop`) leaves the table consistent.
-    fn write(&self) -> RwLockWriteGuard<'_, HashTable<Slot<T>>> {
-        self.0
+    fn write(&self) -> RwLockWriteGuard<'_, Records<T>> {
+        self.table
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -231,6 +375,7 @@ impl<T> Shard<T> {
 #[derive(Debug, Clone, Copy)]
 struct Listed {
     hash: u64,
+    cell: u32,
     claim: u64,
     expires: u64,
 }
@@ -315,7 +460,7 @@ impl IdempotencyStoreBuilder {
         // As many shards as `DashMap` would have: four per core.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shards = (0..(cores * 4).next_power_of_two())
-            .map(|_| Shard(RwLock::new(HashTable::new())))
+            .map(|_| Shard::new())
             .collect();
         IdempotencyStore {
             shards,
@@ -365,8 +510,9 @@ type Outcomes = VecDeque<Listed>;
 /// The claim of one key in an [`IdempotencyStore`].
 #[derive(Debug)]
 pub struct StoreLease<T> {
-    // Where the record is (its key's hash) and which claim it is.
+    // Where the record is (its key's hash: the shard; its cell) and which claim it is.
     hash: u64,
+    cell: u32,
     fingerprint: Fingerprint,
     claim: u64,
     _outcome: PhantomData<fn() -> T>,
@@ -412,9 +558,9 @@ impl<T> IdempotencyStore<T> {
         self.shards
             .iter()
             .map(|shard| {
-                let table = shard.read();
+                let records = shard.read();
                 let in_flight = |slot: &&Slot<T>| matches!(slot.record, Record::InFlight { .. });
-                table.iter().filter(in_flight).count()
+                records.slots().filter(in_flight).count()
             })
             .sum()
     }
@@ -427,9 +573,7 @@ impl<T> IdempotencyStore<T> {
         let now = self.now();
         let mut stored = self.outcomes();
         for shard in &self.shards {
-            shard
-                .write()
-                .retain(|slot| !self.is_expired(&slot.record, now));
+            shard.write().retain(|record| !self.is_expired(record, now));
         }
         stored.retain(|listed| !self.is_past(listed.expires, now));
     }
@@ -440,7 +584,7 @@ impl<T> IdempotencyStore<T> {
         for shard in &self.shards {
             shard
                 .write()
-                .retain(|slot| matches!(slot.record, Record::InFlight { .. }));
+                .retain(|record| matches!(record, Record::InFlight { .. }));
         }
         stored.clear();
     }
@@ -450,13 +594,16 @@ impl<T> IdempotencyStore<T> {
         &self.shards[(hash >> 40) as usize & (self.shards.len() - 1)]
     }
 
-    // Removes the record of `claim` if it is in flight (`Record::InFlight`) or stored
-    // (`Record::Done`), whichever `is` asks for; the record is dropped by the caller, outside
-    // the lock.
-    fn remove(&self, hash: u64, is: impl FnMut(&Slot<T>) -> bool) -> Option<Record<T>> {
-        let mut table = self.shard(hash).write();
-        let entry = table.find_entry(hash, is).ok()?;
-        Some(entry.remove().0.record)
+    // Removes the record in `cell` if it is the in-flight (`Record::InFlight`) or stored
+    // (`Record::Done`) record of a claim, whichever `is` asks for; the record is dropped by
+    // the caller, outside the lock.
+    fn remove(
+        &self,
+        hash: u64,
+        cell: u32,
+        is: impl FnOnce(&Record<T>) -> bool,
+    ) -> Option<Record<T>> {
+        self.shard(hash).write().remove(hash, cell, is)
     }
 
     fn outcomes(&self) -> std::sync::MutexGuard<'_, Outcomes> {
@@ -468,7 +615,11 @@ impl<T> IdempotencyStore<T> {
     /// Executions, replays, waits and conflicts so far.
     pub fn stats(&self) -> IdempotencyStats {
         IdempotencyStats {
-            executions: self.counters.executions.load(Relaxed),
+            executions: self
+                .shards
+                .iter()
+                .map(|shard| shard.claims.load(Relaxed))
+                .sum(),
             replays: self.counters.replays.load(Relaxed),
             waits: self.counters.waits.load(Relaxed),
             conflicts: self.counters.conflicts.load(Relaxed),
@@ -508,11 +659,13 @@ impl<T> IdempotencyStore<T> {
 
     /// Ends a claim without an outcome; see [`IdempotencyBackend::release`].
     pub fn release_lease(&self, lease: StoreLease<T>) {
-        let StoreLease { hash, claim, .. } = lease;
+        let StoreLease {
+            hash, cell, claim, ..
+        } = lease;
         // Leave the map first, then wake the waiters: each claims again and one executes.
         let mut waiters = None;
         crate::sync::cleanup(|| {
-            let left = self.remove(hash, |slot| is_claim(&slot.record, claim));
+            let left = self.remove(hash, cell, |record| is_claim(record, claim));
             waiters = left.and_then(Record::into_waiters);
         });
         if let Some(waiters) = waiters {
@@ -542,33 +695,43 @@ impl<T: Clone> IdempotencyStore<T> {
     ) -> Result<StoreClaim<T>, IdempotencyError> {
         let hash = self.hasher.hash_one(key.as_str());
         let shard = self.shard(hash);
-        let is_key = |slot: &Slot<T>| slot.key.is(key.as_str());
         // Replays, conflicts and duplicates in flight need neither an owned key nor a write lock.
-        if let Some(slot) = shard.read().find(hash, is_key) {
+        if let Some(slot) = shard.read().find(hash, key.as_str()) {
             if let Some(answer) = self.answer(&slot.record, key, fingerprint, self.now()) {
                 return answer;
             }
         }
-        let now = self.now();
-        let mut table = shard.write();
-        match table.entry(hash, is_key, |slot| slot.hash) {
-            Entry::Occupied(mut entry) => {
-                if let Some(answer) = self.answer(&entry.get().record, key, fingerprint, now) {
+        let mut records = shard.write();
+        let Records { index, slab, free } = &mut *records;
+        let low = hash as u32;
+        let is_key = |locator: &Locator| {
+            locator.hash == low && Records::at(slab, locator.cell).key.is(key.as_str())
+        };
+        match index.entry(index_hash(low), is_key, |locator| index_hash(locator.hash)) {
+            Entry::Occupied(entry) => {
+                let cell = entry.get().cell;
+                let Some(slot) = slab[cell as usize].as_mut() else {
+                    unreachable!("an index entry points at a record")
+                };
+                // The clock is read only here: a fresh key needs no time.
+                let now = self.now();
+                if let Some(answer) = self.answer(&slot.record, key, fingerprint, now) {
                     return answer;
                 }
-                let (lease, record) = self.execute(hash, fingerprint);
+                let (lease, record) = Self::execute(shard, hash, cell, fingerprint);
                 // The expired outcome is dropped under the lock, as it would be if it were
                 // removed first.
-                entry.get_mut().record = record(owner());
+                slot.record = record(owner());
                 Ok(lease)
             }
             Entry::Vacant(entry) => {
-                let (lease, record) = self.execute(hash, fingerprint);
-                entry.insert(Slot {
-                    hash,
+                let cell = Records::vacant_cell(slab, free);
+                let (lease, record) = Self::execute(shard, hash, cell, fingerprint);
+                slab[cell as usize] = Some(Slot {
                     key: StoredKey::new(key.as_str()),
                     record: record(owner()),
                 });
+                entry.insert(Locator { cell, hash: low });
                 Ok(lease)
             }
         }
@@ -590,11 +753,11 @@ impl<T: Clone> IdempotencyStore<T> {
                 fingerprint: stored,
                 outcome,
                 ..
-            } => Some(self.replay_or_conflict(key, *stored, fingerprint, outcome)),
+            } => Some(self.replay_or_conflict(key, *stored, fingerprint.into(), outcome)),
             Record::InFlight {
                 fingerprint: claimed,
                 ..
-            } if *claimed != fingerprint => Some(Err(self.conflict(key))),
+            } if *claimed != fingerprint.into() => Some(Err(self.conflict(key))),
             Record::InFlight { owner, waiters, .. } => {
                 self.counters.waits.fetch_add(1, Relaxed);
                 let flight = waiters.get_or_init(|| Arc::new(Flight::owned_by(*owner)));
@@ -603,21 +766,25 @@ impl<T: Clone> IdempotencyStore<T> {
         }
     }
 
-    // The lease of a new claim, and the in-flight record for it (given its owner).
+    // The lease of a new claim, and the in-flight record for it (given its owner). Called
+    // under the write lock of `shard`, whose claim count it takes the number from.
     fn execute(
-        &self,
+        shard: &Shard<T>,
         hash: u64,
+        cell: u32,
         fingerprint: Fingerprint,
     ) -> (StoreClaim<T>, impl FnOnce(Owner) -> Record<T>) {
-        let claim = self.counters.executions.fetch_add(1, Relaxed);
+        let claim = shard.claims.load(Relaxed);
+        shard.claims.store(claim + 1, Relaxed);
         let lease = Claim::Execute(StoreLease {
             hash,
+            cell,
             fingerprint,
             claim,
             _outcome: PhantomData,
         });
         let record = move |owner| Record::InFlight {
-            fingerprint,
+            fingerprint: fingerprint.into(),
             claim,
             owner,
             waiters: OnceLock::new(),
@@ -628,8 +795,8 @@ impl<T: Clone> IdempotencyStore<T> {
     fn replay_or_conflict(
         &self,
         key: &RecordKey,
-        stored: Fingerprint,
-        fingerprint: Fingerprint,
+        stored: Stamp,
+        fingerprint: Stamp,
         outcome: &T,
     ) -> Result<StoreClaim<T>, IdempotencyError> {
         if stored != fingerprint {
@@ -671,6 +838,7 @@ impl<T: Clone> IdempotencyStore<T> {
         let for_record = outcome.clone();
         let Some(StoreLease {
             hash,
+            cell,
             fingerprint,
             claim,
             ..
@@ -687,15 +855,15 @@ impl<T: Clone> IdempotencyStore<T> {
         };
         let expires = now.saturating_add(saturating_nanos(ttl)).max(1);
         let done = Record::Done {
-            fingerprint,
+            fingerprint: fingerprint.into(),
             outcome: for_record,
             expires,
             claim,
         };
         // Only this lease ends its in-flight record, so it is there.
         let waiters = {
-            let mut table = self.shard(hash).write();
-            match table.find_mut(hash, |slot| is_claim(&slot.record, claim)) {
+            let mut records = self.shard(hash).write();
+            match records.get_mut(cell, |record| is_claim(record, claim)) {
                 Some(slot) => std::mem::replace(&mut slot.record, done).into_waiters(),
                 None => None,
             }
@@ -706,6 +874,7 @@ impl<T: Clone> IdempotencyStore<T> {
         let mut stored = self.outcomes();
         stored.push_back(Listed {
             hash,
+            cell,
             claim,
             expires,
         });
@@ -714,16 +883,21 @@ impl<T: Clone> IdempotencyStore<T> {
     }
 
     // The expired outcomes at the front of the list, a few at a time: no scan of the map.
+    // `now` is a precise reading (see `complete_lease`), so it is compared as it is: going
+    // through `is_past` would read the precise clock again for the first outcome not yet
+    // expired, which is within `margin` of `now` on every call under a stream of stores.
     fn purge_front(&self, stored: &mut Outcomes, now: u64) {
         for _ in 0..PURGE_PER_STORE {
             match stored.front() {
-                Some(listed) if self.is_past(listed.expires, now) => {}
+                Some(listed) if now >= listed.expires => {}
                 _ => break,
             }
             let Some(listed) = stored.pop_front() else {
                 break;
             };
-            self.remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim));
+            self.remove(listed.hash, listed.cell, |record| {
+                is_outcome(record, listed.claim)
+            });
         }
     }
 
@@ -741,9 +915,12 @@ impl<T: Clone> IdempotencyStore<T> {
                 break;
             };
             let removed = self
-                .remove(listed.hash, |slot| is_outcome(&slot.record, listed.claim))
+                .remove(listed.hash, listed.cell, |record| {
+                    is_outcome(record, listed.claim)
+                })
                 .is_some();
-            if removed && !self.is_past(listed.expires, now) {
+            // `now` is precise (see `purge_front`).
+            if removed && now < listed.expires {
                 evicted += 1;
             }
         }
@@ -926,6 +1103,14 @@ mod tests {
         store
             .claim_now(&RecordKey::new("f", None, key), Fingerprint(fingerprint))
             .unwrap()
+    }
+
+    // A slot for a small outcome fits in two cache lines (a `u128` field made it 144 bytes),
+    // and an index entry is 8 bytes.
+    #[test]
+    fn records_stay_small() {
+        assert!(std::mem::size_of::<Option<Slot<[u64; 2]>>>() <= 128);
+        assert_eq!(std::mem::size_of::<Locator>(), 8);
     }
 
     // Regression: sweeping only when the stores since the last sweep outnumbered *all* records
