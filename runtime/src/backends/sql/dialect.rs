@@ -132,6 +132,16 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         tables: &Tables,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// In a transaction opened with plain `BEGIN` (deferred), takes the database's write lock
+    /// (waiting up to `busy_timeout`) and reads the key's unexpired record under it, in one
+    /// statement ([`WRITE_LOCK_CLAIMS`](Self::WRITE_LOCK_CLAIMS) databases only).
+    #[doc(hidden)]
+    fn lock_and_read(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
+
     /// Whether a transaction opened with [`BEGIN`](Self::BEGIN) already excludes every other
     /// claim (SQLite: `BEGIN IMMEDIATE` holds the database's one write lock), so a claim need
     /// write no in-flight record: the completion writes the record whole.
@@ -564,6 +574,17 @@ mod postgres {
             Ok(())
         }
 
+        async fn lock_and_read(
+            _: &mut PgConnection,
+            _: &Tables,
+            _: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            // Claims write their record here (`WRITE_LOCK_CLAIMS` is false).
+            Err(sqlx::Error::Protocol(
+                "racefree: PostgreSQL claims take no database-wide lock".into(),
+            ))
+        }
+
         async fn commit_with_outcome(
             conn: &mut PgConnection,
             tables: &Tables,
@@ -699,6 +720,7 @@ mod postgres {
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
             commit_record: String::new(),
+            lock_and_read: String::new(),
             read_settled: format!(
                 "SELECT fingerprint = $2 AND outcome = $3::jsonb, expires_at <= clock_timestamp() \
                  FROM {idem} WHERE key = $1"
@@ -802,6 +824,24 @@ mod sqlite {
             Ok(())
         }
 
+        async fn lock_and_read(
+            conn: &mut SqliteConnection,
+            tables: &Tables,
+            key: &str,
+        ) -> Result<Option<Record>, sqlx::Error> {
+            // A write statement takes the write lock as it starts, matched rows or not; a
+            // live record is rewritten as it was, and returned.
+            let row = sqlx::query(&tables.sql.lock_and_read)
+                .bind(key)
+                .fetch_optional(conn)
+                .await?;
+            Ok(row.map(|row| Record {
+                fingerprint: sqlx::Row::get(&row, 0),
+                outcome: sqlx::Row::get(&row, 1),
+                expired: false,
+            }))
+        }
+
         async fn commit_with_outcome(
             conn: &mut SqliteConnection,
             tables: &Tables,
@@ -901,6 +941,10 @@ mod sqlite {
             read_settled: format!(
                 "SELECT fingerprint = $2 AND outcome = $3, expires_at <= {NOW_MS} \
                  FROM {idem} WHERE key = $1"
+            ),
+            lock_and_read: format!(
+                "UPDATE {idem} SET outcome = outcome WHERE key = $1 AND expires_at > {NOW_MS} \
+                 RETURNING fingerprint, outcome"
             ),
             prepared: Prepared::default(),
         }

@@ -382,29 +382,31 @@ impl<D: Dialect> SqlStore<D> {
                     tx
                 }
             },
+            None if D::WRITE_LOCK_CLAIMS => {
+                // The write lock is the claim: nobody else writes until this transaction
+                // ends. One statement takes it (waiting up to `busy_timeout`) and reads the
+                // record under it: one committed since the read answers; an expired one is
+                // overwritten at the end.
+                let mut tx = Owned::begin(connection).await.map_err(unavailable)?;
+                let live = D::lock_and_read(&mut tx, tables, key.as_str())
+                    .await
+                    .map_err(unavailable)?;
+                return match live {
+                    Some(record) => answer(key, &fingerprint, record).map(Claim::Replay),
+                    None => Ok(Claim::Execute(SqlIdempotencyLease {
+                        tx: StoreTx::Own(tx),
+                        key: Some(key.clone()),
+                        caller_commits: false,
+                        fingerprint,
+                        recorded: false,
+                    })),
+                };
+            }
             None => Owned::begin_writing(connection)
                 .await
                 .map_err(unavailable)?,
         };
-        if !D::WRITE_LOCK_CLAIMS {
-            return claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await;
-        }
-        // The write lock is the claim: nobody else writes until this transaction ends. A
-        // record committed since the read answers; an expired one is overwritten at the end.
-        let mut tx = tx;
-        match D::read_record(&mut tx, tables, key.as_str())
-            .await
-            .map_err(unavailable)?
-        {
-            Some(record) if !record.expired => answer(key, &fingerprint, record).map(Claim::Replay),
-            _ => Ok(Claim::Execute(SqlIdempotencyLease {
-                tx: StoreTx::Own(tx),
-                key: Some(key.clone()),
-                caller_commits: false,
-                fingerprint,
-                recorded: false,
-            })),
-        }
+        claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await
     }
 
     async fn complete_key<T: Serialize>(

@@ -41,6 +41,9 @@ pub struct Statements {
     pub(crate) commit_record: String,
     /// Whether the key's record has a given fingerprint and outcome, and has expired.
     pub(crate) read_settled: String,
+    /// SQLite: takes the write lock and reads the key's live record.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) lock_and_read: String,
     /// PostgreSQL: the statements executed by name inside simple queries.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) prepared: Prepared,
