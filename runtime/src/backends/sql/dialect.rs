@@ -96,16 +96,12 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
 
-    /// Whether [`commit_with_outcome`](Self::commit_with_outcome) executes a statement
-    /// prepared in the session ([`prepare`](Self::prepare)), which a session reached by
-    /// another route may lack.
-    #[doc(hidden)]
-    const PREPARES: bool;
-
     /// The claim's insert, sent in one round trip with `BEGIN`, as a statement without
     /// parameters (on PostgreSQL, `EXECUTE` of a statement the connection prepared once,
-    /// [`prepare`](Self::prepare)); `None` where a claim after `BEGIN` costs no round trip
-    /// (SQLite: the connection is a thread of this process). It inserts `key`'s in-flight
+    /// [`prepare`](Self::prepare)); `None` where the write lock a transaction takes is the
+    /// claim and no in-flight record is written ([`lock_and_read`](Self::lock_and_read);
+    /// SQLite: one writer at a time, and the connection is a thread of this process, so a
+    /// statement after `BEGIN` costs no round trip). It inserts `key`'s in-flight
     /// record and *fails* ([`refused_claim`](Self::refused_claim)) when the key has a record
     /// (committed, or expired) or another transaction holds the key's in-flight lock `lock`:
     /// `BEGIN` returns no rows through sqlx, so the failure is the answer, and the claim that
@@ -134,7 +130,7 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
 
     /// In a transaction opened with plain `BEGIN` (deferred), takes the database's write lock
     /// (waiting up to `busy_timeout`) and reads the key's unexpired record under it, in one
-    /// statement ([`WRITE_LOCK_CLAIMS`](Self::WRITE_LOCK_CLAIMS) databases only).
+    /// statement (databases whose [`claim_on_begin`](Self::claim_on_begin) is `None`).
     #[doc(hidden)]
     fn lock_and_read(
         conn: &mut Self::Connection,
@@ -142,17 +138,11 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         key: &str,
     ) -> impl Future<Output = Result<Option<Record>, sqlx::Error>> + Send;
 
-    /// Whether a transaction opened with [`BEGIN`](Self::BEGIN) already excludes every other
-    /// claim (SQLite: `BEGIN IMMEDIATE` holds the database's one write lock), so a claim need
-    /// write no in-flight record: the completion writes the record whole.
-    #[doc(hidden)]
-    const WRITE_LOCK_CLAIMS: bool;
-
     /// Writes the outcome and commits, in one round trip, then opens an empty transaction
     /// (which the `ROLLBACK` sqlx queues for the dropped transaction ends), counting the
-    /// statements that completed: an error after `COMMIT` completed is still a commit. With `whole` (the
-    /// fingerprint of a claim that wrote no record, [`WRITE_LOCK_CLAIMS`](Self::WRITE_LOCK_CLAIMS))
-    /// it writes the whole record, over an expired one. An error means nothing committed,
+    /// statements that completed: an error after `COMMIT` completed is still a commit. With
+    /// `whole` (the fingerprint of a claim that wrote no record,
+    /// [`lock_and_read`](Self::lock_and_read)) it writes the whole record, over an expired one. An error means nothing committed,
     /// except a lost connection.
     #[doc(hidden)]
     fn commit_with_outcome(
@@ -531,8 +521,6 @@ mod postgres {
         }
 
         const BEGIN: Option<&'static str> = None;
-        const PREPARES: bool = true;
-        const WRITE_LOCK_CLAIMS: bool = false;
 
         fn claim_on_begin(
             tables: &Tables,
@@ -579,7 +567,7 @@ mod postgres {
             _: &Tables,
             _: &str,
         ) -> Result<Option<Record>, sqlx::Error> {
-            // Claims write their record here (`WRITE_LOCK_CLAIMS` is false).
+            // Claims write their record here (`claim_on_begin` is never `None`).
             Err(sqlx::Error::Protocol(
                 "racefree: PostgreSQL claims take no database-wide lock".into(),
             ))
@@ -594,7 +582,7 @@ mod postgres {
             ttl: Duration,
         ) -> Result<Committed, sqlx::Error> {
             if whole.is_some() {
-                // A claim always writes its record here (`WRITE_LOCK_CLAIMS` is false).
+                // A claim always writes its record here (`claim_on_begin` is never `None`).
                 return Err(sqlx::Error::Protocol(
                     "racefree: a PostgreSQL claim without its record".into(),
                 ));
@@ -803,8 +791,6 @@ mod sqlite {
         }
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
-        const PREPARES: bool = false;
-        const WRITE_LOCK_CLAIMS: bool = true;
 
         fn claim_on_begin(_: &Tables, _: &str, _: &str, _: i64) -> Option<String> {
             // A statement after `BEGIN IMMEDIATE` is a hand-off to the connection's thread,

@@ -106,7 +106,25 @@ pub struct SqlIdempotencyLease<'c, D: Dialect> {
     recorded: bool,
 }
 
-impl<D: Dialect> SqlIdempotencyLease<'_, D> {
+impl<'c, D: Dialect> SqlIdempotencyLease<'c, D> {
+    /// The claim of `key` by a request with `fingerprint`, in `tx`; `recorded`: the claim
+    /// wrote the key's in-flight record.
+    fn claimed(
+        tx: StoreTx<'c, D>,
+        key: &RecordKey,
+        fingerprint: String,
+        caller_commits: bool,
+        recorded: bool,
+    ) -> Self {
+        SqlIdempotencyLease {
+            tx,
+            key: Some(key.clone()),
+            caller_commits,
+            fingerprint,
+            recorded,
+        }
+    }
+
     /// The transaction's connection, for the body's statements.
     pub fn connection(&mut self) -> &mut D::Connection {
         &mut self.tx
@@ -191,13 +209,13 @@ async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
 ) -> Result<Claim<T, SqlIdempotencyLease<'c, D>, i64>, IdempotencyError> {
     let lock = tables.lock_id(key.as_str());
     let lease = |tx| {
-        Claim::Execute(SqlIdempotencyLease {
+        Claim::Execute(SqlIdempotencyLease::claimed(
             tx,
-            key: Some(key.clone()),
+            key,
+            fingerprint.to_owned(),
             caller_commits,
-            fingerprint: fingerprint.to_owned(),
-            recorded: true,
-        })
+            true,
+        ))
     };
     // Under the key's lock nobody else claims it, but a purge may delete an expired record
     // between two statements, or a record may commit after the claim's snapshot: claim again.
@@ -368,13 +386,14 @@ impl<D: Dialect> SqlStore<D> {
                 .map_err(unavailable)?
             {
                 Began::Claimed(tx) => {
-                    return Ok(Claim::Execute(SqlIdempotencyLease {
-                        tx: StoreTx::Own(tx),
-                        key: Some(key.clone()),
-                        caller_commits: false,
+                    let lease = SqlIdempotencyLease::claimed(
+                        StoreTx::Own(tx),
+                        key,
                         fingerprint,
-                        recorded: true,
-                    }))
+                        false,
+                        true,
+                    );
+                    return Ok(Claim::Execute(lease));
                 }
                 // Taken since the read (or expired, or in flight): the claim that reads why.
                 Began::Refused(mut tx) => {
@@ -382,7 +401,7 @@ impl<D: Dialect> SqlStore<D> {
                     tx
                 }
             },
-            None if D::WRITE_LOCK_CLAIMS => {
+            None => {
                 // The write lock is the claim: nobody else writes until this transaction
                 // ends. One statement takes it (waiting up to `busy_timeout`) and reads the
                 // record under it: one committed since the read answers; an expired one is
@@ -393,18 +412,15 @@ impl<D: Dialect> SqlStore<D> {
                     .map_err(unavailable)?;
                 return match live {
                     Some(record) => answer(key, &fingerprint, record).map(Claim::Replay),
-                    None => Ok(Claim::Execute(SqlIdempotencyLease {
-                        tx: StoreTx::Own(tx),
-                        key: Some(key.clone()),
-                        caller_commits: false,
+                    None => Ok(Claim::Execute(SqlIdempotencyLease::claimed(
+                        StoreTx::Own(tx),
+                        key,
                         fingerprint,
-                        recorded: false,
-                    })),
+                        false,
+                        false,
+                    ))),
                 };
             }
-            None => Owned::begin_writing(connection)
-                .await
-                .map_err(unavailable)?,
         };
         claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await
     }

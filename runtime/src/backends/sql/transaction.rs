@@ -74,25 +74,14 @@ impl<D: Dialect> Owned<D> {
         Ok(tx)
     }
 
-    /// A writing transaction (on SQLite `BEGIN IMMEDIATE`) on `connection`.
-    pub(crate) async fn begin_writing(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
-        let mut tx = Owned {
-            connection,
-            state: State::Ended,
-            one_trip_commit: false,
-        };
-        tx.begin_again().await?;
-        Ok(tx)
-    }
-
     /// A writing transaction again, on a connection whose transaction ended
     /// ([`Began::Refused`]).
+    ///
+    /// It keeps [`one_trip_commit`](Self::one_trip_commit) false: a new transaction may run in
+    /// another server session (a pooler in transaction mode), and only a claim sent with
+    /// `BEGIN` proves the statements the one-trip commit executes are there.
     pub(crate) async fn begin_again(&mut self) -> Result<(), sqlx::Error> {
-        self.begin_with(D::BEGIN.map(Into::into)).await?;
-        // A new transaction may run in another server session (a pooler in transaction
-        // mode): only a claim sent with `BEGIN` proves the statements are there.
-        self.one_trip_commit = !D::PREPARES;
-        Ok(())
+        self.begin_with(D::BEGIN.map(Into::into)).await
     }
 
     async fn begin_with(
