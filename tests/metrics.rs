@@ -227,17 +227,8 @@ fn idempotent_counts_executions_waits_replays_and_conflicts_per_round() {
                     pay(&key, 6).await,
                     Err(IdempotencyError::Conflict { key: key.clone() })
                 );
-                assert_eq!(recorded.counter(EXECUTIONS, FUNCTION), round);
-                assert_eq!(
-                    recorded.counter(IDEMPOTENT_WAITS, FUNCTION),
-                    (CALLERS - 1) * round
-                );
-                assert_eq!(recorded.counter(REPLAYS, FUNCTION), (CALLERS - 1) * round);
+                one_execution_per_round(&recorded, FUNCTION, round, CALLERS - 1);
                 assert_eq!(recorded.counter(CONFLICTS, FUNCTION), round);
-                assert_eq!(
-                    recorded.samples(FLIGHT_WAIT, FUNCTION).len() as u64,
-                    (CALLERS - 1) * round
-                );
                 assert_eq!(recorded.counter(STORE_ERRORS, FUNCTION), 0);
             }
         })
@@ -279,17 +270,23 @@ fn sync_idempotent_counts_one_execution_and_seven_replays_per_round() {
             });
             drop(gate);
         });
-        assert_eq!(recorded.counter(EXECUTIONS, FUNCTION), round);
-        assert_eq!(
-            recorded.counter(IDEMPOTENT_WAITS, FUNCTION),
-            (CALLERS - 1) * round
-        );
-        assert_eq!(recorded.counter(REPLAYS, FUNCTION), (CALLERS - 1) * round);
-        assert_eq!(
-            recorded.samples(FLIGHT_WAIT, FUNCTION).len() as u64,
-            (CALLERS - 1) * round
-        );
+        one_execution_per_round(&recorded, FUNCTION, round, CALLERS - 1);
     }
+}
+
+/// After `round` rounds of one execution and `duplicates` waiting duplicates each: the
+/// counters of `function` say so exactly (every duplicate waited, was timed, and replayed).
+fn one_execution_per_round(recorded: &Recorded, function: &str, round: u64, duplicates: u64) {
+    assert_eq!(recorded.counter(EXECUTIONS, function), round);
+    assert_eq!(
+        recorded.counter(IDEMPOTENT_WAITS, function),
+        duplicates * round
+    );
+    assert_eq!(recorded.counter(REPLAYS, function), duplicates * round);
+    assert_eq!(
+        recorded.samples(FLIGHT_WAIT, function).len() as u64,
+        duplicates * round
+    );
 }
 
 #[sequenced(key = desk)]
