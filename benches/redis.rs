@@ -1,6 +1,7 @@
 //! The Redis store against bare Redis commands on the same connection, in one short run:
 //! - round trips per operation, counted by the store's connection and cross-checked with
-//!   `INFO commandstats` (targets: replay 1, first execution 2, sequenced call 2);
+//!   `INFO commandstats` (targets: replay 1, first execution 2, sequenced call 1: the calls come
+//!   back to back, so each takes the lock the previous one kept, see `StoreOptions::keep`);
 //! - latency of each operation as a ratio of a bare `GET` and a bare `INCR`.
 //!
 //! `cargo bench --bench redis --features redis` (about 30 s). It runs against a private

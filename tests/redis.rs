@@ -1465,10 +1465,13 @@ async fn lost_lease_is_seen_by_the_body_and_reported_to_the_caller() {
 
 // Point 4 with the attribute: a private server whose writes the body pauses.
 static PAUSE_SERVER: LazyLock<support::Private> = LazyLock::new(|| support::Private::start(&[]));
+// No kept locks: the pause must outlast the commit, not a kept lock's shorter life (that case
+// is `kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice`).
 static PAUSE_STORE: LazyLock<RedisStore> = LazyLock::new(|| {
     RedisStore::new(PAUSE_SERVER.url.clone())
         .command_timeout(Duration::from_millis(100))
         .lease(Duration::from_secs(5))
+        .keep(Duration::ZERO)
 });
 
 #[sequenced(key = key, store = PAUSE_STORE.sequence("tests::faults::paused_next"))]
@@ -1487,9 +1490,11 @@ async fn paused_next(key: &str, pause: bool, seq: Seq) -> Result<u64, FaultError
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_commit_is_commit_unknown_not_nothing_consumed() {
     let server = support::Private::start(&[]);
+    // Every call acquires (see PAUSE_STORE).
     let store = RedisStore::new(server.url.clone())
         .command_timeout(Duration::from_millis(100))
-        .lease(Duration::from_secs(5));
+        .lease(Duration::from_secs(5))
+        .keep(Duration::ZERO);
     let key = RedisKey::new("tests::faults", None, "paused");
     let sequences = store.sequences();
     // One call first, so the commit script is loaded (a first EVALSHA paused would come back
@@ -1705,7 +1710,9 @@ async fn server_restarted_without_persistence_refuses_sequences() {
 /// `u64::MAX` the key is exhausted (a typed error, the body does not run).
 #[tokio::test]
 async fn counters_above_i64_max_and_exhaustion() {
-    let store = RedisStore::new(support::server().url.clone());
+    // The counter is set behind the store's back: a lock kept from the previous call would
+    // not read it.
+    let store = RedisStore::new(support::server().url.clone()).keep(Duration::ZERO);
     let key = RedisKey::new("tests::faults", Some(&support::unique("u64")), "k");
     let mut conn = store.connection().await.unwrap();
     let next = || next_number(&store, &key);
@@ -2159,10 +2166,11 @@ async fn cluster_faults_points_1_to_4() {
         "{late:?}"
     );
 
-    // Point 4.
+    // Point 4 (every call acquires: the pause must outlast the commit, not a kept lock).
     let store = RedisStore::cluster(cluster.nodes.clone())
         .command_timeout(Duration::from_millis(100))
-        .lease(Duration::from_secs(5));
+        .lease(Duration::from_secs(5))
+        .keep(Duration::ZERO);
     let key = RedisKey::new("tests::faults", None, "c-paused");
     assert_eq!(next_number(&store, &key).await.unwrap(), 1);
     let paused = store
@@ -2789,4 +2797,204 @@ async fn cluster_first_claims_are_one_round_trip() {
         let claim = idem.claim(&key, "fp", lease).await.unwrap();
         assert!(matches!(claim, Claim::Owner(_)), "key {shard_key}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kept locks (`StoreOptions::keep`): a `#[sequenced]` commit keeps the key's lock for this
+// process's next call, which then costs one round trip instead of two.
+
+/// 1 caller, 30 calls back to back on one key (keep 200 ms, far above the gap between two
+/// calls). The first two acquire (only a second call in a row keeps the lock); every later one
+/// takes the kept lock: one round trip, and the body runs before any of it. Numbers are 1..=30
+/// in order. Left alone, the kept lock (living 10 s on the
+/// server) is freed by the store's task after about `keep`, not by Redis's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_calls_take_the_kept_lock_in_one_round_trip() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone())
+        .lease(Duration::from_secs(30))
+        .keep(Duration::from_millis(200));
+    let key = RedisKey::new("tests::keep", None, "back-to-back");
+    // The first call also connects and checks the server.
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    let before = store.round_trips();
+    assert_eq!(next_number(&store, &key).await.unwrap(), 2);
+    assert_eq!(store.round_trips() - before, 2, "the second call acquires");
+    for expected in 3..=30u64 {
+        let before = store.round_trips();
+        let (number, trips_before_body) = store
+            .sequences()
+            .run(&key, 1, SequenceOptions::default(), |ticket| {
+                let store = &store;
+                async move { Ok::<_, String>((ticket.number(), store.round_trips() - before)) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(number, expected);
+        assert_eq!(trips_before_body, 0, "call {expected} acquired");
+        assert_eq!(store.round_trips() - before, 1, "call {expected}");
+    }
+    let lock = key.redis_key("lock");
+    let ttl: i64 = server.cli(&["PTTL", &lock]).trim().parse().unwrap();
+    assert!(
+        ttl > 5_000,
+        "kept for 50 × keep = 10 s on the server: {ttl} ms"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.cli(&["EXISTS", &lock]).trim() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the idle kept lock was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.sequences().current(&key).await.unwrap(), Some(30));
+}
+
+/// 2 stores on one key (two processes as far as Redis can tell): A calls back to back, so its
+/// lock would stay kept forever, until B has made 20 calls; B asks while A holds the key. Every
+/// round of A ends at most 200 000 calls in: B is never starved (A frees the key at the commit
+/// after B asked). All numbers together are 1..=n, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_asking_gets_a_kept_key_at_the_next_commit() {
+    let server = support::Private::start(&[]);
+    let (a, b) = (
+        RedisStore::new(server.url.clone()).keep(Duration::from_millis(200)),
+        RedisStore::new(server.url.clone()).keep(Duration::from_millis(200)),
+    );
+    let key = RedisKey::new("tests::keep", None, "asked");
+    let b_done = std::sync::atomic::AtomicBool::new(false);
+    let (a_numbers, b_numbers) = tokio::join!(
+        async {
+            let mut numbers = Vec::new();
+            while !b_done.load(Ordering::SeqCst) {
+                numbers.push(next_number(&a, &key).await.unwrap());
+                assert!(numbers.len() < 200_000, "B never got the key");
+            }
+            numbers
+        },
+        async {
+            let mut numbers = Vec::new();
+            for _ in 0..20 {
+                numbers.push(next_number(&b, &key).await.unwrap());
+            }
+            b_done.store(true, Ordering::SeqCst);
+            numbers
+        }
+    );
+    let mut all: Vec<u64> = a_numbers.iter().chain(&b_numbers).copied().collect();
+    all.sort_unstable();
+    let n = all.len() as u64;
+    assert_eq!(all, (1..=n).collect::<Vec<_>>(), "unique and gap-free");
+    assert!(b_numbers.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// A child process (lease 60 s, keep 20 ms) makes two calls in a row, the second of which keeps
+/// the lock, and aborts while it still holds it. The lock it leaves lives at most 50 × keep = 1 s on the
+/// server, not a lease; the next caller gets the next number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_dies_holding_a_kept_lock_blocks_the_key_for_keep_not_a_lease() {
+    let server = support::Private::start(&[]);
+    let prefix = support::unique("kept-abort");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["kept_lock_abort_entry", "--exact", "--nocapture"])
+        .env("RF_KEPT_ABORT", &server.url)
+        .env("RF_PREFIX", &prefix)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child aborts");
+    let key = RedisKey::new("tests::keep", Some(&prefix), "abort");
+    let ttl: i64 = server
+        .cli(&["PTTL", &key.redis_key("lock")])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=1_000).contains(&ttl),
+        "left behind kept, for at most 50 × keep: {ttl} ms"
+    );
+    let store = RedisStore::new(server.url.clone());
+    assert_eq!(next_number(&store, &key).await.unwrap(), 3);
+}
+
+/// The child of `a_process_that_dies_holding_a_kept_lock_blocks_the_key_for_keep_not_a_lease`.
+#[test]
+fn kept_lock_abort_entry() {
+    let Ok(url) = std::env::var("RF_KEPT_ABORT") else {
+        return;
+    };
+    let prefix = std::env::var("RF_PREFIX").unwrap();
+    rt().block_on(async move {
+        let store = RedisStore::new(url)
+            .lease(Duration::from_secs(60))
+            .keep(Duration::from_millis(20));
+        let key = RedisKey::new("tests::keep", Some(&prefix), "abort");
+        assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+        assert_eq!(next_number(&store, &key).await.unwrap(), 2);
+        let ttl: i64 = store
+            .connection()
+            .await
+            .unwrap()
+            .pttl(key.redis_key("lock"))
+            .await
+            .unwrap();
+        // Still kept (the keeper frees it after 20 ms idle): die holding it.
+        if ttl > 0 {
+            std::process::abort();
+        }
+        std::process::exit(0);
+    });
+}
+
+/// 1 caller, keep 200 ms so the third call surely takes the lock the second kept; lease 1 s, so
+/// the kept lock lives 1 s. The third body pauses writes for 1.5 s: its heartbeat cannot extend
+/// the lock and its commit cannot land before the lock is gone. `CommitUnknown` or `LeaseLost`
+/// (never `Ok`), and once the pause is over the number 3 turns out not consumed: the next call
+/// gets 3, and nothing is handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone())
+        .command_timeout(Duration::from_millis(100))
+        .lease(Duration::from_secs(1))
+        .keep(Duration::from_millis(200));
+    let key = RedisKey::new("tests::keep", None, "paused");
+    assert_eq!(next_number(&store, &key).await.unwrap(), 1);
+    assert_eq!(next_number(&store, &key).await.unwrap(), 2);
+    let before = store.round_trips();
+    let paused = store
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let store = &store;
+            async move {
+                assert_eq!(store.round_trips(), before, "took the kept lock");
+                pause_writes(store, 1500).await;
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    assert!(
+        matches!(
+            paused,
+            Err(SequencedError::CommitUnknown { number: 3, .. })
+                | Err(SequencedError::Store(RedisStoreError::LeaseLost { .. }))
+        ),
+        "{paused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        match next_number(&store, &key).await {
+            Ok(number) => break number,
+            Err(SequencedError::Store(err)) if err.is_retryable() => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    };
+    assert_eq!(
+        next, 3,
+        "the lock ran out before the commit of 3 could land"
+    );
+    assert_eq!(store.sequences().current(&key).await.unwrap(), Some(3));
 }

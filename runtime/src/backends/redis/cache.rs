@@ -281,7 +281,7 @@ impl<'s> RedisCache<'s> {
             lock.clone(),
             token.clone(),
             lease,
-            granted,
+            (granted, lease),
             self.store.store_options().command_timeout,
         );
         meter.executed();

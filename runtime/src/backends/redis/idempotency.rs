@@ -625,7 +625,7 @@ fn start_heartbeat(detached: &Detached, claim: &OwnerClaim) -> Heartbeat {
         claim.key.clone(),
         claim.token.clone(),
         detached.options.lease,
-        claim.granted,
+        (claim.granted, detached.options.lease),
         detached.options.command_timeout,
     )
 }

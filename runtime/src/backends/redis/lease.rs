@@ -144,16 +144,18 @@ pub(crate) struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts extending `key`'s lease held by `token`, granted by a command sent at `granted`.
-    /// `script` takes KEYS[1] = the lease key, ARGV[1] = token, ARGV[2] = lease in ms, and
-    /// returns 1 while `token` holds the lease.
+    /// Starts extending `key`'s lease held by `token`, granted for `held_for` by a command sent
+    /// at `granted` (a lock kept from an earlier call is granted for less than a `lease`).
+    /// Every beat extends it to a whole `lease`; the first is due a third of `held_for` after
+    /// `granted`. `script` takes KEYS[1] = the lease key, ARGV[1] = token, ARGV[2] = lease in
+    /// ms, and returns 1 while `token` holds the lease.
     pub(crate) fn start(
         script: &'static Lua,
         conn: Connection,
         key: String,
         token: String,
         lease: Duration,
-        granted: Instant,
+        (granted, held_for): (Instant, Duration),
         command_timeout: Duration,
     ) -> Heartbeat {
         let (report, lost) = watch::channel(false);
@@ -179,14 +181,15 @@ impl Heartbeat {
             };
             let mut in_flight = FuturesUnordered::new();
             let mut landed = granted;
-            let mut next = granted + interval;
+            let mut expiry = granted + held_for;
+            let mut next = granted + held_for / 3;
             let mut pause = lease / 50;
             loop {
-                let expiry = landed + lease;
                 tokio::select! {
                     Some((sent, answer)) = in_flight.next() => match answer {
                         Ok(Ok(1)) => {
                             landed = landed.max(sent);
+                            expiry = expiry.max(landed + lease);
                             pause = lease / 50;
                             next = next.max(landed + interval);
                         }

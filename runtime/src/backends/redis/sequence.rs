@@ -14,6 +14,22 @@
 //!
 //! A sequenced call therefore costs 2 round trips uncontended.
 //!
+//! # Kept locks ([`StoreOptions::keep`](super::StoreOptions::keep))
+//! A commit made for [`RedisSequences::run`] or an attribute whose call started within `keep`
+//! of this process's previous commit on the key (a second call in a row) may keep the lock
+//! instead of freeing it: in the same script it moves the lock to a new fence of the same owner
+//! token, living 250 ms on the server (or `50 × keep`, at most a lease), and this process files
+//! it.
+//! A call on the key that starts within `keep` (2 ms by default) of that commit takes it: no
+//! acquire, 1 round trip per call for a key called back to back. It keeps the lock only if the
+//! key's **want flag** (`rf:{tag}:want`) is absent: an acquire (or a reset) that finds the lock
+//! held sets it for a lease, so once two processes meet on a key neither keeps it for a lease
+//! and they hand it over at once. The first asker waits for the holder's next commit or for the
+//! store's task, which frees locks idle for `keep`, checking every `keep / 2`. A kept lock skips
+//! the acquire's epoch check: a server that lost its data meanwhile shows up as the commit's
+//! refusal, reported as [`RedisStoreError::DataLost`] (the body ran; nothing was consumed).
+//! Its heartbeat is due a third of the kept lock's life in and extends it to a whole lease.
+//!
 //! # What a failure means
 //! - [`SequencedError::Store`] / `SequenceError::Store`: nothing was consumed — the acquire
 //!   failed, or the commit was refused before it ran (lease lost: `LeaseLost`).
@@ -50,6 +66,7 @@
 //! a Cluster, whose waiters only poll). There is no FIFO across processes.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,11 +84,14 @@ use super::lease::{
 use super::store::Detached;
 use super::{RedisKey, RedisStore, RedisStoreError};
 
-// KEYS: lock, seq, and on one node the store's epoch key. ARGV: lease ms, token, epoch.
+// KEYS: lock, seq, want flag, and on one node the store's epoch key. ARGV: lease ms, token,
+// epoch. A caller that finds the lock held raises the want flag for a lease: until it expires
+// no commit keeps the lock for its process's next call (`StoreOptions::keep`), so processes
+// that take turns on a key hand it over at once, as without keeping.
 pub(super) static ACQUIRE: Lua = Lua::new(
     r#"
-if KEYS[3] then
-  local epoch = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local epoch = redis.call('GET', KEYS[4])
   if epoch ~= ARGV[3] then return {-1, epoch or ''} end
 end
 local holder = redis.call('GET', KEYS[1])
@@ -80,6 +100,7 @@ if holder then
   if token == ARGV[2] then
     return {tonumber(fence), redis.call('HGET', KEYS[2], 'n')}
   end
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
   return {0, redis.call('PTTL', KEYS[1])}
 end
 local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
@@ -88,14 +109,21 @@ return {fence, redis.call('HGET', KEYS[2], 'n')}
 "#,
 );
 
-// KEYS: lock, seq, done marker of this holding. The marker (not the counter's last writer)
-// tells a re-sent commit whose first reply was lost that it did commit: by the time it is
-// re-sent, the next holder may have committed too. ARGV[4]: the wake flag (`wake_flag`).
+// KEYS: lock, seq, done marker of this holding, want flag. The marker (not the counter's last
+// writer) tells a re-sent commit whose first reply was lost that it did commit: by the time it
+// is re-sent, the next holder may have committed too. ARGV: holder, number, marker ms, the wake
+// flag (`wake_flag`), keep ms ('0': free the lock), token. Kept (nobody else asked for the key):
+// the lock passes to a new fence of the same token for `keep` ms, returned negated; freed: 1.
 pub(super) static COMMIT: Lua = Lua::new(
     r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('HSET', KEYS[2], 'n', ARGV[2])
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  if ARGV[5] ~= '0' and redis.call('EXISTS', KEYS[4]) == 0 then
+    local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+    redis.call('SET', KEYS[1], fence .. ':' .. ARGV[6], 'PX', ARGV[5])
+    return -fence
+  end
   redis.call('DEL', KEYS[1])
   if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
   return 1
@@ -117,11 +145,16 @@ return 0
 "#,
 );
 
-// KEYS: lock, seq. A reset waits for the key like a call does: it never lands between a
-// holder's read of the counter and its commit.
+// KEYS: lock, seq, want flag. A reset waits for the key like a call does (raising the want
+// flag, so a kept lock is freed for it): it never lands between a holder's read of the counter
+// and its commit.
 pub(super) static RESET: Lua = Lua::new(
     r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('PTTL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  redis.call('SET', KEYS[3], '1', 'PX', math.max(ttl, 1))
+  return ttl
+end
 redis.call('HDEL', KEYS[2], 'n', 'committed')
 return -1
 "#,
@@ -137,6 +170,7 @@ pub struct SeqTicket {
     lock: String,
     seq: String,
     done: String,
+    want: String,
     holder: String,
     last: Option<u64>,
     number: u64,
@@ -157,6 +191,153 @@ impl SeqTicket {
     /// The fencing token: strictly greater than every earlier holder's of this key.
     pub fn fence(&self) -> u64 {
         self.fence
+    }
+
+    /// The owner token in `holder` (`<fence>:<token>`).
+    fn token(&self) -> &str {
+        self.holder
+            .split_once(':')
+            .map_or(self.holder.as_str(), |(_, token)| token)
+    }
+}
+
+/// The locks this process kept after a commit for its next call on the same key (see
+/// [`StoreOptions::keep`](super::StoreOptions::keep)), and the task that frees those left idle.
+pub(crate) struct Keeper {
+    // How long after a commit the next call may take the lock, and how long Redis keeps it.
+    keep: Duration,
+    lease: Duration,
+    // By lock key.
+    kept: DashMap<String, Kept>,
+    // The tending task: whether one runs, whether it waits for work, and its wake-up.
+    tending: AtomicBool,
+    parked: AtomicBool,
+    work: Arc<tokio::sync::Notify>,
+}
+
+/// A key this process committed lately: when that commit was sent and, if it kept the lock,
+/// the lock's holder string, fence and the number committed under it.
+struct Kept {
+    since: Instant,
+    lock: Option<KeptLock>,
+}
+
+struct KeptLock {
+    holder: String,
+    fence: u64,
+    last: u64,
+}
+
+/// What this process's last commit on a key left for the next call.
+enum Left {
+    /// The lock, kept: the ticket and how long the lock was kept for.
+    Lock(SeqTicket, Duration),
+    /// A commit within `keep`, which freed the lock: this call's commit may keep it.
+    Recent,
+    Nothing,
+}
+
+impl Keeper {
+    pub(crate) fn new(keep: Duration, lease: Duration) -> Self {
+        Keeper {
+            keep,
+            lease: (keep * 50).max(Duration::from_millis(250)).min(lease),
+            kept: DashMap::new(),
+            tending: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            work: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// A kept lock is handed to a call that starts within this long of its commit.
+    fn reuse_within(&self) -> Duration {
+        self.keep
+    }
+
+    /// Files `kept` and makes sure a task will free (or forget) it if no call takes it in time.
+    fn keep(self: &Arc<Self>, lock: String, kept: Kept, detached: &Detached) {
+        self.kept.insert(lock, kept);
+        if !self.tending.swap(true, SeqCst) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(tend(
+                        Arc::downgrade(self),
+                        self.work.clone(),
+                        detached.clone(),
+                    ));
+                }
+                // Nobody can free it: its `keep` ends it.
+                Err(_) => self.tending.store(false, SeqCst),
+            }
+        } else if self.parked.swap(false, SeqCst) {
+            self.work.notify_one();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // The tending task holds only a weak reference: wake it so that it ends.
+        self.work.notify_one();
+    }
+}
+
+/// Frees the locks kept longer than a call may still take them (and forgets commits as old),
+/// every half `keep` while any is filed; waits for work otherwise. Ends with the store (or its runtime): the
+/// next kept lock starts another.
+async fn tend(keeper: std::sync::Weak<Keeper>, work: Arc<tokio::sync::Notify>, detached: Detached) {
+    struct Stopped(std::sync::Weak<Keeper>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if let Some(keeper) = self.0.upgrade() {
+                keeper.tending.store(false, SeqCst);
+            }
+        }
+    }
+    let _stopped = Stopped(keeper.clone());
+    let wake = wake_flag(&detached.conn);
+    loop {
+        let Some(tended) = keeper.upgrade() else {
+            return;
+        };
+        if tended.kept.is_empty() {
+            tended.parked.store(true, SeqCst);
+            let idle = tended.kept.is_empty();
+            drop(tended);
+            if idle {
+                work.notified().await;
+            }
+            continue;
+        }
+        let (tick, stale_after) = (tended.keep / 2, tended.reuse_within());
+        drop(tended);
+        tokio::time::sleep(tick).await;
+        let Some(tended) = keeper.upgrade() else {
+            return;
+        };
+        let stale: Vec<String> = tended
+            .kept
+            .iter()
+            .filter(|kept| kept.since.elapsed() >= stale_after)
+            .map(|kept| kept.key().clone())
+            .collect();
+        let freed: Vec<(String, Kept)> = stale
+            .into_iter()
+            .filter_map(|lock| {
+                tended
+                    .kept
+                    .remove_if(&lock, |_, kept| kept.since.elapsed() >= stale_after)
+            })
+            .collect();
+        drop(tended);
+        for (lock, kept) in freed {
+            if let Some(kept) = kept.lock {
+                // Token-checked; if it fails, Redis ends the kept lock soon.
+                let _ = detached
+                    .eval::<i64>(&RELEASE_LOCK, &[&lock], &[&kept.holder, wake], false)
+                    .await;
+            }
+        }
     }
 }
 
@@ -233,7 +414,11 @@ impl<'s> RedisSequences<'s> {
         start: u64,
         lease: Duration,
     ) -> Result<Result<SeqTicket, Duration>, RedisStoreError> {
-        let (lock, seq) = (key.redis_key("lock"), key.redis_key("seq"));
+        let (lock, seq, want) = (
+            key.redis_key("lock"),
+            key.redis_key("seq"),
+            key.redis_key("want"),
+        );
         let lease_ms = lease.as_millis().max(1).to_string();
         let token = owner_token();
         let epoch = self.store.epoch().await?;
@@ -250,9 +435,9 @@ impl<'s> RedisSequences<'s> {
             self.store.check_epoch(&epoch, found)?;
         }
         let keys: &[&str] = if cluster {
-            &[&lock, &seq]
+            &[&lock, &seq, &want]
         } else {
-            &[&lock, &seq, EPOCH_KEY]
+            &[&lock, &seq, &want, EPOCH_KEY]
         };
         let granted = Instant::now();
         // Re-sending is safe: a lost reply's lock carries our token and is handed back to us.
@@ -289,14 +474,13 @@ impl<'s> RedisSequences<'s> {
             Some(last) => last.saturating_add(1),
             None => start,
         };
-        let holder = format!("{fence}:{token}");
-        let done = key.redis_key(&format!("done:{fence}"));
         let ticket = SeqTicket {
             granted,
+            holder: format!("{fence}:{token}"),
+            done: key.redis_key(&format!("done:{fence}")),
             lock,
             seq,
-            done,
-            holder,
+            want,
             last,
             number,
             fence: fence as u64,
@@ -335,6 +519,8 @@ impl<'s> RedisSequences<'s> {
             detached: self.store.detached().await?,
             ticket: ticket.clone(),
             heartbeat: None,
+            keeper: None,
+            keep: false,
         };
         commit.spawn().await
     }
@@ -368,11 +554,18 @@ impl<'s> RedisSequences<'s> {
     /// Forgets `key`'s counter: the next call starts at its `start` again. Fencing tokens keep
     /// growing. Waits (with backoff) while a call holds the key, at most `max_wait`.
     pub async fn reset(&self, key: &RedisKey, max_wait: Duration) -> Result<(), RedisStoreError> {
-        let (lock, seq) = (key.redis_key("lock"), key.redis_key("seq"));
+        let (lock, seq, want) = (
+            key.redis_key("lock"),
+            key.redis_key("seq"),
+            key.redis_key("want"),
+        );
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
         loop {
-            let held_ms: i64 = self.store.eval(&RESET, &[&lock, &seq], &[], true).await?;
+            let held_ms: i64 = self
+                .store
+                .eval(&RESET, &[&lock, &seq, &want], &[], true)
+                .await?;
             if held_ms < 0 {
                 return Ok(());
             }
@@ -467,16 +660,24 @@ impl<'s> RedisSequences<'s> {
             None => local.wait().await,
         };
 
-        let (ticket, waited) = match self
-            .acquire(key, start, lease)
-            .await
-            .map_err(HoldError::Store)?
-        {
-            Ok(ticket) => (ticket, waited_here),
-            Err(_) => (self.wait_for_release(key, start, deadline).await?, true),
+        let detached = self.store.detached().await.map_err(HoldError::Store)?;
+        let left = self.left(key, &detached).await;
+        let hot = !matches!(left, Left::Nothing);
+        let (ticket, waited, held_for, kept) = match left {
+            Left::Lock(ticket, held_for) => (ticket, waited_here, held_for, true),
+            Left::Recent | Left::Nothing => match self
+                .acquire(key, start, lease)
+                .await
+                .map_err(HoldError::Store)?
+            {
+                Ok(ticket) => (ticket, waited_here, lease, false),
+                Err(_) => {
+                    let ticket = self.wait_for_release(key, start, deadline).await?;
+                    (ticket, true, lease, false)
+                }
+            },
         };
 
-        let detached = self.store.detached().await.map_err(HoldError::Store)?;
         let guard = ReleaseOnDrop::new(
             &RELEASE_LOCK,
             detached.conn.clone(),
@@ -489,7 +690,7 @@ impl<'s> RedisSequences<'s> {
             ticket.lock.clone(),
             ticket.holder.clone(),
             lease,
-            ticket.granted,
+            (ticket.granted, held_for),
             detached.options.command_timeout,
         );
         let holder = local.enter();
@@ -498,6 +699,8 @@ impl<'s> RedisSequences<'s> {
             sequences: *self,
             ticket,
             waited,
+            kept,
+            hot,
             holder,
             heartbeat: Some(heartbeat),
             guard: Some(guard),
@@ -507,6 +710,46 @@ impl<'s> RedisSequences<'s> {
 }
 
 impl RedisSequences<'_> {
+    /// What this process's last commit on `key` left: the lock it kept, if still fresh (a
+    /// stale one is freed), or the news that it was recent (see [`StoreOptions::keep`]).
+    ///
+    /// [`StoreOptions::keep`]: super::StoreOptions::keep
+    async fn left(&self, key: &RedisKey, detached: &Detached) -> Left {
+        let Some(keeper) = self.store.keeper.get() else {
+            return Left::Nothing;
+        };
+        let lock = key.redis_key("lock");
+        let Some((_, kept)) = keeper.kept.remove(&lock) else {
+            return Left::Nothing;
+        };
+        let fresh = kept.since.elapsed() < keeper.reuse_within();
+        let held = match kept.lock {
+            None if fresh => return Left::Recent,
+            None => return Left::Nothing,
+            Some(held) if fresh => held,
+            Some(stale) => {
+                // Past its reuse window: free it and start over.
+                let wake = wake_flag(&detached.conn);
+                let _ = detached
+                    .eval::<i64>(&RELEASE_LOCK, &[&lock], &[&stale.holder, wake], true)
+                    .await;
+                return Left::Nothing;
+            }
+        };
+        let ticket = SeqTicket {
+            granted: kept.since,
+            done: key.redis_key(&format!("done:{}", held.fence)),
+            seq: key.redis_key("seq"),
+            want: key.redis_key("want"),
+            lock,
+            holder: held.holder,
+            last: Some(held.last),
+            number: held.last.saturating_add(1),
+            fence: held.fence,
+        };
+        Left::Lock(ticket, keeper.lease)
+    }
+
     /// Takes `key` once another process frees it: tries again on the lock's wake-up hint (one
     /// server), or after a jittered pause capped by the holder's remaining lease.
     async fn wait_for_release(
@@ -561,6 +804,10 @@ pub(crate) struct HeldKey<'s> {
     pub(crate) ticket: SeqTicket,
     // Another caller, here or in another process, had the key first.
     waited: bool,
+    // Taken from this process's last commit, without an acquire (and its epoch check).
+    kept: bool,
+    // This process committed the key within `keep` before: the commit may keep the lock.
+    hot: bool,
     pub(crate) holder: Holder,
     heartbeat: Option<Heartbeat>,
     guard: Option<ReleaseOnDrop>,
@@ -577,12 +824,30 @@ impl HeldKey<'_> {
             detached: self.detached.clone(),
             ticket,
             heartbeat: self.heartbeat.take(),
+            keeper: self.sequences.store.keeper(),
+            keep: self.hot,
         };
         // From here on the lock is only ever freed by the commit itself (or its lease).
         if let Some(guard) = self.guard.take() {
             guard.disarm();
         }
-        commit.spawn().await
+        let result = commit.spawn().await;
+        if self.kept && matches!(result, Err(RedisStoreError::LeaseLost { .. })) {
+            // A kept lock skipped the acquire's epoch check: a server that lost its data
+            // since then (the lock went with it) is told apart from a lease taken over here.
+            let store = self.sequences.store;
+            let found: Result<Option<String>, _> = self
+                .detached
+                .run(|mut conn| {
+                    let cmd = redis::cmd("GET").arg(EPOCH_KEY).to_owned();
+                    async move { cmd.query_async(&mut conn).await }
+                })
+                .await;
+            if let (Ok(epoch), Ok(found)) = (store.epoch().await, found) {
+                store.check_epoch(&epoch, found)?;
+            }
+        }
+        result
     }
 
     /// Frees the key now, consuming nothing.
@@ -603,6 +868,10 @@ struct Commit {
     ticket: SeqTicket,
     // Kept beating until the commit has returned.
     heartbeat: Option<Heartbeat>,
+    // Where the commit is filed for this process's next call on the key, and whether it may
+    // keep the lock (the key was committed within `keep` before: a second call in a row).
+    keeper: Option<Arc<Keeper>>,
+    keep: bool,
 }
 
 impl Commit {
@@ -615,15 +884,26 @@ impl Commit {
         let number = ticket.number.to_string();
         let marker_ms = self.detached.marker_ttl().as_millis().to_string();
         let wake = wake_flag(&self.detached.conn);
+        let keep_ms = match &self.keeper {
+            Some(keeper) if self.keep => keeper.lease.as_millis().max(1).to_string(),
+            _ => "0".to_owned(),
+        };
+        let token = ticket.token();
+        let sent = Instant::now();
         let committed: Result<i64, _> = self
             .detached
             .eval(
                 &COMMIT,
-                &[&ticket.lock, &ticket.seq, &ticket.done],
-                &[&ticket.holder, &number, &marker_ms, wake],
+                &[&ticket.lock, &ticket.seq, &ticket.done, &ticket.want],
+                &[&ticket.holder, &number, &marker_ms, wake, &keep_ms, token],
                 true,
             )
             .await;
+        // Negative: committed, and the lock kept under the fence it names.
+        let (committed, kept) = match committed {
+            Ok(fence) if fence < 0 => (Ok(1), Some(fence.unsigned_abs())),
+            other => (other, None),
+        };
         let keys = FinalWriteKeys {
             record: &ticket.seq,
             lease: &ticket.lock,
@@ -631,6 +911,22 @@ impl Commit {
         let result =
             finish_final_write(&self.detached, committed, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
+        if let (Some(keeper), Ok(())) = (&self.keeper, &result) {
+            let lock = kept.map(|fence| KeptLock {
+                holder: format!("{fence}:{token}"),
+                fence,
+                last: ticket.number,
+            });
+            let kept = Kept { since: sent, lock };
+            keeper.keep(ticket.lock.clone(), kept, &self.detached);
+        } else if let (Some(fence), Err(_)) = (kept, &result) {
+            // Committed and kept, but not confirmed durable: hand nothing on, free it.
+            let holder = format!("{fence}:{token}");
+            let _ = self
+                .detached
+                .eval::<i64>(&RELEASE_LOCK, &[&ticket.lock], &[&holder, wake], false)
+                .await;
+        }
         if let Err(RedisStoreError::LeaseLost { .. }) = &result {
             // Token-checked: frees nothing that is not ours.
             let _ = self

@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 
 use super::connection::{cluster, Connection, Inner, Lua, Wakeups};
 use super::lease::LocalKey;
+use super::sequence::Keeper;
 use super::RedisStoreError;
 use crate::sync::single_flight::SingleFlight;
 
@@ -42,6 +43,22 @@ pub struct StoreOptions {
     /// How far claims, completions, acquires and commits must have travelled before they
     /// count as done (default: the primary's reply).
     pub durability: Durability,
+    /// How long after a `#[sequenced]` commit the key's lock stays with this process for its
+    /// next call on the same key (default 2 ms; [`Duration::ZERO`]: never). Only a call that
+    /// itself started within `keep` of the previous commit on its key keeps the lock (a key
+    /// called once costs no more than without keeping); a call that starts within `keep` of a
+    /// commit that kept it takes the kept lock without a round trip, so a key called back to
+    /// back costs one round trip per call instead of two.
+    ///
+    /// A commit keeps the lock only while no other process asked for the key in the last
+    /// `lease` (an acquire that finds the key held says so on the server), so processes that
+    /// take turns on a key hand it over as they would without keeping; the first time another
+    /// process asks, it waits for the holder's next commit or for the kept lock to be freed
+    /// after `keep` without a call, by a task of the store's. Redis frees a kept lock itself
+    /// after 250 ms (or `50 × keep`, if longer; at most a `lease`): a process that dies between
+    /// calls holds the key that long, not a lease. Until its call's first heartbeat (a third of
+    /// that in) extends it to a whole `lease`, a kept lock lives only that long.
+    pub keep: Duration,
 }
 
 /// How far a write must have travelled before the store treats it as done: the primary's
@@ -99,6 +116,7 @@ impl StoreOptions {
             retries: 3,
             accept_eviction: false,
             durability: Durability::Primary,
+            keep: Duration::from_millis(2),
         }
     }
 }
@@ -142,6 +160,8 @@ pub struct RedisStore {
     // In-process coordination in front of Redis, so one process sends one request per key.
     pub(crate) fills: OnceLock<SingleFlight<String, Arc<str>>>,
     pub(crate) local_locks: OnceLock<DashMap<String, Arc<LocalKey>>>,
+    // `#[sequenced]` locks kept between calls (see `StoreOptions::keep`).
+    pub(crate) keeper: OnceLock<Arc<Keeper>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -164,6 +184,7 @@ impl RedisStore {
             wakeups: tokio::sync::Mutex::const_new(None),
             fills: OnceLock::new(),
             local_locks: OnceLock::new(),
+            keeper: OnceLock::new(),
         }
     }
 
@@ -191,6 +212,23 @@ impl RedisStore {
     pub const fn options(mut self, options: StoreOptions) -> Self {
         self.options = options;
         self
+    }
+
+    /// Sets how long a `#[sequenced]` commit keeps the lock for the next call (see
+    /// [`StoreOptions::keep`]; [`Duration::ZERO`] turns it off).
+    pub const fn keep(mut self, keep: Duration) -> Self {
+        self.options.keep = keep;
+        self
+    }
+
+    /// The keeper of `#[sequenced]` locks between calls, unless keeping is off.
+    pub(crate) fn keeper(&self) -> Option<Arc<Keeper>> {
+        if self.options.keep.is_zero() {
+            return None;
+        }
+        Some(Arc::clone(self.keeper.get_or_init(|| {
+            Arc::new(Keeper::new(self.options.keep, self.options.lease))
+        })))
     }
 
     /// Sets the lease of claims and locks (see [`StoreOptions::lease`]).
