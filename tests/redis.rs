@@ -2998,3 +2998,83 @@ async fn kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice() {
     );
     assert_eq!(store.sequences().current(&key).await.unwrap(), Some(3));
 }
+
+/// Review of the kept locks, finding 1: the reply to a commit that kept the lock is lost
+/// (writes paused 160 ms during the body, 100 ms command timeout), the re-send finds its marker
+/// and answers "committed". The lock the first send kept must not outlive the call as nobody's
+/// (before: it blocked every process for its whole kept lease, 10 s here). 1 caller on store A,
+/// then 1 on store B (another process): B gets the next number, in well under the 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lock_whose_commit_answer_was_lost_is_freed() {
+    let server = support::Private::start(&[]);
+    let options = |store: RedisStore| {
+        store
+            .command_timeout(Duration::from_millis(100))
+            .lease(Duration::from_secs(30))
+            .keep(Duration::from_millis(200))
+    };
+    let (a, b) = (
+        options(RedisStore::new(server.url.clone())),
+        options(RedisStore::new(server.url.clone())),
+    );
+    let key = RedisKey::new("tests::keep", None, "lost-answer");
+    assert_eq!(next_number(&a, &key).await.unwrap(), 1);
+    assert_eq!(next_number(&a, &key).await.unwrap(), 2);
+    let third = a
+        .sequences()
+        .run(&key, 1, SequenceOptions::default(), |ticket| {
+            let a = &a;
+            async move {
+                pause_writes(a, 160).await;
+                Ok::<_, String>(ticket.number())
+            }
+        })
+        .await;
+    let third = match third {
+        Ok(number) => number,
+        // The re-sends may run out before the pause does: unknown, and it landed.
+        Err(SequencedError::CommitUnknown { number, .. }) => number,
+        Err(other) => panic!("{other:?}"),
+    };
+    assert_eq!(third, 3);
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(5), next_number(&b, &key))
+        .await
+        .expect("the key stayed blocked: an orphaned kept lock");
+    assert_eq!(next.unwrap(), 4, "after {:?}", started.elapsed());
+}
+
+/// Review finding 2: `keep` longer than the lease (lease 300 ms, keep 1 s). A kept lock must be
+/// taken only while it surely lives: A calls twice (the second keeps the lock), idles 450 ms (the
+/// idleness is the scenario, past the lease), B calls, then A calls again. 3 callers' numbers
+/// are 1, 2, then B's 3 and A's 4: no number reaches two bodies (before: B and A both saw 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_longer_than_the_lease_never_hands_a_number_out_twice() {
+    let server = support::Private::start(&[]);
+    let options = |store: RedisStore| {
+        store
+            .lease(Duration::from_millis(300))
+            .keep(Duration::from_secs(1))
+    };
+    let (a, b) = (
+        options(RedisStore::new(server.url.clone())),
+        options(RedisStore::new(server.url.clone())),
+    );
+    let key = RedisKey::new("tests::keep", None, "long-keep");
+    assert_eq!(next_number(&a, &key).await.unwrap(), 1);
+    assert_eq!(next_number(&a, &key).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(next_number(&b, &key).await.unwrap(), 3);
+    assert_eq!(next_number(&a, &key).await.unwrap(), 4);
+}
+
+/// Review finding 3: an extreme `keep` is clamped, not an overflow panic after the body ran.
+#[tokio::test]
+async fn an_extreme_keep_is_clamped() {
+    let server = support::Private::start(&[]);
+    let store = RedisStore::new(server.url.clone()).keep(Duration::MAX);
+    let key = RedisKey::new("tests::keep", None, "max");
+    for expected in 1..=3 {
+        assert_eq!(next_number(&store, &key).await.unwrap(), expected);
+    }
+}

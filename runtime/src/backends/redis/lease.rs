@@ -168,7 +168,14 @@ impl Heartbeat {
             use futures_util::stream::{FuturesUnordered, StreamExt};
             let lease_ms = lease.as_millis().max(1) as u64;
             let interval = lease / 3;
-            let patience = command_timeout.min(interval).max(Duration::from_millis(1));
+            // Until a beat lands, the lock lives only `held_for`: the slack scales with it.
+            let patience_in = |window: Duration| {
+                command_timeout
+                    .min(window / 3)
+                    .max(Duration::from_millis(1))
+            };
+            let mut patience = patience_in(held_for);
+            let mut window = held_for;
             let beat = |sent: Instant| {
                 let (mut conn, key, token) = (conn.clone(), key.clone(), token.clone());
                 async move {
@@ -183,13 +190,14 @@ impl Heartbeat {
             let mut landed = granted;
             let mut expiry = granted + held_for;
             let mut next = granted + held_for / 3;
-            let mut pause = lease / 50;
+            let mut pause = held_for / 50;
             loop {
                 tokio::select! {
                     Some((sent, answer)) = in_flight.next() => match answer {
                         Ok(Ok(1)) => {
                             landed = landed.max(sent);
                             expiry = expiry.max(landed + lease);
+                            (window, patience) = (lease, patience_in(lease));
                             pause = lease / 50;
                             next = next.max(landed + interval);
                         }
@@ -201,7 +209,7 @@ impl Heartbeat {
                         // Failed at once (a broken connection): beat again soon.
                         Ok(Err(_)) | Err(_) => {
                             next = next.min(Instant::now() + pause);
-                            pause = (pause * 2).min(lease / 12);
+                            pause = (pause * 2).min(window / 12);
                         }
                     },
                     () = tokio::time::sleep_until(next.min(expiry).into()) => {

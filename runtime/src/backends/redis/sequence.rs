@@ -22,13 +22,20 @@
 //! it.
 //! A call on the key that starts within `keep` (2 ms by default) of that commit takes it: no
 //! acquire, 1 round trip per call for a key called back to back. It keeps the lock only if the
-//! key's **want flag** (`rf:{tag}:want`) is absent: an acquire (or a reset) that finds the lock
-//! held sets it for a lease, so once two processes meet on a key neither keeps it for a lease
-//! and they hand it over at once. The first asker waits for the holder's next commit or for the
+//! key's **want flag** (`rf:{tag}:want`) is absent: an acquire that finds the lock held sets it
+//! for a lease (a reset, for the holder's remaining lease), so once two processes meet on a key
+//! neither keeps it for a lease and they hand it over at once. A run of kept calls also ends
+//! once it has lasted a kept lock's life (the commit frees the lock; the next call acquires), so
+//! a process that cannot raise the flag (an older build) still finds the key free that often.
+//! A re-sent commit that finds its marker frees a lock the lost first send kept, and a commit
+//! that failed frees every lock of its token, so a kept lock nobody knows of cannot linger. The first asker waits for the holder's next commit or for the
 //! store's task, which frees locks idle for `keep`, checking every `keep / 2`. A kept lock skips
 //! the acquire's epoch check: a server that lost its data meanwhile shows up as the commit's
 //! refusal, reported as [`RedisStoreError::DataLost`] (the body ran; nothing was consumed).
-//! Its heartbeat is due a third of the kept lock's life in and extends it to a whole lease.
+//! Its heartbeat is due a third of the kept lock's life in and extends it to a whole lease;
+//! until a beat lands, the heartbeat's patience and retries scale with the kept lock's life,
+//! so the slack described in [`StoreOptions::lease`](super::StoreOptions::lease)'s arithmetic
+//! holds for a 250 ms lease there.
 //!
 //! # What a failure means
 //! - [`SequencedError::Store`] / `SequenceError::Store`: nothing was consumed — the acquire
@@ -114,6 +121,8 @@ return {fence, redis.call('HGET', KEYS[2], 'n')}
 // is re-sent, the next holder may have committed too. ARGV: holder, number, marker ms, the wake
 // flag (`wake_flag`), keep ms ('0': free the lock), token. Kept (nobody else asked for the key):
 // the lock passes to a new fence of the same token for `keep` ms, returned negated; freed: 1.
+// A re-send that finds the marker frees a lock the first send kept under this token: its
+// answer was lost, so nobody in this process knows of it.
 pub(super) static COMMIT: Lua = Lua::new(
     r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -128,7 +137,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
   return 1
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local holder = redis.call('GET', KEYS[1])
+  if holder and ARGV[5] ~= '0' and string.sub(holder, -string.len(ARGV[6]) - 1) == ':' .. ARGV[6] then
+    redis.call('DEL', KEYS[1])
+    if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
+  end
+  return 1
+end
 return 0
 "#,
 );
@@ -226,12 +242,15 @@ struct KeptLock {
     holder: String,
     fence: u64,
     last: u64,
+    // When this process first kept the lock in the current run of calls.
+    kept_from: Instant,
 }
 
 /// What this process's last commit on a key left for the next call.
 enum Left {
-    /// The lock, kept: the ticket and how long the lock was kept for.
-    Lock(SeqTicket, Duration),
+    /// The lock, kept: the ticket, how long the lock was kept for, and since when this
+    /// process has kept it from call to call.
+    Lock(SeqTicket, Duration, Instant),
     /// A commit within `keep`, which freed the lock: this call's commit may keep it.
     Recent,
     Nothing,
@@ -239,9 +258,14 @@ enum Left {
 
 impl Keeper {
     pub(crate) fn new(keep: Duration, lease: Duration) -> Self {
+        let kept_lease = keep
+            .saturating_mul(50)
+            .max(Duration::from_millis(250))
+            .min(lease);
         Keeper {
-            keep,
-            lease: (keep * 50).max(Duration::from_millis(250)).min(lease),
+            // A kept lock must be taken well inside its life on the server.
+            keep: keep.min(kept_lease / 4),
+            lease: kept_lease,
             kept: DashMap::new(),
             tending: AtomicBool::new(false),
             parked: AtomicBool::new(false),
@@ -254,9 +278,35 @@ impl Keeper {
         self.keep
     }
 
-    /// Files `kept` and makes sure a task will free (or forget) it if no call takes it in time.
-    fn keep(self: &Arc<Self>, lock: String, kept: Kept, detached: &Detached) {
-        self.kept.insert(lock, kept);
+    /// Whether a commit may keep the lock again: not once this process has kept it from call
+    /// to call for a whole kept lease (`since`), so that a process that cannot ask for the
+    /// key (an older build, without the want flag) gets a free lock that often.
+    fn may_keep(&self, since: Option<Instant>) -> bool {
+        since.is_none_or(|since| since.elapsed() < self.lease)
+    }
+
+    /// Files `kept` for the next call on `lock`; hands back the lock it keeps if it is too
+    /// late for a call to take it, or if a newer commit filed one meanwhile.
+    fn file(&self, lock: String, kept: Kept) -> Option<KeptLock> {
+        use dashmap::mapref::entry::Entry;
+        if kept.since.elapsed() >= self.reuse_within() {
+            return kept.lock;
+        }
+        match self.kept.entry(lock) {
+            Entry::Occupied(newer) if newer.get().since > kept.since => kept.lock,
+            Entry::Occupied(mut older) => {
+                older.insert(kept);
+                None
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(kept);
+                None
+            }
+        }
+    }
+
+    /// Makes sure a task will free (or forget) what is filed if no call takes it in time.
+    fn tend(self: &Arc<Self>, detached: &Detached) {
         if !self.tending.swap(true, SeqCst) {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
@@ -332,7 +382,7 @@ async fn tend(keeper: std::sync::Weak<Keeper>, work: Arc<tokio::sync::Notify>, d
         drop(tended);
         for (lock, kept) in freed {
             if let Some(kept) = kept.lock {
-                // Token-checked; if it fails, Redis ends the kept lock soon.
+                // Token-checked; if it fails, Redis ends the kept lock after its kept lease.
                 let _ = detached
                     .eval::<i64>(&RELEASE_LOCK, &[&lock], &[&kept.holder, wake], false)
                     .await;
@@ -521,6 +571,7 @@ impl<'s> RedisSequences<'s> {
             heartbeat: None,
             keeper: None,
             keep: false,
+            kept_from: None,
         };
         commit.spawn().await
     }
@@ -663,8 +714,12 @@ impl<'s> RedisSequences<'s> {
         let detached = self.store.detached().await.map_err(HoldError::Store)?;
         let left = self.left(key, &detached).await;
         let hot = !matches!(left, Left::Nothing);
+        let kept_from = match &left {
+            Left::Lock(_, _, from) => Some(*from),
+            _ => None,
+        };
         let (ticket, waited, held_for, kept) = match left {
-            Left::Lock(ticket, held_for) => (ticket, waited_here, held_for, true),
+            Left::Lock(ticket, held_for, _) => (ticket, waited_here, held_for, true),
             Left::Recent | Left::Nothing => match self
                 .acquire(key, start, lease)
                 .await
@@ -700,6 +755,7 @@ impl<'s> RedisSequences<'s> {
             ticket,
             waited,
             kept,
+            kept_from,
             hot,
             holder,
             heartbeat: Some(heartbeat),
@@ -747,7 +803,7 @@ impl RedisSequences<'_> {
             number: held.last.saturating_add(1),
             fence: held.fence,
         };
-        Left::Lock(ticket, keeper.lease)
+        Left::Lock(ticket, keeper.lease, held.kept_from)
     }
 
     /// Takes `key` once another process frees it: tries again on the lock's wake-up hint (one
@@ -806,6 +862,8 @@ pub(crate) struct HeldKey<'s> {
     waited: bool,
     // Taken from this process's last commit, without an acquire (and its epoch check).
     kept: bool,
+    // Since when this process has kept the lock from call to call, if `kept`.
+    kept_from: Option<Instant>,
     // This process committed the key within `keep` before: the commit may keep the lock.
     hot: bool,
     pub(crate) holder: Holder,
@@ -826,6 +884,7 @@ impl HeldKey<'_> {
             heartbeat: self.heartbeat.take(),
             keeper: self.sequences.store.keeper(),
             keep: self.hot,
+            kept_from: self.kept_from,
         };
         // From here on the lock is only ever freed by the commit itself (or its lease).
         if let Some(guard) = self.guard.take() {
@@ -872,6 +931,8 @@ struct Commit {
     // keep the lock (the key was committed within `keep` before: a second call in a row).
     keeper: Option<Arc<Keeper>>,
     keep: bool,
+    // Since when this process has kept the lock from call to call, if the call took it kept.
+    kept_from: Option<Instant>,
 }
 
 impl Commit {
@@ -885,7 +946,9 @@ impl Commit {
         let marker_ms = self.detached.marker_ttl().as_millis().to_string();
         let wake = wake_flag(&self.detached.conn);
         let keep_ms = match &self.keeper {
-            Some(keeper) if self.keep => keeper.lease.as_millis().max(1).to_string(),
+            Some(keeper) if self.keep && keeper.may_keep(self.kept_from) => {
+                keeper.lease.as_millis().max(1).to_string()
+            }
             _ => "0".to_owned(),
         };
         let token = ticket.token();
@@ -911,23 +974,35 @@ impl Commit {
         let result =
             finish_final_write(&self.detached, committed, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
+        let asked_to_keep = keep_ms != "0";
         if let (Some(keeper), Ok(())) = (&self.keeper, &result) {
             let lock = kept.map(|fence| KeptLock {
                 holder: format!("{fence}:{token}"),
                 fence,
                 last: ticket.number,
+                kept_from: self.kept_from.unwrap_or(sent),
             });
-            let kept = Kept { since: sent, lock };
-            keeper.keep(ticket.lock.clone(), kept, &self.detached);
-        } else if let (Some(fence), Err(_)) = (kept, &result) {
-            // Committed and kept, but not confirmed durable: hand nothing on, free it.
-            let holder = format!("{fence}:{token}");
+            if let Some(unfiled) = keeper.file(ticket.lock.clone(), Kept { since: sent, lock }) {
+                // Too late for a call to take it (a slow confirm, a caller gone): free it.
+                let _ = self
+                    .detached
+                    .eval::<i64>(
+                        &RELEASE_LOCK,
+                        &[&ticket.lock],
+                        &[&unfiled.holder, wake],
+                        false,
+                    )
+                    .await;
+            }
+            keeper.tend(&self.detached);
+        } else if asked_to_keep && result.is_err() {
+            // Whatever happened to the commit, a lock it kept (or keeps when it lands later,
+            // behind this on the connection) is no one's: free every lock of this token.
             let _ = self
                 .detached
-                .eval::<i64>(&RELEASE_LOCK, &[&ticket.lock], &[&holder, wake], false)
+                .eval::<i64>(&RELEASE_BY_TOKEN, &[&ticket.lock], &[token], false)
                 .await;
-        }
-        if let Err(RedisStoreError::LeaseLost { .. }) = &result {
+        } else if let Err(RedisStoreError::LeaseLost { .. }) = &result {
             // Token-checked: frees nothing that is not ours.
             let _ = self
                 .detached

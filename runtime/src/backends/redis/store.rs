@@ -55,9 +55,11 @@ pub struct StoreOptions {
     /// take turns on a key hand it over as they would without keeping; the first time another
     /// process asks, it waits for the holder's next commit or for the kept lock to be freed
     /// after `keep` without a call, by a task of the store's. Redis frees a kept lock itself
-    /// after 250 ms (or `50 × keep`, if longer; at most a `lease`): a process that dies between
-    /// calls holds the key that long, not a lease. Until its call's first heartbeat (a third of
-    /// that in) extends it to a whole `lease`, a kept lock lives only that long.
+    /// after its kept lease, 250 ms (or `50 × keep`, if longer; at most a `lease`): a process
+    /// that dies between calls holds the key that long, not a lease. Until its call's first
+    /// heartbeat (a third of that in) extends it to a whole `lease`, a kept lock lives only that
+    /// long. A run of kept calls ends after a kept lease (that commit frees the lock). `keep` is
+    /// cut to a quarter of the kept lease.
     pub keep: Duration,
 }
 
