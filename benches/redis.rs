@@ -2,7 +2,10 @@
 //! - round trips per operation, counted by the store's connection and cross-checked with
 //!   `INFO commandstats` (targets: replay 1, first execution 2, sequenced call 1: the calls come
 //!   back to back, so each takes the lock the previous one kept, see `StoreOptions::keep`);
-//! - latency of each operation as a ratio of a bare `GET` and a bare `INCR`.
+//! - latency of each operation as a ratio of a bare `GET` and a bare `INCR`;
+//! - how long an `#[idempotent]` duplicate waiting in another process (another store) takes to
+//!   return after the owner's completion returned, in microseconds and in bare `GET`s (the
+//!   issue's target: a median of at most 2 round trips).
 //!
 //! `cargo bench --bench redis --features redis` (about 30 s). It runs against a private
 //! `redis-server` it starts on a free loopback port (and stops at the end), so the shared server
@@ -172,7 +175,7 @@ async fn server_calls(conn: &mut Connection) -> HashMap<String, u64> {
 /// Round trips and latency of every operation. Operations are timed in interleaved batches
 /// and each reports its median batch, so that load from elsewhere on the machine hits all of
 /// them alike instead of skewing the ratios.
-fn summary(rt: &Runtime, bench: &Bench, batches: u32, batch: u32) {
+fn summary(rt: &Runtime, bench: &Bench, batches: u32, batch: u32) -> f64 {
     let ops = ops();
     let mut trips = vec![0u64; ops.len()];
     let mut commands = vec![HashMap::<String, u64>::new(); ops.len()];
@@ -256,6 +259,67 @@ fn summary(rt: &Runtime, bench: &Bench, batches: u32, batch: u32) {
         );
     }
     println!();
+    get
+}
+
+/// Rounds of the wake-up measurement.
+const WAKE_ROUNDS: u32 = 20;
+
+/// An owner executes a key (its body parked until a waiter on `other`, another store as another
+/// process would be, has begun waiting); the waiter replays. The delay from the owner's
+/// completion returning to the waiter's return, median of `rounds`, as a figure in µs and in
+/// bare `GET` latencies (`get`, seconds).
+fn wake_up(rt: &Runtime, bench: &Bench, other: &RedisStore, rounds: u32, get: f64) {
+    let mut delays = Vec::new();
+    rt.block_on(async {
+        for _ in 0..rounds {
+            let key = bench.key("wake", false);
+            let (claimed, claimed_rx) = tokio::sync::oneshot::channel();
+            let owner = async {
+                bench
+                    .store
+                    .idempotency()
+                    .run(&key, "fp", IdempotencyOptions::new(), || async {
+                        let _ = claimed.send(());
+                        // Long enough for the waiter to claim, find it running and subscribe.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, String>(1u64)
+                    })
+                    .await
+                    .unwrap();
+                Instant::now()
+            };
+            let waiter = async {
+                claimed_rx.await.unwrap();
+                let outcome = other
+                    .idempotency()
+                    .run(&key, "fp", IdempotencyOptions::new(), || async {
+                        Err::<u64, String>("the duplicate executed".into())
+                    })
+                    .await
+                    .unwrap();
+                assert!(outcome.replayed, "the waiter replays");
+                Instant::now()
+            };
+            let (completed, returned) = tokio::join!(owner, waiter);
+            delays.push(returned.saturating_duration_since(completed));
+        }
+    });
+    delays.sort();
+    let median = delays[delays.len() / 2].as_secs_f64();
+    let group = "redis/waiter wake-up after the owner's completion";
+    support::figure(group, "median delay", median * 1e6, "µs");
+    support::figure(
+        group,
+        "median delay ÷ bare GET",
+        median / get,
+        "round trips",
+    );
+    println!(
+        "waiter wake-up after completion ({rounds} rounds): median {:.1}µs = {:.2} bare GETs\n",
+        median * 1e6,
+        median / get
+    );
 }
 
 /// A `redis-server` of this run's own, stopped when dropped.
@@ -314,6 +378,7 @@ fn main() {
             (Some(server), url)
         }
     };
+    let other = RedisStore::new(url.clone());
     let bench = Bench {
         store: RedisStore::new(url),
         run: format!(
@@ -322,11 +387,12 @@ fn main() {
             Instant::now().elapsed().as_nanos()
         ),
     };
-    if full {
-        summary(&rt, &bench, 20, 100);
+    let get = if full {
+        summary(&rt, &bench, 20, 100)
     } else {
-        summary(&rt, &bench, 2, 5);
-    }
+        summary(&rt, &bench, 2, 5)
+    };
+    wake_up(&rt, &bench, &other, if full { WAKE_ROUNDS } else { 3 }, get);
 
     let mut criterion = Criterion::default()
         .configure_from_args()
