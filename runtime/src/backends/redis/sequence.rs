@@ -28,8 +28,9 @@
 //! once it has lasted a kept lock's life (the commit frees the lock; the next call acquires), so
 //! a process that cannot raise the flag (an older build) still finds the key free that often.
 //! A re-sent commit that finds its marker frees a lock the lost first send kept, and a commit
-//! that failed frees every lock of its token, so a kept lock nobody knows of cannot linger. The first asker waits for the holder's next commit or for the
-//! store's task, which frees locks idle for `keep`, checking every `keep / 2`. A kept lock skips
+//! that failed frees every lock of its token, so a kept lock nobody knows of cannot linger.
+//! The first asker waits for the holder's next commit or for the store's task, which frees
+//! locks idle for `keep`, checking every `keep / 2`. A kept lock skips
 //! the acquire's epoch check: a server that lost its data meanwhile shows up as the commit's
 //! refusal, reported as [`RedisStoreError::DataLost`] (the body ran; nothing was consumed).
 //! Its heartbeat is due a third of the kept lock's life in and extends it to a whole lease;
@@ -316,7 +317,7 @@ impl Keeper {
                         detached.clone(),
                     ));
                 }
-                // Nobody can free it: its `keep` ends it.
+                // Nobody can free it: its kept lease ends it.
                 Err(_) => self.tending.store(false, SeqCst),
             }
         } else if self.parked.swap(false, SeqCst) {
@@ -333,8 +334,8 @@ impl Drop for Keeper {
 }
 
 /// Frees the locks kept longer than a call may still take them (and forgets commits as old),
-/// every half `keep` while any is filed; waits for work otherwise. Ends with the store (or its runtime): the
-/// next kept lock starts another.
+/// every half `keep` while any is filed; waits for work otherwise. Ends with the store (or its
+/// runtime): the next commit filed starts another.
 async fn tend(keeper: std::sync::Weak<Keeper>, work: Arc<tokio::sync::Notify>, detached: Detached) {
     struct Stopped(std::sync::Weak<Keeper>);
     impl Drop for Stopped {
