@@ -3001,8 +3001,8 @@ async fn kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice() {
 
 /// Review of the kept locks, finding 1: the reply to a commit that kept the lock is lost
 /// (writes paused 160 ms during the body, 100 ms command timeout), the re-send finds its marker
-/// and answers "committed". The lock the first send kept must not outlive the call as nobody's
-/// (before: it blocked every process for its whole kept lease, 10 s here). 1 caller on store A,
+/// and answers "committed", with the lock the first send kept. That lock must not outlive the
+/// call as nobody's (before: it blocked every process for its whole kept lease, 10 s here). 1 caller on store A,
 /// then 1 on store B (another process): B gets the next number, in well under the 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_lock_whose_commit_answer_was_lost_is_freed() {

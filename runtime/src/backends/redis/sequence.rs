@@ -27,8 +27,9 @@
 //! neither keeps it for a lease and they hand it over at once. A run of kept calls also ends
 //! once it has lasted a kept lock's life (the commit frees the lock; the next call acquires), so
 //! a process that cannot raise the flag (an older build) still finds the key free that often.
-//! A re-sent commit that finds its marker frees a lock the lost first send kept, and a commit
-//! that failed frees every lock of its token, so a kept lock nobody knows of cannot linger.
+//! A re-sent commit that finds its marker is answered with the lock the lost first send kept
+//! (and files it); a commit asked to keep that failed, or was settled by reading its marker
+//! without an answer, frees every lock of its token (none is filed).
 //! The first asker waits for the holder's next commit or for the store's task, which frees
 //! locks idle for `keep`, checking every `keep / 2`. A kept lock skips
 //! the acquire's epoch check: a server that lost its data meanwhile shows up as the commit's
@@ -122,8 +123,10 @@ return {fence, redis.call('HGET', KEYS[2], 'n')}
 // is re-sent, the next holder may have committed too. ARGV: holder, number, marker ms, the wake
 // flag (`wake_flag`), keep ms ('0': free the lock), token. Kept (nobody else asked for the key):
 // the lock passes to a new fence of the same token for `keep` ms, returned negated; freed: 1.
-// A re-send that finds the marker frees a lock the first send kept under this token: its
-// answer was lost, so nobody in this process knows of it.
+// A re-send that finds the marker answers with the lock the first send kept under this token,
+// as if it had kept it (the first answer was lost, so nobody in this process knows of it yet).
+// It frees nothing: a first send that runs late, after the re-send was answered, must not take
+// the lock from the call holding it now.
 pub(super) static COMMIT: Lua = Lua::new(
     r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -140,9 +143,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   local holder = redis.call('GET', KEYS[1])
-  if holder and ARGV[5] ~= '0' and string.sub(holder, -string.len(ARGV[6]) - 1) == ':' .. ARGV[6] then
-    redis.call('DEL', KEYS[1])
-    if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
+  if holder and ARGV[5] ~= '0' then
+    local fence, token = string.match(holder, '^(%d+):(.*)$')
+    if token == ARGV[6] then return -tonumber(fence) end
   end
   return 1
 end
@@ -150,12 +153,14 @@ return 0
 "#,
 );
 
-// KEYS: lock. Frees the lock if it is held with the token ARGV[1], whatever its fence.
+// KEYS: lock. Frees the lock if it is held with the token ARGV[1], whatever its fence;
+// ARGV[2]: the wake flag (`wake_flag`).
 pub(super) static RELEASE_BY_TOKEN: Lua = Lua::new(
     r#"
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, -string.len(ARGV[1]) - 1) == ':' .. ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1] .. ':wake', '') end
   return 1
 end
 return 0
@@ -552,10 +557,11 @@ impl<'s> RedisSequences<'s> {
             return;
         };
         let lock = lock.to_owned();
+        let wake = wake_flag(&detached.conn);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let _ = detached
-                    .eval::<i64>(&RELEASE_BY_TOKEN, &[&lock], &[&token], true)
+                    .eval::<i64>(&RELEASE_BY_TOKEN, &[&lock], &[&token, wake], true)
                     .await;
             });
         }
@@ -954,6 +960,7 @@ impl Commit {
         };
         let token = ticket.token();
         let sent = Instant::now();
+        let asked_to_keep = keep_ms != "0";
         let committed: Result<i64, _> = self
             .detached
             .eval(
@@ -964,6 +971,7 @@ impl Commit {
             )
             .await;
         // Negative: committed, and the lock kept under the fence it names.
+        let answered = committed.is_ok();
         let (committed, kept) = match committed {
             Ok(fence) if fence < 0 => (Ok(1), Some(fence.unsigned_abs())),
             other => (other, None),
@@ -975,8 +983,16 @@ impl Commit {
         let result =
             finish_final_write(&self.detached, committed, keys, |last| self.settle(last)).await;
         drop(self.heartbeat);
-        let asked_to_keep = keep_ms != "0";
-        if let (Some(keeper), Ok(())) = (&self.keeper, &result) {
+        if asked_to_keep && (result.is_err() || !answered) {
+            // Failed, or settled by its marker without an answer: a lock it kept (or keeps
+            // when it lands later, behind this on the connection) is filed nowhere, so no call
+            // holds it: free every lock of this token.
+            let _ = self
+                .detached
+                .eval::<i64>(&RELEASE_BY_TOKEN, &[&ticket.lock], &[token, wake], false)
+                .await;
+        }
+        if let (Some(keeper), Ok(()), true) = (&self.keeper, &result, answered || !asked_to_keep) {
             let lock = kept.map(|fence| KeptLock {
                 holder: format!("{fence}:{token}"),
                 fence,
@@ -996,14 +1012,7 @@ impl Commit {
                     .await;
             }
             keeper.tend(&self.detached);
-        } else if asked_to_keep && result.is_err() {
-            // Whatever happened to the commit, a lock it kept (or keeps when it lands later,
-            // behind this on the connection) is no one's: free every lock of this token.
-            let _ = self
-                .detached
-                .eval::<i64>(&RELEASE_BY_TOKEN, &[&ticket.lock], &[token], false)
-                .await;
-        } else if let Err(RedisStoreError::LeaseLost { .. }) = &result {
+        } else if let (false, Err(RedisStoreError::LeaseLost { .. })) = (asked_to_keep, &result) {
             // Token-checked: frees nothing that is not ours.
             let _ = self
                 .detached
