@@ -2999,24 +2999,32 @@ async fn kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice() {
     assert_eq!(store.sequences().current(&key).await.unwrap(), Some(3));
 }
 
+/// Two stores on `server` with the same `options`, as two processes would have.
+fn two_stores(
+    server: &support::Private,
+    options: impl Fn(RedisStore) -> RedisStore,
+) -> (RedisStore, RedisStore) {
+    (
+        options(RedisStore::new(server.url.clone())),
+        options(RedisStore::new(server.url.clone())),
+    )
+}
+
 /// Review of the kept locks, finding 1: the reply to a commit that kept the lock is lost
 /// (writes paused 160 ms during the body, 100 ms command timeout), the re-send finds its marker
 /// and answers "committed", with the lock the first send kept. That lock must not outlive the
-/// call as nobody's (before: it blocked every process for its whole kept lease, 10 s here). 1 caller on store A,
-/// then 1 on store B (another process): B gets the next number, in well under the 10 s.
+/// call as nobody's (before: it blocked every process for its whole kept lease, 10 s here).
+/// 1 caller on store A, then 1 on store B (another process): B gets the next number, in well
+/// under the 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_lock_whose_commit_answer_was_lost_is_freed() {
     let server = support::Private::start(&[]);
-    let options = |store: RedisStore| {
+    let (a, b) = two_stores(&server, |store| {
         store
             .command_timeout(Duration::from_millis(100))
             .lease(Duration::from_secs(30))
             .keep(Duration::from_millis(200))
-    };
-    let (a, b) = (
-        options(RedisStore::new(server.url.clone())),
-        options(RedisStore::new(server.url.clone())),
-    );
+    });
     let key = RedisKey::new("tests::keep", None, "lost-answer");
     assert_eq!(next_number(&a, &key).await.unwrap(), 1);
     assert_eq!(next_number(&a, &key).await.unwrap(), 2);
@@ -3051,15 +3059,11 @@ async fn a_kept_lock_whose_commit_answer_was_lost_is_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_longer_than_the_lease_never_hands_a_number_out_twice() {
     let server = support::Private::start(&[]);
-    let options = |store: RedisStore| {
+    let (a, b) = two_stores(&server, |store| {
         store
             .lease(Duration::from_millis(300))
             .keep(Duration::from_secs(1))
-    };
-    let (a, b) = (
-        options(RedisStore::new(server.url.clone())),
-        options(RedisStore::new(server.url.clone())),
-    );
+    });
     let key = RedisKey::new("tests::keep", None, "long-keep");
     assert_eq!(next_number(&a, &key).await.unwrap(), 1);
     assert_eq!(next_number(&a, &key).await.unwrap(), 2);

@@ -947,7 +947,7 @@ impl Commit {
         outlive_caller(self.ticket.lock.clone(), "commit", self.write()).await
     }
 
-    async fn write(self) -> Result<(), RedisStoreError> {
+    async fn write(mut self) -> Result<(), RedisStoreError> {
         let ticket = &self.ticket;
         let number = ticket.number.to_string();
         let marker_ms = self.detached.marker_ttl().as_millis().to_string();
@@ -982,7 +982,7 @@ impl Commit {
         };
         let result =
             finish_final_write(&self.detached, committed, keys, |last| self.settle(last)).await;
-        drop(self.heartbeat);
+        drop(self.heartbeat.take());
         if asked_to_keep && (result.is_err() || !answered) {
             // Failed, or settled by its marker without an answer: a lock it kept (or keeps
             // when it lands later, behind this on the connection) is filed nowhere, so no call
@@ -1001,30 +1001,22 @@ impl Commit {
             });
             if let Some(unfiled) = keeper.file(ticket.lock.clone(), Kept { since: sent, lock }) {
                 // Too late for a call to take it (a slow confirm, a caller gone): free it.
-                let _ = self
-                    .detached
-                    .eval::<i64>(
-                        &RELEASE_LOCK,
-                        &[&ticket.lock],
-                        &[&unfiled.holder, wake],
-                        false,
-                    )
-                    .await;
+                self.free(&unfiled.holder).await;
             }
             keeper.tend(&self.detached);
         } else if let (false, Err(RedisStoreError::LeaseLost { .. })) = (asked_to_keep, &result) {
-            // Token-checked: frees nothing that is not ours.
-            let _ = self
-                .detached
-                .eval::<i64>(
-                    &RELEASE_LOCK,
-                    &[&ticket.lock],
-                    &[&ticket.holder, wake],
-                    false,
-                )
-                .await;
+            self.free(&ticket.holder).await;
         }
         result
+    }
+
+    /// Frees the key's lock if `holder` holds it (token-checked: nothing that is not ours).
+    async fn free(&self, holder: &str) {
+        let wake = wake_flag(&self.detached.conn);
+        let _ = self
+            .detached
+            .eval::<i64>(&RELEASE_LOCK, &[&self.ticket.lock], &[holder, wake], false)
+            .await;
     }
 
     /// No answer after the re-sends: the marker, read once more, decides if it is there (a
