@@ -230,7 +230,11 @@ async fn take_turn_elsewhere(shop: &str, seq: Seq) -> Result<u64, ApiError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_tells_waiting_calls_from_free_ones_on_redis() {
     use racefree::Turn;
-    let mut conn = REDIS.connection().await.unwrap();
+    // A connection of this test's runtime: `REDIS`'s may belong to another test's runtime,
+    // already gone (its first command then fails with a broken pipe, and only the store's own
+    // commands re-send).
+    let watcher = RedisStore::new(support::server().url.clone());
+    let mut conn = watcher.connection().await.unwrap();
     for round in 0..5 {
         let shop = format!("{}-turn-{round}", *RUN);
         let (entered_tx, entered) = tokio::sync::oneshot::channel();
