@@ -1561,6 +1561,20 @@ async fn next_number(store: &RedisStore, key: &RedisKey) -> Result<u64, Sequence
         .await
 }
 
+/// The next number once a pause of the server's writes is over: until then every call fails
+/// with a retryable store error (nothing consumed), for at most 15 s.
+async fn next_number_after_the_pause(store: &RedisStore, key: &RedisKey) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match next_number(store, key).await {
+            Ok(number) => return number,
+            Err(SequencedError::Store(err)) if err.is_retryable() => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the pause never ended");
+    }
+}
+
 /// Issue 11, point 5: a server that may evict keys is refused, naming the policy and the
 /// opt-out; so is one whose `CONFIG` is disabled (the policy cannot be read). With the opt-out
 /// the store runs.
@@ -2187,15 +2201,7 @@ async fn cluster_faults_points_1_to_4() {
         matches!(paused, Err(SequencedError::CommitUnknown { number: 2, .. })),
         "{paused:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let next = loop {
-        match next_number(&store, &key).await {
-            Ok(number) => break number,
-            Err(SequencedError::Store(err)) if err.is_retryable() => {}
-            Err(other) => panic!("{other:?}"),
-        }
-        assert!(Instant::now() < deadline, "the pause never ended");
-    };
+    let next = next_number_after_the_pause(&store, &key).await;
     assert_eq!(next, 3, "the unknown commit of 2 had landed");
 
     // `WAIT` cannot be routed to a key's shard: the option is refused on first use.
@@ -2983,15 +2989,7 @@ async fn kept_lock_outlived_by_a_paused_body_hands_out_no_number_twice() {
         ),
         "{paused:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let next = loop {
-        match next_number(&store, &key).await {
-            Ok(number) => break number,
-            Err(SequencedError::Store(err)) if err.is_retryable() => {}
-            Err(other) => panic!("{other:?}"),
-        }
-        assert!(Instant::now() < deadline, "the pause never ended");
-    };
+    let next = next_number_after_the_pause(&store, &key).await;
     assert_eq!(
         next, 3,
         "the lock ran out before the commit of 3 could land"

@@ -1380,14 +1380,16 @@ fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
         // An outcome `jsonb` gives back in another spelling (1e16 comes back as
         // 10000000000000000): the database compares, so the landed commit is still `Ok`.
         *cut.lock().unwrap() = Cut::AfterSending;
-        let call = Call::new(
-            "tests::float",
-            None,
-            Some("float"),
-            Fingerprint::of(&1_u64),
-            pg::policy(),
-        );
-        let Begin::<_, f64>::Execute(execution) = begin(&env.store, call).await else {
+        let call = || {
+            Call::new(
+                "tests::float",
+                None,
+                Some("float"),
+                Fingerprint::of(&1_u64),
+                pg::policy(),
+            )
+        };
+        let Begin::<_, f64>::Execute(execution) = begin(&env.store, call()).await else {
             panic!("a fresh key executes")
         };
         assert_eq!(
@@ -1395,14 +1397,7 @@ fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
             Ok(()),
             "committed, and settled as such"
         );
-        let call = Call::new(
-            "tests::float",
-            None,
-            Some("float"),
-            Fingerprint::of(&1_u64),
-            pg::policy(),
-        );
-        assert!(matches!(begin::<_, f64>(&env.store, call).await, Begin::Replay(v) if v == 1e16));
+        assert!(matches!(begin::<_, f64>(&env.store, call()).await, Begin::Replay(v) if v == 1e16));
         pool.close().await;
         tables.close().await;
     });

@@ -721,21 +721,17 @@ impl<'s> RedisSequences<'s> {
         let detached = self.store.detached().await.map_err(HoldError::Store)?;
         let left = self.left(key, &detached).await;
         let hot = !matches!(left, Left::Nothing);
-        let kept_from = match &left {
-            Left::Lock(_, _, from) => Some(*from),
-            _ => None,
-        };
-        let (ticket, waited, held_for, kept) = match left {
-            Left::Lock(ticket, held_for, _) => (ticket, waited_here, held_for, true),
+        let (ticket, waited, held_for, kept_from) = match left {
+            Left::Lock(ticket, held_for, from) => (ticket, waited_here, held_for, Some(from)),
             Left::Recent | Left::Nothing => match self
                 .acquire(key, start, lease)
                 .await
                 .map_err(HoldError::Store)?
             {
-                Ok(ticket) => (ticket, waited_here, lease, false),
+                Ok(ticket) => (ticket, waited_here, lease, None),
                 Err(_) => {
                     let ticket = self.wait_for_release(key, start, deadline).await?;
-                    (ticket, true, lease, false)
+                    (ticket, true, lease, None)
                 }
             },
         };
@@ -761,7 +757,6 @@ impl<'s> RedisSequences<'s> {
             sequences: *self,
             ticket,
             waited,
-            kept,
             kept_from,
             hot,
             holder,
@@ -867,9 +862,8 @@ pub(crate) struct HeldKey<'s> {
     pub(crate) ticket: SeqTicket,
     // Another caller, here or in another process, had the key first.
     waited: bool,
-    // Taken from this process's last commit, without an acquire (and its epoch check).
-    kept: bool,
-    // Since when this process has kept the lock from call to call, if `kept`.
+    // Since when this process has kept the lock from call to call, if the lock was taken
+    // from this process's last commit, without an acquire (and its epoch check).
     kept_from: Option<Instant>,
     // This process committed the key within `keep` before: the commit may keep the lock.
     hot: bool,
@@ -898,7 +892,7 @@ impl HeldKey<'_> {
             guard.disarm();
         }
         let result = commit.spawn().await;
-        if self.kept && matches!(result, Err(RedisStoreError::LeaseLost { .. })) {
+        if self.kept_from.is_some() && matches!(result, Err(RedisStoreError::LeaseLost { .. })) {
             // A kept lock skipped the acquire's epoch check: a server that lost its data
             // since then (the lock went with it) is told apart from a lease taken over here.
             let store = self.sequences.store;
