@@ -95,3 +95,81 @@ async fn tokio_multi_thread_64_callers_500_rounds() {
     );
     assert_eq!(async_value_cache().in_flight(), 0);
 }
+
+/// The table grows (a blocking copy, see `Cache`'s module docs) while others insert and hit:
+/// 4 writers × 25k new keys each through `get_with`, 2 readers hitting keys already written,
+/// all released by one barrier, 5 rounds on a fresh cache each. In every round: each key's
+/// value was computed exactly once, every read saw its key's value, and all 100k keys are
+/// there at the end.
+#[test]
+fn growing_table_under_concurrent_inserts_and_hits_loses_nothing() {
+    const WRITERS: u64 = 4;
+    const KEYS_EACH: u64 = 25_000;
+    const READERS: usize = 2;
+    let mut all_reads = 0;
+    for round in 0..5 {
+        let cache = Arc::new(racefree::Cache::<u64, u64>::new());
+        let computed = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(WRITERS as usize + READERS));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (cache, computed, written, barrier) = (
+                    cache.clone(),
+                    computed.clone(),
+                    written.clone(),
+                    barrier.clone(),
+                );
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for k in (0..KEYS_EACH).map(|i| i * WRITERS + w) {
+                        let v = cache.get_with(k, || {
+                            computed.fetch_add(1, SeqCst);
+                            k ^ 0x5555
+                        });
+                        assert_eq!(v, k ^ 0x5555, "round {round}: writer's own value");
+                        written.fetch_max(k as usize, SeqCst);
+                    }
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..READERS)
+            .map(|r| {
+                let (cache, written, barrier) = (cache.clone(), written.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut reads = 0_u64;
+                    let mut i = r as u64;
+                    while written.load(SeqCst) + 1 < (WRITERS * KEYS_EACH) as usize {
+                        // A key every writer has passed: keys below the smallest writer's
+                        // progress are all written; this one may or may not be yet.
+                        let k = i % (written.load(SeqCst) as u64 + 1);
+                        if let Some(v) = cache.get(&k) {
+                            assert_eq!(v, k ^ 0x5555, "round {round}: a read saw another value");
+                            reads += 1;
+                        }
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                    }
+                    reads
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|t| t.join().unwrap());
+        let reads: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
+        all_reads += reads;
+        let keys = (WRITERS * KEYS_EACH) as usize;
+        assert_eq!(
+            computed.load(SeqCst),
+            keys,
+            "round {round}: computed once each"
+        );
+        assert_eq!(cache.len(), keys, "round {round}: keys kept");
+        assert!(
+            (0..keys as u64).all(|k| cache.get(&k) == Some(k ^ 0x5555)),
+            "round {round}: a key lost its value"
+        );
+    }
+    assert!(all_reads > 0, "the readers read while the tables grew");
+}

@@ -16,7 +16,7 @@
 //!   caller a [`CacheRefresh`]: the hit that sets the entry's refresh bit (a `fetch_or`, so of
 //!   any number of concurrent hits one wins). The refresh holds the key's flight, so callers
 //!   that find the entry expired meanwhile wait for it. Its value replaces only the entry it was
-//!   started from (each insert has a sequence number): after an invalidation, a `clear`, an
+//!   started from (with `refresh`, each insert gets a deadline of its own): after an invalidation, a `clear`, an
 //!   eviction or a newer value it is dropped. A failed or dropped refresh clears the bit, so a
 //!   later hit may try again. [`Cache::lookup_or_lead`] does not refresh.
 //! - **Stale on error.** With [`stale_on_error`](CacheConfig::stale_on_error), an expired entry
@@ -42,7 +42,8 @@
 //! [`clock`]) and a visited bit (capacity). None of it writes memory another core reads:
 //! - **The map read** pins `papaya`'s epoch guard, which is a store to this thread's own
 //!   reservation slot (on Linux a `membarrier`-backed light barrier, so no fence), then probes
-//!   with loads only. A `DashMap` read instead takes its shard's reader lock: a locked
+//!   with loads only; unpinning swaps that slot back (a locked `xchg`, but on a line only this
+//!   thread writes). A `DashMap` read instead takes its shard's reader lock: a locked
 //!   read-modify-write on a word every core's hits share, which is why its hits did not get
 //!   faster with a second core.
 //! - **The TTL check** loads the entry's stamp and reads the clock; it writes only to remove an
@@ -60,12 +61,26 @@
 //! raw runs, `racefree` on `papaya` scaled 1.3–1.8× from 1 to 2 threads where `DashMap` did
 //! 0.8–1.1×). By construction `HashIndex`'s guard is a full barrier (`lock xchg`) on every
 //! read and it cannot replace a value in place (an insert of a present key fails; an update
-//! copies), while `papaya`'s guard costs a plain store and its `insert`/`remove_if`/`retain`
-//! are the operations this cache already used. A quieter machine may reverse this. What it costs:
-//! each entry is its own heap allocation behind a pointer (one more dependent load per hit, and
-//! more memory per entry than an inline table), and writes are slower: a replaced or removed
-//! entry is retired through the epoch collector, which now and then issues a process-wide
-//! barrier. The single flight and the eviction ring keep their locks (writes dominate there).
+//! copies), while `papaya`'s guard costs a store to pin and a swap on a thread-owned line to
+//! unpin, its `insert`/`remove_if`/`retain` are the operations this cache already used, and
+//! its memory per entry is lower (1M `u64` entries: `HashIndex` 71 MB, `papaya` 43 MB with the
+//! growth below, against `DashMap`'s 36 MB). A quieter machine may reverse the speed figures.
+//! What it costs: each entry is its own heap allocation behind a pointer (one more dependent
+//! load per hit), and writes are slower: a replaced or removed entry is retired through the
+//! epoch collector, which now and then issues a process-wide barrier. The single flight and
+//! the eviction ring keep their locks (writes dominate there).
+//!
+//! # Memory
+//! An entry is the key, the value and one `u64` stamp (deadline and flag bits; with `refresh`
+//! the deadline also names the insert, so no sequence number is stored). The table grows in
+//! one blocking copy (`papaya::ResizeMode::Blocking`: writers wait for it, reads go on), which
+//! the cache starts itself at 3/4 load, just before papaya would, on the inserting thread, and
+//! then flushes the outgrown table to the epoch collector. Left to papaya, an outgrown table
+//! is retired into the batch of whichever thread finished the copy and freed only once that
+//! thread has retired a full batch: a cache that only gains keys never does, and kept every
+//! table it outgrew (1M `u64` entries: 70 MB instead of 43 MB). The flush is best effort: with
+//! more threads inside the map at that moment than objects in the batch, the table waits for a
+//! later flush or a full batch. `tests/cached_alloc.rs` counts the tables left alive.
 //!
 //! Why not moka: its `get` records every access in a buffer for its admission policy and costs
 //! several times a plain map read; `#[cached]` hits must cost about what a hand-written map
@@ -76,6 +91,7 @@
 
 use std::any::Any;
 use std::borrow::Borrow;
+use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -99,6 +115,9 @@ const VISITED: u64 = 1 << 63;
 // so that a later hit may try again (one at a time).
 const REFRESHING: u64 = 1 << 62;
 const DEADLINE: u64 = !(VISITED | REFRESHING);
+// 100 years: a longer `ttl` lives this long (forever, in practice), which keeps a deadline
+// below `DEADLINE` for the first 46 years of the monotonic clock.
+const LONGEST_TTL: u64 = 100 * 365 * 24 * 3600 * 1_000_000_000;
 
 /// How a cache is bounded. `const` so that generated code can build it in a `static`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -230,12 +249,14 @@ enum Landed<V> {
 
 struct Slot<V> {
     value: V,
-    // Bit 63: hit since the CLOCK hand last passed. Bits 0..63: deadline on `clock::now_nanos`,
+    // Bit 63: hit since the CLOCK hand last passed. Bits 0..62: deadline on `clock::now_nanos`,
     // 0 for none. Bit 62: a hit started this entry's refresh.
+    //
+    // With `refresh` the deadline also names the insert that made the entry (no two inserts
+    // of the cache get the same one, see `Cache::name_insert`): a refresh replaces only the
+    // entry it started from, so an invalidation (or any newer value) during the refresh wins.
+    // A number of its own would cost 8 bytes per entry (a quarter of a `u64` entry).
     stamp: AtomicU64,
-    // Which insert made this entry: a refresh replaces only the entry it started from, so an
-    // invalidation (or any newer value) during the refresh wins.
-    seq: u64,
 }
 
 /// A concurrent memo cache with per-key single flight, optional TTL and capacity.
@@ -261,10 +282,13 @@ pub struct Cache<K, V, S = RandomState> {
     refresh_before_deadline: Option<u64>,
     // `stale_on_error` in nanoseconds (0: none): how long past its deadline an entry is kept.
     grace: u64,
-    next_seq: AtomicU64,
+    // The deadline of the latest insert, with `refresh` only (see `Slot::stamp`).
+    last_deadline: AtomicU64,
     // The CLOCK ring; present only with a capacity.
     ring: Option<Mutex<VecDeque<K>>>,
     inserts_since_sweep: AtomicUsize,
+    // The largest table `grow_now_and_then` asked for.
+    grown_to: AtomicUsize,
     left_by_last_sweep: AtomicUsize,
     counters: Counters,
     // What `metrics` sees (feature `metrics`; nothing otherwise): registered at creation.
@@ -305,7 +329,8 @@ pub struct CacheRefresh<'a, K: Eq + Hash + Clone, V, S: BuildHasher + Clone = Ra
     cache: &'a Cache<K, V, S>,
     // `None` once finished.
     lead: Option<Lead<'a, K, Landed<V>, S>>,
-    seq: u64,
+    // The deadline naming the insert it started from (see `Slot::stamp`).
+    insert: u64,
 }
 
 /// The duty to compute one key of a [`Cache`]. [`complete`](CacheLead::complete) stores the
@@ -414,16 +439,20 @@ where
             assert!(config.ttl.is_some(), "`stale_on_error` needs a `ttl`");
         }
         Cache {
-            entries: papaya::HashMap::with_hasher(hasher.clone()),
+            entries: papaya::HashMap::builder()
+                .hasher(hasher.clone())
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
             flights: SingleFlight::with_hasher(hasher),
             config,
             refresh_before_deadline,
             grace: config.stale_on_error.map_or(0, saturating_nanos),
-            next_seq: AtomicU64::new(0),
+            last_deadline: AtomicU64::new(0),
             ring: config
                 .capacity
                 .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
             inserts_since_sweep: AtomicUsize::new(0),
+            grown_to: AtomicUsize::new(0),
             left_by_last_sweep: AtomicUsize::new(0),
             counters: Counters::default(),
             meter: Meter::new(name, "memory"),
@@ -499,7 +528,7 @@ where
         }
         // Of the hits that find it due, the one that sets the bit starts the refresh.
         match slot.stamp.fetch_or(REFRESHING, Relaxed) & REFRESHING {
-            0 => Age::Due(slot.seq),
+            0 => Age::Due(stamp & DEADLINE),
             _ => Age::Refreshing,
         }
     }
@@ -518,6 +547,7 @@ where
     /// If the caller computing the key is an async task that only this thread can run (this
     /// thread's current-thread runtime): blocking would wait forever, so it panics saying so.
     /// Make the caller async, or call it from a multi-thread runtime.
+    #[inline]
     pub fn lookup_or_lead(&self, key: K) -> Lookup<'_, K, V, S> {
         if let Some(value) = self.get(&key) {
             record(Served::Hit);
@@ -538,6 +568,7 @@ where
 
     /// [`lookup_or_lead`](Self::lookup_or_lead) given the key in borrowed form (`&str` for a
     /// `String` key): a hit allocates nothing; only a miss builds the owned key.
+    #[inline]
     pub fn lookup_or_lead_borrowed<Q>(
         &self,
         key: &Q,
@@ -594,6 +625,7 @@ where
     /// refresh.run(|| Some(11));                       // or `spawn` it onto a thread
     /// assert!(matches!(cache.answer(1), Answer::Hit(11)));
     /// ```
+    #[inline]
     pub fn answer(&self, key: K) -> Answer<'_, K, V, S> {
         match self.peek_aged(&key, true) {
             Some((value, age)) => self.answered_hit(value, age, || key, false),
@@ -611,6 +643,7 @@ where
     }
 
     /// [`answer`](Self::answer) given the key in borrowed form.
+    #[inline]
     pub fn answer_borrowed<Q>(&self, key: &Q, to_owned: impl FnOnce(&Q) -> K) -> Answer<'_, K, V, S>
     where
         K: Borrow<Q>,
@@ -657,9 +690,9 @@ where
                 record(Served::Refreshing);
                 Answer::Hit(value)
             }
-            Age::Due(seq) => {
+            Age::Due(insert) => {
                 record(Served::Refreshing);
-                match self.start_refresh(key(), seq, asynchronous) {
+                match self.start_refresh(key(), insert, asynchronous) {
                     Some(refresh) => Answer::Refresh(value, refresh),
                     None => Answer::Hit(value),
                 }
@@ -671,7 +704,7 @@ where
     fn start_refresh(
         &self,
         key: K,
-        seq: u64,
+        insert: u64,
         asynchronous: bool,
     ) -> Option<CacheRefresh<'_, K, V, S>> {
         // A sync refresh runs on a thread of its own, which a blocking waiter can always wait
@@ -686,7 +719,7 @@ where
             Join::Lead(lead) => Some(CacheRefresh {
                 cache: self,
                 lead: Some(lead),
-                seq,
+                insert,
             }),
         }
     }
@@ -826,53 +859,109 @@ where
     /// first, so the entry inserted is never the one evicted.
     pub fn insert(&self, key: K, value: V) {
         let slot = self.new_slot(value);
-        match &self.ring {
-            None => {
-                self.entries.pin().insert(key, slot);
-            }
+        let added = match &self.ring {
+            None => self.entries.pin().insert(key, slot).is_none(),
             Some(ring) => {
                 let ring_key = key.clone();
                 // The map and the ring change together under the ring's lock, as in `clear`.
                 let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let entries = self.entries.pin();
-                if !entries.contains_key(&key) {
+                let added = !entries.contains_key(&key);
+                if added {
                     self.make_room(&mut ring);
                     ring.push_back(ring_key);
                 }
                 entries.insert(key, slot);
+                added
             }
+        };
+        if added {
+            self.grow_now_and_then();
         }
         if self.config.ttl.is_some() {
             self.sweep_now_and_then();
         }
     }
 
+    // After an insert that added a key: grows the table before papaya would, so that the
+    // table it outgrew is freed at once instead of staying allocated (see "# Memory" in the
+    // module docs). Checked on every 256th new key of a thread: `len` sums papaya's per-CPU
+    // counters.
+    #[inline]
+    fn grow_now_and_then(&self) {
+        let added = NEW_KEYS.get().wrapping_add(1);
+        NEW_KEYS.set(added);
+        if added % 256 != 0 {
+            return;
+        }
+        let len = self.entries.len();
+        let table = table_for(len);
+        if len < SMALLEST_GROWN || table <= self.grown_to.fetch_max(table, Relaxed) {
+            return;
+        }
+        {
+            // A blocking copy on this thread (`ResizeMode::Blocking`), which retires the old
+            // table into this thread's batch.
+            let entries = self.entries.pin();
+            entries.reserve(0);
+        }
+        // Hands the batch to the collector now. Best effort: with more threads inside the map
+        // at this moment than objects in the batch, it stays until a later flush or a full
+        // batch.
+        papaya::Guard::flush(&self.entries.guard());
+    }
+
     fn new_slot(&self, value: V) -> Slot<V> {
         let stamp = match self.config.ttl {
             // From the precise clock; never 0, which would mean "no deadline".
-            Some(ttl) => clock::deadline_after(saturating_nanos(ttl)).clamp(1, DEADLINE),
+            Some(ttl) => {
+                let ttl = saturating_nanos(ttl).min(LONGEST_TTL);
+                self.name_insert(clock::deadline_after(ttl).clamp(1, DEADLINE))
+            }
             None => 0,
         };
         Slot {
             value,
             stamp: AtomicU64::new(stamp),
-            seq: self.next_seq.fetch_add(1, Relaxed),
+        }
+    }
+
+    // With `refresh`, moves `deadline` past the latest insert's, so that it names this insert
+    // alone (by at most a nanosecond per insert racing it). `LONGEST_TTL` keeps it below
+    // `DEADLINE`: the monotonic clock would have to run for 46 years first.
+    #[inline]
+    fn name_insert(&self, deadline: u64) -> u64 {
+        if self.refresh_before_deadline.is_none() {
+            return deadline;
+        }
+        let mut last = self.last_deadline.load(Relaxed);
+        loop {
+            let named = deadline.max(last + 1).min(DEADLINE);
+            match self
+                .last_deadline
+                .compare_exchange_weak(last, named, Relaxed, Relaxed)
+            {
+                Ok(_) => return named,
+                Err(newer) => last = newer,
+            }
         }
     }
 
     // A refresh's value goes in only over the entry it started from: not after an
     // invalidation, a `clear`, an eviction or a newer value. The key is in the map (and the
     // ring) already, so no room is made.
-    fn replace_if_current(&self, key: &K, seq: u64, value: &V) -> bool {
+    fn replace_if_current(&self, key: &K, insert: u64, value: &V) -> bool {
         let entries = self.entries.pin();
         let fresh = self.new_slot(value.clone());
         let mut fresh = Some(fresh);
         let replaced = entries.compute(key.clone(), |entry| match entry {
-            Some((_, slot)) if slot.seq == seq => match fresh.take() {
-                Some(slot) => papaya::Operation::Insert(slot),
-                // A retry of the CAS: build the entry again.
-                None => papaya::Operation::Insert(self.new_slot(value.clone())),
-            },
+            Some((_, slot)) if slot.stamp.load(Relaxed) & DEADLINE == insert => {
+                match fresh.take() {
+                    Some(slot) => papaya::Operation::Insert(slot),
+                    // A retry of the CAS: build the entry again.
+                    None => papaya::Operation::Insert(self.new_slot(value.clone())),
+                }
+            }
             _ => papaya::Operation::Abort(()),
         });
         matches!(replaced, papaya::Compute::Updated { .. })
@@ -1022,9 +1111,9 @@ where
 
 impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Cache<K, V, S> {
     // A refresh that failed or was dropped: the entry may start another one.
-    fn end_refresh(&self, key: &K, seq: u64) {
+    fn end_refresh(&self, key: &K, insert: u64) {
         if let Some(slot) = self.entries.pin().get(key) {
-            if slot.seq == seq {
+            if slot.stamp.load(Relaxed) & DEADLINE == insert {
                 slot.stamp.fetch_and(!REFRESHING, Relaxed);
             }
         }
@@ -1042,7 +1131,8 @@ enum Age {
     Fresh,
     // Past `refresh`, and a refresh is under way.
     Refreshing,
-    // Past `refresh`: this caller starts the refresh of the entry made by insert `seq`.
+    // Past `refresh`: this caller starts the refresh of the entry its insert named by this
+    // deadline made (see `Slot::stamp`).
     Due(u64),
 }
 
@@ -1147,7 +1237,11 @@ where
     fn finish(&mut self, value: Option<&V>) {
         let Some(lead) = self.lead.take() else { return };
         match value {
-            Some(value) if self.cache.replace_if_current(lead.key(), self.seq, value) => {
+            Some(value)
+                if self
+                    .cache
+                    .replace_if_current(lead.key(), self.insert, value) =>
+            {
                 lead.complete(Landed::Value(value.clone()));
             }
             Some(_) => {
@@ -1158,7 +1252,7 @@ where
             None => {
                 self.cache.counters.refresh_failures.fetch_add(1, Relaxed);
                 tracing::debug!(target: "racefree", function = self.cache.name, "refresh-ahead failed; keeping the current value");
-                self.cache.end_refresh(lead.key(), self.seq);
+                self.cache.end_refresh(lead.key(), self.insert);
             }
         }
     }
@@ -1208,7 +1302,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Drop for CacheRefresh<'_, 
         // Dropped without running (or unwinding out of the body): the entry may refresh again;
         // dropping the lead wakes any waiter to compute.
         if let Some(lead) = self.lead.take() {
-            self.cache.end_refresh(lead.key(), self.seq);
+            self.cache.end_refresh(lead.key(), self.insert);
         }
     }
 }
@@ -1224,6 +1318,20 @@ fn is_expired(stamp: u64, now: u64) -> bool {
 fn is_expired_by(stamp: u64, extra: u64, now: u64) -> bool {
     let deadline = stamp & DEADLINE;
     deadline != 0 && clock::is_past(deadline.saturating_add(extra), now)
+}
+
+// Tables of this many entries or fewer are left to papaya's own growth (and freeing).
+const SMALLEST_GROWN: usize = 3 << 10;
+
+thread_local! {
+    // Keys this thread added to any cache (see `Cache::grow_now_and_then`).
+    static NEW_KEYS: Cell<u32> = const { Cell::new(0) };
+}
+
+// The table papaya's `reserve` grows to for `len` entries (`papaya::raw::probe::entries_for`:
+// at most 3/4 full).
+fn table_for(len: usize) -> usize {
+    (len.saturating_mul(8) / 6).next_power_of_two()
 }
 
 fn saturating_nanos(d: Duration) -> u64 {
