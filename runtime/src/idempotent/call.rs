@@ -155,10 +155,14 @@ impl Call {
         self
     }
 
-    fn meter<B: IdempotencyBackend<T>, T>(&self) -> MeterRef {
-        match self.meter {
-            Some(cell) => cell.meter(|| self.function, B::STORE),
-            None => Meter::shared(self.function, B::STORE),
+    #[inline]
+    fn meter_of<B: IdempotencyBackend<T>, T>(
+        meter: Option<&'static MeterCell>,
+        function: &'static str,
+    ) -> MeterRef {
+        match meter {
+            Some(cell) => cell.meter(|| function, B::STORE),
+            None => Meter::shared(function, B::STORE),
         }
     }
 }
@@ -294,50 +298,61 @@ struct Claiming {
     deadline: Option<Instant>,
 }
 
-/// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
-/// without a key, an over-long key and re-entry end here.
-// `Err` is the call ending early, returned as its `Begin` at once: not an error to keep small.
-#[allow(clippy::result_large_err)]
-#[inline(always)]
-fn prepare<'a, B: IdempotencyBackend<T>, T>(
-    backend: &'a B,
-    call: Call,
-    span: tracing::Span,
-) -> Result<Claiming, Begin<'a, B, T>> {
-    let report = Report {
-        meter: call.meter::<B, T>(),
-        span,
-    };
-    let Call {
-        function,
-        key,
-        fingerprint,
-        policy,
-        ..
-    } = call;
-    let key = match key {
-        Ok(Some(key)) => key,
-        Ok(None) => return Err(unkeyed(backend, function, report, policy)),
-        Err(refusal) => {
-            report.decided(outcome::ERROR);
-            return Err(Begin::Refuse(refusal));
-        }
-    };
-    if reentered(function, &key) {
-        report.decided(outcome::ERROR);
-        return Err(Begin::Refuse(IdempotencyError::Reentrant {
-            key: key.client_key().to_owned(),
-        }));
+impl Claiming {
+    #[inline(always)]
+    fn replayed<'a, B: IdempotencyBackend<T>, T>(&self, outcome: T) -> Begin<'a, B, T> {
+        replayed(self.function, &self.report, &self.key, outcome)
     }
-    let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
-    Ok(Claiming {
-        function,
-        report,
-        key,
-        fingerprint,
-        policy,
-        deadline,
-    })
+}
+
+/// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
+/// without a key (`unkeyed`, given the `Execution` it may run), an over-long key and re-entry
+/// return from the calling function here; otherwise this is the call's `Claiming`. A macro,
+/// not a function: returned in a `Result` beside a `Begin` (256 bytes), the `Claiming` was
+/// copied out of it twice per call, a fifth of a replay.
+macro_rules! prepare {
+    ($backend:expr, $call:expr, $span:expr, |$execution:ident| $unkeyed:expr) => {{
+        // Taken apart where it lies: a move of the whole `Call` is a copy of 160 bytes.
+        let Call {
+            function,
+            key,
+            fingerprint,
+            policy,
+            meter,
+        } = $call;
+        let report = Report {
+            meter: Call::meter_of::<B, T>(meter, function),
+            span: $span,
+        };
+        let key = match key {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                return match unkeyed($backend, function, report, policy) {
+                    Begin::Execute($execution) => $unkeyed,
+                    begun => begun,
+                };
+            }
+            Err(refusal) => {
+                report.decided(outcome::ERROR);
+                return Begin::Refuse(refusal);
+            }
+        };
+        if reentered(function, &key) {
+            report.decided(outcome::ERROR);
+            return Begin::Refuse(IdempotencyError::Reentrant {
+                key: key.client_key().to_owned(),
+            });
+        }
+        let deadline = policy.wait_timeout.map(|timeout| Instant::now() + timeout);
+        Claiming {
+            function,
+            report,
+            key,
+            fingerprint,
+            policy,
+            deadline,
+        }
+    }};
 }
 
 /// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
@@ -425,29 +440,31 @@ async fn begin_in_span<B: IdempotencyBackend<T>, T>(
     call: Call,
     span: tracing::Span,
 ) -> Begin<'_, B, T> {
-    let mut claiming = match prepare(backend, call, span) {
-        Ok(claiming) => claiming,
-        // A call without a key: the store may open what its body runs in.
-        Err(Begin::Execute(mut execution)) => {
-            return match backend.lease_without_key().await {
-                Ok(lease) => {
-                    execution.unkeyed_lease = lease;
-                    run_unkeyed(execution)
-                }
-                Err(error) => {
-                    let report = &execution.report;
-                    report
-                        .meter
-                        .store_error(telemetry::idempotency_error_kind(&error));
-                    report.decided(outcome::ERROR);
-                    Begin::Refuse(error)
-                }
-            };
+    // A call without a key: the store may open what its body runs in.
+    let mut claiming = prepare!(backend, call, span, |execution| {
+        let mut execution = execution;
+        match backend.lease_without_key().await {
+            Ok(lease) => {
+                execution.unkeyed_lease = lease;
+                run_unkeyed(execution)
+            }
+            Err(error) => {
+                let report = &execution.report;
+                report
+                    .meter
+                    .store_error(telemetry::idempotency_error_kind(&error));
+                report.decided(outcome::ERROR);
+                Begin::Refuse(error)
+            }
         }
-        Err(begun) => return begun,
-    };
+    });
     loop {
-        let answer = backend.claim(&claiming.key, claiming.fingerprint).await;
+        let answer = match backend.claim(&claiming.key, claiming.fingerprint).await {
+            // The replay, answered here: moving `claiming` through `claimed` and back cost a
+            // copy of it and of the `Begin` each way, a fifth of a replay.
+            Ok(Claim::Replay(outcome)) => return claiming.replayed(outcome),
+            answer => answer,
+        };
         let in_flight;
         (claiming, in_flight) = match claimed(backend, claiming, answer, false) {
             Ok(waiting) => waiting,
@@ -472,13 +489,15 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
 ) -> Begin<'_, B, T> {
     let span = call_span(call.function);
     let _in_span = span.enter();
-    let mut claiming = match prepare(backend, call, span.clone()) {
-        Ok(claiming) => claiming,
-        Err(Begin::Execute(execution)) => return run_unkeyed(execution),
-        Err(begun) => return begun,
-    };
+    let mut claiming = prepare!(backend, call, span.clone(), |execution| run_unkeyed(
+        execution
+    ));
     loop {
-        let answer = backend.claim_blocking(&claiming.key, claiming.fingerprint);
+        let answer = match backend.claim_blocking(&claiming.key, claiming.fingerprint) {
+            // As in `begin_in_span`.
+            Ok(Claim::Replay(outcome)) => return claiming.replayed(outcome),
+            answer => answer,
+        };
         let in_flight;
         (claiming, in_flight) = match claimed(backend, claiming, answer, true) {
             Ok(waiting) => waiting,
