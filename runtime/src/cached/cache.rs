@@ -891,7 +891,7 @@ where
     fn grow_now_and_then(&self) {
         let added = NEW_KEYS.get().wrapping_add(1);
         NEW_KEYS.set(added);
-        if added % 256 != 0 {
+        if !added.is_multiple_of(256) {
             return;
         }
         let len = self.entries.len();
