@@ -235,6 +235,49 @@ fn an_invalidation_during_a_refresh_wins() {
     }
 }
 
+// What a refresh replaces is the entry it started from, named by its insert (the deadline
+// stamped into it): a value inserted while the refresh runs wins over the refresh's, with and
+// without a capacity (whose CLOCK bit the hit sets in the same word). 5 rounds each.
+#[test]
+fn a_newer_value_during_a_refresh_wins() {
+    use racefree::__private::Answer;
+    for capacity in [None, Some(100)] {
+        let config = racefree::CacheConfig::new()
+            .ttl(Duration::from_secs(3600))
+            .refresh(REFRESH);
+        let config = match capacity {
+            Some(capacity) => config.capacity(capacity),
+            None => config,
+        };
+        let cache = racefree::Cache::<u64, u64>::with_config(config);
+        for round in 0..5_u64 {
+            cache.insert(1, round * 10);
+            past_refresh();
+            let refresh = match cache.answer(1) {
+                Answer::Refresh(value, refresh) => {
+                    assert_eq!(value, round * 10, "round {round}");
+                    refresh
+                }
+                _ => panic!("round {round}: past its refresh age, the hit starts the refresh"),
+            };
+            cache.insert(1, round * 10 + 1);
+            refresh.run(|| Some(round * 10 + 2));
+            assert_eq!(
+                cache.get(&1),
+                Some(round * 10 + 1),
+                "round {round}, capacity {capacity:?}: the newer value stays"
+            );
+        }
+        // Without a newer value the refresh's lands.
+        past_refresh();
+        let Answer::Refresh(_, refresh) = cache.answer(1) else {
+            panic!("past its refresh age, the hit starts the refresh")
+        };
+        refresh.run(|| Some(99));
+        assert_eq!(cache.get(&1), Some(99), "capacity {capacity:?}");
+    }
+}
+
 // Async: the refresh is a task of the caller's runtime (multi-thread, 4 workers): 32 tasks
 // released together past the refresh age all get the old value while the refresh waits on a
 // lock the test holds, one refresh runs per round, and its value lands. 3 rounds.

@@ -16,9 +16,10 @@
 //!   caller a [`CacheRefresh`]: the hit that sets the entry's refresh bit (a `fetch_or`, so of
 //!   any number of concurrent hits one wins). The refresh holds the key's flight, so callers
 //!   that find the entry expired meanwhile wait for it. Its value replaces only the entry it was
-//!   started from (with `refresh`, each insert gets a deadline of its own): after an invalidation, a `clear`, an
-//!   eviction or a newer value it is dropped. A failed or dropped refresh clears the bit, so a
-//!   later hit may try again. [`Cache::lookup_or_lead`] does not refresh.
+//!   started from (with `refresh`, each insert gets a deadline of its own): after an
+//!   invalidation, a `clear`, an eviction or a newer value it is dropped. A failed or dropped
+//!   refresh clears the bit, so a later hit may try again. [`Cache::lookup_or_lead`] does not
+//!   refresh.
 //! - **Stale on error.** With [`stale_on_error`](CacheConfig::stale_on_error), an expired entry
 //!   is kept that much longer (never returned by a hit); [`CacheLead::fail`] hands it to the
 //!   failed lead and its waiters instead of nothing, counted in [`CacheStats::stale_served`].
@@ -73,14 +74,17 @@
 //! # Memory
 //! An entry is the key, the value and one `u64` stamp (deadline and flag bits; with `refresh`
 //! the deadline also names the insert, so no sequence number is stored). The table grows in
-//! one blocking copy (`papaya::ResizeMode::Blocking`: writers wait for it, reads go on), which
-//! the cache starts itself at 3/4 load, just before papaya would, on the inserting thread, and
-//! then flushes the outgrown table to the epoch collector. Left to papaya, an outgrown table
-//! is retired into the batch of whichever thread finished the copy and freed only once that
-//! thread has retired a full batch: a cache that only gains keys never does, and kept every
-//! table it outgrew (1M `u64` entries: 70 MB instead of 43 MB). The flush is best effort: with
-//! more threads inside the map at that moment than objects in the batch, the table waits for a
-//! later flush or a full batch. `tests/cached_alloc.rs` counts the tables left alive.
+//! one blocking copy (`papaya::ResizeMode::Blocking`: writers wait for it and help; plain
+//! reads go on, a hit that removes an expired entry is a write), which the cache starts itself
+//! once the table is 3/4 full (papaya would at its probe limit, about 85%, so between the two
+//! the table is twice papaya's). An outgrown table is retired into the batch of whichever
+//! writer finished the copy, and papaya frees a batch only once it is full: a cache that only
+//! gains keys never fills one, and kept every table it outgrew (1M `u64` entries: 70 MB
+//! instead of 43 MB). So after a growth the next checks of the cache's writers (a few per
+//! core) flush their batches to the epoch collector. Best effort: a flush with more threads
+//! inside the map at that moment than objects in the batch does nothing, and a writer that
+//! adds no more keys keeps what it holds until its batch fills. `tests/cached_alloc.rs`
+//! counts the tables left alive after one thread's fill.
 //!
 //! Why not moka: its `get` records every access in a buffer for its admission policy and costs
 //! several times a plain map read; `#[cached]` hits must cost about what a hand-written map
@@ -91,7 +95,6 @@
 
 use std::any::Any;
 use std::borrow::Borrow;
-use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -287,8 +290,11 @@ pub struct Cache<K, V, S = RandomState> {
     // The CLOCK ring; present only with a capacity.
     ring: Option<Mutex<VecDeque<K>>>,
     inserts_since_sweep: AtomicUsize,
-    // The largest table `grow_now_and_then` asked for.
+    // Keys added, the largest table `grow_now_and_then` asked for, and how many of its next
+    // checks flush (see there).
+    new_keys: AtomicUsize,
     grown_to: AtomicUsize,
+    flushes_due: AtomicUsize,
     left_by_last_sweep: AtomicUsize,
     counters: Counters,
     // What `metrics` sees (feature `metrics`; nothing otherwise): registered at creation.
@@ -433,7 +439,10 @@ where
                 refresh < ttl,
                 "a cache `refresh` must be shorter than its `ttl`"
             );
-            saturating_nanos(ttl - refresh)
+            // From the ttl a deadline is made with (at most `LONGEST_TTL`).
+            saturating_nanos(ttl)
+                .min(LONGEST_TTL)
+                .saturating_sub(saturating_nanos(refresh))
         });
         if config.stale_on_error.is_some() {
             assert!(config.ttl.is_some(), "`stale_on_error` needs a `ttl`");
@@ -452,7 +461,9 @@ where
                 .capacity
                 .map(|c| Mutex::new(VecDeque::with_capacity(c.min(1 << 16)))),
             inserts_since_sweep: AtomicUsize::new(0),
+            new_keys: AtomicUsize::new(0),
             grown_to: AtomicUsize::new(0),
+            flushes_due: AtomicUsize::new(0),
             left_by_last_sweep: AtomicUsize::new(0),
             counters: Counters::default(),
             meter: Meter::new(name, "memory"),
@@ -883,32 +894,33 @@ where
         }
     }
 
-    // After an insert that added a key: grows the table before papaya would, so that the
-    // table it outgrew is freed at once instead of staying allocated (see "# Memory" in the
-    // module docs). Checked on every 256th new key of a thread: `len` sums papaya's per-CPU
-    // counters.
+    // After an insert that added a key: grows the table itself, so that the table it outgrew
+    // is freed at once instead of staying allocated (see "# Memory" in the module docs).
+    // Checked on every 256th new key of the cache: `len` sums papaya's per-CPU counters.
     #[inline]
     fn grow_now_and_then(&self) {
-        let added = NEW_KEYS.get().wrapping_add(1);
-        NEW_KEYS.set(added);
+        let added = self.new_keys.fetch_add(1, Relaxed).wrapping_add(1);
         if !added.is_multiple_of(256) {
             return;
         }
         let len = self.entries.len();
         let table = table_for(len);
-        if len < SMALLEST_GROWN || table <= self.grown_to.fetch_max(table, Relaxed) {
-            return;
+        if len >= SMALLEST_GROWN && table > self.grown_to.fetch_max(table, Relaxed) {
+            // A blocking copy (`ResizeMode::Blocking`) that this thread starts; other writers
+            // help, and whichever copies the last chunk retires the old table into its own
+            // batch. So the next few checks, on whatever thread, flush theirs too.
+            self.entries.pin().reserve(0);
+            self.flushes_due.store(flushes_per_growth(), Relaxed);
         }
-        {
-            // A blocking copy on this thread (`ResizeMode::Blocking`), which retires the old
-            // table into this thread's batch.
-            let entries = self.entries.pin();
-            entries.reserve(0);
+        let due = self
+            .flushes_due
+            .fetch_update(Relaxed, Relaxed, |due| due.checked_sub(1));
+        if due.is_ok() {
+            // Hands this thread's batch to the collector now. Best effort: with more threads
+            // inside the map at this moment than objects in the batch, it stays until a later
+            // flush or a full batch.
+            papaya::Guard::flush(&self.entries.guard());
         }
-        // Hands the batch to the collector now. Best effort: with more threads inside the map
-        // at this moment than objects in the batch, it stays until a later flush or a full
-        // batch.
-        papaya::Guard::flush(&self.entries.guard());
     }
 
     fn new_slot(&self, value: V) -> Slot<V> {
@@ -1320,12 +1332,17 @@ fn is_expired_by(stamp: u64, extra: u64, now: u64) -> bool {
     deadline != 0 && clock::is_past(deadline.saturating_add(extra), now)
 }
 
-// Tables of this many entries or fewer are left to papaya's own growth (and freeing).
+// Below this many entries the cache leaves growing to papaya (its small outgrown tables go
+// with the first flush).
 const SMALLEST_GROWN: usize = 3 << 10;
 
-thread_local! {
-    // Keys this thread added to any cache (see `Cache::grow_now_and_then`).
-    static NEW_KEYS: Cell<u32> = const { Cell::new(0) };
+// Checks that flush after a growth: enough that the writer that finished the copy is likely
+// among them (each flush is a process-wide barrier, a few per growth cost nothing).
+fn flushes_per_growth() -> usize {
+    static FLUSHES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FLUSHES.get_or_init(|| {
+        2 * std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get)
+    })
 }
 
 // The table papaya's `reserve` grows to for `len` entries (`papaya::raw::probe::entries_for`:
