@@ -262,6 +262,14 @@ struct Slot<V> {
     stamp: AtomicU64,
 }
 
+impl<V> Slot<V> {
+    // Whether the insert named `insert` (see `stamp`) made this entry.
+    #[inline]
+    fn made_by(&self, insert: u64) -> bool {
+        self.stamp.load(Relaxed) & DEADLINE == insert
+    }
+}
+
 /// A concurrent memo cache with per-key single flight, optional TTL and capacity.
 ///
 /// Use it directly, or own one in a struct and point `#[cached(store = self.field)]` at it.
@@ -967,7 +975,7 @@ where
         let fresh = self.new_slot(value.clone());
         let mut fresh = Some(fresh);
         let replaced = entries.compute(key.clone(), |entry| match entry {
-            Some((_, slot)) if slot.stamp.load(Relaxed) & DEADLINE == insert => {
+            Some((_, slot)) if slot.made_by(insert) => {
                 match fresh.take() {
                     Some(slot) => papaya::Operation::Insert(slot),
                     // A retry of the CAS: build the entry again.
@@ -1125,7 +1133,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Clone> Cache<K, V, S> {
     // A refresh that failed or was dropped: the entry may start another one.
     fn end_refresh(&self, key: &K, insert: u64) {
         if let Some(slot) = self.entries.pin().get(key) {
-            if slot.stamp.load(Relaxed) & DEADLINE == insert {
+            if slot.made_by(insert) {
                 slot.stamp.fetch_and(!REFRESHING, Relaxed);
             }
         }

@@ -298,20 +298,13 @@ struct Claiming {
     deadline: Option<Instant>,
 }
 
-impl Claiming {
-    #[inline(always)]
-    fn replayed<'a, B: IdempotencyBackend<T>, T>(&self, outcome: T) -> Begin<'a, B, T> {
-        replayed(self.function, &self.report, &self.key, outcome)
-    }
-}
-
 /// The steps before the first claim, shared by [`begin`] and [`begin_blocking`]: a call
 /// without a key (`unkeyed`, given the `Execution` it may run), an over-long key and re-entry
 /// return from the calling function here; otherwise this is the call's `Claiming`. A macro,
 /// not a function: returned in a `Result` beside a `Begin` (256 bytes), the `Claiming` was
 /// copied out of it twice per call, a fifth of a replay.
 macro_rules! prepare {
-    ($backend:expr, $call:expr, $span:expr, |$execution:ident| $unkeyed:expr) => {{
+    ($backend:expr, $call:expr, $span:expr, |$execution:pat_param| $unkeyed:expr) => {{
         // Taken apart where it lies: a move of the whole `Call` is a copy of 160 bytes.
         let Call {
             function,
@@ -355,38 +348,45 @@ macro_rules! prepare {
     }};
 }
 
-/// What one claim's answer means: the call begins (execute, replay, refuse), or there is a
-/// duplicate in flight to wait for (unless the policy rejects it).
-#[allow(clippy::result_large_err)]
-#[inline(always)]
-fn claimed<'a, B: IdempotencyBackend<T>, T>(
-    backend: &'a B,
-    claiming: Claiming,
-    answer: Result<Claim<T, B::Lease, B::InFlight>, IdempotencyError>,
-    blocking: bool,
-) -> Result<(Claiming, B::InFlight), Begin<'a, B, T>> {
-    let Claiming {
-        function, policy, ..
-    } = claiming;
-    let report = &claiming.report;
-    match answer {
-        Ok(Claim::Execute(lease)) => Err(execute(
-            backend,
-            (function, claiming.report),
-            claiming.key,
-            lease,
-            policy,
-            blocking,
-        )),
-        Ok(Claim::Replay(outcome)) => Err(replayed(function, report, &claiming.key, outcome)),
-        Err(error) => Err(refuse(function, report, &claiming.key, error)),
-        Ok(Claim::InFlight(in_flight)) => {
-            match reject_in_flight(function, report, &claiming.key, policy) {
-                Some(refusal) => Err(refusal),
-                None => Ok((claiming, in_flight)),
+/// What one claim's answer means: the call begins (execute, replay, refuse) and this returns
+/// it from the calling function, or this is the duplicate in flight to wait for (unless the
+/// policy rejects it). A macro for the reason `prepare!` is one: `claiming`, moved into a
+/// function and back beside a `Begin`, was copied each way, a fifth of a replay.
+macro_rules! claimed {
+    ($backend:expr, $claiming:ident, $answer:expr, $blocking:expr) => {
+        match $answer {
+            Ok(Claim::Execute(lease)) => {
+                return execute(
+                    $backend,
+                    ($claiming.function, $claiming.report),
+                    $claiming.key,
+                    lease,
+                    $claiming.policy,
+                    $blocking,
+                )
             }
+            Ok(Claim::Replay(outcome)) => {
+                return replayed(
+                    $claiming.function,
+                    &$claiming.report,
+                    &$claiming.key,
+                    outcome,
+                )
+            }
+            Err(error) => {
+                return refuse($claiming.function, &$claiming.report, &$claiming.key, error)
+            }
+            Ok(Claim::InFlight(in_flight)) => match reject_in_flight(
+                $claiming.function,
+                &$claiming.report,
+                &$claiming.key,
+                $claiming.policy,
+            ) {
+                Some(refusal) => return refusal,
+                None => in_flight,
+            },
         }
-    }
+    };
 }
 
 /// What waiting for the duplicate gave: its outcome, an error, or (`None`) that it gave up
@@ -441,8 +441,7 @@ async fn begin_in_span<B: IdempotencyBackend<T>, T>(
     span: tracing::Span,
 ) -> Begin<'_, B, T> {
     // A call without a key: the store may open what its body runs in.
-    let mut claiming = prepare!(backend, call, span, |execution| {
-        let mut execution = execution;
+    let claiming = prepare!(backend, call, span, |mut execution| {
         match backend.lease_without_key().await {
             Ok(lease) => {
                 execution.unkeyed_lease = lease;
@@ -459,17 +458,8 @@ async fn begin_in_span<B: IdempotencyBackend<T>, T>(
         }
     });
     loop {
-        let answer = match backend.claim(&claiming.key, claiming.fingerprint).await {
-            // The replay, answered here: moving `claiming` through `claimed` and back cost a
-            // copy of it and of the `Begin` each way, a fifth of a replay.
-            Ok(Claim::Replay(outcome)) => return claiming.replayed(outcome),
-            answer => answer,
-        };
-        let in_flight;
-        (claiming, in_flight) = match claimed(backend, claiming, answer, false) {
-            Ok(waiting) => waiting,
-            Err(begun) => return begun,
-        };
+        let answer = backend.claim(&claiming.key, claiming.fingerprint).await;
+        let in_flight = claimed!(backend, claiming, answer, false);
         let started = Started::now();
         let answer = backend
             .wait(&claiming.key, in_flight, claiming.deadline)
@@ -489,20 +479,12 @@ pub fn begin_blocking<B: BlockingIdempotencyBackend<T>, T>(
 ) -> Begin<'_, B, T> {
     let span = call_span(call.function);
     let _in_span = span.enter();
-    let mut claiming = prepare!(backend, call, span.clone(), |execution| run_unkeyed(
+    let claiming = prepare!(backend, call, span.clone(), |execution| run_unkeyed(
         execution
     ));
     loop {
-        let answer = match backend.claim_blocking(&claiming.key, claiming.fingerprint) {
-            // As in `begin_in_span`.
-            Ok(Claim::Replay(outcome)) => return claiming.replayed(outcome),
-            answer => answer,
-        };
-        let in_flight;
-        (claiming, in_flight) = match claimed(backend, claiming, answer, true) {
-            Ok(waiting) => waiting,
-            Err(begun) => return begun,
-        };
+        let answer = backend.claim_blocking(&claiming.key, claiming.fingerprint);
+        let in_flight = claimed!(backend, claiming, answer, true);
         let started = Started::now();
         let answer = backend.wait_blocking(&claiming.key, in_flight, claiming.deadline);
         claiming.report.meter.flight_waited(started);
