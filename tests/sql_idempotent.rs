@@ -268,6 +268,37 @@ macro_rules! suite {
                 });
             }
 
+            /// A store reads a key's record first only if it answered or completed that key
+            /// lately; any other claims first and learns of the record from the refused
+            /// claim. Each call here goes through a store that never saw the key (a fresh
+            /// one on the same pool, as another process would be), and its answers are the
+            /// ones the store that saw it gives: replay, `Conflict`, and after expiry one
+            /// execution that replaces the record.
+            #[test]
+            fn a_store_that_never_saw_the_key_answers_as_one_that_did() {
+                let db = $new_db("unseen");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let fresh = || Env { store: Store::new(env.pool.clone()), pool: env.pool.clone(), side: env.side.clone() };
+                    pay(&env, Some("k"), 10, "first", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    for (store, name) in [(&env, "the store that executed"), (&fresh(), "a fresh store")] {
+                        let same = pay(store, Some("k"), 10, "same", policy(), Then::Succeed { ms: 0 }).await;
+                        assert_eq!(same.unwrap(), "receipt 10 by first", "{name}: replayed");
+                        let other = pay(store, Some("k"), 11, "other", policy(), Then::Succeed { ms: 0 }).await;
+                        assert_eq!(other, Err(IdempotencyError::Conflict { key: "k".into() }), "{name}");
+                    }
+                    age(&env.pool, "tests::pay##k").await;
+                    let third = pay(&fresh(), Some("k"), 12, "third", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(third.unwrap(), "receipt 12 by third", "expired: executed again");
+                    let replayed = pay(&fresh(), Some("k"), 12, "fourth", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(replayed.unwrap(), "receipt 12 by third");
+                    assert_eq!(count(&env.side, "executions", "k").await, 2, "the first and the third ran");
+                    assert_eq!(count(&env.pool, "effects", "k").await, 2);
+                    env.close().await;
+                });
+            }
+
             /// Keys and outcomes are written into the statements that open and commit the
             /// transaction (no parameters there): quotes, backslashes, SQL and non-ASCII text
             /// in either are stored and replayed byte for byte, and execute nothing else.

@@ -1,24 +1,27 @@
 //! `#[idempotent]` on a SQL store: claim, body, outcome and `COMMIT` in one transaction.
 //!
 //! # Protocol
-//! 1. **replay without a transaction**: check a connection out of the pool and `SELECT` the
-//!    key's record on it. Committed, unexpired, same fingerprint → replay its outcome; another
-//!    fingerprint → `Conflict`. (Committed records are final until they expire, so reading
-//!    them unlocked is safe: one round trip.)
-//! 2. **claim**: open the transaction on the same connection and claim in it. The usual
+//! 1. **replay without a transaction**, for a key this store answered or completed lately
+//!    (a retry, likely to replay; [`Recent`]): check a connection out of the pool and `SELECT`
+//!    the key's record on it. Committed, unexpired, same fingerprint → replay its outcome;
+//!    another fingerprint → `Conflict`. (Committed records are final until they expire, so
+//!    reading them unlocked is safe: one round trip.) Any other key (most calls are first
+//!    executions) skips this read and claims at once, on a connection checked out for it.
+//! 2. **claim**: open the transaction on the connection and claim in it. The usual
 //!    case costs one round trip on PostgreSQL: `BEGIN` is sent with the claim's insert
 //!    ([`Dialect::claim_on_begin`]), which takes the key's in-flight lock
 //!    (`pg_try_advisory_xact_lock(hash(table, key))`, answered at once) and inserts the
 //!    in-flight record, and *fails* if the lock is held or the key has a record. Only then is
-//!    the insert rolled back and the claim that reads why ([`Dialect::claim`]) sent after a
-//!    fresh `BEGIN`: it takes the lock and, only if it was free, runs `INSERT … ON CONFLICT
-//!    (key) DO NOTHING RETURNING`, returning the committed record beside the result.
+//!    the insert rolled back, with a fresh `BEGIN` in the same round trip, and the claim that
+//!    reads why ([`Dialect::claim`]) sent: it takes the lock and, only if it was free, runs
+//!    `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, returning the committed record
+//!    beside the result.
 //!    Inserted → the caller executes, holding the transaction. Not inserted → a committed
 //!    record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE` it into this
 //!    caller's claim (only while still expired) and execute. On SQLite the write lock `BEGIN
 //!    IMMEDIATE` takes *is* the claim (nobody else writes until the transaction ends): the
-//!    record is read again under it (a record committed since step 1 answers), and none is
-//!    written until step 4 writes it whole, over an expired one. In a caller's transaction
+//!    record is read under it (a live one answers), and none is written until step 4 writes
+//!    it whole, over an expired one. In a caller's transaction
 //!    ([`SqlStore::within`]), which may not hold the write lock, the claim inserts its
 //!    in-flight record as on PostgreSQL.
 //! 3. **in flight** (PostgreSQL, the lock was taken): [`Claim::InFlight`]. `in_flight =
@@ -45,14 +48,18 @@
 //! visible to others: nothing can find a claim "running" after its owner is gone, so there
 //! are no lease timers.
 //!
-//! Round trips (PostgreSQL): replay 1; first execution 3 + the body's own (read, `BEGIN` with
-//! the claim, … , outcome with `COMMIT`), on one checkout. A pool with `test_before_acquire`
+//! Round trips (PostgreSQL), on one checkout: first execution 2 + the body's own (`BEGIN` with
+//! the claim, … , outcome with `COMMIT`); replay of a key this store saw lately 1 (the read);
+//! replay of any other key 3 (the refused claim, `ROLLBACK` with `BEGIN`, the claim that
+//! reads the record). A pool with `test_before_acquire`
 //! (sqlx's default) adds a ping per checkout, as it does to a bare transaction, and sqlx
 //! pings again (in the background) when the connection goes back to the pool: that ping
 //! also carries the `ROLLBACK` of the empty transaction the commit leaves open (see
 //! `transaction.rs`).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -147,6 +154,47 @@ impl<D: Dialect> std::fmt::Debug for SqlIdempotencyLease<'_, D> {
         f.debug_struct("SqlIdempotencyLease")
             .field("key", &self.key)
             .finish_non_exhaustive()
+    }
+}
+
+/// Keys a store answered (replay, conflict, in flight) or completed lately, by their lock
+/// number: a claim of one of them reads the record first, because it is likely a retry that
+/// one read answers; a claim of any other key (most are first executions) claims at once,
+/// which saves that read. Only the order of the two steps depends on it, never an answer: a
+/// key missing here (never seen, or pushed out) that has a record costs two more round
+/// trips, and a key that is here but has none costs one.
+///
+/// A direct-mapped table of [`RECENT`] numbers (8 bytes each, made on first use), written and
+/// read with plain atomic stores and loads.
+pub(super) struct Recent {
+    slots: OnceLock<Box<[AtomicU64]>>,
+}
+
+/// How many keys [`Recent`] remembers at most (a power of two).
+const RECENT: usize = 4096;
+
+impl Recent {
+    pub(super) const fn new() -> Recent {
+        Recent {
+            slots: OnceLock::new(),
+        }
+    }
+
+    fn slot(&self, lock: i64) -> &AtomicU64 {
+        let slots = self
+            .slots
+            .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(0)).collect());
+        // The lock number is a hash (xxh3): its low bits spread keys evenly.
+        &slots[lock as u64 as usize & (RECENT - 1)]
+    }
+
+    fn saw(&self, lock: i64) {
+        self.slot(lock).store(lock as u64, Relaxed);
+    }
+
+    fn seen(&self, lock: i64) -> bool {
+        // 0 is an empty slot; a key whose lock number is 0 is simply never "seen".
+        lock != 0 && self.slot(lock).load(Relaxed) == lock as u64
     }
 }
 
@@ -368,18 +416,37 @@ impl<D: Dialect> SqlStore<D> {
         check_len(key)?;
         let (pool, tables) = self.store_pool()?;
         let fingerprint = fingerprint.to_string();
+        let lock = tables.lock_id(key.as_str());
+        let claimed = self.claim_on(pool, tables, key, fingerprint, lock).await;
+        // Anything but an execution says the key is in use: its next claim reads first.
+        if !matches!(claimed, Ok(Claim::Execute(_))) {
+            self.recent.saw(lock);
+        }
+        claimed
+    }
+
+    /// Steps 1–3 for the store's own transaction, `lock` the key's lock number.
+    async fn claim_on<T: DeserializeOwned>(
+        &self,
+        pool: &Pool<D>,
+        tables: &Tables,
+        key: &RecordKey,
+        fingerprint: String,
+        lock: i64,
+    ) -> Result<Claim<T, SqlIdempotencyLease<'static, D>, i64>, IdempotencyError> {
         // One checkout for the read and, if it does not answer, the claim's transaction.
         let mut connection = pool.acquire().await.map_err(unavailable)?;
-        if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
-            .await
-            .map_err(unavailable)?
-        {
-            if !record.expired {
-                return answer(key, &fingerprint, record).map(Claim::Replay);
+        if self.recent.seen(lock) {
+            if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
+                .await
+                .map_err(unavailable)?
+            {
+                if !record.expired {
+                    return answer(key, &fingerprint, record).map(Claim::Replay);
+                }
             }
         }
         // `BEGIN` with the insert: the usual first execution claims in this one round trip.
-        let lock = tables.lock_id(key.as_str());
         let tx = match D::claim_on_begin(tables, key.as_str(), &fingerprint, lock) {
             Some(insert) => match Owned::begin_claiming(connection, tables, &insert)
                 .await
@@ -395,7 +462,7 @@ impl<D: Dialect> SqlStore<D> {
                     );
                     return Ok(Claim::Execute(lease));
                 }
-                // Taken since the read (or expired, or in flight): the claim that reads why.
+                // Taken (or expired, or in flight): the claim that reads why.
                 Began::Refused(mut tx) => {
                     tx.begin_again().await.map_err(unavailable)?;
                     tx
@@ -404,8 +471,8 @@ impl<D: Dialect> SqlStore<D> {
             None => {
                 // The write lock is the claim: nobody else writes until this transaction
                 // ends. One statement takes it (waiting up to `busy_timeout`) and reads the
-                // record under it: one committed since the read answers; an expired one is
-                // overwritten at the end.
+                // record under it: a live one answers; an expired one is overwritten at the
+                // end.
                 let mut tx = Owned::begin(connection).await.map_err(unavailable)?;
                 let live = D::lock_and_read(&mut tx, tables, key.as_str())
                     .await
@@ -432,7 +499,13 @@ impl<D: Dialect> SqlStore<D> {
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
         let (pool, tables) = self.store_pool()?;
-        complete_in(lease, tables, Some(pool), outcome, ttl).await
+        let lock = lease.key.as_ref().map(|key| tables.lock_id(key.as_str()));
+        complete_in(lease, tables, Some(pool), outcome, ttl).await?;
+        // A completed key's retries replay: they read first.
+        if let Some(lock) = lock {
+            self.recent.saw(lock);
+        }
+        Ok(())
     }
 
     /// This store for calls inside a transaction the caller opened on `connection` (the

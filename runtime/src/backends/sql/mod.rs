@@ -171,6 +171,8 @@ pub struct SqlStore<D: Dialect> {
     tables: OnceLock<Tables>,
     // In-process FIFO per sequence key, and re-entry detection; the database orders processes.
     sequence_locks: OnceLock<KeyedLocks<String>>,
+    // Keys answered or completed here lately: their next claim reads first.
+    recent: idempotent::Recent,
 }
 
 enum Source<D: Dialect> {
@@ -191,6 +193,7 @@ impl<D: Dialect> SqlStore<D> {
             prefix: Cow::Borrowed(DEFAULT_PREFIX),
             tables: OnceLock::new(),
             sequence_locks: OnceLock::new(),
+            recent: idempotent::Recent::new(),
         }
     }
 
@@ -205,6 +208,7 @@ impl<D: Dialect> SqlStore<D> {
             prefix: Cow::Borrowed(DEFAULT_PREFIX),
             tables: OnceLock::new(),
             sequence_locks: OnceLock::new(),
+            recent: idempotent::Recent::new(),
         }
     }
 
@@ -219,6 +223,7 @@ impl<D: Dialect> SqlStore<D> {
             prefix: Cow::Borrowed(prefix),
             tables: OnceLock::new(),
             sequence_locks: OnceLock::new(),
+            recent: idempotent::Recent::new(),
         }
     }
 

@@ -35,9 +35,9 @@ use super::schema::Tables;
 pub(crate) enum Began<D: Dialect> {
     /// The insert went in: the key is this transaction's.
     Claimed(Owned<D>),
-    /// The insert was refused (a record, or another claim, holds the key) and rolled back:
-    /// the connection, outside any transaction, for the claim that reads why
-    /// ([`Owned::begin_again`]).
+    /// The insert was refused (a record, or another claim, holds the key): the connection,
+    /// for the claim that reads why ([`Owned::begin_again`], which rolls the refused insert
+    /// back in the same round trip).
     Refused(Owned<D>),
 }
 
@@ -60,6 +60,9 @@ enum State {
     Open,
     /// Ended, nothing to roll back.
     Ended,
+    /// The server is in a transaction sqlx does not count (a `BEGIN` whose claim was
+    /// refused): [`Owned::begin_again`] ends it; dropped before that, the connection closes.
+    Refused,
 }
 
 impl<D: Dialect> Owned<D> {
@@ -74,14 +77,21 @@ impl<D: Dialect> Owned<D> {
         Ok(tx)
     }
 
-    /// A writing transaction again, on a connection whose transaction ended
-    /// ([`Began::Refused`]).
+    /// A writing transaction again, on a connection whose claim was refused
+    /// ([`Began::Refused`]): the refused transaction's `ROLLBACK` and the new `BEGIN` go in
+    /// one round trip.
     ///
     /// It keeps [`one_trip_commit`](Self::one_trip_commit) false: a new transaction may run in
     /// another server session (a pooler in transaction mode), and only a claim sent with
     /// `BEGIN` proves the statements the one-trip commit executes are there.
     pub(crate) async fn begin_again(&mut self) -> Result<(), sqlx::Error> {
-        self.begin_with(D::BEGIN.map(Into::into)).await
+        let begin = D::BEGIN.unwrap_or("BEGIN");
+        let statement = match self.state {
+            State::Refused => Cow::Owned(format!("ROLLBACK; {begin}")),
+            _ => Cow::Borrowed(begin),
+        };
+        self.state = State::Ended;
+        self.begin_with(Some(statement)).await
     }
 
     async fn begin_with(
@@ -96,9 +106,9 @@ impl<D: Dialect> Owned<D> {
     }
 
     /// A writing transaction and `insert` (the claim's insert, which fails if the key is
-    /// taken, [`Dialect::claim_on_begin`]) in one round trip. A refused insert is rolled back
-    /// here (one more round trip, only then). On a connection that has not prepared the
-    /// statements `insert` executes, they are prepared and it is sent again.
+    /// taken, [`Dialect::claim_on_begin`]) in one round trip. A refused insert is left for
+    /// [`begin_again`](Self::begin_again) to roll back. On a connection that has not prepared
+    /// the statements `insert` executes, they are prepared and it is sent again.
     pub(crate) async fn begin_claiming(
         connection: PoolConnection<D>,
         tables: &Tables,
@@ -124,11 +134,15 @@ impl<D: Dialect> Owned<D> {
             if !refused && !unprepared {
                 return Err(error);
             }
-            // The server began, then failed the insert; sqlx counted no transaction, so this
-            // ends it (on PostgreSQL it is aborted, on SQLite still open).
+            // The server began, then failed the insert, and sqlx counted no transaction (on
+            // PostgreSQL it is aborted, on SQLite still open): `begin_again` ends it.
+            tx.state = State::Refused;
+            if refused {
+                return Ok(Began::Refused(tx));
+            }
             D::execute_raw(&mut tx.connection, "ROLLBACK").await?;
             tx.state = State::Ended;
-            if refused || prepared {
+            if prepared {
                 // Prepared, and still not there: a pooler that runs each transaction in
                 // another session. The claim that reads why works anywhere.
                 return Ok(Began::Refused(tx));
@@ -187,8 +201,9 @@ impl<D: Dialect> Owned<D> {
 impl<D: Dialect> Drop for Owned<D> {
     fn drop(&mut self) {
         match self.state {
-            // Maybe inside a transaction sqlx does not know about: never reuse the connection.
-            State::Unknown => self.connection.close_on_drop(),
+            // Maybe (or surely) inside a transaction sqlx does not know about: never reuse
+            // the connection.
+            State::Unknown | State::Refused => self.connection.close_on_drop(),
             // Queued; sent before the connection's next statement (the pool's release ping).
             State::Open => D::TransactionManager::start_rollback(&mut self.connection),
             State::Ended => {}
