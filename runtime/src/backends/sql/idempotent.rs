@@ -1,27 +1,30 @@
 //! `#[idempotent]` on a SQL store: claim, body, outcome and `COMMIT` in one transaction.
 //!
 //! # Protocol
-//! 1. **replay without a transaction**, for a key this store answered or completed lately
-//!    (a retry, likely to replay; [`Recent`]): check a connection out of the pool and `SELECT`
-//!    the key's record on it. Committed, unexpired, same fingerprint → replay its outcome;
+//! 1. **replay without a transaction**: check a connection out of the pool and `SELECT` the
+//!    key's record on it. Committed, unexpired, same fingerprint → replay its outcome;
 //!    another fingerprint → `Conflict`. (Committed records are final until they expire, so
-//!    reading them unlocked is safe: one round trip.) Any other key (most calls are first
-//!    executions) skips this read and claims at once, on a connection checked out for it.
+//!    reading them unlocked is safe: one round trip.) On PostgreSQL only a key this store
+//!    answered or completed lately (a retry, likely to replay; [`Recent`]) is read first; any
+//!    other key (most calls are first executions) skips this read and claims at once, and a
+//!    committed record refuses the claim. On SQLite every key is read first: the claim takes
+//!    the database's one write lock, which a replay must not wait for.
 //! 2. **claim**: open the transaction on the connection and claim in it. The usual
 //!    case costs one round trip on PostgreSQL: `BEGIN` is sent with the claim's insert
 //!    ([`Dialect::claim_on_begin`]), which takes the key's in-flight lock
 //!    (`pg_try_advisory_xact_lock(hash(table, key))`, answered at once) and inserts the
 //!    in-flight record, and *fails* if the lock is held or the key has a record. Only then is
-//!    the insert rolled back, with a fresh `BEGIN` in the same round trip, and the claim that
-//!    reads why ([`Dialect::claim`]) sent: it takes the lock and, only if it was free, runs
+//!    the insert rolled back, with a fresh `BEGIN` in the same round trip (separately on a
+//!    pooler that loses prepared statements), and the claim that reads why
+//!    ([`Dialect::claim`]) sent: it takes the lock and, only if it was free, runs
 //!    `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, returning the committed record
 //!    beside the result.
 //!    Inserted → the caller executes, holding the transaction. Not inserted → a committed
 //!    record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE` it into this
 //!    caller's claim (only while still expired) and execute. On SQLite the write lock `BEGIN
 //!    IMMEDIATE` takes *is* the claim (nobody else writes until the transaction ends): the
-//!    record is read under it (a live one answers), and none is written until step 4 writes
-//!    it whole, over an expired one. In a caller's transaction
+//!    record is read again under it (a record committed since step 1 answers), and none is
+//!    written until step 4 writes it whole, over an expired one. In a caller's transaction
 //!    ([`SqlStore::within`]), which may not hold the write lock, the claim inserts its
 //!    in-flight record as on PostgreSQL.
 //! 3. **in flight** (PostgreSQL, the lock was taken): [`Claim::InFlight`]. `in_flight =
@@ -49,9 +52,9 @@
 //! are no lease timers.
 //!
 //! Round trips (PostgreSQL), on one checkout: first execution 2 + the body's own (`BEGIN` with
-//! the claim, … , outcome with `COMMIT`); replay of a key this store saw lately 1 (the read);
-//! replay of any other key 3 (the refused claim, `ROLLBACK` with `BEGIN`, the claim that
-//! reads the record). A pool with `test_before_acquire`
+//! the claim, … , outcome with `COMMIT`), or 3 + the body's own for a key this store saw lately
+//! (the read first); replay of a key this store saw lately 1 (the read); replay of any other
+//! key 3 (the refused claim, `ROLLBACK` with `BEGIN`, the claim that reads the record). A pool with `test_before_acquire`
 //! (sqlx's default) adds a ping per checkout, as it does to a bare transaction, and sqlx
 //! pings again (in the background) when the connection goes back to the pool: that ping
 //! also carries the `ROLLBACK` of the empty transaction the commit leaves open (see
@@ -158,14 +161,17 @@ impl<D: Dialect> std::fmt::Debug for SqlIdempotencyLease<'_, D> {
 }
 
 /// Keys a store answered (replay, conflict, in flight) or completed lately, by their lock
-/// number: a claim of one of them reads the record first, because it is likely a retry that
-/// one read answers; a claim of any other key (most are first executions) claims at once,
-/// which saves that read. Only the order of the two steps depends on it, never an answer: a
-/// key missing here (never seen, or pushed out) that has a record costs two more round
-/// trips, and a key that is here but has none costs one.
+/// number: on PostgreSQL a claim of one of them reads the record first, because it is likely
+/// a retry that one read answers; a claim of any other key (most are first executions) claims
+/// at once, which saves that read. Only the order of the two steps depends on it, not an
+/// answer (on a database that takes writes; a read-only one replays only what is read first):
+/// a key missing here (never seen, or pushed out) that has a record costs two more
+/// round trips (and its refused claim an `ERROR` line in the server log), and a key that is
+/// here but has none costs one.
 ///
 /// A direct-mapped table of [`RECENT`] numbers (8 bytes each, made on first use), written and
-/// read with plain atomic stores and loads.
+/// read with plain atomic stores and loads: a key pushes out whichever earlier key shares its
+/// slot, so it holds up to that many.
 pub(super) struct Recent {
     slots: OnceLock<Box<[AtomicU64]>>,
 }
@@ -434,9 +440,13 @@ impl<D: Dialect> SqlStore<D> {
         fingerprint: String,
         lock: i64,
     ) -> Result<Claim<T, SqlIdempotencyLease<'static, D>, i64>, IdempotencyError> {
-        // One checkout for the read and, if it does not answer, the claim's transaction.
+        // The claim sent with `BEGIN`, where the database takes one (PostgreSQL).
+        let insert = D::claim_on_begin(tables, key.as_str(), &fingerprint, lock);
+        // One checkout for the read and, if it does not answer, the claim's transaction. The
+        // read goes first for a key seen lately, and always where the claim takes the
+        // database's write lock (SQLite): a replay there must not wait for other writers.
         let mut connection = pool.acquire().await.map_err(unavailable)?;
-        if self.recent.seen(lock) {
+        if insert.is_none() || self.recent.seen(lock) {
             if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
                 .await
                 .map_err(unavailable)?
@@ -447,7 +457,7 @@ impl<D: Dialect> SqlStore<D> {
             }
         }
         // `BEGIN` with the insert: the usual first execution claims in this one round trip.
-        let tx = match D::claim_on_begin(tables, key.as_str(), &fingerprint, lock) {
+        let tx = match insert {
             Some(insert) => match Owned::begin_claiming(connection, tables, &insert)
                 .await
                 .map_err(unavailable)?
@@ -471,8 +481,8 @@ impl<D: Dialect> SqlStore<D> {
             None => {
                 // The write lock is the claim: nobody else writes until this transaction
                 // ends. One statement takes it (waiting up to `busy_timeout`) and reads the
-                // record under it: a live one answers; an expired one is overwritten at the
-                // end.
+                // record under it: one committed since the read answers; an expired one is
+                // overwritten at the end.
                 let mut tx = Owned::begin(connection).await.map_err(unavailable)?;
                 let live = D::lock_and_read(&mut tx, tables, key.as_str())
                     .await
