@@ -171,7 +171,7 @@ pub struct SqlStore<D: Dialect> {
     tables: OnceLock<Tables>,
     // In-process FIFO per sequence key, and re-entry detection; the database orders processes.
     sequence_locks: OnceLock<KeyedLocks<String>>,
-    // Keys answered or completed here lately: their next claim reads first.
+    // Keys answered or completed here lately: on PostgreSQL their next claim reads first.
     recent: idempotent::Recent,
 }
 
