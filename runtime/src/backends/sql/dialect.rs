@@ -96,6 +96,13 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
 
+    /// Whether a claim of a key the store has not seen lately skips the replay read and claims
+    /// at once: where the claim costs a round trip the read would add to a first execution and
+    /// takes no lock a replay would wait for (PostgreSQL; not SQLite, whose claim takes the
+    /// database's one write lock).
+    #[doc(hidden)]
+    const CLAIMS_FIRST: bool;
+
     /// The claim's insert, sent in one round trip with `BEGIN`, as a statement without
     /// parameters (on PostgreSQL, `EXECUTE` of a statement the connection prepared once,
     /// [`prepare`](Self::prepare)); `None` where the write lock a transaction takes is the
@@ -522,6 +529,8 @@ mod postgres {
 
         const BEGIN: Option<&'static str> = None;
 
+        const CLAIMS_FIRST: bool = true;
+
         fn claim_on_begin(
             tables: &Tables,
             key: &str,
@@ -791,6 +800,8 @@ mod sqlite {
         }
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+
+        const CLAIMS_FIRST: bool = false;
 
         fn claim_on_begin(_: &Tables, _: &str, _: &str, _: i64) -> Option<String> {
             // A statement after `BEGIN IMMEDIATE` is a hand-off to the connection's thread,

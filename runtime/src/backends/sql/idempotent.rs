@@ -21,9 +21,10 @@
 //!    beside the result.
 //!    Inserted → the caller executes, holding the transaction. Not inserted → a committed
 //!    record exists: replay / `Conflict` as in 1, or, if it has expired, `UPDATE` it into this
-//!    caller's claim (only while still expired) and execute. On SQLite the write lock `BEGIN
-//!    IMMEDIATE` takes *is* the claim (nobody else writes until the transaction ends): the
-//!    record is read again under it (a record committed since step 1 answers), and none is
+//!    caller's claim (only while still expired) and execute. On SQLite the database's write
+//!    lock *is* the claim (nobody else writes until the transaction ends), taken in a plain
+//!    `BEGIN` by the claim's first statement ([`Dialect::lock_and_read`]): the record is read
+//!    again under it (a record committed since step 1 answers), and none is
 //!    written until step 4 writes it whole, over an expired one. In a caller's transaction
 //!    ([`SqlStore::within`]), which may not hold the write lock, the claim inserts its
 //!    in-flight record as on PostgreSQL.
@@ -160,14 +161,15 @@ impl<D: Dialect> std::fmt::Debug for SqlIdempotencyLease<'_, D> {
     }
 }
 
-/// Keys a store answered (replay, conflict, in flight) or completed lately, by their lock
-/// number: on PostgreSQL a claim of one of them reads the record first, because it is likely
-/// a retry that one read answers; a claim of any other key (most are first executions) claims
-/// at once, which saves that read. Only the order of the two steps depends on it, not an
-/// answer (on a database that takes writes; a read-only one replays only what is read first):
-/// a key missing here (never seen, or pushed out) that has a record costs two more
-/// round trips (and its refused claim an `ERROR` line in the server log), and a key that is
-/// here but has none costs one.
+/// Keys a store answered (replay, conflict, in flight), failed to claim (a store error) or
+/// completed lately, by their lock number: on PostgreSQL a claim of one of them reads the
+/// record first, because it is likely a retry that one read answers; a claim of any other key
+/// (most are first executions) claims at once, which saves that read. Only the order of the
+/// two steps depends on it, not an answer (on a database that takes writes; a read-only one
+/// replays only what is read first): a key missing here (never seen, or pushed out) that has
+/// a live record costs two more round trips (and its refused claim an `ERROR` line in the
+/// server log), and a key that is here but has no live record costs one. Each store has its
+/// own: a store made per request never reads first. Unused on SQLite (always reads first).
 ///
 /// A direct-mapped table of [`RECENT`] numbers (8 bytes each, made on first use), written and
 /// read with plain atomic stores and loads: a key pushes out whichever earlier key shares its
@@ -424,8 +426,9 @@ impl<D: Dialect> SqlStore<D> {
         let fingerprint = fingerprint.to_string();
         let lock = tables.lock_id(key.as_str());
         let claimed = self.claim_on(pool, tables, key, fingerprint, lock).await;
-        // Anything but an execution says the key is in use: its next claim reads first.
-        if !matches!(claimed, Ok(Claim::Execute(_))) {
+        // Anything but an execution (an answer, or a failure) marks the key: its next claim
+        // reads first.
+        if D::CLAIMS_FIRST && !matches!(claimed, Ok(Claim::Execute(_))) {
             self.recent.saw(lock);
         }
         claimed
@@ -440,13 +443,11 @@ impl<D: Dialect> SqlStore<D> {
         fingerprint: String,
         lock: i64,
     ) -> Result<Claim<T, SqlIdempotencyLease<'static, D>, i64>, IdempotencyError> {
-        // The claim sent with `BEGIN`, where the database takes one (PostgreSQL).
-        let insert = D::claim_on_begin(tables, key.as_str(), &fingerprint, lock);
         // One checkout for the read and, if it does not answer, the claim's transaction. The
         // read goes first for a key seen lately, and always where the claim takes the
         // database's write lock (SQLite): a replay there must not wait for other writers.
         let mut connection = pool.acquire().await.map_err(unavailable)?;
-        if insert.is_none() || self.recent.seen(lock) {
+        if !D::CLAIMS_FIRST || self.recent.seen(lock) {
             if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
                 .await
                 .map_err(unavailable)?
@@ -457,7 +458,7 @@ impl<D: Dialect> SqlStore<D> {
             }
         }
         // `BEGIN` with the insert: the usual first execution claims in this one round trip.
-        let tx = match insert {
+        let tx = match D::claim_on_begin(tables, key.as_str(), &fingerprint, lock) {
             Some(insert) => match Owned::begin_claiming(connection, tables, &insert)
                 .await
                 .map_err(unavailable)?
@@ -512,7 +513,7 @@ impl<D: Dialect> SqlStore<D> {
         let lock = lease.key.as_ref().map(|key| tables.lock_id(key.as_str()));
         complete_in(lease, tables, Some(pool), outcome, ttl).await?;
         // A completed key's retries replay: they read first.
-        if let Some(lock) = lock {
+        if let (true, Some(lock)) = (D::CLAIMS_FIRST, lock) {
             self.recent.saw(lock);
         }
         Ok(())

@@ -134,8 +134,9 @@ impl<D: Dialect> Owned<D> {
             if !refused && !unprepared {
                 return Err(error);
             }
-            // The server began, then failed the insert, and sqlx counted no transaction (on
-            // PostgreSQL it is aborted, on SQLite still open): `begin_again` ends it.
+            // The server began, then failed the insert (its transaction is aborted), and sqlx
+            // counted no transaction: `begin_again` ends a refused one, this `ROLLBACK` one
+            // that lacked its statements.
             tx.state = State::Refused;
             if refused {
                 return Ok(Began::Refused(tx));
