@@ -256,14 +256,15 @@ fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
 
 /// Steps 2–3 of the protocol in an open transaction `tx`: the claim statement (in-flight
 /// lock and insert), then the committed record's answer, or the replacement of an expired one.
+/// `lock` is the key's lock number (`Tables::lock_id`).
 async fn claim_in<'c, D: Dialect, T: DeserializeOwned>(
     mut tx: StoreTx<'c, D>,
     tables: &Tables,
     key: &RecordKey,
+    lock: i64,
     fingerprint: &str,
     caller_commits: bool,
 ) -> Result<Claim<T, SqlIdempotencyLease<'c, D>, i64>, IdempotencyError> {
-    let lock = tables.lock_id(key.as_str());
     let lease = |tx| {
         Claim::Execute(SqlIdempotencyLease::claimed(
             tx,
@@ -426,12 +427,23 @@ impl<D: Dialect> SqlStore<D> {
         let fingerprint = fingerprint.to_string();
         let lock = tables.lock_id(key.as_str());
         let claimed = self.claim_on(pool, tables, key, fingerprint, lock).await;
-        // Anything but an execution (an answer, or a failure) marks the key: its next claim
-        // reads first.
-        if D::CLAIMS_FIRST && !matches!(claimed, Ok(Claim::Execute(_))) {
-            self.recent.saw(lock);
+        // Anything but an execution (an answer, or a failure) marks the key.
+        if !matches!(claimed, Ok(Claim::Execute(_))) {
+            self.remember(lock);
         }
         claimed
+    }
+
+    /// Whether a claim of the key numbered `lock` reads its record first ([`Recent`]).
+    fn reads_first(&self, lock: i64) -> bool {
+        !D::CLAIMS_FIRST || self.recent.seen(lock)
+    }
+
+    /// The key numbered `lock` was answered or completed: its next claim reads first.
+    fn remember(&self, lock: i64) {
+        if D::CLAIMS_FIRST {
+            self.recent.saw(lock);
+        }
     }
 
     /// Steps 1–3 for the store's own transaction, `lock` the key's lock number.
@@ -447,7 +459,7 @@ impl<D: Dialect> SqlStore<D> {
         // read goes first for a key seen lately, and always where the claim takes the
         // database's write lock (SQLite): a replay there must not wait for other writers.
         let mut connection = pool.acquire().await.map_err(unavailable)?;
-        if !D::CLAIMS_FIRST || self.recent.seen(lock) {
+        if self.reads_first(lock) {
             if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
                 .await
                 .map_err(unavailable)?
@@ -500,7 +512,7 @@ impl<D: Dialect> SqlStore<D> {
                 };
             }
         };
-        claim_in(StoreTx::Own(tx), tables, key, &fingerprint, false).await
+        claim_in(StoreTx::Own(tx), tables, key, lock, &fingerprint, false).await
     }
 
     async fn complete_key<T: Serialize>(
@@ -510,11 +522,11 @@ impl<D: Dialect> SqlStore<D> {
         ttl: Duration,
     ) -> Result<(), IdempotencyError> {
         let (pool, tables) = self.store_pool()?;
-        let lock = lease.key.as_ref().map(|key| tables.lock_id(key.as_str()));
+        // A completed key's retries replay, so they read first (numbered before the lease goes).
+        let completed = lease.key.as_ref().map(|key| tables.lock_id(key.as_str()));
         complete_in(lease, tables, Some(pool), outcome, ttl).await?;
-        // A completed key's retries replay: they read first.
-        if let (true, Some(lock)) = (D::CLAIMS_FIRST, lock) {
-            self.recent.saw(lock);
+        if let Some(lock) = completed {
+            self.remember(lock);
         }
         Ok(())
     }
@@ -668,6 +680,7 @@ where
             StoreTx::Savepoint(tx),
             tables,
             key,
+            tables.lock_id(key.as_str()),
             &fingerprint.to_string(),
             true,
         )
