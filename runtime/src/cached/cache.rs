@@ -437,6 +437,12 @@ where
 {
     /// A cache bounded by `config`, named `name` in `tracing` events, hashing with `hasher`.
     ///
+    /// `hasher` must spread keys over the low bits of the hash (any well-mixing hash; not an
+    /// identity or truncating one). The table probes from the low bits, and when a key finds no
+    /// free slot within its probe limit in a table under half full, `papaya` 0.2.5 replaces the
+    /// table by one of the same size, in which the same key fails again: the insert never
+    /// returns and allocates a table per turn. [`RandomState`] (the default) is chosen for this.
+    ///
     /// # Panics
     /// If `config` has a `refresh` or `stale_on_error` without a `ttl`, or a `refresh` not
     /// shorter than its `ttl` (`#[cached]` rejects these at compile time).

@@ -14,9 +14,14 @@ pub mod keyed_locks;
 pub(crate) mod scope;
 pub mod single_flight;
 
-/// The default hasher of the registries: `foldhash`, seeded per process; a lookup hashes the
-/// key a few times per call, and SipHash would be most of the call's cost.
-pub type RandomState = foldhash::fast::RandomState;
+/// The default hasher of the registries and caches: `foldhash`'s quality variant, seeded per
+/// process; a lookup hashes the key a few times per call, and SipHash would be most of the
+/// call's cost. Not `foldhash::fast`: for sequential integer keys, some of its seeds cluster the
+/// low bits, and `papaya` (the cache's table) then overflows its probe limit in a table less than
+/// half full, answers by "growing" to the same size, overflows again and loops, allocating a
+/// table per turn (seen as a hung, then OOM-killed, test: 1 run in about 300). The quality
+/// variant's last multiply costs about a nanosecond per hash; see `tests/cached_alloc.rs`.
+pub type RandomState = foldhash::quality::RandomState;
 
 /// Runs a cleanup that calls the key's `Hash`/`Eq` (leaving a map) from a `Drop`: while the
 /// thread unwinds, a panic in them is caught, because a second panic would abort the process.
