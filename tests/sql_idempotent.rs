@@ -805,6 +805,94 @@ fn sqlite_duplicate_in_flight_waits_for_the_write_lock_bounded_by_busy_timeout()
     });
 }
 
+/// On SQLite the claim takes the database's one write lock, so a live record must answer
+/// before that lock is asked for (every SQLite claim reads first). Another writer holds the
+/// write lock throughout. Stores new to the key (each made for one call, on a pool with a
+/// 100 ms `busy_timeout`) replay it and answer `Conflict` for another payload (waiting for
+/// the lock would have been `StoreUnavailable`); the same for a key with a NUL byte. Nothing
+/// executes but the two first calls. (A claim-first SQLite store, tried in stop 23, had to
+/// check for the record before its `BEGIN IMMEDIATE` to pass this.)
+#[cfg(feature = "sqlite")]
+#[test]
+fn sqlite_replay_by_a_store_new_to_the_key_never_waits_for_the_write_lock() {
+    use racefree::sql::SqliteStore;
+    use sqlx::Connection;
+    let db = TestDb::sqlite("unlocked");
+    sql::runtime().block_on(async {
+        let env = sqlite::setup(&db).await;
+        let keys = ["w", "nul\0key"];
+        for key in keys {
+            let first = sqlite::pay(
+                &env,
+                Some(key),
+                1,
+                "first",
+                sqlite::policy(),
+                Then::Succeed { ms: 0 },
+            )
+            .await;
+            assert_eq!(first.unwrap(), "receipt 1 by first", "{key:?}");
+        }
+
+        let writer_pool = db.sqlite_pool(1, Duration::from_secs(5)).await;
+        let mut writer = writer_pool.acquire().await.unwrap();
+        let mut holding = writer.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO effects (key, who) VALUES ('other', 'writer')")
+            .execute(&mut *holding)
+            .await
+            .unwrap();
+
+        let impatient_pool = db.sqlite_pool(2, Duration::from_millis(100)).await;
+        let fresh = || sqlite::Env {
+            store: SqliteStore::new(impatient_pool.clone()),
+            pool: env.pool.clone(),
+            side: env.side.clone(),
+        };
+        for key in keys {
+            let replayed = sqlite::pay(
+                &fresh(),
+                Some(key),
+                1,
+                "retry",
+                sqlite::policy(),
+                Then::Succeed { ms: 0 },
+            )
+            .await;
+            assert_eq!(
+                replayed.unwrap(),
+                "receipt 1 by first",
+                "{key:?}: replayed while the lock is held"
+            );
+            let other = sqlite::pay(
+                &fresh(),
+                Some(key),
+                2,
+                "other",
+                sqlite::policy(),
+                Then::Succeed { ms: 0 },
+            )
+            .await;
+            assert_eq!(
+                other,
+                Err(IdempotencyError::Conflict { key: key.into() }),
+                "{key:?}"
+            );
+        }
+
+        holding.rollback().await.unwrap();
+        drop(writer);
+        for key in keys {
+            assert_eq!(
+                sqlite::count(&env.side, "executions", key).await,
+                1,
+                "{key:?}: only the first ran"
+            );
+            assert_eq!(sqlite::count(&env.pool, "effects", key).await, 1, "{key:?}");
+        }
+        env.close().await;
+    });
+}
+
 /// The connection is killed (`pg_terminate_backend`) in the middle of a body, and again
 /// after a body, before its outcome is written: both times the caller gets an error
 /// (the body's own, then `StoreUnavailable`), nothing committed, and the retry executes once
