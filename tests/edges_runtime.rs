@@ -354,7 +354,7 @@ fn coarse_lag() -> u64 {
 /// had passed since the insert ended, and every read that missed it ended after the TTL had
 /// passed since the insert began. The one excuse is the documented one (`sync::clock`): a read
 /// while the coarse clock trailed by more than its margin (a descheduled virtual CPU), measured
-/// on both sides of the read; such reads are counted and printed.
+/// on both sides of the read; each such read is printed.
 #[test]
 fn an_entry_is_never_returned_after_its_ttl_and_never_dropped_before() {
     let ttl = Duration::from_millis(20);

@@ -55,11 +55,11 @@
 //! Round trips (PostgreSQL), on one checkout: first execution 2 + the body's own (`BEGIN` with
 //! the claim, … , outcome with `COMMIT`), or 3 + the body's own for a key this store saw lately
 //! (the read first); replay of a key this store saw lately 1 (the read); replay of any other
-//! key 3 (the refused claim, `ROLLBACK` with `BEGIN`, the claim that reads the record). A pool with `test_before_acquire`
-//! (sqlx's default) adds a ping per checkout, as it does to a bare transaction, and sqlx
-//! pings again (in the background) when the connection goes back to the pool: that ping
-//! also carries the `ROLLBACK` of the empty transaction the commit leaves open (see
-//! `transaction.rs`).
+//! key 3 (the refused claim, `ROLLBACK` with `BEGIN`, the claim that reads the record). A pool
+//! with `test_before_acquire` (sqlx's default) adds a ping per checkout, as it does to a bare
+//! transaction, and sqlx pings again (in the background) when the connection goes back to the
+//! pool: that ping also carries the `ROLLBACK` of the empty transaction the commit leaves open
+//! (see `transaction.rs`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
