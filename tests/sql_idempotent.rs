@@ -305,8 +305,10 @@ macro_rules! suite {
             }
 
             /// Keys and outcomes are written into the statements that open and commit the
-            /// transaction (no parameters there): quotes, backslashes, SQL and non-ASCII text
-            /// in either are stored and replayed byte for byte, and execute nothing else.
+            /// transaction (no parameters there; on PostgreSQL dollar-quoted as `$rf$…$rf$`,
+            /// or in hex where the value holds `$rf`): quotes, backslashes, SQL, dollar quotes
+            /// (ours among them, and a value ending in half of our closing one) and non-ASCII
+            /// text in either are stored and replayed byte for byte, and execute nothing else.
             #[test]
             fn keys_and_outcomes_that_look_like_sql_round_trip() {
                 let db = $new_db("quoting");
@@ -319,6 +321,9 @@ macro_rules! suite {
                         r"E'\'",
                         "'); DROP TABLE effects; --",
                         "$$; COMMIT; $$",
+                        "$rf$); COMMIT; --",
+                        "ends in $rf",
+                        "$r$f$$",
                         "ключ-🔑",
                     ];
                     for key in keys {
@@ -329,10 +334,11 @@ macro_rules! suite {
                         assert_eq!(count(&env.side, "executions", key).await, 1, "{key}: executed once");
                         assert_eq!(count(&env.pool, "effects", key).await, 1, "{key}: one effect row");
                     }
-                    let stored: Vec<String> = sqlx::query_scalar("SELECT key FROM racefree_idempotency ORDER BY key")
+                    let mut stored: Vec<String> = sqlx::query_scalar("SELECT key FROM racefree_idempotency")
                         .fetch_all(&env.pool)
                         .await
                         .unwrap();
+                    stored.sort();
                     let mut expected: Vec<String> = keys.iter().map(|key| format!("tests::pay##{key}")).collect();
                     expected.sort();
                     assert_eq!(stored, expected, "the record keys, byte for byte");
@@ -1329,7 +1335,9 @@ fn pg_exhausted_pool_is_store_unavailable() {
 /// `COMMIT`, by executing statements each connection prepares once. A connection that lost
 /// them (a `DEALLOCATE`, a `DISCARD ALL`) prepares them again on its next claim: on a pool of
 /// one connection, a claim after they are dropped still executes once, and replays still
-/// replay.
+/// replay. One that lost only the outcome's (by hand: the two are prepared together) fails
+/// that call's commit, before `COMMIT`: `StoreUnavailable`, nothing committed, and the
+/// connection is replaced, so the retry executes once and commits.
 #[cfg(feature = "postgres")]
 #[test]
 fn pg_statements_dropped_from_a_connection_are_prepared_again() {
@@ -1367,19 +1375,32 @@ fn pg_statements_dropped_from_a_connection_are_prepared_again() {
         assert_eq!(pay("b", "second").await.unwrap(), "receipt 1 by second");
         assert_eq!(ours().await, prepared, "prepared again, under the same names");
 
-        // Only the outcome's statement gone: the claim finds out (it executes both), so the
-        // commit never runs into its absence after the body.
+        // Only the outcome's statement gone: the commit finds out, before `COMMIT`.
         let outcome = prepared.iter().find(|name| name.contains("outcome")).unwrap();
         sqlx::query(&format!("DEALLOCATE {outcome}"))
             .execute(&one)
             .await
             .unwrap();
+        match pay("c", "lost").await {
+            Err(IdempotencyError::StoreUnavailable { reason }) => {
+                assert!(reason.contains("rolled back"), "{reason}")
+            }
+            other => panic!("a commit without its statement is StoreUnavailable: {other:?}"),
+        }
+        assert_eq!(pg::count(&one, "effects", "c").await, 0, "c: nothing committed");
         assert_eq!(pay("c", "third").await.unwrap(), "receipt 1 by third");
-        assert_eq!(ours().await, prepared, "the missing one prepared again");
+        assert_eq!(ours().await, prepared, "both prepared again, on a new connection");
         assert_eq!(pay("a", "later").await.unwrap(), "receipt 1 by first", "replayed");
         assert_eq!(pay("b", "later").await.unwrap(), "receipt 1 by second", "replayed");
-        for key in ["a", "b", "c"] {
+        assert_eq!(
+            pg::count(&env.side, "executions", "c").await,
+            2,
+            "c: the rolled-back execution and the retry"
+        );
+        for key in ["a", "b"] {
             assert_eq!(pg::count(&env.side, "executions", key).await, 1, "{key}: once");
+        }
+        for key in ["a", "b", "c"] {
             assert_eq!(pg::count(&one, "effects", key).await, 1, "{key}: one row");
         }
         one.close().await;

@@ -51,8 +51,10 @@ pub struct Statements {
 
 /// PostgreSQL statements a connection prepares once (SQL `PREPARE`) so that a simple query
 /// (the only kind that can carry `BEGIN` or `COMMIT` with another statement in one round
-/// trip) can `EXECUTE` them without planning them again. Named after a hash of their text,
-/// so stores with other tables, or another version's statements, never collide.
+/// trip) can `EXECUTE` them without planning them again. Both are named after one hash of
+/// both texts, so stores with other tables, or another version's statements, never collide,
+/// and a session (on a pooler, shared with other versions) that has this claim statement has
+/// this outcome statement: the claim is prepared second.
 #[doc(hidden)]
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -73,7 +75,8 @@ impl Prepared {
                 xxhash_rust::xxh3::xxh3_64(body.as_bytes())
             )
         };
-        let (claim_name, outcome_name) = (name("claim", claim), name("outcome", outcome));
+        let both = format!("{claim}\n{outcome}");
+        let (claim_name, outcome_name) = (name("claim", &both), name("outcome", &both));
         Prepared {
             prepare_claim: format!("PREPARE {claim_name} {claim}"),
             prepare_outcome: format!("PREPARE {outcome_name} {outcome}"),

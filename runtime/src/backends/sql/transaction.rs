@@ -11,10 +11,12 @@
 //!   to the pool, and warns about nothing).
 //!
 //! A simple query takes no parameters: the statements are prepared once per connection
-//! (SQL `PREPARE`) and executed by name with their values written in (in hex). The claim
-//! also executes the outcome's statement on no row, so a session that lacks it is found out
-//! before the body runs, not at its `COMMIT`. Statements after `COMMIT` are counted: an error
-//! after `COMMIT` completed is still a commit (and the connection is closed).
+//! (SQL `PREPARE`) and executed by name with their values written in (dollar-quoted, or in
+//! hex). A session that has the claim's statement has the outcome's (prepared first, under a
+//! name shared with the claim's), unless someone deallocated it by hand: then the commit fails
+//! before `COMMIT` (rolled back), and the connection is closed, so the next claim prepares
+//! both again. Statements after `COMMIT` are counted: an error after `COMMIT` completed is
+//! still a commit (and the connection is closed).
 //!
 //! sqlx's [`TransactionManager`] keeps its transaction depth right throughout, so a body
 //! that opens a transaction on the connection gets a savepoint, as with [`sqlx::Transaction`].
@@ -181,6 +183,9 @@ impl<D: Dialect> Owned<D> {
                 Ok(())
             }
             Ok(Committed::Unclean) => Ok(()),
+            // The session lost the outcome's statement (deallocated by hand): rolled back, and
+            // the connection is not reused, so the next claim prepares both again.
+            Err(error) if D::unprepared(&error) => Err(error),
             // The server refused before `COMMIT` completed: the transaction is still open (or
             // aborted), as sqlx counts it, and the queued `ROLLBACK` ends it.
             Err(error @ sqlx::Error::Database(_)) => {
