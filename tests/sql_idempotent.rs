@@ -1335,9 +1335,10 @@ fn pg_exhausted_pool_is_store_unavailable() {
 /// `COMMIT`, by executing statements each connection prepares once. A connection that lost
 /// them (a `DEALLOCATE`, a `DISCARD ALL`) prepares them again on its next claim: on a pool of
 /// one connection, a claim after they are dropped still executes once, and replays still
-/// replay. One that lost only the outcome's (by hand: the two are prepared together) fails
-/// that call's commit, before `COMMIT`: `StoreUnavailable`, nothing committed, and the
-/// connection is replaced, so the retry executes once and commits.
+/// replay. One that lost only the outcome's (deallocated by hand: the two are prepared in one
+/// transaction) fails that call's commit, before `COMMIT`: `StoreUnavailable`, nothing
+/// committed, and the connection is replaced, so the retry executes once and commits. One
+/// that lost only the claim's prepares that one again and executes.
 #[cfg(feature = "postgres")]
 #[test]
 fn pg_statements_dropped_from_a_connection_are_prepared_again() {
@@ -1390,6 +1391,16 @@ fn pg_statements_dropped_from_a_connection_are_prepared_again() {
         assert_eq!(pg::count(&one, "effects", "c").await, 0, "c: nothing committed");
         assert_eq!(pay("c", "third").await.unwrap(), "receipt 1 by third");
         assert_eq!(ours().await, prepared, "both prepared again, on a new connection");
+
+        // Only the claim's gone: the claim fails, and only the claim's is prepared again (a
+        // second `PREPARE` of the outcome's would fail the preparing transaction).
+        let claim = prepared.iter().find(|name| name.contains("claim")).unwrap();
+        sqlx::query(&format!("DEALLOCATE {claim}"))
+            .execute(&one)
+            .await
+            .unwrap();
+        assert_eq!(pay("d", "fourth").await.unwrap(), "receipt 1 by fourth");
+        assert_eq!(ours().await, prepared, "the claim's prepared again");
         assert_eq!(pay("a", "later").await.unwrap(), "receipt 1 by first", "replayed");
         assert_eq!(pay("b", "later").await.unwrap(), "receipt 1 by second", "replayed");
         assert_eq!(
@@ -1397,10 +1408,10 @@ fn pg_statements_dropped_from_a_connection_are_prepared_again() {
             2,
             "c: the rolled-back execution and the retry"
         );
-        for key in ["a", "b"] {
+        for key in ["a", "b", "d"] {
             assert_eq!(pg::count(&env.side, "executions", key).await, 1, "{key}: once");
         }
-        for key in ["a", "b", "c"] {
+        for key in ["a", "b", "c", "d"] {
             assert_eq!(pg::count(&one, "effects", key).await, 1, "{key}: one row");
         }
         one.close().await;
@@ -1420,8 +1431,8 @@ enum Cut {
     BeforeSending,
 }
 
-/// A loopback proxy to the machine's PostgreSQL that cuts a connection at its `COMMIT`, as
-/// `cut` says (then passes everything again).
+/// A loopback proxy to the machine's PostgreSQL that cuts a connection at its next commit
+/// with an outcome (`…; COMMIT; BEGIN`), as `cut` says (then passes everything again).
 #[cfg(feature = "postgres")]
 async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1441,7 +1452,9 @@ async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                    let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                    // The store's commit with the outcome, not another `COMMIT` (a new
+                    // connection prepares its statements in a transaction of its own).
+                    let commit = buf[..n].windows(13).any(|w| w == b"COMMIT; BEGIN");
                     let action = match commit {
                         true => std::mem::replace(&mut *cut.lock().unwrap(), Cut::Never),
                         false => Cut::Never,

@@ -538,7 +538,8 @@ mod postgres {
             lock: i64,
         ) -> Option<String> {
             // The outcome's statement is not executed here: a session that has the claim's has
-            // it (`Prepared`), unless it was deallocated by hand, and then the commit fails
+            // it (`prepare` prepares both in one transaction, so in one server session even
+            // behind a pooler), unless it was deallocated by hand, and then the commit fails
             // before `COMMIT` (`Owned::commit_with_outcome`).
             Some(format!(
                 "EXECUTE {}({}, {}, '{lock}')",
@@ -560,16 +561,27 @@ mod postgres {
 
         async fn prepare(conn: &mut PgConnection, tables: &Tables) -> Result<(), sqlx::Error> {
             let prepared = &tables.sql.prepared;
-            // The outcome's first: a session that has the claim's has both, even after a
-            // failure between the two.
-            for statement in [&prepared.prepare_outcome, &prepared.prepare_claim] {
-                match Self::execute_raw(conn, statement).await {
-                    // duplicate_prepared_statement: this session has it already.
-                    Err(error) if database_code(&error).as_deref() == Some("42P05") => {}
-                    done => done?,
+            // In one transaction, which a pooler in transaction mode keeps on one server
+            // session: the two land in the same session, or neither does (`PREPARE` itself is
+            // not undone by a rollback, so the outcome's goes first). Only the missing ones: a
+            // `PREPARE` of a name the session has fails, and would end the transaction.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let present: Vec<String> = sqlx::query_scalar(
+                "SELECT name::text FROM pg_prepared_statements WHERE name IN ($1, $2)",
+            )
+            .bind(&prepared.outcome)
+            .bind(&prepared.claim)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (name, statement) in [
+                (&prepared.outcome, &prepared.prepare_outcome),
+                (&prepared.claim, &prepared.prepare_claim),
+            ] {
+                if !present.contains(name) {
+                    Self::execute_raw(&mut tx, statement).await?;
                 }
             }
-            Ok(())
+            tx.commit().await
         }
 
         async fn lock_and_read(

@@ -53,8 +53,8 @@ pub struct Statements {
 /// (the only kind that can carry `BEGIN` or `COMMIT` with another statement in one round
 /// trip) can `EXECUTE` them without planning them again. Both are named after one hash of
 /// both texts, so stores with other tables, or another version's statements, never collide,
-/// and a session (on a pooler, shared with other versions) that has this claim statement has
-/// this outcome statement: the claim is prepared second.
+/// and a session that has this claim statement has this outcome statement, even one a pooler
+/// shares with other versions: they are prepared together, in one transaction (`Dialect::prepare`).
 #[doc(hidden)]
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]

@@ -12,10 +12,10 @@
 //!
 //! A simple query takes no parameters: the statements are prepared once per connection
 //! (SQL `PREPARE`) and executed by name with their values written in (dollar-quoted, or in
-//! hex). A session that has the claim's statement has the outcome's (prepared first, under a
-//! name shared with the claim's), unless someone deallocated it by hand: then the commit fails
-//! before `COMMIT` (rolled back), and the connection is closed, so the next claim prepares
-//! both again. Statements after `COMMIT` are counted: an error after `COMMIT` completed is
+//! hex). A session that has the claim's statement has the outcome's (both prepared in one
+//! transaction, so in one server session even behind a pooler, under names from one hash),
+//! unless someone deallocated it by hand: then the commit fails before `COMMIT` (rolled back),
+//! and the connection is closed, so the next claim prepares both again. Statements after `COMMIT` are counted: an error after `COMMIT` completed is
 //! still a commit (and the connection is closed).
 //!
 //! sqlx's [`TransactionManager`] keeps its transaction depth right throughout, so a body
@@ -48,8 +48,8 @@ pub(crate) struct Owned<D: Dialect> {
     connection: PoolConnection<D>,
     state: State,
     /// [`commit_with_outcome`](Self::commit_with_outcome) can run in this transaction: the
-    /// statements it executes by name exist in its session (proven by the claim that ran in
-    /// it), or the database prepares nothing by name.
+    /// claim that ran in it found its statement in this session, and the outcome's is
+    /// prepared with it ([`Dialect::prepare`]); or the database prepares nothing by name.
     one_trip_commit: bool,
 }
 
@@ -85,7 +85,7 @@ impl<D: Dialect> Owned<D> {
     ///
     /// It keeps [`one_trip_commit`](Self::one_trip_commit) false: a new transaction may run in
     /// another server session (a pooler in transaction mode), and only a claim sent with
-    /// `BEGIN` proves the statements the one-trip commit executes are there.
+    /// `BEGIN` shows that the session has the statements the one-trip commit executes.
     pub(crate) async fn begin_again(&mut self) -> Result<(), sqlx::Error> {
         let begin = D::BEGIN.unwrap_or("BEGIN");
         let statement = match self.state {
