@@ -54,7 +54,8 @@ pub struct Statements {
 /// trip) can `EXECUTE` them without planning them again. Both are named after one hash of
 /// both texts, so stores with other tables, or another version's statements, never collide,
 /// and a session that has this claim statement has this outcome statement, even one a pooler
-/// shares with other versions: they are prepared together, in one transaction (`Dialect::prepare`).
+/// shares with other versions: they are prepared together, in one transaction
+/// (`Dialect::prepare`).
 #[doc(hidden)]
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]

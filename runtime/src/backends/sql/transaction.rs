@@ -15,8 +15,9 @@
 //! hex). A session that has the claim's statement has the outcome's (both prepared in one
 //! transaction, so in one server session even behind a pooler, under names from one hash),
 //! unless someone deallocated it by hand: then the commit fails before `COMMIT` (rolled back),
-//! and the connection is closed, so the next claim prepares both again. Statements after `COMMIT` are counted: an error after `COMMIT` completed is
-//! still a commit (and the connection is closed).
+//! and the connection is closed, so the next claim prepares both again. Statements after
+//! `COMMIT` are counted: an error after `COMMIT` completed is still a commit (and the
+//! connection is closed).
 //!
 //! sqlx's [`TransactionManager`] keeps its transaction depth right throughout, so a body
 //! that opens a transaction on the connection gets a savepoint, as with [`sqlx::Transaction`].
