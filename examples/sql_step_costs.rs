@@ -1,0 +1,239 @@
+//! Where a first execution's time goes on the SQL stores, beside the bare transaction: the
+//! probes behind the README's "What bounds the first-execution ratio". Each contender runs
+//! in turn within every round, so all of them see the same load; medians are printed.
+//!
+//! - `postgres [off|on]`: on one connection to 127.0.0.1:5432 (a schema of its own, dropped
+//!   at the end), with the session's `synchronous_commit` as given (`off`: only the
+//!   statements' work shows, not the WAL flush), the bare `BEGIN` / `INSERT` / `COMMIT`
+//!   against the statements a first execution sends, spelled as racefree sent them before
+//!   stop 24 (values hex-decoded, a proof statement in the claim) and as it sends them now.
+//! - `sqlite`: on a temp file, the bare transaction against the same transaction with the
+//!   idempotency record's `INSERT` added (the floor of any claim that writes its record in
+//!   the transaction), and against a whole `#[idempotent]` first execution.
+//!
+//! ```text
+//! cargo run --release --features postgres,sqlite --example sql_step_costs -- postgres off
+//! cargo run --release --features postgres,sqlite --example sql_step_costs -- sqlite
+//! ```
+
+use std::time::{Duration, Instant};
+
+use racefree::idempotency::{Claim, RecordKey};
+use racefree::sql::SqliteStore;
+use racefree::{Fingerprint, IdempotencyBackend};
+use sqlx::{Connection, Executor, PgConnection};
+
+const ROUNDS: usize = 3000;
+
+fn median(times: &mut [Duration]) -> f64 {
+    times.sort();
+    times[times.len() / 2].as_secs_f64() * 1e6
+}
+
+fn report(names: &[&str], times: &mut [Vec<Duration>]) {
+    let bare = median(&mut times[0]);
+    for (name, times) in names.iter().zip(times.iter_mut()) {
+        let t = median(times);
+        println!("{name:45} {t:7.0} µs  {:.2}×", t / bare);
+    }
+}
+
+/// `value` as the store wrote it before stop 24.
+fn hex(value: &str) -> String {
+    let digits: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("convert_from(decode('{digits}', 'hex'), 'UTF8')")
+}
+
+/// `value` as the store writes it now (values without `$rf`).
+fn dollar(value: &str) -> String {
+    format!("$rf${value}$rf$")
+}
+
+async fn postgres(sync: &str) {
+    let mut c = PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    let schema = format!("rf_step_costs_{}", std::process::id());
+    c.execute(
+        format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}; \
+             SET synchronous_commit = {sync}"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    let store = racefree::sql::PgStore::lazy("postgres://unused");
+    for statement in store
+        .schema_sql()
+        .split(";\n")
+        .filter(|s| !s.trim().is_empty())
+    {
+        c.execute(statement).await.unwrap();
+    }
+    c.execute("CREATE TABLE effects (key TEXT NOT NULL, amount BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    // The claim and outcome statements, as `PREPARE`d by the store.
+    c.execute(
+        "PREPARE claim(text, text, bigint) AS \
+         WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held) \
+         INSERT INTO racefree_idempotency (key, fingerprint, expires_at) \
+         SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END FROM lock",
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "PREPARE outcome(text, text, float8) AS \
+         UPDATE racefree_idempotency SET outcome = $2::jsonb, \
+         expires_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE key = $1",
+    )
+    .await
+    .unwrap();
+    let fingerprint = "0123456789abcdef0123456789abcdef";
+    let outcome = r#"{"v":1,"value":"receipt"}"#;
+    let names = [
+        "bare transaction",
+        "before stop 24 (hex, proof statement)",
+        "without the proof statement",
+        "and dollar-quoted (now)",
+    ];
+    let mut times = vec![Vec::new(); names.len()];
+    let mut n = 0_i64;
+    for round in 0..ROUNDS {
+        for turn in 0..names.len() {
+            let which = (turn + round) % names.len();
+            n += 1;
+            let key = format!("bench::charge//k-{n}");
+            let quote = if which == 3 { dollar } else { hex };
+            let (claim, commit) = match which {
+                0 => ("BEGIN".to_owned(), "COMMIT".to_owned()),
+                _ => {
+                    let proof = if which == 1 {
+                        "; EXECUTE outcome(NULL, NULL, NULL)"
+                    } else {
+                        ""
+                    };
+                    (
+                        format!(
+                            "BEGIN; EXECUTE claim({}, {}, '{n}'){proof}",
+                            quote(&key),
+                            quote(fingerprint)
+                        ),
+                        format!(
+                            "EXECUTE outcome({}, {}, '3600000'); COMMIT; BEGIN",
+                            quote(&key),
+                            quote(outcome)
+                        ),
+                    )
+                }
+            };
+            let started = Instant::now();
+            c.execute(claim.as_str()).await.unwrap();
+            sqlx::query("INSERT INTO effects (key, amount) VALUES ($1, $2)")
+                .bind(&key)
+                .bind(1999_i64)
+                .execute(&mut c)
+                .await
+                .unwrap();
+            c.execute(commit.as_str()).await.unwrap();
+            times[which].push(started.elapsed());
+            if which > 0 {
+                // The empty transaction after `COMMIT` (sqlx ends it when the connection goes
+                // back to its pool, off the call's time).
+                c.execute("ROLLBACK").await.unwrap();
+            }
+        }
+    }
+    println!("PostgreSQL, synchronous_commit = {sync}, {ROUNDS} rounds:");
+    report(&names, &mut times);
+    c.execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+        .await
+        .unwrap();
+}
+
+async fn sqlite() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteConnectOptions::new()
+        .filename(dir.path().join("costs.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    pool.execute("CREATE TABLE effects (key TEXT NOT NULL, amount BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    let store = SqliteStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    let names = [
+        "bare transaction",
+        "bare transaction + the record's INSERT",
+        "#[idempotent] first execution",
+    ];
+    let rounds = ROUNDS / 5;
+    let mut times = vec![Vec::new(); names.len()];
+    let mut n = 0;
+    for round in 0..rounds {
+        for turn in 0..names.len() {
+            let which = (turn + round) % names.len();
+            n += 1;
+            let key = format!("k-{n}");
+            let insert = sqlx::query("INSERT INTO effects (key, amount) VALUES ($1, $2)")
+                .bind(key.clone())
+                .bind(1999_i64);
+            let started = Instant::now();
+            if which < 2 {
+                let mut tx = pool.begin().await.unwrap();
+                insert.execute(&mut *tx).await.unwrap();
+                if which == 1 {
+                    sqlx::query(
+                        "INSERT INTO racefree_idempotency \
+                         (key, fingerprint, outcome, created_at, expires_at) \
+                         VALUES ($1, 'fingerprint', 'outcome', 0, 9999999999999)",
+                    )
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            } else {
+                let record = RecordKey::new("bench::charge", None, &key);
+                let fingerprint = Fingerprint::of(&1_u64);
+                let Ok(Claim::Execute(mut lease)) =
+                    IdempotencyBackend::<String>::claim(&store, &record, fingerprint).await
+                else {
+                    panic!("a fresh key executes")
+                };
+                insert.execute(lease.connection()).await.unwrap();
+                let outcome = "receipt".to_owned();
+                IdempotencyBackend::<String>::complete(
+                    &store,
+                    lease,
+                    &outcome,
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap();
+            }
+            times[which].push(started.elapsed());
+        }
+    }
+    println!("SQLite (WAL), {rounds} rounds:");
+    report(&names, &mut times);
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("postgres") => postgres(args.next().as_deref().unwrap_or("off")).await,
+        Some("sqlite") => sqlite().await,
+        _ => eprintln!("usage: sql_step_costs postgres [off|on] | sqlite"),
+    }
+}
