@@ -50,27 +50,32 @@ fn dollar(value: &str) -> String {
 }
 
 async fn postgres(sync: &str) {
-    let mut c = PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+    const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    let mut admin = PgConnection::connect(URL)
         .await
         .expect("PostgreSQL on 127.0.0.1:5432");
     let schema = format!("rf_step_costs_{}", std::process::id());
-    c.execute(
-        format!(
-            "CREATE SCHEMA {schema}; SET search_path TO {schema}; \
-             SET synchronous_commit = {sync}"
-        )
-        .as_str(),
-    )
-    .await
-    .unwrap();
-    let store = racefree::sql::PgStore::lazy("postgres://unused");
-    for statement in store
-        .schema_sql()
-        .split(";\n")
-        .filter(|s| !s.trim().is_empty())
-    {
-        c.execute(statement).await.unwrap();
-    }
+    admin
+        .execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    // One connection, in the schema, with the session's `synchronous_commit` as asked.
+    let session = format!("SET search_path TO {schema}; SET synchronous_commit = {sync}");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(move |conn, _| {
+            let session = session.clone();
+            Box::pin(async move { conn.execute(session.as_str()).await.map(drop) })
+        })
+        .connect(URL)
+        .await
+        .unwrap();
+    racefree::sql::PgStore::new(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
+    let mut pooled = pool.acquire().await.unwrap();
+    let c: &mut PgConnection = &mut pooled;
     c.execute("CREATE TABLE effects (key TEXT NOT NULL, amount BIGINT NOT NULL)")
         .await
         .unwrap();
@@ -133,7 +138,7 @@ async fn postgres(sync: &str) {
             sqlx::query("INSERT INTO effects (key, amount) VALUES ($1, $2)")
                 .bind(&key)
                 .bind(1999_i64)
-                .execute(&mut c)
+                .execute(&mut *c)
                 .await
                 .unwrap();
             c.execute(commit.as_str()).await.unwrap();
@@ -147,7 +152,10 @@ async fn postgres(sync: &str) {
     }
     println!("PostgreSQL, synchronous_commit = {sync}, {ROUNDS} rounds:");
     report(&names, &mut times);
-    c.execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+    drop(pooled);
+    pool.close().await;
+    admin
+        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
         .await
         .unwrap();
 }

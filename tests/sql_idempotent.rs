@@ -1454,7 +1454,8 @@ async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
                 while let Ok(n @ 1..) = from_client.read(&mut buf).await {
                     // The store's commit with the outcome, not another `COMMIT` (a new
                     // connection prepares its statements in a transaction of its own).
-                    let commit = buf[..n].windows(13).any(|w| w == b"COMMIT; BEGIN");
+                    const COMMIT: &[u8] = b"COMMIT; BEGIN";
+                    let commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
                     let action = match commit {
                         true => std::mem::replace(&mut *cut.lock().unwrap(), Cut::Never),
                         false => Cut::Never,
