@@ -9,7 +9,9 @@
 //!   stop 24 (values hex-decoded, a proof statement in the claim) and as it sends them now.
 //! - `sqlite`: on a temp file, the bare transaction against the same transaction with the
 //!   idempotency record's `INSERT` added (the floor of any claim that writes its record in
-//!   the transaction), and against a whole `#[idempotent]` first execution.
+//!   the transaction), with a `SELECT 1` added instead (what one more statement costs, each
+//!   a hand-off to the connection's thread in sqlx), and against a whole `#[idempotent]`
+//!   first execution.
 //!
 //! ```text
 //! cargo run --release --features postgres,sqlite --example sql_step_costs -- postgres off
@@ -181,6 +183,7 @@ async fn sqlite() {
     let names = [
         "bare transaction",
         "bare transaction + the record's INSERT",
+        "bare transaction + SELECT 1",
         "#[idempotent] first execution",
     ];
     let rounds = ROUNDS / 5;
@@ -195,9 +198,13 @@ async fn sqlite() {
                 .bind(key.clone())
                 .bind(1999_i64);
             let started = Instant::now();
-            if which < 2 {
+            if which < 3 {
                 let mut tx = pool.begin().await.unwrap();
                 insert.execute(&mut *tx).await.unwrap();
+                if which == 2 {
+                    // A statement that writes and reads nothing: what a statement costs.
+                    sqlx::query("SELECT 1").fetch_one(&mut *tx).await.unwrap();
+                }
                 if which == 1 {
                     sqlx::query(
                         "INSERT INTO racefree_idempotency \
