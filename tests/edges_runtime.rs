@@ -169,7 +169,8 @@ fn a_key_whose_hash_or_eq_panics_on_the_way_out_is_still_handed_on() {
         // its drop): it leaves by identity.
         let holder = locks.lock(key(), None).unwrap();
         std::thread::scope(|scope| {
-            let deadline = Instant::now() + Duration::from_millis(300);
+            // Long enough that the fault is armed before it passes, on a loaded machine too.
+            let deadline = Instant::now() + Duration::from_secs(1);
             let waiter =
                 scope.spawn(move || panics(|| locks.lock(key(), Some(deadline)).map(drop)));
             common::until_sync("the waiter queues", || locks.waiting(&key()) == 1);
