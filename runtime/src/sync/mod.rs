@@ -1,8 +1,8 @@
 //! Coordination pieces with no knowledge of any attribute: a one-shot [`flight`] a leader
 //! completes and followers wait on, the per-key [`single_flight`] registry of them, per-key
 //! FIFO [`keyed_locks`] with re-entry detection, the coarse [`clock`] TTLs read, and the rule
-//! a [`blocking`] waiter follows inside an async runtime, and the per-thread tracking `scope`
-//! behind `replay` and `served`.
+//! a [`blocking`] waiter follows inside an async runtime, the [`striped`] counter behind hit and
+//! replay counts, and the per-thread tracking `scope` behind `replay` and `served`.
 //!
 //! Dependencies point one way: the attribute rooms (`cached`, `idempotent`, `sequenced`) use
 //! these; nothing here imports from them.
@@ -13,6 +13,7 @@ pub mod flight;
 pub mod keyed_locks;
 pub(crate) mod scope;
 pub mod single_flight;
+pub mod striped;
 
 /// The default hasher of the registries and caches: `foldhash`'s quality variant, seeded per
 /// process; a lookup hashes the key a few times per call, and SipHash would be most of the
