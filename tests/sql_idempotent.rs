@@ -36,6 +36,9 @@ enum Then {
     Abort,
     /// Never returns (the future is dropped from outside).
     Hang,
+    /// Sends this statement (`COMMIT`, `ROLLBACK`) on the store's transaction itself, then
+    /// returns `Ok`: a body that breaks the rule.
+    End(&'static str),
 }
 
 macro_rules! suite {
@@ -95,6 +98,12 @@ macro_rules! suite {
                     }
                     Then::Abort => std::process::abort(),
                     Then::Hang => std::future::pending().await,
+                    Then::End(statement) => {
+                        sqlx::Executor::execute(&mut *tx, statement).await.unwrap();
+                        let outcome = format!("receipt {cents} by {who}");
+                        execution.finish(&outcome).await?;
+                        Ok(outcome)
+                    }
                 }
             }
 
@@ -239,6 +248,53 @@ macro_rules! suite {
                     let retry = pay(&env, Some("err"), 5, "retry", policy(), Then::Succeed { ms: 0 }).await;
                     assert_eq!(retry.unwrap(), "receipt 5 by retry", "the key was free: executed");
                     assert_eq!(count(&env.pool, "effects", "err").await, 1);
+                    env.close().await;
+                });
+            }
+
+            /// A body that ends the store's transaction itself and returns `Ok` never gets an
+            /// `Ok` for what did not commit. After its own `ROLLBACK` the call is
+            /// `OutcomeUnknown`: no effect, no record, and the retry executes once. After its
+            /// own `COMMIT` (the effect committed, atomicity lost): PostgreSQL finds the claim's
+            /// row, committed with it, and stores the outcome on it, so the call is `Ok` and the
+            /// retry replays; SQLite finds its savepoint gone and answers `OutcomeUnknown`,
+            /// storing nothing (its write lock went with that `COMMIT`, so a record written
+            /// then would not be the claim's).
+            #[test]
+            fn a_body_that_ends_the_transaction_never_gets_an_ok_for_what_did_not_commit() {
+                let db = $new_db("ended");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    let records = |key: &'static str| {
+                        let pool = env.pool.clone();
+                        async move {
+                            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM racefree_idempotency WHERE key LIKE '%' || $1")
+                                .bind(format!("#{key}"))
+                                .fetch_one(&pool)
+                                .await
+                                .unwrap()
+                        }
+                    };
+                    let rolled = pay(&env, Some("rolled"), 5, "first", policy(), Then::End("ROLLBACK")).await;
+                    assert!(matches!(rolled, Err(IdempotencyError::OutcomeUnknown { .. })), "{rolled:?}");
+                    assert_eq!(count(&env.pool, "effects", "rolled").await, 0, "the body rolled its effect back");
+                    assert_eq!(records("rolled").await, 0, "no record");
+                    let retry = pay(&env, Some("rolled"), 5, "retry", policy(), Then::Succeed { ms: 0 }).await;
+                    assert_eq!(retry.unwrap(), "receipt 5 by retry", "the retry executed");
+                    assert_eq!(count(&env.pool, "effects", "rolled").await, 1);
+
+                    let committed = pay(&env, Some("committed"), 6, "first", policy(), Then::End("COMMIT")).await;
+                    assert_eq!(count(&env.pool, "effects", "committed").await, 1, "the body committed its effect");
+                    if $feature == "postgres" {
+                        assert_eq!(committed.unwrap(), "receipt 6 by first");
+                        let again = pay(&env, Some("committed"), 6, "again", policy(), Then::Succeed { ms: 0 }).await;
+                        assert_eq!(again.unwrap(), "receipt 6 by first", "replayed");
+                        assert_eq!(count(&env.side, "executions", "committed").await, 1);
+                    } else {
+                        assert!(matches!(committed, Err(IdempotencyError::OutcomeUnknown { .. })), "{committed:?}");
+                        assert_eq!(records("committed").await, 0, "no record written outside the claim");
+                    }
                     env.close().await;
                 });
             }
@@ -1559,5 +1615,86 @@ fn pg_commit_answer_lost_is_settled_by_reading_the_record() {
         assert!(matches!(begin::<_, f64>(&env.store, call()).await, Begin::Replay(v) if v == 1e16));
         pool.close().await;
         tables.close().await;
+    });
+}
+
+/// SQLite can roll a transaction back by itself under the body (here a `UNIQUE ON CONFLICT
+/// ROLLBACK` constraint; also `RAISE(ROLLBACK)` or an I/O error), after which sqlx's own
+/// `ROLLBACK` fails and its count of the connection's transactions stays at one. On a pool of
+/// one connection, 3 rounds: the body that hit the constraint returns `Err` (nothing
+/// committed, the key free), and the next call on the same pool executes and commits — seen
+/// from another connection — instead of running inside a savepoint of a transaction nobody
+/// ends (which once left every later write on that connection uncommitted, holding the
+/// write lock).
+#[cfg(feature = "sqlite")]
+#[test]
+fn sqlite_transaction_rolled_back_by_the_database_leaves_the_pool_usable() {
+    use racefree::sql::SqliteStore;
+    use sqlx::Executor;
+    let db = TestDb::sqlite("autorollback");
+    sql::runtime().block_on(async {
+        let pool = db.sqlite_pool(1, Duration::from_secs(2)).await;
+        pool.execute(
+            "CREATE TABLE effects (key TEXT NOT NULL, who TEXT NOT NULL); \
+             CREATE TABLE audit (tag TEXT UNIQUE ON CONFLICT ROLLBACK); \
+             INSERT INTO audit VALUES ('dup')",
+        )
+        .await
+        .unwrap();
+        let store = SqliteStore::new(pool.clone());
+        store.migrate().await.unwrap();
+        let other = db.sqlite_pool(1, Duration::from_secs(2)).await;
+        for round in 0..3 {
+            let key = format!("k{round}");
+            let call = Call::new(
+                "tests::audited",
+                None,
+                Some(key.as_str()),
+                Fingerprint::of(&1_u64),
+                sqlite::policy(),
+            );
+            let Begin::<_, String>::Execute(mut execution) = begin(&store, call).await else {
+                panic!("round {round}: a fresh key executes")
+            };
+            let tx = execution.lease_mut().unwrap().connection();
+            sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'first')")
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let duplicate = sqlx::query("INSERT INTO audit VALUES ('dup')")
+                .execute(&mut *tx)
+                .await;
+            assert!(duplicate.is_err(), "round {round}: the constraint fires");
+            execution.release();
+
+            let call = Call::new(
+                "tests::audited",
+                None,
+                Some(key.as_str()),
+                Fingerprint::of(&1_u64),
+                sqlite::policy(),
+            );
+            let Begin::<_, String>::Execute(mut retry) = begin(&store, call).await else {
+                panic!("round {round}: the key is free")
+            };
+            sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'retry')")
+                .bind(&key)
+                .execute(retry.lease_mut().unwrap().connection())
+                .await
+                .unwrap();
+            retry.finish(&format!("receipt {round}")).await.unwrap();
+            let seen: Vec<String> = sqlx::query_scalar("SELECT who FROM effects WHERE key = $1")
+                .bind(&key)
+                .fetch_all(&other)
+                .await
+                .unwrap();
+            assert_eq!(seen, ["retry"], "round {round}: the retry committed, alone");
+        }
+        let mut conn = other.acquire().await.unwrap();
+        conn.execute("BEGIN IMMEDIATE")
+            .await
+            .expect("no transaction is left holding the write lock");
+        conn.execute("ROLLBACK").await.unwrap();
     });
 }

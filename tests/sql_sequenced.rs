@@ -29,6 +29,11 @@ enum Then {
     Fail,
     Panic,
     Abort,
+    /// Sends `ROLLBACK` on the holding's transaction itself, then commits: a body that breaks
+    /// the rule.
+    RollBack,
+    /// Runs a statement that fails (`SELECT 1/0`), ignores the error and commits.
+    IgnoreError,
 }
 
 /// The fault injected into the `worker`'s `caller`-th call of the faulty scenario: of 100
@@ -93,6 +98,17 @@ macro_rules! suite {
                     }
                     Then::Panic => panic!("injected panic after the INSERT"),
                     Then::Abort => std::process::abort(),
+                    Then::RollBack => {
+                        sqlx::Executor::execute(lease.connection(), "ROLLBACK").await.unwrap();
+                        lease.commit_async(number).await?;
+                        Ok(number)
+                    }
+                    Then::IgnoreError => {
+                        let failed = sqlx::Executor::execute(lease.connection(), "SELECT 1/0").await;
+                        let _ = failed;
+                        lease.commit_async(number).await?;
+                        Ok(number)
+                    }
                 }
             }
 
@@ -263,6 +279,43 @@ macro_rules! suite {
                         .await
                         .unwrap();
                     assert_eq!(committed, expected, "failed calls left no row");
+                    env.pool.close().await;
+                });
+            }
+
+            /// A body that ends the holding's transaction itself (its own `ROLLBACK`) and then
+            /// commits never gets its number as if it committed: the commit is `CommitUnknown`
+            /// (its writes were not guarded), 3 rounds, on a new key and then on a used one; no
+            /// row committed, and the next call gets the number they did not consume. Nor does a
+            /// body that ignored a failed statement, where that aborted the transaction.
+            #[test]
+            fn a_body_that_ends_the_transaction_never_gets_its_number_as_committed() {
+                let db = $new_db("ended");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    for round in 0..3 {
+                        let ended = invoice(&env, "ended", 1, "rule-breaker", None, Then::RollBack).await;
+                        assert!(matches!(ended, Err(SequenceError::CommitUnknown(_))), "round {round}: {ended:?}");
+                    }
+                    assert_eq!(invoice(&env, "ended", 1, "a", None, Then::Succeed).await.unwrap(), 1);
+                    for round in 0..3 {
+                        let ended = invoice(&env, "ended", 1, "rule-breaker", None, Then::RollBack).await;
+                        assert!(matches!(ended, Err(SequenceError::CommitUnknown(_))), "round {round}: {ended:?}");
+                    }
+                    assert_eq!(invoice(&env, "ended", 1, "b", None, Then::Succeed).await.unwrap(), 2);
+                    assert_eq!(numbers(&env, "ended").await, [1, 2]);
+
+                    // A body that ignored a failed statement: PostgreSQL aborted the
+                    // transaction (its `COMMIT` would roll back without an error), SQLite did not.
+                    let ignored = invoice(&env, "ended", 1, "ignorer", None, Then::IgnoreError).await;
+                    if $feature == "postgres" {
+                        assert!(matches!(ignored, Err(SequenceError::Store(_))), "{ignored:?}");
+                        assert_eq!(numbers(&env, "ended").await, [1, 2], "nothing committed");
+                    } else {
+                        assert_eq!(ignored.unwrap(), 3);
+                        assert_eq!(numbers(&env, "ended").await, [1, 2, 3]);
+                    }
                     env.pool.close().await;
                 });
             }
@@ -614,5 +667,86 @@ mod turn_on_sql {
             let (number, turn) = racefree::turn::track(numbered(&store, "acme")).await;
             assert_eq!((number.unwrap(), turn), (expected, Turn::Unknown));
         }
+    }
+}
+
+/// SQLite, a `#[sequenced]` future dropped at every point of its start and its body (on its
+/// 1st, 2nd, …, 40th pending poll, each when it was woken), on a pool of one connection: the connection is never left inside a
+/// transaction. After each drop another connection takes the write lock (a transaction left
+/// open would hold it), and at the end the next call gets the number after the last one
+/// committed: 40 rounds, numbers gap-free.
+#[cfg(feature = "sqlite")]
+mod dropped_on_sqlite {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use racefree::sql::{SqliteStore, SqliteTx};
+    use racefree::{sequenced, Seq, SequenceError};
+    use sqlx::Executor;
+
+    #[sequenced(key = key.to_owned(), store = store.sequence("tests::dropped"))]
+    async fn numbered(
+        store: &SqliteStore,
+        key: &str,
+        seq: Seq,
+        mut tx: SqliteTx<'_>,
+    ) -> Result<u64, SequenceError> {
+        sqlx::query("INSERT INTO numbered (key, number, who) VALUES ($1, $2, 'dropped')")
+            .bind(key)
+            .bind(seq.get() as i64)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        Ok(seq.get())
+    }
+
+    #[tokio::test]
+    async fn a_future_dropped_anywhere_leaves_no_transaction_open() {
+        let db = super::sql::TestDb::sqlite("seqdrop");
+        let pool = db.sqlite_pool(1, Duration::from_millis(500)).await;
+        pool.execute("CREATE TABLE numbered (key TEXT NOT NULL, number BIGINT NOT NULL, who TEXT NOT NULL, UNIQUE (key, number))")
+            .await
+            .unwrap();
+        let store = SqliteStore::new(pool.clone());
+        store.migrate().await.unwrap();
+        let other = db.sqlite_pool(1, Duration::from_secs(3)).await;
+        for polls in 1..=40 {
+            {
+                // Polled each time it wakes (not in a spin), dropped on its `polls`-th pending.
+                let mut call = pin!(numbered(&store, "acme"));
+                let mut pending = 0;
+                std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(()),
+                    Poll::Pending => {
+                        pending += 1;
+                        match pending >= polls {
+                            true => Poll::Ready(()),
+                            false => Poll::Pending,
+                        }
+                    }
+                })
+                .await;
+            }
+            let mut conn = other.acquire().await.unwrap();
+            conn.execute("BEGIN IMMEDIATE")
+                .await
+                .unwrap_or_else(|e| panic!("after {polls} polls the write lock stayed taken: {e}"));
+            conn.execute("ROLLBACK").await.unwrap();
+        }
+        let numbers: Vec<i64> =
+            sqlx::query_scalar("SELECT number FROM numbered WHERE key = 'acme' ORDER BY number")
+                .fetch_all(&other)
+                .await
+                .unwrap();
+        let next = numbered(&store, "acme").await.unwrap();
+        assert_eq!(
+            next as usize,
+            numbers.len() + 1,
+            "gap-free after {numbers:?}"
+        );
+        assert_eq!(numbers, (1..=numbers.len() as i64).collect::<Vec<_>>());
     }
 }

@@ -63,9 +63,9 @@ pub enum Committed {
 ///
 /// | step | PostgreSQL | SQLite |
 /// | --- | --- | --- |
-/// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN IMMEDIATE` (the database's one write lock, waited for up to `busy_timeout`) |
+/// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN`, whose first write takes the database's one write lock (waited for up to `busy_timeout`); a claim's begins with a savepoint its commit releases first |
 /// | claim: "is this key in flight?", insert, read | sent with `BEGIN`: `pg_try_advisory_xact_lock(hash(key))` and an `INSERT` that fails if the lock is held or the key has a record; only then one statement that takes the lock and, only if it was free, runs `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, with the committed record beside it | the write lock is the claim: the record is read under it and written whole at `COMMIT` (in a caller's transaction: `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, then the record); never "in flight": holding the write lock means nobody else is writing |
-/// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: `BEGIN IMMEDIATE` already waited |
+/// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: taking the write lock already waited |
 /// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
 /// | clock | the server's `clock_timestamp()`, `timestamptz` columns | SQLite's `julianday('now')`, Unix milliseconds |
 pub trait Dialect: sqlx::Database + sealed::Sealed {
@@ -95,6 +95,14 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     /// How a writing transaction begins, when not plain `BEGIN` (SQLite: `BEGIN IMMEDIATE`).
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
+
+    /// How the store's own transaction for a claim begins, when not plain `BEGIN`. SQLite
+    /// writes the record whole at `COMMIT`: its transaction begins with a savepoint that the
+    /// commit releases first, so that a body that ended the transaction (its own `COMMIT` or
+    /// `ROLLBACK`) makes the commit fail instead of writing the record outside it. PostgreSQL's
+    /// outcome `UPDATE` checks that it found the claim instead.
+    #[doc(hidden)]
+    const OWN_BEGIN: Option<&'static str>;
 
     /// Whether a claim of a key the store has not seen lately skips the replay read and claims
     /// at once: where the claim costs a round trip the read would add to a first execution and
@@ -223,6 +231,8 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         fingerprint: &str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
 
+    /// The outcome's `UPDATE` of the claim's record: the rows it updated (1, or 0 if the body
+    /// ended the transaction or sent it to other tables).
     #[doc(hidden)]
     fn store_outcome(
         conn: &mut Self::Connection,
@@ -230,13 +240,24 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         key: &str,
         outcome: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
     #[doc(hidden)]
     fn purge_expired(
         pool: &Pool<Self>,
         tables: &Tables,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// The `COMMIT` of a `#[sequenced]` holding in the store's own transaction, then a `BEGIN`
+    /// of an empty transaction (as [`commit_with_outcome`](Self::commit_with_outcome)), in one
+    /// round trip. A body that ended the transaction itself makes it fail instead of
+    /// committing nothing and answering `Ok`: on PostgreSQL (whose `COMMIT` outside a
+    /// transaction only warns) a check that the bump's mark is still set goes first
+    /// ([`NO_HOLDING`]); SQLite's `COMMIT` fails by itself ("no transaction is active").
+    #[doc(hidden)]
+    fn commit_holding(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = Result<Committed, sqlx::Error>> + Send;
 
     /// Locks the key's counter row (creating it for a key never seen) and moves its next
     /// number on by one, in the transaction: the number before the move (`None` for a key
@@ -271,7 +292,26 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
 pub(crate) async fn begin_write<D: Dialect>(
     pool: &Pool<D>,
 ) -> Result<Transaction<'static, D>, sqlx::Error> {
-    D::begin_on(pool.acquire().await?).await
+    D::begin_on(acquire_clean(pool).await?).await
+}
+
+/// A connection from `pool` that sqlx counts outside any transaction. One it counts inside one
+/// is closed and another taken: SQLite can roll a transaction back by itself (an `ON CONFLICT
+/// ROLLBACK` constraint, `RAISE(ROLLBACK)`, an I/O error), after which sqlx's own `ROLLBACK`
+/// fails and its count stays at one; a claim on such a connection would get a savepoint where
+/// it needs a transaction, and a store commit would leave a transaction open on it.
+pub(crate) async fn acquire_clean<D: Dialect>(
+    pool: &Pool<D>,
+) -> Result<PoolConnection<D>, sqlx::Error> {
+    loop {
+        let connection = pool.acquire().await?;
+        if <D::TransactionManager as sqlx::TransactionManager>::get_transaction_depth(&connection)
+            == 0
+        {
+            return Ok(connection);
+        }
+        connection.close().await?;
+    }
 }
 
 mod sealed {
@@ -314,15 +354,31 @@ where
     (done, None)
 }
 
-/// What a "…; COMMIT; BEGIN" query came to, from [`completed`]: the second statement is the
-/// `COMMIT`.
-fn commit_of((done, error): (usize, Option<sqlx::Error>)) -> Result<Committed, sqlx::Error> {
+/// What a "…; COMMIT; BEGIN" query came to, from [`completed`]: statement number `commit`
+/// (counting from 1) is the `COMMIT`.
+fn commit_of(
+    commit: usize,
+    (done, error): (usize, Option<sqlx::Error>),
+) -> Result<Committed, sqlx::Error> {
     match error {
         None => Ok(Committed::Clean),
-        Some(_) if done >= 2 => Ok(Committed::Unclean),
+        Some(_) if done >= commit => Ok(Committed::Unclean),
         Some(error) => Err(error),
     }
 }
+
+/// In the error a commit gets when the body ended the store's transaction itself (its own
+/// `COMMIT` or `ROLLBACK` on the connection) or sent it to other tables (`SET search_path`):
+/// the outcome's `UPDATE` found no claim of the key in the transaction.
+pub(crate) const NO_CLAIM: &str = "racefree: no claim of this key in this transaction";
+
+/// In the error a `#[sequenced]` commit gets on PostgreSQL when the body ended the
+/// transaction: the bump's mark is gone.
+pub(crate) const NO_HOLDING: &str = "racefree: the transaction of this holding ended";
+
+/// The transaction-local setting a PostgreSQL bump marks its transaction with.
+#[cfg(feature = "postgres")]
+const HOLDING: &str = "racefree.holding";
 
 /// `code` of a database error, if `error` is one.
 #[cfg(feature = "postgres")]
@@ -401,14 +457,14 @@ macro_rules! same_steps {
             key: &str,
             outcome: &str,
             ttl: Duration,
-        ) -> Result<(), sqlx::Error> {
+        ) -> Result<u64, sqlx::Error> {
             sqlx::query(&tables.sql.store_outcome)
                 .bind(key)
                 .bind(outcome)
                 .bind(millis(ttl))
                 .execute(conn)
                 .await
-                .map(drop)
+                .map(|done| done.rows_affected())
         }
 
         async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
@@ -529,6 +585,20 @@ mod postgres {
 
         const BEGIN: Option<&'static str> = None;
 
+        const OWN_BEGIN: Option<&'static str> = None;
+
+        async fn commit_holding(conn: &mut PgConnection) -> Result<Committed, sqlx::Error> {
+            let sql = format!(
+                "SELECT CASE current_setting('{HOLDING}', true) WHEN 'held' THEN 1 \
+                 ELSE ('{NO_HOLDING} (' || coalesce(current_setting('{HOLDING}', true), 'unset') \
+                 || ')')::int END; COMMIT AND CHAIN"
+            );
+            commit_of(
+                2,
+                completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await,
+            )
+        }
+
         const CLAIMS_FIRST: bool = true;
 
         fn claim_on_begin(
@@ -609,6 +679,12 @@ mod postgres {
                     "racefree: a PostgreSQL claim without its record".into(),
                 ));
             }
+            // The `UPDATE`'s row count tells whether it found the claim: none if the body
+            // sent its own `ROLLBACK` (then nothing of the store's committed) or moved the
+            // transaction to other tables. (Not `COMMIT AND CHAIN`, which fails outside a
+            // transaction: the statements of a simple query outside one run in one implicit
+            // transaction, and a body that sent its own `COMMIT` would then lose the outcome
+            // written on the claim that `COMMIT` made visible.)
             let sql = format!(
                 "EXECUTE {}({}, {}, '{}'); COMMIT; BEGIN",
                 tables.sql.prepared.outcome,
@@ -616,7 +692,26 @@ mod postgres {
                 text(outcome),
                 millis(ttl),
             );
-            commit_of(completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await)
+            let mut results = sqlx::Executor::fetch_many(conn, sql.as_str());
+            let (mut done, mut updated, mut error) = (0, None, None);
+            while let Some(result) = futures_util::StreamExt::next(&mut results).await {
+                match result {
+                    Ok(sqlx::Either::Left(result)) => {
+                        updated.get_or_insert(result.rows_affected());
+                        done += 1;
+                    }
+                    Ok(sqlx::Either::Right(_)) => {}
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            let committed = commit_of(2, (done, error))?;
+            match updated {
+                Some(0) => Err(sqlx::Error::Protocol(NO_CLAIM.into())),
+                _ => Ok(committed),
+            }
         }
 
         async fn limit_lock_wait(
@@ -732,7 +827,8 @@ mod postgres {
                 "DELETE FROM {idem} WHERE key IN (SELECT key FROM {idem} \
                  WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
             ),
-            bump: bump_sql(seq),
+            // The holding marks its transaction (`commit_holding` checks the mark).
+            bump: format!("{}, set_config('{HOLDING}', 'held', true)", bump_sql(seq)),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
@@ -773,6 +869,9 @@ mod sqlite {
     const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
     /// "Never expires" for an in-flight record (`i64::MAX`).
     const NEVER: i64 = i64::MAX;
+    /// The savepoint the store's own transaction begins with, released first by its commit.
+    const CLAIM_SAVEPOINT: &str = "racefree_claim";
+    const OWN_BEGIN_SQLITE: &str = "BEGIN; SAVEPOINT racefree_claim";
 
     impl Dialect for Sqlite {
         const STORE_NAME: &'static str = "sqlite";
@@ -815,11 +914,23 @@ mod sqlite {
         async fn begin_on(
             connection: PoolConnection<Self>,
         ) -> Result<Transaction<'static, Self>, sqlx::Error> {
-            // What `Pool::begin_with` does, on a connection this call already holds.
-            Transaction::begin(connection, Some("BEGIN IMMEDIATE".into())).await
+            // Plain `BEGIN`: the bump, the first statement, is a write and takes the write
+            // lock (waiting up to `busy_timeout`). Not `BEGIN IMMEDIATE`: sqlx 0.8 begins with a
+            // statement of one's own in two steps, and a future dropped between them leaves
+            // the transaction open on the pooled connection, with the write lock.
+            Transaction::begin(connection, None).await
         }
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+
+        const OWN_BEGIN: Option<&'static str> = Some(OWN_BEGIN_SQLITE);
+
+        async fn commit_holding(conn: &mut SqliteConnection) -> Result<Committed, sqlx::Error> {
+            commit_of(
+                1,
+                completed(sqlx::Executor::fetch_many(conn, "COMMIT; BEGIN")).await,
+            )
+        }
 
         const CLAIMS_FIRST: bool = false;
 
@@ -879,11 +990,12 @@ mod sqlite {
                     .bind(outcome)
                     .bind(millis(ttl)),
             };
-            commit_of(completed(sqlx::Executor::fetch_many(conn, query)).await)
+            // The savepoint's `RELEASE`, the record, then `COMMIT`.
+            commit_of(3, completed(sqlx::Executor::fetch_many(conn, query)).await)
         }
 
         async fn limit_lock_wait(_: &mut SqliteConnection, _: Duration) -> Result<(), sqlx::Error> {
-            // The write lock was taken by `BEGIN IMMEDIATE`: no lock waits are left.
+            // No lock wait of its own to bound: the wait for the write lock is `busy_timeout`.
             Ok(())
         }
 
@@ -943,12 +1055,16 @@ mod sqlite {
             bump: bump_sql(seq),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
+            // Each releases the savepoint the claim's transaction began with (`OWN_BEGIN`)
+            // first: if the body ended the transaction, that fails and nothing is written.
             commit_outcome: format!(
-                "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1; \
+                "RELEASE {CLAIM_SAVEPOINT}; \
+                 UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1; \
                  COMMIT; BEGIN"
             ),
             commit_record: format!(
-                "INSERT INTO {idem} (key, fingerprint, outcome, created_at, expires_at) \
+                "RELEASE {CLAIM_SAVEPOINT}; \
+                 INSERT INTO {idem} (key, fingerprint, outcome, created_at, expires_at) \
                  VALUES ($1, $4, $2, {NOW_MS}, {NOW_MS} + $3) \
                  ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
                  outcome = excluded.outcome, created_at = excluded.created_at, \

@@ -23,10 +23,44 @@ pub(crate) enum Failure {
     ConnectionLost(sqlx::Error),
     /// The server answered with an error: the transaction is rolled back.
     Rejected(sqlx::Error),
+    /// The commit found the transaction already ended, or its claim gone: the body sent its
+    /// own `COMMIT` or `ROLLBACK` (or moved the transaction to other tables with `SET
+    /// search_path`). Whatever it wrote is not guarded, and whether it committed is unknown.
+    TransactionEnded(String),
 }
+
+/// Whether `error` is a commit's finding that the body ended the store's transaction
+/// ([`Failure::TransactionEnded`]).
+pub(crate) fn transaction_ended(error: &sqlx::Error) -> bool {
+    let db = match error {
+        sqlx::Error::Database(db) => db,
+        // The outcome's `UPDATE` updated no row (PostgreSQL, found after the statements ran).
+        sqlx::Error::Protocol(message) => return message.contains(super::dialect::NO_CLAIM),
+        _ => return false,
+    };
+    let message = db.message();
+    // PostgreSQL: the holding's mark is gone; `COMMIT AND CHAIN` or `RELEASE SAVEPOINT`
+    // outside a transaction (25P01), `RELEASE` of a savepoint rolled back (3B001). SQLite: the
+    // claim's savepoint is gone; `COMMIT` outside a transaction.
+    message.contains(super::dialect::NO_HOLDING)
+        || matches!(db.code().as_deref(), Some("25P01" | "3B001")) && !from_sqlite(db.as_ref())
+        || from_sqlite(db.as_ref())
+            && (message.contains("no such savepoint")
+                || message.contains("no transaction is active"))
+}
+
+/// What the caller is told when the body ended the store's transaction.
+const ENDED: &str = "the body ended the store's transaction itself (a COMMIT or ROLLBACK it \
+                     sent on the connection) or moved it to other tables (SET search_path): its \
+                     writes were not guarded and may or may not have committed, and the store \
+                     recorded nothing, so a retry executes again; a body must leave the \
+                     transaction to the store";
 
 impl Failure {
     pub(crate) fn of(error: sqlx::Error) -> Failure {
+        if transaction_ended(&error) {
+            return Failure::TransactionEnded(format!("{ENDED} ({error})"));
+        }
         match &error {
             sqlx::Error::PoolTimedOut => Failure::PoolExhausted(error),
             sqlx::Error::Io(_)
@@ -67,6 +101,29 @@ impl Failure {
             Failure::LockTimeout(e) => format!("waiting for a database lock timed out ({e})"),
             Failure::ConnectionLost(e) => format!("database connection lost ({e})"),
             Failure::Rejected(e) => describe_rejected(e),
+            Failure::TransactionEnded(reason) => reason.clone(),
+        }
+    }
+
+    /// The body ended the store's transaction: found when the outcome's `UPDATE` updated no
+    /// row.
+    pub(crate) fn ended() -> Failure {
+        Failure::TransactionEnded(ENDED.to_owned())
+    }
+
+    /// For the end of an execution whose body ended the store's transaction, or else what
+    /// `otherwise` makes of the failure.
+    pub(crate) fn or_unknown(
+        self,
+        client_key: &str,
+        otherwise: impl FnOnce(Failure) -> IdempotencyError,
+    ) -> IdempotencyError {
+        match self {
+            Failure::TransactionEnded(reason) => IdempotencyError::OutcomeUnknown {
+                key: client_key.to_owned(),
+                reason,
+            },
+            other => otherwise(other),
         }
     }
 
@@ -80,10 +137,12 @@ impl Failure {
     /// For the `COMMIT` of an execution.
     pub(crate) fn at_commit(self, client_key: &str) -> IdempotencyError {
         match self {
-            Failure::ConnectionLost(_) => IdempotencyError::OutcomeUnknown {
-                key: client_key.to_owned(),
-                reason: self.describe(),
-            },
+            Failure::ConnectionLost(_) | Failure::TransactionEnded(_) => {
+                IdempotencyError::OutcomeUnknown {
+                    key: client_key.to_owned(),
+                    reason: self.describe(),
+                }
+            }
             // The server refused to commit (e.g. a serialization failure): rolled back.
             other => other.rolled_back(),
         }
@@ -100,6 +159,7 @@ impl Failure {
     pub(crate) fn sequence(self) -> SequenceError {
         match self {
             Failure::LockTimeout(_) => SequenceError::Timeout,
+            Failure::TransactionEnded(_) => SequenceError::CommitUnknown(self.describe().into()),
             other => SequenceError::Store(other.describe().into()),
         }
     }
@@ -107,7 +167,9 @@ impl Failure {
     /// For the `COMMIT` of a sequence holding.
     pub(crate) fn sequence_commit(self) -> SequenceError {
         match self {
-            Failure::ConnectionLost(_) => SequenceError::CommitUnknown(self.describe().into()),
+            Failure::ConnectionLost(_) | Failure::TransactionEnded(_) => {
+                SequenceError::CommitUnknown(self.describe().into())
+            }
             other => SequenceError::Store(
                 format!("the transaction was rolled back: {}", other.describe()).into(),
             ),

@@ -70,7 +70,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::Pool;
 
-use super::dialect::{Dialect, Record, Settled};
+use super::dialect::{self, Dialect, Record, Settled};
 use super::error::Failure;
 use super::transaction::{Began, Owned, StoreTx};
 use super::{InTransaction, SqlStore, Tables, Tx};
@@ -112,8 +112,8 @@ pub struct SqlIdempotencyLease<'c, D: Dialect> {
     /// The request's fingerprint (empty for a call without a key).
     fingerprint: String,
     /// The claim wrote its in-flight record. Not when the transaction's write lock already
-    /// excludes every other claim (SQLite's `BEGIN IMMEDIATE`): the completion then writes
-    /// the record whole, one write instead of two.
+    /// excludes every other claim (SQLite's, taken by the claim's first statement): the
+    /// completion then writes the record whole, one write instead of two.
     recorded: bool,
 }
 
@@ -366,8 +366,9 @@ async fn complete_in<D: Dialect, T: Serialize>(
     let client_key = key.as_ref().map_or("", RecordKey::client_key).to_owned();
     let committed = |result: Result<(), sqlx::Error>| {
         result.map_err(|e| match caller_commits {
-            // Nothing is durable before the caller's own COMMIT: a lost answer is no worse.
-            true => unavailable(e),
+            // Nothing is durable before the caller's own COMMIT: a lost answer is no worse,
+            // unless the body ended the caller's transaction.
+            true => Failure::of(e).or_unknown(&client_key, Failure::unavailable),
             false => Failure::of(e).at_commit(&client_key),
         })
     };
@@ -408,9 +409,12 @@ async fn complete_in<D: Dialect, T: Serialize>(
         }
         // The outcome, then `COMMIT` (or `RELEASE SAVEPOINT`).
         mut tx => {
-            D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
+            let stored = D::store_outcome(&mut tx, tables, key.as_str(), &encoded, ttl)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| Failure::of(e).or_unknown(&client_key, Failure::unavailable))?;
+            if stored == 0 {
+                return Err(Failure::ended().or_unknown(&client_key, Failure::unavailable));
+            }
             committed(tx.commit().await)
         }
     }
@@ -458,7 +462,7 @@ impl<D: Dialect> SqlStore<D> {
         // One checkout for the read and, if it does not answer, the claim's transaction. The
         // read goes first for a key seen lately, and always where the claim takes the
         // database's write lock (SQLite): a replay there must not wait for other writers.
-        let mut connection = pool.acquire().await.map_err(unavailable)?;
+        let mut connection = dialect::acquire_clean(pool).await.map_err(unavailable)?;
         if self.reads_first(lock) {
             if let Some(record) = D::read_record(&mut connection, tables, key.as_str())
                 .await
@@ -545,8 +549,11 @@ impl<D: Dialect> SqlStore<D> {
     /// # #[cfg(feature = "postgres")]
     /// # async fn demo(db: &racefree_runtime::sql::PgStore, pool: &sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
     /// let mut tx = pool.begin().await?;                 // the handler's own transaction
-    /// // #[idempotent(key = key, store = db.within(&mut tx))] async fn pay(..., tx: PgTx<'_>)
     /// let in_tx = db.within(&mut tx);
+    /// // #[idempotent(key = key, store = in_tx, skip(in_tx))]
+    /// // async fn pay(in_tx: &InCallerTx<'_, Postgres>, key: &str, ..., tx: PgTx<'_>)
+    /// // (the store as a value of its own: `store = db.within(&mut tx)` would borrow a
+    /// // temporary)
     /// # drop(in_tx);
     /// tx.commit().await?;                                // the record commits with the rest
     /// # Ok(()) }
@@ -635,7 +642,7 @@ where
 
     async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
         let (pool, _) = self.store_pool()?;
-        let connection = pool.acquire().await.map_err(unavailable)?;
+        let connection = dialect::acquire_clean(pool).await.map_err(unavailable)?;
         let tx = Owned::begin(connection).await.map_err(unavailable)?;
         Ok(Some(SqlIdempotencyLease {
             tx: StoreTx::Own(tx),
@@ -738,7 +745,8 @@ impl<'c, D: Dialect> InCallerTx<'c, D> {
             })
     }
 
-    /// What `#[idempotent(store = db.within(&mut tx))]` calls to find the store.
+    /// What `#[idempotent(store = in_tx)]` calls to find the store (`in_tx` from
+    /// [`SqlStore::within`]).
     #[doc(hidden)]
     pub fn idempotency_store(&self) -> &Self {
         self

@@ -4,8 +4,10 @@
 //! 1. **in-process turn**: callers of one key in this process queue FIFO on a
 //!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
 //!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
-//! 2. **acquire**: open the transaction ([`Dialect::begin_on`]; on SQLite `BEGIN IMMEDIATE`,
-//!    the database write lock; in the caller's transaction, a savepoint of it), bound lock waits by the call's deadline (`lock_timeout`), and
+//! 2. **acquire**: open the transaction ([`Dialect::begin_on`], plain `BEGIN`, on a connection
+//!    sqlx counts outside any transaction; in the caller's transaction, a savepoint of it),
+//!    bound lock waits by the call's deadline (`lock_timeout`; on SQLite `busy_timeout`
+//!    bounds the wait for the write lock, which the upsert takes), and
 //!    `INSERT … ON CONFLICT (name, key) DO UPDATE SET next = next + 1, holdings = holdings + 1
 //!    RETURNING` the counter row. The row lock this takes *is* the key's lock across processes
 //!    and machines: the next holder's upsert waits until this transaction ends. The returned
@@ -13,13 +15,18 @@
 //!    call's `Seq`.
 //! 3. **body**: writes its effect on the lease's connection ([`Tx`]).
 //! 4. **commit**: the counter already says `number + 1` (or is set to it, for a key's first
-//!    number), so `COMMIT` makes the effect and the consumed number visible at once.
+//!    number), so `COMMIT` makes the effect and the consumed number visible at once
+//!    ([`Dialect::commit_holding`]: on PostgreSQL it first checks the transaction is still the
+//!    bump's and not aborted, since a `COMMIT` would otherwise only warn, or roll back without
+//!    an error; a body that ended it or ignored a failed statement gets an error, not `Ok`).
 //! 5. **failure** (`Err`, panic, dropped future, crash, killed connection): the transaction
 //!    rolls back, undoing the bump with the effect. The next holder gets the same number.
 //!
 //! So numbers are unique (one row lock), gap-free (a number is consumed only by a commit that
 //! also commits the effect), and in commit order; a `UNIQUE(key, number)` constraint in the
-//! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's);
+//! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's; on
+//! PostgreSQL the check travels with `COMMIT AND CHAIN`, whose empty transaction sqlx's
+//! `ROLLBACK` ends with its next ping);
 //! a key's first number adds one `UPDATE`, a deadline one `SET LOCAL`.
 //!
 //! **In the caller's transaction** ([`InCallerTx::sequence`]): the same steps in a savepoint;
@@ -292,11 +299,24 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
                 .await
                 .map_err(|e| Failure::of(e).sequence())?;
         }
-        let committed = tx.commit().await.map_err(|e| match caller_commits {
-            // Releasing a savepoint: a lost answer is no worse, the caller's COMMIT decides.
-            true => Failure::of(e).sequence(),
-            false => Failure::of(e).sequence_commit(),
-        });
+        let committed = match caller_commits {
+            // `COMMIT` (checked: the body may have ended the transaction), then `BEGIN`;
+            // dropping `tx` queues the `ROLLBACK` of that empty transaction.
+            false => match D::commit_holding(&mut tx).await {
+                Ok(_) => Ok(()),
+                Err(error) => {
+                    if super::error::transaction_ended(&error) {
+                        // The server has no transaction and sqlx counts one (its `ROLLBACK`
+                        // would fail on SQLite and leave the count wrong): one to end.
+                        let _ = D::execute_raw(&mut tx, "BEGIN").await;
+                    }
+                    Err(Failure::of(error).sequence_commit())
+                }
+            },
+            // Releasing a savepoint: a lost answer is no worse, the caller's COMMIT decides
+            // (unless the body ended the caller's transaction).
+            true => tx.commit().await.map_err(|e| Failure::of(e).sequence()),
+        };
         drop(turn);
         committed
     }

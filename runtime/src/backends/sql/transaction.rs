@@ -69,14 +69,15 @@ enum State {
 }
 
 impl<D: Dialect> Owned<D> {
-    /// `BEGIN` on `connection`, as `Pool::begin` sends it.
+    /// `BEGIN` on `connection`, as `Pool::begin` sends it (with the dialect's
+    /// [`OWN_BEGIN`](Dialect::OWN_BEGIN), if it has one).
     pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
         let mut tx = Owned {
             connection,
             state: State::Ended,
             one_trip_commit: false,
         };
-        tx.begin_with(None).await?;
+        tx.begin_with(D::OWN_BEGIN.map(Cow::Borrowed)).await?;
         Ok(tx)
     }
 
@@ -187,6 +188,9 @@ impl<D: Dialect> Owned<D> {
             // The session lost the outcome's statement (deallocated by hand): rolled back, and
             // the connection is not reused, so the next claim prepares both again.
             Err(error) if D::unprepared(&error) => Err(error),
+            // The body ended the transaction (or moved it to other tables): the session is in
+            // a state nobody counted, so the connection is not reused.
+            Err(error) if super::error::transaction_ended(&error) => Err(error),
             // The server refused before `COMMIT` completed: the transaction is still open (or
             // aborted), as sqlx counts it, and the queued `ROLLBACK` ends it.
             Err(error @ sqlx::Error::Database(_)) => {
