@@ -34,6 +34,8 @@ enum Then {
     RollBack,
     /// Runs a statement that fails (`SELECT 1/0`), ignores the error and commits.
     IgnoreError,
+    /// Sends `ROLLBACK` and then `BEGIN` on the holding's transaction, then commits.
+    RollBackBegin,
 }
 
 /// The fault injected into the `worker`'s `caller`-th call of the faulty scenario: of 100
@@ -100,6 +102,12 @@ macro_rules! suite {
                     Then::Abort => std::process::abort(),
                     Then::RollBack => {
                         sqlx::Executor::execute(lease.connection(), "ROLLBACK").await.unwrap();
+                        lease.commit_async(number).await?;
+                        Ok(number)
+                    }
+                    Then::RollBackBegin => {
+                        sqlx::Executor::execute(lease.connection(), "ROLLBACK").await.unwrap();
+                        sqlx::Executor::execute(lease.connection(), "BEGIN").await.unwrap();
                         lease.commit_async(number).await?;
                         Ok(number)
                     }
@@ -283,8 +291,8 @@ macro_rules! suite {
                 });
             }
 
-            /// A body that ends the holding's transaction itself (its own `ROLLBACK`) and then
-            /// commits never gets its number as if it committed: the commit is `CommitUnknown`
+            /// A body that ends the holding's transaction itself (its own `ROLLBACK`, also with a
+            /// `BEGIN` after it) and then commits never gets its number as if it committed: the commit is `CommitUnknown`
             /// (its writes were not guarded), 3 rounds, on a new key and then on a used one; no
             /// row committed, and the next call gets the number they did not consume. Nor does a
             /// body that ignored a failed statement, where that aborted the transaction.
@@ -304,6 +312,9 @@ macro_rules! suite {
                         assert!(matches!(ended, Err(SequenceError::CommitUnknown(_))), "round {round}: {ended:?}");
                     }
                     assert_eq!(invoice(&env, "ended", 1, "b", None, Then::Succeed).await.unwrap(), 2);
+                    assert_eq!(numbers(&env, "ended").await, [1, 2]);
+                    let begun = invoice(&env, "ended", 1, "rule-breaker", None, Then::RollBackBegin).await;
+                    assert!(matches!(begun, Err(SequenceError::CommitUnknown(_))), "{begun:?}");
                     assert_eq!(numbers(&env, "ended").await, [1, 2]);
 
                     // A body that ignored a failed statement: PostgreSQL aborted the

@@ -253,7 +253,7 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     /// round trip. A body that ended the transaction itself makes it fail instead of
     /// committing nothing and answering `Ok`: on PostgreSQL (whose `COMMIT` outside a
     /// transaction only warns) a check that the bump's mark is still set goes first
-    /// ([`NO_HOLDING`]); SQLite's `COMMIT` fails by itself ("no transaction is active").
+    /// ([`NO_HOLDING`]); on SQLite the `RELEASE` of the savepoint the bump opened.
     #[doc(hidden)]
     fn commit_holding(
         conn: &mut Self::Connection,
@@ -926,9 +926,10 @@ mod sqlite {
         const OWN_BEGIN: Option<&'static str> = Some(OWN_BEGIN_SQLITE);
 
         async fn commit_holding(conn: &mut SqliteConnection) -> Result<Committed, sqlx::Error> {
+            let sql = format!("RELEASE {CLAIM_SAVEPOINT}; COMMIT; BEGIN");
             commit_of(
-                1,
-                completed(sqlx::Executor::fetch_many(conn, "COMMIT; BEGIN")).await,
+                2,
+                completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await,
             )
         }
 
@@ -1052,7 +1053,9 @@ mod sqlite {
                 "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1"
             ),
             purge_expired: format!("DELETE FROM {idem} WHERE expires_at <= {NOW_MS}"),
-            bump: bump_sql(seq),
+            // The holding opens the savepoint its commit releases first: a body that ended the
+            // transaction (even with a `BEGIN` after it) makes the commit fail.
+            bump: format!("SAVEPOINT {CLAIM_SAVEPOINT}; {}", bump_sql(seq)),
             set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             // Each releases the savepoint the claim's transaction began with (`OWN_BEGIN`)
