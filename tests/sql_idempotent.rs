@@ -259,7 +259,8 @@ macro_rules! suite {
             /// row, committed with it, and stores the outcome on it, so the call is `Ok` and the
             /// retry replays; SQLite finds its savepoint gone and answers `OutcomeUnknown`,
             /// storing nothing (its write lock went with that `COMMIT`, so a record written
-            /// then would not be the claim's).
+            /// then would not be the claim's). A claim over another request's expired record
+            /// whose body rolls back leaves that record as it was.
             #[test]
             fn a_body_that_ends_the_transaction_never_gets_an_ok_for_what_did_not_commit() {
                 let db = $new_db("ended");
@@ -295,6 +296,20 @@ macro_rules! suite {
                         assert!(matches!(committed, Err(IdempotencyError::OutcomeUnknown { .. })), "{committed:?}");
                         assert_eq!(records("committed").await, 0, "no record written outside the claim");
                     }
+
+                    // A claim over another request's expired record whose body sends its own
+                    // `ROLLBACK`: the old record is back, and the outcome's write (outside the
+                    // transaction now) must not land on it.
+                    pay(&env, Some("taken"), 7, "old", policy(), Then::Succeed { ms: 0 }).await.unwrap();
+                    age(&env.pool, "tests::pay##taken").await;
+                    let over = pay(&env, Some("taken"), 8, "new", policy(), Then::End("ROLLBACK")).await;
+                    assert!(matches!(over, Err(IdempotencyError::OutcomeUnknown { .. })), "{over:?}");
+                    let read = match $feature {
+                        "postgres" => "SELECT outcome::text FROM racefree_idempotency WHERE key = 'tests::pay##taken'",
+                        _ => "SELECT outcome FROM racefree_idempotency WHERE key = 'tests::pay##taken'",
+                    };
+                    let outcome: String = sqlx::query_scalar(read).fetch_one(&env.pool).await.unwrap();
+                    assert!(outcome.contains("receipt 7 by old"), "the old record is untouched: {outcome}");
                     env.close().await;
                 });
             }

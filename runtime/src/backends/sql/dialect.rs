@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Pool, Transaction};
+use sqlx::Pool;
 
 use super::schema::{Prepared, Statements, Tables};
 
@@ -85,24 +85,16 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         tables: &Tables,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Opens the transaction a claim or a numbering runs in, on a connection already checked
-    /// out (so a read before it costs no second checkout).
-    #[doc(hidden)]
-    fn begin_on(
-        connection: PoolConnection<Self>,
-    ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
-
     /// How a writing transaction begins, when not plain `BEGIN` (SQLite: `BEGIN IMMEDIATE`).
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
 
-    /// How the store's own transaction for a claim begins, when not plain `BEGIN`. SQLite
-    /// writes the record whole at `COMMIT`: its transaction begins with a savepoint that the
-    /// commit releases first, so that a body that ended the transaction (its own `COMMIT` or
-    /// `ROLLBACK`) makes the commit fail instead of writing the record outside it. PostgreSQL's
-    /// outcome `UPDATE` checks that it found the claim instead.
+    /// Whether a store transaction that ends without committing closes its connection instead
+    /// of rolling back on it: SQLite can roll a transaction back by itself under the body (an
+    /// `ON CONFLICT ROLLBACK` constraint, `RAISE(ROLLBACK)`, an I/O error), and sqlx's
+    /// `ROLLBACK` then fails and leaves its count of the connection's transactions at one.
     #[doc(hidden)]
-    const OWN_BEGIN: Option<&'static str>;
+    const CLOSES_RELEASED: bool;
 
     /// Whether a claim of a key the store has not seen lately skips the replay read and claims
     /// at once: where the claim costs a round trip the read would add to a first execution and
@@ -270,14 +262,18 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         key: &str,
     ) -> impl Future<Output = Result<(Option<i64>, i64), sqlx::Error>> + Send;
 
+    /// Sets the counter to `next`, where it still says `bumped` (what the bump left): the rows
+    /// updated, 0 if the body ended the holding's transaction (the statement then runs
+    /// outside it, where the counter may be another holder's).
     #[doc(hidden)]
     fn set_next(
         conn: &mut Self::Connection,
         tables: &Tables,
         name: &str,
         key: &str,
+        bumped: Option<i64>,
         next: Option<i64>,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
     #[doc(hidden)]
     fn read_next(
@@ -286,13 +282,6 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         name: &str,
         key: &str,
     ) -> impl Future<Output = Result<Option<i64>, sqlx::Error>> + Send;
-}
-
-/// Opens a writing transaction on a connection from `pool`.
-pub(crate) async fn begin_write<D: Dialect>(
-    pool: &Pool<D>,
-) -> Result<Transaction<'static, D>, sqlx::Error> {
-    D::begin_on(acquire_clean(pool).await?).await
 }
 
 /// A connection from `pool` that sqlx counts outside any transaction. One it counts inside one
@@ -354,8 +343,8 @@ where
     (done, None)
 }
 
-/// What a "…; COMMIT; BEGIN" query came to, from [`completed`]: statement number `commit`
-/// (counting from 1) is the `COMMIT`.
+/// What a one-trip commit query ("…; COMMIT; BEGIN", "…; COMMIT AND CHAIN") came to, from
+/// [`completed`]: statement number `commit` (counting from 1) is the `COMMIT`.
 fn commit_of(
     commit: usize,
     (done, error): (usize, Option<sqlx::Error>),
@@ -491,15 +480,17 @@ macro_rules! same_steps {
             tables: &Tables,
             name: &str,
             key: &str,
+            bumped: Option<i64>,
             next: Option<i64>,
-        ) -> Result<(), sqlx::Error> {
+        ) -> Result<u64, sqlx::Error> {
             sqlx::query(&tables.sql.set_next)
                 .bind(name)
                 .bind(key)
                 .bind(next)
+                .bind(bumped)
                 .execute(conn)
                 .await
-                .map(drop)
+                .map(|done| done.rows_affected())
         }
 
         async fn read_next(
@@ -576,16 +567,9 @@ mod postgres {
             tx.commit().await
         }
 
-        async fn begin_on(
-            connection: PoolConnection<Self>,
-        ) -> Result<Transaction<'static, Self>, sqlx::Error> {
-            // What `Pool::begin` does, on a connection this call already holds.
-            Transaction::begin(connection, None).await
-        }
-
         const BEGIN: Option<&'static str> = None;
 
-        const OWN_BEGIN: Option<&'static str> = None;
+        const CLOSES_RELEASED: bool = false;
 
         async fn commit_holding(conn: &mut PgConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!(
@@ -707,11 +691,11 @@ mod postgres {
                     }
                 }
             }
-            let committed = commit_of(2, (done, error))?;
-            match updated {
-                Some(0) => Err(sqlx::Error::Protocol(NO_CLAIM.into())),
-                _ => Ok(committed),
+            if updated == Some(0) {
+                // Whatever became of `COMMIT`: nothing of the store's was in it.
+                return Err(sqlx::Error::Protocol(NO_CLAIM.into()));
             }
+            commit_of(2, (done, error))
         }
 
         async fn limit_lock_wait(
@@ -817,9 +801,13 @@ mod postgres {
                 "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = clock_timestamp(), \
                  expires_at = 'infinity' WHERE key = $1 AND expires_at <= clock_timestamp()"
             ),
+            // Only the key's claim in flight (no outcome, no expiry): after a body's own
+            // `ROLLBACK` the statement runs outside the transaction, where the key may have
+            // another caller's record, which it must not touch.
             store_outcome: format!(
                 "UPDATE {idem} SET outcome = $2::jsonb, \
-                 expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond' WHERE key = $1"
+                 expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond' \
+                 WHERE key = $1 AND outcome IS NULL AND expires_at = 'infinity'"
             ),
             // SKIP LOCKED: a record being replaced by a claim in flight is not waited for
             // (and is not expired once that claim commits).
@@ -829,7 +817,10 @@ mod postgres {
             ),
             // The holding marks its transaction (`commit_holding` checks the mark).
             bump: format!("{}, set_config('{HOLDING}', 'held', true)", bump_sql(seq)),
-            set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
+            set_next: format!(
+                "UPDATE {seq} SET next = $3 \
+                 WHERE name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4"
+            ),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
             commit_record: String::new(),
@@ -853,7 +844,7 @@ mod postgres {
                     "(text, text, float8) AS \
                      UPDATE {idem} SET outcome = $2::jsonb, \
                      expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
-                     WHERE key = $1"
+                     WHERE key = $1 AND outcome IS NULL AND expires_at = 'infinity'"
                 ),
             ),
         }
@@ -869,9 +860,9 @@ mod sqlite {
     const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
     /// "Never expires" for an in-flight record (`i64::MAX`).
     const NEVER: i64 = i64::MAX;
-    /// The savepoint the store's own transaction begins with, released first by its commit.
+    /// The savepoint a claim's (or a holding's) first statement opens in the store's own
+    /// transaction, released first by its commit.
     const CLAIM_SAVEPOINT: &str = "racefree_claim";
-    const OWN_BEGIN_SQLITE: &str = "BEGIN; SAVEPOINT racefree_claim";
 
     impl Dialect for Sqlite {
         const STORE_NAME: &'static str = "sqlite";
@@ -911,19 +902,9 @@ mod sqlite {
             tx.commit().await
         }
 
-        async fn begin_on(
-            connection: PoolConnection<Self>,
-        ) -> Result<Transaction<'static, Self>, sqlx::Error> {
-            // Plain `BEGIN`: the bump, the first statement, is a write and takes the write
-            // lock (waiting up to `busy_timeout`). Not `BEGIN IMMEDIATE`: sqlx 0.8 begins with a
-            // statement of one's own in two steps, and a future dropped between them leaves
-            // the transaction open on the pooled connection, with the write lock.
-            Transaction::begin(connection, None).await
-        }
-
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
 
-        const OWN_BEGIN: Option<&'static str> = Some(OWN_BEGIN_SQLITE);
+        const CLOSES_RELEASED: bool = true;
 
         async fn commit_holding(conn: &mut SqliteConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!("RELEASE {CLAIM_SAVEPOINT}; COMMIT; BEGIN");
@@ -1049,20 +1030,25 @@ mod sqlite {
                 "UPDATE {idem} SET fingerprint = $2, outcome = NULL, created_at = {NOW_MS}, \
                  expires_at = {NEVER} WHERE key = $1 AND expires_at <= {NOW_MS}"
             ),
+            // Only the key's claim in flight (see PostgreSQL's).
             store_outcome: format!(
-                "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1"
+                "UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 \
+                 WHERE key = $1 AND outcome IS NULL AND expires_at = {NEVER}"
             ),
             purge_expired: format!("DELETE FROM {idem} WHERE expires_at <= {NOW_MS}"),
             // The holding opens the savepoint its commit releases first: a body that ended the
             // transaction (even with a `BEGIN` after it) makes the commit fail.
             bump: format!("SAVEPOINT {CLAIM_SAVEPOINT}; {}", bump_sql(seq)),
-            set_next: format!("UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2"),
+            set_next: format!(
+                "UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2 AND next IS $4"
+            ),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
-            // Each releases the savepoint the claim's transaction began with (`OWN_BEGIN`)
-            // first: if the body ended the transaction, that fails and nothing is written.
+            // Each releases the savepoint the claim opened (`lock_and_read`) first: if the body
+            // ended the transaction, that fails and nothing is written.
             commit_outcome: format!(
                 "RELEASE {CLAIM_SAVEPOINT}; \
-                 UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 WHERE key = $1; \
+                 UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 \
+                 WHERE key = $1 AND outcome IS NULL AND expires_at = {NEVER}; \
                  COMMIT; BEGIN"
             ),
             commit_record: format!(
@@ -1078,8 +1064,11 @@ mod sqlite {
                 "SELECT fingerprint = $2 AND outcome = $3, expires_at <= {NOW_MS} \
                  FROM {idem} WHERE key = $1"
             ),
+            // The savepoint the commit releases first (`commit_record`), opened in the same
+            // query (no hand-off of its own).
             lock_and_read: format!(
-                "UPDATE {idem} SET outcome = outcome WHERE key = $1 AND expires_at > {NOW_MS} \
+                "SAVEPOINT {CLAIM_SAVEPOINT}; \
+                 UPDATE {idem} SET outcome = outcome WHERE key = $1 AND expires_at > {NOW_MS} \
                  RETURNING fingerprint, outcome"
             ),
             prepared: Prepared::default(),

@@ -6,7 +6,9 @@
 //! ([`IdempotencyError::StoreUnavailable`], [`SequenceError::Store`]). Only a `COMMIT` whose answer
 //! never arrived is *unknown* ([`IdempotencyError::OutcomeUnknown`],
 //! [`SequenceError::CommitUnknown`]): the server may have committed just before the connection
-//! broke.
+//! broke. So is a commit that finds its transaction already ended
+//! ([`Failure::TransactionEnded`]): what the body wrote after that was not the store's to
+//! guard.
 
 use crate::idempotent::IdempotencyError;
 use crate::sequenced::SequenceError;
@@ -50,11 +52,12 @@ pub(crate) fn transaction_ended(error: &sqlx::Error) -> bool {
 }
 
 /// What the caller is told when the body ended the store's transaction.
-const ENDED: &str = "the body ended the store's transaction itself (a COMMIT or ROLLBACK it \
-                     sent on the connection) or moved it to other tables (SET search_path): its \
-                     writes were not guarded and may or may not have committed, and the store \
-                     recorded nothing, so a retry executes again; a body must leave the \
-                     transaction to the store";
+const ENDED: &str = "the store's transaction had ended before its commit: the body sent its \
+                     own COMMIT or ROLLBACK on the connection (or moved the transaction to \
+                     other tables with SET search_path), or the database rolled it back under \
+                     the body (SQLite: an ON CONFLICT ROLLBACK constraint, RAISE(ROLLBACK), an \
+                     I/O error); the body's writes were not guarded and may or may not have \
+                     committed; a body must leave the transaction to the store";
 
 impl Failure {
     pub(crate) fn of(error: sqlx::Error) -> Failure {

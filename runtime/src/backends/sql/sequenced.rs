@@ -4,7 +4,7 @@
 //! 1. **in-process turn**: callers of one key in this process queue FIFO on a
 //!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
 //!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
-//! 2. **acquire**: open the transaction ([`Dialect::begin_on`], plain `BEGIN`, on a connection
+//! 2. **acquire**: open the transaction (plain `BEGIN`, on a connection
 //!    sqlx counts outside any transaction; in the caller's transaction, a savepoint of it),
 //!    bound lock waits by the call's deadline (`lock_timeout`; on SQLite `busy_timeout`
 //!    bounds the wait for the write lock, which the upsert takes), and
@@ -48,10 +48,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
-use sqlx::Transaction;
 
 use super::dialect::{self, Dialect};
 use super::error::Failure;
+use super::transaction::{Owned, StoreTx};
 use super::{InCallerTx, InTransaction, SqlStore, Tx};
 use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
 use crate::sync::keyed_locks::{Holder, KeyGuard, KeyedLocks};
@@ -152,7 +152,10 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
         let mut tx = match &self.caller {
-            None => dialect::begin_write(pool).await,
+            None => match dialect::acquire_clean(pool).await {
+                Ok(connection) => Owned::begin(connection).await.map(StoreTx::Own),
+                Err(error) => Err(error),
+            },
             Some(caller) => {
                 let connection = caller
                     .connection
@@ -161,7 +164,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                     .take()
                     .ok_or_else(|| SequenceError::Store("this in-transaction sequence served its call already: make one per call (SqlStore::within)".into()))?;
                 // A savepoint: the bump and the body's writes roll back alone, the caller commits.
-                sqlx::Connection::begin(connection).await
+                sqlx::Connection::begin(connection).await.map(StoreTx::Savepoint)
             }
         }
         .map_err(|e| Failure::of(e).sequence())?;
@@ -220,7 +223,7 @@ impl<'s, D: Dialect, K: Serialize + Send> SequenceBackend<K> for SqlSequence<'s,
 pub struct SqlSequenceLease<'s, D: Dialect> {
     // Declared before `turn`: the transaction is rolled back before this process's next
     // caller of the key goes ahead.
-    tx: Transaction<'s, D>,
+    tx: StoreTx<'s, D>,
     /// A savepoint of the caller's transaction: nothing is durable before the caller commits.
     caller_commits: bool,
     store: &'s SqlStore<D>,
@@ -295,27 +298,28 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
             let (_, tables) = store
                 .store_pool()
                 .map_err(|e| SequenceError::Store(e.to_string().into()))?;
-            D::set_next(&mut tx, tables, &name, &key, Some(after))
+            // Where the counter still says what the bump left (`next + 1`, or nothing).
+            let bumped = next.and_then(|n| i64::try_from(n).ok()?.checked_add(1));
+            let set = D::set_next(&mut tx, tables, &name, &key, bumped, Some(after))
                 .await
                 .map_err(|e| Failure::of(e).sequence())?;
+            if set == 0 {
+                return Err(Failure::ended().sequence_commit());
+            }
         }
-        let committed = match caller_commits {
-            // `COMMIT` (checked: the body may have ended the transaction), then `BEGIN`;
-            // dropping `tx` queues the `ROLLBACK` of that empty transaction.
-            false => match D::commit_holding(&mut tx).await {
-                Ok(_) => Ok(()),
-                Err(error) => {
-                    if super::error::transaction_ended(&error) {
-                        // The server has no transaction and sqlx counts one (its `ROLLBACK`
-                        // would fail on SQLite and leave the count wrong): one to end.
-                        let _ = D::execute_raw(&mut tx, "BEGIN").await;
-                    }
-                    Err(Failure::of(error).sequence_commit())
-                }
-            },
+        let committed = match tx {
+            // `COMMIT`, checked: the body may have ended the transaction
+            // ([`Dialect::commit_holding`]).
+            StoreTx::Own(tx) => tx
+                .commit_holding()
+                .await
+                .map_err(|e| Failure::of(e).sequence_commit()),
             // Releasing a savepoint: a lost answer is no worse, the caller's COMMIT decides
             // (unless the body ended the caller's transaction).
-            true => tx.commit().await.map_err(|e| Failure::of(e).sequence()),
+            tx @ StoreTx::Savepoint(_) => tx.commit().await.map_err(|e| match caller_commits {
+                true => Failure::of(e).sequence(),
+                false => Failure::of(e).sequence_commit(),
+            }),
         };
         drop(turn);
         committed

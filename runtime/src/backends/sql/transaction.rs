@@ -52,6 +52,8 @@ pub(crate) struct Owned<D: Dialect> {
     /// claim that ran in it found its statement in this session, and the outcome's is
     /// prepared with it ([`Dialect::prepare`]); or the database prepares nothing by name.
     one_trip_commit: bool,
+    /// `Open` holds only the empty transaction a one-trip commit began after its `COMMIT`.
+    empty: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -69,15 +71,15 @@ enum State {
 }
 
 impl<D: Dialect> Owned<D> {
-    /// `BEGIN` on `connection`, as `Pool::begin` sends it (with the dialect's
-    /// [`OWN_BEGIN`](Dialect::OWN_BEGIN), if it has one).
+    /// `BEGIN` on `connection`, as `Pool::begin` sends it.
     pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
         let mut tx = Owned {
             connection,
             state: State::Ended,
             one_trip_commit: false,
+            empty: false,
         };
-        tx.begin_with(D::OWN_BEGIN.map(Cow::Borrowed)).await?;
+        tx.begin_with(None).await?;
         Ok(tx)
     }
 
@@ -122,6 +124,7 @@ impl<D: Dialect> Owned<D> {
             connection,
             state: State::Ended,
             one_trip_commit: false,
+            empty: false,
         };
         let statement = format!("{}; {insert}", D::BEGIN.unwrap_or("BEGIN"));
         let mut prepared = false;
@@ -182,6 +185,7 @@ impl<D: Dialect> Owned<D> {
             // Dropping `self` (`Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
             Ok(Committed::Clean) => {
                 self.state = State::Open;
+                self.empty = true;
                 Ok(())
             }
             Ok(Committed::Unclean) => Ok(()),
@@ -193,6 +197,28 @@ impl<D: Dialect> Owned<D> {
             Err(error) if super::error::transaction_ended(&error) => Err(error),
             // The server refused before `COMMIT` completed: the transaction is still open (or
             // aborted), as sqlx counts it, and the queued `ROLLBACK` ends it.
+            Err(error @ sqlx::Error::Database(_)) => {
+                self.state = State::Open;
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A `#[sequenced]` holding's `COMMIT` ([`Dialect::commit_holding`]), kept in step with
+    /// the connection's state as [`commit_with_outcome`](Self::commit_with_outcome) keeps it:
+    /// dropped meanwhile, after a commit whose statements stopped part way, or when the body
+    /// had ended the transaction, the connection is closed, never reused.
+    pub(crate) async fn commit_holding(mut self) -> Result<(), sqlx::Error> {
+        self.state = State::Unknown;
+        match D::commit_holding(&mut self.connection).await {
+            Ok(Committed::Clean) => {
+                self.state = State::Open;
+                self.empty = true;
+                Ok(())
+            }
+            Ok(Committed::Unclean) => Ok(()),
+            Err(error) if super::error::transaction_ended(&error) => Err(error),
             Err(error @ sqlx::Error::Database(_)) => {
                 self.state = State::Open;
                 Err(error)
@@ -215,6 +241,10 @@ impl<D: Dialect> Drop for Owned<D> {
             // Maybe (or surely) inside a transaction sqlx does not know about: never reuse
             // the connection.
             State::Unknown | State::Refused => self.connection.close_on_drop(),
+            // Work of the body's that did not commit, where the database may have rolled it
+            // back already and sqlx's `ROLLBACK` would then fail and leave its count wrong
+            // (SQLite): the connection is not reused.
+            State::Open if D::CLOSES_RELEASED && !self.empty => self.connection.close_on_drop(),
             // Queued; sent before the connection's next statement (the pool's release ping).
             State::Open => D::TransactionManager::start_rollback(&mut self.connection),
             State::Ended => {}
