@@ -93,7 +93,8 @@ async fn postgres(sync: &str) {
     c.execute(
         "PREPARE outcome(text, text, float8) AS \
          UPDATE racefree_idempotency SET outcome = $2::jsonb, \
-         expires_at = clock_timestamp() + $3 * interval '1 millisecond' WHERE key = $1",
+         expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
+         WHERE key = $1 AND outcome IS NULL AND expires_at = 'infinity'",
     )
     .await
     .unwrap();

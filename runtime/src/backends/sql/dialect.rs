@@ -63,7 +63,7 @@ pub enum Committed {
 ///
 /// | step | PostgreSQL | SQLite |
 /// | --- | --- | --- |
-/// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN`, whose first write takes the database's one write lock (waited for up to `busy_timeout`); a claim's begins with a savepoint its commit releases first |
+/// | open a writing transaction | `BEGIN` (locks are per row / per key) | `BEGIN`, whose first write takes the database's one write lock (waited for up to `busy_timeout`); a claim's or holding's first statement opens a savepoint its commit releases first |
 /// | claim: "is this key in flight?", insert, read | sent with `BEGIN`: `pg_try_advisory_xact_lock(hash(key))` and an `INSERT` that fails if the lock is held or the key has a record; only then one statement that takes the lock and, only if it was free, runs `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, with the committed record beside it | the write lock is the claim: the record is read under it and written whole at `COMMIT` (in a caller's transaction: `INSERT … ON CONFLICT (key) DO NOTHING RETURNING`, then the record); never "in flight": holding the write lock means nobody else is writing |
 /// | wait for an owner | `pg_advisory_xact_lock_shared(hash(key))` under `lock_timeout` | never needed: taking the write lock already waited |
 /// | bump a counter | `INSERT … ON CONFLICT (name, key) DO UPDATE … RETURNING` (row lock) | the same (under the write lock) |
@@ -88,13 +88,6 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     /// How a writing transaction begins, when not plain `BEGIN` (SQLite: `BEGIN IMMEDIATE`).
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
-
-    /// Whether a store transaction that ends without committing closes its connection instead
-    /// of rolling back on it: SQLite can roll a transaction back by itself under the body (an
-    /// `ON CONFLICT ROLLBACK` constraint, `RAISE(ROLLBACK)`, an I/O error), and sqlx's
-    /// `ROLLBACK` then fails and leaves its count of the connection's transactions at one.
-    #[doc(hidden)]
-    const CLOSES_RELEASED: bool;
 
     /// Whether a claim of a key the store has not seen lately skips the replay read and claims
     /// at once: where the claim costs a round trip the read would add to a first execution and
@@ -137,7 +130,8 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
 
     /// In a transaction opened with plain `BEGIN` (deferred), takes the database's write lock
     /// (waiting up to `busy_timeout`) and reads the key's unexpired record under it, in one
-    /// statement (databases whose [`claim_on_begin`](Self::claim_on_begin) is `None`).
+    /// query that also opens the claim's savepoint (databases whose
+    /// [`claim_on_begin`](Self::claim_on_begin) is `None`).
     #[doc(hidden)]
     fn lock_and_read(
         conn: &mut Self::Connection,
@@ -569,8 +563,6 @@ mod postgres {
 
         const BEGIN: Option<&'static str> = None;
 
-        const CLOSES_RELEASED: bool = false;
-
         async fn commit_holding(conn: &mut PgConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!(
                 "SELECT CASE current_setting('{HOLDING}', true) WHEN 'held' THEN 1 \
@@ -817,9 +809,11 @@ mod postgres {
             ),
             // The holding marks its transaction (`commit_holding` checks the mark).
             bump: format!("{}, set_config('{HOLDING}', 'held', true)", bump_sql(seq)),
+            // Only in the bump's transaction (its mark), on the counter as the bump left it.
             set_next: format!(
                 "UPDATE {seq} SET next = $3 \
-                 WHERE name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4"
+                 WHERE name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4 \
+                 AND current_setting('{HOLDING}', true) = 'held'"
             ),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
@@ -903,8 +897,6 @@ mod sqlite {
         }
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
-
-        const CLOSES_RELEASED: bool = true;
 
         async fn commit_holding(conn: &mut SqliteConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!("RELEASE {CLAIM_SAVEPOINT}; COMMIT; BEGIN");
@@ -1039,12 +1031,17 @@ mod sqlite {
             // The holding opens the savepoint its commit releases first: a body that ended the
             // transaction (even with a `BEGIN` after it) makes the commit fail.
             bump: format!("SAVEPOINT {CLAIM_SAVEPOINT}; {}", bump_sql(seq)),
+            // Only in the bump's transaction: its savepoint is released and opened again
+            // first (a body that ended the transaction makes the `RELEASE` fail).
             set_next: format!(
-                "UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2 AND next IS $4"
+                "RELEASE {CLAIM_SAVEPOINT}; SAVEPOINT {CLAIM_SAVEPOINT}; \
+                 UPDATE {seq} SET next = $3 WHERE name = $1 AND key = $2 AND next IS $4"
             ),
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
-            // Each releases the savepoint the claim opened (`lock_and_read`) first: if the body
-            // ended the transaction, that fails and nothing is written.
+            // Each releases the claim's savepoint first: if the body ended the transaction,
+            // that fails and nothing is written. (`commit_record` follows `lock_and_read`,
+            // which opens it; `commit_outcome`, for a claim that wrote an in-flight record in
+            // the store's own transaction, has no caller on SQLite.)
             commit_outcome: format!(
                 "RELEASE {CLAIM_SAVEPOINT}; \
                  UPDATE {idem} SET outcome = $2, expires_at = {NOW_MS} + $3 \

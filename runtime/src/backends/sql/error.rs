@@ -108,8 +108,8 @@ impl Failure {
         }
     }
 
-    /// The body ended the store's transaction: found when the outcome's `UPDATE` updated no
-    /// row.
+    /// The body ended the store's transaction: found when a statement of the store's that
+    /// must find its own row (the outcome's `UPDATE`, a first number's `set_next`) found none.
     pub(crate) fn ended() -> Failure {
         Failure::TransactionEnded(ENDED.to_owned())
     }

@@ -413,6 +413,7 @@ async fn complete_in<D: Dialect, T: Serialize>(
                 .await
                 .map_err(|e| Failure::of(e).or_unknown(&client_key, Failure::unavailable))?;
             if stored == 0 {
+                tx.ended();
                 return Err(Failure::ended().or_unknown(&client_key, Failure::unavailable));
             }
             committed(tx.commit().await)

@@ -17,8 +17,11 @@
 //! 4. **commit**: the counter already says `number + 1` (or is set to it, for a key's first
 //!    number), so `COMMIT` makes the effect and the consumed number visible at once
 //!    ([`Dialect::commit_holding`]: on PostgreSQL it first checks the transaction is still the
-//!    bump's and not aborted, since a `COMMIT` would otherwise only warn, or roll back without
-//!    an error; a body that ended it or ignored a failed statement gets an error, not `Ok`).
+//!    bump's, by the mark the bump set, and not aborted, since a `COMMIT` would otherwise only
+//!    warn, or roll back without an error; on SQLite it releases the savepoint the bump opened.
+//!    A body that ended the transaction or ignored a failed statement gets an error, not `Ok`;
+//!    a first number's `UPDATE` is checked the same way, before it can touch a counter outside
+//!    the holding).
 //! 5. **failure** (`Err`, panic, dropped future, crash, killed connection): the transaction
 //!    rolls back, undoing the bump with the effect. The next holder gets the same number.
 //!
@@ -182,7 +185,6 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .map_err(|e| Failure::of(e).sequence())?;
         Ok(SqlSequenceLease {
             tx,
-            caller_commits: self.caller.is_some(),
             store: self.store,
             name: self.name.clone().into_owned(),
             key,
@@ -224,8 +226,6 @@ pub struct SqlSequenceLease<'s, D: Dialect> {
     // Declared before `turn`: the transaction is rolled back before this process's next
     // caller of the key goes ahead.
     tx: StoreTx<'s, D>,
-    /// A savepoint of the caller's transaction: nothing is durable before the caller commits.
-    caller_commits: bool,
     store: &'s SqlStore<D>,
     name: String,
     key: String,
@@ -281,7 +281,6 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
     async fn commit_async(self, used: u64) -> Result<(), SequenceError> {
         let SqlSequenceLease {
             mut tx,
-            caller_commits,
             store,
             name,
             key,
@@ -304,6 +303,7 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
                 .await
                 .map_err(|e| Failure::of(e).sequence())?;
             if set == 0 {
+                tx.ended();
                 return Err(Failure::ended().sequence_commit());
             }
         }
@@ -316,10 +316,7 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
                 .map_err(|e| Failure::of(e).sequence_commit()),
             // Releasing a savepoint: a lost answer is no worse, the caller's COMMIT decides
             // (unless the body ended the caller's transaction).
-            tx @ StoreTx::Savepoint(_) => tx.commit().await.map_err(|e| match caller_commits {
-                true => Failure::of(e).sequence(),
-                false => Failure::of(e).sequence_commit(),
-            }),
+            tx @ StoreTx::Savepoint(_) => tx.commit().await.map_err(|e| Failure::of(e).sequence()),
         };
         drop(turn);
         committed

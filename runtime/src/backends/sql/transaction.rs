@@ -1,5 +1,5 @@
-//! The transaction an idempotent call runs in: one the store opened on a pooled connection
-//! ([`StoreTx::Own`]), or a savepoint of the caller's ([`StoreTx::Savepoint`]).
+//! The transaction an idempotent call or a sequenced holding runs in: one the store opened on a
+//! pooled connection ([`StoreTx::Own`]), or a savepoint of the caller's ([`StoreTx::Savepoint`]).
 //!
 //! The store's own transactions save two round trips on a first execution on PostgreSQL by
 //! sending, in one simple query, what sqlx would send as two statements:
@@ -52,8 +52,6 @@ pub(crate) struct Owned<D: Dialect> {
     /// claim that ran in it found its statement in this session, and the outcome's is
     /// prepared with it ([`Dialect::prepare`]); or the database prepares nothing by name.
     one_trip_commit: bool,
-    /// `Open` holds only the empty transaction a one-trip commit began after its `COMMIT`.
-    empty: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,7 +75,6 @@ impl<D: Dialect> Owned<D> {
             connection,
             state: State::Ended,
             one_trip_commit: false,
-            empty: false,
         };
         tx.begin_with(None).await?;
         Ok(tx)
@@ -124,7 +121,6 @@ impl<D: Dialect> Owned<D> {
             connection,
             state: State::Ended,
             one_trip_commit: false,
-            empty: false,
         };
         let statement = format!("{}; {insert}", D::BEGIN.unwrap_or("BEGIN"));
         let mut prepared = false;
@@ -185,7 +181,6 @@ impl<D: Dialect> Owned<D> {
             // Dropping `self` (`Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
             Ok(Committed::Clean) => {
                 self.state = State::Open;
-                self.empty = true;
                 Ok(())
             }
             Ok(Committed::Unclean) => Ok(()),
@@ -214,7 +209,6 @@ impl<D: Dialect> Owned<D> {
         match D::commit_holding(&mut self.connection).await {
             Ok(Committed::Clean) => {
                 self.state = State::Open;
-                self.empty = true;
                 Ok(())
             }
             Ok(Committed::Unclean) => Ok(()),
@@ -225,6 +219,12 @@ impl<D: Dialect> Owned<D> {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// The body ended this transaction (found by a statement of the store's that matched no
+    /// row): the session is in a state nobody counted, so the connection is not reused.
+    pub(crate) fn ended(&mut self) {
+        self.state = State::Unknown;
     }
 
     /// `COMMIT`, as `Transaction::commit` sends it.
@@ -241,11 +241,11 @@ impl<D: Dialect> Drop for Owned<D> {
             // Maybe (or surely) inside a transaction sqlx does not know about: never reuse
             // the connection.
             State::Unknown | State::Refused => self.connection.close_on_drop(),
-            // Work of the body's that did not commit, where the database may have rolled it
-            // back already and sqlx's `ROLLBACK` would then fail and leave its count wrong
-            // (SQLite): the connection is not reused.
-            State::Open if D::CLOSES_RELEASED && !self.empty => self.connection.close_on_drop(),
             // Queued; sent before the connection's next statement (the pool's release ping).
+            // (Where SQLite rolled the transaction back by itself, that `ROLLBACK` fails and
+            // sqlx's count stays at one: the store's next checkout closes such a connection,
+            // `acquire_clean`. Closing it here instead would lose an in-memory database whose
+            // last connection it is.)
             State::Open => D::TransactionManager::start_rollback(&mut self.connection),
             State::Ended => {}
         }
@@ -273,6 +273,13 @@ pub(crate) enum StoreTx<'c, D: Dialect> {
 }
 
 impl<D: Dialect> StoreTx<'_, D> {
+    /// The body ended the store's own transaction: its connection is not reused ([`Owned::ended`]).
+    pub(crate) fn ended(&mut self) {
+        if let StoreTx::Own(tx) = self {
+            tx.ended();
+        }
+    }
+
     /// `COMMIT` (or, in the caller's transaction, `RELEASE SAVEPOINT`).
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
