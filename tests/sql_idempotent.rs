@@ -1661,14 +1661,17 @@ fn sqlite_transaction_rolled_back_by_the_database_leaves_the_pool_usable() {
         let other = db.sqlite_pool(1, Duration::from_secs(2)).await;
         for round in 0..3 {
             let key = format!("k{round}");
-            let call = Call::new(
-                "tests::audited",
-                None,
-                Some(key.as_str()),
-                Fingerprint::of(&1_u64),
-                sqlite::policy(),
-            );
-            let Begin::<_, String>::Execute(mut execution) = begin(&store, call).await else {
+            // Every call of the round: the same key and request.
+            let call = || {
+                Call::new(
+                    "tests::audited",
+                    None,
+                    Some(key.as_str()),
+                    Fingerprint::of(&1_u64),
+                    sqlite::policy(),
+                )
+            };
+            let Begin::<_, String>::Execute(mut execution) = begin(&store, call()).await else {
                 panic!("round {round}: a fresh key executes")
             };
             let tx = execution.lease_mut().unwrap().connection();
@@ -1683,14 +1686,7 @@ fn sqlite_transaction_rolled_back_by_the_database_leaves_the_pool_usable() {
             assert!(duplicate.is_err(), "round {round}: the constraint fires");
             execution.release();
 
-            let call = Call::new(
-                "tests::audited",
-                None,
-                Some(key.as_str()),
-                Fingerprint::of(&1_u64),
-                sqlite::policy(),
-            );
-            let Begin::<_, String>::Execute(mut retry) = begin(&store, call).await else {
+            let Begin::<_, String>::Execute(mut retry) = begin(&store, call()).await else {
                 panic!("round {round}: the key is free")
             };
             sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'retry')")

@@ -321,7 +321,18 @@ fn millis(ttl: Duration) -> i64 {
 
 /// Drives a multi-statement query's results to the end: how many of its statements
 /// completed, and the error that stopped it, if one did.
-async fn completed<S, L, R>(mut results: S) -> (usize, Option<sqlx::Error>)
+async fn completed<S, L, R>(results: S) -> (usize, Option<sqlx::Error>)
+where
+    S: futures_util::Stream<Item = Result<sqlx::Either<L, R>, sqlx::Error>> + Unpin,
+{
+    completed_with(results, drop).await
+}
+
+/// [`completed`], handing each completed statement's result to `each`, in order.
+async fn completed_with<S, L, R>(
+    mut results: S,
+    mut each: impl FnMut(L),
+) -> (usize, Option<sqlx::Error>)
 where
     S: futures_util::Stream<Item = Result<sqlx::Either<L, R>, sqlx::Error>> + Unpin,
 {
@@ -329,7 +340,10 @@ where
     let mut done = 0;
     while let Some(result) = results.next().await {
         match result {
-            Ok(sqlx::Either::Left(_)) => done += 1,
+            Ok(sqlx::Either::Left(result)) => {
+                each(result);
+                done += 1;
+            }
             Ok(sqlx::Either::Right(_)) => {}
             Err(error) => return (done, Some(error)),
         }
@@ -668,26 +682,17 @@ mod postgres {
                 text(outcome),
                 millis(ttl),
             );
-            let mut results = sqlx::Executor::fetch_many(conn, sql.as_str());
-            let (mut done, mut updated, mut error) = (0, None, None);
-            while let Some(result) = futures_util::StreamExt::next(&mut results).await {
-                match result {
-                    Ok(sqlx::Either::Left(result)) => {
-                        updated.get_or_insert(result.rows_affected());
-                        done += 1;
-                    }
-                    Ok(sqlx::Either::Right(_)) => {}
-                    Err(e) => {
-                        error = Some(e);
-                        break;
-                    }
-                }
-            }
+            let mut updated = None;
+            let results = sqlx::Executor::fetch_many(conn, sql.as_str());
+            let finished = completed_with(results, |result: sqlx::postgres::PgQueryResult| {
+                updated.get_or_insert(result.rows_affected());
+            })
+            .await;
             if updated == Some(0) {
                 // Whatever became of `COMMIT`: nothing of the store's was in it.
                 return Err(sqlx::Error::Protocol(NO_CLAIM.into()));
             }
-            commit_of(2, (done, error))
+            commit_of(2, finished)
         }
 
         async fn limit_lock_wait(

@@ -643,8 +643,7 @@ where
 
     async fn lease_without_key(&self) -> Result<Option<Self::Lease>, IdempotencyError> {
         let (pool, _) = self.store_pool()?;
-        let connection = dialect::acquire_clean(pool).await.map_err(unavailable)?;
-        let tx = Owned::begin(connection).await.map_err(unavailable)?;
+        let tx = Owned::begin_from(pool).await.map_err(unavailable)?;
         Ok(Some(SqlIdempotencyLease {
             tx: StoreTx::Own(tx),
             key: None,

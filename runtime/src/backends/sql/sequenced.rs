@@ -52,7 +52,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::dialect::{self, Dialect};
+use super::dialect::Dialect;
 use super::error::Failure;
 use super::transaction::{Owned, StoreTx};
 use super::{InCallerTx, InTransaction, SqlStore, Tx};
@@ -155,10 +155,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
         let mut tx = match &self.caller {
-            None => match dialect::acquire_clean(pool).await {
-                Ok(connection) => Owned::begin(connection).await.map(StoreTx::Own),
-                Err(error) => Err(error),
-            },
+            None => Owned::begin_from(pool).await.map(StoreTx::Own),
             Some(caller) => {
                 let connection = caller
                     .connection

@@ -69,6 +69,12 @@ enum State {
 }
 
 impl<D: Dialect> Owned<D> {
+    /// `BEGIN` on a connection from `pool` that sqlx counts outside any transaction
+    /// ([`acquire_clean`](super::dialect::acquire_clean)).
+    pub(crate) async fn begin_from(pool: &sqlx::Pool<D>) -> Result<Self, sqlx::Error> {
+        Self::begin(super::dialect::acquire_clean(pool).await?).await
+    }
+
     /// `BEGIN` on `connection`, as `Pool::begin` sends it.
     pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
         let mut tx = Owned {
@@ -177,7 +183,24 @@ impl<D: Dialect> Owned<D> {
         // between them): the connection is then closed, never reused in a state sqlx does
         // not count.
         self.state = State::Unknown;
-        match D::commit_with_outcome(&mut self.connection, tables, key, whole, outcome, ttl).await {
+        let committed =
+            D::commit_with_outcome(&mut self.connection, tables, key, whole, outcome, ttl).await;
+        self.settle(committed)
+    }
+
+    /// A `#[sequenced]` holding's `COMMIT` ([`Dialect::commit_holding`]), kept in step with
+    /// the connection's state as [`commit_with_outcome`](Self::commit_with_outcome) keeps it:
+    /// dropped meanwhile, after a commit whose statements stopped part way, or when the body
+    /// had ended the transaction, the connection is closed, never reused.
+    pub(crate) async fn commit_holding(mut self) -> Result<(), sqlx::Error> {
+        self.state = State::Unknown;
+        let committed = D::commit_holding(&mut self.connection).await;
+        self.settle(committed)
+    }
+
+    /// The state a one-trip commit leaves the connection in, from what it came to.
+    fn settle(&mut self, committed: Result<Committed, sqlx::Error>) -> Result<(), sqlx::Error> {
+        match committed {
             // Dropping `self` (`Open` for sqlx) queues the `ROLLBACK` of the empty `BEGIN`.
             Ok(Committed::Clean) => {
                 self.state = State::Open;
@@ -192,27 +215,6 @@ impl<D: Dialect> Owned<D> {
             Err(error) if super::error::transaction_ended(&error) => Err(error),
             // The server refused before `COMMIT` completed: the transaction is still open (or
             // aborted), as sqlx counts it, and the queued `ROLLBACK` ends it.
-            Err(error @ sqlx::Error::Database(_)) => {
-                self.state = State::Open;
-                Err(error)
-            }
-            Err(error) => Err(error),
-        }
-    }
-
-    /// A `#[sequenced]` holding's `COMMIT` ([`Dialect::commit_holding`]), kept in step with
-    /// the connection's state as [`commit_with_outcome`](Self::commit_with_outcome) keeps it:
-    /// dropped meanwhile, after a commit whose statements stopped part way, or when the body
-    /// had ended the transaction, the connection is closed, never reused.
-    pub(crate) async fn commit_holding(mut self) -> Result<(), sqlx::Error> {
-        self.state = State::Unknown;
-        match D::commit_holding(&mut self.connection).await {
-            Ok(Committed::Clean) => {
-                self.state = State::Open;
-                Ok(())
-            }
-            Ok(Committed::Unclean) => Ok(()),
-            Err(error) if super::error::transaction_ended(&error) => Err(error),
             Err(error @ sqlx::Error::Database(_)) => {
                 self.state = State::Open;
                 Err(error)
