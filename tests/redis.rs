@@ -852,6 +852,58 @@ async fn undecodable_record_is_a_typed_error() {
         .unwrap();
 }
 
+/// A value no hit could decode (a NaN: serde_json writes `null`, which no `f64` decodes from)
+/// is never cached: each of 3 calls computes and gets a typed error saying why, and the value
+/// key stays absent, so no later hit is `Undecodable`; a finite value is cached as before.
+#[tokio::test]
+async fn value_no_hit_could_decode_is_not_cached() {
+    let store = RedisStore::new(support::server().url.clone());
+    let key = RedisKey::new("tests::redis", Some(&support::unique("nan")), "k");
+    let computed = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let refused = store
+            .cache()
+            .get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(f64::NAN)
+            })
+            .await;
+        match refused {
+            Err(racefree::redis::CachedError::Store(RedisStoreError::Serialize { reason })) => {
+                assert!(reason.contains("does not decode back"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(computed.load(Ordering::SeqCst), 3, "each call computed");
+    let mut conn = store.connection().await.unwrap();
+    let stored: bool = conn.exists(key.redis_key("val")).await.unwrap();
+    assert!(!stored, "nothing cached");
+    for _ in 0..2 {
+        let value = store
+            .cache()
+            .get_or_compute(&key, CacheOptions::new(Duration::from_secs(60)), || async {
+                computed.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(2.5)
+            })
+            .await;
+        assert_eq!(value.unwrap(), 2.5);
+    }
+    assert_eq!(
+        computed.load(Ordering::SeqCst),
+        4,
+        "the finite value is cached"
+    );
+    let _: () = conn
+        .del(&[
+            key.redis_key("val"),
+            key.redis_key("fill"),
+            key.redis_key("gen"),
+        ])
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn unreachable_redis_is_a_typed_error_not_a_hang() {
     // Port 1 on loopback: nothing listens there.
@@ -1148,13 +1200,23 @@ static LARGE_OUTCOMES: LazyLock<RedisIdempotencyStore<String>> =
     LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&SMALL_BULK_STORE)));
 static MAP_OUTCOMES: LazyLock<RedisIdempotencyStore<BTreeMap<(u8, u8), u8>>> =
     LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&SMALL_BULK_STORE)));
+static NAN_OUTCOMES: LazyLock<RedisIdempotencyStore<f64>> =
+    LazyLock::new(|| RedisIdempotencyStore::shared(Arc::clone(&SMALL_BULK_STORE)));
 static LARGE_EXECS: AtomicUsize = AtomicUsize::new(0);
 static MAP_EXECS: AtomicUsize = AtomicUsize::new(0);
+static NAN_EXECS: AtomicUsize = AtomicUsize::new(0);
 
 #[idempotent(key = key, store = LARGE_OUTCOMES)]
 async fn large_report(key: &str) -> Result<String, FaultError> {
     LARGE_EXECS.fetch_add(1, Ordering::SeqCst);
     Ok("x".repeat(1_200_000))
+}
+
+/// serde_json writes NaN as `null`, which no `f64` decodes from.
+#[idempotent(key = key, store = NAN_OUTCOMES)]
+async fn nan_reading(key: &str) -> Result<f64, FaultError> {
+    NAN_EXECS.fetch_add(1, Ordering::SeqCst);
+    Ok(f64::NAN)
 }
 
 #[idempotent(key = key, store = MAP_OUTCOMES)]
@@ -1163,9 +1225,11 @@ async fn tuple_keyed_map(key: &str) -> Result<BTreeMap<(u8, u8), u8>, FaultError
     Ok(BTreeMap::from([((1, 2), 3)]))
 }
 
-/// Issue 11, point 2: a 1.2 MB outcome over `proto-max-bulk-len 1mb`, and one serde cannot
-/// encode (`BTreeMap<(u8, u8), _>`). Before: 3 calls, 3 executions each. Now: 1 execution; the
-/// first caller keeps its value, the next two get `OutcomeNotStored` naming the limit.
+/// Issue 11, point 2: a 1.2 MB outcome over `proto-max-bulk-len 1mb`, one serde cannot
+/// encode (`BTreeMap<(u8, u8), _>`), and one whose JSON no replay could decode (a NaN, written
+/// as `null`). Before: 3 calls, 3 executions each (the NaN: 1 execution, then `Undecodable`
+/// replays). Now: 1 execution; the first caller keeps its value, the next two get
+/// `OutcomeNotStored` saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcome_that_cannot_be_stored_is_never_run_again() {
     let store = &*SMALL_BULK_STORE;
@@ -1217,14 +1281,35 @@ async fn outcome_that_cannot_be_stored_is_never_run_again() {
     }
     assert_eq!(execs.load(Ordering::SeqCst), 2);
 
+    let key = RedisKey::new("tests::faults", None, "nan");
+    for call in 0..3 {
+        let outcome = store
+            .idempotency()
+            .run(&key, "fp", IdempotencyOptions::new(), || async {
+                execs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(f64::NAN)
+            })
+            .await;
+        match (call, outcome) {
+            (0, Ok(outcome)) => assert!(outcome.value.is_nan() && !outcome.replayed),
+            (_, Err(IdempotentError::OutcomeNotStored { reason, .. })) => {
+                assert!(reason.contains("does not decode back"), "{reason}")
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 3);
+
     for call in 0..3 {
         let large = large_report("attr-large").await;
         let map = tuple_keyed_map("attr-map").await;
+        let nan = nan_reading("attr-nan").await;
         if call == 0 {
             assert_eq!(large.unwrap().len(), 1_200_000);
             assert_eq!(map.unwrap().len(), 1);
+            assert!(nan.unwrap().is_nan());
         } else {
-            for refused in [large.map(drop), map.map(drop)] {
+            for refused in [large.map(drop), map.map(drop), nan.map(drop)] {
                 assert!(
                     matches!(
                         refused,
@@ -1239,6 +1324,7 @@ async fn outcome_that_cannot_be_stored_is_never_run_again() {
     }
     assert_eq!(LARGE_EXECS.load(Ordering::SeqCst), 1);
     assert_eq!(MAP_EXECS.load(Ordering::SeqCst), 1);
+    assert_eq!(NAN_EXECS.load(Ordering::SeqCst), 1);
 }
 
 /// Issue 11, point 1 (the decision): a caller dropped *during* the body releases the key at

@@ -621,6 +621,94 @@ macro_rules! suite {
                 });
             }
 
+            /// A measurement that records its run, inserts its effect and returns `value`.
+            #[racefree::idempotent(key = key, store = env.store, skip(env, value))]
+            async fn measure(
+                env: &Env,
+                key: &str,
+                value: f64,
+                mut tx: racefree::sql::Tx<'_, $Database>,
+            ) -> Result<f64, IdempotencyError> {
+                sqlx::query("INSERT INTO executions (key, who) VALUES ($1, 'measure')")
+                    .bind(key)
+                    .execute(&env.side)
+                    .await
+                    .unwrap();
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'measure')")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Ok(value)
+            }
+
+            /// `measure` with a text outcome.
+            #[racefree::idempotent(key = key, store = env.store, skip(env, text))]
+            async fn label(
+                env: &Env,
+                key: &str,
+                text: &str,
+                mut tx: racefree::sql::Tx<'_, $Database>,
+            ) -> Result<String, IdempotencyError> {
+                sqlx::query("INSERT INTO executions (key, who) VALUES ($1, 'label')")
+                    .bind(key)
+                    .execute(&env.side)
+                    .await
+                    .unwrap();
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'label')")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Ok(text.to_owned())
+            }
+
+            /// An outcome no replay could return is never stored: a NaN (serde_json writes it
+            /// as `null`, which no `f64` decodes from) on both databases, and on PostgreSQL a
+            /// string with a NUL character (JSONB refuses `\u0000`). Each of 3 calls executes
+            /// and gets `OutcomeNotStored`, its effect rolled back with it (3 executions, 0
+            /// effect rows), never an `Ok` whose replays are `Undecodable`; then the key is
+            /// free, and a finite number commits and replays. A backslash before `u0000` (text,
+            /// not a NUL) and, on SQLite, a NUL itself are stored and replayed byte for byte.
+            #[test]
+            fn outcomes_no_replay_could_return_roll_back_and_are_not_stored() {
+                let db = $new_db("unreplayable");
+                let rt = sql::runtime();
+                rt.block_on(async {
+                    let env = setup(&db).await;
+                    fn not_stored<T>(result: &Result<T, IdempotencyError>, because: &str) -> bool {
+                        matches!(result, Err(IdempotencyError::OutcomeNotStored { reason, .. }) if reason.contains(because))
+                    }
+                    for _ in 0..3 {
+                        let nan = measure(&env, "nan", f64::NAN).await;
+                        assert!(not_stored(&nan, "does not decode back"), "{nan:?}");
+                    }
+                    assert_eq!(count(&env.side, "executions", "nan").await, 3, "each call executed");
+                    assert_eq!(count(&env.pool, "effects", "nan").await, 0, "each rolled back");
+                    assert_eq!(measure(&env, "nan", 1.5).await.unwrap(), 1.5, "the key is free");
+                    assert_eq!(measure(&env, "nan", 2.5).await.unwrap(), 1.5, "and now replays");
+                    assert_eq!(count(&env.pool, "effects", "nan").await, 1);
+
+                    let escaped = r"a\u0000b";
+                    assert_eq!(label(&env, "escaped", escaped).await.unwrap(), escaped);
+                    assert_eq!(label(&env, "escaped", "other").await.unwrap(), escaped, "replayed");
+                    for _ in 0..3 {
+                        let nul = label(&env, "nul", "a\0b").await;
+                        match $feature {
+                            "postgres" => assert!(not_stored(&nul, "NUL character"), "{nul:?}"),
+                            _ => assert_eq!(nul.unwrap(), "a\0b", "stored, then replayed"),
+                        }
+                    }
+                    let (executions, effects) = match $feature {
+                        "postgres" => (3, 0),
+                        _ => (1, 1),
+                    };
+                    assert_eq!(count(&env.side, "executions", "nul").await, executions);
+                    assert_eq!(count(&env.pool, "effects", "nul").await, effects);
+                    env.close().await;
+                });
+            }
+
             /// `charge` inside the caller's transaction: the store is `db.within(&mut caller_tx)`,
             /// handed in by the caller.
             #[racefree::idempotent(key = key, store = in_tx, skip(in_tx))]

@@ -56,9 +56,11 @@ pub enum IdempotencyError {
         /// The client's idempotency key.
         key: String,
     },
-    /// The body ran and finished, but its outcome cannot be stored (too large for the store, or
-    /// not encodable). The key is done: later calls get this error instead of executing again.
-    /// HTTP 500.
+    /// The body ran and finished, but its outcome cannot be stored: too large for the store,
+    /// not encodable, or encoded to JSON that does not decode back into its type (a NaN float,
+    /// which serde_json writes as `null`), so that no replay could return it. With Redis the
+    /// key is done: later calls get this error instead of executing again. With a SQL store the
+    /// body's effect rolled back with it, and the key is free. HTTP 500.
     OutcomeNotStored {
         /// The client's idempotency key.
         key: String,

@@ -290,6 +290,13 @@ impl<'s> RedisCache<'s> {
         // On any early return below the guard frees the fill lock in the background.
         let value = computed.map_err(CachedError::Body)?;
         let text = encode_value(&value)?;
+        // A value no hit could decode is not stored: every hit would be `Undecodable`.
+        if let Err(error) = decode_value::<T>(&val, text.as_bytes()) {
+            return Err(RedisStoreError::Serialize {
+                reason: crate::backends::not_replayable(&error),
+            }
+            .into());
+        }
         let ttl_ms = options.ttl.as_millis().max(1) as u64;
         let ttl_ms = ttl_ms.to_string();
         self.store

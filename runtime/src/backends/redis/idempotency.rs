@@ -386,7 +386,9 @@ impl<'s> RedisIdempotency<'s> {
     ) -> Result<(), RedisStoreError> {
         let detached = self.store.detached().await?;
         let max = self.store.max_record_bytes().await?;
-        Completion::new(detached, max, claim, outcome, ttl, None)?
+        // The caller's type is not known here (`T` may not be `DeserializeOwned`): what it
+        // encodes to is stored as it is.
+        Completion::new(detached, max, claim, (outcome, |_| Ok(())), ttl, None)?
             .spawn()
             .await
     }
@@ -579,8 +581,14 @@ impl<'s> RedisIdempotency<'s> {
             Ok(value) => {
                 // From here on the key is never freed: the completion finishes on its own.
                 guard.disarm();
-                let completion =
-                    Completion::new(detached, max, &claim, &value, options.ttl, Some(heartbeat))?;
+                let completion = Completion::new(
+                    detached,
+                    max,
+                    &claim,
+                    (&value, decodes_as::<T>),
+                    options.ttl,
+                    Some(heartbeat),
+                )?;
                 match completion.spawn().await {
                     Ok(()) => Ok(Outcome {
                         value,
@@ -656,20 +664,33 @@ struct Completion {
     wake: &'static str,
 }
 
+/// Whether an outcome's JSON decodes back into the outcome's type, which a replay needs.
+type Replayable = fn(&serde_json::Value) -> Result<(), serde_json::Error>;
+
+/// [`Replayable`] for outcomes of type `T`.
+fn decodes_as<T: DeserializeOwned>(json: &serde_json::Value) -> Result<(), serde_json::Error> {
+    T::deserialize(json).map(drop)
+}
+
 impl Completion {
     /// Encodes `outcome`, or the "done, outcome not stored" record if it cannot be stored
-    /// (not encodable, or a record longer than `max` bytes). Synchronous, so that nothing can
-    /// cancel the step between a finished body and its spawned write.
+    /// (not encodable, its JSON refused by `replayable`, or a record longer than `max` bytes).
+    /// Synchronous, so that nothing can cancel the step between a finished body and its
+    /// spawned write.
     fn new<T: Serialize + ?Sized>(
         detached: Detached,
         max: u64,
         claim: &OwnerClaim,
-        outcome: &T,
+        (outcome, replayable): (&T, Replayable),
         ttl: Duration,
         heartbeat: Option<Heartbeat>,
     ) -> Result<Completion, RedisStoreError> {
         let encoded = serde_json::to_value(outcome)
             .map_err(|e| format!("the outcome cannot be encoded as JSON: {e}"))
+            .and_then(|outcome| match replayable(&outcome) {
+                Ok(()) => Ok(outcome),
+                Err(error) => Err(crate::backends::not_replayable(&error)),
+            })
             .and_then(|outcome| {
                 IdemRecord::done(&claim.token, &claim.fingerprint, outcome)
                     .with_fence(claim.fence.to_string())
@@ -916,9 +937,15 @@ where
         } = lease;
         // Encoded and spawned in this first poll: a caller dropped from here on cannot stop
         // the write, and the heartbeat beats until it returns.
-        let completion =
-            Completion::new(detached, max_record, &claim, outcome, ttl, Some(heartbeat))
-                .map_err(|err| refused(&client_key, err))?;
+        let completion = Completion::new(
+            detached,
+            max_record,
+            &claim,
+            (outcome, decodes_as::<T>),
+            ttl,
+            Some(heartbeat),
+        )
+        .map_err(|err| refused(&client_key, err))?;
         completion
             .spawn()
             .await

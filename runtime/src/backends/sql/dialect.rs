@@ -119,6 +119,12 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn unprepared(error: &sqlx::Error) -> bool;
 
+    /// Why the database cannot store `outcome` (a record's JSON text), if it cannot.
+    #[doc(hidden)]
+    fn unstorable(_outcome: &str) -> Option<&'static str> {
+        None
+    }
+
     /// Prepares, on `conn` outside any transaction, the statements it lacks of those that
     /// [`claim_on_begin`](Self::claim_on_begin) and
     /// [`commit_with_outcome`](Self::commit_with_outcome) execute by name.
@@ -614,6 +620,16 @@ mod postgres {
             matches!(database_code(error).as_deref(), Some("23505" | "23502"))
         }
 
+        fn unstorable(outcome: &str) -> Option<&'static str> {
+            // JSONB refuses `\u0000` in a string (SQLSTATE 22P05); the escape is serde_json's
+            // for a NUL character, unless its backslash is itself escaped (`\\u0000`).
+            let nul = outcome.match_indices("\\u0000").any(|(at, _)| {
+                let backslashes = outcome[..=at].bytes().rev().take_while(|&b| b == b'\\');
+                backslashes.count() % 2 == 1
+            });
+            nul.then_some("PostgreSQL's JSONB cannot hold a NUL character (\\u0000) in a string")
+        }
+
         fn unprepared(error: &sqlx::Error) -> bool {
             // invalid_sql_statement_name: "prepared statement … does not exist"
             database_code(error).as_deref() == Some("26000")
@@ -853,6 +869,7 @@ mod postgres {
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
+    use crate::backends::sql::transaction::Owned;
     use sqlx::{Sqlite, SqliteConnection};
 
     /// SQLite's clock in Unix milliseconds (`julianday` works on every SQLite version).
@@ -894,7 +911,10 @@ mod sqlite {
         }
 
         async fn migrate(pool: &Pool<Self>, tables: &Tables) -> Result<(), sqlx::Error> {
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            // The write lock first: concurrent migrations take turns instead of failing to
+            // upgrade a read lock. Dropped part way, the transaction never stays open on a
+            // pooled connection (`begin_writing_from`).
+            let mut tx = Owned::<Self>::begin_writing_from(pool).await?;
             for statement in statements_of(&Self::schema(tables)) {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }

@@ -247,6 +247,25 @@ fn answer<T: DeserializeOwned>(
     }
 }
 
+/// The outcome as its record stores it, or why it cannot be stored: it does not encode, its
+/// JSON does not decode back (a replay would be `Undecodable`), or the database cannot hold it
+/// ([`Dialect::unstorable`]). Refused before anything is sent, so the call rolls back and
+/// says why, instead of committing an effect whose outcome no replay can return.
+fn encode<D: Dialect, T: Serialize + DeserializeOwned>(outcome: &T) -> Result<String, String> {
+    let encoded = serde_json::to_string(&Stored {
+        v: FORMAT,
+        value: outcome,
+    })
+    .map_err(|e| format!("the outcome cannot be encoded as JSON: {e}"))?;
+    if let Err(error) = serde_json::from_str::<Decoded<T>>(&encoded) {
+        return Err(super::super::not_replayable(&error));
+    }
+    match D::unstorable(&encoded) {
+        Some(reason) => Err(reason.to_owned()),
+        None => Ok(encoded),
+    }
+}
+
 fn check_len(key: &RecordKey) -> Result<(), IdempotencyError> {
     match key.as_str().len() {
         len if len > MAX_KEY => Err(IdempotencyError::KeyTooLong { len, max: MAX_KEY }),
@@ -349,7 +368,7 @@ async fn settle<D: Dialect>(
 
 /// Step 4: the outcome, then `COMMIT` (or, in the caller's transaction, `RELEASE SAVEPOINT`).
 /// `pool` (the store's own transactions) settles a commit whose answer was lost.
-async fn complete_in<D: Dialect, T: Serialize>(
+async fn complete_in<D: Dialect, T: Serialize + DeserializeOwned>(
     lease: SqlIdempotencyLease<'_, D>,
     tables: &Tables,
     pool: Option<&Pool<D>>,
@@ -376,13 +395,9 @@ async fn complete_in<D: Dialect, T: Serialize>(
         // A call without a key: its transaction, nothing recorded.
         return committed(tx.commit().await);
     };
-    let encoded = serde_json::to_string(&Stored {
-        v: FORMAT,
-        value: outcome,
-    })
-    .map_err(|e| IdempotencyError::OutcomeNotStored {
+    let encoded = encode::<D, T>(outcome).map_err(|reason| IdempotencyError::OutcomeNotStored {
         key: key.client_key().to_owned(),
-        reason: format!("{e}; the transaction was rolled back"),
+        reason: format!("{reason}; the transaction was rolled back"),
     })?;
     match tx {
         // The outcome and `COMMIT` in one round trip.
@@ -520,7 +535,7 @@ impl<D: Dialect> SqlStore<D> {
         claim_in(StoreTx::Own(tx), tables, key, lock, &fingerprint, false).await
     }
 
-    async fn complete_key<T: Serialize>(
+    async fn complete_key<T: Serialize + DeserializeOwned>(
         &self,
         lease: SqlIdempotencyLease<'static, D>,
         outcome: &T,

@@ -75,6 +75,22 @@ impl<D: Dialect> Owned<D> {
         Self::begin(super::dialect::acquire_clean(pool).await?).await
     }
 
+    /// The dialect's writing `BEGIN` ([`Dialect::BEGIN`]: SQLite's `BEGIN IMMEDIATE`, which
+    /// takes the write lock at once) on a connection from `pool`, checked out as
+    /// [`begin_from`](Self::begin_from) does. sqlx's own `begin_with` leaves the transaction
+    /// open on the pooled connection when it is dropped between its two steps (the `BEGIN`
+    /// answered, its check not yet): here the connection is closed instead.
+    #[cfg(feature = "sqlite")]
+    pub(crate) async fn begin_writing_from(pool: &sqlx::Pool<D>) -> Result<Self, sqlx::Error> {
+        let mut tx = Owned {
+            connection: super::dialect::acquire_clean(pool).await?,
+            state: State::Ended,
+            one_trip_commit: false,
+        };
+        tx.begin_with(D::BEGIN.map(Cow::Borrowed)).await?;
+        Ok(tx)
+    }
+
     /// `BEGIN` on `connection`, as `Pool::begin` sends it.
     pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
         let mut tx = Owned {
