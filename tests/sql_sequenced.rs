@@ -638,6 +638,62 @@ fn pg_statement_timeout_and_serialization_failure_are_typed() {
     });
 }
 
+/// Under `REPEATABLE READ` (the pools' default isolation here), a caller that waited for
+/// another transaction's holding of its key finds the counter row changed since its snapshot
+/// and fails its bump with a serialization failure before anything ran; the store takes a new
+/// transaction and bumps again instead of handing the caller the error. 2 stores (their own
+/// in-process queues, so they meet only at the row lock, as two processes do) × 8 callers of
+/// one key, released by a barrier, 3 rounds: every call gets its number, and after each round
+/// the key's numbers are exactly 1..=16 × rounds so far.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_repeatable_read_callers_of_one_key_all_get_their_numbers() {
+    const STORES: usize = 2;
+    const CALLERS: usize = 8;
+    const ROUNDS: usize = 3;
+    let db = TestDb::pg("repeatable");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        let mut envs = Vec::new();
+        for _ in 0..STORES {
+            envs.push(std::sync::Arc::new(pg::Env {
+                store: racefree::sql::PgStore::new(
+                    db.pg_pool_with(
+                        CALLERS as u32,
+                        "SET default_transaction_isolation = 'repeatable read'",
+                    )
+                    .await,
+                ),
+                pool: env.pool.clone(),
+                side: env.side.clone(),
+            }));
+        }
+        for round in 1..=ROUNDS {
+            let gate = std::sync::Arc::new(tokio::sync::Barrier::new(STORES * CALLERS));
+            let calls: Vec<_> = (0..STORES * CALLERS)
+                .map(|caller| {
+                    let (env, gate) = (envs[caller % STORES].clone(), gate.clone());
+                    tokio::spawn(async move {
+                        gate.wait().await;
+                        let who = format!("round {round} caller {caller}");
+                        pg::invoice(&env, "rr", 1, &who, None, Then::Succeed).await
+                    })
+                })
+                .collect();
+            for call in calls {
+                let number = call.await.unwrap();
+                assert!(number.is_ok(), "round {round}: {number:?}");
+            }
+            let expected: Vec<i64> = (1..=(round * STORES * CALLERS) as i64).collect();
+            assert_eq!(pg::numbers(&env, "rr").await, expected, "round {round}");
+        }
+        for env in &envs {
+            env.store.pool().unwrap().close().await;
+        }
+        env.pool.close().await;
+    });
+}
+
 /// Not a test of its own: the body of the child processes. Without `RF_SQL_MODE` it returns.
 #[test]
 fn child_entry() {

@@ -12,7 +12,9 @@
 //!    RETURNING` the counter row. The row lock this takes *is* the key's lock across processes
 //!    and machines: the next holder's upsert waits until this transaction ends. The returned
 //!    number (`NULL` for a key never committed: the attribute then uses its `start`) is the
-//!    call's `Seq`.
+//!    call's `Seq`. Under `REPEATABLE READ` or `SERIALIZABLE` an upsert that waited for
+//!    another holding fails with a serialization failure before anything ran: the store's own
+//!    transaction then starts again, up to 64 times (`SERIALIZATION_RETRIES`).
 //! 3. **body**: writes its effect on the lease's connection ([`Tx`]).
 //! 4. **commit**: the counter already says `number + 1` (or is set to it, for a key's first
 //!    number), so `COMMIT` makes the effect and the consumed number visible at once
@@ -154,6 +156,48 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
         let turn = locks
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
+        let mut retries = 0;
+        loop {
+            let (tx, bumped) = self.bump_in_new_tx(pool, tables, &key, deadline).await?;
+            let (next, holdings) = match bumped {
+                Ok(bumped) => bumped,
+                // A serialization failure at the bump (`REPEATABLE READ`, `SERIALIZABLE`: the
+                // holder this caller waited for committed after its snapshot): nothing ran,
+                // and a new transaction sees that commit. Only the store's own transaction
+                // can start again; in the caller's, the caller's snapshot stays.
+                Err(error)
+                    if matches!(tx, StoreTx::Own(_))
+                        && serialization_failure(&error)
+                        && retries < SERIALIZATION_RETRIES =>
+                {
+                    retries += 1;
+                    drop(tx);
+                    continue;
+                }
+                Err(error) => return Err(Failure::of(error).sequence()),
+            };
+            return Ok(SqlSequenceLease {
+                tx,
+                store: self.store,
+                name: self.name.clone().into_owned(),
+                key,
+                next: next.map(|n| n as u64),
+                fence: holdings as u64,
+                turn,
+            });
+        }
+    }
+
+    /// A transaction (the store's own, or a savepoint of the caller's), its lock waits bounded
+    /// by `deadline`, and the key's bump in it: the bump's error is left to the caller, which
+    /// may start again.
+    async fn bump_in_new_tx(
+        &self,
+        pool: &'s sqlx::Pool<D>,
+        tables: &super::Tables,
+        key: &str,
+        deadline: Option<Instant>,
+    ) -> Result<(StoreTx<'s, D>, Result<(Option<i64>, i64), sqlx::Error>), SequenceError> {
         let mut tx = match &self.caller {
             None => Owned::begin_from(pool).await.map(StoreTx::Own),
             Some(caller) => {
@@ -177,18 +221,21 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                 .await
                 .map_err(|e| Failure::of(e).sequence())?;
         }
-        let (next, holdings) = D::bump(&mut tx, tables, &self.name, &key)
-            .await
-            .map_err(|e| Failure::of(e).sequence())?;
-        Ok(SqlSequenceLease {
-            tx,
-            store: self.store,
-            name: self.name.clone().into_owned(),
-            key,
-            next: next.map(|n| n as u64),
-            fence: holdings as u64,
-            turn,
-        })
+        let bumped = D::bump(&mut tx, tables, &self.name, key).await;
+        Ok((tx, bumped))
+    }
+}
+
+/// New transactions a caller's bump is retried in after serialization failures, each after
+/// waiting for a holder that committed: one waiter wins each commit, so this bounds a caller
+/// that keeps losing (its last failure is then its error).
+const SERIALIZATION_RETRIES: usize = 64;
+
+/// `serialization_failure` (40001) or `deadlock_detected` (40P01).
+fn serialization_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+        _ => false,
     }
 }
 
