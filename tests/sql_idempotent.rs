@@ -1797,3 +1797,166 @@ fn sqlite_transaction_rolled_back_by_the_database_leaves_the_pool_usable() {
         conn.execute("ROLLBACK").await.unwrap();
     });
 }
+
+/// Under `SERIALIZABLE`, the store's own statements take no predicate lock a first execution
+/// of another key could conflict with (before, most of 40 such calls failed each other at
+/// `COMMIT`, from the outcome's `UPDATE` reading the key's index page). 40 callers, each with
+/// its own key, released by a barrier, 5 rounds, in the store's own transaction and then in
+/// the caller's own `SERIALIZABLE` transaction (`within`): in every round every call is `Ok`
+/// and its effect row committed.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_serializable_first_executions_of_other_keys_never_fail_each_other() {
+    const CALLERS: usize = 40;
+    const ROUNDS: usize = 5;
+    let db = TestDb::pg("serializable");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        let pool = db
+            .pg_pool_with(8, "SET default_transaction_isolation = 'serializable'")
+            .await;
+        let store = std::sync::Arc::new(racefree::sql::PgStore::new(pool.clone()));
+        for within in [false, true] {
+            for round in 0..ROUNDS {
+                let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));
+                let calls: Vec<_> = (0..CALLERS)
+                    .map(|caller| {
+                        let (store, pool, gate) = (store.clone(), pool.clone(), gate.clone());
+                        let key = format!("within {within} round {round} caller {caller}");
+                        tokio::spawn(async move {
+                            gate.wait().await;
+                            let call = |key: &str| {
+                                Call::new(
+                                    "tests::ssi",
+                                    None,
+                                    Some(key),
+                                    Fingerprint::of(&caller),
+                                    pg::policy(),
+                                )
+                            };
+                            let effect = |key: String| {
+                                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'ssi')")
+                                    .bind(key)
+                            };
+                            if !within {
+                                let Begin::<_, String>::Execute(mut execution) =
+                                    begin(&*store, call(&key)).await
+                                else {
+                                    panic!("{key}: a new key executes")
+                                };
+                                effect(key.clone())
+                                    .execute(execution.lease_mut().unwrap().connection())
+                                    .await
+                                    .unwrap();
+                                return execution.finish(&key).await;
+                            }
+                            let mut caller_tx = pool.begin().await.unwrap();
+                            let finished = {
+                                let in_tx = store.within(&mut caller_tx);
+                                let Begin::<_, String>::Execute(mut execution) =
+                                    begin(&in_tx, call(&key)).await
+                                else {
+                                    panic!("{key}: a new key executes")
+                                };
+                                effect(key.clone())
+                                    .execute(execution.lease_mut().unwrap().connection())
+                                    .await
+                                    .unwrap();
+                                execution.finish(&key).await
+                            };
+                            finished?;
+                            caller_tx.commit().await.map_err(|e| {
+                                IdempotencyError::StoreUnavailable {
+                                    reason: format!("the caller's COMMIT: {e}"),
+                                }
+                            })
+                        })
+                    })
+                    .collect();
+                for (caller, call) in calls.into_iter().enumerate() {
+                    let done = call.await.unwrap();
+                    assert!(
+                        done.is_ok(),
+                        "within {within}, round {round}, caller {caller}: {done:?}"
+                    );
+                }
+                let effects: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM effects WHERE key LIKE $1")
+                        .bind(format!("within {within} round {round} %"))
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                assert_eq!(effects, CALLERS as i64, "within {within}, round {round}");
+            }
+        }
+        pool.close().await;
+        env.close().await;
+    });
+}
+
+/// A guarded call in a savepoint of another's transaction (the outer body hands its own
+/// connection to `within`) claims, completes and commits with it, and the outer call's
+/// outcome still lands on the outer claim: each depth of a transaction keeps its own claim
+/// mark. 3 rounds of one outer and one inner call: both `Ok`, both effects committed once,
+/// and both keys replay their outcomes.
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_a_guarded_call_nested_in_a_savepoint_leaves_the_outer_claim_its_outcome() {
+    let db = TestDb::pg("nested");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        for round in 0..3 {
+            let (outer_key, inner_key) = (format!("outer {round}"), format!("inner {round}"));
+            let call = |key: &str| {
+                Call::new(
+                    "tests::nested",
+                    None,
+                    Some(key),
+                    Fingerprint::of(&round),
+                    pg::policy(),
+                )
+            };
+            let effect = |key: &str| {
+                sqlx::query("INSERT INTO effects (key, who) VALUES ($1, 'nested')")
+                    .bind(key.to_owned())
+            };
+            let Begin::<_, String>::Execute(mut outer) = begin(&env.store, call(&outer_key)).await
+            else {
+                panic!("round {round}: the outer call executes")
+            };
+            let connection = outer.lease_mut().unwrap().connection();
+            effect(&outer_key).execute(&mut *connection).await.unwrap();
+            {
+                let in_tx = env.store.within(&mut *connection);
+                let Begin::<_, String>::Execute(mut inner) = begin(&in_tx, call(&inner_key)).await
+                else {
+                    panic!("round {round}: the inner call executes")
+                };
+                effect(&inner_key)
+                    .execute(inner.lease_mut().unwrap().connection())
+                    .await
+                    .unwrap();
+                inner
+                    .finish(&inner_key)
+                    .await
+                    .expect("the inner call completes");
+            }
+            outer
+                .finish(&outer_key)
+                .await
+                .expect("the outer call completes");
+            for key in [&outer_key, &inner_key] {
+                assert_eq!(
+                    pg::count(&env.pool, "effects", key).await,
+                    1,
+                    "round {round}: {key}"
+                );
+                match begin::<_, String>(&env.store, call(key)).await {
+                    Begin::Replay(outcome) => assert_eq!(&outcome, key, "round {round}"),
+                    _ => panic!("round {round}: {key} replays"),
+                }
+            }
+        }
+        env.close().await;
+    });
+}

@@ -70,7 +70,7 @@
 //! | the same key with another fingerprint | `Conflict`, the stored outcome untouched | — |
 //! | a stored record that does not decode | [`IdempotencyError::Undecodable`], never a re-execution | — |
 //! | an outcome no replay could return: not encodable, JSON that does not decode back into its type (a NaN float), a NUL character on PostgreSQL | [`IdempotencyError::OutcomeNotStored`], refused before `COMMIT`: the effect rolls back, the key stays free | — |
-//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT`, a `COMMIT` the server refused | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store), except a serialization failure at the bump in the store's own transaction, which is taken again in a new one; a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
+//! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT`, a `COMMIT` the server refused | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store), except a serialization failure at the bump in the store's own transaction, which is taken again in a new one (up to 64 times); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
 //! | failover to a synchronous replica | what was committed survives; with asynchronous replication, the last commits may be lost *together with their effects*, so records and effects still agree | as for idempotency |
 //!
 //! # What it does not promise
