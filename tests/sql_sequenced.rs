@@ -564,7 +564,8 @@ fn pg_deadline_bounds_the_wait_for_another_process() {
 }
 
 /// A statement timeout (SQLSTATE 57014) and a serialization failure (40001) while taking a
-/// number are `SequenceError::Store` naming the cause, as documented; a conflict at `COMMIT`
+/// number are `SequenceError::Store` naming the cause, as documented (the serialization failure
+/// after the store took the number again in 64 new transactions); a conflict at `COMMIT`
 /// (a deferred trigger) is `Store` too, not `CommitUnknown`: the server answered, so it rolled
 /// back. Nothing is consumed: once the faults are gone, each key's first number is still 1.
 #[cfg(feature = "postgres")]
@@ -605,9 +606,20 @@ fn pg_statement_timeout_and_serialization_failure_are_typed() {
         let slow = pg::invoice(&impatient, "slow", 1, "first", None, Then::Succeed).await;
         let reason = store_error(slow);
         assert!(reason.contains("statement timeout"), "{reason}");
+        // The bump's serialization failure is taken again in 64 new transactions, then is the
+        // caller's error: 65 raises in all, counted outside the rolled-back transactions.
         let conflict = pg::invoice(&env, "conflict", 1, "first", None, Then::Succeed).await;
         let reason = store_error(conflict);
-        assert!(reason.contains("serialization failure"), "{reason}");
+        assert!(
+            reason.contains("serialization failure")
+                && reason.contains("after 64 new transactions"),
+            "{reason}"
+        );
+        let raised: i64 = sqlx::query_scalar("SELECT last_value FROM rf_conflicts")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(raised, 65, "one bump and 64 retries");
         let at_commit = pg::invoice(&env, "at-commit", 1, "first", None, Then::Succeed).await;
         let reason = store_error(at_commit);
         assert!(
@@ -668,6 +680,14 @@ fn pg_repeatable_read_callers_of_one_key_all_get_their_numbers() {
                 side: env.side.clone(),
             }));
         }
+        let isolation: String = sqlx::query_scalar("SHOW transaction_isolation")
+            .fetch_one(envs[0].store.pool().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            isolation, "repeatable read",
+            "the stores' transactions' isolation"
+        );
         for round in 1..=ROUNDS {
             let gate = std::sync::Arc::new(tokio::sync::Barrier::new(STORES * CALLERS));
             let calls: Vec<_> = (0..STORES * CALLERS)

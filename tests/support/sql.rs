@@ -26,12 +26,15 @@ pub const TEST_TABLES: &[&str] = &[
 /// Trigger functions that make a store's own statement fail the way a loaded or contended
 /// server does (create them in a test's schema, then attach them to the store's tables):
 /// `rf_slow` outlasts any short `statement_timeout` (SQLSTATE 57014), `rf_serialization_failure`
-/// raises SQLSTATE 40001, as a serializable transaction that lost a conflict does.
+/// raises SQLSTATE 40001, as a serializable transaction that lost a conflict does, and counts
+/// its raises in the sequence `rf_conflicts` (not rolled back with them).
 pub const PG_FAULTS: &str = "\
     CREATE FUNCTION rf_slow() RETURNS trigger LANGUAGE plpgsql AS \
       $$ BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$; \
+    CREATE SEQUENCE rf_conflicts; \
     CREATE FUNCTION rf_serialization_failure() RETURNS trigger LANGUAGE plpgsql AS \
-      $$ BEGIN RAISE EXCEPTION 'injected conflict' USING ERRCODE = 'serialization_failure'; END $$;";
+      $$ BEGIN PERFORM nextval('rf_conflicts'); \
+         RAISE EXCEPTION 'injected conflict' USING ERRCODE = 'serialization_failure'; END $$;";
 
 /// The store's pool and the side channel's (the same pool on PostgreSQL).
 #[cfg(feature = "postgres")]

@@ -192,15 +192,23 @@ fn from_sqlite(_: &dyn sqlx::error::DatabaseError) -> bool {
     false
 }
 
+/// `serialization_failure` (40001) or `deadlock_detected` (40P01): the transaction lost a
+/// conflict, and running it again may succeed.
+pub(crate) fn serialization_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+        _ => false,
+    }
+}
+
 fn describe_rejected(error: &sqlx::Error) -> String {
     match error {
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            Some("57014") => format!("statement timeout ({error})"),
-            Some("40001" | "40P01") => {
-                format!("serialization failure: retry the call ({error})")
-            }
-            _ => error.to_string(),
-        },
+        _ if serialization_failure(error) => {
+            format!("serialization failure: retry the call ({error})")
+        }
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            format!("statement timeout ({error})")
+        }
         _ => error.to_string(),
     }
 }

@@ -32,7 +32,7 @@
 //! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's; on
 //! PostgreSQL the check travels with `COMMIT AND CHAIN`, whose empty transaction sqlx's
 //! `ROLLBACK` ends with its next ping);
-//! a key's first number adds one `UPDATE`, a deadline one `SET LOCAL`.
+//! a key's first number adds one `UPDATE`, a deadline one `set_config('lock_timeout', …, true)`.
 //!
 //! **In the caller's transaction** ([`InCallerTx::sequence`]): the same steps in a savepoint;
 //! "commit" releases the savepoint, and the number is consumed only when the caller's own
@@ -55,7 +55,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::dialect::Dialect;
-use super::error::Failure;
+use super::error::{serialization_failure, Failure};
 use super::transaction::{Owned, StoreTx};
 use super::{InCallerTx, InTransaction, SqlStore, Tx};
 use crate::sequenced::{SequenceBackend, SequenceError, SequenceLease};
@@ -171,10 +171,23 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                         && retries < SERIALIZATION_RETRIES =>
                 {
                     retries += 1;
+                    tracing::debug!(
+                        target: "racefree",
+                        sequence = %self.name,
+                        retries,
+                        "serialization failure at the bump; taking the number in a new transaction"
+                    );
                     drop(tx);
                     continue;
                 }
-                Err(error) => return Err(Failure::of(error).sequence()),
+                Err(error) => {
+                    return Err(match Failure::of(error).sequence() {
+                        SequenceError::Store(reason) if retries > 0 => SequenceError::Store(
+                            format!("{reason}; after {retries} new transactions").into(),
+                        ),
+                        other => other,
+                    })
+                }
             };
             return Ok(SqlSequenceLease {
                 tx,
@@ -230,14 +243,6 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
 /// waiting for a holder that committed: one waiter wins each commit, so this bounds a caller
 /// that keeps losing (its last failure is then its error).
 const SERIALIZATION_RETRIES: usize = 64;
-
-/// `serialization_failure` (40001) or `deadlock_detected` (40P01).
-fn serialization_failure(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
-        _ => false,
-    }
-}
 
 impl<D: Dialect> std::fmt::Debug for SqlSequence<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
