@@ -18,6 +18,6 @@ pub mod sql;
 pub(crate) fn not_replayable(error: &dyn std::fmt::Display) -> String {
     format!(
         "its JSON does not decode back into its type ({error}), so no replay or cache hit \
-         could return it (serde_json writes a NaN or infinite float as null)"
+         could return it (serde_json writes a NaN or infinite float as null, for one)"
     )
 }

@@ -82,22 +82,23 @@ impl<D: Dialect> Owned<D> {
     /// answered, its check not yet): here the connection is closed instead.
     #[cfg(feature = "sqlite")]
     pub(crate) async fn begin_writing_from(pool: &sqlx::Pool<D>) -> Result<Self, sqlx::Error> {
-        let mut tx = Owned {
-            connection: super::dialect::acquire_clean(pool).await?,
-            state: State::Ended,
-            one_trip_commit: false,
-        };
+        let mut tx = Self::idle(super::dialect::acquire_clean(pool).await?);
         tx.begin_with(D::BEGIN.map(Cow::Borrowed)).await?;
         Ok(tx)
     }
 
-    /// `BEGIN` on `connection`, as `Pool::begin` sends it.
-    pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
-        let mut tx = Owned {
+    /// `connection`, outside any transaction, before one of the `begin`s.
+    fn idle(connection: PoolConnection<D>) -> Self {
+        Owned {
             connection,
             state: State::Ended,
             one_trip_commit: false,
-        };
+        }
+    }
+
+    /// `BEGIN` on `connection`, as `Pool::begin` sends it.
+    pub(crate) async fn begin(connection: PoolConnection<D>) -> Result<Self, sqlx::Error> {
+        let mut tx = Self::idle(connection);
         tx.begin_with(None).await?;
         Ok(tx)
     }
@@ -139,11 +140,7 @@ impl<D: Dialect> Owned<D> {
         tables: &Tables,
         insert: &str,
     ) -> Result<Began<D>, sqlx::Error> {
-        let mut tx = Owned {
-            connection,
-            state: State::Ended,
-            one_trip_commit: false,
-        };
+        let mut tx = Self::idle(connection);
         let statement = format!("{}; {insert}", D::BEGIN.unwrap_or("BEGIN"));
         let mut prepared = false;
         loop {
