@@ -1960,3 +1960,55 @@ fn pg_a_guarded_call_nested_in_a_savepoint_leaves_the_outer_claim_its_outcome() 
         env.close().await;
     });
 }
+
+/// A body that resets its session's settings (`RESET racefree.claim1`, or sets it to another
+/// row) on the store's transaction takes the claim's mark away from the outcome's `UPDATE`: the `UPDATE`
+/// then finds the claim through the key instead, so the call is `Ok`, its effect committed
+/// once, and a retry replays it. (Without the fallback, the `UPDATE` found nothing while the
+/// transaction was still open, and its `COMMIT` left the key held with no outcome.) Each
+/// statement once, on the one-trip path (a new key) and on the claim that reads first (a key
+/// whose expired record the claim replaces).
+#[cfg(feature = "postgres")]
+#[test]
+fn pg_a_body_that_resets_its_session_settings_still_gets_its_outcome_stored() {
+    let db = TestDb::pg("reset");
+    sql::runtime().block_on(async {
+        let env = pg::setup(&db).await;
+        // (Not `RESET ALL`: it also resets the test pool's `search_path` to the schema.)
+        let resets = [
+            "RESET racefree.claim1",
+            "SELECT set_config('racefree.claim1', '(0,1)', false)",
+        ];
+        for (n, statement) in resets.into_iter().enumerate() {
+            for expired_first in [false, true] {
+                let key = format!("reset {n} {expired_first}");
+                let cents = 10 + n as u64;
+                if expired_first {
+                    pg::pay(&env, Some(&key), 1, "old", pg::policy(), Then::Succeed { ms: 0 })
+                        .await
+                        .unwrap();
+                    sqlx::query("DELETE FROM effects WHERE key = $1")
+                        .bind(&key)
+                        .execute(&env.pool)
+                        .await
+                        .unwrap();
+                    sqlx::query(
+                        "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 s' \
+                         WHERE key LIKE '%#' || $1",
+                    )
+                    .bind(&key)
+                    .execute(&env.pool)
+                    .await
+                    .unwrap();
+                }
+                let first = pg::pay(&env, Some(&key), cents, "first", pg::policy(), Then::End(statement)).await;
+                assert_eq!(first.unwrap(), format!("receipt {cents} by first"), "{statement}, {key}");
+                assert_eq!(pg::count(&env.pool, "effects", &key).await, 1, "{statement}, {key}");
+                let retry = pg::pay(&env, Some(&key), cents, "retry", pg::policy(), Then::Succeed { ms: 0 }).await;
+                assert_eq!(retry.unwrap(), format!("receipt {cents} by first"), "{statement}, {key}: replayed");
+                assert_eq!(pg::count(&env.pool, "effects", &key).await, 1, "{statement}, {key}");
+            }
+        }
+        env.close().await;
+    });
+}

@@ -782,6 +782,28 @@ mod postgres {
         same_steps!(PgConnection);
     }
 
+    /// The outcome's write on the key's claim in flight (`key` $1, `outcome` $2; `ttl_ms` and
+    /// `mark` the expressions of the TTL in milliseconds and of the mark's name): found by the
+    /// `ctid` the claim left in its mark ([`claim_mark`]), with the key checked on that row,
+    /// and only if that finds nothing (the body reset its settings, a trigger of the user's
+    /// updated the row since) through the key's index; the by-key `UPDATE` is gated on the
+    /// first, so on the usual path it never runs and takes no predicate lock. Its row count
+    /// (the `SELECT`'s) is the rows written: 0 only if the key has no claim in flight here.
+    fn outcome_update(idem: &str, ttl_ms: &str, mark: &str) -> String {
+        let set = format!(
+            "UPDATE {idem} SET outcome = $2::jsonb, \
+             expires_at = clock_timestamp() + {ttl_ms} * interval '1 millisecond'"
+        );
+        let in_flight = "key = $1 AND outcome IS NULL AND expires_at = 'infinity'";
+        format!(
+            "WITH by_mark AS ({set} WHERE ctid = NULLIF(current_setting({mark}, true), '')::tid \
+                              AND {in_flight} RETURNING 1), \
+                  by_key AS ({set} WHERE {in_flight} AND NOT EXISTS (SELECT 1 FROM by_mark) \
+                             RETURNING 1) \
+             SELECT 1 FROM by_mark UNION ALL SELECT 1 FROM by_key"
+        )
+    }
+
     /// The session setting a claim at `conn`'s transaction depth leaves the `ctid` of its
     /// in-flight record in, for the outcome's `UPDATE` to find that row without reading the
     /// key's index: under `SERIALIZABLE` such a read locks the index page (a predicate
@@ -790,9 +812,10 @@ mod postgres {
     /// may run a guarded call of its own in a savepoint of the same transaction. A session
     /// setting, not a transaction-local one: it survives a body's own `COMMIT`, after which
     /// the outcome still lands on the claim that `COMMIT` made visible; a rolled-back claim
-    /// takes its setting back with it. The `UPDATE` also checks the row's key, in flight, so
-    /// a stale or foreign value (a pooler's shared session) finds nothing rather than
-    /// another record.
+    /// puts back the value it replaced (an earlier call's). The `UPDATE` checks the row's
+    /// key, in flight, so a stale or foreign value (an earlier call's, a pooler's shared
+    /// session) finds no other record, and falls back to the key's index when the mark finds
+    /// nothing ([`outcome_update`]).
     pub(super) fn claim_mark(conn: &PgConnection) -> Option<String> {
         use sqlx::TransactionManager;
         let depth = sqlx::postgres::PgTransactionManager::get_transaction_depth(conn);
@@ -862,15 +885,8 @@ mod postgres {
             ),
             // Only the key's claim in flight (no outcome, no expiry): after a body's own
             // `ROLLBACK` the statement runs outside the transaction, where the key may have
-            // another caller's record, which it must not touch. The row is found by the
-            // `ctid` its claim left in the mark ($4), not through the key's index (whose
-            // page a read would lock under `SERIALIZABLE`); the key is checked on it.
-            store_outcome: format!(
-                "UPDATE {idem} SET outcome = $2::jsonb, \
-                 expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond' \
-                 WHERE ctid = NULLIF(current_setting($4, true), '')::tid \
-                 AND key = $1 AND outcome IS NULL AND expires_at = 'infinity'"
-            ),
+            // another caller's record, which it must not touch (`outcome_update`).
+            store_outcome: outcome_update(idem, "$3::float8", "$4"),
             // SKIP LOCKED: a record being replaced by a claim in flight is not waited for
             // (and is not expired once that claim commits).
             purge_expired: format!(
@@ -907,11 +923,8 @@ mod postgres {
                      SELECT set_config('{CLAIM_MARK_1}', ctid::text, false) FROM claim"
                 ),
                 &format!(
-                    "(text, text, float8) AS \
-                     UPDATE {idem} SET outcome = $2::jsonb, \
-                     expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
-                     WHERE ctid = NULLIF(current_setting('{CLAIM_MARK_1}', true), '')::tid \
-                     AND key = $1 AND outcome IS NULL AND expires_at = 'infinity'"
+                    "(text, text, float8) AS {}",
+                    outcome_update(idem, "$3", &format!("'{CLAIM_MARK_1}'"))
                 ),
             ),
         }
