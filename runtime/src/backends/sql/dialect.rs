@@ -260,11 +260,12 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         tables: &Tables,
         name: &str,
         key: &str,
-    ) -> impl Future<Output = Result<(Option<i64>, i64), sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Bumped, sqlx::Error>> + Send;
 
     /// Sets the counter to `next`, where it still says `bumped` (what the bump left): the rows
     /// updated, 0 if the body ended the holding's transaction (the statement then runs
-    /// outside it, where the counter may be another holder's).
+    /// outside it, where the counter may be another holder's). `row` is the bump's
+    /// [`Bumped::row`], which finds the counter without reading the key's index.
     #[doc(hidden)]
     fn set_next(
         conn: &mut Self::Connection,
@@ -273,6 +274,7 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
         key: &str,
         bumped: Option<i64>,
         next: Option<i64>,
+        row: Option<&str>,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
     #[doc(hidden)]
@@ -492,13 +494,17 @@ macro_rules! same_steps {
             tables: &Tables,
             name: &str,
             key: &str,
-        ) -> Result<(Option<i64>, i64), sqlx::Error> {
+        ) -> Result<Bumped, sqlx::Error> {
             let row = sqlx::query(&tables.sql.bump)
                 .bind(name)
                 .bind(key)
                 .fetch_one(conn)
                 .await?;
-            Ok((sqlx::Row::get(&row, 0), sqlx::Row::get(&row, 1)))
+            Ok(Bumped {
+                next: sqlx::Row::get(&row, 0),
+                holdings: sqlx::Row::get(&row, 1),
+                row: sqlx::Row::get(&row, 2),
+            })
         }
 
         async fn set_next(
@@ -508,15 +514,19 @@ macro_rules! same_steps {
             key: &str,
             bumped: Option<i64>,
             next: Option<i64>,
+            row: Option<&str>,
         ) -> Result<u64, sqlx::Error> {
-            sqlx::query(&tables.sql.set_next)
+            let set = sqlx::query(&tables.sql.set_next)
                 .bind(name)
                 .bind(key)
                 .bind(next)
-                .bind(bumped)
-                .execute(conn)
-                .await
-                .map(|done| done.rows_affected())
+                .bind(bumped);
+            // Only a dialect whose bump names its row has the parameter.
+            let set = match row {
+                Some(row) => set.bind(row),
+                None => set,
+            };
+            set.execute(conn).await.map(|done| done.rows_affected())
         }
 
         async fn read_next(
@@ -536,12 +546,25 @@ macro_rules! same_steps {
 }
 
 /// The counter upsert, the same SQL on both databases.
-fn bump_sql(seq: &str) -> String {
+fn bump_sql(seq: &str, row: &str) -> String {
     format!(
         "INSERT INTO {seq} AS s (name, key, next, holdings) VALUES ($1, $2, NULL, 1) \
          ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
-         RETURNING next - 1, holdings"
+         RETURNING next - 1, holdings, {row}"
     )
+}
+
+/// What a `#[sequenced]` bump returned ([`Dialect::bump`]).
+#[doc(hidden)]
+pub struct Bumped {
+    /// The number before the move (`None` for a key never committed).
+    pub(crate) next: Option<i64>,
+    /// The count of holdings, this one included (the fence).
+    pub(crate) holdings: i64,
+    /// The counter row's `ctid` on PostgreSQL, for a first number's `UPDATE` to find it
+    /// without reading the key's index (whose page a read locks under `SERIALIZABLE`, so
+    /// first numbers of other keys failed each other at `COMMIT`); `None` on SQLite.
+    pub(crate) row: Option<String>,
 }
 
 #[cfg(feature = "postgres")]
@@ -894,13 +917,26 @@ mod postgres {
                  WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
             ),
             // The holding marks its transaction (`commit_holding` checks the mark).
-            bump: format!("{}, set_config('{HOLDING}', 'held', true)", bump_sql(seq)),
-            // Only in the bump's transaction (its mark), on the counter as the bump left it.
-            set_next: format!(
-                "UPDATE {seq} SET next = $3 \
-                 WHERE name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4 \
-                 AND current_setting('{HOLDING}', true) = 'held'"
+            bump: format!(
+                "{}, set_config('{HOLDING}', 'held', true)",
+                bump_sql(seq, "ctid::text")
             ),
+            // Only in the bump's transaction (its mark), on the counter as the bump left it:
+            // the row the bump named ($5), and only if that finds nothing (a trigger of the
+            // user's updated the row since) through the key's index, as `outcome_update`.
+            set_next: {
+                let set = format!("UPDATE {seq} SET next = $3");
+                let left = format!(
+                    "name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4 \
+                     AND current_setting('{HOLDING}', true) = 'held'"
+                );
+                format!(
+                    "WITH by_row AS ({set} WHERE ctid = $5::tid AND {left} RETURNING 1), \
+                          by_key AS ({set} WHERE {left} AND NOT EXISTS (SELECT 1 FROM by_row) \
+                                     RETURNING 1) \
+                     SELECT 1 FROM by_row UNION ALL SELECT 1 FROM by_key"
+                )
+            },
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),
             commit_outcome: String::new(),
             commit_record: String::new(),
@@ -1125,7 +1161,7 @@ mod sqlite {
             purge_expired: format!("DELETE FROM {idem} WHERE expires_at <= {NOW_MS}"),
             // The holding opens the savepoint its commit releases first: a body that ended the
             // transaction (even with a `BEGIN` after it) makes the commit fail.
-            bump: format!("SAVEPOINT {CLAIM_SAVEPOINT}; {}", bump_sql(seq)),
+            bump: format!("SAVEPOINT {CLAIM_SAVEPOINT}; {}", bump_sql(seq, "NULL")),
             // Only in the bump's transaction: its savepoint is released and opened again
             // first (a body that ended the transaction makes the `RELEASE` fail).
             set_next: format!(

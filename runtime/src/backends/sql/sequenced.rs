@@ -54,7 +54,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::dialect::Dialect;
+use super::dialect::{Bumped, Dialect};
 use super::error::{serialization_failure, Failure};
 use super::transaction::{Owned, StoreTx};
 use super::{InCallerTx, InTransaction, SqlStore, Tx};
@@ -159,7 +159,11 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
         let mut retries = 0;
         loop {
             let (tx, bumped) = self.bump_in_new_tx(pool, tables, &key, deadline).await?;
-            let (next, holdings) = match bumped {
+            let Bumped {
+                next,
+                holdings,
+                row,
+            } = match bumped {
                 Ok(bumped) => bumped,
                 // A serialization failure at the bump (`REPEATABLE READ`, `SERIALIZABLE`: the
                 // holder this caller waited for committed after its snapshot): nothing ran,
@@ -196,6 +200,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                 key,
                 next: next.map(|n| n as u64),
                 fence: holdings as u64,
+                row,
                 turn,
             });
         }
@@ -210,7 +215,7 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
         tables: &super::Tables,
         key: &str,
         deadline: Option<Instant>,
-    ) -> Result<(StoreTx<'s, D>, Result<(Option<i64>, i64), sqlx::Error>), SequenceError> {
+    ) -> Result<(StoreTx<'s, D>, Result<Bumped, sqlx::Error>), SequenceError> {
         let mut tx = match &self.caller {
             None => Owned::begin_from(pool).await.map(StoreTx::Own),
             Some(caller) => {
@@ -280,6 +285,8 @@ pub struct SqlSequenceLease<'s, D: Dialect> {
     key: String,
     next: Option<u64>,
     fence: u64,
+    /// The counter row, as the bump named it ([`Bumped::row`]).
+    row: Option<String>,
     turn: KeyGuard<'s, String>,
 }
 
@@ -334,6 +341,7 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
             name,
             key,
             next,
+            row,
             turn,
             ..
         } = self;
@@ -348,9 +356,17 @@ impl<D: Dialect> SequenceLease for SqlSequenceLease<'_, D> {
                 .map_err(|e| SequenceError::Store(e.to_string().into()))?;
             // Where the counter still says what the bump left (`next + 1`, or nothing).
             let bumped = next.and_then(|n| i64::try_from(n).ok()?.checked_add(1));
-            let set = D::set_next(&mut tx, tables, &name, &key, bumped, Some(after))
-                .await
-                .map_err(|e| Failure::of(e).sequence())?;
+            let set = D::set_next(
+                &mut tx,
+                tables,
+                &name,
+                &key,
+                bumped,
+                Some(after),
+                row.as_deref(),
+            )
+            .await
+            .map_err(|e| Failure::of(e).sequence())?;
             if set == 0 {
                 tx.ended();
                 return Err(Failure::ended().sequence_commit());
