@@ -377,6 +377,11 @@ impl<'s> RedisIdempotency<'s> {
     /// [`RedisStoreError::OutcomeNotStored`]; an answer lost after the re-sends that one read
     /// cannot settle is [`RedisStoreError::OutcomeUnknown`].
     ///
+    /// Unlike the attribute's path, this cannot check that the outcome's JSON decodes back
+    /// into the type a replay asks for (it knows only `T: Serialize`): an outcome that encodes
+    /// but does not decode (a NaN `f64`, written as `null`) is stored, and its replays are
+    /// `Undecodable`. Check such values before calling it.
+    ///
     /// The write is finished by a task of its own: dropping this future does not stop it.
     pub async fn complete<T: Serialize + ?Sized>(
         &self,
