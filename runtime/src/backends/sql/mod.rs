@@ -71,6 +71,7 @@
 //! | a stored record that does not decode | [`IdempotencyError::Undecodable`], never a re-execution | — |
 //! | an outcome no replay could return: not encodable, JSON that does not decode back into its type (a NaN float), a NUL character on PostgreSQL | [`IdempotencyError::OutcomeNotStored`], refused before `COMMIT`: the effect rolls back, the key stays free | — |
 //! | database down, pool exhausted (its `acquire_timeout`), a statement timeout, a serialization failure before `COMMIT`, a `COMMIT` the server refused | [`IdempotencyError::StoreUnavailable`]: nothing ran or nothing committed | [`SequenceError::Store`](crate::SequenceError::Store), except a serialization failure at the bump in the store's own transaction, which is taken again in a new one (up to 64 times); a lock wait past the deadline: [`SequenceError::Timeout`](crate::SequenceError::Timeout) |
+//! | `SERIALIZABLE`, many keys at once (PostgreSQL) | the store's statements on a first execution read no index page (the claim's row is found by its `ctid`), so first executions of different keys do not fail each other; the body's own reads take their predicate locks as anywhere | the bump takes no predicate lock, and a key's first number finds its counter by the row the bump returned: callers of different keys do not fail each other |
 //! | failover to a synchronous replica | what was committed survives; with asynchronous replication, the last commits may be lost *together with their effects*, so records and effects still agree | as for idempotency |
 //!
 //! # What it does not promise
