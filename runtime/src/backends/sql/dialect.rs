@@ -810,8 +810,12 @@ mod postgres {
     /// `ctid` the claim left in its mark ([`claim_mark`]), with the key checked on that row,
     /// and only if that finds nothing (the body reset its settings, a trigger of the user's
     /// updated the row since) through the key's index; the by-key `UPDATE` is gated on the
-    /// first, so on the usual path it never runs and takes no predicate lock. Its row count
-    /// (the `SELECT`'s) is the rows written: 0 only if the key has no claim in flight here.
+    /// first, so on the usual path it never runs and takes no predicate lock. It is also
+    /// gated on the statement running in a transaction that has written (the claim's): after
+    /// a body's own `ROLLBACK` the statement runs on its own, and by key it could find the
+    /// key's next claim, another caller's whose body committed it, and write this outcome on
+    /// it. Its row count (the `SELECT`'s) is the rows written: 0 only if no claim of the key
+    /// in flight is this transaction's to complete.
     fn outcome_update(idem: &str, ttl_ms: &str, mark: &str) -> String {
         let set = format!(
             "UPDATE {idem} SET outcome = $2::jsonb, \
@@ -822,7 +826,7 @@ mod postgres {
             "WITH by_mark AS ({set} WHERE ctid = NULLIF(current_setting({mark}, true), '')::tid \
                               AND {in_flight} RETURNING 1), \
                   by_key AS ({set} WHERE {in_flight} AND NOT EXISTS (SELECT 1 FROM by_mark) \
-                             RETURNING 1) \
+                             AND txid_current_if_assigned() IS NOT NULL RETURNING 1) \
              SELECT 1 FROM by_mark UNION ALL SELECT 1 FROM by_key"
         )
     }
@@ -834,11 +838,13 @@ mod postgres {
     /// other at `COMMIT` (most of 40 did, measured). One setting per depth, since a body
     /// may run a guarded call of its own in a savepoint of the same transaction. A session
     /// setting, not a transaction-local one: it survives a body's own `COMMIT`, after which
-    /// the outcome still lands on the claim that `COMMIT` made visible; a rolled-back claim
-    /// puts back the value it replaced (an earlier call's). The `UPDATE` checks the row's
-    /// key, in flight, so a stale or foreign value (an earlier call's, a pooler's shared
-    /// session) finds no other record, and falls back to the key's index when the mark finds
-    /// nothing ([`outcome_update`]).
+    /// the outcome still lands on the claim that `COMMIT` made visible (in the same server
+    /// session: behind a pooler in transaction mode the next statement may run in another,
+    /// and then finds nothing); a rolled-back claim puts back the value it replaced (an
+    /// earlier call's). The `UPDATE` checks the row's key, in flight, so a stale or foreign
+    /// value (an earlier call's, a pooler's shared session) finds no other record; when the
+    /// mark finds nothing it falls back to the key's index, but only inside a transaction
+    /// that has written ([`outcome_update`]).
     pub(super) fn claim_mark(conn: &PgConnection) -> Option<String> {
         use sqlx::TransactionManager;
         let depth = sqlx::postgres::PgTransactionManager::get_transaction_depth(conn);
