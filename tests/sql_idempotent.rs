@@ -2016,8 +2016,11 @@ fn pg_a_body_that_resets_its_session_settings_still_gets_its_outcome_stored() {
 /// Two bodies that break the rule on one key must not cross: A's body sends its own
 /// `ROLLBACK` (its claim and effect are gone), B then claims the key and its body sends its
 /// own `COMMIT` (B's claim is now a committed record in flight); A's outcome, written after
-/// that outside any transaction, must not land on B's record. Sequential, 3 rounds: A gets
-/// `OutcomeUnknown`, B gets `Ok`, and the key replays B's outcome.
+/// that outside any transaction, must not land on B's record — neither by key nor through
+/// A's claim mark, here also pointed at B's row as if a `VACUUM` had put B's claim in the
+/// slot A's had (the mark keeps A's `xmin`), nor by key after A's body began and wrote in a
+/// new transaction (`ROLLBACK; BEGIN; INSERT`). Sequential, 3 rounds of each of the three:
+/// A gets `OutcomeUnknown`, B gets `Ok`, and the key replays B's outcome.
 #[cfg(feature = "postgres")]
 #[test]
 fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key() {
@@ -2025,39 +2028,73 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
     sql::runtime().block_on(async {
         let env = pg::setup(&db).await;
         for round in 0..3 {
-            let key = format!("crossing {round}");
-            let call = |who: &str| {
-                Call::new(
-                    "tests::cross",
-                    None,
-                    Some(&key),
-                    Fingerprint::of(&who),
-                    pg::policy(),
-                )
-            };
-            let Begin::<_, String>::Execute(mut a) = begin(&env.store, call("a")).await else {
-                panic!("round {round}: A executes")
-            };
-            sqlx::Executor::execute(a.lease_mut().unwrap().connection(), "ROLLBACK")
-                .await
-                .unwrap();
-            let Begin::<_, String>::Execute(mut b) = begin(&env.store, call("b")).await else {
-                panic!("round {round}: B executes (A's claim rolled back)")
-            };
-            sqlx::Executor::execute(b.lease_mut().unwrap().connection(), "COMMIT")
-                .await
-                .unwrap();
-            let a_done = a.finish(&"outcome of A".to_owned()).await;
-            assert!(
-                matches!(a_done, Err(IdempotencyError::OutcomeUnknown { .. })),
-                "round {round}: {a_done:?}"
-            );
-            b.finish(&"outcome of B".to_owned())
-                .await
-                .unwrap_or_else(|e| panic!("round {round}: B's outcome lands on its claim: {e:?}"));
-            match begin::<_, String>(&env.store, call("b")).await {
-                Begin::Replay(outcome) => assert_eq!(outcome, "outcome of B", "round {round}"),
-                _ => panic!("round {round}: B's request replays"),
+            let cases = [
+                ("ROLLBACK", false),
+                ("ROLLBACK", true),
+                (
+                    "ROLLBACK; BEGIN; INSERT INTO effects (key, who) VALUES ('-', 'A again')",
+                    false,
+                ),
+            ];
+            for (case, (a_ends, slot_reused)) in cases.into_iter().enumerate() {
+                let key = format!("crossing {round} {case}");
+                let call = |who: &str| {
+                    Call::new(
+                        "tests::cross",
+                        None,
+                        Some(&key),
+                        Fingerprint::of(&who),
+                        pg::policy(),
+                    )
+                };
+                let Begin::<_, String>::Execute(mut a) = begin(&env.store, call("a")).await else {
+                    panic!("round {round}: A executes")
+                };
+                let a_conn = a.lease_mut().unwrap().connection();
+                let a_mark: String =
+                    sqlx::query_scalar("SELECT current_setting('racefree.claim1')")
+                        .fetch_one(&mut *a_conn)
+                        .await
+                        .unwrap();
+                sqlx::Executor::execute(&mut *a_conn, a_ends).await.unwrap();
+                let Begin::<_, String>::Execute(mut b) = begin(&env.store, call("b")).await else {
+                    panic!("round {round}: B executes (A's claim rolled back)")
+                };
+                sqlx::Executor::execute(b.lease_mut().unwrap().connection(), "COMMIT")
+                    .await
+                    .unwrap();
+                if slot_reused {
+                    let b_row: String = sqlx::query_scalar(
+                        "SELECT ctid::text FROM racefree_idempotency WHERE key LIKE '%#' || $1",
+                    )
+                    .bind(&key)
+                    .fetch_one(&env.pool)
+                    .await
+                    .unwrap();
+                    let a_xmin = a_mark
+                        .split(' ')
+                        .nth(1)
+                        .expect("the mark holds ctid and xmin");
+                    sqlx::query("SELECT set_config('racefree.claim1', $1, false)")
+                        .bind(format!("{b_row} {a_xmin}"))
+                        .execute(a.lease_mut().unwrap().connection())
+                        .await
+                        .unwrap();
+                }
+                let a_done = a.finish(&"outcome of A".to_owned()).await;
+                assert!(
+                    matches!(a_done, Err(IdempotencyError::OutcomeUnknown { .. })),
+                    "round {round}, case {case}: {a_done:?}"
+                );
+                b.finish(&"outcome of B".to_owned())
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("round {round}, case {case}: B's outcome lands: {e:?}")
+                    });
+                match begin::<_, String>(&env.store, call("b")).await {
+                    Begin::Replay(outcome) => assert_eq!(outcome, "outcome of B", "round {round}"),
+                    _ => panic!("round {round}, case {case}: B's request replays"),
+                }
             }
         }
         env.close().await;

@@ -386,9 +386,16 @@ pub(crate) const NO_HOLDING: &str = "racefree: the transaction of this holding e
 const HOLDING: &str = "racefree.holding";
 
 /// The session setting a PostgreSQL claim at transaction depth 1 (the store's own
-/// transaction) leaves the `ctid` of its in-flight record in ([`postgres::claim_mark`]).
+/// transaction) leaves the `ctid` and `xmin` of its in-flight record in
+/// ([`postgres::claim_mark`]).
 #[cfg(feature = "postgres")]
 const CLAIM_MARK_1: &str = "racefree.claim1";
+
+/// What a PostgreSQL claim's `RETURNING` leaves in its mark: the claimed row's `ctid` and
+/// `xmin` (the (sub)transaction that wrote it), as `mark`. The `xmin` tells this claim's row
+/// from another claim's that a `VACUUM` put in the same slot since.
+#[cfg(feature = "postgres")]
+const MARK_OF_ROW: &str = "ctid::text || ' ' || xmin::text AS mark";
 
 /// `code` of a database error, if `error` is one.
 #[cfg(feature = "postgres")]
@@ -807,32 +814,39 @@ mod postgres {
 
     /// The outcome's write on the key's claim in flight (`key` $1, `outcome` $2; `ttl_ms` and
     /// `mark` the expressions of the TTL in milliseconds and of the mark's name): found by the
-    /// `ctid` the claim left in its mark ([`claim_mark`]), with the key checked on that row,
-    /// and only if that finds nothing (the body reset its settings, a trigger of the user's
-    /// updated the row since) through the key's index; the by-key `UPDATE` is gated on the
-    /// first, so on the usual path it never runs and takes no predicate lock. It is also
-    /// gated on the statement running in a transaction that has written (the claim's): after
-    /// a body's own `ROLLBACK` the statement runs on its own, and by key it could find the
-    /// key's next claim, another caller's whose body committed it, and write this outcome on
-    /// it. Its row count (the `SELECT`'s) is the rows written: 0 only if no claim of the key
-    /// in flight is this transaction's to complete.
+    /// `ctid` and `xmin` the claim left in its mark ([`claim_mark`], [`MARK_OF_ROW`]), with
+    /// the key checked on that row, and only if that finds nothing (the body reset its
+    /// settings, a trigger of the user's updated the row since) by key; the by-key `UPDATE`
+    /// is gated on the first, so on the usual path it never runs and takes no predicate lock.
+    /// By key it writes only a row this transaction itself wrote at its top level (`xmin` is
+    /// its xid; in a savepoint, where the claim's `xmin` is the savepoint's, it finds none and
+    /// the call rolls back): after a body's own `ROLLBACK` (the statement then runs on its
+    /// own, with no xid) or `ROLLBACK TO SAVEPOINT`, the key's next claim may be another
+    /// caller's, committed by its own body, and this outcome must not land on it. Its row
+    /// count (the `SELECT`'s) is the rows written: 0 only if no claim of the key in flight is
+    /// this call's to complete.
     fn outcome_update(idem: &str, ttl_ms: &str, mark: &str) -> String {
         let set = format!(
             "UPDATE {idem} SET outcome = $2::jsonb, \
              expires_at = clock_timestamp() + {ttl_ms} * interval '1 millisecond'"
         );
         let in_flight = "key = $1 AND outcome IS NULL AND expires_at = 'infinity'";
+        let part = |n| format!("split_part(current_setting({mark}, true), ' ', {n})");
         format!(
-            "WITH by_mark AS ({set} WHERE ctid = NULLIF(current_setting({mark}, true), '')::tid \
-                              AND {in_flight} RETURNING 1), \
+            "WITH by_mark AS ({set} WHERE ctid = NULLIF({ctid}, '')::tid \
+                              AND xmin::text = {xmin} AND {in_flight} RETURNING 1), \
                   by_key AS ({set} WHERE {in_flight} AND NOT EXISTS (SELECT 1 FROM by_mark) \
-                             AND txid_current_if_assigned() IS NOT NULL RETURNING 1) \
-             SELECT 1 FROM by_mark UNION ALL SELECT 1 FROM by_key"
+                             AND txid_current_if_assigned() IS NOT NULL \
+                             AND xmin = (txid_current_if_assigned() % 4294967296)::text::xid \
+                             RETURNING 1) \
+             SELECT 1 FROM by_mark UNION ALL SELECT 1 FROM by_key",
+            ctid = part(1),
+            xmin = part(2),
         )
     }
 
-    /// The session setting a claim at `conn`'s transaction depth leaves the `ctid` of its
-    /// in-flight record in, for the outcome's `UPDATE` to find that row without reading the
+    /// The session setting a claim at `conn`'s transaction depth leaves the `ctid` and `xmin`
+    /// of its in-flight record in, for the outcome's `UPDATE` to find that row without reading the
     /// key's index: under `SERIALIZABLE` such a read locks the index page (a predicate
     /// lock), and concurrent first executions of other keys on that page then fail each
     /// other at `COMMIT` (most of 40 did, measured). One setting per depth, since a body
@@ -841,10 +855,10 @@ mod postgres {
     /// the outcome still lands on the claim that `COMMIT` made visible (in the same server
     /// session: behind a pooler in transaction mode the next statement may run in another,
     /// and then finds nothing); a rolled-back claim puts back the value it replaced (an
-    /// earlier call's). The `UPDATE` checks the row's key, in flight, so a stale or foreign
-    /// value (an earlier call's, a pooler's shared session) finds no other record; when the
-    /// mark finds nothing it falls back to the key's index, but only inside a transaction
-    /// that has written ([`outcome_update`]).
+    /// earlier call's). The `UPDATE` checks the row's `xmin` and key, in flight, so a stale or
+    /// foreign value (an earlier call's, a pooler's shared session, a slot `VACUUM` gave to
+    /// another claim) finds no other record; when the mark finds nothing it falls back to the
+    /// key, but only for a row this transaction wrote ([`outcome_update`]).
     pub(super) fn claim_mark(conn: &PgConnection) -> Option<String> {
         use sqlx::TransactionManager;
         let depth = sqlx::postgres::PgTransactionManager::get_transaction_depth(conn);
@@ -897,8 +911,8 @@ mod postgres {
                 "WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held), \
                       claim AS (INSERT INTO {idem} (key, fingerprint, expires_at) \
                                 SELECT $1, $2, 'infinity'::timestamptz FROM lock WHERE held \
-                                ON CONFLICT (key) DO NOTHING RETURNING ctid), \
-                      mark AS (SELECT set_config($4, ctid::text, false) FROM claim) \
+                                ON CONFLICT (key) DO NOTHING RETURNING {MARK_OF_ROW}), \
+                      mark AS (SELECT set_config($4, mark, false) FROM claim) \
                  SELECT lock.held, EXISTS (SELECT 1 FROM mark), \
                         r.fingerprint, r.outcome, r.expired \
                  FROM lock LEFT JOIN LATERAL ( \
@@ -909,8 +923,8 @@ mod postgres {
                 "WITH replaced AS (UPDATE {idem} SET fingerprint = $2, outcome = NULL, \
                                    created_at = clock_timestamp(), expires_at = 'infinity' \
                                    WHERE key = $1 AND expires_at <= clock_timestamp() \
-                                   RETURNING ctid) \
-                 SELECT set_config($3, ctid::text, false) FROM replaced"
+                                   RETURNING {MARK_OF_ROW}) \
+                 SELECT set_config($3, mark, false) FROM replaced"
             ),
             // Only the key's claim in flight (no outcome, no expiry): after a body's own
             // `ROLLBACK` the statement runs outside the transaction, where the key may have
@@ -961,8 +975,8 @@ mod postgres {
                      WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held), \
                           claim AS (INSERT INTO {idem} (key, fingerprint, expires_at) \
                                     SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END \
-                                    FROM lock RETURNING ctid) \
-                     SELECT set_config('{CLAIM_MARK_1}', ctid::text, false) FROM claim"
+                                    FROM lock RETURNING {MARK_OF_ROW}) \
+                     SELECT set_config('{CLAIM_MARK_1}', mark, false) FROM claim"
                 ),
                 &format!(
                     "(text, text, float8) AS {}",
