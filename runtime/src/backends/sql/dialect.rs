@@ -902,7 +902,8 @@ mod postgres {
             // reads the table as it was before this statement: a record it shows is
             // committed, and after an insert it shows none.
             //
-            // The insert leaves its row's `ctid` in the claim's mark ($4, `claim_mark`), and
+            // The insert leaves its row's `ctid` and `xmin` in the claim's mark ($4,
+            // `claim_mark`), and
             // the record is read only when nothing was inserted (the pseudo-constant condition
             // gates the index scan, which then never runs): a read of the key's index takes a
             // predicate lock on its page, which under `SERIALIZABLE` makes concurrent claims
