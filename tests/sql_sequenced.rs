@@ -934,4 +934,45 @@ mod dropped_on_sqlite {
         .unwrap();
         assert_eq!(tables, ["dropped_idempotency", "dropped_sequences"]);
     }
+
+    /// A migration whose `BEGIN IMMEDIATE` waits out `busy_timeout` (another connection holds
+    /// the write lock) fails with that error and gives its connection back to the pool, which
+    /// began nothing: on a pool of one, the connection marked with a `TEMP` table (which lives
+    /// and dies with its connection) is still the pool's after each failure. 5 rounds, each
+    /// failing while the lock is held and then migrating once it is free.
+    #[tokio::test]
+    async fn a_migration_that_waits_out_busy_timeout_keeps_its_connection() {
+        let db = super::sql::TestDb::sqlite("migratebusy");
+        let pool = db.sqlite_pool(1, Duration::from_millis(50)).await;
+        let store = SqliteStore::new(pool.clone());
+        let other = db.sqlite_pool(1, Duration::from_secs(3)).await;
+        pool.acquire()
+            .await
+            .unwrap()
+            .execute("CREATE TEMP TABLE this_connection (x)")
+            .await
+            .unwrap();
+        for round in 0..5 {
+            let mut holder = other.acquire().await.unwrap();
+            holder.execute("BEGIN IMMEDIATE").await.unwrap();
+            let busy = store.migrate().await;
+            assert!(
+                matches!(&busy, Err(sqlx::Error::Database(db)) if db.message().contains("locked")),
+                "round {round}: {busy:?}"
+            );
+            holder.execute("ROLLBACK").await.unwrap();
+            drop(holder);
+            let kept = pool
+                .acquire()
+                .await
+                .unwrap()
+                .execute("SELECT * FROM temp.this_connection")
+                .await;
+            assert!(
+                kept.is_ok(),
+                "round {round}: the connection was replaced: {kept:?}"
+            );
+            store.migrate().await.unwrap();
+        }
+    }
 }

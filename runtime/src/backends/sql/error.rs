@@ -71,18 +71,8 @@ impl Failure {
             | sqlx::Error::Protocol(_)
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Failure::ConnectionLost(error),
-            sqlx::Error::Database(db) if from_sqlite(db.as_ref()) => {
-                match db
-                    .code()
-                    .as_deref()
-                    .and_then(|code| code.parse::<u32>().ok())
-                {
-                    // SQLITE_BUSY / SQLITE_LOCKED and their extended codes (primary code in
-                    // the low byte): busy_timeout ran out.
-                    Some(code) if matches!(code & 0xff, 5 | 6) => Failure::LockTimeout(error),
-                    _ => Failure::Rejected(error),
-                }
-            }
+            _ if sqlite_busy(&error) => Failure::LockTimeout(error),
+            sqlx::Error::Database(db) if from_sqlite(db.as_ref()) => Failure::Rejected(error),
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // lock_not_available: lock_timeout ran out.
                 Some("55P03") => Failure::LockTimeout(error),
@@ -177,6 +167,19 @@ impl Failure {
                 format!("the transaction was rolled back: {}", other.describe()).into(),
             ),
         }
+    }
+}
+
+/// SQLite's `SQLITE_BUSY` / `SQLITE_LOCKED` or one of their extended codes (primary code in
+/// the low byte): `busy_timeout` ran out before the lock was free.
+pub(crate) fn sqlite_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) if from_sqlite(db.as_ref()) => db
+            .code()
+            .as_deref()
+            .and_then(|code| code.parse::<u32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
     }
 }
 

@@ -79,11 +79,18 @@ impl<D: Dialect> Owned<D> {
     /// takes the write lock at once) on a connection from `pool`, checked out as
     /// [`begin_from`](Self::begin_from) does. sqlx's own `begin_with` leaves the transaction
     /// open on the pooled connection when it is dropped between its two steps (the `BEGIN`
-    /// answered, its check not yet): here the connection is closed instead.
+    /// answered, its check not yet): here the connection is closed instead. A `BEGIN` that
+    /// waited out `busy_timeout` began nothing (sqlx counted nothing either): that connection
+    /// goes back to the pool.
     #[cfg(feature = "sqlite")]
     pub(crate) async fn begin_writing_from(pool: &sqlx::Pool<D>) -> Result<Self, sqlx::Error> {
         let mut tx = Self::idle(super::dialect::acquire_clean(pool).await?);
-        tx.begin_with(D::BEGIN.map(Cow::Borrowed)).await?;
+        if let Err(error) = tx.begin_with(D::BEGIN.map(Cow::Borrowed)).await {
+            if super::error::sqlite_busy(&error) {
+                tx.state = State::Ended;
+            }
+            return Err(error);
+        }
         Ok(tx)
     }
 
