@@ -255,9 +255,10 @@ macro_rules! suite {
             /// A body that ends the store's transaction itself and returns `Ok` never gets an
             /// `Ok` for what did not commit. After its own `ROLLBACK` the call is
             /// `OutcomeUnknown`: no effect, no record, and the retry executes once. After its
-            /// own `COMMIT` (the effect committed, atomicity lost): PostgreSQL finds the claim's
-            /// row, committed with it, and stores the outcome on it, so the call is `Ok` and the
-            /// retry replays; SQLite finds its savepoint gone and answers `OutcomeUnknown`,
+            /// own `COMMIT` (the effect committed, atomicity lost): PostgreSQL's outcome finds
+            /// the claim committed by another transaction than its own and stores nothing, so the
+            /// call is `OutcomeUnknown` and the committed claim holds the key (`Undecodable`,
+            /// never a second execution); SQLite finds its savepoint gone and answers `OutcomeUnknown`,
             /// storing nothing (its write lock went with that `COMMIT`, so a record written
             /// then would not be the claim's). A claim over another request's expired record
             /// whose body rolls back leaves that record as it was.
@@ -270,7 +271,9 @@ macro_rules! suite {
                     let records = |key: &'static str| {
                         let pool = env.pool.clone();
                         async move {
-                            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM racefree_idempotency WHERE key LIKE '%' || $1")
+                            // (A rolled-back claim on PostgreSQL may leave an expired placeholder,
+                            // fingerprint '', which counts as no record.)
+                            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM racefree_idempotency WHERE key LIKE '%' || $1 AND fingerprint <> ''")
                                 .bind(format!("#{key}"))
                                 .fetch_one(&pool)
                                 .await
@@ -280,7 +283,7 @@ macro_rules! suite {
                     let rolled = pay(&env, Some("rolled"), 5, "first", policy(), Then::End("ROLLBACK")).await;
                     assert!(matches!(rolled, Err(IdempotencyError::OutcomeUnknown { .. })), "{rolled:?}");
                     assert_eq!(count(&env.pool, "effects", "rolled").await, 0, "the body rolled its effect back");
-                    assert_eq!(records("rolled").await, 0, "no record");
+                    assert_eq!(records("rolled").await, 0, "no record of the request");
                     let retry = pay(&env, Some("rolled"), 5, "retry", policy(), Then::Succeed { ms: 0 }).await;
                     assert_eq!(retry.unwrap(), "receipt 5 by retry", "the retry executed");
                     assert_eq!(count(&env.pool, "effects", "rolled").await, 1);
@@ -288,9 +291,9 @@ macro_rules! suite {
                     let committed = pay(&env, Some("committed"), 6, "first", policy(), Then::End("COMMIT")).await;
                     assert_eq!(count(&env.pool, "effects", "committed").await, 1, "the body committed its effect");
                     if $feature == "postgres" {
-                        assert_eq!(committed.unwrap(), "receipt 6 by first");
+                        assert!(matches!(committed, Err(IdempotencyError::OutcomeUnknown { .. })), "{committed:?}");
                         let again = pay(&env, Some("committed"), 6, "again", policy(), Then::Succeed { ms: 0 }).await;
-                        assert_eq!(again.unwrap(), "receipt 6 by first", "replayed");
+                        assert!(matches!(again, Err(IdempotencyError::Undecodable { .. })), "held, never run again: {again:?}");
                         assert_eq!(count(&env.side, "executions", "committed").await, 1);
                     } else {
                         assert!(matches!(committed, Err(IdempotencyError::OutcomeUnknown { .. })), "{committed:?}");
@@ -1962,12 +1965,13 @@ fn pg_a_guarded_call_nested_in_a_savepoint_leaves_the_outer_claim_its_outcome() 
 }
 
 /// A body that resets its session's settings (`RESET racefree.claim1`, or sets it to another
-/// row) on the store's transaction takes the claim's mark away from the outcome's `UPDATE`: the `UPDATE`
-/// then finds the claim through the key instead, so the call is `Ok`, its effect committed
-/// once, and a retry replays it. (Without the fallback, the `UPDATE` found nothing while the
-/// transaction was still open, and its `COMMIT` left the key held with no outcome.) Each
-/// statement once, on the one-trip path (a new key) and on the claim that reads first (a key
-/// whose expired record the claim replaces).
+/// row) on the store's transaction still gets its outcome stored: on the one-trip path (a new
+/// key) the outcome needs no mark; on the claim that reads first (a key whose expired record
+/// the claim replaces) the mark is gone and the outcome's `UPDATE` finds the claim through the
+/// key instead. Either way the call is `Ok`, its effect committed once, and a retry replays
+/// it. (Without that fallback, the `UPDATE` found nothing while the transaction was still
+/// open, and its `COMMIT` left the key held with no outcome.) Each statement once on each
+/// path.
 #[cfg(feature = "postgres")]
 #[test]
 fn pg_a_body_that_resets_its_session_settings_still_gets_its_outcome_stored() {
@@ -2016,43 +2020,64 @@ fn pg_a_body_that_resets_its_session_settings_still_gets_its_outcome_stored() {
 /// Two bodies that break the rule on one key must not cross: A's body sends its own
 /// `ROLLBACK` (its claim and effect are gone), B then claims the key and its body sends its
 /// own `COMMIT` (B's claim is now a committed record in flight); A's outcome, written after
-/// that outside any transaction, must not land on B's record — neither by key nor through
-/// A's claim mark, here also pointed at B's row as if a `VACUUM` had put B's claim in the
-/// slot A's had (the mark keeps A's `xmin`), nor by key after A's body began and wrote in a
-/// new transaction (`ROLLBACK; BEGIN; INSERT`). Sequential, 3 rounds of each of the three:
-/// A gets `OutcomeUnknown`, B gets `Ok`, and the key replays B's outcome.
+/// that outside any transaction, must not land on B's record. Three ways, 3 rounds of each:
+/// - a new key (the one-trip claim and commit): A is `OutcomeUnknown`, and so is B, whose
+///   own `COMMIT` ended the claiming transaction; B's record keeps no outcome;
+/// - `ROLLBACK; BEGIN; INSERT` in A's body (A writes again, in a transaction of its own): the
+///   same;
+/// - an expired record replaced by each claim (the claim that reads first, which leaves the
+///   claim's `ctid` and `xmin` in the session's mark), with A's mark then pointed at B's row
+///   as if a `VACUUM` had put B's claim in the slot A's had: A is `OutcomeUnknown`, B `Ok`,
+///   and the key replays B's outcome.
 #[cfg(feature = "postgres")]
 #[test]
 fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key() {
     let db = TestDb::pg("crossing");
     sql::runtime().block_on(async {
         let env = pg::setup(&db).await;
+        let outcome_of = |key: String| {
+            let pool = env.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT outcome::text FROM racefree_idempotency WHERE key LIKE '%#' || $1",
+                )
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
         for round in 0..3 {
             let cases = [
                 ("ROLLBACK", false),
+                ("ROLLBACK; BEGIN; INSERT INTO effects (key, who) VALUES ('-', 'A again')", false),
                 ("ROLLBACK", true),
-                (
-                    "ROLLBACK; BEGIN; INSERT INTO effects (key, who) VALUES ('-', 'A again')",
-                    false,
-                ),
             ];
-            for (case, (a_ends, slot_reused)) in cases.into_iter().enumerate() {
+            for (case, (a_ends, expired_first)) in cases.into_iter().enumerate() {
                 let key = format!("crossing {round} {case}");
                 let call = |who: &str| {
-                    Call::new(
-                        "tests::cross",
-                        None,
-                        Some(&key),
-                        Fingerprint::of(&who),
-                        pg::policy(),
-                    )
+                    Call::new("tests::cross", None, Some(&key), Fingerprint::of(&who), pg::policy())
                 };
+                if expired_first {
+                    let Begin::<_, String>::Execute(old) = begin(&env.store, call("old")).await else {
+                        panic!("round {round}: the old request executes")
+                    };
+                    old.finish(&"outcome of the old request".to_owned()).await.unwrap();
+                    sqlx::query(
+                        "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 s' \
+                         WHERE key LIKE '%#' || $1",
+                    )
+                    .bind(&key)
+                    .execute(&env.pool)
+                    .await
+                    .unwrap();
+                }
                 let Begin::<_, String>::Execute(mut a) = begin(&env.store, call("a")).await else {
                     panic!("round {round}: A executes")
                 };
                 let a_conn = a.lease_mut().unwrap().connection();
-                let a_mark: String =
-                    sqlx::query_scalar("SELECT current_setting('racefree.claim1')")
+                let a_mark: Option<String> =
+                    sqlx::query_scalar("SELECT current_setting('racefree.claim1', true)")
                         .fetch_one(&mut *a_conn)
                         .await
                         .unwrap();
@@ -2063,7 +2088,7 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
                 sqlx::Executor::execute(b.lease_mut().unwrap().connection(), "COMMIT")
                     .await
                     .unwrap();
-                if slot_reused {
+                if expired_first {
                     let b_row: String = sqlx::query_scalar(
                         "SELECT ctid::text FROM racefree_idempotency WHERE key LIKE '%#' || $1",
                     )
@@ -2071,10 +2096,8 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
                     .fetch_one(&env.pool)
                     .await
                     .unwrap();
-                    let a_xmin = a_mark
-                        .split(' ')
-                        .nth(1)
-                        .expect("the mark holds ctid and xmin");
+                    let a_mark = a_mark.expect("a claim that replaced a record left its mark");
+                    let a_xmin = a_mark.split(' ').nth(1).expect("the mark holds ctid and xmin");
                     sqlx::query("SELECT set_config('racefree.claim1', $1, false)")
                         .bind(format!("{b_row} {a_xmin}"))
                         .execute(a.lease_mut().unwrap().connection())
@@ -2086,14 +2109,25 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
                     matches!(a_done, Err(IdempotencyError::OutcomeUnknown { .. })),
                     "round {round}, case {case}: {a_done:?}"
                 );
-                b.finish(&"outcome of B".to_owned())
-                    .await
-                    .unwrap_or_else(|e| {
+                let b_done = b.finish(&"outcome of B".to_owned()).await;
+                if expired_first {
+                    b_done.unwrap_or_else(|e| {
                         panic!("round {round}, case {case}: B's outcome lands: {e:?}")
                     });
-                match begin::<_, String>(&env.store, call("b")).await {
-                    Begin::Replay(outcome) => assert_eq!(outcome, "outcome of B", "round {round}"),
-                    _ => panic!("round {round}, case {case}: B's request replays"),
+                    match begin::<_, String>(&env.store, call("b")).await {
+                        Begin::Replay(outcome) => assert_eq!(outcome, "outcome of B", "round {round}"),
+                        _ => panic!("round {round}, case {case}: B's request replays"),
+                    }
+                } else {
+                    assert!(
+                        matches!(b_done, Err(IdempotencyError::OutcomeUnknown { .. })),
+                        "round {round}, case {case}: {b_done:?}"
+                    );
+                    assert_eq!(
+                        outcome_of(key.clone()).await,
+                        None,
+                        "round {round}, case {case}: B's record got no outcome, A's least of all"
+                    );
                 }
             }
         }

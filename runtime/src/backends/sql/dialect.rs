@@ -333,13 +333,15 @@ async fn completed<S, L, R>(results: S) -> (usize, Option<sqlx::Error>)
 where
     S: futures_util::Stream<Item = Result<sqlx::Either<L, R>, sqlx::Error>> + Unpin,
 {
-    completed_with(results, drop).await
+    completed_with(results, drop, |_, _| {}).await
 }
 
-/// [`completed`], handing each completed statement's result to `each`, in order.
+/// [`completed`], handing each completed statement's result to `each`, and each row to
+/// `row` (with the number of statements completed before it), in order.
 async fn completed_with<S, L, R>(
     mut results: S,
     mut each: impl FnMut(L),
+    mut row: impl FnMut(usize, R),
 ) -> (usize, Option<sqlx::Error>)
 where
     S: futures_util::Stream<Item = Result<sqlx::Either<L, R>, sqlx::Error>> + Unpin,
@@ -352,7 +354,7 @@ where
                 each(result);
                 done += 1;
             }
-            Ok(sqlx::Either::Right(_)) => {}
+            Ok(sqlx::Either::Right(r)) => row(done, r),
             Err(error) => return (done, Some(error)),
         }
     }
@@ -727,12 +729,11 @@ mod postgres {
                     "racefree: a PostgreSQL claim without its record".into(),
                 ));
             }
-            // The `UPDATE`'s row count tells whether it found the claim: none if the body
-            // sent its own `ROLLBACK` (then nothing of the store's committed) or moved the
-            // transaction to other tables. (Not `COMMIT AND CHAIN`, which fails outside a
-            // transaction: the statements of a simple query outside one run in one implicit
-            // transaction, and a body that sent its own `COMMIT` would then lose the outcome
-            // written on the claim that `COMMIT` made visible.)
+            // The outcome's row tells whether it found this transaction's claim: not if the
+            // body sent its own `ROLLBACK` or `COMMIT` (the statement then runs in a
+            // transaction of its own) or moved the transaction to other tables. (Not `COMMIT
+            // AND CHAIN`, which fails outside a transaction: the statements of a simple query
+            // outside one run in one implicit transaction, which this `COMMIT` ends.)
             let sql = format!(
                 "EXECUTE {}({}, {}, '{}'); COMMIT; BEGIN",
                 tables.sql.prepared.outcome,
@@ -740,13 +741,18 @@ mod postgres {
                 text(outcome),
                 millis(ttl),
             );
-            let mut updated = None;
+            // The outcome's row (`prepared.outcome`) says whether it updated the claim; none
+            // (the key's claim is not this transaction's) or an insert (the key has no claim:
+            // an expired placeholder went in) is no claim here.
+            let mut updated = false;
             let results = sqlx::Executor::fetch_many(conn, sql.as_str());
-            let finished = completed_with(results, |result: sqlx::postgres::PgQueryResult| {
-                updated.get_or_insert(result.rows_affected());
+            let finished = completed_with(results, drop, |before, row: sqlx::postgres::PgRow| {
+                if before == 0 {
+                    updated = row.try_get::<bool, _>(0).unwrap_or(false);
+                }
             })
             .await;
-            if updated == Some(0) {
+            if !updated && finished.0 >= 1 {
                 // Whatever became of `COMMIT`: nothing of the store's was in it.
                 return Err(sqlx::Error::Protocol(NO_CLAIM.into()));
             }
@@ -969,19 +975,35 @@ mod postgres {
             // The claim with `BEGIN`: no `ON CONFLICT`, so a record of the key fails the
             // insert (23505); a lock another transaction holds makes `expires_at` NULL, which
             // fails it too (23502) before the key's index is looked at, so it never waits on
-            // another claim. The outcome with `COMMIT`: `store_outcome`'s update.
+            // another claim.
+            //
+            // The outcome with `COMMIT`: an `INSERT … ON CONFLICT (key) DO UPDATE` that updates
+            // only the key's claim in flight written by this very transaction (its `xmin`).
+            // Its conflict check reads the key's index with a dirty snapshot, which takes no
+            // predicate lock (an `UPDATE … WHERE key` would lock the index page under
+            // `SERIALIZABLE`, where first executions of other keys insert, and most of 40 such
+            // calls failed each other at `COMMIT`), and the claim needs to leave nothing
+            // behind to be found by. `RETURNING` tells an update from an insert: with no
+            // claim of the key (the body rolled it back), an expired placeholder goes in
+            // (fingerprint '', `-infinity`), which every claim treats as no record and the
+            // purge deletes. After a body's own `COMMIT` the claim is another transaction's,
+            // so nothing is stored: the call is `OutcomeUnknown`.
             prepared: Prepared::new(
                 &format!(
                     "(text, text, bigint) AS \
-                     WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held), \
-                          claim AS (INSERT INTO {idem} (key, fingerprint, expires_at) \
-                                    SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END \
-                                    FROM lock RETURNING {MARK_OF_ROW}) \
-                     SELECT set_config('{CLAIM_MARK_1}', mark, false) FROM claim"
+                     WITH lock AS (SELECT pg_try_advisory_xact_lock($3) AS held) \
+                     INSERT INTO {idem} (key, fingerprint, expires_at) \
+                     SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END FROM lock"
                 ),
                 &format!(
-                    "(text, text, float8) AS {}",
-                    outcome_update(idem, "$3", &format!("'{CLAIM_MARK_1}'"))
+                    "(text, text, float8) AS \
+                     INSERT INTO {idem} AS r (key, fingerprint, expires_at) \
+                     VALUES ($1, '', '-infinity') ON CONFLICT (key) DO UPDATE \
+                     SET outcome = $2::jsonb, \
+                     expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE r.outcome IS NULL AND r.expires_at = 'infinity' \
+                     AND r.xmin = (txid_current_if_assigned() % 4294967296)::text::xid \
+                     RETURNING r.xmax <> 0 AS updated"
                 ),
             ),
         }

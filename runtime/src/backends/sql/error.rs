@@ -36,7 +36,8 @@ pub(crate) enum Failure {
 pub(crate) fn transaction_ended(error: &sqlx::Error) -> bool {
     let db = match error {
         sqlx::Error::Database(db) => db,
-        // The outcome's `UPDATE` updated no row (PostgreSQL, found after the statements ran).
+        // The outcome's write found no claim of this transaction (PostgreSQL, found after the
+        // statements ran).
         sqlx::Error::Protocol(message) => return message.contains(super::dialect::NO_CLAIM),
         _ => return false,
     };
