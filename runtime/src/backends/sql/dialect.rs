@@ -376,7 +376,7 @@ fn commit_of(
 
 /// In the error a commit gets when the body ended the store's transaction itself (its own
 /// `COMMIT` or `ROLLBACK` on the connection) or sent it to other tables (`SET search_path`):
-/// the outcome's `UPDATE` found no claim of the key in the transaction.
+/// the outcome's write found no claim of the key in the transaction.
 pub(crate) const NO_CLAIM: &str = "racefree: no claim of this key in this transaction";
 
 /// In the error a `#[sequenced]` commit gets on PostgreSQL when the body ended the
@@ -735,11 +735,12 @@ mod postgres {
             // AND CHAIN`, which fails outside a transaction: the statements of a simple query
             // outside one run in one implicit transaction, which this `COMMIT` ends.)
             let sql = format!(
-                "EXECUTE {}({}, {}, '{}'); COMMIT; BEGIN",
+                "EXECUTE {}({}, {}, '{}', '{}'); COMMIT; BEGIN",
                 tables.sql.prepared.outcome,
                 text(key),
                 text(outcome),
                 millis(ttl),
+                tables.lock_id(key),
             );
             // The outcome's row (`prepared.outcome`) says whether it updated the claim; none
             // (the key's claim is not this transaction's) or an insert (the key has no claim:
@@ -753,7 +754,8 @@ mod postgres {
             })
             .await;
             if !updated && finished.0 >= 1 {
-                // Whatever became of `COMMIT`: nothing of the store's was in it.
+                // Whatever became of `COMMIT`: no outcome of the store's was in it (at most
+                // the expired placeholder, which counts as no record).
                 return Err(sqlx::Error::Protocol(NO_CLAIM.into()));
             }
             commit_of(2, finished)
@@ -986,8 +988,11 @@ mod postgres {
             // behind to be found by. `RETURNING` tells an update from an insert: with no
             // claim of the key (the body rolled it back), an expired placeholder goes in
             // (fingerprint '', `-infinity`), which every claim treats as no record and the
-            // purge deletes. After a body's own `COMMIT` the claim is another transaction's,
-            // so nothing is stored: the call is `OutcomeUnknown`.
+            // purge deletes. The row goes in only under the key's in-flight lock ($4, this
+            // transaction's own while its claim stands), so after a body's own `ROLLBACK` it
+            // never waits on another caller's claim in flight: it then writes nothing. After a
+            // body's own `COMMIT` the claim is another transaction's, so nothing is stored:
+            // the call is `OutcomeUnknown`.
             prepared: Prepared::new(
                 &format!(
                     "(text, text, bigint) AS \
@@ -996,9 +1001,10 @@ mod postgres {
                      SELECT $1, $2, CASE WHEN held THEN 'infinity'::timestamptz END FROM lock"
                 ),
                 &format!(
-                    "(text, text, float8) AS \
+                    "(text, text, float8, bigint) AS \
                      INSERT INTO {idem} AS r (key, fingerprint, expires_at) \
-                     VALUES ($1, '', '-infinity') ON CONFLICT (key) DO UPDATE \
+                     SELECT $1, '', '-infinity' WHERE pg_try_advisory_xact_lock($4) \
+                     ON CONFLICT (key) DO UPDATE \
                      SET outcome = $2::jsonb, \
                      expires_at = clock_timestamp() + $3 * interval '1 millisecond' \
                      WHERE r.outcome IS NULL AND r.expires_at = 'infinity' \

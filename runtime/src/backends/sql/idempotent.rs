@@ -34,8 +34,10 @@
 //!    bounded by `lock_timeout` from the call's deadline, and the caller claims again: step 1
 //!    then replays the owner's committed outcome, or, if the owner rolled back, one caller wins
 //!    the claim.
-//! 4. **complete**: `UPDATE` the record with the outcome (versioned JSON) and its
-//!    `expires_at` (on SQLite, write the record), and `COMMIT`, in one round trip
+//! 4. **complete**: write the outcome (versioned JSON) and its `expires_at` on the claim's
+//!    record (on PostgreSQL an `INSERT … ON CONFLICT DO UPDATE` of the transaction's own
+//!    claim, or an `UPDATE` of the row a claim that read first named; on SQLite, write the
+//!    record), and `COMMIT`, in one round trip
 //!    ([`Dialect::commit_with_outcome`]): the
 //!    effect and the record become visible at once. If the connection is lost with the
 //!    answer, the store waits (a few seconds at most) for the key's in-flight lock, which the
