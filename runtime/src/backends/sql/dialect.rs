@@ -466,12 +466,8 @@ macro_rules! same_steps {
             let done = sqlx::query(&tables.sql.replace_expired)
                 .bind(key)
                 .bind(fingerprint);
-            let done = match mark {
-                Some(mark) => done.bind(mark),
-                None => done,
-            };
             // (On PostgreSQL a `SELECT` of the marks it set: its row count is theirs.)
-            Ok(done.execute(conn).await?.rows_affected() == 1)
+            Ok(bind_given(done, mark).execute(conn).await?.rows_affected() == 1)
         }
 
         async fn store_outcome(
@@ -486,11 +482,10 @@ macro_rules! same_steps {
                 .bind(key)
                 .bind(outcome)
                 .bind(millis(ttl));
-            let stored = match mark {
-                Some(mark) => stored.bind(mark),
-                None => stored,
-            };
-            stored.execute(conn).await.map(|done| done.rows_affected())
+            bind_given(stored, mark)
+                .execute(conn)
+                .await
+                .map(|done| done.rows_affected())
         }
 
         async fn purge_expired(pool: &Pool<Self>, tables: &Tables) -> Result<u64, sqlx::Error> {
@@ -530,12 +525,10 @@ macro_rules! same_steps {
                 .bind(key)
                 .bind(next)
                 .bind(bumped);
-            // Only a dialect whose bump names its row has the parameter.
-            let set = match row {
-                Some(row) => set.bind(row),
-                None => set,
-            };
-            set.execute(conn).await.map(|done| done.rows_affected())
+            bind_given(set, row)
+                .execute(conn)
+                .await
+                .map(|done| done.rows_affected())
         }
 
         async fn read_next(
@@ -552,6 +545,22 @@ macro_rules! same_steps {
             Ok(next.flatten())
         }
     };
+}
+
+/// `query` with `value` bound as its next parameter if there is one: the parameter that only
+/// one dialect's statement has (PostgreSQL's claim mark and counter row; SQLite has none, and
+/// its statements take no such parameter).
+fn bind_given<'q, D: sqlx::Database, T>(
+    query: sqlx::query::Query<'q, D, <D as sqlx::Database>::Arguments<'q>>,
+    value: Option<T>,
+) -> sqlx::query::Query<'q, D, <D as sqlx::Database>::Arguments<'q>>
+where
+    T: 'q + sqlx::Encode<'q, D> + sqlx::Type<D> + Send,
+{
+    match value {
+        Some(value) => query.bind(value),
+        None => query,
+    }
 }
 
 /// The counter upsert, the same SQL on both databases.
@@ -840,16 +849,31 @@ mod postgres {
         );
         let in_flight = "key = $1 AND outcome IS NULL AND expires_at = 'infinity'";
         let part = |n| format!("split_part(current_setting({mark}, true), ' ', {n})");
+        by_row_then_key(
+            &set,
+            &format!(
+                "ctid = NULLIF({}, '')::tid AND xmin::text = {} AND {in_flight}",
+                part(1),
+                part(2)
+            ),
+            &format!(
+                "{in_flight} AND txid_current_if_assigned() IS NOT NULL \
+                 AND xmin = (txid_current_if_assigned() % 4294967296)::text::xid"
+            ),
+        )
+    }
+
+    /// `update` (an `UPDATE … SET …` without its `WHERE`) of the row `by_row` finds (by
+    /// `ctid`, which reads no index), and only if that wrote nothing, of the row `by_key`
+    /// finds (through an index): the by-key `UPDATE` is gated on the first by a
+    /// pseudo-constant, so on the usual path its scan never runs and takes no predicate lock
+    /// under `SERIALIZABLE`. The `SELECT`'s row count is the rows written.
+    fn by_row_then_key(update: &str, by_row: &str, by_key: &str) -> String {
         format!(
-            "WITH by_mark AS ({set} WHERE ctid = NULLIF({ctid}, '')::tid \
-                              AND xmin::text = {xmin} AND {in_flight} RETURNING 1), \
-                  by_key AS ({set} WHERE {in_flight} AND NOT EXISTS (SELECT 1 FROM by_mark) \
-                             AND txid_current_if_assigned() IS NOT NULL \
-                             AND xmin = (txid_current_if_assigned() % 4294967296)::text::xid \
+            "WITH by_row AS ({update} WHERE {by_row} RETURNING 1), \
+                  by_key AS ({update} WHERE {by_key} AND NOT EXISTS (SELECT 1 FROM by_row) \
                              RETURNING 1) \
-             SELECT 1 FROM by_mark UNION ALL SELECT 1 FROM by_key",
-            ctid = part(1),
-            xmin = part(2),
+             SELECT 1 FROM by_row UNION ALL SELECT 1 FROM by_key"
         )
     }
 
@@ -952,18 +976,16 @@ mod postgres {
             ),
             // Only in the bump's transaction (its mark), on the counter as the bump left it:
             // the row the bump named ($5), and only if that finds nothing (a trigger of the
-            // user's updated the row since) through the key's index, as `outcome_update`.
+            // user's updated the row since) through the key's index.
             set_next: {
-                let set = format!("UPDATE {seq} SET next = $3");
                 let left = format!(
                     "name = $1 AND key = $2 AND next IS NOT DISTINCT FROM $4 \
                      AND current_setting('{HOLDING}', true) = 'held'"
                 );
-                format!(
-                    "WITH by_row AS ({set} WHERE ctid = $5::tid AND {left} RETURNING 1), \
-                          by_key AS ({set} WHERE {left} AND NOT EXISTS (SELECT 1 FROM by_row) \
-                                     RETURNING 1) \
-                     SELECT 1 FROM by_row UNION ALL SELECT 1 FROM by_key"
+                by_row_then_key(
+                    &format!("UPDATE {seq} SET next = $3"),
+                    &format!("ctid = $5::tid AND {left}"),
+                    &left,
                 )
             },
             read_next: format!("SELECT next FROM {seq} WHERE name = $1 AND key = $2"),

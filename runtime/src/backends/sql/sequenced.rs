@@ -157,14 +157,10 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
             .lock_async(format!("{}\u{0}{key}", self.name), deadline)
             .await?;
         let mut retries = 0;
-        loop {
+        let (tx, bumped) = loop {
             let (tx, bumped) = self.bump_in_new_tx(pool, tables, &key, deadline).await?;
-            let Bumped {
-                next,
-                holdings,
-                row,
-            } = match bumped {
-                Ok(bumped) => bumped,
+            match bumped {
+                Ok(bumped) => break (tx, bumped),
                 // A serialization failure at the bump (`REPEATABLE READ`, `SERIALIZABLE`: the
                 // holder this caller waited for committed after its snapshot): nothing ran,
                 // and a new transaction sees that commit. Only the store's own transaction
@@ -182,7 +178,6 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                         "serialization failure at the bump; taking the number in a new transaction"
                     );
                     drop(tx);
-                    continue;
                 }
                 Err(error) => {
                     return Err(match Failure::of(error).sequence() {
@@ -192,18 +187,23 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                         other => other,
                     })
                 }
-            };
-            return Ok(SqlSequenceLease {
-                tx,
-                store: self.store,
-                name: self.name.clone().into_owned(),
-                key,
-                next: next.map(|n| n as u64),
-                fence: holdings as u64,
-                row,
-                turn,
-            });
-        }
+            }
+        };
+        let Bumped {
+            next,
+            holdings,
+            row,
+        } = bumped;
+        Ok(SqlSequenceLease {
+            tx,
+            store: self.store,
+            name: self.name.clone().into_owned(),
+            key,
+            next: next.map(|n| n as u64),
+            fence: holdings as u64,
+            row,
+            turn,
+        })
     }
 
     /// A transaction (the store's own, or a savepoint of the caller's), its lock waits bounded
