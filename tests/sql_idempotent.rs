@@ -357,7 +357,7 @@ macro_rules! suite {
                 let rt = sql::runtime();
                 rt.block_on(async {
                     let env = setup(&db).await;
-                    let fresh = || Env { store: Store::new(env.pool.clone()), pool: env.pool.clone(), side: env.side.clone() };
+                    let fresh = || env.with_store_on(env.pool.clone());
                     pay(&env, Some("k"), 10, "first", policy(), Then::Succeed { ms: 0 }).await.unwrap();
                     let same = pay(&env, Some("k"), 10, "same", policy(), Then::Succeed { ms: 0 }).await;
                     assert_eq!(same.unwrap(), "receipt 10 by first", "the store that executed replays");
@@ -917,7 +917,6 @@ fn pg_reject_answers_in_progress_while_the_owner_is_open() {
 #[cfg(feature = "sqlite")]
 #[test]
 fn sqlite_duplicate_in_flight_waits_for_the_write_lock_bounded_by_busy_timeout() {
-    use racefree::sql::SqliteStore;
     let db = TestDb::sqlite("reject");
     sql::runtime().block_on(async {
         let env = sqlite::setup(&db).await;
@@ -937,11 +936,7 @@ fn sqlite_duplicate_in_flight_waits_for_the_write_lock_bounded_by_busy_timeout()
             .await
             .unwrap();
 
-        let impatient = sqlite::Env {
-            store: SqliteStore::new(db.sqlite_pool(2, Duration::from_millis(100)).await),
-            pool: env.pool.clone(),
-            side: env.side.clone(),
-        };
+        let impatient = env.with_store_on(db.sqlite_pool(2, Duration::from_millis(100)).await);
         let busy = sqlite::pay(
             &impatient,
             Some("r"),
@@ -983,7 +978,6 @@ fn sqlite_duplicate_in_flight_waits_for_the_write_lock_bounded_by_busy_timeout()
 #[cfg(feature = "sqlite")]
 #[test]
 fn sqlite_replay_by_a_store_new_to_the_key_never_waits_for_the_write_lock() {
-    use racefree::sql::SqliteStore;
     use sqlx::Connection;
     let db = TestDb::sqlite("unlocked");
     sql::runtime().block_on(async {
@@ -1011,11 +1005,7 @@ fn sqlite_replay_by_a_store_new_to_the_key_never_waits_for_the_write_lock() {
             .unwrap();
 
         let impatient_pool = db.sqlite_pool(2, Duration::from_millis(100)).await;
-        let fresh = || sqlite::Env {
-            store: SqliteStore::new(impatient_pool.clone()),
-            pool: env.pool.clone(),
-            side: env.side.clone(),
-        };
+        let fresh = || env.with_store_on(impatient_pool.clone());
         for key in keys {
             let replayed = sqlite::pay(
                 &fresh(),
@@ -1315,13 +1305,8 @@ fn pg_statement_timeout_and_serialization_failure_are_store_unavailable() {
         .execute(&env.pool)
         .await
         .unwrap();
-        let impatient = pg::Env {
-            store: racefree::sql::PgStore::new(
-                db.pg_pool_with(4, "SET statement_timeout = '300ms'").await,
-            ),
-            pool: env.pool.clone(),
-            side: env.side.clone(),
-        };
+        let impatient =
+            env.with_store_on(db.pg_pool_with(4, "SET statement_timeout = '300ms'").await);
         let ok = Then::Succeed { ms: 0 };
         let unavailable = |result: Result<String, IdempotencyError>| match result {
             Err(IdempotencyError::StoreUnavailable { reason }) => reason,

@@ -591,13 +591,8 @@ fn pg_statement_timeout_and_serialization_failure_are_typed() {
         .execute(&env.pool)
         .await
         .unwrap();
-        let impatient = pg::Env {
-            store: racefree::sql::PgStore::new(
-                db.pg_pool_with(4, "SET statement_timeout = '300ms'").await,
-            ),
-            pool: env.pool.clone(),
-            side: env.side.clone(),
-        };
+        let impatient =
+            env.with_store_on(db.pg_pool_with(4, "SET statement_timeout = '300ms'").await);
         let store_error = |result: Result<u64, SequenceError>| match result {
             Err(SequenceError::Store(reason)) => reason.to_string(),
             other => panic!("expected SequenceError::Store, got {other:?}"),
@@ -668,17 +663,13 @@ fn pg_repeatable_read_callers_of_one_key_all_get_their_numbers() {
         let env = pg::setup(&db).await;
         let mut envs = Vec::new();
         for _ in 0..STORES {
-            envs.push(std::sync::Arc::new(pg::Env {
-                store: racefree::sql::PgStore::new(
-                    db.pg_pool_with(
-                        CALLERS as u32,
-                        "SET default_transaction_isolation = 'repeatable read'",
-                    )
-                    .await,
-                ),
-                pool: env.pool.clone(),
-                side: env.side.clone(),
-            }));
+            let pool = db
+                .pg_pool_with(
+                    CALLERS as u32,
+                    "SET default_transaction_isolation = 'repeatable read'",
+                )
+                .await;
+            envs.push(std::sync::Arc::new(env.with_store_on(pool)));
         }
         let isolation: String = sqlx::query_scalar("SHOW transaction_isolation")
             .fetch_one(envs[0].store.pool().unwrap())
@@ -729,14 +720,10 @@ fn pg_serializable_first_numbers_of_other_keys_never_fail_each_other() {
     let db = TestDb::pg("serializable");
     sql::runtime().block_on(async {
         let env = pg::setup(&db).await;
-        let serializable = std::sync::Arc::new(pg::Env {
-            store: racefree::sql::PgStore::new(
-                db.pg_pool_with(8, "SET default_transaction_isolation = 'serializable'")
-                    .await,
-            ),
-            pool: env.pool.clone(),
-            side: env.side.clone(),
-        });
+        let pool = db
+            .pg_pool_with(8, "SET default_transaction_isolation = 'serializable'")
+            .await;
+        let serializable = std::sync::Arc::new(env.with_store_on(pool));
         for round in 0..ROUNDS {
             for (call, expected) in [(1, START), (2, START + 1)] {
                 let gate = std::sync::Arc::new(tokio::sync::Barrier::new(CALLERS));

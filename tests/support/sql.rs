@@ -86,6 +86,17 @@ macro_rules! sql_env {
         }
 
         impl Env {
+            /// The same database and side channel, with the store on `pool` (another size,
+            /// other session settings).
+            #[allow(dead_code)]
+            pub fn with_store_on(&self, pool: sqlx::Pool<$Database>) -> Env {
+                Env {
+                    store: Store::new(pool),
+                    pool: self.pool.clone(),
+                    side: self.side.clone(),
+                }
+            }
+
             #[allow(dead_code)]
             pub async fn close(&self) {
                 self.pool.close().await;
