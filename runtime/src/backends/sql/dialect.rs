@@ -387,12 +387,6 @@ pub(crate) const NO_HOLDING: &str = "racefree: the transaction of this holding e
 #[cfg(feature = "postgres")]
 const HOLDING: &str = "racefree.holding";
 
-/// The session setting a PostgreSQL claim at transaction depth 1 (the store's own
-/// transaction) leaves the `ctid` and `xmin` of its in-flight record in
-/// ([`postgres::claim_mark`]).
-#[cfg(feature = "postgres")]
-const CLAIM_MARK_1: &str = "racefree.claim1";
-
 /// What a PostgreSQL claim's `RETURNING` leaves in its mark: the claimed row's `ctid` and
 /// `xmin` (the (sub)transaction that wrote it), as `mark`. The `xmin` tells this claim's row
 /// from another claim's that a `VACUUM` put in the same slot since.
@@ -877,9 +871,10 @@ mod postgres {
         )
     }
 
-    /// The session setting a claim at `conn`'s transaction depth leaves the `ctid` and `xmin`
-    /// of its in-flight record in, for the outcome's `UPDATE` to find that row without reading the
-    /// key's index: under `SERIALIZABLE` such a read locks the index page (a predicate
+    /// The session setting (`racefree.claim<depth>`) a claim that read first (the `claim`
+    /// statement, `replace_expired`; the one-trip claim needs none) at `conn`'s transaction
+    /// depth leaves the `ctid` and `xmin` of its in-flight record in, for the outcome's
+    /// `UPDATE` to find that row without reading the key's index: under `SERIALIZABLE` such a read locks the index page (a predicate
     /// lock), and concurrent first executions of other keys on that page then fail each
     /// other at `COMMIT` (most of 40 did, measured). One setting per depth, since a body
     /// may run a guarded call of its own in a savepoint of the same transaction. A session
@@ -894,10 +889,7 @@ mod postgres {
     pub(super) fn claim_mark(conn: &PgConnection) -> Option<String> {
         use sqlx::TransactionManager;
         let depth = sqlx::postgres::PgTransactionManager::get_transaction_depth(conn);
-        Some(match depth {
-            1 => CLAIM_MARK_1.to_owned(),
-            depth => format!("racefree.claim{depth}"),
-        })
+        Some(format!("racefree.claim{depth}"))
     }
 
     /// `value` as a PostgreSQL `text` expression, for an argument of `EXECUTE` in a simple
