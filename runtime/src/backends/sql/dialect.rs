@@ -89,6 +89,14 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     const BEGIN: Option<&'static str>;
 
+    /// How a `#[sequenced]` holding's own transaction begins, its lock waits bounded by
+    /// `lock_wait`, when not plain `BEGIN` followed by
+    /// [`limit_lock_wait`](Self::limit_lock_wait) (PostgreSQL: `BEGIN`, `SET LOCAL
+    /// lock_timeout` and the savepoint its commit releases first, in one round trip; on SQLite
+    /// the bump opens the savepoint, and `busy_timeout` bounds the wait).
+    #[doc(hidden)]
+    fn holding_begin(lock_wait: Option<Duration>) -> Option<String>;
+
     /// Whether a claim of a key the store has not seen lately skips the replay read and claims
     /// at once: where the claim costs a round trip the read would add to a first execution and
     /// takes no lock a replay would wait for (PostgreSQL; not SQLite, whose claim takes the
@@ -242,10 +250,10 @@ pub trait Dialect: sqlx::Database + sealed::Sealed {
 
     /// The `COMMIT` of a `#[sequenced]` holding in the store's own transaction, then a `BEGIN`
     /// of an empty transaction (as [`commit_with_outcome`](Self::commit_with_outcome)), in one
-    /// round trip. A body that ended the transaction itself makes it fail instead of
-    /// committing nothing and answering `Ok`: on PostgreSQL (whose `COMMIT` outside a
-    /// transaction only warns) a check that the bump's mark is still set goes first
-    /// ([`NO_HOLDING`]); on SQLite the `RELEASE` of the savepoint the bump opened.
+    /// round trip. A body that ended the transaction itself, or went on after a failed
+    /// statement, makes it fail instead of committing nothing (or another transaction) and
+    /// answering `Ok`: the `RELEASE` of the savepoint the holding opened goes first, and it
+    /// fails in an aborted transaction, outside one, and in a new one.
     #[doc(hidden)]
     fn commit_holding(
         conn: &mut Self::Connection,
@@ -379,13 +387,19 @@ fn commit_of(
 /// the outcome's write found no claim of the key in the transaction.
 pub(crate) const NO_CLAIM: &str = "racefree: no claim of this key in this transaction";
 
-/// In the error a `#[sequenced]` commit gets on PostgreSQL when the body ended the
-/// transaction: the bump's mark is gone.
-pub(crate) const NO_HOLDING: &str = "racefree: the transaction of this holding ended";
-
-/// The transaction-local setting a PostgreSQL bump marks its transaction with.
+/// The transaction-local setting a PostgreSQL bump marks its transaction with, for a first
+/// number's `UPDATE` to check it runs in that transaction.
 #[cfg(feature = "postgres")]
 const HOLDING: &str = "racefree.holding";
+
+/// The savepoint a PostgreSQL holding opens with `BEGIN` in the store's own transaction
+/// (SQLite's bump opens `racefree_claim`), released first by its commit: a body that ended
+/// the transaction (even with a `BEGIN` after it) or left it aborted makes that `RELEASE`
+/// fail, where `COMMIT` would only warn outside a transaction and roll an aborted one back
+/// without an error. The `RELEASE` costs the commit less than a `SELECT` that checks the
+/// bump's mark did (0.07–0.11 of a bare transaction's time less, measured).
+#[cfg(feature = "postgres")]
+const HOLDING_SAVEPOINT: &str = "racefree_holding";
 
 /// What a PostgreSQL claim's `RETURNING` leaves in its mark: the claimed row's `ctid` and
 /// `xmin` (the (sub)transaction that wrote it), as `mark`. The `xmin` tells this claim's row
@@ -630,12 +644,17 @@ mod postgres {
 
         const BEGIN: Option<&'static str> = None;
 
+        fn holding_begin(lock_wait: Option<Duration>) -> Option<String> {
+            // `SET LOCAL`, a utility statement: a `SELECT set_config(…)` beside `BEGIN` costs
+            // more than it saves.
+            let limit = lock_wait
+                .map(|wait| format!("SET LOCAL lock_timeout = {}; ", lock_timeout_ms(wait)))
+                .unwrap_or_default();
+            Some(format!("BEGIN; {limit}SAVEPOINT {HOLDING_SAVEPOINT}"))
+        }
+
         async fn commit_holding(conn: &mut PgConnection) -> Result<Committed, sqlx::Error> {
-            let sql = format!(
-                "SELECT CASE current_setting('{HOLDING}', true) WHEN 'held' THEN 1 \
-                 ELSE ('{NO_HOLDING} (' || coalesce(current_setting('{HOLDING}', true), 'unset') \
-                 || ')')::int END; COMMIT AND CHAIN"
-            );
+            let sql = format!("RELEASE {HOLDING_SAVEPOINT}; COMMIT AND CHAIN");
             commit_of(
                 2,
                 completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await,
@@ -768,9 +787,8 @@ mod postgres {
             conn: &mut PgConnection,
             wait: Duration,
         ) -> Result<(), sqlx::Error> {
-            let ms = wait.as_millis().clamp(1, i32::MAX as u128);
             sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(format!("{ms}ms"))
+                .bind(format!("{}ms", lock_timeout_ms(wait)))
                 .execute(conn)
                 .await
                 .map(drop)
@@ -890,6 +908,12 @@ mod postgres {
         use sqlx::TransactionManager;
         let depth = sqlx::postgres::PgTransactionManager::get_transaction_depth(conn);
         Some(format!("racefree.claim{depth}"))
+    }
+
+    /// `wait` as `lock_timeout` milliseconds: at least 1 (0 would mean no limit), at most
+    /// what the setting holds.
+    fn lock_timeout_ms(wait: Duration) -> u128 {
+        wait.as_millis().clamp(1, i32::MAX as u128)
     }
 
     /// `value` as a PostgreSQL `text` expression, for an argument of `EXECUTE` in a simple
@@ -1091,6 +1115,10 @@ mod sqlite {
         }
 
         const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+
+        fn holding_begin(_: Option<Duration>) -> Option<String> {
+            None
+        }
 
         async fn commit_holding(conn: &mut SqliteConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!("RELEASE {CLAIM_SAVEPOINT}; COMMIT; BEGIN");

@@ -42,11 +42,10 @@ pub(crate) fn transaction_ended(error: &sqlx::Error) -> bool {
         _ => return false,
     };
     let message = db.message();
-    // PostgreSQL: the holding's mark is gone; `COMMIT AND CHAIN` or `RELEASE SAVEPOINT`
-    // outside a transaction (25P01), `RELEASE` of a savepoint rolled back (3B001). SQLite: the
-    // claim's savepoint is gone; `COMMIT` outside a transaction.
-    message.contains(super::dialect::NO_HOLDING)
-        || matches!(db.code().as_deref(), Some("25P01" | "3B001")) && !from_sqlite(db.as_ref())
+    // PostgreSQL: `COMMIT AND CHAIN` or `RELEASE SAVEPOINT` outside a transaction (25P01),
+    // `RELEASE` of a savepoint rolled back (3B001). SQLite: the claim's savepoint is gone;
+    // `COMMIT` outside a transaction.
+    matches!(db.code().as_deref(), Some("25P01" | "3B001")) && !from_sqlite(db.as_ref())
         || from_sqlite(db.as_ref())
             && (message.contains("no such savepoint")
                 || message.contains("no transaction is active"))

@@ -4,8 +4,9 @@
 //! 1. **in-process turn**: callers of one key in this process queue FIFO on a
 //!    [`KeyedLocks`](crate::KeyedLocks) entry (so only the head holds a pooled connection, and
 //!    a body re-entering its own key fails with `Reentrant` instead of deadlocking);
-//! 2. **acquire**: open the transaction (plain `BEGIN`, on a connection
-//!    sqlx counts outside any transaction; in the caller's transaction, a savepoint of it),
+//! 2. **acquire**: open the transaction (`BEGIN`, on a connection sqlx counts outside any
+//!    transaction, and on PostgreSQL in the same round trip a savepoint the commit releases
+//!    first; in the caller's transaction, a savepoint of it),
 //!    bound lock waits by the call's deadline (`lock_timeout`; on SQLite `busy_timeout`
 //!    bounds the wait for the write lock, which the upsert takes), and
 //!    `INSERT … ON CONFLICT (name, key) DO UPDATE SET next = next + 1, holdings = holdings + 1
@@ -18,21 +19,22 @@
 //! 3. **body**: writes its effect on the lease's connection ([`Tx`]).
 //! 4. **commit**: the counter already says `number + 1` (or is set to it, for a key's first
 //!    number), so `COMMIT` makes the effect and the consumed number visible at once
-//!    ([`Dialect::commit_holding`]: on PostgreSQL it first checks the transaction is still the
-//!    bump's, by the mark the bump set, and not aborted, since a `COMMIT` would otherwise only
-//!    warn, or roll back without an error; on SQLite it releases the savepoint the bump opened.
-//!    A body that ended the transaction or ignored a failed statement gets an error, not `Ok`;
-//!    a first number's `UPDATE` is checked the same way, before it can touch a counter outside
-//!    the holding).
+//!    ([`Dialect::commit_holding`]: it first releases the savepoint the holding opened, which
+//!    fails if the body ended the transaction or went on after a failed statement, since a
+//!    `COMMIT` would otherwise only warn, or roll back without an error. A body that broke
+//!    the rule gets an error, not `Ok`; a first number's `UPDATE` checks the bump's mark, so
+//!    it cannot touch a counter outside the holding).
 //! 5. **failure** (`Err`, panic, dropped future, crash, killed connection): the transaction
 //!    rolls back, undoing the bump with the effect. The next holder gets the same number.
 //!
 //! So numbers are unique (one row lock), gap-free (a number is consumed only by a commit that
 //! also commits the effect), and in commit order; a `UNIQUE(key, number)` constraint in the
 //! user's table never fires. Round trips: `BEGIN`, upsert, … , `COMMIT` (3 + the body's; on
-//! PostgreSQL the check travels with `COMMIT AND CHAIN`, whose empty transaction sqlx's
-//! `ROLLBACK` ends with its next ping);
-//! a key's first number adds one `UPDATE`, a deadline one `set_config('lock_timeout', …, true)`.
+//! PostgreSQL the savepoint travels with `BEGIN`, and its `RELEASE` with `COMMIT AND CHAIN`,
+//! whose empty transaction sqlx's `ROLLBACK` ends with its next ping);
+//! a key's first number adds one `UPDATE`. A deadline bounds the lock waits with
+//! `SET LOCAL lock_timeout`, sent with `BEGIN` (in the caller's transaction: one
+//! `set_config('lock_timeout', …, true)` more).
 //!
 //! **In the caller's transaction** ([`InCallerTx::sequence`]): the same steps in a savepoint;
 //! "commit" releases the savepoint, and the number is consumed only when the caller's own
@@ -54,7 +56,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::dialect::{Bumped, Dialect};
+use super::dialect::{acquire_clean, Bumped, Dialect};
 use super::error::{serialization_failure, Failure};
 use super::transaction::{Owned, StoreTx};
 use super::{InCallerTx, InTransaction, SqlStore, Tx};
@@ -216,8 +218,25 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
         key: &str,
         deadline: Option<Instant>,
     ) -> Result<(StoreTx<'s, D>, Result<Bumped, sqlx::Error>), SequenceError> {
+        // What is left of the call's deadline, once a connection is in hand.
+        let lock_wait = || match deadline {
+            None => Ok(None),
+            Some(deadline) => deadline
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .map(Some)
+                .ok_or(SequenceError::Timeout),
+        };
         let mut tx = match &self.caller {
-            None => Owned::begin_from(pool).await.map(StoreTx::Own),
+            None => {
+                let connection = acquire_clean(pool)
+                    .await
+                    .map_err(|e| Failure::of(e).sequence())?;
+                Owned::begin_holding(connection, lock_wait()?)
+                    .await
+                    .map(StoreTx::Own)
+                    .map_err(|e| Failure::of(e).sequence())?
+            }
             Some(caller) => {
                 let connection = caller
                     .connection
@@ -226,19 +245,18 @@ impl<'s, D: Dialect> SqlSequence<'s, D> {
                     .take()
                     .ok_or_else(|| SequenceError::Store("this in-transaction sequence served its call already: make one per call (SqlStore::within)".into()))?;
                 // A savepoint: the bump and the body's writes roll back alone, the caller commits.
-                sqlx::Connection::begin(connection).await.map(StoreTx::Savepoint)
+                let mut tx = sqlx::Connection::begin(connection)
+                    .await
+                    .map(StoreTx::Savepoint)
+                    .map_err(|e| Failure::of(e).sequence())?;
+                if let Some(wait) = lock_wait()? {
+                    D::limit_lock_wait(&mut tx, wait)
+                        .await
+                        .map_err(|e| Failure::of(e).sequence())?;
+                }
+                tx
             }
-        }
-        .map_err(|e| Failure::of(e).sequence())?;
-        if let Some(deadline) = deadline {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .filter(|left| !left.is_zero())
-                .ok_or(SequenceError::Timeout)?;
-            D::limit_lock_wait(&mut tx, left)
-                .await
-                .map_err(|e| Failure::of(e).sequence())?;
-        }
+        };
         let bumped = D::bump(&mut tx, tables, &self.name, key).await;
         Ok((tx, bumped))
     }

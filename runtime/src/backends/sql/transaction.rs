@@ -75,6 +75,26 @@ impl<D: Dialect> Owned<D> {
         Self::begin(super::dialect::acquire_clean(pool).await?).await
     }
 
+    /// A `#[sequenced]` holding's `BEGIN` on `connection` (checked out as
+    /// [`begin_from`](Self::begin_from) does), its lock waits bounded by `lock_wait`
+    /// ([`Dialect::holding_begin`]).
+    pub(crate) async fn begin_holding(
+        connection: PoolConnection<D>,
+        lock_wait: Option<Duration>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut tx = Self::idle(connection);
+        match D::holding_begin(lock_wait) {
+            Some(statement) => tx.begin_with(Some(Cow::Owned(statement))).await?,
+            None => {
+                tx.begin_with(None).await?;
+                if let Some(wait) = lock_wait {
+                    D::limit_lock_wait(&mut tx, wait).await?;
+                }
+            }
+        }
+        Ok(tx)
+    }
+
     /// The dialect's writing `BEGIN` ([`Dialect::BEGIN`]: SQLite's `BEGIN IMMEDIATE`, which
     /// takes the write lock at once) on a connection from `pool`, checked out as
     /// [`begin_from`](Self::begin_from) does. sqlx's own `begin_with` leaves the transaction
