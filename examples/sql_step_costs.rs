@@ -6,7 +6,9 @@
 //!   at the end), with the session's `synchronous_commit` as given (`off`: only the
 //!   statements' work shows, not the WAL flush), the bare `BEGIN` / `INSERT` / `COMMIT`
 //!   against the statements a first execution sends, spelled as racefree sent them before
-//!   stop 24 (values hex-decoded, a proof statement in the claim) and as it sends them now.
+//!   stop 24 (values hex-decoded, a proof statement in the claim) and as stop 24 sent them
+//!   (stop 26 made the outcome an `INSERT … ON CONFLICT DO UPDATE`, and stop 27 its
+//!   `COMMIT; BEGIN` a `COMMIT AND CHAIN`).
 //! - `sqlite`: on a temp file, the bare transaction against the same transaction with the
 //!   idempotency record's `INSERT` added (the floor of any claim that writes its record in
 //!   the transaction), with a `SELECT 1` added instead (what one more statement costs, each
@@ -46,7 +48,7 @@ fn hex(value: &str) -> String {
     format!("convert_from(decode('{digits}', 'hex'), 'UTF8')")
 }
 
-/// `value` as the store writes it now (values without `$rf`).
+/// `value` as the store writes it since stop 24 (values without `$rf`).
 fn dollar(value: &str) -> String {
     format!("$rf${value}$rf$")
 }
@@ -104,7 +106,7 @@ async fn postgres(sync: &str) {
         "bare transaction",
         "before stop 24 (hex, proof statement)",
         "without the proof statement",
-        "and dollar-quoted (now)",
+        "and dollar-quoted (stop 24)",
     ];
     let mut times = vec![Vec::new(); names.len()];
     let mut n = 0_i64;

@@ -284,6 +284,12 @@ macro_rules! suite {
                     assert!(matches!(rolled, Err(IdempotencyError::OutcomeUnknown { .. })), "{rolled:?}");
                     assert_eq!(count(&env.pool, "effects", "rolled").await, 0, "the body rolled its effect back");
                     assert_eq!(records("rolled").await, 0, "no record of the request");
+                    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM racefree_idempotency WHERE key LIKE '%' || $1")
+                        .bind("#rolled")
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(rows, 0, "no placeholder either: without a BEGIN of the body's own, the outcome's statements ran in an implicit transaction that rolled back");
                     let retry = pay(&env, Some("rolled"), 5, "retry", policy(), Then::Succeed { ms: 0 }).await;
                     assert_eq!(retry.unwrap(), "receipt 5 by retry", "the retry executed");
                     assert_eq!(count(&env.pool, "effects", "rolled").await, 1);
@@ -1579,7 +1585,7 @@ enum Cut {
 }
 
 /// A loopback proxy to the machine's PostgreSQL that cuts a connection at its next commit
-/// with an outcome (`…; COMMIT; BEGIN`), as `cut` says (then passes everything again).
+/// with an outcome (`…; COMMIT AND CHAIN`), as `cut` says (then passes everything again).
 #[cfg(feature = "postgres")]
 async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1601,7 +1607,7 @@ async fn cutting_proxy(cut: std::sync::Arc<std::sync::Mutex<Cut>>) -> u16 {
                 while let Ok(n @ 1..) = from_client.read(&mut buf).await {
                     // The store's commit with the outcome, not another `COMMIT` (a new
                     // connection prepares its statements in a transaction of its own).
-                    const COMMIT: &[u8] = b"COMMIT; BEGIN";
+                    const COMMIT: &[u8] = b"COMMIT AND CHAIN";
                     let commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
                     let action = match commit {
                         true => std::mem::replace(&mut *cut.lock().unwrap(), Cut::Never),

@@ -753,11 +753,13 @@ mod postgres {
             }
             // The outcome's row tells whether it found this transaction's claim: not if the
             // body sent its own `ROLLBACK` or `COMMIT` (the statement then runs in a
-            // transaction of its own) or moved the transaction to other tables. (Not `COMMIT
-            // AND CHAIN`, which fails outside a transaction: the statements of a simple query
-            // outside one run in one implicit transaction, which this `COMMIT` ends.)
+            // transaction of its own) or moved the transaction to other tables. `COMMIT AND
+            // CHAIN` (one statement where `COMMIT; BEGIN` is two) fails outside a transaction
+            // block: after a body's own `ROLLBACK` or `COMMIT` the statements run in one
+            // implicit transaction, which that failure rolls back, the expired placeholder
+            // with it.
             let sql = format!(
-                "EXECUTE {}({}, {}, '{}', '{}'); COMMIT; BEGIN",
+                "EXECUTE {}({}, {}, '{}', '{}'); COMMIT AND CHAIN",
                 tables.sql.prepared.outcome,
                 text(key),
                 text(outcome),
@@ -1026,7 +1028,10 @@ mod postgres {
             // behind to be found by. `RETURNING` tells an update from an insert: with no
             // claim of the key (the body rolled it back), an expired placeholder goes in
             // (fingerprint '', `-infinity`), which every claim treats as no record and the
-            // purge deletes. The row goes in only under the key's in-flight lock ($4, this
+            // purge deletes (it stays only where the body began a transaction of its own
+            // after its `ROLLBACK`, which the `COMMIT AND CHAIN` then commits; otherwise that
+            // `COMMIT AND CHAIN` fails outside a transaction block and takes the placeholder
+            // with it). The row goes in only under the key's in-flight lock ($4, this
             // transaction's own while its claim stands), so after a body's own `ROLLBACK` it
             // never waits on another caller's claim in flight: it then writes nothing. After a
             // body's own `COMMIT` the claim is another transaction's, so nothing is stored:

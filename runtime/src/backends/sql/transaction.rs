@@ -5,9 +5,9 @@
 //! sending, in one simple query, what sqlx would send as two statements:
 //! - `BEGIN` and the claim's insert; the claim is answered by whether that insert failed
 //!   ([`Dialect::claim_on_begin`]), since `BEGIN` returns no rows through sqlx;
-//! - the outcome's write and `COMMIT` ([`Dialect::commit_with_outcome`]), then a `BEGIN`
-//!   of an empty transaction, so the `ROLLBACK` sqlx queues when the transaction is dropped
-//!   has something to end (it travels with the ping sqlx sends when the connection goes back
+//! - the outcome's write and `COMMIT` ([`Dialect::commit_with_outcome`]), chained to an
+//!   empty transaction (`COMMIT AND CHAIN`; SQLite's `COMMIT; BEGIN`), so the `ROLLBACK`
+//!   sqlx queues when the transaction is dropped has something to end (it travels with the ping sqlx sends when the connection goes back
 //!   to the pool, and warns about nothing).
 //!
 //! A simple query takes no parameters: the statements are prepared once per connection
