@@ -36,6 +36,9 @@ enum Then {
     IgnoreError,
     /// Sends `ROLLBACK` and then `BEGIN` on the holding's transaction, then commits.
     RollBackBegin,
+    /// Sends `COMMIT` (committing the number with its row), then `BEGIN`, then a statement
+    /// that fails on PostgreSQL (`SELECT 1/0`, whose error it ignores), then commits.
+    CommitBeginIgnoreError,
 }
 
 /// The fault injected into the `worker`'s `caller`-th call of the faulty scenario: of 100
@@ -108,6 +111,14 @@ macro_rules! suite {
                     Then::RollBackBegin => {
                         sqlx::Executor::execute(lease.connection(), "ROLLBACK").await.unwrap();
                         sqlx::Executor::execute(lease.connection(), "BEGIN").await.unwrap();
+                        lease.commit_async(number).await?;
+                        Ok(number)
+                    }
+                    Then::CommitBeginIgnoreError => {
+                        sqlx::Executor::execute(lease.connection(), "COMMIT").await.unwrap();
+                        sqlx::Executor::execute(lease.connection(), "BEGIN").await.unwrap();
+                        let failed = sqlx::Executor::execute(lease.connection(), "SELECT 1/0").await;
+                        let _ = failed;
                         lease.commit_async(number).await?;
                         Ok(number)
                     }
@@ -320,13 +331,23 @@ macro_rules! suite {
                     // A body that ignored a failed statement: PostgreSQL aborted the
                     // transaction (its `COMMIT` would roll back without an error), SQLite did not.
                     let ignored = invoice(&env, "ended", 1, "ignorer", None, Then::IgnoreError).await;
-                    if $feature == "postgres" {
+                    let next = if $feature == "postgres" {
                         assert!(matches!(ignored, Err(SequenceError::Store(_))), "{ignored:?}");
                         assert_eq!(numbers(&env, "ended").await, [1, 2], "nothing committed");
+                        3
                     } else {
                         assert_eq!(ignored.unwrap(), 3);
                         assert_eq!(numbers(&env, "ended").await, [1, 2, 3]);
-                    }
+                        4
+                    };
+
+                    // The same failure in a transaction the body began after its own `COMMIT`
+                    // had committed the number: not "rolled back", since it was not.
+                    let after_commit = invoice(&env, "ended", 1, "committer", None, Then::CommitBeginIgnoreError).await;
+                    assert!(matches!(after_commit, Err(SequenceError::CommitUnknown(_))), "{after_commit:?}");
+                    let mut committed: Vec<i64> = (1..next).collect();
+                    committed.push(next);
+                    assert_eq!(numbers(&env, "ended").await, committed, "the body's COMMIT committed its number");
                     env.pool.close().await;
                 });
             }

@@ -655,10 +655,23 @@ mod postgres {
 
         async fn commit_holding(conn: &mut PgConnection) -> Result<Committed, sqlx::Error> {
             let sql = format!("RELEASE {HOLDING_SAVEPOINT}; COMMIT AND CHAIN");
-            commit_of(
+            let committed = commit_of(
                 2,
-                completed(sqlx::Executor::fetch_many(conn, sql.as_str())).await,
-            )
+                completed(sqlx::Executor::fetch_many(&mut *conn, sql.as_str())).await,
+            );
+            match committed {
+                // An aborted transaction refuses the `RELEASE` (25P02), but whose? The holding's
+                // own (nothing committed), or one the body began after its own `COMMIT` had
+                // committed the number. Rolling back to the savepoint tells: it is there only in
+                // the holding's transaction, which then stays open for the queued `ROLLBACK`;
+                // anywhere else it fails (3B001), and the call is `CommitUnknown`.
+                Err(error) if database_code(&error).as_deref() == Some("25P02") => {
+                    let back = format!("ROLLBACK TO SAVEPOINT {HOLDING_SAVEPOINT}");
+                    Self::execute_raw(conn, &back).await?;
+                    Err(error)
+                }
+                other => other,
+            }
         }
 
         const CLAIMS_FIRST: bool = true;
@@ -987,7 +1000,7 @@ mod postgres {
                 "DELETE FROM {idem} WHERE key IN (SELECT key FROM {idem} \
                  WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
             ),
-            // The holding marks its transaction (`commit_holding` checks the mark).
+            // The holding marks its transaction (a first number's `set_next` checks the mark).
             bump: format!(
                 "{}, set_config('{HOLDING}', 'held', true)",
                 bump_sql(seq, "ctid::text")

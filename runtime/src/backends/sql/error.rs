@@ -43,7 +43,8 @@ pub(crate) fn transaction_ended(error: &sqlx::Error) -> bool {
     };
     let message = db.message();
     // PostgreSQL: `COMMIT AND CHAIN` or `RELEASE SAVEPOINT` outside a transaction (25P01),
-    // `RELEASE` of a savepoint rolled back (3B001). SQLite: the claim's savepoint is gone;
+    // `RELEASE` or `ROLLBACK TO` of a savepoint the transaction does not have (3B001: the body
+    // ended the holding's and began another). SQLite: the claim's savepoint is gone;
     // `COMMIT` outside a transaction.
     matches!(db.code().as_deref(), Some("25P01" | "3B001")) && !from_sqlite(db.as_ref())
         || from_sqlite(db.as_ref())
