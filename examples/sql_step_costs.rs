@@ -15,9 +15,16 @@
 //!   a hand-off to the connection's thread in sqlx), and against a whole `#[idempotent]`
 //!   first execution.
 //!
+//! - `sequenced`: on 127.0.0.1:5432 (a schema of its own, dropped at the end; the session's
+//!   default `synchronous_commit`), the bare transaction with a numbered `INSERT` against a
+//!   `#[sequenced]` holding spelled three ways, which differ only in how the commit checks
+//!   the holding: by a `SELECT` of the mark the bump set (before stop 27), by the `RELEASE`
+//!   of a savepoint sent with `BEGIN` (stop 27 on), and not at all (the floor).
+//!
 //! ```text
 //! cargo run --release --features postgres,sqlite --example sql_step_costs -- postgres off
 //! cargo run --release --features postgres,sqlite --example sql_step_costs -- sqlite
+//! cargo run --release --features postgres,sqlite --example sql_step_costs -- sequenced
 //! ```
 
 use std::time::{Duration, Instant};
@@ -165,6 +172,108 @@ async fn postgres(sync: &str) {
         .unwrap();
 }
 
+async fn sequenced() {
+    const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    let mut admin = PgConnection::connect(URL)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    let schema = format!("rf_step_costs_seq_{}", std::process::id());
+    admin
+        .execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    let mut c = PgConnection::connect(URL).await.unwrap();
+    c.execute(format!("SET search_path TO {schema}").as_str())
+        .await
+        .unwrap();
+    c.execute(
+        "CREATE TABLE counters (name text NOT NULL, key text NOT NULL, next bigint, \
+         holdings bigint NOT NULL, PRIMARY KEY (name, key)); \
+         CREATE TABLE numbered (key text NOT NULL, number bigint NOT NULL, UNIQUE (key, number))",
+    )
+    .await
+    .unwrap();
+    let names = [
+        "bare transaction",
+        "holding, SELECT of the mark (before stop 27)",
+        "holding, RELEASE of a savepoint (stop 27)",
+        "holding, no check (the floor)",
+    ];
+    let mut times = vec![Vec::new(); names.len()];
+    let mut bare_number = 0_i64;
+    for round in 0..ROUNDS {
+        for turn in 0..names.len() {
+            let which = (turn + round) % names.len();
+            let key = format!("k{which}");
+            let started = Instant::now();
+            if which == 0 {
+                bare_number += 1;
+                c.execute("BEGIN").await.unwrap();
+                sqlx::query("INSERT INTO numbered (key, number) VALUES ($1, $2)")
+                    .bind(&key)
+                    .bind(bare_number)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                c.execute("COMMIT").await.unwrap();
+                times[which].push(started.elapsed());
+                continue;
+            }
+            let begin = if which == 2 {
+                "BEGIN; SAVEPOINT racefree_holding"
+            } else {
+                "BEGIN"
+            };
+            c.execute(begin).await.unwrap();
+            // The bump as the store sends it, the mark in its `RETURNING`.
+            let (number, _): (Option<i64>, String) = sqlx::query_as(
+                "INSERT INTO counters AS s (name, key, next, holdings) VALUES ('n', $1, NULL, 1) \
+                 ON CONFLICT (name, key) DO UPDATE SET next = s.next + 1, holdings = s.holdings + 1 \
+                 RETURNING next - 1, set_config('racefree.holding', 'held', true)",
+            )
+            .bind(&key)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            let number = number.unwrap_or(1);
+            sqlx::query("INSERT INTO numbered (key, number) VALUES ($1, $2)")
+                .bind(&key)
+                .bind(number)
+                .execute(&mut c)
+                .await
+                .unwrap();
+            if number == 1 {
+                sqlx::query("UPDATE counters SET next = 2 WHERE name = 'n' AND key = $1")
+                    .bind(&key)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            let commit = match which {
+                1 => {
+                    "SELECT CASE current_setting('racefree.holding', true) WHEN 'held' THEN 1 \
+                      ELSE ('no holding: ' || coalesce(current_setting('racefree.holding', true), \
+                      'unset'))::int END; COMMIT AND CHAIN"
+                }
+                2 => "RELEASE racefree_holding; COMMIT AND CHAIN",
+                _ => "COMMIT AND CHAIN",
+            };
+            c.execute(commit).await.unwrap();
+            times[which].push(started.elapsed());
+            // The chained empty transaction (sqlx ends it with the connection's next
+            // statement, off the call's time).
+            c.execute("ROLLBACK").await.unwrap();
+        }
+    }
+    println!("PostgreSQL #[sequenced] commit checks, {ROUNDS} rounds:");
+    report(&names, &mut times);
+    c.close().await.unwrap();
+    admin
+        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+        .await
+        .unwrap();
+}
+
 async fn sqlite() {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
     let dir = tempfile::tempdir().unwrap();
@@ -252,6 +361,7 @@ async fn main() {
     match args.next().as_deref() {
         Some("postgres") => postgres(args.next().as_deref().unwrap_or("off")).await,
         Some("sqlite") => sqlite().await,
-        _ => eprintln!("usage: sql_step_costs postgres [off|on] | sqlite"),
+        Some("sequenced") => sequenced().await,
+        _ => eprintln!("usage: sql_step_costs postgres [off|on] | sqlite | sequenced"),
     }
 }
