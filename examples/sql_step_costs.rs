@@ -60,16 +60,36 @@ fn dollar(value: &str) -> String {
     format!("$rf${value}$rf$")
 }
 
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A schema of the probe's own on 127.0.0.1:5432, and the connection that drops it.
+struct Scratch {
+    admin: PgConnection,
+    schema: String,
+}
+
+impl Scratch {
+    async fn create(prefix: &str) -> Scratch {
+        let mut admin = PgConnection::connect(URL)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432");
+        let schema = format!("{prefix}_{}", std::process::id());
+        admin
+            .execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .unwrap();
+        Scratch { admin, schema }
+    }
+
+    async fn drop_schema(mut self) {
+        let drop = format!("DROP SCHEMA {} CASCADE", self.schema);
+        self.admin.execute(drop.as_str()).await.unwrap();
+    }
+}
+
 async fn postgres(sync: &str) {
-    const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-    let mut admin = PgConnection::connect(URL)
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    let schema = format!("rf_step_costs_{}", std::process::id());
-    admin
-        .execute(format!("CREATE SCHEMA {schema}").as_str())
-        .await
-        .unwrap();
+    let scratch = Scratch::create("rf_step_costs").await;
+    let schema = &scratch.schema;
     // One connection, in the schema, with the session's `synchronous_commit` as asked.
     let session = format!("SET search_path TO {schema}; SET synchronous_commit = {sync}");
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -166,24 +186,13 @@ async fn postgres(sync: &str) {
     report(&names, &mut times);
     drop(pooled);
     pool.close().await;
-    admin
-        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
-        .await
-        .unwrap();
+    scratch.drop_schema().await;
 }
 
 async fn sequenced() {
-    const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-    let mut admin = PgConnection::connect(URL)
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    let schema = format!("rf_step_costs_seq_{}", std::process::id());
-    admin
-        .execute(format!("CREATE SCHEMA {schema}").as_str())
-        .await
-        .unwrap();
+    let scratch = Scratch::create("rf_step_costs_seq").await;
     let mut c = PgConnection::connect(URL).await.unwrap();
-    c.execute(format!("SET search_path TO {schema}").as_str())
+    c.execute(format!("SET search_path TO {}", scratch.schema).as_str())
         .await
         .unwrap();
     c.execute(
@@ -268,10 +277,7 @@ async fn sequenced() {
     println!("PostgreSQL #[sequenced] commit checks, {ROUNDS} rounds:");
     report(&names, &mut times);
     c.close().await.unwrap();
-    admin
-        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
-        .await
-        .unwrap();
+    scratch.drop_schema().await;
 }
 
 async fn sqlite() {

@@ -1979,33 +1979,78 @@ fn pg_a_body_that_resets_its_session_settings_still_gets_its_outcome_stored() {
                 let key = format!("reset {n} {expired_first}");
                 let cents = 10 + n as u64;
                 if expired_first {
-                    pg::pay(&env, Some(&key), 1, "old", pg::policy(), Then::Succeed { ms: 0 })
-                        .await
-                        .unwrap();
+                    pg::pay(
+                        &env,
+                        Some(&key),
+                        1,
+                        "old",
+                        pg::policy(),
+                        Then::Succeed { ms: 0 },
+                    )
+                    .await
+                    .unwrap();
                     sqlx::query("DELETE FROM effects WHERE key = $1")
                         .bind(&key)
                         .execute(&env.pool)
                         .await
                         .unwrap();
-                    sqlx::query(
-                        "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 s' \
-                         WHERE key LIKE '%#' || $1",
-                    )
-                    .bind(&key)
-                    .execute(&env.pool)
-                    .await
-                    .unwrap();
+                    pg_expire(&env.pool, &key).await;
                 }
-                let first = pg::pay(&env, Some(&key), cents, "first", pg::policy(), Then::End(statement)).await;
-                assert_eq!(first.unwrap(), format!("receipt {cents} by first"), "{statement}, {key}");
-                assert_eq!(pg::count(&env.pool, "effects", &key).await, 1, "{statement}, {key}");
-                let retry = pg::pay(&env, Some(&key), cents, "retry", pg::policy(), Then::Succeed { ms: 0 }).await;
-                assert_eq!(retry.unwrap(), format!("receipt {cents} by first"), "{statement}, {key}: replayed");
-                assert_eq!(pg::count(&env.pool, "effects", &key).await, 1, "{statement}, {key}");
+                let first = pg::pay(
+                    &env,
+                    Some(&key),
+                    cents,
+                    "first",
+                    pg::policy(),
+                    Then::End(statement),
+                )
+                .await;
+                assert_eq!(
+                    first.unwrap(),
+                    format!("receipt {cents} by first"),
+                    "{statement}, {key}"
+                );
+                assert_eq!(
+                    pg::count(&env.pool, "effects", &key).await,
+                    1,
+                    "{statement}, {key}"
+                );
+                let retry = pg::pay(
+                    &env,
+                    Some(&key),
+                    cents,
+                    "retry",
+                    pg::policy(),
+                    Then::Succeed { ms: 0 },
+                )
+                .await;
+                assert_eq!(
+                    retry.unwrap(),
+                    format!("receipt {cents} by first"),
+                    "{statement}, {key}: replayed"
+                );
+                assert_eq!(
+                    pg::count(&env.pool, "effects", &key).await,
+                    1,
+                    "{statement}, {key}"
+                );
             }
         }
         env.close().await;
     });
+}
+
+/// Makes the record of the call key `key` (the end of the stored key) expired, a second ago.
+#[cfg(feature = "postgres")]
+async fn pg_expire(pool: &sqlx::PgPool, key: &str) {
+    sqlx::query(
+        "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 s' \
+         WHERE key LIKE '%#' || $1",
+    )
+    .bind(key)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 /// Two bodies that break the rule on one key must not cross: A's body sends its own
@@ -2045,28 +2090,34 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
         for round in 0..3 {
             let cases = [
                 ("ROLLBACK", false, true),
-                ("ROLLBACK; BEGIN; INSERT INTO effects (key, who) VALUES ('-', 'A again')", false, true),
+                (
+                    "ROLLBACK; BEGIN; INSERT INTO effects (key, who) VALUES ('-', 'A again')",
+                    false,
+                    true,
+                ),
                 ("ROLLBACK", true, true),
                 ("ROLLBACK", false, false),
             ];
             for (case, (a_ends, expired_first, b_commits)) in cases.into_iter().enumerate() {
                 let key = format!("crossing {round} {case}");
                 let call = |who: &str| {
-                    Call::new("tests::cross", None, Some(&key), Fingerprint::of(&who), pg::policy())
+                    Call::new(
+                        "tests::cross",
+                        None,
+                        Some(&key),
+                        Fingerprint::of(&who),
+                        pg::policy(),
+                    )
                 };
                 if expired_first {
-                    let Begin::<_, String>::Execute(old) = begin(&env.store, call("old")).await else {
+                    let Begin::<_, String>::Execute(old) = begin(&env.store, call("old")).await
+                    else {
                         panic!("round {round}: the old request executes")
                     };
-                    old.finish(&"outcome of the old request".to_owned()).await.unwrap();
-                    sqlx::query(
-                        "UPDATE racefree_idempotency SET expires_at = clock_timestamp() - interval '1 s' \
-                         WHERE key LIKE '%#' || $1",
-                    )
-                    .bind(&key)
-                    .execute(&env.pool)
-                    .await
-                    .unwrap();
+                    old.finish(&"outcome of the old request".to_owned())
+                        .await
+                        .unwrap();
+                    pg_expire(&env.pool, &key).await;
                 }
                 let Begin::<_, String>::Execute(mut a) = begin(&env.store, call("a")).await else {
                     panic!("round {round}: A executes")
@@ -2095,7 +2146,10 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
                     .await
                     .unwrap();
                     let a_mark = a_mark.expect("a claim that replaced a record left its mark");
-                    let a_xmin = a_mark.split(' ').nth(1).expect("the mark holds ctid and xmin");
+                    let a_xmin = a_mark
+                        .split(' ')
+                        .nth(1)
+                        .expect("the mark holds ctid and xmin");
                     sqlx::query("SELECT set_config('racefree.claim1', $1, false)")
                         .bind(format!("{b_row} {a_xmin}"))
                         .execute(a.lease_mut().unwrap().connection())
@@ -2118,7 +2172,9 @@ fn pg_a_rolled_back_body_never_writes_its_outcome_on_the_next_claim_of_its_key()
                         panic!("round {round}, case {case}: B's outcome lands: {e:?}")
                     });
                     match begin::<_, String>(&env.store, call("b")).await {
-                        Begin::Replay(outcome) => assert_eq!(outcome, "outcome of B", "round {round}"),
+                        Begin::Replay(outcome) => {
+                            assert_eq!(outcome, "outcome of B", "round {round}")
+                        }
                         _ => panic!("round {round}, case {case}: B's request replays"),
                     }
                 } else {
